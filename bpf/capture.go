@@ -1,0 +1,306 @@
+package bpf
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Options tune the kernel side. Zero values take the defaults.
+type Options struct {
+	// CgroupPath is the cgroup v2 directory to watch; empty means the detected root.
+	CgroupPath string
+	// RingBytes is the ring buffer size, a power of two and a multiple of the page size.
+	RingBytes int
+	// WakeupBytes forces a reader wakeup once this much data waits in the ring;
+	// below it the reader polls every PollInterval, which is what keeps the
+	// per-connection cost low.
+	WakeupBytes int
+	// SeenEntries bounds the map that suppresses retransmitted SYN-ACKs.
+	SeenEntries int
+	// PollInterval is how often the reader drains the ring without a wakeup.
+	PollInterval time.Duration
+}
+
+// Defaults for Options.
+const (
+	DefaultRingBytes    = 4 << 20
+	DefaultSeenEntries  = 65536
+	DefaultPollInterval = 20 * time.Millisecond
+)
+
+func (o *Options) fill() {
+	if o.RingBytes == 0 {
+		o.RingBytes = DefaultRingBytes
+	}
+	if o.WakeupBytes == 0 {
+		o.WakeupBytes = o.RingBytes / 4
+	}
+	if o.SeenEntries == 0 {
+		o.SeenEntries = DefaultSeenEntries
+	}
+	if o.PollInterval == 0 {
+		o.PollInterval = DefaultPollInterval
+	}
+}
+
+// Counters are the kernel's own tallies, summed over CPUs since load.
+type Counters struct {
+	RingbufFull uint64 // events lost because the ring buffer was full
+	Truncated   uint64 // SYN-ACKs whose headers were not readable
+	Duplicates  uint64 // retransmitted SYN-ACKs suppressed
+}
+
+// Capture is a loaded and attached pair of cgroup skb programs.
+type Capture struct {
+	CgroupPath string
+
+	opts   Options
+	objs   flowbusObjects
+	links  []link.Link
+	reader *ringbuf.Reader
+
+	// Records that could not be decoded (never expected; counted, not fatal).
+	badRecords atomic.Uint64
+	events     atomic.Uint64
+}
+
+// ErrPrivileges is returned when the kernel refuses to load or attach for lack
+// of privileges.
+var ErrPrivileges = errors.New("loading eBPF programs needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (and CAP_SYS_RESOURCE on kernels before 5.11): run flowagent as root or grant those capabilities")
+
+// Open loads the programs and attaches them to the cgroup.
+func Open(opts Options) (*Capture, error) {
+	opts.fill()
+	if opts.CgroupPath == "" {
+		root, err := DetectCgroup2Root()
+		if err != nil {
+			return nil, err
+		}
+		opts.CgroupPath = root
+	}
+	if err := CheckCgroup2Dir(opts.CgroupPath); err != nil {
+		return nil, err
+	}
+	if opts.RingBytes < os.Getpagesize() || opts.RingBytes&(opts.RingBytes-1) != 0 {
+		return nil, fmt.Errorf("ring buffer size %d must be a power of two of at least %d bytes", opts.RingBytes, os.Getpagesize())
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, privErr(fmt.Errorf("raising the memlock limit: %w", err))
+	}
+
+	spec, err := loadFlowbus()
+	if err != nil {
+		return nil, err
+	}
+	spec.Maps[flowbusMapEvents].MaxEntries = uint32(opts.RingBytes)
+	spec.Maps[flowbusMapSeen].MaxEntries = uint32(opts.SeenEntries)
+	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(opts.WakeupBytes)); err != nil {
+		return nil, fmt.Errorf("setting wakeup_bytes: %w", err)
+	}
+
+	c := &Capture{CgroupPath: opts.CgroupPath, opts: opts}
+	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("the kernel's verifier rejected the flowbus programs (kernel too old or unsupported?): %+v", ve)
+		}
+		return nil, privErr(fmt.Errorf("loading eBPF objects: %w", err))
+	}
+
+	for _, a := range []struct {
+		prog *ebpf.Program
+		typ  ebpf.AttachType
+	}{
+		{c.objs.FlowbusIngress, ebpf.AttachCGroupInetIngress},
+		{c.objs.FlowbusEgress, ebpf.AttachCGroupInetEgress},
+	} {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: opts.CgroupPath, Attach: a.typ, Program: a.prog})
+		if err != nil {
+			c.Close()
+			return nil, privErr(fmt.Errorf("attaching to cgroup %s: %w", opts.CgroupPath, err))
+		}
+		c.links = append(c.links, l)
+	}
+
+	c.reader, err = ringbuf.NewReader(c.objs.Events)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("opening the ring buffer: %w", err)
+	}
+	return c, nil
+}
+
+func privErr(err error) error {
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("%w (%v)", ErrPrivileges, err)
+	}
+	return err
+}
+
+// Close detaches the programs and frees the kernel objects. It interrupts Run.
+func (c *Capture) Close() error {
+	var errs []error
+	for _, l := range c.links {
+		errs = append(errs, l.Close())
+	}
+	c.links = nil
+	if c.reader != nil {
+		errs = append(errs, c.reader.Close())
+	}
+	errs = append(errs, c.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Detach stops new events at the kernel while the reader can still drain
+// what is already in the ring.
+func (c *Capture) Detach() error {
+	var errs []error
+	for _, l := range c.links {
+		errs = append(errs, l.Close())
+	}
+	c.links = nil
+	return errors.Join(errs...)
+}
+
+// Counters reads the kernel counters.
+func (c *Capture) Counters() (Counters, error) {
+	var out Counters
+	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates} {
+		var per []uint64
+		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
+			return out, fmt.Errorf("reading kernel counters: %w", err)
+		}
+		for _, v := range per {
+			*dst += v
+		}
+	}
+	return out, nil
+}
+
+// BadRecords counts ring buffer records that could not be decoded.
+func (c *Capture) BadRecords() uint64 { return c.badRecords.Load() }
+
+// Events counts events handed to the handler.
+func (c *Capture) Events() uint64 { return c.events.Load() }
+
+// Run reads events until ctx is done or the capture is closed, calling fn for
+// each. fn runs on the reader goroutine and must not block: the event it gets
+// is reused after it returns. When ctx ends, Run detaches the programs and
+// drains what is already in the ring before it returns.
+func (c *Capture) Run(ctx context.Context, fn func(*schema.Event)) error {
+	var rec ringbuf.Record
+	var ev schema.Event
+	clock := newWallClock()
+	for {
+		draining := ctx.Err() != nil
+		if draining {
+			// No new events from here on; read what the ring holds, then stop.
+			_ = c.Detach()
+			c.reader.SetDeadline(time.Now())
+		} else {
+			c.reader.SetDeadline(time.Now().Add(c.opts.PollInterval))
+		}
+		clock.refresh()
+		for {
+			err := c.reader.ReadInto(&rec)
+			if err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					break
+				}
+				if errors.Is(err, ringbuf.ErrClosed) {
+					return nil
+				}
+				return fmt.Errorf("reading the ring buffer: %w", err)
+			}
+			if !decodeFlow(rec.RawSample, &ev, clock) {
+				c.badRecords.Add(1)
+				continue
+			}
+			c.events.Add(1)
+			fn(&ev)
+		}
+		if draining {
+			return nil
+		}
+	}
+}
+
+// Record layout of struct flow_event (bpf/flowbus.c), native byte order.
+const (
+	recSize      = 56
+	offTs        = 0
+	offCgroup    = 8
+	offSrc       = 16
+	offDst       = 32
+	offSrcPort   = 48
+	offDstPort   = 50
+	offKind      = 52
+	offFamily    = 53
+	offDirection = 54
+	recKindFlow  = 1
+)
+
+// decodeFlow fills ev from a ring buffer record without allocating.
+func decodeFlow(b []byte, ev *schema.Event, clock *wallClock) bool {
+	if len(b) < recSize || b[offKind] != recKindFlow {
+		return false
+	}
+	ne := binary.NativeEndian
+	*ev = schema.Event{}
+	ev.Timestamp = clock.wall(ne.Uint64(b[offTs:]))
+	ev.CgroupID = ne.Uint64(b[offCgroup:])
+	switch b[offFamily] {
+	case 4:
+		ev.Src = netip.AddrFrom4([4]byte(b[offSrc : offSrc+4]))
+		ev.Dst = netip.AddrFrom4([4]byte(b[offDst : offDst+4]))
+	case 6:
+		ev.Src = netip.AddrFrom16([16]byte(b[offSrc : offSrc+16])).Unmap()
+		ev.Dst = netip.AddrFrom16([16]byte(b[offDst : offDst+16])).Unmap()
+	default:
+		return false
+	}
+	ev.SrcPort = ne.Uint16(b[offSrcPort:])
+	ev.DstPort = ne.Uint16(b[offDstPort:])
+	switch b[offDirection] {
+	case 1:
+		ev.Direction = schema.Outgoing
+	case 2:
+		ev.Direction = schema.Incoming
+	default:
+		return false
+	}
+	return true
+}
+
+// wallClock converts the kernel's CLOCK_MONOTONIC to wall-clock time. The
+// offset is refreshed on every poll so that clock steps are followed.
+type wallClock struct{ offset int64 }
+
+func newWallClock() *wallClock {
+	w := &wallClock{}
+	w.refresh()
+	return w
+}
+
+func (w *wallClock) refresh() {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := time.Now().UnixNano()
+	w.offset = now - ts.Nano()
+}
+
+func (w *wallClock) wall(mono uint64) int64 { return int64(mono) + w.offset }

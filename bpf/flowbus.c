@@ -1,0 +1,268 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+//
+// flowbus: detect the beginning of TCP connections on a cgroup's skb hooks.
+//
+// A connection has begun when its SYN-ACK passes (SYN and ACK set, RST and FIN
+// clear). A SYN-ACK seen on ingress means this host initiated (outgoing); one
+// leaving on egress means a peer initiated (incoming). A SYN-ACK always travels
+// from the responder to the initiator, so the event's src is the packet's
+// destination and its dst the packet's source, in both directions.
+//
+// Everything else returns after the fewest instructions we can manage: the
+// price of this design is paid in how events leave the kernel, so records are
+// submitted without a wakeup and user space polls on a timer; a wakeup is only
+// forced once the ring holds more than wakeup_bytes.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+#define DIR_OUTGOING 1
+#define DIR_INCOMING 2
+
+#define REC_FLOW 1
+
+// TCP flag bits in byte 13 of the TCP header.
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+
+// IPv6 extension headers skipped before TCP, at most this many.
+#define MAX_IPV6_EXT 6
+
+// Indexes of the per-CPU counters map.
+enum counter {
+	CNT_RINGBUF_FULL = 0, // events the ring buffer had no room for
+	CNT_TRUNCATED = 1,    // SYN-ACKs whose headers were not in the linear area
+	CNT_DUP = 2,          // retransmitted SYN-ACKs suppressed
+	CNT_MAX = 4,
+};
+
+// flow_event is the record handed to user space; Go mirrors its layout.
+struct flow_event {
+	__u64 ts_ns;     // CLOCK_MONOTONIC of the SYN-ACK
+	__u64 cgroup_id; // cgroup v2 id of the socket, 0 if unknown
+	__u8 src[16];    // initiator; IPv4 in the first 4 bytes
+	__u8 dst[16];    // responder
+	__u16 src_port;  // host byte order
+	__u16 dst_port;
+	__u8 kind; // REC_FLOW
+	__u8 family; // 4 or 6
+	__u8 direction;
+	__u8 _pad;
+};
+
+// flow_key identifies one connection end for SYN-ACK retransmit suppression.
+struct flow_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 src_port;
+	__u16 dst_port;
+	__u8 family;
+	__u8 direction;
+	__u8 _pad[2];
+};
+
+// Set by the loader before the programs are loaded.
+volatile const __u64 wakeup_bytes = 256 * 1024;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+// seen maps a connection end to the sequence number of its SYN-ACK: a
+// retransmission carries the same number, a new connection on a reused
+// 4-tuple a fresh one.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u32);
+} seen SEC(".maps");
+
+// Keep the struct in the BTF so bpf2go generates a Go type for it.
+const struct flow_event *unused_flow_event __attribute__((unused));
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
+{
+	__u32 *old = bpf_map_lookup_elem(&seen, k);
+	if (old && *old == seq) {
+		count(CNT_DUP);
+		return;
+	}
+	bpf_map_update_elem(&seen, k, &seq, BPF_ANY);
+
+	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RINGBUF_FULL);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_skb_cgroup_id(skb);
+	__builtin_memcpy(e->src, k->src, 16);
+	__builtin_memcpy(e->dst, k->dst, 16);
+	e->src_port = k->src_port;
+	e->dst_port = k->dst_port;
+	e->kind = REC_FLOW;
+	e->family = k->family;
+	e->direction = k->direction;
+	e->_pad = 0;
+
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
+// is_synack tells whether the TCP flags byte is a SYN-ACK.
+static __always_inline int is_synack(__u8 flags)
+{
+	return (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == (TH_SYN | TH_ACK);
+}
+
+static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end, __u8 direction)
+{
+	struct iphdr *ip = data;
+	if ((void *)(ip + 1) > end)
+		return;
+	if (ip->protocol != IPPROTO_TCP)
+		return;
+	// A non-first fragment has no TCP header.
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return;
+	struct tcphdr *th = data + ihl;
+	if ((void *)(th + 1) > end) {
+		count(CNT_TRUNCATED);
+		return;
+	}
+	if (!is_synack(((__u8 *)th)[13]))
+		return;
+
+	struct flow_key k = {};
+	__builtin_memcpy(k.src, &ip->daddr, 4);
+	__builtin_memcpy(k.dst, &ip->saddr, 4);
+	k.src_port = bpf_ntohs(th->dest);
+	k.dst_port = bpf_ntohs(th->source);
+	k.family = 4;
+	k.direction = direction;
+	emit(skb, &k, th->seq);
+}
+
+static __always_inline void handle6(struct __sk_buff *skb, void *data, void *end, __u8 direction)
+{
+	struct ipv6hdr *ip6 = data;
+	if ((void *)(ip6 + 1) > end)
+		return;
+	__u8 next = ip6->nexthdr;
+	__u32 off = sizeof(*ip6);
+
+	if (next != IPPROTO_TCP) {
+#pragma unroll
+		for (int i = 0; i < MAX_IPV6_EXT; i++) {
+			__u8 *h = data + off;
+			if ((void *)(h + 8) > end)
+				return;
+			switch (next) {
+			case IPPROTO_HOPOPTS:
+			case IPPROTO_ROUTING:
+			case IPPROTO_DSTOPTS:
+				next = h[0];
+				off += ((__u32)h[1] + 1) * 8;
+				break;
+			case IPPROTO_FRAGMENT:
+				// Only the first fragment carries the TCP header.
+				if ((((__u16)h[2] << 8) | h[3]) & 0xfff8)
+					return;
+				next = h[0];
+				off += 8;
+				break;
+			case IPPROTO_AH:
+				next = h[0];
+				off += ((__u32)h[1] + 2) * 4;
+				break;
+			default:
+				return;
+			}
+			if (next == IPPROTO_TCP)
+				break;
+			if (off > 512)
+				return;
+		}
+		if (next != IPPROTO_TCP)
+			return;
+	}
+
+	if (off > 1024)
+		return;
+	struct tcphdr *th = data + off;
+	if ((void *)(th + 1) > end) {
+		count(CNT_TRUNCATED);
+		return;
+	}
+	if (!is_synack(((__u8 *)th)[13]))
+		return;
+
+	struct flow_key k = {};
+	__builtin_memcpy(k.src, &ip6->daddr, 16);
+	__builtin_memcpy(k.dst, &ip6->saddr, 16);
+	k.src_port = bpf_ntohs(th->dest);
+	k.dst_port = bpf_ntohs(th->source);
+	k.family = 6;
+	k.direction = direction;
+	emit(skb, &k, th->seq);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *p = data;
+
+	if ((void *)(p + 1) > end)
+		return 1;
+	__u8 version = *p >> 4;
+	if (version == 4)
+		handle4(skb, data, end, direction);
+	else if (version == 6)
+		handle6(skb, data, end, direction);
+	return 1; // observe only, never drop
+}
+
+SEC("cgroup_skb/ingress")
+int flowbus_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_OUTGOING);
+}
+
+SEC("cgroup_skb/egress")
+int flowbus_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INCOMING);
+}

@@ -1,0 +1,8 @@
+// Package bpf loads flowbus's eBPF programs, attaches them to a cgroup v2 and
+// reads the events they hand over through a ring buffer.
+package bpf
+
+// The generated objects and bindings are committed so that `go build` needs no
+// clang; `make generate` reruns this with BPF2GO_CFLAGS pointing at the
+// multiarch include directory.
+//go:generate go tool bpf2go -cc clang -no-strip -target bpfel -type flow_event -type flow_key flowbus flowbus.c

@@ -1,0 +1,32 @@
+package bpf
+
+import (
+	"testing"
+	"unsafe"
+)
+
+// The reader decodes records by offset; this pins those offsets to the layout
+// that bpf2go generated from the C struct.
+func TestRecordLayout(t *testing.T) {
+	var e flowbusFlowEvent
+	checks := []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"size", unsafe.Sizeof(e), recSize},
+		{"ts_ns", unsafe.Offsetof(e.TsNs), offTs},
+		{"cgroup_id", unsafe.Offsetof(e.CgroupId), offCgroup},
+		{"src", unsafe.Offsetof(e.Src), offSrc},
+		{"dst", unsafe.Offsetof(e.Dst), offDst},
+		{"src_port", unsafe.Offsetof(e.SrcPort), offSrcPort},
+		{"dst_port", unsafe.Offsetof(e.DstPort), offDstPort},
+		{"kind", unsafe.Offsetof(e.Kind), offKind},
+		{"family", unsafe.Offsetof(e.Family), offFamily},
+		{"direction", unsafe.Offsetof(e.Direction), offDirection},
+	}
+	for _, c := range checks {
+		if c.got != c.want {
+			t.Errorf("%s: generated struct has %d, reader uses %d", c.name, c.got, c.want)
+		}
+	}
+}

@@ -1,0 +1,289 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/flowbus/flowbus/bpf"
+	"github.com/flowbus/flowbus/publisher"
+	"github.com/flowbus/flowbus/publisher/embedded"
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Agent wires the stages: capture, filter, batch and publish.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	runID string
+
+	srv     *server.Server // embedded server, nil when FLOWBUS_NATS_URL is set
+	nc      *nats.Conn
+	pub     *publisher.Publisher
+	capture *bpf.Capture
+	self    *publisher.SelfFilter
+
+	selfExcluded atomic.Uint64
+	kernelSeen   bpf.Counters // kernel counters already reported
+	streamReady  atomic.Bool
+}
+
+// NewRunID returns a fresh random agent run id (16 lowercase hex digits).
+func NewRunID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Start connects to NATS (starting the embedded server if needed), ensures
+// the stream, and attaches the eBPF programs. Events flow once Run is called.
+func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
+	a := &Agent{cfg: cfg, log: log, runID: NewRunID(), self: publisher.NewSelfFilter()}
+	ok := false
+	defer func() {
+		if !ok {
+			a.shutdownNATS()
+		}
+	}()
+
+	if cfg.NATSURL == "" {
+		srv, err := embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir})
+		if err != nil {
+			return nil, err
+		}
+		a.srv = srv
+		// In-process: the agent's own connection never touches the network.
+		a.nc, err = nats.Connect("", nats.InProcessServer(srv), nats.Name("flowagent "+cfg.Host))
+		if err != nil {
+			return nil, fmt.Errorf("connecting to the embedded NATS server: %w", err)
+		}
+		log.Info("embedded NATS server with JetStream started", "listen", srv.ClientURL(), "store_dir", cfg.EmbeddedStoreDir)
+	} else {
+		var err error
+		a.nc, err = nats.Connect(cfg.NATSURL,
+			nats.Name("flowagent "+cfg.Host),
+			nats.SetCustomDialer(a.self.Dialer(5*time.Second)),
+			nats.MaxReconnects(-1),
+			nats.RetryOnFailedConnect(true),
+			nats.ReconnectWait(time.Second),
+			nats.ReconnectBufSize(8<<20),
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+				log.Warn("disconnected from NATS; batches are kept until it is back", "err", err)
+			}),
+			nats.ReconnectHandler(func(nc *nats.Conn) {
+				log.Info("reconnected to NATS", "url", nc.ConnectedUrlRedacted())
+			}),
+		)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to NATS at %s: %w (check FLOWBUS_NATS_URL, or leave it empty to run the embedded server)", redactURL(cfg.NATSURL), err)
+		}
+	}
+
+	var err error
+	a.pub, err = publisher.New(a.nc, publisher.Config{
+		Prefix:      cfg.SubjectPrefix,
+		Host:        cfg.Host,
+		RunID:       a.runID,
+		MaxEvents:   cfg.BatchMaxEvents,
+		MaxBytes:    cfg.BatchMaxBytes,
+		Linger:      cfg.BatchLinger,
+		MaxInflight: cfg.MaxInflight,
+		QueueBytes:  cfg.QueueBytes,
+		AckTimeout:  cfg.AckTimeout,
+	}, log)
+	if err != nil {
+		return nil, err
+	}
+
+	if cfg.ManageStream {
+		if err := a.ensureStream(ctx); err != nil {
+			if a.srv != nil {
+				return nil, err
+			}
+			// A remote server may come later: keep trying while batches queue.
+			log.Warn("stream not ready yet, retrying in the background", "stream", cfg.Stream, "err", err)
+			go a.ensureStreamLoop(ctx)
+		}
+	} else {
+		a.streamReady.Store(true)
+	}
+
+	a.capture, err = bpf.Open(bpf.Options{
+		CgroupPath:   cfg.CgroupPath,
+		RingBytes:    cfg.RingbufBytes,
+		PollInterval: cfg.PollInterval,
+	})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
+		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
+		"stream", cfg.Stream)
+	ok = true
+	return a, nil
+}
+
+func (a *Agent) ensureStream(ctx context.Context) error {
+	js, err := jetstream.New(a.nc)
+	if err != nil {
+		return err
+	}
+	storage := jetstream.FileStorage
+	if a.cfg.StreamStorage == "memory" {
+		storage = jetstream.MemoryStorage
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err = publisher.EnsureStream(cctx, js, publisher.StreamSettings{
+		Name:       a.cfg.Stream,
+		Prefix:     a.cfg.SubjectPrefix,
+		MaxAge:     a.cfg.StreamMaxAge,
+		MaxBytes:   a.cfg.StreamMaxBytes,
+		Replicas:   a.cfg.StreamReplicas,
+		Storage:    storage,
+		Duplicates: a.cfg.StreamDuplicates,
+	})
+	if err == nil {
+		a.streamReady.Store(true)
+	}
+	return err
+}
+
+func (a *Agent) ensureStreamLoop(ctx context.Context) {
+	for wait := time.Second; ; wait = min(wait*2, 30*time.Second) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		if err := a.ensureStream(ctx); err == nil {
+			a.log.Info("stream ready", "stream", a.cfg.Stream)
+			return
+		}
+	}
+}
+
+// ClientURL is where consumers reach the embedded server ("" when remote).
+func (a *Agent) ClientURL() string {
+	if a.srv == nil {
+		return ""
+	}
+	return a.srv.ClientURL()
+}
+
+// RunID is this agent run's id, part of every message id.
+func (a *Agent) RunID() string { return a.runID }
+
+// Run moves events until ctx ends, then detaches, drains the ring buffer and
+// waits (bounded by FLOWBUS_SHUTDOWN_TIMEOUT) for outstanding acks.
+func (a *Agent) Run(ctx context.Context) error {
+	pollDone := make(chan struct{})
+	pollCtx, stopPoll := context.WithCancel(context.Background())
+	go func() {
+		defer close(pollDone)
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-pollCtx.Done():
+				return
+			case <-t.C:
+				a.reportKernelDrops()
+			}
+		}
+	}()
+
+	runErr := a.capture.Run(ctx, func(ev *schema.Event) {
+		if a.self.Match(ev) {
+			a.selfExcluded.Add(1)
+			return
+		}
+		a.pub.Add(ev)
+	})
+	stopPoll()
+	<-pollDone
+	a.reportKernelDrops()
+
+	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
+	defer cancel()
+	pubErr := a.pub.Close(sctx)
+	st := a.pub.Stats()
+	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches", st.BatchesAcked,
+		"drops_kernel", st.Drops.Kernel, "drops_queue", st.Drops.Queue, "drops_publish", st.Drops.Publish)
+	a.capture.Close()
+	a.shutdownNATS()
+	return errors.Join(runErr, pubErr)
+}
+
+// reportKernelDrops forwards new kernel losses to the publisher so that the
+// next batch carries them.
+func (a *Agent) reportKernelDrops() {
+	c, err := a.capture.Counters()
+	if err != nil {
+		a.log.Warn("reading kernel counters", "err", err)
+		return
+	}
+	lost := c.RingbufFull - a.kernelSeen.RingbufFull
+	trunc := c.Truncated - a.kernelSeen.Truncated
+	a.kernelSeen = c
+	if lost > 0 || trunc > 0 {
+		a.pub.AddDrops(schema.Drops{Kernel: lost + trunc})
+		a.log.Warn("events lost in the kernel", "ring_buffer_full", lost, "unreadable_headers", trunc,
+			"fix", "raise FLOWBUS_RINGBUF_BYTES or lower FLOWBUS_POLL_INTERVAL")
+	}
+}
+
+func (a *Agent) shutdownNATS() {
+	if a.nc != nil {
+		a.nc.Close()
+	}
+	if a.srv != nil {
+		a.srv.Shutdown()
+		a.srv.WaitForShutdown()
+	}
+}
+
+// Snapshot is every counter of the agent, for metrics and tests.
+type Snapshot struct {
+	Captured     uint64
+	SelfExcluded uint64
+	BadRecords   uint64
+	Kernel       bpf.Counters
+	Publisher    publisher.Stats
+	StreamReady  bool
+	Connected    bool
+}
+
+// Snapshot reads the counters.
+func (a *Agent) Snapshot() Snapshot {
+	k, _ := a.capture.Counters()
+	return Snapshot{
+		Captured:     a.capture.Events(),
+		SelfExcluded: a.selfExcluded.Load(),
+		BadRecords:   a.capture.BadRecords(),
+		Kernel:       k,
+		Publisher:    a.pub.Stats(),
+		StreamReady:  a.streamReady.Load(),
+		Connected:    a.nc.IsConnected(),
+	}
+}
+
+// redactURL hides credentials in NATS URLs for logs.
+func redactURL(u string) string {
+	if i := strings.Index(u, "@"); i >= 0 {
+		if j := strings.Index(u, "://"); j >= 0 && j < i {
+			return u[:j+3] + "REDACTED" + u[i:]
+		}
+	}
+	return u
+}

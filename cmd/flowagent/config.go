@@ -1,0 +1,188 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v10"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Config is the agent's configuration, read from FLOWBUS_* variables. Every
+// field is documented in the README with its default.
+type Config struct {
+	NATSURL          string        `env:"NATS_URL"`
+	EmbeddedListen   string        `env:"EMBEDDED_LISTEN" envDefault:"127.0.0.1:4222"`
+	EmbeddedStoreDir string        `env:"EMBEDDED_STORE_DIR"`
+	CgroupPath       string        `env:"CGROUP_PATH"`
+	Host             string        `env:"HOST"`
+	SubjectPrefix    string        `env:"SUBJECT_PREFIX" envDefault:"flows"`
+	Stream           string        `env:"STREAM" envDefault:"FLOWS"`
+	ManageStream     bool          `env:"MANAGE_STREAM" envDefault:"true"`
+	StreamMaxAge     time.Duration `env:"STREAM_MAX_AGE" envDefault:"24h"`
+	StreamMaxBytes   int64         `env:"STREAM_MAX_BYTES" envDefault:"1073741824"`
+	StreamReplicas   int           `env:"STREAM_REPLICAS" envDefault:"1"`
+	StreamStorage    string        `env:"STREAM_STORAGE" envDefault:"file"`
+	StreamDuplicates time.Duration `env:"STREAM_DUPLICATES" envDefault:"2m"`
+	BatchMaxEvents   int           `env:"BATCH_MAX_EVENTS" envDefault:"4096"`
+	BatchMaxBytes    int           `env:"BATCH_MAX_BYTES" envDefault:"65536"`
+	BatchLinger      time.Duration `env:"BATCH_LINGER" envDefault:"100ms"`
+	QueueBytes       int           `env:"QUEUE_BYTES" envDefault:"33554432"`
+	MaxInflight      int           `env:"MAX_INFLIGHT" envDefault:"256"`
+	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s"`
+	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304"`
+	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms"`
+	MetricsAddr      string        `env:"METRICS_ADDR" envDefault:"127.0.0.1:9464"`
+	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`
+	LogFormat        string        `env:"LOG_FORMAT" envDefault:"text"`
+	ShutdownTimeout  time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
+}
+
+// LoadConfig reads and validates the environment. All problems are reported
+// at once, each naming its variable.
+func LoadConfig(environ map[string]string) (Config, error) {
+	var cfg Config
+	var problems []string
+	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: "FLOWBUS_", Environment: environ}); err != nil {
+		var agg env.AggregateError
+		if errors.As(err, &agg) {
+			for _, e := range agg.Errors {
+				problems = append(problems, e.Error())
+			}
+		} else {
+			problems = append(problems, err.Error())
+		}
+	}
+	problems = append(problems, cfg.validate()...)
+	if len(problems) > 0 {
+		return cfg, &ConfigError{Problems: problems}
+	}
+	return cfg, nil
+}
+
+// ConfigError lists every invalid setting.
+type ConfigError struct{ Problems []string }
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("invalid configuration (%d problems):\n  - %s", len(e.Problems), strings.Join(e.Problems, "\n  - "))
+}
+
+// validate checks values and fills the defaults that depend on the host.
+func (c *Config) validate() []string {
+	var p []string
+	bad := func(v, format string, a ...any) {
+		p = append(p, "FLOWBUS_"+v+": "+fmt.Sprintf(format, a...))
+	}
+	if c.Host == "" {
+		name, err := os.Hostname()
+		if err != nil {
+			name = ""
+		}
+		c.Host = schema.SanitizeHost(name)
+	} else if err := schema.ValidateHostToken(c.Host); err != nil {
+		bad("HOST", "%v", err)
+	}
+	if err := schema.ValidatePrefix(c.SubjectPrefix); err != nil {
+		bad("SUBJECT_PREFIX", "%v", err)
+	}
+	if c.Stream == "" || strings.ContainsAny(c.Stream, ".*> \t") {
+		bad("STREAM", "%q is not a valid stream name (no spaces, dots, * or >): use e.g. FLOWS", c.Stream)
+	}
+	if c.NATSURL == "" {
+		if _, _, err := net.SplitHostPort(c.EmbeddedListen); err != nil {
+			bad("EMBEDDED_LISTEN", "%q is not host:port (e.g. 127.0.0.1:4222)", c.EmbeddedListen)
+		}
+		if c.EmbeddedStoreDir == "" {
+			c.EmbeddedStoreDir = filepath.Join(StateDir(), "jetstream")
+		}
+	} else {
+		for _, u := range strings.Split(c.NATSURL, ",") {
+			u = strings.TrimSpace(u)
+			if u == "" || (strings.Contains(u, "://") && !strings.HasPrefix(u, "nats://") && !strings.HasPrefix(u, "tls://") && !strings.HasPrefix(u, "ws://") && !strings.HasPrefix(u, "wss://")) {
+				bad("NATS_URL", "%q is not a NATS URL (e.g. nats://10.0.0.5:4222, comma-separated for a cluster)", u)
+			}
+		}
+	}
+	switch c.StreamStorage {
+	case "file", "memory":
+	default:
+		bad("STREAM_STORAGE", "%q: must be file or memory", c.StreamStorage)
+	}
+	if c.StreamReplicas < 1 || c.StreamReplicas > 5 {
+		bad("STREAM_REPLICAS", "%d: must be 1 to 5", c.StreamReplicas)
+	}
+	if c.StreamMaxAge < 0 {
+		bad("STREAM_MAX_AGE", "must not be negative (0 keeps messages forever)")
+	}
+	if c.StreamDuplicates <= 0 {
+		bad("STREAM_DUPLICATES", "must be positive: it is the window in which retries are deduplicated")
+	}
+	if c.BatchMaxEvents < 1 || c.BatchMaxEvents > 1<<20 {
+		bad("BATCH_MAX_EVENTS", "%d: must be 1 to 1048576", c.BatchMaxEvents)
+	}
+	if c.BatchMaxBytes < 1024 || c.BatchMaxBytes > 8<<20 {
+		bad("BATCH_MAX_BYTES", "%d: must be 1024 to 8388608, and below the server's max_payload (1 MiB by default)", c.BatchMaxBytes)
+	}
+	if c.BatchLinger < time.Millisecond || c.BatchLinger > time.Minute {
+		bad("BATCH_LINGER", "%v: must be 1ms to 1m", c.BatchLinger)
+	}
+	if c.QueueBytes < 4*c.BatchMaxBytes {
+		bad("QUEUE_BYTES", "%d: must be at least 4 x FLOWBUS_BATCH_MAX_BYTES (%d)", c.QueueBytes, 4*c.BatchMaxBytes)
+	}
+	if c.MaxInflight < 1 || c.MaxInflight > 65536 {
+		bad("MAX_INFLIGHT", "%d: must be 1 to 65536", c.MaxInflight)
+	}
+	if c.AckTimeout < 100*time.Millisecond {
+		bad("ACK_TIMEOUT", "%v: must be at least 100ms", c.AckTimeout)
+	}
+	if c.RingbufBytes < 64<<10 || c.RingbufBytes&(c.RingbufBytes-1) != 0 || c.RingbufBytes > 1<<30 {
+		bad("RINGBUF_BYTES", "%d: must be a power of two from 65536 to 1073741824", c.RingbufBytes)
+	}
+	if c.PollInterval < time.Millisecond || c.PollInterval > time.Second {
+		bad("POLL_INTERVAL", "%v: must be 1ms to 1s", c.PollInterval)
+	}
+	if c.MetricsAddr != "" && c.MetricsAddr != "off" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddr); err != nil {
+			bad("METRICS_ADDR", "%q is not host:port (or \"off\")", c.MetricsAddr)
+		}
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("LOG_LEVEL", "%q: must be debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		bad("LOG_FORMAT", "%q: must be text or json", c.LogFormat)
+	}
+	if c.ShutdownTimeout <= 0 {
+		bad("SHUTDOWN_TIMEOUT", "must be positive")
+	}
+	return p
+}
+
+// StateDir is where flowbus keeps state by default: $STATE_DIRECTORY under
+// systemd, else $XDG_STATE_HOME/flowbus, else ~/.local/state/flowbus (root:
+// /var/lib/flowbus).
+func StateDir() string {
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		return d
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "flowbus")
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/flowbus"
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", "flowbus")
+	}
+	return filepath.Join(os.TempDir(), "flowbus")
+}

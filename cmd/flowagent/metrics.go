@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// agentCollector reads the agent's counters at scrape time, so the hot path
+// pays nothing for metrics.
+type agentCollector struct {
+	a *Agent
+
+	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
+}
+
+func newAgentCollector(a *Agent) *agentCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("flowbus_agent_"+name, help, labels, nil)
+	}
+	return &agentCollector{
+		a:            a,
+		events:       d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections), published (handed to batching), acked (stored by the stream).", "stage"),
+		drops:        d("dropped_events_total", "Events lost, by the stage that lost them.", "stage"),
+		pending:      d("pending_batches", "Batches sealed and not yet acknowledged."),
+		pendingBytes: d("pending_bytes", "Bytes of batches sealed and not yet acknowledged."),
+		batches:      d("batches_acked_total", "Batches acknowledged by the stream."),
+		bytes:        d("batch_bytes_acked_total", "Encoded bytes acknowledged by the stream."),
+		dups:         d("duplicate_acks_total", "Batches the stream already held (retries after a lost ack)."),
+		pubErrors:    d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
+		kernelDup:    d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
+		ready:        d("ready", "1 when connected to NATS and the stream exists."),
+	}
+}
+
+func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready} {
+		ch <- d
+	}
+}
+
+func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.a.Snapshot()
+	p := s.Publisher
+	counter := func(d *prometheus.Desc, v uint64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), l...)
+	}
+	gauge := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
+	}
+	counter(c.events, s.Captured, "captured")
+	counter(c.events, s.SelfExcluded, "self_excluded")
+	counter(c.events, p.EventsIn, "published")
+	counter(c.events, p.EventsAcked, "acked")
+	counter(c.drops, s.Kernel.RingbufFull, "kernel_ringbuf")
+	counter(c.drops, s.Kernel.Truncated, "kernel_truncated")
+	counter(c.drops, s.BadRecords, "reader")
+	counter(c.drops, p.Drops.Queue, "queue")
+	counter(c.drops, p.Drops.Spool, "spool")
+	counter(c.drops, p.Drops.Publish, "publish")
+	gauge(c.pending, float64(p.PendingBatches))
+	gauge(c.pendingBytes, float64(p.PendingBytes))
+	counter(c.batches, p.BatchesAcked)
+	counter(c.bytes, p.BytesAcked)
+	counter(c.dups, p.DuplicateAcks)
+	counter(c.pubErrors, p.PublishErrors)
+	counter(c.kernelDup, s.Kernel.Duplicates)
+	r := 0.0
+	if s.Connected && s.StreamReady {
+		r = 1
+	}
+	gauge(c.ready, r)
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz until ctx ends.
+func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newAgentCollector(a), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		s := a.Snapshot()
+		if !s.Connected || !s.StreamReady {
+			http.Error(w, "not ready: NATS connected="+boolStr(s.Connected)+" stream ready="+boolStr(s.StreamReady), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	return nil
+}
+
+func boolStr(b bool) string {
+	if b {
+		return "true"
+	}
+	return "false"
+}

@@ -1,0 +1,405 @@
+// Command flowtail prints net_flow_tcp_begin events from the flowbus JetStream stream, live or replayed,
+// as an aligned table or as JSON lines.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/tail"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Exit statuses, documented in the help text.
+const (
+	exitOK    = 0
+	exitError = 1
+	exitUsage = 2
+)
+
+const usageText = `Usage: flowtail [flags]
+
+Prints net_flow_tcp_begin events from the flowbus JetStream stream. By default it follows new events
+only (like tail -f); --all, --since or --from-seq replay stored events first, then keep following.
+
+Flags:
+  --nats URL            NATS server URL(s), comma-separated
+                        (default $FLOWBUS_NATS_URL, else nats://127.0.0.1:4222)
+  --stream NAME         JetStream stream (default $FLOWBUS_STREAM, else FLOWS)
+  --prefix PREFIX       subject prefix (default $FLOWBUS_SUBJECT_PREFIX, else flows)
+  --host H              only events of host token H
+  --direction DIR       only incoming or outgoing events
+  --since WHEN          start with events stored since WHEN: a duration back from now (5m, 2h)
+                        or an RFC3339 time (2026-11-24T10:00:00Z)
+  --from-seq N          start at stream sequence N
+  --all                 replay the whole stream
+                        (--since, --from-seq and --all are mutually exclusive)
+  --json                one JSON object per event and line instead of a table
+  --count N             exit after N events
+  --idle-exit DURATION  exit when no message arrives for DURATION (e.g. 2s)
+  -h, --help            show this help
+
+Messages that are not valid flowbus batches are skipped with a warning on stderr; agent drop counters
+and missing batches are reported on stderr too.
+
+Exit status:
+  0  stopped normally: --count reached, --idle-exit elapsed, or interrupted (SIGINT/SIGTERM)
+  1  runtime failure: cannot connect, stream missing, connection lost, output not writable
+  2  invalid flags
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// config is the validated command line.
+type config struct {
+	opts tail.Options
+	json bool
+}
+
+// run is main without os.Exit, so tests can drive it.
+func run(args []string, stdout, stderr io.Writer) int {
+	cfg, err := parseArgs(args, os.Getenv, time.Now())
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(stdout, usageText)
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "flowtail: invalid arguments:\n%v\nRun 'flowtail --help' for usage.\n", indent(err))
+		return exitUsage
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	bw := bufio.NewWriterSize(stdout, 64<<10)
+	var p printer
+	if cfg.json {
+		p = &jsonPrinter{w: bw}
+	} else {
+		p = newTablePrinter(bw)
+	}
+	cfg.opts.Warnings = stderr
+	cfg.opts.ClientName = "flowtail"
+	cfg.opts.OnIdle = bw.Flush
+
+	_, err = tail.Run(ctx, cfg.opts, p.event)
+	if ferr := bw.Flush(); err == nil && ferr != nil {
+		err = fmt.Errorf("writing output: %w", ferr)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "flowtail: %s\n", explain(err))
+		return exitError
+	}
+	return exitOK
+}
+
+// explain adds the likely fix to the errors a user can act on.
+func explain(err error) string {
+	var ce *tail.ConnectError
+	var se *tail.StreamError
+	switch {
+	case errors.As(err, &ce):
+		return err.Error() + "\n  is flowagent running and reachable? set --nats or FLOWBUS_NATS_URL to the NATS server's URL"
+	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
+		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
+	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
+		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
+	}
+	return err.Error()
+}
+
+func indent(err error) string {
+	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}
+
+// parseArgs parses and validates the command line, reporting every problem at once rather than making
+// the user fix them one run at a time. getenv and now are parameters so tests control them.
+func parseArgs(args []string, getenv func(string) string, now time.Time) (*config, error) {
+	fs := flag.NewFlagSet("flowtail", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	var (
+		natsURL  = fs.String("nats", "", "")
+		stream   = fs.String("stream", "", "")
+		prefix   = fs.String("prefix", "", "")
+		host     = fs.String("host", "", "")
+		dir      = fs.String("direction", "", "")
+		since    = fs.String("since", "", "")
+		fromSeq  = fs.String("from-seq", "", "")
+		all      = fs.Bool("all", false, "")
+		jsonOut  = fs.Bool("json", false, "")
+		count    = fs.String("count", "", "")
+		idleExit = fs.String("idle-exit", "", "")
+	)
+	var errs []error
+	rest := args
+	for {
+		err := fs.Parse(rest)
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		if err != nil {
+			// The flag package stops at the first bad flag; carry on with the rest to report everything.
+			errs = append(errs, err)
+			rest = fs.Args()
+			continue
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		errs = append(errs, fmt.Errorf("unexpected argument %q (flowtail takes flags only)", fs.Arg(0)))
+		rest = fs.Args()[1:]
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+
+	// A value from the environment is reported under the variable's name, so the user knows where to fix it.
+	fromEnv := func(flagName, env, def string, v *string) string {
+		if set[flagName] {
+			return "--" + flagName
+		}
+		if e := getenv(env); e != "" {
+			*v = e
+			return env
+		}
+		*v = def
+		return "default"
+	}
+
+	cfg := &config{json: *jsonOut}
+	o := &cfg.opts
+
+	src := fromEnv("nats", "FLOWBUS_NATS_URL", tail.DefaultURL, natsURL)
+	if urls, err := parseURLs(*natsURL); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", src, err))
+	} else {
+		o.URLs = urls
+	}
+
+	src = fromEnv("stream", "FLOWBUS_STREAM", tail.DefaultStream, stream)
+	if err := validateStreamName(*stream); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", src, err))
+	}
+	o.Stream = *stream
+
+	src = fromEnv("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix, prefix)
+	if err := schema.ValidatePrefix(*prefix); err != nil {
+		errs = append(errs, fmt.Errorf("%s: %w", src, err))
+	}
+	o.Prefix = *prefix
+
+	if set["host"] {
+		if err := schema.ValidateHostToken(*host); err != nil {
+			errs = append(errs, fmt.Errorf("--host: %w", err))
+		}
+		o.Host = *host
+	}
+	if set["direction"] {
+		d, err := schema.ParseDirection(*dir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--direction: %w", err))
+		}
+		o.Direction = d
+	}
+
+	var starts []string
+	if set["all"] && *all {
+		starts = append(starts, "--all")
+		o.Start = tail.StartAll
+	}
+	if set["since"] {
+		starts = append(starts, "--since")
+		t, err := parseSince(*since, now)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--since: %w", err))
+		}
+		o.Start, o.Since = tail.StartSince, t
+	}
+	if set["from-seq"] {
+		starts = append(starts, "--from-seq")
+		n, err := strconv.ParseUint(*fromSeq, 10, 64)
+		if err != nil || n == 0 {
+			errs = append(errs, fmt.Errorf("--from-seq: %q is not a stream sequence (want an integer >= 1)", *fromSeq))
+		}
+		o.Start, o.FromSeq = tail.StartSeq, n
+	}
+	if len(starts) > 1 {
+		errs = append(errs, fmt.Errorf("%s are mutually exclusive: choose one place to start", strings.Join(starts, ", ")))
+	}
+
+	if set["count"] {
+		n, err := strconv.Atoi(*count)
+		if err != nil || n < 1 {
+			errs = append(errs, fmt.Errorf("--count: %q is not a positive integer", *count))
+		}
+		o.Count = n
+	}
+	if set["idle-exit"] {
+		d, err := time.ParseDuration(*idleExit)
+		if err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("--idle-exit: %q is not a positive duration (e.g. 5s, 1m)", *idleExit))
+		}
+		o.IdleExit = d
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return cfg, nil
+}
+
+// parseURLs splits a comma-separated server list and checks each entry enough to catch typos early; the
+// NATS client accepts nats://, tls://, ws://, wss:// URLs and bare host:port.
+func parseURLs(s string) ([]string, error) {
+	var urls []string
+	for _, u := range strings.Split(s, ",") {
+		u = strings.TrimSpace(u)
+		if u == "" {
+			return nil, fmt.Errorf("%q has an empty server URL", s)
+		}
+		if strings.Contains(u, "://") {
+			p, err := url.Parse(u)
+			if err != nil {
+				return nil, fmt.Errorf("invalid URL %q: %v", tail.RedactURLs([]string{u}), err)
+			}
+			switch p.Scheme {
+			case "nats", "tls", "ws", "wss":
+			default:
+				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", p.Redacted(), p.Scheme)
+			}
+			if p.Host == "" {
+				return nil, fmt.Errorf("URL %q has no host", p.Redacted())
+			}
+		}
+		urls = append(urls, u)
+	}
+	return urls, nil
+}
+
+// validateStreamName applies JetStream's rules, so a typo fails here and not as an odd server error.
+func validateStreamName(s string) error {
+	if s == "" {
+		return errors.New("stream name is empty")
+	}
+	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
+		return fmt.Errorf("stream name %q contains %q, which JetStream does not allow", s, s[i])
+	}
+	return nil
+}
+
+// parseSince accepts a duration back from now or an absolute RFC3339 time.
+func parseSince(s string, now time.Time) (time.Time, error) {
+	if d, err := time.ParseDuration(s); err == nil {
+		if d <= 0 {
+			return time.Time{}, fmt.Errorf("%q: the duration must be positive (how far back to start)", s)
+		}
+		return now.Add(-d), nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither a duration (5m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
+	}
+	if t.After(now) {
+		return time.Time{}, fmt.Errorf("%q is in the future", s)
+	}
+	return t, nil
+}
+
+// printer writes one event.
+type printer interface {
+	event(m *tail.Meta, ev *schema.Event) error
+}
+
+type jsonPrinter struct {
+	w   *bufio.Writer
+	buf []byte
+}
+
+func (p *jsonPrinter) event(m *tail.Meta, ev *schema.Event) error {
+	p.buf = ev.AppendJSON(p.buf[:0], m.Host)
+	p.buf = append(p.buf, '\n')
+	_, err := p.w.Write(p.buf)
+	return err
+}
+
+// tablePrinter writes aligned columns. A live tail cannot know the widest value in advance, so columns
+// start at typical widths and only ever grow; the header is printed once.
+type tablePrinter struct {
+	w      *bufio.Writer
+	widths [6]int // all columns but the last
+	header bool
+	buf    []byte
+}
+
+const timeLayout = "2006-01-02 15:04:05.000"
+
+func newTablePrinter(w *bufio.Writer) *tablePrinter {
+	return &tablePrinter{w: w, widths: [6]int{len(timeLayout), 10, 8, 21, 21, 12}}
+}
+
+// maxNameWidth keeps one long CDN name list from pushing the last column off screen for good.
+const maxNameWidth = 40
+
+func (p *tablePrinter) event(m *tail.Meta, ev *schema.Event) error {
+	if !p.header {
+		p.header = true
+		p.row("TIME", "HOST", "DIRECTION", "SRC", "DST", "SRC_DNS", "DST_DNS")
+	}
+	p.row(time.Unix(0, ev.Timestamp).Local().Format(timeLayout),
+		m.Host,
+		ev.Direction.String(),
+		endpoint(ev.Src, ev.SrcPort),
+		endpoint(ev.Dst, ev.DstPort),
+		names(ev.SrcDNS),
+		names(ev.DstDNS))
+	_, err := p.w.Write(p.buf)
+	p.buf = p.buf[:0]
+	return err
+}
+
+func (p *tablePrinter) row(cols ...string) {
+	for i, c := range cols {
+		if i == len(cols)-1 {
+			p.buf = append(p.buf, c...)
+			break
+		}
+		if i < len(p.widths) && len(c) > p.widths[i] && (i != 5 || len(c) <= maxNameWidth) {
+			p.widths[i] = len(c)
+		}
+		p.buf = append(p.buf, c...)
+		for n := len(c); n < p.widths[i]; n++ {
+			p.buf = append(p.buf, ' ')
+		}
+		p.buf = append(p.buf, ' ', ' ')
+	}
+	p.buf = append(p.buf, '\n')
+}
+
+// endpoint formats addr:port with IPv6 in brackets.
+func endpoint(a netip.Addr, port uint16) string {
+	if !a.IsValid() {
+		return "?:" + strconv.Itoa(int(port))
+	}
+	return netip.AddrPortFrom(a, port).String()
+}
+
+func names(n []string) string {
+	if len(n) == 0 {
+		return "-"
+	}
+	return strings.Join(n, ",")
+}

@@ -1,0 +1,501 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/schema"
+)
+
+// jsonEvent mirrors the JSON shape of SPEC section 1; unknown fields fail decoding so a renamed field
+// is caught.
+type jsonEvent struct {
+	ConnDirection string   `json:"conn_direction"`
+	Src           string   `json:"src"`
+	Dst           string   `json:"dst"`
+	SrcPort       uint16   `json:"src_port"`
+	DstPort       uint16   `json:"dst_port"`
+	SrcDNS        []string `json:"src_dns"`
+	DstDNS        []string `json:"dst_dns"`
+	Timestamp     int64    `json:"timestamp"`
+	Host          string   `json:"host"`
+	CgroupID      uint64   `json:"cgroup_id"`
+	PID           uint32   `json:"pid"`
+	Comm          string   `json:"comm"`
+	ContainerID   string   `json:"container_id"`
+}
+
+const baseTS = int64(1_795_000_000_000_000_000)
+
+// ev builds a distinct event; id goes into the source port so tests can tell events apart.
+func ev(id uint16, src, dst string, dstPort uint16, dstDNS ...string) schema.Event {
+	return schema.Event{
+		Timestamp: baseTS + int64(id)*int64(time.Millisecond),
+		Src:       netip.MustParseAddr(src),
+		Dst:       netip.MustParseAddr(dst),
+		SrcPort:   40000 + id,
+		DstPort:   dstPort,
+		DstDNS:    dstDNS,
+	}
+}
+
+type fixture struct {
+	srv *tailtest.Server
+	// seqs[i] is the stream sequence of the i-th published message.
+	seqs []uint64
+}
+
+// newFixture publishes five batches for two hosts and both directions:
+//
+//	1 web-01 outgoing seq 1: ids 1, 2
+//	2 web-01 incoming seq 1: id 3
+//	3 db-02  outgoing seq 1: id 4 (IPv6, names)
+//	4 db-02  incoming seq 1: ids 5, 6
+//	5 web-01 outgoing seq 2: id 7
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := &fixture{srv: tailtest.Start(t)}
+	f.srv.CreateStream(t, "FLOWS", "flows.>")
+	pub := func(host string, dir schema.Direction, seq uint64, evs ...schema.Event) {
+		f.seqs = append(f.seqs, f.srv.PublishBatch(t, "flows", host, "run1", dir, seq, schema.Drops{}, evs...))
+	}
+	pub("web-01", schema.Outgoing, 1,
+		ev(1, "10.0.0.1", "93.184.216.34", 443, "example.com", "www.example.com"),
+		ev(2, "10.0.0.1", "10.0.0.9", 5432))
+	pub("web-01", schema.Incoming, 1, ev(3, "192.0.2.7", "10.0.0.1", 80))
+	pub("db-02", schema.Outgoing, 1, ev(4, "2001:db8::2", "2001:db8::53", 8443, "api.internal"))
+	pub("db-02", schema.Incoming, 1, ev(5, "10.0.0.1", "10.0.0.9", 5432), ev(6, "10.0.0.3", "10.0.0.9", 5432))
+	pub("web-01", schema.Outgoing, 2, ev(7, "10.0.0.1", "1.1.1.1", 853, "one.one.one.one"))
+	return f
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func runArgs(t *testing.T, args ...string) result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	done := make(chan int, 1)
+	go func() { done <- run(args, &out, &errb) }()
+	select {
+	case code := <-done:
+		return result{code, out.String(), errb.String()}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("flowtail %v did not exit", args)
+		return result{}
+	}
+}
+
+func parseJSON(t *testing.T, out string) []jsonEvent {
+	t.Helper()
+	var evs []jsonEvent
+	for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+		if line == "" {
+			continue
+		}
+		dec := json.NewDecoder(strings.NewReader(line))
+		dec.DisallowUnknownFields()
+		var e jsonEvent
+		if err := dec.Decode(&e); err != nil {
+			t.Fatalf("bad JSON line %q: %v", line, err)
+		}
+		evs = append(evs, e)
+	}
+	return evs
+}
+
+// ids returns the event ids (source port - 40000) in output order.
+func ids(evs []jsonEvent) []int {
+	out := make([]int, len(evs))
+	for i, e := range evs {
+		out[i] = int(e.SrcPort) - 40000
+	}
+	return out
+}
+
+func eqInts(a, b []int) bool {
+	return fmt.Sprint(a) == fmt.Sprint(b)
+}
+
+func TestReplayFilters(t *testing.T) {
+	f := newFixture(t)
+	url := f.srv.URL
+	cases := []struct {
+		name string
+		args []string
+		want []int
+	}{
+		{"all", []string{"--all"}, []int{1, 2, 3, 4, 5, 6, 7}},
+		{"host", []string{"--all", "--host", "web-01"}, []int{1, 2, 3, 7}},
+		{"direction", []string{"--all", "--direction", "incoming"}, []int{3, 5, 6}},
+		{"host and direction", []string{"--all", "--host", "db-02", "--direction", "outgoing"}, []int{4}},
+		{"from-seq", []string{"--from-seq", fmt.Sprint(f.seqs[2])}, []int{4, 5, 6, 7}},
+		{"from-seq with host", []string{"--from-seq", fmt.Sprint(f.seqs[2]), "--host", "web-01"}, []int{7}},
+		{"since duration", []string{"--since", "1h"}, []int{1, 2, 3, 4, 5, 6, 7}},
+		{"count", []string{"--all", "--count", "3"}, []int{1, 2, 3}},
+		{"count mid-batch", []string{"--all", "--count", "5", "--direction", "incoming"}, nil}, // idle-exits with 3
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			args := append([]string{"--nats", url, "--json", "--idle-exit", "700ms"}, c.args...)
+			r := runArgs(t, args...)
+			if r.code != 0 {
+				t.Fatalf("exit %d, stderr:\n%s", r.code, r.stderr)
+			}
+			got := ids(parseJSON(t, r.stdout))
+			want := c.want
+			if want == nil {
+				want = []int{3, 5, 6}
+			}
+			if !eqInts(got, want) {
+				t.Errorf("events %v, want %v", got, want)
+			}
+			if r.stderr != "" {
+				t.Errorf("unexpected stderr: %s", r.stderr)
+			}
+		})
+	}
+}
+
+func TestJSONFields(t *testing.T) {
+	f := newFixture(t)
+	r := runArgs(t, "--nats", f.srv.URL, "--json", "--all", "--host", "db-02", "--direction", "outgoing", "--count", "1")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	// Field names are the contract: check them on the raw object, not only through the struct.
+	var raw map[string]any
+	if err := json.Unmarshal([]byte(strings.TrimSpace(r.stdout)), &raw); err != nil {
+		t.Fatalf("%v: %q", err, r.stdout)
+	}
+	for _, k := range []string{"conn_direction", "src", "dst", "src_port", "dst_port", "src_dns", "dst_dns", "timestamp", "host"} {
+		if _, ok := raw[k]; !ok {
+			t.Errorf("field %q missing in %s", k, r.stdout)
+		}
+	}
+	e := parseJSON(t, r.stdout)[0]
+	want := jsonEvent{
+		ConnDirection: "outgoing", Src: "2001:db8::2", Dst: "2001:db8::53", SrcPort: 40004, DstPort: 8443,
+		SrcDNS: []string{}, DstDNS: []string{"api.internal"}, Timestamp: baseTS + 4*int64(time.Millisecond), Host: "db-02",
+	}
+	if fmt.Sprintf("%#v", e) != fmt.Sprintf("%#v", want) {
+		t.Errorf("got  %#v\nwant %#v", e, want)
+	}
+}
+
+func TestSinceRFC3339(t *testing.T) {
+	f := newFixture(t)
+	time.Sleep(20 * time.Millisecond)
+	cut := time.Now()
+	time.Sleep(20 * time.Millisecond)
+	f.srv.PublishBatch(t, "flows", "web-01", "run1", schema.Outgoing, 3, schema.Drops{}, ev(8, "10.0.0.1", "10.0.0.2", 22))
+	r := runArgs(t, "--nats", f.srv.URL, "--json", "--idle-exit", "700ms", "--since", cut.UTC().Format(time.RFC3339Nano))
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if got := ids(parseJSON(t, r.stdout)); !eqInts(got, []int{8}) {
+		t.Errorf("events %v, want [8]", got)
+	}
+}
+
+// syncBuffer lets the test read output while run is still writing it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestLiveNewOnly checks the default start (new batches only) and that live output is flushed while
+// flowtail keeps running, not held in the buffer until exit.
+func TestLiveNewOnly(t *testing.T) {
+	f := newFixture(t)
+	var out, errb syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- run([]string{"--nats", f.srv.URL, "--json", "--idle-exit", "10s"}, &out, &errb) }()
+
+	waitFor(t, "ordered consumer", func() bool {
+		s, err := f.srv.JS.Stream(context.Background(), "FLOWS")
+		return err == nil && s.CachedInfo().State.Consumers > 0
+	})
+	f.srv.PublishBatch(t, "flows", "web-01", "run1", schema.Incoming, 2, schema.Drops{}, ev(9, "198.51.100.1", "10.0.0.1", 22))
+	waitFor(t, "live event on stdout", func() bool { return strings.Contains(out.String(), "\n") })
+	select {
+	case code := <-done:
+		t.Fatalf("exited early with %d", code)
+	default:
+	}
+	if got := ids(parseJSON(t, out.String())); !eqInts(got, []int{9}) {
+		t.Errorf("events %v, want only the new one [9]", got)
+	}
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("exit %d: %s", code, errb.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("did not exit after --idle-exit")
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// patchMajor turns a real batch into one of another schema major, as a future agent would send.
+func patchMajor(t *testing.T, b []byte, major byte) []byte {
+	t.Helper()
+	key := append([]byte{0xa0 | byte(len("schema_major"))}, "schema_major"...)
+	i := bytes.Index(b, key)
+	if i < 0 || b[i+len(key)] != schema.Major {
+		t.Fatalf("schema_major %d not found in batch", schema.Major)
+	}
+	b = bytes.Clone(b)
+	b[i+len(key)] = major
+	return b
+}
+
+func TestForeignMessagesSkipped(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	good := func(id uint16, seq uint64) []byte {
+		return tailtest.Batch("web-01", "run1", schema.Outgoing, seq, schema.Drops{}, ev(id, "10.0.0.1", "10.0.0.2", 443))
+	}
+	srv.Publish(t, "flows.web-01.outgoing", good(1, 1))
+	srv.Publish(t, "flows.web-01.outgoing", []byte{0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x37})
+	srv.Publish(t, "flows.web-01.outgoing", []byte{0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x38})
+	srv.Publish(t, "flows.other.json", []byte(`{"hello":"world","n":1}`))
+	srv.Publish(t, "flows.web-01.outgoing", patchMajor(t, good(2, 2), 2))
+	b := good(3, 3)
+	srv.Publish(t, "flows.web-01.outgoing", b[:len(b)/2])
+	srv.Publish(t, "flows.web-01.outgoing", []byte{})
+	srv.Publish(t, "flows.web-01.outgoing", good(4, 4))
+
+	r := runArgs(t, "--nats", srv.URL, "--json", "--all", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if got := ids(parseJSON(t, r.stdout)); !eqInts(got, []int{1, 4}) {
+		t.Errorf("events %v, want [1 4]", got)
+	}
+	for _, want := range []string{
+		"skipping message 2 on flows.web-01.outgoing: not a valid flowbus batch",
+		"skipping message 4 on flows.other.json: not a valid flowbus batch",
+		"skipping message 5 on flows.web-01.outgoing: unsupported schema version",
+		"schema major 2",
+		"skipped 4 messages on flows.web-01.outgoing: not a valid flowbus batch",
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	// Once per (subject, reason): the second garbage message on the same subject is only counted.
+	if n := strings.Count(r.stderr, "skipping message"); n != 3 {
+		t.Errorf("%d individual skip warnings, want 3:\n%s", n, r.stderr)
+	}
+	// The gap warning must not fire for skipped messages' sequences: seqs 2 and 3 really are missing here,
+	// so it must say so.
+	if !strings.Contains(r.stderr, "gap: host web-01 direction outgoing run run1 missing batches 2..3") {
+		t.Errorf("stderr lacks the gap warning:\n%s", r.stderr)
+	}
+}
+
+func TestDropsAndGaps(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	e := ev(1, "10.0.0.1", "10.0.0.2", 443)
+	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 1, schema.Drops{}, e)
+	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Incoming, 1, schema.Drops{}, e)
+	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 2, schema.Drops{}, e)
+	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 5, schema.Drops{Kernel: 3, Spool: 4}, e)
+	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Incoming, 3, schema.Drops{}, e)
+	srv.PublishBatch(t, "flows", "web-01", "r2", schema.Outgoing, 1, schema.Drops{}, e) // new run: no gap
+
+	r := runArgs(t, "--nats", srv.URL, "--json", "--all", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if n := len(parseJSON(t, r.stdout)); n != 6 {
+		t.Errorf("%d events, want 6", n)
+	}
+	for _, want := range []string{
+		"gap: host web-01 direction outgoing run r1 missing batches 3..4",
+		"gap: host web-01 direction incoming run r1 missing batch 2\n",
+		"drops: host web-01 direction outgoing lost 7 events before batch 5 (kernel=3 reader=0 queue=0 spool=4 publish=0)",
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	if n := strings.Count(r.stderr, "gap:"); n != 2 {
+		t.Errorf("%d gap warnings, want 2:\n%s", n, r.stderr)
+	}
+}
+
+func TestTable(t *testing.T) {
+	f := newFixture(t)
+	r := runArgs(t, "--nats", f.srv.URL, "--all", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	lines := strings.Split(strings.TrimSuffix(r.stdout, "\n"), "\n")
+	if len(lines) != 8 {
+		t.Fatalf("%d lines, want header + 7:\n%s", len(lines), r.stdout)
+	}
+	if !strings.HasPrefix(lines[0], "TIME") || strings.Count(r.stdout, "TIME") != 1 {
+		t.Errorf("header not printed exactly once first:\n%s", r.stdout)
+	}
+	ts := time.Unix(0, baseTS+4*int64(time.Millisecond)).Local().Format("2006-01-02 15:04:05.000")
+	row := lines[4]
+	for _, want := range []string{ts, "db-02", "outgoing", "[2001:db8::2]:40004", "[2001:db8::53]:8443", "api.internal"} {
+		if !strings.Contains(row, want) {
+			t.Errorf("row %q lacks %q", row, want)
+		}
+	}
+	if !strings.Contains(lines[1], "example.com,www.example.com") || !strings.Contains(lines[1], "10.0.0.1:40001") {
+		t.Errorf("row %q lacks names or endpoint", lines[1])
+	}
+	// Aligned: the HOST column starts at the same offset on every line that fits the initial widths.
+	col := strings.Index(lines[0], "HOST")
+	for _, l := range lines[1:] {
+		if !strings.HasPrefix(l[col:], "web-01") && !strings.HasPrefix(l[col:], "db-02") {
+			t.Errorf("misaligned row %q (HOST at %d)", l, col)
+		}
+	}
+}
+
+func TestEnvDefaults(t *testing.T) {
+	f := newFixture(t)
+	t.Setenv("FLOWBUS_NATS_URL", f.srv.URL)
+	t.Setenv("FLOWBUS_STREAM", "FLOWS")
+	t.Setenv("FLOWBUS_SUBJECT_PREFIX", "flows")
+	r := runArgs(t, "--json", "--all", "--count", "2")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if got := ids(parseJSON(t, r.stdout)); !eqInts(got, []int{1, 2}) {
+		t.Errorf("events %v, want [1 2]", got)
+	}
+
+	t.Setenv("FLOWBUS_STREAM", "bad.name")
+	r = runArgs(t, "--json")
+	if r.code != 2 || !strings.Contains(r.stderr, "FLOWBUS_STREAM") {
+		t.Errorf("exit %d, stderr %q: want 2 naming FLOWBUS_STREAM", r.code, r.stderr)
+	}
+}
+
+func TestMissingStream(t *testing.T) {
+	srv := tailtest.Start(t)
+	r := runArgs(t, "--nats", srv.URL, "--stream", "NOPE", "--all")
+	if r.code != 1 {
+		t.Fatalf("exit %d, want 1", r.code)
+	}
+	for _, want := range []string{`stream "NOPE" does not exist`, "--stream", "FLOWBUS_STREAM", "flowagent"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+}
+
+func TestPrefixNotInStream(t *testing.T) {
+	f := newFixture(t)
+	r := runArgs(t, "--nats", f.srv.URL, "--prefix", "other", "--all")
+	if r.code != 1 || !strings.Contains(r.stderr, "other.>") || !strings.Contains(r.stderr, "prefix") {
+		t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+}
+
+func TestUnreachable(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "nats://" + l.Addr().String()
+	l.Close() // nothing listens there now
+	start := time.Now()
+	r := runArgs(t, "--nats", url)
+	if r.code != 1 {
+		t.Fatalf("exit %d, want 1", r.code)
+	}
+	for _, want := range []string{"cannot connect to NATS at " + url, "flowagent running", "--nats", "FLOWBUS_NATS_URL"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("took %v to give up", d)
+	}
+}
+
+func TestUnreachableHidesPassword(t *testing.T) {
+	r := runArgs(t, "--nats", "nats://alice:s3cret@127.0.0.1:1")
+	if r.code != 1 || strings.Contains(r.stderr, "s3cret") || !strings.Contains(r.stderr, "alice") {
+		t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+}
+
+func TestInvalidFlags(t *testing.T) {
+	r := runArgs(t, "--direction", "sideways", "--all", "--since", "5m", "--from-seq", "0",
+		"--count", "-1", "--idle-exit", "soon", "--host", "Web.01", "--bogus", "--prefix", "a..b", "extra")
+	if r.code != 2 {
+		t.Fatalf("exit %d, want 2", r.code)
+	}
+	for _, want := range []string{"--direction", "sideways", "mutually exclusive", "--from-seq", "--count",
+		"--idle-exit", "--host", "web-01", "bogus", "a..b", `unexpected argument "extra"`, "--help"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	if r.stdout != "" {
+		t.Errorf("stdout: %q", r.stdout)
+	}
+
+	for _, args := range [][]string{
+		{"--since", "yesterday"},
+		{"--since", "-5m"},
+		{"--since", "2999-01-01T00:00:00Z"},
+		{"--nats", "http://x:4222"},
+		{"--nats", "nats://a:1,,nats://b:2"},
+		{"--json=maybe"},
+		{"--count"},
+	} {
+		if r := runArgs(t, args...); r.code != 2 {
+			t.Errorf("%v: exit %d, want 2; stderr %s", args, r.code, r.stderr)
+		}
+	}
+}
+
+func TestHelp(t *testing.T) {
+	r := runArgs(t, "--help")
+	if r.code != 0 || !strings.Contains(r.stdout, "Exit status") || !strings.Contains(r.stdout, "--idle-exit") {
+		t.Errorf("exit %d, stdout:\n%s", r.code, r.stdout)
+	}
+}

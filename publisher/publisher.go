@@ -1,0 +1,490 @@
+// Package publisher batches flow events per direction, encodes them and
+// publishes each batch to JetStream with a message id, retrying with the same
+// id until the stream acknowledges it.
+//
+// Add never blocks: it is called on the ring buffer reader's goroutine. Memory
+// is bounded by Config.QueueBytes; past it whole batches are dropped and
+// counted, and the count travels in the next batch.
+package publisher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Config controls batching and publishing. Zero values take the defaults.
+type Config struct {
+	Prefix string // subject prefix, e.g. "flows"
+	Host   string // host token
+	RunID  string // agent run id
+
+	MaxEvents int           // seal a batch at this many events
+	MaxBytes  int           // seal a batch once its encoding reaches this size
+	Linger    time.Duration // seal a batch this long after its first event
+
+	MaxInflight  int           // batches published and not yet acknowledged
+	QueueBytes   int           // bound on sealed batches not yet acknowledged
+	AckTimeout   time.Duration // after this a publish counts as failed and is retried
+	RetryBackoff time.Duration // first retry delay, doubled up to MaxBackoff
+	MaxBackoff   time.Duration
+}
+
+// Defaults chosen near the bus's sweet spot: batches of tens of KiB.
+const (
+	DefaultMaxEvents    = 4096
+	DefaultMaxBytes     = 64 << 10
+	DefaultLinger       = 100 * time.Millisecond
+	DefaultMaxInflight  = 256
+	DefaultQueueBytes   = 32 << 20
+	DefaultAckTimeout   = 5 * time.Second
+	DefaultRetryBackoff = 100 * time.Millisecond
+	DefaultMaxBackoff   = 5 * time.Second
+)
+
+func (c *Config) fill() {
+	set := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	setD := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	if c.Prefix == "" {
+		c.Prefix = schema.DefaultPrefix
+	}
+	set(&c.MaxEvents, DefaultMaxEvents)
+	set(&c.MaxBytes, DefaultMaxBytes)
+	setD(&c.Linger, DefaultLinger)
+	set(&c.MaxInflight, DefaultMaxInflight)
+	set(&c.QueueBytes, DefaultQueueBytes)
+	setD(&c.AckTimeout, DefaultAckTimeout)
+	setD(&c.RetryBackoff, DefaultRetryBackoff)
+	setD(&c.MaxBackoff, DefaultMaxBackoff)
+}
+
+// Stats is a snapshot of the publisher's counters since start.
+type Stats struct {
+	EventsIn        uint64 // events handed to Add
+	EventsAcked     uint64 // events in batches the stream acknowledged
+	BatchesAcked    uint64
+	BytesAcked      uint64
+	DuplicateAcks   uint64 // batches the stream already held (a retry after a lost ack)
+	PublishErrors   uint64 // failed attempts, each retried or given up
+	Drops           schema.Drops
+	PendingBatches  int // sealed, not yet acknowledged
+	PendingBytes    int
+	InflightBatches int
+}
+
+type batch struct {
+	seq       uint64
+	dir       schema.Direction
+	subject   string
+	msgID     string
+	data      []byte
+	events    int
+	drops     schema.Drops // carried in this batch; restored if it is lost
+	attempts  int
+	notBefore time.Time
+	sealedAt  time.Time
+}
+
+type dirState struct {
+	dir     schema.Direction
+	enc     *schema.BatchEncoder
+	subject string
+	timer   *time.Timer
+	started time.Time
+}
+
+// Publisher batches and publishes events. Create it with New.
+type Publisher struct {
+	cfg Config
+	js  jetstream.JetStream
+	log *slog.Logger
+
+	mu         sync.Mutex
+	dirs       [3]*dirState // indexed by schema.Direction
+	seq        uint64
+	drops      schema.Drops // lost since the last sealed batch, reported in the next
+	totalDrops schema.Drops
+	queue      []*batch // sealed and waiting to be sent, oldest first
+	pendBytes  int      // queue plus in flight
+	inflight   int
+	closing    bool
+
+	wake     chan struct{}
+	stop     chan struct{}
+	done     chan struct{}
+	bufs     sync.Pool
+	lastWarn atomic.Int64
+
+	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors atomic.Uint64
+
+	// OnAck, if set, is called after each acknowledged batch (for metrics).
+	OnAck func(events int, bytes int, sealedAt time.Time)
+}
+
+// New starts a publisher on nc. It does not create the stream: see EnsureStream.
+func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
+	cfg.fill()
+	if err := schema.ValidateHostToken(cfg.Host); err != nil {
+		return nil, fmt.Errorf("publisher host: %w", err)
+	}
+	if err := schema.ValidatePrefix(cfg.Prefix); err != nil {
+		return nil, fmt.Errorf("publisher subject prefix: %w", err)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	js, err := jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(cfg.MaxInflight+1),
+		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("jetstream context: %w", err)
+	}
+	p := &Publisher{
+		cfg:  cfg,
+		js:   js,
+		log:  log,
+		wake: make(chan struct{}, 1),
+		stop: make(chan struct{}),
+		done: make(chan struct{}),
+	}
+	for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
+		ds := &dirState{
+			dir:     d,
+			enc:     schema.NewBatchEncoder(cfg.Host, cfg.RunID, d),
+			subject: schema.Subject(cfg.Prefix, cfg.Host, d),
+		}
+		ds.timer = time.AfterFunc(time.Hour, func() { p.lingerExpired(ds) })
+		ds.timer.Stop()
+		p.dirs[d] = ds
+	}
+	go p.sendLoop()
+	return p, nil
+}
+
+// Add appends an event to its direction's batch. It never blocks on the
+// network. ev is not retained.
+func (p *Publisher) Add(ev *schema.Event) {
+	p.eventsIn.Add(1)
+	p.mu.Lock()
+	if int(ev.Direction) >= len(p.dirs) || p.dirs[ev.Direction] == nil || p.closing {
+		p.drops.Reader++
+		p.totalDrops.Reader++
+		p.mu.Unlock()
+		return
+	}
+	d := p.dirs[ev.Direction]
+	d.enc.Add(ev)
+	if d.enc.Len() == 1 {
+		d.started = time.Now()
+		d.timer.Reset(p.cfg.Linger)
+	}
+	if d.enc.Len() >= p.cfg.MaxEvents || d.enc.Size() >= p.cfg.MaxBytes {
+		p.sealLocked(d)
+	}
+	p.mu.Unlock()
+}
+
+// AddDrops records events lost before the publisher (kernel, reader); they
+// are reported in the next batch.
+func (p *Publisher) AddDrops(d schema.Drops) {
+	p.mu.Lock()
+	addDrops(&p.drops, d)
+	addDrops(&p.totalDrops, d)
+	p.mu.Unlock()
+}
+
+func addDrops(dst *schema.Drops, d schema.Drops) {
+	dst.Kernel += d.Kernel
+	dst.Reader += d.Reader
+	dst.Queue += d.Queue
+	dst.Spool += d.Spool
+	dst.Publish += d.Publish
+}
+
+func (p *Publisher) lingerExpired(d *dirState) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d.enc.Len() == 0 {
+		return
+	}
+	// The timer may belong to a batch already sealed by size; re-arm for the
+	// one that is open now.
+	if left := p.cfg.Linger - time.Since(d.started); left > time.Millisecond {
+		d.timer.Reset(left)
+		return
+	}
+	p.sealLocked(d)
+}
+
+// sealLocked finishes d's open batch and queues it, or drops it whole when
+// the memory bound is reached.
+func (p *Publisher) sealLocked(d *dirState) {
+	n := d.enc.Len()
+	if n == 0 {
+		return
+	}
+	d.timer.Stop()
+	if p.pendBytes+d.enc.Size() > p.cfg.QueueBytes {
+		d.enc.Reset()
+		p.drops.Queue += uint64(n)
+		p.totalDrops.Queue += uint64(n)
+		p.warn("publish queue full: batch dropped; NATS is slow or unreachable", "events", n, "pending_bytes", p.pendBytes, "bound", p.cfg.QueueBytes)
+		return
+	}
+	p.seq++
+	buf, _ := p.bufs.Get().([]byte)
+	b := &batch{
+		seq:      p.seq,
+		dir:      d.dir,
+		subject:  d.subject,
+		msgID:    schema.MsgID(p.cfg.Host, p.cfg.RunID, p.seq),
+		events:   n,
+		drops:    p.drops,
+		sealedAt: time.Now(),
+	}
+	b.data = d.enc.Finish(buf[:0], p.seq, p.drops)
+	p.drops = schema.Drops{}
+	p.pendBytes += len(b.data)
+	p.queue = append(p.queue, b)
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// warn logs at most once per second so that an outage does not flood the log.
+func (p *Publisher) warn(msg string, args ...any) {
+	now := time.Now().UnixNano()
+	last := p.lastWarn.Load()
+	if now-last < int64(time.Second) || !p.lastWarn.CompareAndSwap(last, now) {
+		return
+	}
+	p.log.Warn(msg, args...)
+}
+
+func (p *Publisher) sendLoop() {
+	defer close(p.done)
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-p.wake:
+		case <-retry.C:
+		}
+		for {
+			b, wait := p.next()
+			if b == nil {
+				if wait > 0 {
+					retry.Reset(wait)
+				}
+				break
+			}
+			p.send(b)
+		}
+	}
+}
+
+// next takes the oldest sendable batch, or says how long until one is due.
+func (p *Publisher) next() (*batch, time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.queue) == 0 || p.inflight >= p.cfg.MaxInflight {
+		return nil, 0
+	}
+	b := p.queue[0]
+	if wait := time.Until(b.notBefore); wait > 0 {
+		return nil, wait
+	}
+	p.queue[0] = nil
+	p.queue = p.queue[1:]
+	p.inflight++
+	return b, 0
+}
+
+func (p *Publisher) send(b *batch) {
+	msg := &nats.Msg{
+		Subject: b.subject,
+		Data:    b.data,
+		Header: nats.Header{
+			schema.HeaderMsgID:       []string{b.msgID},
+			schema.HeaderContentType: []string{schema.ContentType},
+			schema.HeaderSchema:      []string{schema.SchemaHeaderValue()},
+		},
+	}
+	b.attempts++
+	fut, err := p.js.PublishMsgAsync(msg, jetstream.WithStallWait(p.cfg.AckTimeout))
+	if err != nil {
+		p.failed(b, err)
+		return
+	}
+	go func() {
+		select {
+		case ack := <-fut.Ok():
+			p.acked(b, ack)
+		case err := <-fut.Err():
+			p.failed(b, err)
+		}
+	}()
+}
+
+func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
+	p.eventsAcked.Add(uint64(b.events))
+	p.batchesAcked.Add(1)
+	p.bytesAcked.Add(uint64(len(b.data)))
+	if ack != nil && ack.Duplicate {
+		p.dupAcks.Add(1)
+	}
+	if p.OnAck != nil {
+		p.OnAck(b.events, len(b.data), b.sealedAt)
+	}
+	p.mu.Lock()
+	p.inflight--
+	p.pendBytes -= len(b.data)
+	p.mu.Unlock()
+	p.bufs.Put(b.data[:0]) //nolint:staticcheck // a slice header per batch is fine
+	p.signal()
+}
+
+// permanent tells errors that no retry can fix.
+func permanent(err error) bool {
+	return errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject)
+}
+
+func (p *Publisher) failed(b *batch, err error) {
+	p.pubErrors.Add(1)
+	p.mu.Lock()
+	p.inflight--
+	if permanent(err) || (p.closing && p.stopped()) {
+		p.pendBytes -= len(b.data)
+		lost := schema.Drops{Publish: uint64(b.events)}
+		addDrops(&lost, b.drops) // the losses it carried must still be reported
+		addDrops(&p.drops, lost)
+		p.totalDrops.Publish += uint64(b.events)
+		p.mu.Unlock()
+		p.log.Error("batch given up", "seq", b.seq, "events", b.events, "err", err)
+		p.signal()
+		return
+	}
+	backoff := p.cfg.RetryBackoff << min(b.attempts-1, 16)
+	if backoff > p.cfg.MaxBackoff || backoff <= 0 {
+		backoff = p.cfg.MaxBackoff
+	}
+	b.notBefore = time.Now().Add(backoff)
+	// Back in seq order, so that batches go out oldest first after an outage.
+	i := len(p.queue)
+	for i > 0 && p.queue[i-1].seq > b.seq {
+		i--
+	}
+	p.queue = append(p.queue, nil)
+	copy(p.queue[i+1:], p.queue[i:])
+	p.queue[i] = b
+	p.mu.Unlock()
+	p.warn("publish failed, will retry with the same message id", "seq", b.seq, "attempt", b.attempts, "retry_in", backoff, "err", err)
+	p.signal()
+}
+
+func (p *Publisher) stopped() bool {
+	select {
+	case <-p.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *Publisher) signal() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Flush seals the open batches now.
+func (p *Publisher) Flush() {
+	p.mu.Lock()
+	for _, d := range p.dirs {
+		if d != nil {
+			p.sealLocked(d)
+		}
+	}
+	p.mu.Unlock()
+}
+
+// Close seals the open batches and waits, until ctx ends, for every batch to
+// be acknowledged. What is still unacknowledged then is counted as lost and
+// reported in the returned error.
+func (p *Publisher) Close(ctx context.Context) error {
+	p.Flush()
+	p.mu.Lock()
+	p.closing = true
+	p.mu.Unlock()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		p.mu.Lock()
+		left, events := len(p.queue)+p.inflight, 0
+		for _, b := range p.queue {
+			events += b.events
+		}
+		p.mu.Unlock()
+		if left == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			close(p.stop)
+			<-p.done
+			p.mu.Lock()
+			p.totalDrops.Publish += uint64(events)
+			p.mu.Unlock()
+			return fmt.Errorf("shutdown: %d batches (%d queued events, plus any in flight) not acknowledged before the deadline", left, events)
+		case <-tick.C:
+		}
+	}
+	close(p.stop)
+	<-p.done
+	for _, d := range p.dirs {
+		if d != nil {
+			d.timer.Stop()
+		}
+	}
+	return nil
+}
+
+// Stats returns the counters.
+func (p *Publisher) Stats() Stats {
+	p.mu.Lock()
+	s := Stats{
+		Drops:           p.totalDrops,
+		PendingBatches:  len(p.queue) + p.inflight,
+		PendingBytes:    p.pendBytes,
+		InflightBatches: p.inflight,
+	}
+	p.mu.Unlock()
+	s.EventsIn = p.eventsIn.Load()
+	s.EventsAcked = p.eventsAcked.Load()
+	s.BatchesAcked = p.batchesAcked.Load()
+	s.BytesAcked = p.bytesAcked.Load()
+	s.DuplicateAcks = p.dupAcks.Load()
+	s.PublishErrors = p.pubErrors.Load()
+	return s
+}

@@ -1,0 +1,643 @@
+package schema
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"slices"
+)
+
+// maxSkipDepth bounds the nesting of unknown values the decoder skips, so hostile input cannot exhaust
+// the stack.
+const maxSkipDepth = 32
+
+// Minimum encoded sizes, used to cap preallocation by the bytes actually left: a hostile length prefix
+// can never cause an allocation larger than the message justifies.
+const (
+	minRowSize      = 1 + rowLen // fixarray header and six one-byte elements
+	minEndpointSize = 3          // fixarray header, empty string, empty array
+)
+
+// reader is a bounds-checked cursor over a msgpack message. Its methods return short descriptions of
+// what was wrong; DecodeBatch wraps them with ErrMalformed and the location.
+type reader struct {
+	b []byte
+	p int
+}
+
+var errTruncated = errors.New("truncated")
+
+func (r *reader) rem() int { return len(r.b) - r.p }
+
+func typeName(c byte) string {
+	switch {
+	case c <= 0x7f, c >= 0xe0, c >= 0xcc && c <= 0xd3:
+		return "int"
+	case c <= 0x8f, c == 0xde, c == 0xdf:
+		return "map"
+	case c <= 0x9f, c == 0xdc, c == 0xdd:
+		return "array"
+	case c <= 0xbf, c >= 0xd9 && c <= 0xdb:
+		return "string"
+	case c == 0xc0:
+		return "nil"
+	case c == 0xc2, c == 0xc3:
+		return "bool"
+	case c >= 0xc4 && c <= 0xc6:
+		return "bin"
+	case c == 0xca, c == 0xcb:
+		return "float"
+	case c == 0xc1:
+		return "reserved byte 0xc1"
+	}
+	return "ext"
+}
+
+func (r *reader) typeErr(want string) error {
+	if r.p >= len(r.b) {
+		return errTruncated
+	}
+	return fmt.Errorf("expected %s, got %s (0x%02x) at offset %d", want, typeName(r.b[r.p]), r.b[r.p], r.p)
+}
+
+// be reads an n-byte big-endian unsigned value following the type byte.
+func (r *reader) be(n int) (uint64, error) {
+	if r.rem() < 1+n {
+		return 0, errTruncated
+	}
+	var v uint64
+	for _, c := range r.b[r.p+1 : r.p+1+n] {
+		v = v<<8 | uint64(c)
+	}
+	r.p += 1 + n
+	return v, nil
+}
+
+func (r *reader) isNil() bool { return r.p < len(r.b) && r.b[r.p] == mpNil }
+
+// readInt reads any msgpack integer encoding whose value fits in int64.
+func (r *reader) readInt() (int64, error) {
+	if r.p >= len(r.b) {
+		return 0, errTruncated
+	}
+	c := r.b[r.p]
+	switch {
+	case c <= 0x7f:
+		r.p++
+		return int64(c), nil
+	case c >= 0xe0:
+		r.p++
+		return int64(int8(c)), nil
+	case c >= 0xcc && c <= 0xcf:
+		v, err := r.be(1 << (c - 0xcc))
+		if err != nil {
+			return 0, err
+		}
+		if v > math.MaxInt64 {
+			return 0, fmt.Errorf("integer %d overflows int64 at offset %d", v, r.p)
+		}
+		return int64(v), nil
+	case c >= 0xd0 && c <= 0xd3:
+		n := 1 << (c - 0xd0)
+		v, err := r.be(n)
+		if err != nil {
+			return 0, err
+		}
+		shift := 64 - 8*n // sign-extend
+		return int64(v<<shift) >> shift, nil
+	}
+	return 0, r.typeErr("int")
+}
+
+// readUint reads any msgpack integer encoding whose value is non-negative and at most max.
+func (r *reader) readUint(max uint64) (uint64, error) {
+	if r.p >= len(r.b) {
+		return 0, errTruncated
+	}
+	c := r.b[r.p]
+	var v uint64
+	switch {
+	case c <= 0x7f:
+		r.p++
+		v = uint64(c)
+	case c >= 0xcc && c <= 0xcf:
+		var err error
+		if v, err = r.be(1 << (c - 0xcc)); err != nil {
+			return 0, err
+		}
+	case c >= 0xe0 || c >= 0xd0 && c <= 0xd3:
+		s, err := r.readInt()
+		if err != nil {
+			return 0, err
+		}
+		if s < 0 {
+			return 0, fmt.Errorf("negative value %d where an unsigned integer is required", s)
+		}
+		v = uint64(s)
+	default:
+		return 0, r.typeErr("unsigned int")
+	}
+	if v > max {
+		return 0, fmt.Errorf("value %d out of range (max %d)", v, max)
+	}
+	return v, nil
+}
+
+// readStr returns the bytes of a string, aliasing the input.
+func (r *reader) readStr() ([]byte, error) {
+	if r.p >= len(r.b) {
+		return nil, errTruncated
+	}
+	c := r.b[r.p]
+	var n uint64
+	switch {
+	case c >= 0xa0 && c <= 0xbf:
+		n = uint64(c & 0x1f)
+		r.p++
+	case c >= 0xd9 && c <= 0xdb:
+		var err error
+		if n, err = r.be(1 << (c - 0xd9)); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, r.typeErr("string")
+	}
+	if n > uint64(r.rem()) {
+		return nil, fmt.Errorf("string of %d bytes truncated (%d left)", n, r.rem())
+	}
+	s := r.b[r.p : r.p+int(n)]
+	r.p += int(n)
+	return s, nil
+}
+
+// readLen reads an array (isMap false) or map header. The count is checked against the bytes left
+// (every element takes at least one byte, a map pair two), so loops over it are bounded by the input.
+func (r *reader) readLen(isMap bool) (int, error) {
+	if r.p >= len(r.b) {
+		return 0, errTruncated
+	}
+	c := r.b[r.p]
+	var n uint64
+	fix, b16, b32, what, per := byte(0x90), byte(0xdc), byte(0xdd), "array", uint64(1)
+	if isMap {
+		fix, b16, b32, what, per = 0x80, 0xde, 0xdf, "map", 2
+	}
+	switch {
+	case c&0xf0 == fix:
+		n = uint64(c & 0x0f)
+		r.p++
+	case c == b16:
+		var err error
+		if n, err = r.be(2); err != nil {
+			return 0, err
+		}
+	case c == b32:
+		var err error
+		if n, err = r.be(4); err != nil {
+			return 0, err
+		}
+	default:
+		return 0, r.typeErr(what)
+	}
+	if n*per > uint64(r.rem()) {
+		return 0, fmt.Errorf("%s of %d elements cannot fit in the %d bytes left", what, n, r.rem())
+	}
+	return int(n), nil
+}
+
+// skip passes over one value of any type, nested at most maxSkipDepth deep.
+func (r *reader) skip(depth int) error {
+	if depth > maxSkipDepth {
+		return fmt.Errorf("values nested deeper than %d at offset %d", maxSkipDepth, r.p)
+	}
+	if r.p >= len(r.b) {
+		return errTruncated
+	}
+	c := r.b[r.p]
+	var n uint64 // payload bytes after the header
+	var err error
+	switch {
+	case c <= 0x7f || c >= 0xe0 || c == 0xc0 || c == 0xc2 || c == 0xc3:
+		r.p++
+		return nil
+	case c <= 0x8f || c == 0xde || c == 0xdf:
+		m, err := r.readLen(true)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < 2*m; i++ {
+			if err := r.skip(depth + 1); err != nil {
+				return err
+			}
+		}
+		return nil
+	case c <= 0x9f || c == 0xdc || c == 0xdd:
+		m, err := r.readLen(false)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < m; i++ {
+			if err := r.skip(depth + 1); err != nil {
+				return err
+			}
+		}
+		return nil
+	case c <= 0xbf || c >= 0xd9 && c <= 0xdb:
+		_, err := r.readStr()
+		return err
+	case c >= 0xc4 && c <= 0xc6: // bin 8/16/32
+		n, err = r.be(1 << (c - 0xc4))
+	case c >= 0xc7 && c <= 0xc9: // ext 8/16/32: length, then type byte
+		n, err = r.be(1 << (c - 0xc7))
+		n++
+	case c == 0xca:
+		n, r.p = 4, r.p+1
+	case c == 0xcb:
+		n, r.p = 8, r.p+1
+	case c >= 0xcc && c <= 0xd3:
+		n, r.p = 1<<((c-0xcc)&3), r.p+1
+	case c >= 0xd4 && c <= 0xd8: // fixext 1..16 plus type byte
+		n, r.p = 1+1<<(c-0xd4), r.p+1
+	default: // 0xc1, never used
+		return fmt.Errorf("invalid msgpack byte 0x%02x at offset %d", c, r.p)
+	}
+	if err != nil {
+		return err
+	}
+	if n > uint64(r.rem()) {
+		return errTruncated
+	}
+	r.p += int(n)
+	return nil
+}
+
+// Top-level key indexes, for the position table.
+const (
+	tkMajor = iota
+	tkMinor
+	tkHost
+	tkDir
+	tkRunID
+	tkSeq
+	tkT0
+	tkDrops
+	tkEndpoints
+	tkCtx
+	tkEvents
+)
+
+var topKeys = [numTopKeys]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
+	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents}
+
+func malformed(where string, err error) error {
+	return fmt.Errorf("%w: %s: %v", ErrMalformed, where, err)
+}
+
+type endpoint struct {
+	addr  netip.Addr
+	names []string
+}
+
+// DecodeBatch decodes one batch message into into, reusing the capacity of into.Events (whose previous
+// contents are overwritten). Keys may come in any order; unknown top-level keys, unknown ctx and drops
+// keys, and extra trailing row elements are ignored (that is how minor versions add fields). A major
+// other than Major fails with ErrUnsupportedMajor; every structural problem fails with ErrMalformed.
+// DNS name slices are shared by the events of one batch that have the same endpoint. On error, into
+// holds partial results.
+func DecodeBatch(data []byte, into *Batch) error {
+	r := reader{b: data}
+	n, err := r.readLen(true)
+	if err != nil {
+		return malformed("batch", err)
+	}
+	// Pass 1: find every known key's value, so keys may come in any order, and check the major first.
+	var pos [numTopKeys]int
+	for i := range pos {
+		pos[i] = -1
+	}
+	for i := 0; i < n; i++ {
+		kb, err := r.readStr()
+		if err != nil {
+			return malformed(fmt.Sprintf("top-level key #%d", i), err)
+		}
+		k := -1
+		for j, name := range topKeys {
+			if string(kb) == name {
+				k = j
+				break
+			}
+		}
+		if k >= 0 {
+			if pos[k] >= 0 {
+				return malformed(topKeys[k], errors.New("duplicate key"))
+			}
+			pos[k] = r.p
+		}
+		if k == tkMajor {
+			major, err := r.readInt()
+			if err != nil {
+				return malformed(keySchemaMajor, err)
+			}
+			if major != Major {
+				return fmt.Errorf("%w: flowbus batch schema major %d is not supported by this consumer (supports %d): upgrade the consumer",
+					ErrUnsupportedMajor, major, Major)
+			}
+			continue
+		}
+		if err := r.skip(1); err != nil {
+			where := "value of unknown key " + fmt.Sprintf("%q", kb)
+			if k >= 0 {
+				where = topKeys[k]
+			}
+			return malformed(where, err)
+		}
+	}
+	if r.rem() != 0 {
+		return malformed("batch", fmt.Errorf("%d trailing bytes after the top-level map", r.rem()))
+	}
+	for _, k := range []int{tkMajor, tkMinor, tkHost, tkDir, tkRunID, tkSeq, tkT0, tkEndpoints, tkEvents} {
+		if pos[k] < 0 {
+			return malformed(topKeys[k], errors.New("missing key"))
+		}
+	}
+
+	// Pass 2: decode the known values in dependency order.
+	at := func(k int) *reader { return &reader{b: data, p: pos[k]} }
+	into.Major = Major
+	minor, err := at(tkMinor).readInt()
+	if err != nil {
+		return malformed(keySchemaMinor, err)
+	}
+	if minor < 0 || minor > math.MaxInt32 {
+		return malformed(keySchemaMinor, fmt.Errorf("invalid minor %d", minor))
+	}
+	into.Minor = int(minor)
+	if into.Host, err = readString(at(tkHost)); err != nil {
+		return malformed(keyHost, err)
+	}
+	dir, err := at(tkDir).readStr()
+	if err != nil {
+		return malformed(keyConnDirection, err)
+	}
+	if into.Direction, err = ParseDirection(string(dir)); err != nil {
+		return malformed(keyConnDirection, err)
+	}
+	if into.RunID, err = readString(at(tkRunID)); err != nil {
+		return malformed(keyRunID, err)
+	}
+	if into.Seq, err = at(tkSeq).readUint(math.MaxUint64); err != nil {
+		return malformed(keySeq, err)
+	}
+	t0, err := at(tkT0).readInt()
+	if err != nil {
+		return malformed(keyT0, err)
+	}
+	into.Drops = Drops{}
+	if pos[tkDrops] >= 0 {
+		if err := decodeDrops(at(tkDrops), &into.Drops); err != nil {
+			return err
+		}
+	}
+	eps, err := decodeEndpoints(at(tkEndpoints))
+	if err != nil {
+		return err
+	}
+	var ctxs []ctxKey
+	if pos[tkCtx] >= 0 {
+		if ctxs, err = decodeCtxs(at(tkCtx)); err != nil {
+			return err
+		}
+	}
+	return decodeEvents(at(tkEvents), into, t0, eps, ctxs)
+}
+
+func readString(r *reader) (string, error) {
+	b, err := r.readStr()
+	return string(b), err
+}
+
+func decodeDrops(r *reader, d *Drops) error {
+	n, err := r.readLen(true)
+	if err != nil {
+		return malformed(keyDrops, err)
+	}
+	var seen [len(dropKeys)]bool
+	for i := 0; i < n; i++ {
+		kb, err := r.readStr()
+		if err != nil {
+			return malformed(fmt.Sprintf("drops key #%d", i), err)
+		}
+		k := -1
+		for j, name := range dropKeys {
+			if string(kb) == name {
+				k = j
+				break
+			}
+		}
+		if k < 0 {
+			if err := r.skip(2); err != nil {
+				return malformed(fmt.Sprintf("drops[%q]", kb), err)
+			}
+			continue
+		}
+		if seen[k] {
+			return malformed(fmt.Sprintf("drops[%q]", kb), errors.New("duplicate key"))
+		}
+		seen[k] = true
+		v, err := r.readUint(math.MaxUint64)
+		if err != nil {
+			return malformed(fmt.Sprintf("drops[%q]", kb), err)
+		}
+		*[...]*uint64{&d.Kernel, &d.Reader, &d.Queue, &d.Spool, &d.Publish}[k] = v
+	}
+	return nil
+}
+
+func decodeEndpoints(r *reader) ([]endpoint, error) {
+	n, err := r.readLen(false)
+	if err != nil {
+		return nil, malformed(keyEndpoints, err)
+	}
+	eps := make([]endpoint, 0, min(n, r.rem()/minEndpointSize))
+	for i := 0; i < n; i++ {
+		m, err := r.readLen(false)
+		if err != nil {
+			return nil, malformed(fmt.Sprintf("endpoints[%d]", i), err)
+		}
+		if m < 2 {
+			return nil, malformed(fmt.Sprintf("endpoints[%d]", i), fmt.Errorf("entry has %d elements, need 2 (address, names)", m))
+		}
+		ab, err := r.readStr()
+		if err != nil {
+			return nil, malformed(fmt.Sprintf("endpoints[%d][0] (address)", i), err)
+		}
+		var ep endpoint
+		if len(ab) > 0 { // "" is the zero (unknown) address
+			if ep.addr, err = netip.ParseAddr(string(ab)); err != nil {
+				return nil, malformed(fmt.Sprintf("endpoints[%d][0] (address)", i), err)
+			}
+		}
+		k, err := r.readLen(false)
+		if err != nil {
+			return nil, malformed(fmt.Sprintf("endpoints[%d][1] (names)", i), err)
+		}
+		if k > 0 {
+			ep.names = make([]string, k)
+			for j := range ep.names {
+				if ep.names[j], err = readString(r); err != nil {
+					return nil, malformed(fmt.Sprintf("endpoints[%d][1][%d] (name)", i, j), err)
+				}
+			}
+		}
+		for j := 2; j < m; j++ {
+			if err := r.skip(2); err != nil {
+				return nil, malformed(fmt.Sprintf("endpoints[%d][%d]", i, j), err)
+			}
+		}
+		eps = append(eps, ep)
+	}
+	return eps, nil
+}
+
+func decodeCtxs(r *reader) ([]ctxKey, error) {
+	n, err := r.readLen(false)
+	if err != nil {
+		return nil, malformed(keyCtx, err)
+	}
+	ctxs := make([]ctxKey, 0, n) // n <= bytes left, and a ctxKey is small
+	for i := 0; i < n; i++ {
+		m, err := r.readLen(true)
+		if err != nil {
+			return nil, malformed(fmt.Sprintf("ctx[%d]", i), err)
+		}
+		var c ctxKey
+		var seen [4]bool
+		for j := 0; j < m; j++ {
+			kb, err := r.readStr()
+			if err != nil {
+				return nil, malformed(fmt.Sprintf("ctx[%d] key #%d", i, j), err)
+			}
+			f := -1
+			switch string(kb) {
+			case "cgroup_id":
+				f = 0
+			case "pid":
+				f = 1
+			case "comm":
+				f = 2
+			case "container_id":
+				f = 3
+			}
+			where := func() string { return fmt.Sprintf("ctx[%d][%q]", i, kb) }
+			if f < 0 {
+				if err := r.skip(2); err != nil {
+					return nil, malformed(where(), err)
+				}
+				continue
+			}
+			if seen[f] {
+				return nil, malformed(where(), errors.New("duplicate key"))
+			}
+			seen[f] = true
+			if r.isNil() { // unknown, as if absent
+				r.p++
+				continue
+			}
+			var v uint64
+			switch f {
+			case 0:
+				c.cgroupID, err = r.readUint(math.MaxUint64)
+			case 1:
+				v, err = r.readUint(math.MaxUint32)
+				c.pid = uint32(v)
+			case 2:
+				c.comm, err = readString(r)
+			case 3:
+				c.containerID, err = readString(r)
+			}
+			if err != nil {
+				return nil, malformed(where(), err)
+			}
+		}
+		ctxs = append(ctxs, c)
+	}
+	return ctxs, nil
+}
+
+func decodeEvents(r *reader, into *Batch, t0 int64, eps []endpoint, ctxs []ctxKey) error {
+	n, err := r.readLen(false)
+	if err != nil {
+		return malformed(keyEvents, err)
+	}
+	into.Events = slices.Grow(into.Events[:0], min(n, r.rem()/minRowSize))
+	for i := 0; i < n; i++ {
+		m, err := r.readLen(false)
+		if err != nil {
+			return malformed(fmt.Sprintf("events[%d]", i), err)
+		}
+		if m < rowLen {
+			return malformed(fmt.Sprintf("events[%d]", i), fmt.Errorf("row has %d elements, need %d", m, rowLen))
+		}
+		var v [4]uint64
+		for j, lim := range [4]uint64{uint64(len(eps)), uint64(len(eps)), math.MaxUint16 + 1, math.MaxUint16 + 1} {
+			if v[j], err = r.readUint(math.MaxUint64); err == nil && v[j] >= lim {
+				if j < 2 {
+					err = fmt.Errorf("reference %d out of range (%d endpoints)", v[j], len(eps))
+				} else {
+					err = fmt.Errorf("port %d out of range", v[j])
+				}
+			}
+			if err != nil {
+				return malformed(fmt.Sprintf("events[%d][%d] (%s)", i, j, rowFields[j]), err)
+			}
+		}
+		dt, err := r.readInt()
+		if err != nil {
+			return malformed(fmt.Sprintf("events[%d][4] (dt_ns)", i), err)
+		}
+		ev := Event{
+			Timestamp: t0 + dt,
+			Direction: into.Direction,
+			Src:       eps[v[0]].addr,
+			Dst:       eps[v[1]].addr,
+			SrcPort:   uint16(v[2]),
+			DstPort:   uint16(v[3]),
+			SrcDNS:    eps[v[0]].names,
+			DstDNS:    eps[v[1]].names,
+		}
+		if r.isNil() {
+			r.p++
+		} else {
+			c, err := r.readUint(math.MaxUint64)
+			if err == nil && c >= uint64(len(ctxs)) {
+				err = fmt.Errorf("reference %d out of range (%d ctx entries)", c, len(ctxs))
+			}
+			if err != nil {
+				return malformed(fmt.Sprintf("events[%d][5] (ctx_ref)", i), err)
+			}
+			k := &ctxs[c]
+			ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID = k.cgroupID, k.pid, k.comm, k.containerID
+		}
+		for j := rowLen; j < m; j++ {
+			if err := r.skip(2); err != nil {
+				return malformed(fmt.Sprintf("events[%d][%d]", i, j), err)
+			}
+		}
+		into.Events = append(into.Events, ev)
+	}
+	return nil
+}
+
+var rowFields = [...]string{"src_ref", "dst_ref", "src_port", "dst_port", "dt_ns", "ctx_ref"}
+
+// Batch is a decoded message.
+type Batch struct {
+	Major, Minor int
+	Host         string
+	Direction    Direction
+	RunID        string
+	Seq          uint64
+	Drops        Drops
+	Events       []Event // each has Direction set from the batch
+}

@@ -1,0 +1,121 @@
+package schema
+
+import (
+	"net/netip"
+	"strconv"
+	"unicode/utf8"
+)
+
+// AppendJSON appends e as one JSON object in the shape of SPEC section 1 (field names fixed:
+// conn_direction, src, dst, src_port, dst_port, src_dns, dst_dns, timestamp, host, then cgroup_id, pid,
+// comm and container_id only when known) and returns dst. No newline is added. src_dns and dst_dns are
+// always arrays ([] when none); an unknown (zero) address is "". Strings are escaped as encoding/json
+// does (invalid UTF-8 becomes U+FFFD), so the output is always valid JSON.
+func (e *Event) AppendJSON(dst []byte, host string) []byte {
+	dst = append(dst, `{"conn_direction":"`...)
+	dst = append(dst, e.Direction.String()...)
+	dst = append(dst, `","src":`...)
+	dst = appendJSONAddr(dst, e.Src)
+	dst = append(dst, `,"dst":`...)
+	dst = appendJSONAddr(dst, e.Dst)
+	dst = append(dst, `,"src_port":`...)
+	dst = strconv.AppendUint(dst, uint64(e.SrcPort), 10)
+	dst = append(dst, `,"dst_port":`...)
+	dst = strconv.AppendUint(dst, uint64(e.DstPort), 10)
+	dst = append(dst, `,"src_dns":`...)
+	dst = appendJSONStrings(dst, e.SrcDNS)
+	dst = append(dst, `,"dst_dns":`...)
+	dst = appendJSONStrings(dst, e.DstDNS)
+	dst = append(dst, `,"timestamp":`...)
+	dst = strconv.AppendInt(dst, e.Timestamp, 10)
+	dst = append(dst, `,"host":`...)
+	dst = appendJSONString(dst, host)
+	if e.CgroupID != 0 {
+		dst = append(dst, `,"cgroup_id":`...)
+		dst = strconv.AppendUint(dst, e.CgroupID, 10)
+	}
+	if e.PID != 0 {
+		dst = append(dst, `,"pid":`...)
+		dst = strconv.AppendUint(dst, uint64(e.PID), 10)
+	}
+	if e.Comm != "" {
+		dst = append(dst, `,"comm":`...)
+		dst = appendJSONString(dst, e.Comm)
+	}
+	if e.ContainerID != "" {
+		dst = append(dst, `,"container_id":`...)
+		dst = appendJSONString(dst, e.ContainerID)
+	}
+	return append(dst, '}')
+}
+
+func appendJSONAddr(dst []byte, a netip.Addr) []byte {
+	if a.Zone() != "" { // a zone is arbitrary text: escape it (rare, so allocating is fine)
+		return appendJSONString(dst, string(a.AppendTo(nil)))
+	}
+	dst = append(dst, '"')
+	dst = a.AppendTo(dst) // "" for the zero Addr
+	return append(dst, '"')
+}
+
+func appendJSONStrings(dst []byte, ss []string) []byte {
+	dst = append(dst, '[')
+	for i, s := range ss {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendJSONString(dst, s)
+	}
+	return append(dst, ']')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONString appends s as a JSON string, escaping like encoding/json without HTML escaping.
+func appendJSONString(dst []byte, s string) []byte {
+	dst = append(dst, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			dst = append(dst, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				dst = append(dst, '\\', c)
+			case '\n':
+				dst = append(dst, '\\', 'n')
+			case '\r':
+				dst = append(dst, '\\', 'r')
+			case '\t':
+				dst = append(dst, '\\', 't')
+			default:
+				dst = append(dst, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			dst = append(dst, s[start:i]...)
+			dst = append(dst, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' { // valid JSON, but not valid JavaScript: escape as encoding/json does
+			dst = append(dst, s[start:i]...)
+			dst = append(dst, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	dst = append(dst, s[start:]...)
+	return append(dst, '"')
+}

@@ -1,0 +1,91 @@
+package schema
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestSanitizeHost(t *testing.T) {
+	for in, want := range map[string]string{
+		"web-01":                 "web-01",
+		"Web.01":                 "web-01",
+		"WEB_01.example.com":     "web_01-example-com",
+		"":                       "unknown",
+		"héllo wörld":            "h-llo-w-rld",
+		"a*b>c":                  "a-b-c",
+		"\xff\xfe":               "--",
+		strings.Repeat("A", 100): strings.Repeat("a", 64),
+		"日本":                     "--",
+	} {
+		got := SanitizeHost(in)
+		if got != want {
+			t.Errorf("SanitizeHost(%q) = %q, want %q", in, got, want)
+		}
+		if err := ValidateHostToken(got); err != nil {
+			t.Errorf("SanitizeHost(%q) = %q does not validate: %v", in, got, err)
+		}
+	}
+}
+
+func TestValidateHostToken(t *testing.T) {
+	for _, ok := range []string{"web-01", "a", "x_y-z", "0", strings.Repeat("a", 64)} {
+		if err := ValidateHostToken(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for tok, want := range map[string]string{
+		"Web.01":                `"Web.01" is not a valid subject token (allowed: lowercase a-z, 0-9, _ and -): use "web-01"`,
+		"":                      "is empty",
+		"a b":                   `use "a-b"`,
+		"flows.*":               `use "flows--"`,
+		"a>":                    `use "a-"`,
+		strings.Repeat("a", 65): "more than 64",
+		"é":                     `use "-"`,
+	} {
+		err := ValidateHostToken(tok)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ValidateHostToken(%q) = %v, want mention of %q", tok, err, want)
+		}
+	}
+}
+
+func TestValidatePrefix(t *testing.T) {
+	for _, ok := range []string{"flows", "Flows", "a.b.c", "x_y-z.Q1"} {
+		if err := ValidatePrefix(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for p, want := range map[string]string{
+		"":        "empty",
+		".flows":  "empty token",
+		"flows.":  "empty token",
+		"a..b":    "empty token",
+		"flows.*": "wildcard '*'",
+		"flows>":  "wildcard '>'",
+		"a b":     "character ' '",
+		"é":       "character",
+	} {
+		err := ValidatePrefix(p)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ValidatePrefix(%q) = %v, want mention of %q", p, err, want)
+		}
+	}
+}
+
+func TestSubjectsAndIDs(t *testing.T) {
+	if s := Subject(DefaultPrefix, "web-01", Outgoing); s != "flows.web-01.outgoing" {
+		t.Error(s)
+	}
+	if s := Subject("a.b", "h", Incoming); s != "a.b.h.incoming" {
+		t.Error(s)
+	}
+	if s := MsgID("web-01", "01J9ZX", 18446744073709551615); s != "web-01.01J9ZX.18446744073709551615" {
+		t.Error(s)
+	}
+	if v := SchemaHeaderValue(); v != "1.0" {
+		t.Error(v)
+	}
+	if HeaderMsgID != "Nats-Msg-Id" || HeaderContentType != "Content-Type" || ContentType != "application/msgpack" || HeaderSchema != "Flowbus-Schema" {
+		t.Error("header constants changed")
+	}
+}
