@@ -14,6 +14,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowbus/flowbus/schema"
@@ -86,13 +88,13 @@ var ErrPrivileges = errors.New("loading eBPF programs needs root, or CAP_BPF, CA
 func Open(opts Options) (*Capture, error) {
 	opts.fill()
 	if opts.CgroupPath == "" {
-		root, err := DetectCgroup2Root()
+		root, err := cgroupv2.DetectRoot()
 		if err != nil {
 			return nil, err
 		}
 		opts.CgroupPath = root
 	}
-	if err := CheckCgroup2Dir(opts.CgroupPath); err != nil {
+	if err := cgroupv2.CheckDir(opts.CgroupPath); err != nil {
 		return nil, err
 	}
 	if opts.RingBytes < os.Getpagesize() || opts.RingBytes&(opts.RingBytes-1) != 0 {
@@ -102,23 +104,9 @@ func Open(opts Options) (*Capture, error) {
 		return nil, privErr(fmt.Errorf("raising the memlock limit: %w", err))
 	}
 
-	spec, err := loadFlowbus()
-	if err != nil {
-		return nil, err
-	}
-	spec.Maps[flowbusMapEvents].MaxEntries = uint32(opts.RingBytes)
-	spec.Maps[flowbusMapSeen].MaxEntries = uint32(opts.SeenEntries)
-	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(opts.WakeupBytes)); err != nil {
-		return nil, fmt.Errorf("setting wakeup_bytes: %w", err)
-	}
-
 	c := &Capture{CgroupPath: opts.CgroupPath, opts: opts}
-	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("the kernel's verifier rejected the flowbus programs (kernel too old or unsupported?): %+v", ve)
-		}
-		return nil, privErr(fmt.Errorf("loading eBPF objects: %w", err))
+	if err := c.load(); err != nil {
+		return nil, err
 	}
 
 	for _, a := range []struct {
@@ -136,12 +124,33 @@ func Open(opts Options) (*Capture, error) {
 		c.links = append(c.links, l)
 	}
 
+	return c, nil
+}
+
+// load loads the kernel objects and opens the ring buffer, without attaching.
+func (c *Capture) load() error {
+	spec, err := loadFlowbus()
+	if err != nil {
+		return err
+	}
+	spec.Maps[flowbusMapEvents].MaxEntries = uint32(c.opts.RingBytes)
+	spec.Maps[flowbusMapSeen].MaxEntries = uint32(c.opts.SeenEntries)
+	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(c.opts.WakeupBytes)); err != nil {
+		return fmt.Errorf("setting wakeup_bytes: %w", err)
+	}
+	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("the kernel's verifier rejected the flowbus programs (kernel too old or unsupported?): %+v", ve)
+		}
+		return privErr(fmt.Errorf("loading eBPF objects: %w", err))
+	}
 	c.reader, err = ringbuf.NewReader(c.objs.Events)
 	if err != nil {
-		c.Close()
-		return nil, fmt.Errorf("opening the ring buffer: %w", err)
+		c.objs.Close()
+		return fmt.Errorf("opening the ring buffer: %w", err)
 	}
-	return c, nil
+	return nil
 }
 
 func privErr(err error) error {

@@ -397,8 +397,9 @@ func (p *Publisher) failed(b *batch, err error) {
 	p.queue = append(p.queue, nil)
 	copy(p.queue[i+1:], p.queue[i:])
 	p.queue[i] = b
+	seq, attempts := b.seq, b.attempts // b belongs to the send loop again once unlocked
 	p.mu.Unlock()
-	p.warn("publish failed, will retry with the same message id", "seq", b.seq, "attempt", b.attempts, "retry_in", backoff, "err", err)
+	p.warn("publish failed, will retry with the same message id", "seq", seq, "attempt", attempts, "retry_in", backoff, "err", err)
 	p.signal()
 }
 

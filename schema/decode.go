@@ -285,10 +285,11 @@ const (
 	tkEndpoints
 	tkCtx
 	tkEvents
+	tkPrevSeq
 )
 
 var topKeys = [numTopKeys]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
-	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents}
+	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq}
 
 func malformed(where string, err error) error {
 	return fmt.Errorf("%w: %s: %v", ErrMalformed, where, err)
@@ -356,7 +357,7 @@ func DecodeBatch(data []byte, into *Batch) error {
 	if r.rem() != 0 {
 		return malformed("batch", fmt.Errorf("%d trailing bytes after the top-level map", r.rem()))
 	}
-	for _, k := range []int{tkMajor, tkMinor, tkHost, tkDir, tkRunID, tkSeq, tkT0, tkEndpoints, tkEvents} {
+	for _, k := range []int{tkMajor, tkMinor, tkHost, tkDir, tkRunID, tkSeq, tkPrevSeq, tkT0, tkEndpoints, tkEvents} {
 		if pos[k] < 0 {
 			return malformed(topKeys[k], errors.New("missing key"))
 		}
@@ -388,6 +389,9 @@ func DecodeBatch(data []byte, into *Batch) error {
 	}
 	if into.Seq, err = at(tkSeq).readUint(math.MaxUint64); err != nil {
 		return malformed(keySeq, err)
+	}
+	if into.PrevSeq, err = at(tkPrevSeq).readUint(math.MaxUint64); err != nil {
+		return malformed(keyPrevSeq, err)
 	}
 	t0, err := at(tkT0).readInt()
 	if err != nil {
@@ -638,6 +642,7 @@ type Batch struct {
 	Direction    Direction
 	RunID        string
 	Seq          uint64
+	PrevSeq      uint64 // seq of the previous batch of this direction from this run, 0 for the first
 	Drops        Drops
 	Events       []Event // each has Direction set from the batch
 }

@@ -211,7 +211,7 @@ func rawBatch(ps ...pair) []byte {
 func validPairs() []pair {
 	return []pair{
 		kv("schema_major", 1), kv("schema_minor", 0), kv("host", "h"), kv("conn_direction", "incoming"),
-		kv("run_id", "r"), kv("seq", 5), kv("t0", 1000), kv("drops", map[string]any{"queue": 2}),
+		kv("run_id", "r"), kv("seq", 5), kv("prev_seq", 3), kv("t0", 1000), kv("drops", map[string]any{"queue": 2}),
 		kv("endpoints", []any{[]any{"10.0.0.1", []any{}}, []any{"2001:db8::1", []any{"x.example"}}}),
 		kv("ctx", []any{map[string]any{"pid": 7, "comm": "curl"}}),
 		kv("events", []any{[]any{1, 0, 40000, 443, -5, 0}}),
@@ -302,6 +302,7 @@ func TestMalformed(t *testing.T) {
 		{"host as bin", "host", rawBatch(with(base, "host", []byte("h"))...)},
 		{"bad direction", "conn_direction", rawBatch(with(base, "conn_direction", "sideways")...)},
 		{"negative seq", "seq", rawBatch(with(base, "seq", -1)...)},
+		{"missing prev_seq", "prev_seq", rawBatch(without(base, "prev_seq")...)},
 		{"t0 overflow", "t0", rawBatch(with(base, "t0", uint64(math.MaxUint64))...)},
 		{"drops not a map", "drops", rawBatch(with(base, "drops", []any{})...)},
 		{"drops negative", "drops[\"queue\"]", rawBatch(with(base, "drops", map[string]any{"queue": -2})...)},

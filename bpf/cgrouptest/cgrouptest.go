@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/flowbus/flowbus/bpf"
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 )
 
 // EnvRequire makes a skipped privileged test a failure (set by CI).
@@ -47,7 +47,7 @@ type Cgroup struct {
 // the test ends.
 func NewChild(t testing.TB) *Cgroup {
 	t.Helper()
-	root, err := bpf.DetectCgroup2Root()
+	root, err := cgroupv2.DetectRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

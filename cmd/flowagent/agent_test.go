@@ -134,11 +134,13 @@ func TestEndToEndLoopback(t *testing.T) {
 
 	const n = 25
 	var want []tuple
+	refused := map[uint16]bool{}
 	for _, addr := range []string{"127.0.0.1", "::1"} {
 		res := cg.Traffic(t, addr, n, true)
 		if len(res.Conns) != n {
 			t.Fatalf("%s: helper made %d connections, want %d", addr, len(res.Conns), n)
 		}
+		refused[uint16(res.RefusedPort)] = true
 		for _, c := range res.Conns {
 			cl, sv := netip.MustParseAddrPort(c.Client), netip.MustParseAddrPort(c.Server)
 			want = append(want, tuple{schema.Outgoing, cl, sv}, tuple{schema.Incoming, cl, sv})
@@ -162,6 +164,9 @@ func TestEndToEndLoopback(t *testing.T) {
 		}
 		if ev.CgroupID == 0 {
 			t.Errorf("event %v has no cgroup id", tu)
+		}
+		if refused[ev.DstPort] {
+			t.Errorf("event %v for a SYN refused by RST", tu)
 		}
 		if tu.src == outsider || tu.dst == outsider {
 			t.Errorf("event %v comes from outside the watched cgroup", tu)

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"time"
 
@@ -49,21 +50,51 @@ type Config struct {
 func LoadConfig(environ map[string]string) (Config, error) {
 	var cfg Config
 	var problems []string
+	failed := map[string]bool{} // variables that did not parse are not validated again
 	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: "FLOWBUS_", Environment: environ}); err != nil {
 		var agg env.AggregateError
 		if errors.As(err, &agg) {
 			for _, e := range agg.Errors {
+				var pe env.ParseError
+				if errors.As(e, &pe) {
+					name := envName(pe.Name)
+					failed[name] = true
+					problems = append(problems, fmt.Sprintf("%s: %q is not a valid %s%s", name, environ[name], pe.Type, example(pe.Type)))
+					continue
+				}
 				problems = append(problems, e.Error())
 			}
 		} else {
 			problems = append(problems, err.Error())
 		}
 	}
-	problems = append(problems, cfg.validate()...)
+	for _, p := range cfg.validate() {
+		if name, _, _ := strings.Cut(p, ":"); !failed[name] {
+			problems = append(problems, p)
+		}
+	}
 	if len(problems) > 0 {
 		return cfg, &ConfigError{Problems: problems}
 	}
 	return cfg, nil
+}
+
+// envName maps a Config field to its environment variable.
+func envName(field string) string {
+	if f, ok := reflect.TypeOf(Config{}).FieldByName(field); ok {
+		return "FLOWBUS_" + f.Tag.Get("env")
+	}
+	return field
+}
+
+func example(t reflect.Type) string {
+	switch t {
+	case reflect.TypeOf(time.Duration(0)):
+		return " (e.g. 100ms, 5s, 24h)"
+	case reflect.TypeOf(true):
+		return " (true or false)"
+	}
+	return ""
 }
 
 // ConfigError lists every invalid setting.

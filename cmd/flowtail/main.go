@@ -117,6 +117,8 @@ func explain(err error) string {
 		return err.Error() + "\n  is flowagent running and reachable? set --nats or FLOWBUS_NATS_URL to the NATS server's URL"
 	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
 		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
+	case errors.As(err, &se) && errors.Is(err, tail.ErrFilterOutsideStream):
+		return err.Error() + "\n  set --prefix or FLOWBUS_SUBJECT_PREFIX to the prefix flowagent publishes with"
 	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
 		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
 	}
@@ -155,6 +157,9 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		}
 		if err != nil {
 			// The flag package stops at the first bad flag; carry on with the rest to report everything.
+			if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok {
+				err = fmt.Errorf("unknown flag --%s", name)
+			}
 			errs = append(errs, err)
 			rest = fs.Args()
 			continue

@@ -7,14 +7,26 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
 )
+
+// TestMain lets a test run flowtail's main in a child process (the test binary itself), so real signals
+// can be sent to it without hitting the test process.
+func TestMain(m *testing.M) {
+	if os.Getenv("FLOWTAIL_TEST_MAIN") == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
 
 // jsonEvent mirrors the JSON shape of SPEC section 1; unknown fields fail decoding so a renamed field
 // is caught.
@@ -49,7 +61,8 @@ func ev(id uint16, src, dst string, dstPort uint16, dstDNS ...string) schema.Eve
 }
 
 type fixture struct {
-	srv *tailtest.Server
+	srv     *tailtest.Server
+	web, db *tailtest.Agent
 	// seqs[i] is the stream sequence of the i-th published message.
 	seqs []uint64
 }
@@ -57,24 +70,24 @@ type fixture struct {
 // newFixture publishes five batches for two hosts and both directions:
 //
 //	1 web-01 outgoing seq 1: ids 1, 2
-//	2 web-01 incoming seq 1: id 3
+//	2 web-01 incoming seq 2: id 3
 //	3 db-02  outgoing seq 1: id 4 (IPv6, names)
-//	4 db-02  incoming seq 1: ids 5, 6
-//	5 web-01 outgoing seq 2: id 7
+//	4 db-02  incoming seq 2: ids 5, 6
+//	5 web-01 outgoing seq 3: id 7
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	f := &fixture{srv: tailtest.Start(t)}
+	f := &fixture{srv: tailtest.Start(t), web: tailtest.NewAgent("web-01", "run1"), db: tailtest.NewAgent("db-02", "run1")}
 	f.srv.CreateStream(t, "FLOWS", "flows.>")
-	pub := func(host string, dir schema.Direction, seq uint64, evs ...schema.Event) {
-		f.seqs = append(f.seqs, f.srv.PublishBatch(t, "flows", host, "run1", dir, seq, schema.Drops{}, evs...))
+	pub := func(a *tailtest.Agent, dir schema.Direction, evs ...schema.Event) {
+		f.seqs = append(f.seqs, a.Publish(t, f.srv, "flows", dir, schema.Drops{}, evs...))
 	}
-	pub("web-01", schema.Outgoing, 1,
+	pub(f.web, schema.Outgoing,
 		ev(1, "10.0.0.1", "93.184.216.34", 443, "example.com", "www.example.com"),
 		ev(2, "10.0.0.1", "10.0.0.9", 5432))
-	pub("web-01", schema.Incoming, 1, ev(3, "192.0.2.7", "10.0.0.1", 80))
-	pub("db-02", schema.Outgoing, 1, ev(4, "2001:db8::2", "2001:db8::53", 8443, "api.internal"))
-	pub("db-02", schema.Incoming, 1, ev(5, "10.0.0.1", "10.0.0.9", 5432), ev(6, "10.0.0.3", "10.0.0.9", 5432))
-	pub("web-01", schema.Outgoing, 2, ev(7, "10.0.0.1", "1.1.1.1", 853, "one.one.one.one"))
+	pub(f.web, schema.Incoming, ev(3, "192.0.2.7", "10.0.0.1", 80))
+	pub(f.db, schema.Outgoing, ev(4, "2001:db8::2", "2001:db8::53", 8443, "api.internal"))
+	pub(f.db, schema.Incoming, ev(5, "10.0.0.1", "10.0.0.9", 5432), ev(6, "10.0.0.3", "10.0.0.9", 5432))
+	pub(f.web, schema.Outgoing, ev(7, "10.0.0.1", "1.1.1.1", 853, "one.one.one.one"))
 	return f
 }
 
@@ -148,6 +161,7 @@ func TestReplayFilters(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			args := append([]string{"--nats", url, "--json", "--idle-exit", "700ms"}, c.args...)
 			r := runArgs(t, args...)
 			if r.code != 0 {
@@ -169,6 +183,7 @@ func TestReplayFilters(t *testing.T) {
 }
 
 func TestJSONFields(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	r := runArgs(t, "--nats", f.srv.URL, "--json", "--all", "--host", "db-02", "--direction", "outgoing", "--count", "1")
 	if r.code != 0 {
@@ -195,11 +210,12 @@ func TestJSONFields(t *testing.T) {
 }
 
 func TestSinceRFC3339(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	time.Sleep(20 * time.Millisecond)
 	cut := time.Now()
 	time.Sleep(20 * time.Millisecond)
-	f.srv.PublishBatch(t, "flows", "web-01", "run1", schema.Outgoing, 3, schema.Drops{}, ev(8, "10.0.0.1", "10.0.0.2", 22))
+	f.web.Publish(t, f.srv, "flows", schema.Outgoing, schema.Drops{}, ev(8, "10.0.0.1", "10.0.0.2", 22))
 	r := runArgs(t, "--nats", f.srv.URL, "--json", "--idle-exit", "700ms", "--since", cut.UTC().Format(time.RFC3339Nano))
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
@@ -230,16 +246,17 @@ func (s *syncBuffer) String() string {
 // TestLiveNewOnly checks the default start (new batches only) and that live output is flushed while
 // flowtail keeps running, not held in the buffer until exit.
 func TestLiveNewOnly(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	var out, errb syncBuffer
 	done := make(chan int, 1)
-	go func() { done <- run([]string{"--nats", f.srv.URL, "--json", "--idle-exit", "10s"}, &out, &errb) }()
+	go func() { done <- run([]string{"--nats", f.srv.URL, "--json", "--idle-exit", "3s"}, &out, &errb) }()
 
 	waitFor(t, "ordered consumer", func() bool {
 		s, err := f.srv.JS.Stream(context.Background(), "FLOWS")
 		return err == nil && s.CachedInfo().State.Consumers > 0
 	})
-	f.srv.PublishBatch(t, "flows", "web-01", "run1", schema.Incoming, 2, schema.Drops{}, ev(9, "198.51.100.1", "10.0.0.1", 22))
+	f.web.Publish(t, f.srv, "flows", schema.Incoming, schema.Drops{}, ev(9, "198.51.100.1", "10.0.0.1", 22))
 	waitFor(t, "live event on stdout", func() bool { return strings.Contains(out.String(), "\n") })
 	select {
 	case code := <-done:
@@ -284,20 +301,23 @@ func patchMajor(t *testing.T, b []byte, major byte) []byte {
 }
 
 func TestForeignMessagesSkipped(t *testing.T) {
+	t.Parallel()
 	srv := tailtest.Start(t)
 	srv.CreateStream(t, "FLOWS", "flows.>")
-	good := func(id uint16, seq uint64) []byte {
-		return tailtest.Batch("web-01", "run1", schema.Outgoing, seq, schema.Drops{}, ev(id, "10.0.0.1", "10.0.0.2", 443))
+	agent := tailtest.NewAgent("web-01", "run1")
+	good := func(id uint16) []byte {
+		_, b := agent.Batch(schema.Outgoing, schema.Drops{}, ev(id, "10.0.0.1", "10.0.0.2", 443))
+		return b
 	}
-	srv.Publish(t, "flows.web-01.outgoing", good(1, 1))
+	srv.Publish(t, "flows.web-01.outgoing", good(1))
 	srv.Publish(t, "flows.web-01.outgoing", []byte{0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x37})
 	srv.Publish(t, "flows.web-01.outgoing", []byte{0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x38})
 	srv.Publish(t, "flows.other.json", []byte(`{"hello":"world","n":1}`))
-	srv.Publish(t, "flows.web-01.outgoing", patchMajor(t, good(2, 2), 2))
-	b := good(3, 3)
+	srv.Publish(t, "flows.web-01.outgoing", patchMajor(t, good(2), 2))
+	b := good(3)
 	srv.Publish(t, "flows.web-01.outgoing", b[:len(b)/2])
 	srv.Publish(t, "flows.web-01.outgoing", []byte{})
-	srv.Publish(t, "flows.web-01.outgoing", good(4, 4))
+	srv.Publish(t, "flows.web-01.outgoing", good(4))
 
 	r := runArgs(t, "--nats", srv.URL, "--json", "--all", "--idle-exit", "700ms")
 	if r.code != 0 {
@@ -329,27 +349,37 @@ func TestForeignMessagesSkipped(t *testing.T) {
 }
 
 func TestDropsAndGaps(t *testing.T) {
+	t.Parallel()
 	srv := tailtest.Start(t)
 	srv.CreateStream(t, "FLOWS", "flows.>")
 	e := ev(1, "10.0.0.1", "10.0.0.2", 443)
-	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 1, schema.Drops{}, e)
-	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Incoming, 1, schema.Drops{}, e)
-	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 2, schema.Drops{}, e)
-	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Outgoing, 5, schema.Drops{Kernel: 3, Spool: 4}, e)
-	srv.PublishBatch(t, "flows", "web-01", "r1", schema.Incoming, 3, schema.Drops{}, e)
-	srv.PublishBatch(t, "flows", "web-01", "r2", schema.Outgoing, 1, schema.Drops{}, e) // new run: no gap
+	a := tailtest.NewAgent("web-01", "r1")
+	pub := func(dir schema.Direction, drops schema.Drops) { a.Publish(t, srv, "flows", dir, drops, e) }
+	lose := func(dir schema.Direction) { a.Batch(dir, schema.Drops{}, e) }
+	pub(schema.Outgoing, schema.Drops{})                    // 1
+	pub(schema.Incoming, schema.Drops{})                    // 2
+	pub(schema.Outgoing, schema.Drops{})                    // 3
+	pub(schema.Incoming, schema.Drops{})                    // 4: seq 3 between is the other direction's, no gap
+	lose(schema.Outgoing)                                   // 5
+	lose(schema.Outgoing)                                   // 6
+	pub(schema.Incoming, schema.Drops{})                    // 7
+	pub(schema.Outgoing, schema.Drops{Kernel: 3, Spool: 4}) // 8: missing 4..6 (5 and 6 are)
+	lose(schema.Incoming)                                   // 9
+	pub(schema.Incoming, schema.Drops{})                    // 10: prev 9, last seen 7: reported as 8..9
+	b := tailtest.NewAgent("web-01", "r2")
+	b.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, e) // new run: no gap
 
 	r := runArgs(t, "--nats", srv.URL, "--json", "--all", "--idle-exit", "700ms")
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
-	if n := len(parseJSON(t, r.stdout)); n != 6 {
-		t.Errorf("%d events, want 6", n)
+	if n := len(parseJSON(t, r.stdout)); n != 8 {
+		t.Errorf("%d events, want 8", n)
 	}
 	for _, want := range []string{
-		"gap: host web-01 direction outgoing run r1 missing batches 3..4",
-		"gap: host web-01 direction incoming run r1 missing batch 2\n",
-		"drops: host web-01 direction outgoing lost 7 events before batch 5 (kernel=3 reader=0 queue=0 spool=4 publish=0)",
+		"gap: host web-01 direction outgoing run r1 missing batches 4..6\n",
+		"gap: host web-01 direction incoming run r1 missing batches 8..9\n",
+		"drops: host web-01 direction outgoing lost 7 events before batch 8 (kernel=3 reader=0 queue=0 spool=4 publish=0)",
 	} {
 		if !strings.Contains(r.stderr, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
@@ -358,14 +388,22 @@ func TestDropsAndGaps(t *testing.T) {
 	if n := strings.Count(r.stderr, "gap:"); n != 2 {
 		t.Errorf("%d gap warnings, want 2:\n%s", n, r.stderr)
 	}
+
+	// Watching one direction only, the other direction's seqs are no gap.
+	r = runArgs(t, "--nats", srv.URL, "--json", "--all", "--idle-exit", "700ms", "--direction", "incoming", "--host", "web-01")
+	if r.code != 0 || strings.Count(r.stderr, "gap:") != 1 || !strings.Contains(r.stderr, "missing batches 8..9") {
+		t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+	}
 }
 
 func TestTable(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	r := runArgs(t, "--nats", f.srv.URL, "--all", "--idle-exit", "700ms")
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
+	t.Logf("table:\n%s", r.stdout)
 	lines := strings.Split(strings.TrimSuffix(r.stdout, "\n"), "\n")
 	if len(lines) != 8 {
 		t.Fatalf("%d lines, want header + 7:\n%s", len(lines), r.stdout)
@@ -413,6 +451,7 @@ func TestEnvDefaults(t *testing.T) {
 }
 
 func TestMissingStream(t *testing.T) {
+	t.Parallel()
 	srv := tailtest.Start(t)
 	r := runArgs(t, "--nats", srv.URL, "--stream", "NOPE", "--all")
 	if r.code != 1 {
@@ -426,6 +465,7 @@ func TestMissingStream(t *testing.T) {
 }
 
 func TestPrefixNotInStream(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	r := runArgs(t, "--nats", f.srv.URL, "--prefix", "other", "--all")
 	if r.code != 1 || !strings.Contains(r.stderr, "other.>") || !strings.Contains(r.stderr, "prefix") {
@@ -434,6 +474,7 @@ func TestPrefixNotInStream(t *testing.T) {
 }
 
 func TestUnreachable(t *testing.T) {
+	t.Parallel()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -456,6 +497,7 @@ func TestUnreachable(t *testing.T) {
 }
 
 func TestUnreachableHidesPassword(t *testing.T) {
+	t.Parallel()
 	r := runArgs(t, "--nats", "nats://alice:s3cret@127.0.0.1:1")
 	if r.code != 1 || strings.Contains(r.stderr, "s3cret") || !strings.Contains(r.stderr, "alice") {
 		t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
@@ -463,13 +505,14 @@ func TestUnreachableHidesPassword(t *testing.T) {
 }
 
 func TestInvalidFlags(t *testing.T) {
+	t.Parallel()
 	r := runArgs(t, "--direction", "sideways", "--all", "--since", "5m", "--from-seq", "0",
 		"--count", "-1", "--idle-exit", "soon", "--host", "Web.01", "--bogus", "--prefix", "a..b", "extra")
 	if r.code != 2 {
 		t.Fatalf("exit %d, want 2", r.code)
 	}
 	for _, want := range []string{"--direction", "sideways", "mutually exclusive", "--from-seq", "--count",
-		"--idle-exit", "--host", "web-01", "bogus", "a..b", `unexpected argument "extra"`, "--help"} {
+		"--idle-exit", "--host", "web-01", "unknown flag --bogus", "a..b", `unexpected argument "extra"`, "--help"} {
 		if !strings.Contains(r.stderr, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
 		}
@@ -494,8 +537,43 @@ func TestInvalidFlags(t *testing.T) {
 }
 
 func TestHelp(t *testing.T) {
+	t.Parallel()
 	r := runArgs(t, "--help")
 	if r.code != 0 || !strings.Contains(r.stdout, "Exit status") || !strings.Contains(r.stdout, "--idle-exit") {
 		t.Errorf("exit %d, stdout:\n%s", r.code, r.stdout)
+	}
+}
+
+func TestSignalExitsCleanly(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
+		t.Run(sig.String(), func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t)
+			var out, errb syncBuffer
+			cmd := exec.Command(os.Args[0], "--nats", f.srv.URL, "--json", "--all")
+			cmd.Env = append(os.Environ(), "FLOWTAIL_TEST_MAIN=1")
+			cmd.Stdout, cmd.Stderr = &out, &errb
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "replayed events", func() bool { return strings.Count(out.String(), "\n") == 7 })
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("exit: %v, stderr: %s", err, errb.String())
+				}
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				t.Fatal("did not exit on signal")
+			}
+			if got := ids(parseJSON(t, out.String())); len(got) != 7 {
+				t.Errorf("events %v", got)
+			}
+		})
 	}
 }

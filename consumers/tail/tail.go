@@ -65,8 +65,8 @@ type Options struct {
 	// IdleExit stops Run when no message arrives for this long; 0 means never.
 	IdleExit time.Duration
 
-	// ConnectTimeout bounds connecting and the stream lookup; 0 means 5s. A tail must not hang silently
-	// when the server is down or black-holed.
+	// ConnectTimeout bounds connecting (shared by the URLs, at least 1s each) and the stream lookup; 0
+	// means 5s. A tail must not hang silently when the server is down or black-holed.
 	ConnectTimeout time.Duration
 	// IdleInterval is how long Run waits for a message before calling OnIdle; 0 means 200ms.
 	IdleInterval time.Duration
@@ -86,8 +86,10 @@ type Meta struct {
 	Host      string
 	Direction schema.Direction
 	RunID     string
-	// Seq is the batch sequence number within (Host, RunID, Direction).
+	// Seq is the batch sequence number within (Host, RunID), shared by both directions.
 	Seq uint64
+	// PrevSeq is the Seq of the previous batch of the same direction, 0 for the first.
+	PrevSeq uint64
 	// StreamSeq is the JetStream stream sequence of the message.
 	StreamSeq uint64
 	// Stored is when the server stored the message.
@@ -105,7 +107,7 @@ type Stats struct {
 	Events  uint64 // events handed to the handler
 	Batches uint64 // valid batches decoded
 	Skipped uint64 // messages that were not valid batches
-	Gaps    uint64 // missing batches detected in batch sequences
+	Gaps    uint64 // breaks detected in batch chains (each may be several batches)
 	Dropped uint64 // events the agents reported as dropped
 	Reason  string // why Run stopped: "count", "idle", "canceled", or "" on error
 	LastSeq uint64 // stream sequence of the last message seen
@@ -117,10 +119,12 @@ type ConnectError struct {
 	Err error
 }
 
+// Error names the servers and the cause.
 func (e *ConnectError) Error() string {
 	return fmt.Sprintf("cannot connect to NATS at %s: %v", e.URL, e.Err)
 }
 
+// Unwrap returns the client's error.
 func (e *ConnectError) Unwrap() error { return e.Err }
 
 // StreamError means the stream could not be opened: it does not exist (errors.Is jetstream.ErrStreamNotFound),
@@ -131,6 +135,7 @@ type StreamError struct {
 	Err    error
 }
 
+// Error names the stream and the servers, and the cause unless the stream simply does not exist.
 func (e *StreamError) Error() string {
 	if errors.Is(e.Err, jetstream.ErrStreamNotFound) {
 		return fmt.Sprintf("stream %q does not exist on %s", e.Stream, e.URL)
@@ -138,7 +143,36 @@ func (e *StreamError) Error() string {
 	return fmt.Sprintf("cannot open stream %q on %s: %v", e.Stream, e.URL, e.Err)
 }
 
+// Unwrap returns the underlying error.
 func (e *StreamError) Unwrap() error { return e.Err }
+
+// ErrFilterOutsideStream is wrapped in a StreamError when the prefix, host and direction select no
+// subject the stream stores.
+var ErrFilterOutsideStream = errors.New("wrong subject prefix")
+
+// subjectsOverlap reports whether some subject matches both filter and one of patterns. Overlap, not
+// containment: tailing flows.> from a stream that stores only flows.web-01.> is fine.
+func subjectsOverlap(filter string, patterns []string) bool {
+	ft := strings.Split(filter, ".")
+	for _, p := range patterns {
+		pt := strings.Split(p, ".")
+		for i := 0; ; i++ {
+			if i < len(ft) && ft[i] == ">" || i < len(pt) && pt[i] == ">" {
+				return true
+			}
+			if i == len(ft) || i == len(pt) {
+				if i == len(ft) && i == len(pt) {
+					return true
+				}
+				break
+			}
+			if ft[i] != pt[i] && ft[i] != "*" && pt[i] != "*" {
+				break
+			}
+		}
+	}
+	return false
+}
 
 // FilterSubject is the consumer filter for prefix, host and direction: prefix.host.direction,
 // prefix.*.direction, prefix.host.> or prefix.>.
@@ -179,26 +213,21 @@ func RedactURLs(urls []string) string {
 func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	o.defaults()
 	var st Stats
-	if err := o.validate(); err != nil {
+	err := o.validate()
+	if h == nil {
+		err = errors.Join(err, errors.New("nil handler"))
+	}
+	if err != nil {
 		return st, err
 	}
 	w := newWarner(o.Warnings)
 
 	urlText := RedactURLs(o.URLs)
-	nc, err := nats.Connect(strings.Join(o.URLs, ","),
-		nats.Name(o.ClientName),
-		nats.Timeout(o.ConnectTimeout),
-		// Once connected, a tail should survive server restarts rather than exit.
-		nats.MaxReconnects(-1),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			if err != nil {
-				w.printf("warning: disconnected from NATS: %v; reconnecting\n", err)
-			}
-		}),
-		nats.ReconnectHandler(func(c *nats.Conn) {
-			w.printf("warning: reconnected to NATS at %s\n", RedactURLs([]string{c.ConnectedUrl()}))
-		}),
-	)
+	nc, err := connect(ctx, &o, w)
+	if ctx.Err() != nil {
+		st.Reason = "canceled"
+		return st, nil
+	}
 	if err != nil {
 		return st, &ConnectError{URL: urlText, Err: err}
 	}
@@ -220,6 +249,13 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	}
 
 	filter := FilterSubject(o.Prefix, o.Host, o.Direction)
+	// The server accepts a filter outside the stream's subjects and then delivers nothing, which would
+	// look like a quiet stream; a wrong --prefix must fail loudly instead. A stream without subjects
+	// (a mirror or sourced stream) cannot be checked.
+	if subs := stream.CachedInfo().Config.Subjects; len(subs) > 0 && !subjectsOverlap(filter, subs) {
+		return st, &StreamError{Stream: o.Stream, URL: urlText,
+			Err: fmt.Errorf("%w: filter %q matches none of its subjects %q", ErrFilterOutsideStream, filter, subs)}
+	}
 	cfg := jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{filter},
 		DeliverPolicy:  jetstream.DeliverNewPolicy,
@@ -243,10 +279,8 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 			st.Reason = "canceled"
 			return st, nil
 		}
-		// Most likely the filter is outside the stream's subjects, i.e. a --prefix that does not match.
 		return st, &StreamError{Stream: o.Stream, URL: urlText,
-			Err: fmt.Errorf("cannot create a consumer with filter %q (does the prefix match the stream's subjects %v?): %w",
-				filter, stream.CachedInfo().Config.Subjects, err)}
+			Err: fmt.Errorf("cannot create a consumer with filter %q: %w", filter, err)}
 	}
 	cancel()
 
@@ -260,6 +294,47 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	err = r.loop(ctx, it)
 	w.summary()
 	return st, err
+}
+
+// connect dials the servers within about ConnectTimeout in total and gives up early when ctx ends, so
+// an interrupt during a hanging dial exits at once.
+func connect(ctx context.Context, o *Options, w *warner) (*nats.Conn, error) {
+	// The client dials the servers one after another, each with its own timeout: share the budget.
+	perServer := max(o.ConnectTimeout/time.Duration(len(o.URLs)), time.Second)
+	type result struct {
+		nc  *nats.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		nc, err := nats.Connect(strings.Join(o.URLs, ","),
+			nats.Name(o.ClientName),
+			nats.Timeout(perServer),
+			// Once connected, a tail should survive server restarts rather than exit.
+			nats.MaxReconnects(-1),
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+				if err != nil {
+					w.printf("warning: disconnected from NATS: %v; reconnecting\n", err)
+				}
+			}),
+			nats.ReconnectHandler(func(c *nats.Conn) {
+				w.printf("warning: reconnected to NATS at %s\n", RedactURLs([]string{c.ConnectedUrl()}))
+			}),
+		)
+		done <- result{nc, err}
+	}()
+	select {
+	case r := <-done:
+		return r.nc, r.err
+	case <-ctx.Done():
+		// Close the connection if the dial still succeeds, so nothing leaks.
+		go func() {
+			if r := <-done; r.nc != nil {
+				r.nc.Close()
+			}
+		}()
+		return nil, ctx.Err()
+	}
 }
 
 func (o *Options) defaults() {
@@ -318,7 +393,7 @@ func (o *Options) validate() error {
 	return errors.Join(errs...)
 }
 
-// seqKey identifies one batch sequence: an agent run numbers each direction's batches on its own.
+// seqKey identifies one batch chain: a run's batches of one direction, linked by PrevSeq.
 type seqKey struct {
 	host, run string
 	dir       schema.Direction
@@ -409,8 +484,8 @@ func (r *reader) handle(msg jetstream.Msg) error {
 	}
 	b := &r.batch
 	r.st.Batches++
-	m.Host, m.Direction, m.RunID, m.Seq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.Drops
-	r.checkSeq(m)
+	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
+	r.checkSeq(m, b.PrevSeq)
 	if n := b.Drops.Total(); n > 0 {
 		r.st.Dropped += n
 		d := b.Drops
@@ -429,27 +504,36 @@ func (r *reader) handle(msg jetstream.Msg) error {
 	return nil
 }
 
-// checkSeq reports holes in a batch sequence. The first batch seen of a run is not a gap: the reader may
-// have started mid-stream, or old batches may have aged out.
-func (r *reader) checkSeq(m *Meta) {
+// checkSeq reports holes in the batch chain of a (host, run, direction). Batch seqs are shared by both
+// directions of a run, so the chain is followed through PrevSeq, the seq of the previous batch of the same
+// direction: a batch whose PrevSeq is not the last seen Seq means batches are missing. The range printed
+// is where they lie (it may include seqs of the other direction). The first batch seen of a run is not a
+// gap: the reader may have started mid-stream, or old batches may have aged out.
+func (r *reader) checkSeq(m *Meta, prev uint64) {
 	k := seqKey{m.Host, m.RunID, m.Direction}
 	last, seen := r.seqs[k]
-	if seen && m.Seq > last+1 {
-		r.st.Gaps += m.Seq - last - 1
-		if m.Seq == last+2 {
-			r.w.printf("warning: gap: host %s direction %s run %s missing batch %d\n", m.Host, m.Direction, m.RunID, last+1)
-		} else {
-			r.w.printf("warning: gap: host %s direction %s run %s missing batches %d..%d\n", m.Host, m.Direction, m.RunID, last+1, m.Seq-1)
+	switch {
+	case !seen:
+		if len(r.seqs) >= maxSeqKeys {
+			clear(r.seqs)
 		}
-	}
-	if seen && m.Seq <= last {
+	case m.Seq <= last:
 		// Not a loss, but worth knowing: a duplicate the stream's dedupe window did not catch.
 		r.w.printf("warning: host %s direction %s run %s batch %d arrived after batch %d (duplicate or reordered)\n",
 			m.Host, m.Direction, m.RunID, m.Seq, last)
 		return
-	}
-	if !seen && len(r.seqs) >= maxSeqKeys {
-		clear(r.seqs)
+	case prev == last:
+	case prev > last:
+		r.st.Gaps++
+		if prev == last+1 {
+			r.w.printf("warning: gap: host %s direction %s run %s missing batch %d\n", m.Host, m.Direction, m.RunID, prev)
+		} else {
+			r.w.printf("warning: gap: host %s direction %s run %s missing batches %d..%d\n", m.Host, m.Direction, m.RunID, last+1, prev)
+		}
+	default:
+		r.st.Gaps++
+		r.w.printf("warning: gap: host %s direction %s run %s batch %d says its predecessor is %d, but %d was seen last\n",
+			m.Host, m.Direction, m.RunID, m.Seq, prev, last)
 	}
 	r.seqs[k] = m.Seq
 }
@@ -465,10 +549,7 @@ type warner struct {
 
 type skipKey struct{ subject, reason string }
 
-type skipCount struct {
-	n     uint64
-	first string
-}
+type skipCount struct{ n uint64 }
 
 // maxSkipKeys bounds the skip table: a foreign publisher could use endless subjects.
 const maxSkipKeys = 1024
@@ -502,6 +583,10 @@ func (w *warner) skip(subject string, streamSeq uint64, err error) {
 	k := skipKey{subject, skipReason(err)}
 	if c, ok := w.skips[k]; ok {
 		c.n++
+		// A live tail may never reach its exit summary: repeat the count at 10, 100, 1000, ...
+		if isPow10(c.n) {
+			w.printf("warning: skipped %d messages on %s so far: %s\n", c.n, subject, k.reason)
+		}
 		return
 	}
 	if len(w.skips) < maxSkipKeys {
@@ -514,6 +599,16 @@ func (w *warner) skip(subject string, streamSeq uint64, err error) {
 	}
 	w.printf("warning: skipping message %d on %s: %s: %v%s; further such messages on this subject are counted\n",
 		streamSeq, subject, k.reason, err, hint)
+}
+
+func isPow10(n uint64) bool {
+	if n < 10 {
+		return false
+	}
+	for n%10 == 0 {
+		n /= 10
+	}
+	return n == 1
 }
 
 // summary reports the counts of skipped messages that were not shown individually.

@@ -82,17 +82,37 @@ func (s *Server) Publish(t testing.TB, subject string, data []byte) uint64 {
 	return ack.Sequence
 }
 
-// Batch encodes events as one real batch of host and direction, the way the agent does.
-func Batch(host, runID string, dir schema.Direction, seq uint64, drops schema.Drops, evs ...schema.Event) []byte {
-	enc := schema.NewBatchEncoder(host, runID, dir)
+// Agent produces batches as one run of flowagent does: one encoder per direction (each remembers the seq
+// it last finished, written as prev_seq) and one batch seq counter shared by both directions.
+type Agent struct {
+	Host, RunID string
+	seq         uint64
+	enc         map[schema.Direction]*schema.BatchEncoder
+}
+
+// NewAgent returns an agent run of host with run id runID; its first batch has seq 1.
+func NewAgent(host, runID string) *Agent {
+	return &Agent{Host: host, RunID: runID, enc: make(map[schema.Direction]*schema.BatchEncoder)}
+}
+
+// Batch encodes the next batch of direction dir; discard the result to simulate a lost batch.
+func (a *Agent) Batch(dir schema.Direction, drops schema.Drops, evs ...schema.Event) (seq uint64, data []byte) {
+	enc := a.enc[dir]
+	if enc == nil {
+		enc = schema.NewBatchEncoder(a.Host, a.RunID, dir)
+		a.enc[dir] = enc
+	}
 	for i := range evs {
 		enc.Add(&evs[i])
 	}
-	return enc.Finish(nil, seq, drops)
+	a.seq++
+	return a.seq, enc.Finish(nil, a.seq, drops)
 }
 
-// PublishBatch encodes and publishes a batch on its canonical subject under prefix.
-func (s *Server) PublishBatch(t testing.TB, prefix, host, runID string, dir schema.Direction, seq uint64, drops schema.Drops, evs ...schema.Event) uint64 {
+// Publish encodes the next batch of dir and publishes it on its canonical subject under prefix,
+// returning its stream sequence.
+func (a *Agent) Publish(t testing.TB, s *Server, prefix string, dir schema.Direction, drops schema.Drops, evs ...schema.Event) uint64 {
 	t.Helper()
-	return s.Publish(t, schema.Subject(prefix, host, dir), Batch(host, runID, dir, seq, drops, evs...))
+	_, data := a.Batch(dir, drops, evs...)
+	return s.Publish(t, schema.Subject(prefix, a.Host, dir), data)
 }

@@ -1,4 +1,5 @@
-package bpf
+// Package cgroupv2 finds and checks cgroup v2 directories.
+package cgroupv2
 
 import (
 	"bufio"
@@ -11,13 +12,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrNoCgroup2 means the host has no cgroup v2 hierarchy mounted.
-var ErrNoCgroup2 = errors.New("no cgroup v2 file system is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or set FLOWBUS_CGROUP_PATH")
+// ErrNotMounted means the host has no cgroup v2 hierarchy mounted.
+var ErrNotMounted = errors.New("no cgroup v2 file system is mounted: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or set FLOWBUS_CGROUP_PATH")
 
-// DetectCgroup2Root returns the mount point of the cgroup v2 hierarchy.
+// DetectRoot returns the mount point of the cgroup v2 hierarchy.
 // Hybrid hosts mount it beside the v1 controllers (often at
 // /sys/fs/cgroup/unified), so it is read from the mount table, not assumed.
-func DetectCgroup2Root() (string, error) {
+func DetectRoot() (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return "", fmt.Errorf("reading the mount table to find cgroup v2: %w", err)
@@ -50,7 +51,7 @@ func cgroup2FromMountinfo(r io.Reader) (string, error) {
 		return "", fmt.Errorf("reading the mount table: %w", err)
 	}
 	if len(found) == 0 {
-		return "", ErrNoCgroup2
+		return "", ErrNotMounted
 	}
 	for _, p := range found {
 		if p == "/sys/fs/cgroup" {
@@ -88,9 +89,9 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
-// CheckCgroup2Dir returns an error naming the problem and the fix when path is
+// CheckDir returns an error naming the problem and the fix when path is
 // not a directory of a cgroup v2 file system.
-func CheckCgroup2Dir(path string) error {
+func CheckDir(path string) error {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
 		if errors.Is(err, unix.ENOENT) {

@@ -1,4 +1,4 @@
-package bpf
+package cgroupv2
 
 import (
 	"strings"
@@ -25,16 +25,16 @@ func TestCgroup2FromMountinfo(t *testing.T) {
 	if err != nil || got != "/x y" {
 		t.Fatalf("escaped: got %q, %v", got, err)
 	}
-	if _, err := cgroup2FromMountinfo(strings.NewReader("26 25 0:23 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")); err != ErrNoCgroup2 {
-		t.Fatalf("v1 only: want ErrNoCgroup2, got %v", err)
+	if _, err := cgroup2FromMountinfo(strings.NewReader("26 25 0:23 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")); err != ErrNotMounted {
+		t.Fatalf("v1 only: want ErrNotMounted, got %v", err)
 	}
 }
 
-func TestCheckCgroup2Dir(t *testing.T) {
-	if err := CheckCgroup2Dir("/nonexistent/flowbus"); err == nil || !strings.Contains(err.Error(), "FLOWBUS_CGROUP_PATH") {
+func TestCheckDir(t *testing.T) {
+	if err := CheckDir("/nonexistent/flowbus"); err == nil || !strings.Contains(err.Error(), "FLOWBUS_CGROUP_PATH") {
 		t.Fatalf("missing path: %v", err)
 	}
-	if err := CheckCgroup2Dir(t.TempDir()); err == nil || !strings.Contains(err.Error(), "not on a cgroup v2") {
+	if err := CheckDir(t.TempDir()); err == nil || !strings.Contains(err.Error(), "not on a cgroup v2") {
 		t.Fatalf("plain dir: %v", err)
 	}
 }

@@ -1,0 +1,215 @@
+package tail_test
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/tail"
+	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func TestFilterSubject(t *testing.T) {
+	for _, c := range []struct {
+		prefix, host string
+		dir          schema.Direction
+		want         string
+	}{
+		{"flows", "", 0, "flows.>"},
+		{"", "", 0, "flows.>"},
+		{"flows", "web-01", 0, "flows.web-01.>"},
+		{"flows", "", schema.Incoming, "flows.*.incoming"},
+		{"a.b", "web-01", schema.Outgoing, "a.b.web-01.outgoing"},
+	} {
+		if got := tail.FilterSubject(c.prefix, c.host, c.dir); got != c.want {
+			t.Errorf("FilterSubject(%q, %q, %v) = %q, want %q", c.prefix, c.host, c.dir, got, c.want)
+		}
+	}
+}
+
+func TestRedactURLs(t *testing.T) {
+	got := tail.RedactURLs([]string{"nats://u:pw@h:1", "nats://tok@h:2", "h:3"})
+	if strings.Contains(got, "pw") || strings.Contains(got, "tok") || !strings.Contains(got, "h:3") {
+		t.Errorf("RedactURLs = %q", got)
+	}
+}
+
+func ev(port uint16) schema.Event {
+	return schema.Event{
+		Timestamp: time.Now().UnixNano(),
+		Src:       netip.MustParseAddr("10.0.0.1"),
+		Dst:       netip.MustParseAddr("10.0.0.2"),
+		SrcPort:   port,
+		DstPort:   443,
+	}
+}
+
+type got struct {
+	meta tail.Meta
+	port uint16
+}
+
+func collect(t *testing.T, ctx context.Context, o tail.Options) ([]got, tail.Stats, error) {
+	t.Helper()
+	var mu sync.Mutex
+	var out []got
+	st, err := tail.Run(ctx, o, func(m *tail.Meta, e *schema.Event) error {
+		mu.Lock()
+		defer mu.Unlock()
+		out = append(out, got{*m, e.SrcPort})
+		return nil
+	})
+	return out, st, err
+}
+
+func TestRunMeta(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	web, db := tailtest.NewAgent("web-01", "runA"), tailtest.NewAgent("db-02", "runB")
+	web.Batch(schema.Outgoing, schema.Drops{}) // seq 1, lost
+	web.Batch(schema.Incoming, schema.Drops{}) // seq 2, lost
+	web.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1), ev(2))
+	s2 := db.Publish(t, srv, "flows", schema.Incoming, schema.Drops{Queue: 2}, ev(3))
+
+	var warn strings.Builder
+	out, st, err := collect(t, context.Background(), tail.Options{
+		URLs: []string{srv.URL}, Start: tail.StartAll, IdleExit: 500 * time.Millisecond, Warnings: &warn,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 3 || st.Events != 3 || st.Batches != 2 || st.Dropped != 2 || st.Reason != "idle" {
+		t.Fatalf("got %+v, stats %+v", out, st)
+	}
+	m := out[2].meta
+	if m.Host != "db-02" || m.RunID != "runB" || m.Seq != 1 || m.Direction != schema.Incoming ||
+		m.StreamSeq != s2 || m.Subject != "flows.db-02.incoming" || m.Drops.Queue != 2 || m.Stored.IsZero() {
+		t.Errorf("meta %+v", m)
+	}
+	if out[0].meta.Seq != 3 || out[0].meta.PrevSeq != 1 || out[0].port != 1 || out[1].port != 2 {
+		t.Errorf("first batch %+v", out[:2])
+	}
+	if !strings.Contains(warn.String(), "drops: host db-02 direction incoming lost 2 events") {
+		t.Errorf("warnings: %q", warn.String())
+	}
+}
+
+func TestRunCountStopsMidBatch(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1), ev(2), ev(3))
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 2})
+	if err != nil || len(out) != 2 || st.Reason != "count" {
+		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
+	}
+}
+
+func TestRunCancel(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, st, err := collect(t, ctx, tail.Options{URLs: []string{srv.URL}})
+	if err != nil || st.Reason != "canceled" {
+		t.Fatalf("err %v, stats %+v", err, st)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("cancel took %v", d)
+	}
+}
+
+func TestRunHandlerError(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
+	boom := errors.New("boom")
+	_, err := tail.Run(context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll},
+		func(*tail.Meta, *schema.Event) error { return boom })
+	if !errors.Is(err, boom) {
+		t.Fatalf("err %v", err)
+	}
+}
+
+// A stream that stores only part of the prefix's subjects can still be tailed with the wide filter.
+func TestRunOverlappingFilter(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "WEB", "flows.web-01.>")
+	tailtest.NewAgent("web-01", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
+	out, _, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Start: tail.StartAll, Count: 1})
+	if err != nil || len(out) != 1 {
+		t.Fatalf("err %v, %d events", err, len(out))
+	}
+
+	_, _, err = collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Host: "db-02", Start: tail.StartAll, Count: 1})
+	if !errors.Is(err, tail.ErrFilterOutsideStream) {
+		t.Fatalf("host outside the stream: err %v", err)
+	}
+}
+
+func TestRunErrors(t *testing.T) {
+	srv := tailtest.Start(t)
+	_, err := tail.Run(context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "NOPE"}, nop)
+	var se *tail.StreamError
+	if !errors.As(err, &se) || !errors.Is(err, jetstream.ErrStreamNotFound) || se.Stream != "NOPE" {
+		t.Errorf("missing stream: %v", err)
+	}
+
+	_, err = tail.Run(context.Background(), tail.Options{URLs: []string{"nats://127.0.0.1:1"}, ConnectTimeout: time.Second}, nop)
+	var ce *tail.ConnectError
+	if !errors.As(err, &ce) || ce.URL != "nats://127.0.0.1:1" {
+		t.Errorf("unreachable: %v", err)
+	}
+
+	_, err = tail.Run(context.Background(), tail.Options{Prefix: "a.>", Host: "Bad Host", Start: tail.StartSeq}, nil)
+	if err == nil || !strings.Contains(err.Error(), "prefix") || !strings.Contains(err.Error(), "host") || !strings.Contains(err.Error(), "FromSeq") || !strings.Contains(err.Error(), "handler") {
+		t.Errorf("invalid options: %v", err)
+	}
+}
+
+func nop(*tail.Meta, *schema.Event) error { return nil }
+
+// A steady foreign publisher is reported once, then with growing counts, not once per message.
+func TestRunSkipCounts(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	for range 12 {
+		srv.Publish(t, "flows.x.y", []byte("not msgpack"))
+	}
+	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
+	var warn strings.Builder
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 1, Warnings: &warn})
+	if err != nil || len(out) != 1 || st.Skipped != 12 {
+		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
+	}
+	w := warn.String()
+	if strings.Count(w, "\n") != 3 || !strings.Contains(w, "skipped 10 messages on flows.x.y so far") ||
+		!strings.Contains(w, "skipped 12 messages on flows.x.y: not a valid flowbus batch") {
+		t.Errorf("warnings:\n%s", w)
+	}
+}
+
+// A batch stored twice (a retry outside the dedupe window) is delivered but flagged, and is no gap.
+func TestRunDuplicateBatch(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	a := tailtest.NewAgent("h", "r")
+	_, data := a.Batch(schema.Outgoing, schema.Drops{}, ev(1))
+	srv.Publish(t, "flows.h.outgoing", data)
+	srv.Publish(t, "flows.h.outgoing", data)
+	a.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(2))
+	var warn strings.Builder
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 3, Warnings: &warn})
+	if err != nil || len(out) != 3 || st.Gaps != 0 {
+		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
+	}
+	if w := warn.String(); !strings.Contains(w, "batch 1 arrived after batch 1 (duplicate or reordered)") || strings.Contains(w, "gap") {
+		t.Errorf("warnings:\n%s", w)
+	}
+}
