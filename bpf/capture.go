@@ -64,6 +64,8 @@ type Counters struct {
 	RingbufFull uint64 // events lost because the ring buffer was full
 	Truncated   uint64 // SYN-ACKs whose headers were not readable
 	Duplicates  uint64 // retransmitted SYN-ACKs suppressed
+	DNSFull     uint64 // DNS answers lost because the ring buffer was full
+	DNSCut      uint64 // DNS answers longer than the kernel copies, passed on in part
 }
 
 // Capture is a loaded and attached pair of cgroup skb programs.
@@ -78,6 +80,7 @@ type Capture struct {
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
 	events     atomic.Uint64
+	dnsRecords atomic.Uint64
 }
 
 // ErrPrivileges is returned when the kernel refuses to load or attach for lack
@@ -188,7 +191,7 @@ func (c *Capture) Detach() error {
 // Counters reads the kernel counters.
 func (c *Capture) Counters() (Counters, error) {
 	var out Counters
-	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates} {
+	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)
@@ -203,14 +206,28 @@ func (c *Capture) Counters() (Counters, error) {
 // BadRecords counts ring buffer records that could not be decoded.
 func (c *Capture) BadRecords() uint64 { return c.badRecords.Load() }
 
+// DNSRecords counts DNS answers handed to the handler.
+func (c *Capture) DNSRecords() uint64 { return c.dnsRecords.Load() }
+
 // Events counts events handed to the handler.
 func (c *Capture) Events() uint64 { return c.events.Load() }
 
-// Run reads events until ctx is done or the capture is closed, calling fn for
-// each. fn runs on the reader goroutine and must not block: the event it gets
-// is reused after it returns. When ctx ends, Run detaches the programs and
+// Handler receives what the kernel hands over, in the order the kernel
+// produced it (one ring buffer for all CPUs), so a DNS answer always reaches
+// DNS before the SYN-ACK of a connection it named reaches Flow. Both run on
+// the reader goroutine and must not block; their arguments are reused after
+// they return.
+type Handler interface {
+	Flow(ev *schema.Event)
+	// DNS gets the payload of an answer from port 53: proto is 17 (UDP) or 6
+	// (a TCP segment); origLen > len(payload) means it was cut in the kernel.
+	DNS(ts int64, proto uint8, payload []byte, origLen int)
+}
+
+// Run reads records until ctx is done or the capture is closed, passing each
+// to h. When ctx ends, Run detaches the programs and
 // drains what is already in the ring before it returns.
-func (c *Capture) Run(ctx context.Context, fn func(*schema.Event)) error {
+func (c *Capture) Run(ctx context.Context, h Handler) error {
 	var rec ringbuf.Record
 	var ev schema.Event
 	clock := newWallClock()
@@ -235,12 +252,23 @@ func (c *Capture) Run(ctx context.Context, fn func(*schema.Event)) error {
 				}
 				return fmt.Errorf("reading the ring buffer: %w", err)
 			}
+			if b := rec.RawSample; len(b) == dnsRecSize && b[offDNSKind] == recKindDNS {
+				n := int(binary.NativeEndian.Uint16(b[offDNSLen:]))
+				if n > dnsRecSize-offDNSData {
+					c.badRecords.Add(1)
+					continue
+				}
+				c.dnsRecords.Add(1)
+				h.DNS(clock.wall(binary.NativeEndian.Uint64(b[offTs:])), b[offDNSProto], b[offDNSData:offDNSData+n],
+					int(binary.NativeEndian.Uint32(b[offDNSOrig:])))
+				continue
+			}
 			if !decodeFlow(rec.RawSample, &ev, clock) {
 				c.badRecords.Add(1)
 				continue
 			}
 			c.events.Add(1)
-			fn(&ev)
+			h.Flow(&ev)
 		}
 		if draining {
 			return nil
@@ -261,6 +289,15 @@ const (
 	offFamily    = 53
 	offDirection = 54
 	recKindFlow  = 1
+
+	// struct dns_event
+	dnsRecSize  = 16 + 2048
+	offDNSKind  = 8
+	offDNSProto = 9
+	offDNSLen   = 10
+	offDNSOrig  = 12
+	offDNSData  = 16
+	recKindDNS  = 2
 )
 
 // decodeFlow fills ev from a ring buffer record without allocating.

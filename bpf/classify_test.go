@@ -182,3 +182,95 @@ func TestKernelFlagClassification(t *testing.T) {
 		t.Errorf("truncated headers counted: got %d, want 1", k.Truncated)
 	}
 }
+
+func udpHdr(sport, dport uint16, payload []byte) []byte {
+	h := make([]byte, 8, 8+len(payload))
+	binary.BigEndian.PutUint16(h[0:], sport)
+	binary.BigEndian.PutUint16(h[2:], dport)
+	binary.BigEndian.PutUint16(h[4:], uint16(8+len(payload)))
+	return append(h, payload...)
+}
+
+type dnsRec struct {
+	proto   uint8
+	payload []byte
+	orig    int
+}
+
+// runPacketDNS feeds one packet and returns the DNS records it produced
+// (failing on any flow record).
+func runPacketDNS(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []dnsRec {
+	t.Helper()
+	if _, err := prog.Run(&ebpf.RunOptions{Data: pkt}); err != nil {
+		t.Fatal(err)
+	}
+	var out []dnsRec
+	var rec ringbuf.Record
+	c.reader.SetDeadline(time.Now())
+	for {
+		err := c.reader.ReadInto(&rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := rec.RawSample
+		if len(b) != dnsRecSize || b[offDNSKind] != recKindDNS {
+			t.Fatalf("unexpected record of %d bytes", len(b))
+		}
+		n := int(binary.NativeEndian.Uint16(b[offDNSLen:]))
+		out = append(out, dnsRec{b[offDNSProto], append([]byte(nil), b[offDNSData:offDNSData+n]...), int(binary.NativeEndian.Uint32(b[offDNSOrig:]))})
+	}
+}
+
+func TestKernelDNSCapture(t *testing.T) {
+	c := loadForTest(t)
+	in, eg := c.objs.FlowbusIngress, c.objs.FlowbusEgress
+	payload := []byte("\x12\x34\x81\x80 a DNS answer, opaque to the kernel")
+	big := make([]byte, 3000)
+	for i := range big {
+		big[i] = byte(i)
+	}
+	tcpDNS := append(tcpHdr(53, 40000, 1, fPSH|fACK), append([]byte{0, byte(len(payload))}, payload...)...)
+	cases := []struct {
+		name    string
+		prog    *ebpf.Program
+		pkt     []byte
+		want    int
+		proto   uint8
+		payload []byte
+		orig    int
+	}{
+		{"udp from 53 on ingress", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, payload)), 1, 17, payload, len(payload)},
+		{"udp6 from 53 on ingress", in, ipv6("2001:db8::53", "2001:db8::1", nil, 17, udpHdr(53, 33333, payload)), 1, 17, payload, len(payload)},
+		{"udp from 53 on egress (a local server's answer)", eg, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, payload)), 0, 0, nil, 0},
+		{"udp query to 53", in, ipv4("10.0.0.1", "10.0.0.53", 17, 0, udpHdr(33333, 53, payload)), 0, 0, nil, 0},
+		{"udp from another port", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(5353, 33333, payload)), 0, 0, nil, 0},
+		{"tcp segment from 53", in, ipv4("10.0.0.53", "10.0.0.1", 6, 0, tcpDNS), 1, 6, append([]byte{0, byte(len(payload))}, payload...), len(payload) + 2},
+		{"tcp ack from 53 without data", in, ipv4("10.0.0.53", "10.0.0.1", 6, 0, tcpHdr(53, 40000, 1, fACK)), 0, 0, nil, 0},
+		{"answer longer than the kernel copies", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, big)), 1, 17, big[:2047], len(big)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			recs := runPacketDNS(t, c, tc.prog, tc.pkt)
+			if len(recs) != tc.want {
+				t.Fatalf("got %d DNS records, want %d", len(recs), tc.want)
+			}
+			if tc.want == 0 {
+				return
+			}
+			r := recs[0]
+			if r.proto != tc.proto || string(r.payload) != string(tc.payload) || r.orig != tc.orig {
+				t.Errorf("got proto %d, %d bytes of %d, want proto %d, %d bytes of %d", r.proto, len(r.payload), r.orig, tc.proto, len(tc.payload), tc.orig)
+			}
+		})
+	}
+	k, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.DNSCut != 1 {
+		t.Errorf("answers cut in the kernel: got %d, want 1", k.DNSCut)
+	}
+}

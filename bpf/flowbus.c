@@ -20,6 +20,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -29,6 +30,14 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define DIR_INCOMING 2
 
 #define REC_FLOW 1
+#define REC_DNS 2
+
+// DNS payload bytes copied per answer: a power of two so that a mask proves
+// the bound to the verifier. EDNS answers on UDP rarely exceed 1232 bytes
+// (the DNS flag day size); larger ones are cut and counted.
+#define DNS_BUF 2048
+#define DNS_CAP (DNS_BUF - 1)
+#define DNS_PORT 53
 
 // TCP flag bits in byte 13 of the TCP header.
 #define TH_FIN 0x01
@@ -44,7 +53,9 @@ enum counter {
 	CNT_RINGBUF_FULL = 0, // events the ring buffer had no room for
 	CNT_TRUNCATED = 1,    // SYN-ACKs whose headers were not in the linear area
 	CNT_DUP = 2,          // retransmitted SYN-ACKs suppressed
-	CNT_MAX = 4,
+	CNT_DNS_FULL = 3,     // DNS answers the ring buffer had no room for
+	CNT_DNS_CUT = 4,      // DNS answers longer than DNS_CAP, copied in part
+	CNT_MAX = 8,
 };
 
 // flow_event is the record handed to user space; Go mirrors its layout.
@@ -59,6 +70,17 @@ struct flow_event {
 	__u8 family; // 4 or 6
 	__u8 direction;
 	__u8 _pad;
+};
+
+// dns_event carries the payload of a DNS answer (UDP, or a TCP segment)
+// from port 53 to user space, which parses it.
+struct dns_event {
+	__u64 ts_ns;
+	__u8 kind;  // REC_DNS
+	__u8 proto; // IPPROTO_UDP or IPPROTO_TCP
+	__u16 len;  // bytes in data
+	__u32 orig_len; // payload length on the wire
+	__u8 data[DNS_BUF];
 };
 
 // flow_key identifies one connection end for SYN-ACK retransmit suppression.
@@ -99,6 +121,7 @@ struct {
 
 // Keep the struct in the BTF so bpf2go generates a Go type for it.
 const struct flow_event *unused_flow_event __attribute__((unused));
+const struct dns_event *unused_dns_event __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -138,10 +161,66 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	bpf_ringbuf_submit(e, flags);
 }
 
+// emit_dns copies a DNS payload that starts at off into the ring buffer.
+static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, __u8 proto)
+{
+	if (off >= skb->len)
+		return;
+	__u32 orig = skb->len - off;
+	__u32 len = orig;
+	if (len > DNS_CAP) {
+		len = DNS_CAP;
+		count(CNT_DNS_CUT);
+	}
+	struct dns_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_DNS_FULL);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->kind = REC_DNS;
+	e->proto = proto;
+	e->orig_len = orig;
+	// A no-op here, but a bound the verifier can see; the empty asm keeps
+	// the compiler from proving it redundant and dropping it.
+	asm volatile("" : "+r"(len));
+	len &= DNS_CAP;
+	if (len == 0 || bpf_skb_load_bytes(skb, off, e->data, len) < 0) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return;
+	}
+	e->len = len;
+	// DNS answers precede the connections they name: wake the reader so the
+	// cache is filled early rather than late.
+	bpf_ringbuf_submit(e, 0);
+}
+
 // is_synack tells whether the TCP flags byte is a SYN-ACK.
 static __always_inline int is_synack(__u8 flags)
 {
 	return (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == (TH_SYN | TH_ACK);
+}
+
+// handle_udp passes on UDP answers from port 53 (ingress only).
+static __always_inline void handle_udp(struct __sk_buff *skb, void *data, void *end, __u32 off)
+{
+	if (off > 1024)
+		return;
+	struct udphdr *uh = data + off;
+	if ((void *)(uh + 1) > end)
+		return;
+	if (uh->source != bpf_htons(DNS_PORT))
+		return;
+	emit_dns(skb, off + sizeof(*uh), IPPROTO_UDP);
+}
+
+// handle_tcp_dns passes on TCP segments from port 53 that carry data.
+static __always_inline void handle_tcp_dns(struct __sk_buff *skb, struct tcphdr *th, __u32 off)
+{
+	__u32 doff = th->doff * 4;
+	if (doff < sizeof(*th))
+		return;
+	emit_dns(skb, off + doff, IPPROTO_TCP);
 }
 
 static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end, __u8 direction)
@@ -149,21 +228,30 @@ static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end
 	struct iphdr *ip = data;
 	if ((void *)(ip + 1) > end)
 		return;
-	if (ip->protocol != IPPROTO_TCP)
+	__u8 proto = ip->protocol;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return;
-	// A non-first fragment has no TCP header.
+	// A non-first fragment has no transport header.
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return;
+	if (proto == IPPROTO_UDP) {
+		if (direction == DIR_OUTGOING)
+			handle_udp(skb, data, end, ihl);
+		return;
+	}
 	struct tcphdr *th = data + ihl;
 	if ((void *)(th + 1) > end) {
 		count(CNT_TRUNCATED);
 		return;
 	}
-	if (!is_synack(((__u8 *)th)[13]))
+	if (!is_synack(((__u8 *)th)[13])) {
+		if (direction == DIR_OUTGOING && th->source == bpf_htons(DNS_PORT))
+			handle_tcp_dns(skb, th, ihl);
 		return;
+	}
 
 	struct flow_key k = {};
 	__builtin_memcpy(k.src, &ip->daddr, 4);
@@ -183,7 +271,7 @@ static __always_inline void handle6(struct __sk_buff *skb, void *data, void *end
 	__u8 next = ip6->nexthdr;
 	__u32 off = sizeof(*ip6);
 
-	if (next != IPPROTO_TCP) {
+	if (next != IPPROTO_TCP && next != IPPROTO_UDP) {
 #pragma unroll
 		for (int i = 0; i < MAX_IPV6_EXT; i++) {
 			__u8 *h = data + off;
@@ -210,24 +298,32 @@ static __always_inline void handle6(struct __sk_buff *skb, void *data, void *end
 			default:
 				return;
 			}
-			if (next == IPPROTO_TCP)
+			if (next == IPPROTO_TCP || next == IPPROTO_UDP)
 				break;
 			if (off > 512)
 				return;
 		}
-		if (next != IPPROTO_TCP)
+		if (next != IPPROTO_TCP && next != IPPROTO_UDP)
 			return;
 	}
 
 	if (off > 1024)
 		return;
+	if (next == IPPROTO_UDP) {
+		if (direction == DIR_OUTGOING)
+			handle_udp(skb, data, end, off);
+		return;
+	}
 	struct tcphdr *th = data + off;
 	if ((void *)(th + 1) > end) {
 		count(CNT_TRUNCATED);
 		return;
 	}
-	if (!is_synack(((__u8 *)th)[13]))
+	if (!is_synack(((__u8 *)th)[13])) {
+		if (direction == DIR_OUTGOING && th->source == bpf_htons(DNS_PORT))
+			handle_tcp_dns(skb, th, off);
 		return;
+	}
 
 	struct flow_key k = {};
 	__builtin_memcpy(k.src, &ip6->daddr, 16);

@@ -13,6 +13,16 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type flowbusDnsEvent struct {
+	_       structs.HostLayout
+	TsNs    uint64
+	Kind    uint8
+	Proto   uint8
+	Len     uint16
+	OrigLen uint32
+	Data    [2048]uint8
+}
+
 type flowbusFlowEvent struct {
 	_         structs.HostLayout
 	TsNs      uint64
@@ -47,6 +57,7 @@ const (
 	flowbusMapSeen            = "seen"
 	flowbusProgFlowbusEgress  = "flowbus_egress"
 	flowbusProgFlowbusIngress = "flowbus_ingress"
+	flowbusVarUnusedDnsEvent  = "unused_dns_event"
 	flowbusVarUnusedFlowEvent = "unused_flow_event"
 	flowbusVarWakeupBytes     = "wakeup_bytes"
 )
@@ -110,6 +121,7 @@ type flowbusMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
+	UnusedDnsEvent  *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
@@ -151,6 +163,7 @@ func (m *flowbusMaps) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
+	UnusedDnsEvent  *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
 	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
 }

@@ -24,6 +24,18 @@ func TestRecordLayout(t *testing.T) {
 		{"family", unsafe.Offsetof(e.Family), offFamily},
 		{"direction", unsafe.Offsetof(e.Direction), offDirection},
 	}
+	var d flowbusDnsEvent
+	checks = append(checks, []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"dns size", unsafe.Sizeof(d), dnsRecSize},
+		{"dns kind", unsafe.Offsetof(d.Kind), offDNSKind},
+		{"dns proto", unsafe.Offsetof(d.Proto), offDNSProto},
+		{"dns len", unsafe.Offsetof(d.Len), offDNSLen},
+		{"dns orig_len", unsafe.Offsetof(d.OrigLen), offDNSOrig},
+		{"dns data", unsafe.Offsetof(d.Data), offDNSData},
+	}...)
 	for _, c := range checks {
 		if c.got != c.want {
 			t.Errorf("%s: generated struct has %d, reader uses %d", c.name, c.got, c.want)

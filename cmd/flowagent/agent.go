@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/flowbus/flowbus/bpf"
+	"github.com/flowbus/flowbus/dnscache"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/embedded"
 	"github.com/flowbus/flowbus/schema"
@@ -32,6 +33,7 @@ type Agent struct {
 	pub     *publisher.Publisher
 	capture *bpf.Capture
 	self    *publisher.SelfFilter
+	dns     *dnscache.Cache
 
 	selfExcluded atomic.Uint64
 	kernelSeen   bpf.Counters // kernel counters already reported
@@ -48,7 +50,13 @@ func NewRunID() string {
 // Start connects to NATS (starting the embedded server if needed), ensures
 // the stream, and attaches the eBPF programs. Events flow once Run is called.
 func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
-	a := &Agent{cfg: cfg, log: log, runID: NewRunID(), self: publisher.NewSelfFilter()}
+	a := &Agent{cfg: cfg, log: log, runID: NewRunID(), self: publisher.NewSelfFilter(),
+		dns: dnscache.New(dnscache.Config{
+			MaxEntries:      cfg.DNSCacheEntries,
+			MaxNamesPerAddr: cfg.DNSMaxNames,
+			MinTTL:          cfg.DNSMinTTL,
+			MaxTTL:          cfg.DNSMaxTTL,
+		})}
 	ok := false
 	defer func() {
 		if !ok {
@@ -203,13 +211,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}()
 
-	runErr := a.capture.Run(ctx, func(ev *schema.Event) {
-		if a.self.Match(ev) {
-			a.selfExcluded.Add(1)
-			return
-		}
-		a.pub.Add(ev)
-	})
+	runErr := a.capture.Run(ctx, a)
 	stopPoll()
 	<-pollDone
 	a.reportKernelDrops()
@@ -223,6 +225,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.capture.Close()
 	a.shutdownNATS()
 	return errors.Join(runErr, pubErr)
+}
+
+// Flow enriches an event from the DNS cache, at the event's own time, and
+// hands it to the publisher. It runs on the ring buffer reader's goroutine.
+func (a *Agent) Flow(ev *schema.Event) {
+	if a.self.Match(ev) {
+		a.selfExcluded.Add(1)
+		return
+	}
+	ev.SrcDNS = a.dns.Lookup(ev.Src, ev.Timestamp)
+	ev.DstDNS = a.dns.Lookup(ev.Dst, ev.Timestamp)
+	a.pub.Add(ev)
+}
+
+// DNS learns from a DNS answer. It runs on the reader goroutine too, so an
+// answer is in the cache before any later SYN-ACK is enriched.
+func (a *Agent) DNS(ts int64, proto uint8, payload []byte, origLen int) {
+	a.dns.AddPayload(proto, payload, origLen, ts)
 }
 
 // reportKernelDrops forwards new kernel losses to the publisher so that the
@@ -260,6 +280,8 @@ type Snapshot struct {
 	BadRecords   uint64
 	Kernel       bpf.Counters
 	Publisher    publisher.Stats
+	DNS          dnscache.Stats
+	DNSRecords   uint64
 	StreamReady  bool
 	Connected    bool
 }
@@ -273,6 +295,8 @@ func (a *Agent) Snapshot() Snapshot {
 		BadRecords:   a.capture.BadRecords(),
 		Kernel:       k,
 		Publisher:    a.pub.Stats(),
+		DNS:          a.dns.Stats(),
+		DNSRecords:   a.capture.DNSRecords(),
 		StreamReady:  a.streamReady.Load(),
 		Connected:    a.nc.IsConnected(),
 	}

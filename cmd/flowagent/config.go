@@ -39,6 +39,10 @@ type Config struct {
 	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s"`
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms"`
+	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536"`
+	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8"`
+	DNSMinTTL        time.Duration `env:"DNS_MIN_TTL" envDefault:"60s"`
+	DNSMaxTTL        time.Duration `env:"DNS_MAX_TTL" envDefault:"6h"`
 	MetricsAddr      string        `env:"METRICS_ADDR" envDefault:"127.0.0.1:9464"`
 	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`
 	LogFormat        string        `env:"LOG_FORMAT" envDefault:"text"`
@@ -177,6 +181,18 @@ func (c *Config) validate() []string {
 	}
 	if c.PollInterval < time.Millisecond || c.PollInterval > time.Second {
 		bad("POLL_INTERVAL", "%v: must be 1ms to 1s", c.PollInterval)
+	}
+	if c.DNSCacheEntries < 1 || c.DNSCacheEntries > 1<<24 {
+		bad("DNS_CACHE_ENTRIES", "%d: must be 1 to 16777216", c.DNSCacheEntries)
+	}
+	if c.DNSMaxNames < 1 || c.DNSMaxNames > 64 {
+		bad("DNS_MAX_NAMES", "%d: must be 1 to 64", c.DNSMaxNames)
+	}
+	if c.DNSMinTTL < 0 {
+		bad("DNS_MIN_TTL", "must not be negative")
+	}
+	if c.DNSMaxTTL < c.DNSMinTTL || c.DNSMaxTTL <= 0 {
+		bad("DNS_MAX_TTL", "%v: must be positive and at least FLOWBUS_DNS_MIN_TTL (%v)", c.DNSMaxTTL, c.DNSMinTTL)
 	}
 	if c.MetricsAddr != "" && c.MetricsAddr != "off" {
 		if _, _, err := net.SplitHostPort(c.MetricsAddr); err != nil {

@@ -19,6 +19,7 @@ type agentCollector struct {
 	a *Agent
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
+	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
@@ -37,11 +38,17 @@ func newAgentCollector(a *Agent) *agentCollector {
 		pubErrors:    d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
 		kernelDup:    d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
 		ready:        d("ready", "1 when connected to NATS and the stream exists."),
+		dnsEntries:   d("dns_cache_entries", "Addresses held in the DNS cache."),
+		dnsLookups:   d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
+		dnsAnswers:   d("dns_messages_total", "DNS payloads seen, by outcome: learned (addresses added), ignored (nothing to learn), malformed, truncated (unparsable after a cut, or split over TCP segments), cut_in_kernel (longer than the kernel copies), lost (ring buffer full).", "outcome"),
+		dnsEvictions: d("dns_cache_evictions_total", "Addresses pushed out of the DNS cache by its size bound."),
+		dnsExpired:   d("dns_cache_expired_total", "Names dropped from the DNS cache when their TTL ran out."),
 	}
 }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready} {
+	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
+		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired} {
 		ch <- d
 	}
 }
@@ -72,6 +79,17 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.dups, p.DuplicateAcks)
 	counter(c.pubErrors, p.PublishErrors)
 	counter(c.kernelDup, s.Kernel.Duplicates)
+	gauge(c.dnsEntries, float64(s.DNS.Entries))
+	counter(c.dnsLookups, s.DNS.Hits, "hit")
+	counter(c.dnsLookups, s.DNS.Misses, "miss")
+	counter(c.dnsAnswers, s.DNS.Answers, "learned")
+	counter(c.dnsAnswers, s.DNS.Ignored, "ignored")
+	counter(c.dnsAnswers, s.DNS.Malformed, "malformed")
+	counter(c.dnsAnswers, s.DNS.Truncated, "truncated")
+	counter(c.dnsAnswers, s.Kernel.DNSCut, "cut_in_kernel")
+	counter(c.dnsAnswers, s.Kernel.DNSFull, "lost")
+	counter(c.dnsEvictions, s.DNS.Evictions)
+	counter(c.dnsExpired, s.DNS.Expired)
 	r := 0.0
 	if s.Connected && s.StreamReady {
 		r = 1
