@@ -37,6 +37,9 @@ type Config struct {
 	AckTimeout   time.Duration // after this a publish counts as failed and is retried
 	RetryBackoff time.Duration // first retry delay, doubled up to MaxBackoff
 	MaxBackoff   time.Duration
+
+	// OnAck, if set, is called after each acknowledged batch (for metrics).
+	OnAck func(events, bytes int, sealedAt time.Time)
 }
 
 // Defaults chosen near the bus's sweet spot: batches of tens of KiB.
@@ -133,9 +136,6 @@ type Publisher struct {
 	lastWarn atomic.Int64
 
 	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors atomic.Uint64
-
-	// OnAck, if set, is called after each acknowledged batch (for metrics).
-	OnAck func(events int, bytes int, sealedAt time.Time)
 }
 
 // New starts a publisher on nc. It does not create the stream: see EnsureStream.
@@ -353,8 +353,8 @@ func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
 	if ack != nil && ack.Duplicate {
 		p.dupAcks.Add(1)
 	}
-	if p.OnAck != nil {
-		p.OnAck(b.events, len(b.data), b.sealedAt)
+	if p.cfg.OnAck != nil {
+		p.cfg.OnAck(b.events, len(b.data), b.sealedAt)
 	}
 	p.mu.Lock()
 	p.inflight--

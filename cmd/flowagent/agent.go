@@ -35,6 +35,8 @@ type Agent struct {
 	self    *publisher.SelfFilter
 	dns     *dnscache.Cache
 
+	batchMetrics *batchMetrics
+
 	selfExcluded atomic.Uint64
 	kernelSeen   bpf.Counters // kernel counters already reported
 	streamReady  atomic.Bool
@@ -98,7 +100,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 
 	var err error
+	a.batchMetrics = newBatchMetrics()
 	a.pub, err = publisher.New(a.nc, publisher.Config{
+		OnAck:       a.batchMetrics.observe,
 		Prefix:      cfg.SubjectPrefix,
 		Host:        cfg.Host,
 		RunID:       a.runID,

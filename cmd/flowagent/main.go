@@ -62,7 +62,7 @@ func run(args []string) int {
 		return 1
 	}
 	if cfg.MetricsAddr != "" && cfg.MetricsAddr != "off" {
-		if err := serveMetrics(ctx, cfg.MetricsAddr, a, log); err != nil {
+		if _, err := serveMetrics(ctx, cfg.MetricsAddr, a, log); err != nil {
 			log.Error("metrics endpoint could not start (set FLOWBUS_METRICS_ADDR, or off)", "addr", cfg.MetricsAddr, "err", err)
 		}
 	}

@@ -97,10 +97,40 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.ready, r)
 }
 
-// serveMetrics serves /metrics, /healthz and /readyz until ctx ends.
-func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) error {
+// batchMetrics are observed once per acknowledged batch.
+type batchMetrics struct {
+	events, bytes, latency prometheus.Histogram
+}
+
+func newBatchMetrics() *batchMetrics {
+	return &batchMetrics{
+		events: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "flowbus_agent_batch_events", Help: "Events per acknowledged batch.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 8),
+		}),
+		bytes: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "flowbus_agent_batch_bytes", Help: "Encoded size of acknowledged batches.",
+			Buckets: prometheus.ExponentialBuckets(256, 4, 8),
+		}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "flowbus_agent_publish_latency_seconds", Help: "Time from sealing a batch to its ack by the stream, retries included.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12),
+		}),
+	}
+}
+
+func (m *batchMetrics) observe(events, bytes int, sealedAt time.Time) {
+	m.events.Observe(float64(events))
+	m.bytes.Observe(float64(bytes))
+	m.latency.Observe(time.Since(sealedAt).Seconds())
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz until ctx ends. It
+// returns the address it listens on.
+func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) (net.Addr, error) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newAgentCollector(a), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(newAgentCollector(a), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		a.batchMetrics.events, a.batchMetrics.bytes, a.batchMetrics.latency)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
@@ -114,7 +144,7 @@ func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) 
 	})
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
@@ -128,7 +158,7 @@ func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) 
 			log.Error("metrics server", "err", err)
 		}
 	}()
-	return nil
+	return ln.Addr(), nil
 }
 
 func boolStr(b bool) string {

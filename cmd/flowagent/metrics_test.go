@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/bpf/cgrouptest"
+)
+
+// metric returns the value of one sample line of a Prometheus text page.
+func metric(t *testing.T, page, sample string) float64 {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(sample) + ` ([0-9.e+-]+)$`)
+	m := re.FindStringSubmatch(page)
+	if m == nil {
+		t.Fatalf("metric %s not found", sample)
+	}
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestMetricsAfterTraffic(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	cg := cgrouptest.NewChild(t)
+	a := startAgent(t, testConfig(t, cg.Path))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, err := serveMetrics(ctx, "127.0.0.1:0", a, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := "http://" + addr.String()
+	if code, _ := get(t, base+"/healthz"); code != 200 {
+		t.Errorf("/healthz: %d", code)
+	}
+	if code, body := get(t, base+"/readyz"); code != 200 {
+		t.Errorf("/readyz: %d %s", code, body)
+	}
+
+	const n = 10
+	cg.Traffic(t, "127.0.0.1", n, false)
+	deadline := time.Now().Add(10 * time.Second)
+	for a.Snapshot().Publisher.EventsAcked < 2*n && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	_, page := get(t, base+"/metrics")
+	for sample, want := range map[string]float64{
+		`flowbus_agent_events_total{stage="captured"}`:                 2 * n,
+		`flowbus_agent_events_total{stage="published"}`:                2 * n,
+		`flowbus_agent_events_total{stage="acked"}`:                    2 * n,
+		`flowbus_agent_dropped_events_total{stage="kernel_ringbuf"}`:   0,
+		`flowbus_agent_dropped_events_total{stage="queue"}`:            0,
+		`flowbus_agent_dropped_events_total{stage="publish"}`:          0,
+		`flowbus_agent_ready`:                                          1,
+		`flowbus_agent_pending_batches`:                                0,
+		`flowbus_agent_dns_cache_lookups_total{result="miss"}`:         4 * n,
+		`flowbus_agent_synack_retransmits_suppressed_total`:            0,
+		`flowbus_agent_dropped_events_total{stage="kernel_truncated"}`: 0,
+		`flowbus_agent_dns_messages_total{outcome="malformed"}`:        0,
+		`flowbus_agent_dns_cache_entries`:                              0,
+		`flowbus_agent_events_total{stage="self_excluded"}`:            0,
+		`flowbus_agent_duplicate_acks_total`:                           0,
+		`flowbus_agent_publish_errors_total`:                           0,
+		`flowbus_agent_dns_messages_total{outcome="lost"}`:             0,
+		`flowbus_agent_dns_messages_total{outcome="cut_in_kernel"}`:    0,
+		`flowbus_agent_dns_cache_evictions_total`:                      0,
+		`flowbus_agent_dropped_events_total{stage="reader"}`:           0,
+		`flowbus_agent_dropped_events_total{stage="spool"}`:            0,
+		`flowbus_agent_dns_messages_total{outcome="ignored"}`:          0,
+		`flowbus_agent_dns_cache_expired_total`:                        0,
+		`flowbus_agent_dns_messages_total{outcome="truncated"}`:        0,
+		`flowbus_agent_dns_messages_total{outcome="learned"}`:          0,
+		`flowbus_agent_dns_cache_lookups_total{result="hit"}`:          0,
+		"flowbus_agent_batch_events_sum":                               2 * n,
+	} {
+		if got := metric(t, page, sample); got != want {
+			t.Errorf("%s = %v, want %v", sample, got, want)
+		}
+	}
+	batches := metric(t, page, "flowbus_agent_batches_acked_total")
+	if batches < 1 || metric(t, page, "flowbus_agent_batch_events_count") != batches ||
+		metric(t, page, "flowbus_agent_publish_latency_seconds_count") != batches ||
+		metric(t, page, "flowbus_agent_batch_bytes_count") != batches {
+		t.Errorf("histograms do not count the %v acked batches", batches)
+	}
+	if metric(t, page, "flowbus_agent_batch_bytes_sum") != metric(t, page, "flowbus_agent_batch_bytes_acked_total") {
+		t.Errorf("batch bytes histogram and counter disagree")
+	}
+}
