@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/publisher/spool"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -40,6 +41,10 @@ type Config struct {
 
 	// OnAck, if set, is called after each acknowledged batch (for metrics).
 	OnAck func(events, bytes int, sealedAt time.Time)
+
+	// Spool, if set, takes the batches that do not fit in QueueBytes, and
+	// those still unacknowledged at Close; nil drops them (counted).
+	Spool *spool.Spool
 }
 
 // Defaults chosen near the bus's sweet spot: batches of tens of KiB.
@@ -87,9 +92,13 @@ type Stats struct {
 	DuplicateAcks   uint64 // batches the stream already held (a retry after a lost ack)
 	PublishErrors   uint64 // failed attempts, each retried or given up
 	Drops           schema.Drops
-	PendingBatches  int // sealed, not yet acknowledged
+	PendingBatches  int // in memory, sealed, not yet acknowledged
 	PendingBytes    int
 	InflightBatches int
+	SpoolBatches    int // on disk
+	SpoolBytes      int64
+	SpoolEvents     int
+	Spooled         uint64 // batches written to the spool since start
 }
 
 type batch struct {
@@ -103,6 +112,7 @@ type batch struct {
 	attempts  int
 	notBefore time.Time
 	sealedAt  time.Time
+	spoolName string // set when the batch lives in the spool until acked
 }
 
 type dirState struct {
@@ -127,7 +137,12 @@ type Publisher struct {
 	queue      []*batch // sealed and waiting to be sent, oldest first
 	pendBytes  int      // queue plus in flight
 	inflight   int
+	flying     map[*batch]struct{} // in flight, to spool them if Close times out
 	closing    bool
+
+	loadedMu sync.Mutex
+	loaded   map[string]bool // spool entries in memory (queued or in flight)
+	spooled  atomic.Uint64
 
 	wake     chan struct{}
 	stop     chan struct{}
@@ -157,12 +172,14 @@ func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
 		return nil, fmt.Errorf("jetstream context: %w", err)
 	}
 	p := &Publisher{
-		cfg:  cfg,
-		js:   js,
-		log:  log,
-		wake: make(chan struct{}, 1),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
+		cfg:    cfg,
+		js:     js,
+		log:    log,
+		wake:   make(chan struct{}, 1),
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+		flying: map[*batch]struct{}{},
+		loaded: map[string]bool{},
 	}
 	for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
 		ds := &dirState{
@@ -175,6 +192,7 @@ func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
 		p.dirs[d] = ds
 	}
 	go p.sendLoop()
+	p.signal() // a spool left by an earlier run goes first
 	return p, nil
 }
 
@@ -233,19 +251,23 @@ func (p *Publisher) lingerExpired(d *dirState) {
 	p.sealLocked(d)
 }
 
-// sealLocked finishes d's open batch and queues it, or drops it whole when
-// the memory bound is reached.
+// sealLocked finishes d's open batch and queues it in memory or, once
+// memory is full or the spool already holds older batches (order matters),
+// in the spool. Past both bounds the batch is dropped whole and counted.
 func (p *Publisher) sealLocked(d *dirState) {
 	n := d.enc.Len()
 	if n == 0 {
 		return
 	}
 	d.timer.Stop()
-	if p.pendBytes+d.enc.Size() > p.cfg.QueueBytes {
+	sp := p.cfg.Spool
+	memFull := p.pendBytes+d.enc.Size() > p.cfg.QueueBytes
+	toSpool := sp != nil && (memFull || sp.Len() > 0)
+	if memFull && !toSpool {
 		d.enc.Reset()
 		p.drops.Queue += uint64(n)
 		p.totalDrops.Queue += uint64(n)
-		p.warn("publish queue full: batch dropped; NATS is slow or unreachable", "events", n, "pending_bytes", p.pendBytes, "bound", p.cfg.QueueBytes)
+		p.warn("publish queue full and no spool: batch dropped; NATS is slow or unreachable", "events", n, "pending_bytes", p.pendBytes, "bound", p.cfg.QueueBytes)
 		return
 	}
 	p.seq++
@@ -261,12 +283,24 @@ func (p *Publisher) sealLocked(d *dirState) {
 	}
 	b.data = d.enc.Finish(buf[:0], p.seq, p.drops)
 	p.drops = schema.Drops{}
+	if toSpool {
+		err := sp.Put(b.sealedAt.UnixNano(), b.msgID, b.subject, n, b.data)
+		p.bufs.Put(b.data[:0]) //nolint:staticcheck // a slice header per batch is fine
+		if err != nil {
+			// The batch and the losses it carried are lost; say so in the next one.
+			addDrops(&p.drops, b.drops)
+			p.drops.Spool += uint64(n)
+			p.totalDrops.Spool += uint64(n)
+			p.warn("spool cannot take the batch: dropped", "events", n, "spool_bytes", sp.Bytes(), "err", err)
+			return
+		}
+		p.spooled.Add(1)
+		p.signal()
+		return
+	}
 	p.pendBytes += len(b.data)
 	p.queue = append(p.queue, b)
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
+	p.signal()
 }
 
 // warn logs at most once per second so that an outage does not flood the log.
@@ -304,19 +338,57 @@ func (p *Publisher) sendLoop() {
 }
 
 // next takes the oldest sendable batch, or says how long until one is due.
+// Memory holds the oldest batches; when it is empty the spool's turn comes.
 func (p *Publisher) next() (*batch, time.Duration) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if len(p.queue) == 0 || p.inflight >= p.cfg.MaxInflight {
+	if p.inflight >= p.cfg.MaxInflight {
+		p.mu.Unlock()
 		return nil, 0
 	}
-	b := p.queue[0]
-	if wait := time.Until(b.notBefore); wait > 0 {
-		return nil, wait
+	if len(p.queue) > 0 {
+		b := p.queue[0]
+		if wait := time.Until(b.notBefore); wait > 0 {
+			p.mu.Unlock()
+			return nil, wait
+		}
+		p.queue[0] = nil
+		p.queue = p.queue[1:]
+		p.inflight++
+		p.flying[b] = struct{}{}
+		p.mu.Unlock()
+		return b, 0
 	}
-	p.queue[0] = nil
-	p.queue = p.queue[1:]
+	sp := p.cfg.Spool
+	room := p.pendBytes < p.cfg.QueueBytes
+	p.mu.Unlock()
+	if sp == nil || !room || sp.Len() == 0 {
+		return nil, 0
+	}
+	es, err := sp.Peek(1, func(name string) bool {
+		p.loadedMu.Lock()
+		defer p.loadedMu.Unlock()
+		return p.loaded[name]
+	})
+	if err != nil {
+		p.log.Error("unreadable spool file skipped", "err", err)
+		p.mu.Lock()
+		p.totalDrops.Spool++ // its size is unknown: counted as one
+		p.mu.Unlock()
+	}
+	if len(es) == 0 {
+		return nil, 0
+	}
+	e := es[0]
+	p.loadedMu.Lock()
+	p.loaded[e.Name] = true
+	p.loadedMu.Unlock()
+	b := &batch{subject: e.Subject, msgID: e.MsgID, data: e.Data, events: e.Events,
+		sealedAt: time.Unix(0, e.SealedAt), spoolName: e.Name}
+	p.mu.Lock()
 	p.inflight++
+	p.pendBytes += len(b.data)
+	p.flying[b] = struct{}{}
+	p.mu.Unlock()
 	return b, 0
 }
 
@@ -358,10 +430,22 @@ func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
 	}
 	p.mu.Lock()
 	p.inflight--
+	delete(p.flying, b)
 	p.pendBytes -= len(b.data)
 	p.mu.Unlock()
-	p.bufs.Put(b.data[:0]) //nolint:staticcheck // a slice header per batch is fine
+	if b.spoolName != "" {
+		p.unspool(b.spoolName)
+	} else {
+		p.bufs.Put(b.data[:0]) //nolint:staticcheck // a slice header per batch is fine
+	}
 	p.signal()
+}
+
+func (p *Publisher) unspool(name string) {
+	p.cfg.Spool.Remove(name)
+	p.loadedMu.Lock()
+	delete(p.loaded, name)
+	p.loadedMu.Unlock()
 }
 
 // permanent tells errors that no retry can fix.
@@ -373,8 +457,17 @@ func (p *Publisher) failed(b *batch, err error) {
 	p.pubErrors.Add(1)
 	p.mu.Lock()
 	p.inflight--
-	if permanent(err) || (p.closing && p.stopped()) {
+	if p.stopped() {
+		// Shut down: spoolLeftovers owns what is still in flight.
+		p.mu.Unlock()
+		return
+	}
+	delete(p.flying, b)
+	if permanent(err) {
 		p.pendBytes -= len(b.data)
+		if b.spoolName != "" {
+			defer p.unspool(b.spoolName)
+		}
 		lost := schema.Drops{Publish: uint64(b.events)}
 		addDrops(&lost, b.drops) // the losses it carried must still be reported
 		addDrops(&p.drops, lost)
@@ -391,7 +484,7 @@ func (p *Publisher) failed(b *batch, err error) {
 	b.notBefore = time.Now().Add(backoff)
 	// Back in seq order, so that batches go out oldest first after an outage.
 	i := len(p.queue)
-	for i > 0 && p.queue[i-1].seq > b.seq {
+	for i > 0 && p.queue[i-1].sealedAt.After(b.sealedAt) {
 		i--
 	}
 	p.queue = append(p.queue, nil)
@@ -431,7 +524,8 @@ func (p *Publisher) Flush() {
 }
 
 // Close seals the open batches and waits, until ctx ends, for every batch to
-// be acknowledged. What is still unacknowledged then is counted as lost and
+// be acknowledged. What is still unacknowledged then goes to the spool if
+// there is one (it is sent by the next run), else it is counted as lost and
 // reported in the returned error.
 func (p *Publisher) Close(ctx context.Context) error {
 	p.Flush()
@@ -442,31 +536,66 @@ func (p *Publisher) Close(ctx context.Context) error {
 	defer tick.Stop()
 	for {
 		p.mu.Lock()
-		left, events := len(p.queue)+p.inflight, 0
-		for _, b := range p.queue {
-			events += b.events
-		}
+		left := len(p.queue) + p.inflight
 		p.mu.Unlock()
-		if left == 0 {
+		if left == 0 && (p.cfg.Spool == nil || p.cfg.Spool.Len() == 0) {
 			break
 		}
 		select {
 		case <-ctx.Done():
 			close(p.stop)
 			<-p.done
-			p.mu.Lock()
-			p.totalDrops.Publish += uint64(events)
-			p.mu.Unlock()
-			return fmt.Errorf("shutdown: %d batches (%d queued events, plus any in flight) not acknowledged before the deadline", left, events)
+			return p.spoolLeftovers()
 		case <-tick.C:
 		}
 	}
 	close(p.stop)
 	<-p.done
+	p.stopTimers()
+	return nil
+}
+
+func (p *Publisher) stopTimers() {
 	for _, d := range p.dirs {
 		if d != nil {
 			d.timer.Stop()
 		}
+	}
+}
+
+// spoolLeftovers saves what is still unacknowledged at shutdown.
+func (p *Publisher) spoolLeftovers() error {
+	p.stopTimers()
+	p.mu.Lock()
+	left := append([]*batch(nil), p.queue...)
+	for b := range p.flying {
+		left = append(left, b)
+	}
+	p.queue = nil
+	p.mu.Unlock()
+	lostB, lostE, kept, onDisk := 0, 0, 0, 0
+	for _, b := range left {
+		if b.spoolName != "" {
+			onDisk++ // still in the spool: the next run sends it
+			continue
+		}
+		if p.cfg.Spool != nil {
+			if err := p.cfg.Spool.Put(b.sealedAt.UnixNano(), b.msgID, b.subject, b.events, b.data); err == nil {
+				kept++
+				continue
+			}
+		}
+		lostB++
+		lostE += b.events
+	}
+	p.mu.Lock()
+	p.totalDrops.Publish += uint64(lostE)
+	p.mu.Unlock()
+	if lostB > 0 {
+		return fmt.Errorf("shutdown: %d batches (%d events) not acknowledged before the deadline and not spooled", lostB, lostE)
+	}
+	if kept+onDisk > 0 {
+		p.log.Warn("shutdown before NATS acknowledged everything: batches kept in the spool for the next run", "spooled_now", kept, "already_spooled", onDisk)
 	}
 	return nil
 }
@@ -487,5 +616,9 @@ func (p *Publisher) Stats() Stats {
 	s.BytesAcked = p.bytesAcked.Load()
 	s.DuplicateAcks = p.dupAcks.Load()
 	s.PublishErrors = p.pubErrors.Load()
+	s.Spooled = p.spooled.Load()
+	if sp := p.cfg.Spool; sp != nil {
+		s.SpoolBatches, s.SpoolBytes, s.SpoolEvents = sp.Len(), sp.Bytes(), sp.Events()
+	}
 	return s
 }

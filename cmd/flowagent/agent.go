@@ -19,6 +19,7 @@ import (
 	"github.com/flowbus/flowbus/dnscache"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/embedded"
+	"github.com/flowbus/flowbus/publisher/spool"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -79,29 +80,35 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 		log.Info("embedded NATS server with JetStream started", "listen", srv.ClientURL(), "store_dir", cfg.EmbeddedStoreDir)
 	} else {
-		var err error
-		a.nc, err = nats.Connect(cfg.NATSURL,
-			nats.Name("flowagent "+cfg.Host),
-			nats.SetCustomDialer(a.self.Dialer(5*time.Second)),
-			nats.MaxReconnects(-1),
-			nats.RetryOnFailedConnect(true),
-			nats.ReconnectWait(time.Second),
-			nats.ReconnectBufSize(8<<20),
-			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-				log.Warn("disconnected from NATS; batches are kept until it is back", "err", err)
-			}),
-			nats.ReconnectHandler(func(nc *nats.Conn) {
-				log.Info("reconnected to NATS", "url", nc.ConnectedUrlRedacted())
-			}),
-		)
+		opts, err := natsOptions(cfg, a.self, log)
 		if err != nil {
-			return nil, fmt.Errorf("connecting to NATS at %s: %w (check FLOWBUS_NATS_URL, or leave it empty to run the embedded server)", redactURL(cfg.NATSURL), err)
+			return nil, err
+		}
+		if a.nc, err = connectNATS(cfg, opts); err != nil {
+			return nil, err
+		}
+		if !a.nc.IsConnected() {
+			log.Warn("NATS not reachable yet; starting anyway, batches are kept until it is", "url", redactURL(cfg.NATSURL))
 		}
 	}
 
+	var sp *spool.Spool
+	if cfg.SpoolDir != "off" {
+		var err error
+		if sp, err = spool.Open(cfg.SpoolDir, cfg.SpoolBytes); err != nil {
+			return nil, err
+		}
+		if sp.Len() > 0 {
+			log.Info("spool from an earlier run found: it is published first", "batches", sp.Len(), "events", sp.Events(), "dir", cfg.SpoolDir)
+		}
+		if sp.Corrupt() > 0 {
+			log.Warn("unreadable spool files set aside (*.corrupt)", "files", sp.Corrupt(), "dir", cfg.SpoolDir)
+		}
+	}
 	var err error
 	a.batchMetrics = newBatchMetrics()
 	a.pub, err = publisher.New(a.nc, publisher.Config{
+		Spool:       sp,
 		OnAck:       a.batchMetrics.observe,
 		Prefix:      cfg.SubjectPrefix,
 		Host:        cfg.Host,

@@ -32,6 +32,7 @@ func testConfig(t *testing.T, cgroupPath string) Config {
 	cfg, err := LoadConfig(map[string]string{
 		"FLOWBUS_EMBEDDED_LISTEN":    "127.0.0.1:0",
 		"FLOWBUS_EMBEDDED_STORE_DIR": t.TempDir(),
+		"FLOWBUS_SPOOL_DIR":          t.TempDir(),
 		"FLOWBUS_CGROUP_PATH":        cgroupPath,
 		"FLOWBUS_HOST":               "test-host",
 		"FLOWBUS_BATCH_LINGER":       "20ms",

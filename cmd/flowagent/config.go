@@ -19,6 +19,14 @@ import (
 // field is documented in the README with its default.
 type Config struct {
 	NATSURL          string        `env:"NATS_URL"`
+	NATSCA           string        `env:"NATS_CA"`
+	NATSCert         string        `env:"NATS_CERT"`
+	NATSKey          string        `env:"NATS_KEY"`
+	NATSCreds        string        `env:"NATS_CREDS"`
+	NATSNKey         string        `env:"NATS_NKEY"`
+	NATSUser         string        `env:"NATS_USER"`
+	NATSPassword     string        `env:"NATS_PASSWORD"`
+	NATSToken        string        `env:"NATS_TOKEN"`
 	EmbeddedListen   string        `env:"EMBEDDED_LISTEN" envDefault:"127.0.0.1:4222"`
 	EmbeddedStoreDir string        `env:"EMBEDDED_STORE_DIR"`
 	CgroupPath       string        `env:"CGROUP_PATH"`
@@ -37,6 +45,8 @@ type Config struct {
 	QueueBytes       int           `env:"QUEUE_BYTES" envDefault:"33554432"`
 	MaxInflight      int           `env:"MAX_INFLIGHT" envDefault:"256"`
 	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s"`
+	SpoolDir         string        `env:"SPOOL_DIR"`
+	SpoolBytes       int64         `env:"SPOOL_BYTES" envDefault:"268435456"`
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536"`
@@ -144,6 +154,19 @@ func (c *Config) validate() []string {
 			}
 		}
 	}
+	c.validateNATSAuth(bad)
+	switch c.SpoolDir {
+	case "":
+		c.SpoolDir = filepath.Join(StateDir(), "spool")
+	case "off":
+	default:
+		if !filepath.IsAbs(c.SpoolDir) {
+			bad("SPOOL_DIR", "%q must be an absolute path (or \"off\")", c.SpoolDir)
+		}
+	}
+	if c.SpoolBytes < 1<<20 {
+		bad("SPOOL_BYTES", "%d: must be at least 1048576", c.SpoolBytes)
+	}
 	switch c.StreamStorage {
 	case "file", "memory":
 	default:
@@ -213,6 +236,45 @@ func (c *Config) validate() []string {
 		bad("SHUTDOWN_TIMEOUT", "must be positive")
 	}
 	return p
+}
+
+// validateNATSAuth checks the TLS and credential settings: files must be
+// readable, and one way to authenticate at most.
+func (c *Config) validateNATSAuth(bad func(v, format string, a ...any)) {
+	set := map[string]string{"NATS_CA": c.NATSCA, "NATS_CERT": c.NATSCert, "NATS_KEY": c.NATSKey,
+		"NATS_CREDS": c.NATSCreds, "NATS_NKEY": c.NATSNKey, "NATS_USER": c.NATSUser, "NATS_PASSWORD": c.NATSPassword, "NATS_TOKEN": c.NATSToken}
+	if c.NATSURL == "" {
+		for _, v := range []string{"NATS_CA", "NATS_CERT", "NATS_KEY", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN"} {
+			if set[v] != "" {
+				bad(v, "is set but FLOWBUS_NATS_URL is empty: the embedded server needs no TLS or credentials; set FLOWBUS_NATS_URL or unset it")
+			}
+		}
+		return
+	}
+	for _, v := range []string{"NATS_CA", "NATS_CERT", "NATS_KEY", "NATS_CREDS", "NATS_NKEY"} {
+		if f := set[v]; f != "" {
+			if fh, err := os.Open(f); err != nil {
+				bad(v, "cannot read %s: %v", f, err)
+			} else {
+				fh.Close()
+			}
+		}
+	}
+	if (c.NATSCert == "") != (c.NATSKey == "") {
+		bad("NATS_CERT", "FLOWBUS_NATS_CERT and FLOWBUS_NATS_KEY go together (client certificate and its key)")
+	}
+	if (c.NATSUser == "") != (c.NATSPassword == "") {
+		bad("NATS_USER", "FLOWBUS_NATS_USER and FLOWBUS_NATS_PASSWORD go together")
+	}
+	methods := 0
+	for _, on := range []bool{c.NATSCreds != "", c.NATSNKey != "", c.NATSUser != "", c.NATSToken != ""} {
+		if on {
+			methods++
+		}
+	}
+	if methods > 1 {
+		bad("NATS_CREDS", "set one way to authenticate: FLOWBUS_NATS_CREDS, FLOWBUS_NATS_NKEY, FLOWBUS_NATS_USER/PASSWORD or FLOWBUS_NATS_TOKEN")
+	}
 }
 
 // StateDir is where flowbus keeps state by default: $STATE_DIRECTORY under

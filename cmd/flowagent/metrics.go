@@ -39,6 +39,10 @@ func newAgentCollector(a *Agent) *agentCollector {
 		kernelDup:    d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
 		ready:        d("ready", "1 when connected to NATS and the stream exists."),
 		dnsEntries:   d("dns_cache_entries", "Addresses held in the DNS cache."),
+		spoolBatches: d("spool_batches", "Batches waiting in the on-disk spool."),
+		spoolBytes:   d("spool_bytes", "Disk space used by the spool."),
+		spoolEvents:  d("spool_events", "Events waiting in the on-disk spool."),
+		spooled:      d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
 		dnsLookups:   d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
 		dnsAnswers:   d("dns_messages_total", "DNS payloads seen, by outcome: learned (addresses added), ignored (nothing to learn), malformed, truncated (unparsable after a cut, or split over TCP segments), cut_in_kernel (longer than the kernel copies), lost (ring buffer full).", "outcome"),
 		dnsEvictions: d("dns_cache_evictions_total", "Addresses pushed out of the DNS cache by its size bound."),
@@ -48,7 +52,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
-		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired} {
+		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled} {
 		ch <- d
 	}
 }
@@ -80,6 +84,10 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.pubErrors, p.PublishErrors)
 	counter(c.kernelDup, s.Kernel.Duplicates)
 	gauge(c.dnsEntries, float64(s.DNS.Entries))
+	gauge(c.spoolBatches, float64(p.SpoolBatches))
+	gauge(c.spoolBytes, float64(p.SpoolBytes))
+	gauge(c.spoolEvents, float64(p.SpoolEvents))
+	counter(c.spooled, p.Spooled)
 	counter(c.dnsLookups, s.DNS.Hits, "hit")
 	counter(c.dnsLookups, s.DNS.Misses, "miss")
 	counter(c.dnsAnswers, s.DNS.Answers, "learned")
