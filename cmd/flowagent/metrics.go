@@ -20,6 +20,7 @@ type agentCollector struct {
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
+	spoolBatches, spoolBytes, spoolEvents, spooled                                          *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
