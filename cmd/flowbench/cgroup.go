@@ -1,0 +1,102 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
+)
+
+// cgroup is a child cgroup v2 created for the benchmark.
+type cgroup struct {
+	Path string
+	fd   int
+}
+
+// newCgroup creates a fresh child of the cgroup v2 root.
+func newCgroup(name string) (*cgroup, error) {
+	root, err := cgroupv2.DetectRoot()
+	if err != nil {
+		return nil, err
+	}
+	path, err := os.MkdirTemp(root, "flowbus-bench-"+name+"-")
+	if err != nil {
+		return nil, fmt.Errorf("creating a child cgroup under %s: %w", root, err)
+	}
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		_ = os.Remove(path)
+		return nil, err
+	}
+	return &cgroup{Path: path, fd: fd}, nil
+}
+
+// Remove kills anything left inside and removes the directory; the kernel
+// refuses rmdir while a process is still inside, so it retries briefly.
+func (c *cgroup) Remove() error {
+	syscall.Close(c.fd)
+	_ = os.WriteFile(filepath.Join(c.Path, "cgroup.kill"), []byte("1"), 0)
+	var err error
+	for i := 0; i < 100; i++ {
+		if err = os.Remove(c.Path); err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("could not remove cgroup %s: %w", c.Path, err)
+}
+
+// command returns flowbench re-executed as a worker, started directly inside
+// the cgroup (clone3 CLONE_INTO_CGROUP) so no packet escapes accounting.
+func (c *cgroup) command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "/proc/self/exe", append([]string{workerCmd}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: c.fd, Pdeathsig: syscall.SIGKILL}
+	cmd.WaitDelay = 5 * time.Second
+	return cmd
+}
+
+// runJSON runs a worker in the cgroup and decodes its JSON output into v.
+func (c *cgroup) runJSON(ctx context.Context, v any, args ...string) error {
+	cmd := c.command(ctx, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("worker %v: %w: %s", args, err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	if err := json.Unmarshal(out, v); err != nil {
+		return fmt.Errorf("worker %v output: %w", args, err)
+	}
+	return nil
+}
+
+// storm runs the connection storm worker in the cgroup.
+func (c *cgroup) storm(ctx context.Context, workers int, seconds float64, ports bool) (StormResult, error) {
+	var r StormResult
+	args := []string{"storm", "-workers", fmt.Sprint(workers), "-seconds", fmt.Sprint(seconds)}
+	if ports {
+		args = append(args, "-ports")
+	}
+	err := c.runJSON(ctx, &r, args...)
+	if err == nil && r.Seconds <= 0 {
+		err = fmt.Errorf("storm worker reported %v s", r.Seconds)
+	}
+	return r, err
+}
+
+// bulk runs the single-stream worker in the cgroup.
+func (c *cgroup) bulk(ctx context.Context, size int64) (BulkResult, error) {
+	var r BulkResult
+	err := c.runJSON(ctx, &r, "bulk", "-bytes", fmt.Sprint(size))
+	if err == nil && r.Seconds <= 0 {
+		err = fmt.Errorf("bulk worker reported %v s", r.Seconds)
+	}
+	return r, err
+}

@@ -1,0 +1,389 @@
+// Command flowbench runs flowbus's benchmark protocol (/work/shared/BENCH.md,
+// `make bench`): B4 (encoding), B1 (kernel-side cost: connection storm and
+// bulk stream, with ÷ without the agent), B1p (the same against libbpf-tools
+// tcpstates) and B2 (completeness under load). It prints one table with the
+// machine, versions and parameters, and writes the same figures as JSON.
+//
+// Benchmarks report, they never fail: the exit status is 0 whenever the
+// harness could run, whether or not targets were met.
+package main
+
+import (
+	"bytes"
+	"context"
+	"debug/buildinfo"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+// Params are every knob of a run, printed and saved with the figures.
+type Params struct {
+	Quick        bool     `json:"quick"`
+	Only         []string `json:"only"`
+	Pairs        int      `json:"pairs"`
+	Workers      int      `json:"workers"`
+	StormSeconds float64  `json:"storm_seconds"`
+	BulkBytes    int64    `json:"bulk_bytes"`
+	B2Seconds    float64  `json:"b2_seconds"`
+	BenchCount   int      `json:"b4_count"`
+	BenchTime    string   `json:"b4_benchtime"`
+	Agent        string   `json:"agent"`
+}
+
+// Machine describes where the figures were taken.
+type Machine struct {
+	Cores      int    `json:"cores"`
+	CPU        string `json:"cpu"`
+	Kernel     string `json:"kernel"`
+	Go         string `json:"go"`
+	NATSServer string `json:"nats_server"`
+	NATSGo     string `json:"nats_go"`
+	Revision   string `json:"flowbus_revision"`
+	Time       string `json:"time"`
+}
+
+// Row is one line of the result table.
+type Row struct {
+	ID      string         `json:"id"`
+	What    string         `json:"what"`
+	Figures string         `json:"figures"`
+	Target  string         `json:"target"`
+	Met     string         `json:"met"` // yes, no, n/a
+	Note    string         `json:"note,omitempty"`
+	Data    map[string]any `json:"data,omitempty"`
+}
+
+// Report is the content of results.json.
+type Report struct {
+	Machine Machine `json:"machine"`
+	Params  Params  `json:"params"`
+	Rows    []Row   `json:"rows"`
+	Seconds float64 `json:"seconds"`
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == workerCmd {
+		if err := runWorker(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "flowbench worker:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	os.Exit(run())
+}
+
+func run() int {
+	quick := flag.Bool("quick", false, "short run (fewer pairs, shorter storms)")
+	only := flag.String("only", "B4,B1,B1p,B2", "comma-separated benchmarks to run")
+	out := flag.String("out", "", "where to write the JSON results (default: bench/results.json in the module)")
+	pairs := flag.Int("pairs", 0, "A/B pairs for ratios (default 7, --quick 5; at least 5 is the protocol)")
+	workers := flag.Int("workers", 4, "storm workers")
+	stormSec := flag.Float64("storm-seconds", 0, "B1 storm length in seconds (default 3, --quick 2)")
+	b2Sec := flag.Float64("b2-seconds", 0, "B2 storm length in seconds (default 20, --quick 5)")
+	bulkMiB := flag.Int64("bulk-mib", 0, "B1 bulk stream size in MiB (default 2048, --quick 1024; protocol: at least 1024)")
+	agentBin := flag.String("agent", "", "flowagent binary to measure (default: build ./cmd/flowagent from this tree into a temp dir, so it matches the decoder B2 uses)")
+	flag.Parse()
+
+	p := Params{Quick: *quick, Pairs: 7, Workers: *workers, StormSeconds: 3, B2Seconds: 20, BulkBytes: 2048 << 20, BenchCount: 5, BenchTime: "1s", Agent: *agentBin}
+	if *quick {
+		p.Pairs, p.StormSeconds, p.B2Seconds, p.BenchTime, p.BulkBytes = 5, 2, 5, "300ms", 1024<<20
+	}
+	if *bulkMiB > 0 {
+		p.BulkBytes = *bulkMiB << 20
+	}
+	if *pairs > 0 {
+		p.Pairs = *pairs
+	}
+	if *stormSec > 0 {
+		p.StormSeconds = *stormSec
+	}
+	if *b2Sec > 0 {
+		p.B2Seconds = *b2Sec
+	}
+	want := map[string]bool{}
+	for _, id := range strings.Split(*only, ",") {
+		if id = strings.TrimSpace(id); id != "" {
+			want[strings.ToUpper(id)] = true
+			p.Only = append(p.Only, id)
+		}
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	start := time.Now()
+
+	// The module is needed for B4 (go test) and to build the agent; a
+	// prebuilt --agent can run B1/B2 from anywhere.
+	modRoot, err := findModRoot()
+	if err != nil && (want["B4"] || *agentBin == "") {
+		fmt.Fprintln(os.Stderr, "flowbench:", err)
+		return 1
+	}
+	tmp, err := os.MkdirTemp("", "flowbench-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "flowbench:", err)
+		return 1
+	}
+	defer os.RemoveAll(tmp)
+
+	needAgent := want["B1"] || want["B1P"] || want["B2"]
+	root := os.Geteuid() == 0
+	exit := 0
+	if needAgent && !root {
+		fmt.Fprintln(os.Stderr, "flowbench: B1, B1p and B2 need root (they load eBPF programs and create cgroups): skipped; run as root for the full protocol")
+		exit = 2
+	}
+	if needAgent && root {
+		if p.Agent, err = ensureAgent(ctx, modRoot, p.Agent, tmp); err != nil {
+			fmt.Fprintln(os.Stderr, "flowbench:", err)
+			return 1
+		}
+	}
+
+	m := machine(modRoot, p.Agent)
+	printHeader(m, p)
+
+	var rows []Row
+	progress := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "[%5.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
+	}
+	if want["B4"] {
+		rows = append(rows, runB4(ctx, modRoot, p, progress)...)
+	}
+	skipped := func(id, what, target string) Row {
+		return Row{ID: id, What: what, Figures: "n/a", Target: target, Met: "n/a", Note: "needs root"}
+	}
+	if want["B1"] {
+		if root {
+			rows = append(rows, runB1(ctx, tmp, p, progress)...)
+		} else {
+			rows = append(rows, skipped("B1", "conn-rate ratio", ">= 0.97"), skipped("B1", "bulk ratio", ">= 0.99"))
+		}
+	}
+	if want["B1P"] {
+		if root {
+			rows = append(rows, runB1p(ctx, p, rows, progress)...)
+		} else {
+			rows = append(rows, skipped("B1p", "tcpstates conn-rate ratio", "ours >= peer's"))
+		}
+	}
+	if want["B2"] {
+		if root {
+			rows = append(rows, runB2(ctx, tmp, p, progress)...)
+		} else {
+			rows = append(rows, skipped("B2", "completeness under load", "0 lost, 0 dup, 0 kernel drops"))
+		}
+	}
+	if ctx.Err() != nil {
+		fmt.Fprintln(os.Stderr, "flowbench: interrupted; partial results")
+		exit = 130
+	}
+
+	printTable(rows)
+	if *out == "" {
+		*out = filepath.Join(modRoot, "bench", "results.json")
+		if modRoot == "" {
+			*out = filepath.Join("bench", "results.json")
+		}
+	}
+	rep := Report{Machine: m, Params: p, Rows: rows, Seconds: time.Since(start).Seconds()}
+	if err := writeJSON(*out, rep); err != nil {
+		fmt.Fprintln(os.Stderr, "flowbench:", err)
+		return 1
+	}
+	fmt.Printf("\nwrote %s (%.0f s)\n", *out, rep.Seconds)
+	return exit
+}
+
+// findModRoot walks up from the working directory to go.mod, so that B4 and
+// the agent build work from any directory inside the module.
+func findModRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("run flowbench inside the flowbus module (no go.mod found above the working directory)")
+		}
+		dir = parent
+	}
+}
+
+// ensureAgent returns an absolute path to the flowagent binary. Without one
+// given it builds the tree's agent (cached by go build, so cheap after `make
+// build`): a stale bin/flowagent would write batches that this decoder may
+// not read, and B2 would measure the mismatch, not the agent.
+func ensureAgent(ctx context.Context, modRoot, bin, tmp string) (string, error) {
+	if bin != "" {
+		if !filepath.IsAbs(bin) {
+			bin = filepath.Join(modRoot, bin)
+		}
+		if _, err := os.Stat(bin); err != nil {
+			return "", fmt.Errorf("--agent: %w", err)
+		}
+		return bin, nil
+	}
+	out := filepath.Join(tmp, "flowagent")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/flowagent")
+	cmd.Dir = modRoot
+	msg, err := cmd.CombinedOutput()
+	if err == nil {
+		return out, nil
+	}
+	// Other work in progress can break the tree for a while: fall back to the
+	// binary `make build` left, and say so.
+	prebuilt := filepath.Join(modRoot, "bin", "flowagent")
+	if _, serr := os.Stat(prebuilt); serr == nil {
+		fmt.Fprintf(os.Stderr, "flowbench: building ./cmd/flowagent failed (%s); measuring the prebuilt %s instead\n",
+			lastLine(string(msg)), prebuilt)
+		return prebuilt, nil
+	}
+	return "", fmt.Errorf("building flowagent: %w: %s", err, msg)
+}
+
+// machine collects the environment printed with the figures. Versions of the
+// NATS server come from the agent binary's build info: that is what runs.
+func machine(modRoot, agentBin string) Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), Time: time.Now().UTC().Format(time.RFC3339)}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	dep := func(bi *debug.BuildInfo, path string) string {
+		for _, d := range bi.Deps {
+			if d.Path == path {
+				if d.Replace != nil {
+					return d.Replace.Version
+				}
+				return d.Version
+			}
+		}
+		return ""
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		m.NATSServer = dep(bi, "github.com/nats-io/nats-server/v2")
+		m.NATSGo = dep(bi, "github.com/nats-io/nats.go")
+	}
+	if bi, err := buildinfo.ReadFile(agentBin); err == nil {
+		if v := dep(bi, "github.com/nats-io/nats-server/v2"); v != "" {
+			m.NATSServer = v
+		}
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				m.Revision = s.Value
+			}
+			if s.Key == "vcs.modified" && s.Value == "true" {
+				m.Revision += "+dirty"
+			}
+		}
+	}
+	if m.Revision == "" {
+		// go run and failed builds carry no VCS stamp: ask git.
+		if out, err := exec.Command("git", "-C", modRoot, "rev-parse", "--short=12", "HEAD").Output(); err == nil {
+			m.Revision = strings.TrimSpace(string(out))
+			if st, err := exec.Command("git", "-C", modRoot, "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+				m.Revision += "+dirty"
+			}
+		}
+	}
+	if m.NATSServer == "" {
+		// No agent binary to read (B4 only): the module's requirement is what
+		// it would be built with.
+		m.NATSServer = "unknown"
+		if out, err := exec.Command("go", "list", "-C", modRoot, "-m", "-f", "{{.Version}}", "github.com/nats-io/nats-server/v2").Output(); err == nil {
+			m.NATSServer = strings.TrimSpace(string(out)) + " (go.mod)"
+		}
+	}
+	return m
+}
+
+func printHeader(m Machine, p Params) {
+	fmt.Printf("flowbench  %s\n", m.Time)
+	fmt.Printf("machine:   %d cores (%s), kernel %s\n", m.Cores, m.CPU, m.Kernel)
+	fmt.Printf("versions:  %s, nats-server %s, nats.go %s, flowbus %s\n", m.Go, m.NATSServer, m.NATSGo, orDash(m.Revision))
+	fmt.Printf("params:    quick=%v only=%s pairs=%d workers=%d storm=%gs bulk=%d MiB b2=%gs b4: -count %d -benchtime %s\n",
+		p.Quick, strings.Join(p.Only, ","), p.Pairs, p.Workers, p.StormSeconds, p.BulkBytes>>20, p.B2Seconds, p.BenchCount, p.BenchTime)
+	fmt.Printf("agent:     %s\n", p.Agent)
+	fmt.Println("all traffic on loopback from a worker process in a child cgroup; ratios: A B A B alternating, median of pairs")
+	fmt.Println()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func printTable(rows []Row) {
+	fmt.Println()
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 1, ' ', 0)
+	fmt.Fprintln(tw, "id\t| what\t| figure(s)\t| target\t| met?")
+	fmt.Fprintln(tw, "--\t| ----\t| ---------\t| ------\t| ----")
+	for _, r := range rows {
+		met := r.Met
+		if r.Note != "" {
+			met += " (" + r.Note + ")"
+		}
+		fmt.Fprintf(tw, "%s\t| %s\t| %s\t| %s\t| %s\n", r.ID, r.What, r.Figures, r.Target, met)
+	}
+	tw.Flush()
+}
+
+func writeJSON(path string, rep Report) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// median of a copy of xs (0 for none).
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// metStr turns a check into the table's yes/no.
+func metStr(ok bool) string {
+	if ok {
+		return "yes"
+	}
+	return "no"
+}
