@@ -134,6 +134,7 @@ func TestKernelFlagClassification(t *testing.T) {
 		{"syn-ack on egress is incoming", eg, ipv4(srv, cli, 6, 0, tcpHdr(443, 40001, 1000, fSYN|fACK)), 1, schema.Incoming, cli, 40001},
 		{"syn-ack with ECN bits", in, ipv4(srv, cli, 6, 0, tcpHdr(443, 40002, 7, fSYN|fACK|0x40|0x80)), 1, schema.Outgoing, cli, 40002},
 		{"syn-ack retransmitted: no second event", in, ipv4(srv, cli, 6, 0, tcpHdr(443, 40000, 1000, fSYN|fACK)), 0, 0, "", 0},
+		{"egress syn-ack retransmitted: no second event", eg, ipv4(srv, cli, 6, 0, tcpHdr(443, 40001, 1000, fSYN|fACK)), 0, 0, "", 0},
 		{"same 4-tuple, new connection (new ISN)", in, ipv4(srv, cli, 6, 0, tcpHdr(443, 40000, 5555, fSYN|fACK)), 1, schema.Outgoing, cli, 40000},
 		{"bare syn", eg, ipv4(cli, srv, 6, 0, tcpHdr(40003, 443, 1, fSYN)), 0, 0, "", 0},
 		{"syn-ack-rst", in, ipv4(srv, cli, 6, 0, tcpHdr(443, 40004, 1, fSYN|fACK|fRST)), 0, 0, "", 0},
@@ -175,8 +176,8 @@ func TestKernelFlagClassification(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.Duplicates != 1 {
-		t.Errorf("suppressed retransmits: got %d, want 1", k.Duplicates)
+	if k.Duplicates != 2 {
+		t.Errorf("suppressed retransmits: got %d, want 2", k.Duplicates)
 	}
 	if k.Truncated != 1 {
 		t.Errorf("truncated headers counted: got %d, want 1", k.Truncated)

@@ -111,7 +111,7 @@ struct {
 
 // seen maps a connection end to the sequence number of its SYN-ACK: a
 // retransmission carries the same number, a new connection on a reused
-// 4-tuple a fresh one.
+// 4-tuple a fresh one. Used on egress (see first_synack).
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -130,14 +130,38 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
+// first_synack tells whether this SYN-ACK is the first of its connection.
+// On ingress the receiving socket answers it for free: the first SYN-ACK
+// finds it in SYN_SENT, a retransmission (our ACK was lost) finds it
+// established. That spares the map, which is most of the cost of an event.
+// On egress the sender is a request socket, which shows nothing of its
+// retransmissions, so the seen map remembers the sequence number.
+static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
+{
+	if (k->direction == DIR_OUTGOING) {
+		struct bpf_sock *sk = skb->sk;
+		if (sk)
+			sk = bpf_sk_fullsock(sk);
+		if (sk && sk->protocol == IPPROTO_TCP)
+			return sk->state == BPF_TCP_SYN_SENT;
+	}
+	__u32 *old = bpf_map_lookup_elem(&seen, k);
+	if (old) {
+		if (*old == seq)
+			return 0;
+		*old = seq; // a new connection on a reused 4-tuple: no new map entry
+		return 1;
+	}
+	bpf_map_update_elem(&seen, k, &seq, BPF_ANY);
+	return 1;
+}
+
 static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
 {
-	__u32 *old = bpf_map_lookup_elem(&seen, k);
-	if (old && *old == seq) {
+	if (!first_synack(skb, k, seq)) {
 		count(CNT_DUP);
 		return;
 	}
-	bpf_map_update_elem(&seen, k, &seq, BPF_ANY);
 
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
