@@ -89,6 +89,21 @@ var ErrPrivileges = errors.New("loading eBPF programs needs root, or CAP_BPF, CA
 
 // Open loads the programs and attaches them to the cgroup.
 func Open(opts Options) (*Capture, error) {
+	c, err := Load(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Attach(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// Load checks the cgroup and loads the programs without attaching them, so
+// that missing privileges or a wrong cgroup are reported before anything
+// else starts.
+func Load(opts Options) (*Capture, error) {
 	opts.fill()
 	if opts.CgroupPath == "" {
 		root, err := cgroupv2.DetectRoot()
@@ -111,7 +126,11 @@ func Open(opts Options) (*Capture, error) {
 	if err := c.load(); err != nil {
 		return nil, err
 	}
+	return c, nil
+}
 
+// Attach attaches the loaded programs to the cgroup: events start here.
+func (c *Capture) Attach() error {
 	for _, a := range []struct {
 		prog *ebpf.Program
 		typ  ebpf.AttachType
@@ -119,15 +138,14 @@ func Open(opts Options) (*Capture, error) {
 		{c.objs.FlowbusIngress, ebpf.AttachCGroupInetIngress},
 		{c.objs.FlowbusEgress, ebpf.AttachCGroupInetEgress},
 	} {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: opts.CgroupPath, Attach: a.typ, Program: a.prog})
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: c.CgroupPath, Attach: a.typ, Program: a.prog})
 		if err != nil {
-			c.Close()
-			return nil, privErr(fmt.Errorf("attaching to cgroup %s: %w", opts.CgroupPath, err))
+			_ = c.Detach()
+			return privErr(fmt.Errorf("attaching to cgroup %s: %w", c.CgroupPath, err))
 		}
 		c.links = append(c.links, l)
 	}
-
-	return c, nil
+	return nil
 }
 
 // load loads the kernel objects and opens the ring buffer, without attaching.

@@ -60,15 +60,28 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 			MinTTL:          cfg.DNSMinTTL,
 			MaxTTL:          cfg.DNSMaxTTL,
 		})}
+	// eBPF first: missing privileges or a wrong cgroup should be the first
+	// and only thing the user hears about.
+	var err error
+	a.capture, err = bpf.Load(bpf.Options{
+		CgroupPath:   cfg.CgroupPath,
+		RingBytes:    cfg.RingbufBytes,
+		PollInterval: cfg.PollInterval,
+	})
+	if err != nil {
+		return nil, err
+	}
 	ok := false
 	defer func() {
 		if !ok {
+			a.capture.Close()
 			a.shutdownNATS()
 		}
 	}()
 
 	if cfg.NATSURL == "" {
-		srv, err := embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir})
+		var srv *server.Server
+		srv, err = embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir})
 		if err != nil {
 			return nil, err
 		}
@@ -94,7 +107,6 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 
 	var sp *spool.Spool
 	if cfg.SpoolDir != "off" {
-		var err error
 		if sp, err = spool.Open(cfg.SpoolDir, cfg.SpoolBytes); err != nil {
 			return nil, err
 		}
@@ -105,7 +117,6 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 			log.Warn("unreadable spool files set aside (*.corrupt)", "files", sp.Corrupt(), "dir", cfg.SpoolDir)
 		}
 	}
-	var err error
 	a.batchMetrics = newBatchMetrics()
 	a.pub, err = publisher.New(a.nc, publisher.Config{
 		Spool:       sp,
@@ -137,12 +148,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		a.streamReady.Store(true)
 	}
 
-	a.capture, err = bpf.Open(bpf.Options{
-		CgroupPath:   cfg.CgroupPath,
-		RingBytes:    cfg.RingbufBytes,
-		PollInterval: cfg.PollInterval,
-	})
-	if err != nil {
+	if err := a.capture.Attach(); err != nil {
 		return nil, err
 	}
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,

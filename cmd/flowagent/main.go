@@ -5,15 +5,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
-
-	"github.com/flowbus/flowbus/bpf"
 )
 
 func main() {
@@ -45,20 +42,14 @@ func run(args []string) int {
 		return 2
 	}
 	log := newLogger(cfg)
-	if os.Geteuid() != 0 {
-		log.Warn("not running as root: loading eBPF needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")
-	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
 	a, err := Start(ctx, cfg, log)
 	if err != nil {
-		if errors.Is(err, bpf.ErrPrivileges) {
-			fmt.Fprintln(os.Stderr, "flowagent:", err)
-			return 1
-		}
-		log.Error("flowagent could not start", "err", err)
+		// One plain line: it names the problem and the fix.
+		fmt.Fprintln(os.Stderr, "flowagent:", err)
 		return 1
 	}
 	if cfg.MetricsAddr != "" && cfg.MetricsAddr != "off" {
