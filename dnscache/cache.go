@@ -97,6 +97,7 @@ func New(cfg Config) *Cache {
 // Lookup returns the names that map to addr at time now (unix ns), or nil.
 // The slice must not be modified; it stays valid after later updates.
 func (c *Cache) Lookup(addr netip.Addr, now int64) []string {
+	addr = addr.Unmap() // Add stores IPv4-mapped addresses unmapped
 	c.mu.Lock()
 	e := c.m[addr]
 	if e == nil {

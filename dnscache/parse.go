@@ -108,6 +108,12 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 		}
 		switch rh.Type {
 		case dnsmessage.TypeA:
+			// The parser reads 4 bytes whatever RDLENGTH says: a wrong
+			// length would learn the bytes of the next record.
+			if rh.Length != 4 {
+				perr = fmt.Errorf("A record data length %d", rh.Length)
+				break
+			}
 			r, err := p.AResource()
 			if err != nil {
 				perr = err
@@ -115,6 +121,10 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 			}
 			addrs = append(addrs, addrRec{normalize(rh.Name), netip.AddrFrom4(r.A), rh.TTL})
 		case dnsmessage.TypeAAAA:
+			if rh.Length != 16 {
+				perr = fmt.Errorf("AAAA record data length %d", rh.Length)
+				break
+			}
 			r, err := p.AAAAResource()
 			if err != nil {
 				perr = err
