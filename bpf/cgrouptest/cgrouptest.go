@@ -55,6 +55,32 @@ func NewChild(t testing.TB) *Cgroup {
 	if err != nil {
 		t.Fatalf("creating a child cgroup under %s: %v", root, err)
 	}
+	return open(t, path)
+}
+
+// NewChildNamed creates a child named name inside a fresh test cgroup (as a
+// container runtime would name it).
+func NewChildNamed(t testing.TB, name string) *Cgroup {
+	t.Helper()
+	parent := NewChild(t)
+	path := filepath.Join(parent.Path, name)
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return open(t, path)
+}
+
+// ID is the cgroup's id: the inode of its directory on cgroup v2.
+func (c *Cgroup) ID() uint64 {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(c.fd, &st); err != nil {
+		return 0
+	}
+	return st.Ino
+}
+
+func open(t testing.TB, path string) *Cgroup {
+	t.Helper()
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		_ = os.Remove(path)

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/flowbus/flowbus/bpf"
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/dnscache"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/embedded"
@@ -35,6 +36,7 @@ type Agent struct {
 	capture *bpf.Capture
 	self    *publisher.SelfFilter
 	dns     *dnscache.Cache
+	cgroups *cgroupv2.Containers
 
 	batchMetrics *batchMetrics
 
@@ -148,6 +150,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		a.streamReady.Store(true)
 	}
 
+	a.cgroups = cgroupv2.NewContainers(a.capture.CgroupPath, 2*time.Second)
 	if err := a.capture.Attach(); err != nil {
 		return nil, err
 	}
@@ -240,6 +243,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches", st.BatchesAcked,
 		"drops_kernel", st.Drops.Kernel, "drops_queue", st.Drops.Queue, "drops_publish", st.Drops.Publish)
 	a.capture.Close()
+	a.cgroups.Close()
 	a.shutdownNATS()
 	return errors.Join(runErr, pubErr)
 }
@@ -251,6 +255,7 @@ func (a *Agent) Flow(ev *schema.Event) {
 		a.selfExcluded.Add(1)
 		return
 	}
+	ev.ContainerID = a.cgroups.ContainerID(ev.CgroupID)
 	ev.SrcDNS = a.dns.Lookup(ev.Src, ev.Timestamp)
 	ev.DstDNS = a.dns.Lookup(ev.Dst, ev.Timestamp)
 	a.pub.Add(ev)

@@ -163,8 +163,11 @@ func TestEndToEndLoopback(t *testing.T) {
 		if d := time.Since(time.Unix(0, ev.Timestamp)); d < 0 || d > time.Minute {
 			t.Errorf("event %v timestamp %v is not the wall clock of now", tu, time.Unix(0, ev.Timestamp))
 		}
-		if ev.CgroupID == 0 {
-			t.Errorf("event %v has no cgroup id", tu)
+		if ev.CgroupID != cg.ID() {
+			t.Errorf("event %v has cgroup id %d, want the watched child's %d", tu, ev.CgroupID, cg.ID())
+		}
+		if ev.ContainerID != "" {
+			t.Errorf("event %v has container id %q from a cgroup that is no container", tu, ev.ContainerID)
 		}
 		if refused[ev.DstPort] {
 			t.Errorf("event %v for a SYN refused by RST", tu)
@@ -211,4 +214,23 @@ func outsideConnection(t *testing.T) netip.AddrPort {
 	}
 	c.Close()
 	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// A cgroup named as container runtimes name them gives its events the
+// container id.
+func TestContainerID(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	const id = "3f2a9c0d1e5b4a7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e"
+	cg := cgrouptest.NewChildNamed(t, "docker-"+id+".scope")
+	a := startAgent(t, testConfig(t, cg.Path))
+	cg.Traffic(t, "127.0.0.1", 3, false)
+	got := readStream(t, a.ClientURL(), "FLOWS", 6, 200*time.Millisecond)
+	if len(got) != 6 {
+		t.Fatalf("got %d events, want 6", len(got))
+	}
+	for _, r := range got {
+		if r.Ev.ContainerID != id || r.Ev.CgroupID != cg.ID() {
+			t.Errorf("event %s %s:%d: container %q cgroup %d, want %q %d", r.Ev.Direction, r.Ev.Src, r.Ev.SrcPort, r.Ev.ContainerID, r.Ev.CgroupID, id, cg.ID())
+		}
+	}
 }
