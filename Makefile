@@ -5,7 +5,7 @@ BIN := bin
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 FUZZTIME ?= 15s
 
-.PHONY: all build generate test check unit fuzz run bench compose-config clean
+.PHONY: all build generate test check unit validate fuzz run bench compose-up compose-down clean
 
 all: build
 
@@ -18,7 +18,7 @@ generate:
 
 # Everything CI checks: formatting, vet, the race-enabled tests (privileged
 # ones need root) and a bounded run of every fuzz target.
-test: check unit fuzz
+test: check unit validate fuzz
 
 check:
 	@bad=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go') | grep -v '_bpfel.go$$' || true); \
@@ -27,6 +27,12 @@ check:
 
 unit:
 	$(GO) test -race -count=1 -timeout 15m ./...
+
+# The deployment files, offline: docker-compose.yml (docker-compose config),
+# the Kubernetes manifests (strictly decoded into the API's types), the NATS
+# configs, the systemd units, the alert rules and the dashboard.
+validate:
+	./deploy/validate.sh
 
 fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
@@ -43,6 +49,15 @@ run: build
 
 bench: build
 	$(GO) run ./cmd/flowbench
+
+# The dev stack (needs a Docker engine): NATS with JetStream, the agent,
+# flowstat; `docker compose -p flowbus --profile tail run --rm flowtail` for live flows.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+compose-up:
+	$(COMPOSE) -p flowbus up -d --build
+
+compose-down:
+	$(COMPOSE) -p flowbus down
 
 clean:
 	rm -rf $(BIN) bench/results.json

@@ -210,8 +210,8 @@ func (p *Publisher) Add(ev *schema.Event) {
 	d := p.dirs[ev.Direction]
 	d.enc.Add(ev)
 	if d.enc.Len() == 1 {
-		d.started = time.Now()
-		d.timer.Reset(p.cfg.Linger)
+		d.started = lingerStart(ev.Timestamp, time.Now(), p.cfg.Linger)
+		d.timer.Reset(p.cfg.Linger - time.Since(d.started))
 	}
 	if d.enc.Len() >= p.cfg.MaxEvents || d.enc.Size() >= p.cfg.MaxBytes {
 		p.sealLocked(d)
@@ -234,6 +234,23 @@ func addDrops(dst *schema.Drops, d schema.Drops) {
 	dst.Queue += d.Queue
 	dst.Spool += d.Spool
 	dst.Publish += d.Publish
+}
+
+// lingerStart is when a batch whose first event happened at evNanos (wall
+// clock) starts to linger: at the event itself, so that the time the reader
+// took to see it (its poll interval) counts against the linger and the
+// event's latency stays near the linger. It is clamped to [now-linger/2,
+// now]: a clock step or a backlogged reader must not seal every batch at
+// once, which would shred batches just when the agent is busiest.
+func lingerStart(evNanos int64, now time.Time, linger time.Duration) time.Time {
+	t := time.Unix(0, evNanos)
+	if t.After(now) {
+		return now
+	}
+	if floor := now.Add(-linger / 2); t.Before(floor) {
+		return floor
+	}
+	return t
 }
 
 func (p *Publisher) lingerExpired(d *dirState) {

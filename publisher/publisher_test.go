@@ -222,6 +222,56 @@ func TestBatchByLinger(t *testing.T) {
 	}
 }
 
+// The linger counts from the event's own time, not from when the reader
+// handed it over, so the reader's poll delay does not add to the latency;
+// an old event (backlog, clock step) still lingers at least half the linger.
+func TestLingerCountsFromTheEvent(t *testing.T) {
+	_, nc, _ := natsServer(t)
+	const linger = 400 * time.Millisecond
+	p := newPub(t, nc, Config{MaxEvents: 1000, Linger: linger})
+	defer closePub(t, p)
+	for _, c := range []struct {
+		age      time.Duration // how long before Add the event happened
+		min, max time.Duration // from Add to the ack
+	}{
+		{0, linger - 5*time.Millisecond, 10 * linger},
+		{100 * time.Millisecond, linger - 100*time.Millisecond - 5*time.Millisecond, linger - 20*time.Millisecond},
+		{time.Hour, linger/2 - 5*time.Millisecond, linger - 20*time.Millisecond},
+	} {
+		ev := event(1, schema.Incoming)
+		ev.Timestamp = time.Now().Add(-c.age).UnixNano()
+		acked := p.Stats().BatchesAcked
+		start := time.Now()
+		p.Add(ev)
+		for p.Stats().BatchesAcked == acked {
+			if time.Since(start) > 5*time.Second {
+				t.Fatal("batch not acked within 5 s")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if d := time.Since(start); d < c.min || d > c.max {
+			t.Errorf("event %v old: acked %v after Add, want %v..%v", c.age, d, c.min, c.max)
+		}
+	}
+}
+
+func TestLingerStartClamps(t *testing.T) {
+	now := time.Unix(1000, 0)
+	l := 100 * time.Millisecond
+	for _, c := range []struct {
+		ev   time.Time
+		want time.Time
+	}{
+		{now.Add(-30 * time.Millisecond), now.Add(-30 * time.Millisecond)},
+		{now.Add(time.Second), now},
+		{now.Add(-time.Second), now.Add(-50 * time.Millisecond)},
+	} {
+		if got := lingerStart(c.ev.UnixNano(), now, l); !got.Equal(c.want) {
+			t.Errorf("lingerStart(%v) = %v, want %v", c.ev.Sub(now), got.Sub(now), c.want.Sub(now))
+		}
+	}
+}
+
 // A retried publish (same message id) is stored once: the stream's
 // duplicate window rejects the copy.
 func TestRetryIsDeduplicated(t *testing.T) {

@@ -39,7 +39,9 @@ func freePort() (string, error) {
 }
 
 // startAgent starts the agent watching cgroupPath and waits for /readyz.
-func startAgent(ctx context.Context, bin, cgroupPath, tmp string) (*agentProc, error) {
+// extraEnv (KEY=value) is added last, so it overrides ours (an external
+// FLOWBUS_NATS_URL, say).
+func startAgent(ctx context.Context, bin, cgroupPath, tmp string, extraEnv ...string) (*agentProc, error) {
 	dir, err := os.MkdirTemp(tmp, "agent-")
 	if err != nil {
 		return nil, err
@@ -73,6 +75,7 @@ func startAgent(ctx context.Context, bin, cgroupPath, tmp string) (*agentProc, e
 		"FLOWBUS_METRICS_ADDR="+metrics,
 		"FLOWBUS_HOST=bench",
 	)
+	env = append(env, extraEnv...)
 	a.cmd = exec.Command(bin)
 	a.cmd.Env = env
 	a.cmd.Stdout = logf
@@ -108,6 +111,9 @@ func startAgent(ctx context.Context, bin, cgroupPath, tmp string) (*agentProc, e
 		}
 	}
 }
+
+// Pid is the agent's process id.
+func (a *agentProc) Pid() int { return a.cmd.Process.Pid }
 
 // logTail returns the last lines of the agent's log, for error messages.
 func (a *agentProc) logTail() string {

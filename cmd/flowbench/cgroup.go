@@ -91,6 +91,16 @@ func (c *cgroup) storm(ctx context.Context, workers int, seconds float64, ports 
 	return r, err
 }
 
+// paced runs the storm worker in the cgroup at a steady rate (connections/s).
+func (c *cgroup) paced(ctx context.Context, workers int, seconds, rate float64) (StormResult, error) {
+	var r StormResult
+	err := c.runJSON(ctx, &r, "storm", "-workers", fmt.Sprint(workers), "-seconds", fmt.Sprint(seconds), "-rate", fmt.Sprint(rate))
+	if err == nil && r.Seconds <= 0 {
+		err = fmt.Errorf("storm worker reported %v s", r.Seconds)
+	}
+	return r, err
+}
+
 // bulk runs the single-stream worker in the cgroup.
 func (c *cgroup) bulk(ctx context.Context, size int64) (BulkResult, error) {
 	var r BulkResult

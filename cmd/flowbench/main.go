@@ -1,8 +1,10 @@
 // Command flowbench runs flowbus's benchmark protocol (/work/shared/BENCH.md,
 // `make bench`): B4 (encoding), B1 (kernel-side cost: connection storm and
 // bulk stream, with ÷ without the agent), B1p (the same against libbpf-tools
-// tcpstates) and B2 (completeness under load). It prints one table with the
-// machine, versions and parameters, and writes the same figures as JSON.
+// tcpstates), B2 (completeness under load), B3 (publish pipeline vs nats
+// bench), B5 (agent footprint), B6 (consumer) and B7 (latency). It prints one
+// table with the machine, versions and parameters, and writes the same
+// figures as JSON.
 //
 // Benchmarks report, they never fail: the exit status is 0 whenever the
 // harness could run, whether or not targets were met.
@@ -22,6 +24,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"syscall"
@@ -41,6 +44,13 @@ type Params struct {
 	BenchCount   int      `json:"b4_count"`
 	BenchTime    string   `json:"b4_benchtime"`
 	Agent        string   `json:"agent"`
+	B3Pairs      int      `json:"b3_pairs"`
+	B3Seconds    float64  `json:"b3_leg_seconds"`
+	B5Seconds    float64  `json:"b5_seconds"`
+	B5Rate       float64  `json:"b5_conns_per_s"`
+	B7Seconds    float64  `json:"b7_seconds"`
+	B7Rate       float64  `json:"b7_conns_per_s"`
+	B6Events     int      `json:"b6_events"`
 }
 
 // Machine describes where the figures were taken.
@@ -87,19 +97,48 @@ func main() {
 
 func run() int {
 	quick := flag.Bool("quick", false, "short run (fewer pairs, shorter storms)")
-	only := flag.String("only", "B4,B1,B1p,B2", "comma-separated benchmarks to run")
+	only := flag.String("only", "B4,B1,B1p,B2,B3,B5,B6,B7", "comma-separated benchmarks to run")
 	out := flag.String("out", "", "where to write the JSON results (default: bench/results.json in the module)")
 	pairs := flag.Int("pairs", 0, "A/B pairs for ratios (default 7, --quick 5; at least 5 is the protocol)")
 	workers := flag.Int("workers", 4, "storm workers")
 	stormSec := flag.Float64("storm-seconds", 0, "B1 storm length in seconds (default 3, --quick 2)")
 	b2Sec := flag.Float64("b2-seconds", 0, "B2 storm length in seconds (default 20, --quick 5)")
 	bulkMiB := flag.Int64("bulk-mib", 0, "B1 bulk stream size in MiB (default 2048, --quick 1024; protocol: at least 1024)")
+	b3Pairs := flag.Int("b3-pairs", 0, "B3 ours/nats-bench pairs (default 5, --quick 3)")
+	b3Sec := flag.Float64("b3-seconds", 0, "B3 length of each leg in seconds (default 5, --quick 2)")
+	b5Sec := flag.Float64("b5-seconds", 0, "B5 paced storm length in seconds (default 30, --quick 10)")
+	b7Sec := flag.Float64("b7-seconds", 0, "B7 paced storm length in seconds (default 20, --quick 8)")
 	agentBin := flag.String("agent", "", "flowagent binary to measure (default: build ./cmd/flowagent from this tree into a temp dir, so it matches the decoder B2 uses)")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of this process (B3's publishing side, B4's parent) to this file")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "flowbench: --cpuprofile:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
+	}
 
-	p := Params{Quick: *quick, Pairs: 7, Workers: *workers, StormSeconds: 3, B2Seconds: 20, BulkBytes: 2048 << 20, BenchCount: 5, BenchTime: "1s", Agent: *agentBin}
+	p := Params{Quick: *quick, Pairs: 7, Workers: *workers, StormSeconds: 3, B2Seconds: 20, BulkBytes: 2048 << 20, BenchCount: 5, BenchTime: "1s", Agent: *agentBin,
+		B3Pairs: 5, B3Seconds: 5, B5Seconds: 30, B5Rate: 25_000, B7Seconds: 20, B7Rate: 500, B6Events: 5_000_000}
 	if *quick {
 		p.Pairs, p.StormSeconds, p.B2Seconds, p.BenchTime, p.BulkBytes = 5, 2, 5, "300ms", 1024<<20
+		p.B3Pairs, p.B3Seconds, p.B5Seconds, p.B7Seconds = 3, 2, 10, 8
+	}
+	for _, o := range []struct {
+		dst *float64
+		v   float64
+	}{{&p.B3Seconds, *b3Sec}, {&p.B5Seconds, *b5Sec}, {&p.B7Seconds, *b7Sec}} {
+		if o.v > 0 {
+			*o.dst = o.v
+		}
+	}
+	if *b3Pairs > 0 {
+		p.B3Pairs = *b3Pairs
 	}
 	if *bulkMiB > 0 {
 		p.BulkBytes = *bulkMiB << 20
@@ -128,7 +167,7 @@ func run() int {
 	// The module is needed for B4 (go test) and to build the agent; a
 	// prebuilt --agent can run B1/B2 from anywhere.
 	modRoot, err := findModRoot()
-	if err != nil && (want["B4"] || *agentBin == "") {
+	if err != nil && (want["B4"] || want["B3"] || want["B6"] || *agentBin == "") {
 		fmt.Fprintln(os.Stderr, "flowbench:", err)
 		return 1
 	}
@@ -139,11 +178,11 @@ func run() int {
 	}
 	defer os.RemoveAll(tmp)
 
-	needAgent := want["B1"] || want["B1P"] || want["B2"]
+	needAgent := want["B1"] || want["B1P"] || want["B2"] || want["B5"] || want["B7"]
 	root := os.Geteuid() == 0
 	exit := 0
 	if needAgent && !root {
-		fmt.Fprintln(os.Stderr, "flowbench: B1, B1p and B2 need root (they load eBPF programs and create cgroups): skipped; run as root for the full protocol")
+		fmt.Fprintln(os.Stderr, "flowbench: B1, B1p, B2, B5 and B7 need root (they load eBPF programs and create cgroups): skipped; run as root for the full protocol")
 		exit = 2
 	}
 	if needAgent && root {
@@ -185,6 +224,26 @@ func run() int {
 			rows = append(rows, runB2(ctx, tmp, p, progress)...)
 		} else {
 			rows = append(rows, skipped("B2", "completeness under load", "0 lost, 0 dup, 0 kernel drops"))
+		}
+	}
+	if want["B3"] {
+		rows = append(rows, runB3(ctx, modRoot, tmp, p, progress)...)
+	}
+	if want["B5"] {
+		if root {
+			rows = append(rows, runB5(ctx, modRoot, tmp, p, progress)...)
+		} else {
+			rows = append(rows, skipped("B5", "agent footprint", "<= 0.1 core, RSS <= 64 MiB"))
+		}
+	}
+	if want["B6"] {
+		rows = append(rows, runB6(ctx, modRoot, p, progress)...)
+	}
+	if want["B7"] {
+		if root {
+			rows = append(rows, runB7(ctx, tmp, p, progress)...)
+		} else {
+			rows = append(rows, skipped("B7", "latency SYN-ACK to ack", "p99 <= linger + 20 ms"))
 		}
 	}
 	if ctx.Err() != nil {
@@ -328,6 +387,8 @@ func printHeader(m Machine, p Params) {
 	fmt.Printf("versions:  %s, nats-server %s, nats.go %s, flowbus %s\n", m.Go, m.NATSServer, m.NATSGo, orDash(m.Revision))
 	fmt.Printf("params:    quick=%v only=%s pairs=%d workers=%d storm=%gs bulk=%d MiB b2=%gs b4: -count %d -benchtime %s\n",
 		p.Quick, strings.Join(p.Only, ","), p.Pairs, p.Workers, p.StormSeconds, p.BulkBytes>>20, p.B2Seconds, p.BenchCount, p.BenchTime)
+	fmt.Printf("           b3: %d pairs x %gs legs; b5: %g conn/s for %gs; b6: %d events; b7: %g conn/s for %gs\n",
+		p.B3Pairs, p.B3Seconds, p.B5Rate, p.B5Seconds, p.B6Events, p.B7Rate, p.B7Seconds)
 	fmt.Printf("agent:     %s\n", p.Agent)
 	fmt.Println("all traffic on loopback from a worker process in a child cgroup; ratios: A B A B alternating, median of pairs")
 	fmt.Println()

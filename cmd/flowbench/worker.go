@@ -36,6 +36,46 @@ type StormResult struct {
 	// FailedPortCounts is the same for failed attempts that had bound a
 	// port: connections that may legitimately have begun (SYN-ACK seen).
 	FailedPortCounts map[uint16]uint32 `json:"failed_port_counts,omitempty"`
+	// Rate is the paced target (0: unpaced); Lost counts the tokens a paced
+	// storm could not use in time (the bucket's burst was exceeded).
+	Rate float64 `json:"rate,omitempty"`
+	Lost uint64  `json:"lost_tokens,omitempty"`
+}
+
+// pacer is a token bucket shared by the storm's goroutines: connection i is
+// due at start + i/rate; a goroutine that falls behind by more than the burst
+// loses the missed tokens instead of catching up in one rush.
+type pacer struct {
+	mu       sync.Mutex
+	next     time.Time
+	interval time.Duration
+	burst    time.Duration
+	lost     uint64
+}
+
+func newPacer(rate float64, start time.Time) *pacer {
+	return &pacer{next: start, interval: time.Duration(float64(time.Second) / rate), burst: 10 * time.Millisecond}
+}
+
+// wait blocks until the next token is due; false once it would be past the
+// deadline.
+func (p *pacer) wait(deadline time.Time) bool {
+	p.mu.Lock()
+	now := time.Now()
+	if floor := now.Add(-p.burst); p.next.Before(floor) {
+		p.lost += uint64(floor.Sub(p.next) / p.interval)
+		p.next = floor
+	}
+	t := p.next
+	p.next = p.next.Add(p.interval)
+	p.mu.Unlock()
+	if !t.Before(deadline) {
+		return false
+	}
+	if d := t.Sub(now); d > 0 {
+		time.Sleep(d)
+	}
+	return true
 }
 
 // BulkResult is what the bulk worker prints.
@@ -68,6 +108,7 @@ func stormWorker(args []string) error {
 	seconds := fs.Float64("seconds", 3, "storm duration")
 	maxConns := fs.Uint64("max", 10_000_000, "stop after this many connections")
 	ports := fs.Bool("ports", false, "report client port counts")
+	rate := fs.Float64("rate", 0, "pace to this many connections/s (token bucket); 0: as fast as possible")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -102,6 +143,10 @@ func stormWorker(args []string) error {
 	dst := &syscall.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}
 	start := time.Now()
 	deadline := start.Add(time.Duration(*seconds * float64(time.Second)))
+	var pace *pacer
+	if *rate > 0 {
+		pace = newPacer(*rate, start)
+	}
 	var wg sync.WaitGroup
 	for w := 0; w < *workers; w++ {
 		if *ports {
@@ -112,6 +157,9 @@ func stormWorker(args []string) error {
 		go func(w int) {
 			defer wg.Done()
 			for time.Now().Before(deadline) && total.Load() < *maxConns {
+				if pace != nil && !pace.wait(deadline) {
+					break
+				}
 				cport, err := connectClose(dst, *ports)
 				if err != nil {
 					failed.Add(1)
@@ -131,7 +179,11 @@ func stormWorker(args []string) error {
 		}(w)
 	}
 	wg.Wait()
-	res := StormResult{Conns: total.Load(), Failed: failed.Load(), Seconds: time.Since(start).Seconds(), ListenPort: port, Errors: errs}
+	res := StormResult{Conns: total.Load(), Failed: failed.Load(), Seconds: time.Since(start).Seconds(), ListenPort: port, Errors: errs, Rate: *rate}
+	if pace != nil {
+		res.Seconds = min(res.Seconds, *seconds) // the last wait ends at the deadline, not past it
+		res.Lost = pace.lost
+	}
 	if *ports {
 		res.PortCounts, res.FailedPortCounts = sumCounts(counts), sumCounts(failCounts)
 	}
