@@ -1,0 +1,344 @@
+package deploytest
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nkeys"
+	"sigs.k8s.io/yaml"
+)
+
+// TestNATSConfigs parses the NATS configurations with nats-server itself and
+// checks the per-host permissions of accounts.conf.
+func TestNATSConfigs(t *testing.T) {
+	hash := "$2a$11$abcdefghijklmnopqrstuuJ2NnTvCWtIUyt8bMaq2uWB/R7hxRb3e"
+	t.Setenv("SERVER_NAME", "nats-0")
+	t.Setenv("FLOWBUS_CONSUMER_PASSWORD_BCRYPT", hash)
+	t.Setenv("FLOWBUS_ADMIN_PASSWORD_BCRYPT", hash)
+	t.Setenv("NATS_SYS_PASSWORD_BCRYPT", hash)
+
+	dev, err := server.ProcessConfigFile(filepath.Join(root(t), "deploy/nats/dev.conf"))
+	if err != nil {
+		t.Fatalf("deploy/nats/dev.conf: %v", err)
+	}
+	if !dev.JetStream || dev.HTTPPort != 8222 || dev.Port != 4222 {
+		t.Errorf("dev.conf: want JetStream on, client port 4222, monitoring 8222; got %v %d %d", dev.JetStream, dev.Port, dev.HTTPPort)
+	}
+
+	opts, err := server.ProcessConfigFile(filepath.Join(root(t), "deploy/nats/cluster.conf"))
+	if err != nil {
+		t.Fatalf("deploy/nats/cluster.conf: %v", err)
+	}
+	if !opts.JetStream || opts.ServerName != "nats-0" || opts.Cluster.Name == "" || len(opts.Routes) != 3 {
+		t.Errorf("cluster.conf: want JetStream, server_name from $SERVER_NAME, a named cluster with 3 routes; got js=%v name=%q cluster=%q routes=%d",
+			opts.JetStream, opts.ServerName, opts.Cluster.Name, len(opts.Routes))
+	}
+	if opts.SystemAccount != "SYS" {
+		t.Errorf("cluster.conf: system account %q", opts.SystemAccount)
+	}
+	if len(opts.Nkeys) == 0 {
+		t.Fatal("accounts.conf: no per-host NKey users")
+	}
+	hostRE := regexp.MustCompile(`^flows\.([a-z0-9_-]+)\.>$`)
+	hosts := map[string]bool{}
+	for _, u := range opts.Nkeys {
+		if !nkeys.IsValidPublicUserKey(u.Nkey) {
+			t.Errorf("accounts.conf: %s is not a public user NKey", u.Nkey)
+		}
+		if u.Account == nil || u.Account.Name != "FLOWBUS" {
+			t.Errorf("accounts.conf: host user %s is not in account FLOWBUS", u.Nkey)
+		}
+		p := u.Permissions
+		if p == nil || p.Publish == nil || len(p.Publish.Allow) != 1 || len(p.Publish.Deny) != 0 {
+			t.Errorf("accounts.conf: host user %s must publish to exactly one subject, flows.<host>.>", u.Nkey)
+			continue
+		}
+		m := hostRE.FindStringSubmatch(p.Publish.Allow[0])
+		if m == nil {
+			t.Errorf("accounts.conf: host user %s publishes to %q, want flows.<host>.>", u.Nkey, p.Publish.Allow[0])
+			continue
+		}
+		if hosts[m[1]] {
+			t.Errorf("accounts.conf: two users publish as host %s", m[1])
+		}
+		hosts[m[1]] = true
+		if p.Subscribe == nil || !slices.Equal(p.Subscribe.Allow, []string{"_INBOX.>"}) {
+			t.Errorf("accounts.conf: host %s must subscribe to _INBOX.> only (JetStream acks), got %+v", m[1], p.Subscribe)
+		}
+	}
+	var consumer bool
+	for _, u := range opts.Users {
+		if u.Username == "flowstat" {
+			consumer = true
+			if u.Permissions == nil || u.Permissions.Publish == nil || slices.ContainsFunc(u.Permissions.Publish.Allow, func(s string) bool { return strings.HasPrefix(s, "flows.") }) {
+				t.Errorf("accounts.conf: the consumer user must not publish to flows.>")
+			}
+		}
+	}
+	if !consumer {
+		t.Error("accounts.conf: no consumer user flowstat")
+	}
+}
+
+// TestCompose checks docker-compose.yml: the agent's privileges and mounts,
+// FLOWBUS_* names, files it refers to; then `docker compose config` or
+// `docker-compose config` validates it against the Compose schema.
+func TestCompose(t *testing.T) {
+	var c struct {
+		Services map[string]struct {
+			Build *struct {
+				Context    string `json:"context"`
+				Dockerfile string `json:"dockerfile"`
+				Target     string `json:"target"`
+			} `json:"build"`
+			Image       string            `json:"image"`
+			Privileged  bool              `json:"privileged"`
+			NetworkMode string            `json:"network_mode"`
+			CapAdd      []string          `json:"cap_add"`
+			CapDrop     []string          `json:"cap_drop"`
+			SecurityOpt []string          `json:"security_opt"`
+			Volumes     []string          `json:"volumes"`
+			Environment map[string]string `json:"environment"`
+			Profiles    []string          `json:"profiles"`
+			Ports       []string          `json:"ports"`
+		} `json:"services"`
+	}
+	if err := yaml.Unmarshal(read(t, "docker-compose.yml"), &c); err != nil {
+		t.Fatalf("docker-compose.yml: %v", err)
+	}
+	vars := agentVariables(t)
+	dockerfile := string(read(t, "deploy/docker/Dockerfile"))
+	for _, name := range []string{"nats", "flowagent", "flowstat", "flowtail"} {
+		if _, ok := c.Services[name]; !ok {
+			t.Errorf("docker-compose.yml: no service %s", name)
+		}
+	}
+	for name, s := range c.Services {
+		if s.Privileged {
+			t.Errorf("service %s: privileged", name)
+		}
+		for _, o := range s.SecurityOpt {
+			if strings.Contains(o, "unconfined") {
+				t.Errorf("service %s: %s: Docker's default profiles allow what flowbus needs", name, o)
+			}
+		}
+		for k := range s.Environment {
+			checkVariable(t, vars, "service "+name, k)
+		}
+		if s.Build != nil {
+			if !regexp.MustCompile(`(?m)^FROM .* AS ` + regexp.QuoteMeta(s.Build.Target) + `$`).MatchString(dockerfile) {
+				t.Errorf("service %s: build target %q is not a stage of %s", name, s.Build.Target, s.Build.Dockerfile)
+			}
+			if _, err := os.Stat(filepath.Join(root(t), s.Build.Context, s.Build.Dockerfile)); err != nil {
+				t.Errorf("service %s: %v", name, err)
+			}
+		}
+		for _, v := range s.Volumes {
+			if src, _, _ := strings.Cut(v, ":"); strings.HasPrefix(src, "./") {
+				if _, err := os.Stat(filepath.Join(root(t), src)); err != nil {
+					t.Errorf("service %s: %v", name, err)
+				}
+			}
+		}
+	}
+	a := c.Services["flowagent"]
+	if a.NetworkMode != "host" {
+		t.Errorf("flowagent: network_mode %q, want host", a.NetworkMode)
+	}
+	if !slices.Contains(a.CapDrop, "ALL") {
+		t.Error("flowagent: cap_drop ALL, then add what is needed")
+	}
+	for _, cp := range a.CapAdd {
+		if !slices.Contains([]string{"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}, cp) {
+			t.Errorf("flowagent: capability %s is more than the agent needs", cp)
+		}
+	}
+	cg := a.Environment["FLOWBUS_CGROUP_PATH"]
+	mounted := false
+	interp := regexp.MustCompile(`\$\{[A-Za-z0-9_]+:-([^}]*)\}`)
+	for _, v := range a.Volumes {
+		parts := strings.Split(interp.ReplaceAllString(v, "$1"), ":")
+		if len(parts) >= 2 && parts[1] == cg && strings.Contains(parts[0], "/sys/fs/cgroup") {
+			mounted = true
+			if len(parts) < 3 || parts[2] != "ro" {
+				t.Error("flowagent: mount the host cgroup file system read-only")
+			}
+		}
+	}
+	if cg == "" || !mounted {
+		t.Errorf("flowagent: FLOWBUS_CGROUP_PATH (%q) must name the host's /sys/fs/cgroup mounted into the container", cg)
+	}
+	// The agent shares the host's network namespace: it reaches NATS through
+	// the port published on the host's loopback.
+	if a.Environment["FLOWBUS_NATS_URL"] != "nats://127.0.0.1:4222" || !slices.Contains(c.Services["nats"].Ports, "127.0.0.1:4222:4222") {
+		t.Errorf("flowagent reaches NATS at %q; want nats://127.0.0.1:4222, published by nats as 127.0.0.1:4222:4222", a.Environment["FLOWBUS_NATS_URL"])
+	}
+
+	bin := tool(t, true, "docker-compose", "docker")
+	args := []string{"-f", "docker-compose.yml", "-p", "flowbus", "config", "-q"}
+	if filepath.Base(bin) == "docker" {
+		args = append([]string{"compose"}, args...)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = root(t)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", bin, strings.Join(args, " "), err, out)
+	}
+}
+
+// TestSystemdUnits runs systemd-analyze verify on the units, with ExecStart
+// pointed at an existing program (the binaries are not installed here).
+func TestSystemdUnits(t *testing.T) {
+	units, _ := filepath.Glob(filepath.Join(root(t), "deploy", "systemd", "*.service"))
+	if len(units) == 0 {
+		t.Fatal("no units in deploy/systemd")
+	}
+	for _, u := range units {
+		b, _ := os.ReadFile(u)
+		for _, m := range flowbusVar.FindAllString(string(b), -1) {
+			checkVariable(t, agentVariables(t), filepath.Base(u), m)
+		}
+	}
+	bin := tool(t, false, "systemd-analyze")
+	dir := t.TempDir()
+	var args []string
+	for _, u := range units {
+		b, _ := os.ReadFile(u)
+		s := regexp.MustCompile(`(?m)^ExecStart=\S+`).ReplaceAllString(string(b), "ExecStart=/bin/true")
+		p := filepath.Join(dir, filepath.Base(u))
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, p)
+	}
+	out, err := exec.Command(bin, append([]string{"verify"}, args...)...).CombinedOutput()
+	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// TestGrafanaDashboard checks the dashboard JSON and that every metric it
+// queries exists, and that it shows every agent metric.
+func TestGrafanaDashboard(t *testing.T) {
+	var d struct {
+		UID    string `json:"uid"`
+		Title  string `json:"title"`
+		Panels []struct {
+			ID      int    `json:"id"`
+			Type    string `json:"type"`
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr  string `json:"expr"`
+				RefID string `json:"refId"`
+			} `json:"targets"`
+		} `json:"panels"`
+		Templating struct {
+			List []struct {
+				Name string `json:"name"`
+			} `json:"list"`
+		} `json:"templating"`
+	}
+	if err := json.Unmarshal(read(t, "deploy/grafana/flowbus-agent.json"), &d); err != nil {
+		t.Fatalf("deploy/grafana/flowbus-agent.json: %v", err)
+	}
+	if d.UID == "" || d.Title == "" || len(d.Panels) == 0 {
+		t.Fatal("dashboard: uid, title and panels are required")
+	}
+	m := agentMetrics(t)
+	vars := map[string]bool{"__rate_interval": true}
+	for _, v := range d.Templating.List {
+		vars[v.Name] = true
+	}
+	ids := map[int]bool{}
+	used := map[string]bool{}
+	for _, p := range d.Panels {
+		if ids[p.ID] {
+			t.Errorf("panel %q: id %d used twice", p.Title, p.ID)
+		}
+		ids[p.ID] = true
+		if p.Type != "row" && len(p.Targets) == 0 {
+			t.Errorf("panel %q: no query", p.Title)
+		}
+		for _, tg := range p.Targets {
+			if bad := m.unknown(tg.Expr); len(bad) > 0 {
+				t.Errorf("panel %q: unknown metrics %v in %s", p.Title, bad, tg.Expr)
+			}
+			for _, r := range m.referenced(tg.Expr) {
+				used[r] = true
+			}
+			for _, v := range regexp.MustCompile(`\$(\w+)`).FindAllStringSubmatch(tg.Expr, -1) {
+				if !vars[v[1]] {
+					t.Errorf("panel %q: variable $%s is not defined", p.Title, v[1])
+				}
+			}
+		}
+	}
+	for _, name := range sortedKeys(m.names) {
+		if !used[name] {
+			t.Errorf("the dashboard does not show %s", name)
+		}
+	}
+}
+
+// TestAlertRules checks alerts.yml: structure, known metrics, a runbook
+// section in OPERATIONS.md for each alert, and promtool when installed.
+func TestAlertRules(t *testing.T) {
+	var f struct {
+		Groups []struct {
+			Name  string `json:"name"`
+			Rules []struct {
+				Alert       string            `json:"alert"`
+				Expr        string            `json:"expr"`
+				For         string            `json:"for"`
+				Labels      map[string]string `json:"labels"`
+				Annotations map[string]string `json:"annotations"`
+			} `json:"rules"`
+		} `json:"groups"`
+	}
+	if err := yaml.UnmarshalStrict(read(t, "deploy/prometheus/alerts.yml"), &f); err != nil {
+		t.Fatalf("deploy/prometheus/alerts.yml: %v", err)
+	}
+	ops := strings.ToLower(string(read(t, "deploy/OPERATIONS.md")))
+	m := agentMetrics(t)
+	n := 0
+	for _, g := range f.Groups {
+		for _, r := range g.Rules {
+			n++
+			if r.Alert == "" || r.Expr == "" {
+				t.Errorf("group %s: a rule without alert name or expr", g.Name)
+				continue
+			}
+			if bad := m.unknown(r.Expr); len(bad) > 0 {
+				t.Errorf("%s: unknown metrics %v", r.Alert, bad)
+			}
+			if !slices.Contains([]string{"critical", "warning", "info"}, r.Labels["severity"]) {
+				t.Errorf("%s: severity %q", r.Alert, r.Labels["severity"])
+			}
+			if r.Annotations["summary"] == "" {
+				t.Errorf("%s: no summary", r.Alert)
+			}
+			anchor := "#" + strings.ToLower(r.Alert)
+			if r.Annotations["runbook_url"] != "deploy/OPERATIONS.md"+anchor {
+				t.Errorf("%s: runbook_url %q, want deploy/OPERATIONS.md%s", r.Alert, r.Annotations["runbook_url"], anchor)
+			}
+			if !strings.Contains(ops, "\n### "+strings.ToLower(r.Alert)+"\n") {
+				t.Errorf("%s: deploy/OPERATIONS.md has no section \"### %s\"", r.Alert, r.Alert)
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("alerts.yml: no rules")
+	}
+	bin := tool(t, false, "promtool")
+	out, err := exec.Command(bin, "check", "rules", filepath.Join(root(t), "deploy/prometheus/alerts.yml")).CombinedOutput()
+	if err != nil {
+		t.Errorf("promtool check rules: %v\n%s", err, out)
+	}
+}
