@@ -1,0 +1,154 @@
+package flowstat
+
+import (
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/schema"
+)
+
+// aggregator folds decoded batches into a store.Delta. One aggregator lives for one Run or Replay; its
+// chain state (runs) is the committed run_state plus what the pending delta adds, so a failed commit
+// must end the Run (the caller reloads everything on restart).
+type aggregator struct {
+	bucketS int64
+	runs    map[store.RunKey]uint64
+	d       *store.Delta
+	batch   schema.Batch
+	late    uint64 // batches whose seq was not above the last one seen of their chain
+
+	// replay restricts counting to buckets [fromS, toS) and skips the per-message facts (gaps, chain
+	// state, dead letters) that the live consumer already recorded exactly once.
+	replay     bool
+	fromS, toS int64
+}
+
+func newAggregator(bucket time.Duration, runs map[store.RunKey]uint64) *aggregator {
+	if runs == nil {
+		runs = map[store.RunKey]uint64{}
+	}
+	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), runs: runs, d: store.NewDelta()}
+}
+
+// bucketOf is the start (unix seconds) of the bucket holding unix-ns timestamp ns, flooring correctly
+// for times before 1970 too.
+func (a *aggregator) bucketOf(ns int64) int64 {
+	s := ns / 1e9
+	if ns < 0 && ns%1e9 != 0 {
+		s--
+	}
+	b := s / a.bucketS * a.bucketS
+	if s < 0 && s%a.bucketS != 0 {
+		b -= a.bucketS
+	}
+	return b
+}
+
+func (a *aggregator) inRange(b int64) bool { return !a.replay || (b >= a.fromS && b < a.toS) }
+
+// Dead-letter reasons: short, stable tokens for the reason header and the database.
+const (
+	ReasonUnsupportedMajor = "unsupported_major" // a schema major this consumer does not know
+	ReasonTruncated        = "truncated"         // the message ends inside a value
+	ReasonMalformed        = "malformed"         // anything else that is not a flowbus batch
+)
+
+// deadReason classifies a decode error. The decoder reports truncation only in its message text, so
+// that is what is matched; anything unrecognised is "malformed".
+func deadReason(err error) string {
+	switch {
+	case errors.Is(err, schema.ErrUnsupportedMajor):
+		return ReasonUnsupportedMajor
+	case strings.Contains(err.Error(), "truncated"):
+		return ReasonTruncated
+	}
+	return ReasonMalformed
+}
+
+// add folds one stream message in. It returns the decode error when the message is not a valid batch;
+// the caller dead-letters it and nothing of it is counted.
+func (a *aggregator) add(data []byte, streamSeq uint64, stored time.Time) error {
+	b := &a.batch
+	if err := schema.DecodeBatch(data, b); err != nil {
+		return err
+	}
+	a.d.Messages++
+	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
+		bk := store.BatchKey{Bucket: sb, Host: b.Host, Dir: b.Direction}
+		ba := a.d.Batches[bk]
+		if ba == nil {
+			ba = &store.BatchAgg{}
+			a.d.Batches[bk] = ba
+		}
+		ba.Batches++
+		ba.Events += uint64(len(b.Events))
+		ba.Drops.Kernel += b.Drops.Kernel
+		ba.Drops.Reader += b.Drops.Reader
+		ba.Drops.Queue += b.Drops.Queue
+		ba.Drops.Spool += b.Drops.Spool
+		ba.Drops.Publish += b.Drops.Publish
+	}
+	if !a.replay {
+		a.chain(streamSeq, stored)
+	}
+	a.fold(b)
+	return nil
+}
+
+// chain follows the batch's prev_seq link (SPEC wire format: per host, run and direction) and records a
+// gap when it does not point at the last batch seen. A batch at or below the last seq seen arrived late
+// (a publish retried after a later batch was stored): it is counted, it records no gap and does not move
+// the chain back.
+func (a *aggregator) chain(streamSeq uint64, stored time.Time) {
+	b := &a.batch
+	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
+	last, seen := a.runs[rk]
+	if seen && b.Seq <= last {
+		a.late++
+		return
+	}
+	if (seen && b.PrevSeq != last) || (!seen && b.PrevSeq != 0) {
+		a.d.Gaps = append(a.d.Gaps, store.Gap{RunKey: rk, AfterSeq: last, Seq: b.Seq, PrevSeq: b.PrevSeq, StreamSeq: streamSeq, Stored: stored})
+	}
+	a.runs[rk] = b.Seq
+	a.d.Runs[rk] = b.Seq
+}
+
+// fold counts the batch's events. The peer is the other end of the connection: the responder of an
+// outgoing connection, the initiator of an incoming one; the port is always the responder's (the
+// service). The peer's name is the first DNS name the agent attached, "" when none.
+func (a *aggregator) fold(b *schema.Batch) {
+	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
+	sk := store.SeenKey{Host: b.Host, Dir: b.Direction}
+	for i := range b.Events {
+		ev := &b.Events[i]
+		bucket := a.bucketOf(ev.Timestamp)
+		if !a.inRange(bucket) {
+			continue
+		}
+		peer, names := ev.Dst, ev.DstDNS
+		if b.Direction == schema.Incoming {
+			peer, names = ev.Src, ev.SrcDNS
+		}
+		name := ""
+		if len(names) > 0 {
+			name = names[0]
+		}
+		a.d.Events++
+		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
+		a.d.Conns[ck]++
+		sk.Peer, sk.Port = peer, ev.DstPort
+		if sp, ok := a.d.Seen[sk]; ok {
+			sp.Merge(ev.Timestamp, name)
+			a.d.Seen[sk] = sp
+		} else {
+			sp := store.Span{First: ev.Timestamp, Last: ev.Timestamp}
+			if name != "" {
+				sp.Name, sp.NameNS = name, ev.Timestamp
+			}
+			a.d.Seen[sk] = sp
+		}
+	}
+}

@@ -1,0 +1,455 @@
+// Package flowstattest helps test flowstat end to end: it generates realistic events, publishes them as
+// agent runs do (tailtest), remembers what was published, computes the aggregates flowstat must end up
+// with directly from those events (the reference), and reads what a database actually holds, so a test
+// can compare the two.
+package flowstattest
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Published is one valid batch as it was stored in the stream.
+type Published struct {
+	Host, RunID string
+	Dir         schema.Direction
+	Seq         uint64
+	PrevSeq     uint64
+	Drops       schema.Drops
+	Events      []schema.Event
+	StreamSeq   uint64
+	Stored      time.Time
+}
+
+// Peer is a remote endpoint with the DNS names the agent would attach to it.
+type Peer struct {
+	Addr  netip.Addr
+	Names []string
+}
+
+// Gen produces deterministic, realistic events: IPv4 and IPv6 peers (one with a zone), 0 to 3 DNS names
+// (sometimes missing, as after a cache miss), a few service ports, timestamps spread over a time span and
+// slightly out of order.
+type Gen struct {
+	r     *rand.Rand
+	Peers []Peer
+	Ports []uint16
+}
+
+// NewGen returns a generator with npeers peers, seeded by seed.
+func NewGen(seed uint64, npeers int) *Gen {
+	g := &Gen{r: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), Ports: []uint16{443, 80, 22, 5432, 8443, 53, 6379, 9092}}
+	for i := 0; i < npeers; i++ {
+		var a netip.Addr
+		switch {
+		case i%7 == 3:
+			a = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, byte(i >> 8), byte(i)})
+		case i == 5:
+			a = netip.MustParseAddr("fe80::5%eth0")
+		default:
+			a = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		}
+		var names []string
+		for j := 0; j < i%4; j++ {
+			names = append(names, fmt.Sprintf("n%d-%d.example.com", j, i))
+		}
+		g.Peers = append(g.Peers, Peer{Addr: a, Names: names})
+	}
+	return g
+}
+
+// Events returns n events of host hostIP in direction dir with timestamps in [t0, t0+span).
+func (g *Gen) Events(n int, dir schema.Direction, hostIP netip.Addr, t0 time.Time, span time.Duration) []schema.Event {
+	evs := make([]schema.Event, n)
+	for i := range evs {
+		// Skewed: a few peers get most connections, as in real traffic.
+		p := g.Peers[min(int(g.r.ExpFloat64()*float64(len(g.Peers))/4), len(g.Peers)-1)]
+		names := p.Names
+		if len(names) > 0 && g.r.IntN(10) == 0 {
+			names = nil // DNS cache miss
+		}
+		port := g.Ports[min(int(g.r.ExpFloat64()*2), len(g.Ports)-1)]
+		ts := t0.Add(time.Duration(g.r.Int64N(int64(span)))).UnixNano()
+		e := schema.Event{Timestamp: ts, Direction: dir, SrcPort: uint16(32768 + g.r.IntN(28000)), DstPort: port}
+		if dir == schema.Outgoing {
+			e.Src, e.Dst, e.DstDNS = hostIP, p.Addr, names
+		} else {
+			e.Src, e.Dst, e.SrcDNS = p.Addr, hostIP, names
+		}
+		if g.r.IntN(3) == 0 {
+			e.PID, e.Comm = uint32(1000+g.r.IntN(50)), "proc"
+		}
+		evs[i] = e
+	}
+	return evs
+}
+
+// Recorder publishes batches and remembers the valid ones with their stream sequence and stored time.
+type Recorder struct {
+	S       *tailtest.Server
+	Stream  string
+	Prefix  string
+	Batches []Published
+	last    map[chainKey]uint64 // last seq encoded per (agent, direction), published or not
+}
+
+type chainKey struct {
+	a   *tailtest.Agent
+	dir schema.Direction
+}
+
+// NewRecorder starts recording publications to s, whose stream is named stream and captures prefix.>.
+func NewRecorder(s *tailtest.Server, stream, prefix string) *Recorder {
+	return &Recorder{S: s, Stream: stream, Prefix: prefix, last: map[chainKey]uint64{}}
+}
+
+// Publish encodes the next batch of agent a in direction dir and publishes it; with lose set the batch is
+// encoded (its seq is used) but not published, as if the agent lost it.
+func (r *Recorder) Publish(t testing.TB, a *tailtest.Agent, dir schema.Direction, drops schema.Drops, lose bool, evs []schema.Event) {
+	t.Helper()
+	prev := r.prevSeq(a, dir)
+	seq, data := a.Batch(dir, drops, evs...)
+	if lose {
+		r.advance(a, dir, seq)
+		return
+	}
+	sseq := r.S.Publish(t, schema.Subject(r.Prefix, a.Host, dir), data)
+	r.Batches = append(r.Batches, Published{Host: a.Host, RunID: a.RunID, Dir: dir, Seq: seq, PrevSeq: prev, Drops: drops,
+		Events: evs, StreamSeq: sseq, Stored: r.stored(t, sseq)})
+	r.advance(a, dir, seq)
+}
+
+// PublishRaw publishes bytes that are not a valid batch (they are not part of the reference).
+func (r *Recorder) PublishRaw(t testing.TB, subject string, data []byte) uint64 {
+	t.Helper()
+	return r.S.Publish(t, subject, data)
+}
+
+func (r *Recorder) prevSeq(a *tailtest.Agent, dir schema.Direction) uint64 {
+	return r.last[chainKey{a, dir}]
+}
+
+func (r *Recorder) advance(a *tailtest.Agent, dir schema.Direction, seq uint64) {
+	r.last[chainKey{a, dir}] = seq
+}
+
+func (r *Recorder) stored(t testing.TB, seq uint64) time.Time {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := r.S.JS.Stream(ctx, r.Stream)
+	if err != nil {
+		t.Fatalf("stream %s: %v", r.Stream, err)
+	}
+	m, err := s.GetMsg(ctx, seq)
+	if err != nil {
+		t.Fatalf("get stream message %d: %v", seq, err)
+	}
+	return m.Time
+}
+
+// Events is the number of events recorded.
+func (r *Recorder) Events() int {
+	n := 0
+	for _, b := range r.Batches {
+		n += len(b.Events)
+	}
+	return n
+}
+
+// CreateStream creates a file-backed stream like the agent's.
+func CreateStream(t testing.TB, s *tailtest.Server, name string, subjects ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := s.JS.CreateStream(ctx, jetstream.StreamConfig{Name: name, Subjects: subjects, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute}); err != nil {
+		t.Fatalf("create stream %s: %v", name, err)
+	}
+}
+
+// Snapshot is the content of the aggregate tables in a canonical, comparable form: each map holds one
+// entry per row, keyed by the row's primary key, with the other columns as text.
+type Snapshot struct {
+	Conns   map[string]string
+	Seen    map[string]string
+	Batches map[string]string
+	Gaps    map[string]string
+}
+
+func newSnapshot() *Snapshot {
+	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{}}
+}
+
+func bucketOf(ns int64, width time.Duration) int64 {
+	w := int64(width / time.Second)
+	s := ns / 1e9
+	if ns < 0 && ns%1e9 != 0 {
+		s--
+	}
+	b := s / w * w
+	if s < 0 && s%w != 0 {
+		b -= w
+	}
+	return b
+}
+
+func addrText(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+// Reference computes, directly from the published batches (in stream order) and the bucket width,
+// what the aggregate tables must hold: connections per bucket of event time by host, direction, peer
+// (the responder of outgoing and the initiator of incoming connections), first DNS name and service
+// port; first and last seen per (host, direction, peer, port) with the earliest name; batches, events
+// and drops per bucket of stored time; and a gap wherever a batch's prev_seq is not the last seq seen of
+// its chain.
+func Reference(batches []Published, width time.Duration) *Snapshot {
+	bs := append([]Published(nil), batches...)
+	sort.Slice(bs, func(i, j int) bool { return bs[i].StreamSeq < bs[j].StreamSeq })
+	type seen struct {
+		first, last, nameNS int64
+		name                string
+	}
+	conns := map[string]int64{}
+	seens := map[string]*seen{}
+	type bagg struct{ n, ev, k, r, q, s, p uint64 }
+	baggs := map[string]*bagg{}
+	snap := newSnapshot()
+	last := map[string]uint64{}
+	for _, b := range bs {
+		dir := b.Dir.String()
+		bk := fmt.Sprintf("%d|%s|%s", bucketOf(b.Stored.UnixNano(), width), b.Host, dir)
+		if baggs[bk] == nil {
+			baggs[bk] = &bagg{}
+		}
+		ba := baggs[bk]
+		ba.n++
+		ba.ev += uint64(len(b.Events))
+		ba.k, ba.r, ba.q, ba.s, ba.p = ba.k+b.Drops.Kernel, ba.r+b.Drops.Reader, ba.q+b.Drops.Queue, ba.s+b.Drops.Spool, ba.p+b.Drops.Publish
+
+		ck := b.Host + "|" + b.RunID + "|" + dir
+		l, ok := last[ck]
+		if !ok || b.Seq > l {
+			if (ok && b.PrevSeq != l) || (!ok && b.PrevSeq != 0) {
+				snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", b.Host, b.RunID, dir, b.Seq)] = fmt.Sprintf("after=%d prev=%d stream=%d", l, b.PrevSeq, b.StreamSeq)
+			}
+			last[ck] = b.Seq
+		}
+		for _, e := range b.Events {
+			peer, names := e.Dst, e.DstDNS
+			if b.Dir == schema.Incoming {
+				peer, names = e.Src, e.SrcDNS
+			}
+			name := ""
+			if len(names) > 0 {
+				name = names[0]
+			}
+			conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, addrText(peer), name, e.DstPort)]++
+			sk := fmt.Sprintf("%s|%s|%s|%d", b.Host, dir, addrText(peer), e.DstPort)
+			s := seens[sk]
+			if s == nil {
+				s = &seen{first: e.Timestamp, last: e.Timestamp}
+				seens[sk] = s
+			}
+			s.first, s.last = min(s.first, e.Timestamp), max(s.last, e.Timestamp)
+			if name != "" && (s.name == "" || e.Timestamp < s.nameNS || e.Timestamp == s.nameNS && name < s.name) {
+				s.name, s.nameNS = name, e.Timestamp
+			}
+		}
+	}
+	for k, n := range conns {
+		snap.Conns[k] = fmt.Sprint(n)
+	}
+	for k, s := range seens {
+		snap.Seen[k] = fmt.Sprintf("first=%d last=%d name=%q name_ns=%d", s.first, s.last, s.name, s.nameNS)
+	}
+	for k, b := range baggs {
+		snap.Batches[k] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d", b.n, b.ev, b.k, b.r, b.q, b.s, b.p)
+	}
+	return snap
+}
+
+// Load reads the aggregate tables of st.
+func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
+	snap := newSnapshot()
+	db := st.DB()
+	q := func(query string, f func(scan func(...any) error) error) error {
+		rows, err := db.QueryContext(ctx, query)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			if err := f(rows.Scan); err != nil {
+				return err
+			}
+		}
+		return rows.Err()
+	}
+	err := q(`SELECT bucket, host, direction, peer, peer_name, port, conns FROM conn_agg`, func(scan func(...any) error) error {
+		var b, port, n int64
+		var h, d, p, name string
+		if err := scan(&b, &h, &d, &p, &name, &port, &n); err != nil {
+			return err
+		}
+		snap.Conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", b, h, d, p, name, port)] = fmt.Sprint(n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT host, direction, peer, port, first_ns, last_ns, peer_name, name_ns FROM peer_seen`, func(scan func(...any) error) error {
+		var port, f, l, nns int64
+		var h, d, p, name string
+		if err := scan(&h, &d, &p, &port, &f, &l, &name, &nns); err != nil {
+			return err
+		}
+		snap.Seen[fmt.Sprintf("%s|%s|%s|%d", h, d, p, port)] = fmt.Sprintf("first=%d last=%d name=%q name_ns=%d", f, l, name, nns)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, batches, events, drops_kernel, drops_reader, drops_queue, drops_spool, drops_publish FROM batch_agg`, func(scan func(...any) error) error {
+		var b, n, ev, k, r, qq, s, p int64
+		var h, d string
+		if err := scan(&b, &h, &d, &n, &ev, &k, &r, &qq, &s, &p); err != nil {
+			return err
+		}
+		snap.Batches[fmt.Sprintf("%d|%s|%s", b, h, d)] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d", n, ev, k, r, qq, s, p)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT host, run_id, direction, seq, after_seq, prev_seq, stream_seq FROM gaps`, func(scan func(...any) error) error {
+		var seq, after, prev, sseq int64
+		var h, r, d string
+		if err := scan(&h, &r, &d, &seq, &after, &prev, &sseq); err != nil {
+			return err
+		}
+		snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", h, r, d, seq)] = fmt.Sprintf("after=%d prev=%d stream=%d", after, prev, sseq)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return snap, nil
+}
+
+// Diff describes how got differs from want, at most max lines per table; nil when equal.
+func Diff(want, got *Snapshot, max int) []string {
+	var out []string
+	cmp := func(table string, w, g map[string]string) {
+		var lines []string
+		for k, wv := range w {
+			if gv, ok := g[k]; !ok {
+				lines = append(lines, fmt.Sprintf("%s: missing row %s (want %s)", table, k, wv))
+			} else if gv != wv {
+				lines = append(lines, fmt.Sprintf("%s: row %s = %s, want %s", table, k, gv, wv))
+			}
+		}
+		for k, gv := range g {
+			if _, ok := w[k]; !ok {
+				lines = append(lines, fmt.Sprintf("%s: unexpected row %s = %s", table, k, gv))
+			}
+		}
+		sort.Strings(lines)
+		if len(lines) > max {
+			lines = append(lines[:max], fmt.Sprintf("%s: ... and %d more differences", table, len(lines)-max))
+		}
+		out = append(out, lines...)
+	}
+	cmp("conn_agg", want.Conns, got.Conns)
+	cmp("peer_seen", want.Seen, got.Seen)
+	cmp("batch_agg", want.Batches, got.Batches)
+	cmp("gaps", want.Gaps, got.Gaps)
+	return out
+}
+
+// Check fails t when st does not hold want.
+func Check(t testing.TB, st *store.Store, want *Snapshot) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got, err := Load(ctx, st)
+	if err != nil {
+		t.Fatalf("load aggregates: %v", err)
+	}
+	if d := Diff(want, got, 10); len(d) > 0 {
+		t.Errorf("aggregates in %s differ from the reference (%d conn rows, %d seen rows, %d batch rows, %d gaps wanted):\n  %s",
+			st.Kind(), len(want.Conns), len(want.Seen), len(want.Batches), len(want.Gaps), strings.Join(d, "\n  "))
+	}
+}
+
+// TotalConns sums the connections of a snapshot (the events it counted).
+func (s *Snapshot) TotalConns() int64 {
+	var n int64
+	for _, v := range s.Conns {
+		var x int64
+		fmt.Sscan(v, &x)
+		n += x
+	}
+	return n
+}
+
+// Fleet is a set of agent runs publishing a realistic mix: two hosts, both directions, drops now and
+// then, a lost batch now and then (a gap), and one agent restart (a new run id).
+type Fleet struct {
+	Gen      *Gen
+	T0       time.Time     // events are timestamped in [T0, T0+Span)
+	Span     time.Duration //
+	PerBatch int           // events per batch, on average
+	agents   []*tailtest.Agent
+	ips      []netip.Addr
+	n        int
+}
+
+// NewFleet returns a fleet whose events fall in [t0, t0+span).
+func NewFleet(seed uint64, t0 time.Time, span time.Duration, perBatch int) *Fleet {
+	return &Fleet{
+		Gen: NewGen(seed, 60), T0: t0, Span: span, PerBatch: perBatch,
+		agents: []*tailtest.Agent{tailtest.NewAgent("web-01", "run-a"), tailtest.NewAgent("db-02", "run-b")},
+		ips:    []netip.Addr{netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::20")},
+	}
+}
+
+// Publish publishes the fleet's next n batches through rec.
+func (f *Fleet) Publish(t testing.TB, rec *Recorder, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		f.n++
+		k := f.n % len(f.agents)
+		if f.n == 40 { // web-01's agent restarts: a new run, whose chains start again at prev_seq 0
+			f.agents[0] = tailtest.NewAgent("web-01", "run-c")
+		}
+		dir := schema.Outgoing
+		if f.n%3 == 0 {
+			dir = schema.Incoming
+		}
+		var drops schema.Drops
+		if f.n%11 == 0 {
+			drops = schema.Drops{Kernel: uint64(f.n), Queue: 2}
+		}
+		if f.n%17 == 0 {
+			drops.Publish = 5
+		}
+		lose := f.n%13 == 0
+		cnt := f.PerBatch/2 + f.Gen.r.IntN(f.PerBatch+1)
+		rec.Publish(t, f.agents[k], dir, drops, lose, f.Gen.Events(cnt, dir, f.ips[k], f.T0, f.Span))
+	}
+}

@@ -1,0 +1,182 @@
+package flowstat
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ReplayOptions configures Replay.
+type ReplayOptions struct {
+	URLs    []string
+	Stream  string
+	Durable string // whose checkpoint and filters the replay follows
+
+	// From and To delimit the rebuilt range; both are widened to whole buckets.
+	From, To time.Time
+	// Margin is how long before From a batch may have been stored and still hold events of the range
+	// (clock skew between an agent and the NATS server). Reading starts at the first message stored at
+	// or after From-Margin. 0 means 10 minutes.
+	Margin time.Duration
+	// Force rebuilds even when the stream no longer holds every message the range may need (it
+	// deleted messages stored after From-Margin): the rebuilt range then lacks their events.
+	Force bool
+
+	ConnectTimeout time.Duration
+	MaxChunkEvents int // 0 means 250000
+	Log            io.Writer
+}
+
+// ErrStreamTooShort is returned by Replay when the stream no longer holds the start of the range.
+var ErrStreamTooShort = errors.New("the stream no longer holds every message of the range")
+
+// Replay rebuilds the connection and batch aggregates of the buckets in [From, To) from the stream.
+//
+// Semantics: in one transaction the range's conn_agg and batch_agg rows are deleted and the durable
+// consumer's checkpoint C is read. Then the stream is re-read with an ordered consumer under the same
+// filters, from the first message stored at or after From-Margin up to C, and only events (by event
+// time) and batches (by stored time) inside the range are added back, one transaction per chunk.
+// Messages after C are the live consumer's: it may run concurrently, and what it commits meanwhile lands
+// on top of the rebuilt rows, so nothing is counted twice or lost. First/last seen are min/max, so they
+// are left as they are; gaps and dead letters were recorded once by the live consumer and are left
+// alone. While a replay runs (or if it failed) the range is incomplete and `flowstat summary` says so;
+// running the replay again repairs it.
+func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error) {
+	var stats Stats
+	ro := Options{URLs: o.URLs, Stream: o.Stream, Durable: o.Durable, ConnectTimeout: o.ConnectTimeout, MaxChunkEvents: o.MaxChunkEvents, Log: o.Log}
+	ro.defaults()
+	if o.Margin <= 0 {
+		o.Margin = 10 * time.Minute
+	}
+	if !o.To.After(o.From) {
+		return stats, fmt.Errorf("replay: the end %v is not after the start %v", o.To.UTC(), o.From.UTC())
+	}
+	width, err := st.BucketWidth(ctx)
+	if err != nil {
+		return stats, err
+	}
+	if width == 0 {
+		return stats, errors.New("replay: the database holds no aggregates yet: run `flowstat run` first")
+	}
+	agg := newAggregator(width, nil)
+	agg.replay = true
+	agg.fromS = agg.bucketOf(o.From.UnixNano())
+	agg.toS = agg.bucketOf(o.To.UnixNano())
+	if agg.toS*1e9 < o.To.UnixNano() {
+		agg.toS += agg.bucketS // To rounds up to a bucket boundary
+	}
+	if _, _, found, err := st.CheckpointOf(ctx, ro.Durable, ro.Stream); err != nil {
+		return stats, err
+	} else if !found {
+		return stats, fmt.Errorf("replay: %s has no checkpoint of consumer %q on stream %q: run `flowstat run` first, or set --consumer and --stream to the ones it uses",
+			st.Where(), ro.Durable, ro.Stream)
+	}
+	nc, js, stream, err := connect(ctx, ro.URLs, ro.Stream, ro.ConnectTimeout, 0, "flowstat-replay", ro.Log)
+	if err != nil {
+		return stats, err
+	}
+	defer nc.Close()
+
+	start := time.Unix(agg.fromS, 0).Add(-o.Margin)
+	// Refuse to delete what cannot be rebuilt: the stream's first message must be stored before the
+	// replay's start, or the stream must never have deleted anything.
+	sinfo, err := stream.Info(ctx)
+	if err != nil {
+		return stats, fmt.Errorf("replay: stream info: %w", err)
+	}
+	if ss := sinfo.State; ss.FirstSeq > 1 && (ss.Msgs == 0 || ss.FirstTime.After(start)) && !o.Force {
+		first := "holds no message any more"
+		if ss.Msgs > 0 {
+			first = fmt.Sprintf("starts at sequence %d stored %s", ss.FirstSeq, ss.FirstTime.UTC().Format(time.RFC3339))
+		}
+		return stats, fmt.Errorf("replay: %w: stream %s %s, after %s (the range start minus the %v margin) and it deleted older messages; replay a later range, or pass --force to rebuild from what is left",
+			ErrStreamTooShort, ro.Stream, first, start.UTC().Format(time.RFC3339), o.Margin)
+	}
+
+	id, upto, filters, err := st.BeginReplay(ctx, ro.Durable, ro.Stream, agg.fromS, agg.toS)
+	if err != nil {
+		return stats, err
+	}
+	stats.LastSeq = upto
+	if len(filters) == 0 {
+		filters = ro.Filters
+	}
+	commit := func() error {
+		if agg.d.Messages == 0 && agg.d.Events == 0 {
+			return nil
+		}
+		if err := st.ApplyReplay(ctx, agg.d); err != nil {
+			return fmt.Errorf("replay: %w (the range is incomplete until a replay of it succeeds)", err)
+		}
+		stats.Commits++
+		stats.Messages += agg.d.Messages
+		stats.Events += agg.d.Events
+		agg.d.Reset()
+		return nil
+	}
+	oc, err := js.OrderedConsumer(ctx, ro.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: filters, DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &start,
+		InactiveThreshold: 30 * time.Second,
+	})
+	if err != nil {
+		return stats, fmt.Errorf("replay consumer: %w", err)
+	}
+	info, err := oc.Info(ctx)
+	if err != nil {
+		return stats, err
+	}
+	// The consumer's starting point, found from the time: nothing to read if it is past the checkpoint.
+	if info.NumPending > 0 && info.AckFloor.Stream < upto {
+		it, err := oc.Messages(jetstream.PullMaxBytes(8 << 20))
+		if err != nil {
+			return stats, err
+		}
+		defer it.Stop()
+		var read uint64
+		for {
+			if ctx.Err() != nil {
+				return stats, ctx.Err()
+			}
+			msg, err := it.Next(jetstream.NextMaxWait(5 * time.Second))
+			if errors.Is(err, nats.ErrTimeout) {
+				// The messages up to the checkpoint were deleted from the stream meanwhile (age limit).
+				fmt.Fprintf(ro.Log, "flowstat: replay: no message after %d: the stream deleted the rest up to %d meanwhile\n", read, upto)
+				break
+			}
+			if err != nil {
+				return stats, fmt.Errorf("replay read: %w", err)
+			}
+			md, err := msg.Metadata()
+			if err != nil {
+				continue
+			}
+			seq := md.Sequence.Stream
+			if seq > upto {
+				break
+			}
+			read = seq
+			if derr := agg.add(msg.Data(), seq, md.Timestamp); derr != nil {
+				stats.DeadLetters++ // already dead-lettered by the live consumer
+			}
+			if agg.d.Events >= uint64(ro.MaxChunkEvents) {
+				if err := commit(); err != nil {
+					return stats, err
+				}
+			}
+			if seq == upto || md.NumPending == 0 {
+				break
+			}
+		}
+	}
+	if err := commit(); err != nil {
+		return stats, err
+	}
+	stats.Reason = "done"
+	return stats, st.FinishReplay(ctx, id)
+}

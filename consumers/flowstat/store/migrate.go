@@ -1,0 +1,143 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// migrations are applied in order, each in its own transaction with its version row, so a database is
+// always at exactly one version. Never edit a released migration: append a new one.
+var migrations = []struct {
+	version int
+	stmts   []string
+}{
+	{1, []string{
+		`CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+		// One row per (durable consumer, stream): the last stream sequence whose effects are committed.
+		`CREATE TABLE checkpoints (
+			consumer TEXT NOT NULL, stream TEXT NOT NULL, seq BIGINT NOT NULL,
+			filters TEXT NOT NULL, updated_ns BIGINT NOT NULL,
+			PRIMARY KEY (consumer, stream))`,
+		// Connections per time bucket (unix seconds of the bucket start) and every dimension. peer is
+		// the other end (the responder of outgoing, the initiator of incoming connections), peer_name
+		// the first DNS name the event carried for it ('' when none), port the service port.
+		`CREATE TABLE conn_agg (
+			bucket BIGINT NOT NULL, host TEXT NOT NULL, direction TEXT NOT NULL,
+			peer TEXT NOT NULL, peer_name TEXT NOT NULL, port INTEGER NOT NULL, conns BIGINT NOT NULL,
+			PRIMARY KEY (bucket, host, direction, peer, peer_name, port))`,
+		`CREATE INDEX conn_agg_host ON conn_agg (host, bucket)`,
+		// First and last time (event timestamps, unix ns) each (host, direction, peer, port) was seen,
+		// and the earliest DNS name seen for it (name_ns: that event's time, 0 when none yet).
+		`CREATE TABLE peer_seen (
+			host TEXT NOT NULL, direction TEXT NOT NULL, peer TEXT NOT NULL, port INTEGER NOT NULL,
+			first_ns BIGINT NOT NULL, last_ns BIGINT NOT NULL,
+			peer_name TEXT NOT NULL, name_ns BIGINT NOT NULL,
+			PRIMARY KEY (host, direction, peer, port))`,
+		`CREATE INDEX peer_seen_first ON peer_seen (first_ns)`,
+		// Batches, events and agent-reported drops per bucket of the message's stored time.
+		`CREATE TABLE batch_agg (
+			bucket BIGINT NOT NULL, host TEXT NOT NULL, direction TEXT NOT NULL,
+			batches BIGINT NOT NULL, events BIGINT NOT NULL,
+			drops_kernel BIGINT NOT NULL, drops_reader BIGINT NOT NULL, drops_queue BIGINT NOT NULL,
+			drops_spool BIGINT NOT NULL, drops_publish BIGINT NOT NULL,
+			PRIMARY KEY (bucket, host, direction))`,
+		// Highest batch seq seen per agent run and direction, to detect missing batches.
+		`CREATE TABLE run_state (
+			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL, last_seq BIGINT NOT NULL,
+			PRIMARY KEY (host, run_id, direction))`,
+		// One row per batch that arrived with prev_seq != the last seq seen of its chain (after_seq = 0:
+		// the first batch seen of a run, whose predecessors were never seen).
+		`CREATE TABLE gaps (
+			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL,
+			after_seq BIGINT NOT NULL, seq BIGINT NOT NULL, prev_seq BIGINT NOT NULL,
+			stream_seq BIGINT NOT NULL, stored_ns BIGINT NOT NULL,
+			PRIMARY KEY (host, run_id, direction, seq))`,
+		// Messages that were not valid batches. copied = 1 when the copy reached the dead-letter subject.
+		`CREATE TABLE deadletters (
+			stream TEXT NOT NULL, stream_seq BIGINT NOT NULL, subject TEXT NOT NULL,
+			reason TEXT NOT NULL, detail TEXT NOT NULL, stored_ns BIGINT NOT NULL, copied INTEGER NOT NULL,
+			PRIMARY KEY (stream, stream_seq))`,
+		// Stream sequences a consumer could not read because the stream had already deleted them (age or
+		// size limits) when it (re)started there.
+		`CREATE TABLE stream_losses (
+			consumer TEXT NOT NULL, stream TEXT NOT NULL, from_seq BIGINT NOT NULL, to_seq BIGINT NOT NULL,
+			detected_ns BIGINT NOT NULL,
+			PRIMARY KEY (consumer, stream, from_seq))`,
+		// Replays of a time range; finished_ns = 0 while one runs or after it failed.
+		`CREATE TABLE replays (
+			started_ns BIGINT NOT NULL, from_s BIGINT NOT NULL, to_s BIGINT NOT NULL,
+			upto_seq BIGINT NOT NULL, finished_ns BIGINT NOT NULL,
+			PRIMARY KEY (started_ns))`,
+	}},
+}
+
+// Version is the schema version this code migrates to.
+func Version() int { return migrations[len(migrations)-1].version }
+
+func (s *Store) migrate(ctx context.Context) error {
+	// Reading first keeps an up-to-date database free of write transactions, so the query commands do
+	// not queue behind a running consumer's commits.
+	v, err := s.SchemaVersion(ctx)
+	if err == nil && v == Version() {
+		return nil
+	}
+	if err == nil && v > Version() {
+		return fmt.Errorf("database schema version %d is newer than this flowstat (supports up to %d): upgrade flowstat", v, Version())
+	}
+	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ns BIGINT NOT NULL)`); err != nil {
+		return err
+	}
+	for _, m := range migrations {
+		if err := s.migrateOne(ctx, m.version, m.stmts); err != nil {
+			return fmt.Errorf("migration %d: %w", m.version, err)
+		}
+	}
+	return nil
+}
+
+func (s *Store) migrateOne(ctx context.Context, version int, stmts []string) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	// Serialise concurrent migrators: SQLite's BEGIN IMMEDIATE already holds the write lock; PostgreSQL
+	// needs an explicit lock, taken before reading the version so the check below cannot race.
+	if s.kind == Postgres {
+		if _, err := tx.ExecContext(ctx, `LOCK TABLE schema_migrations IN EXCLUSIVE MODE`); err != nil {
+			return err
+		}
+	}
+	var n int
+	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT COUNT(*) FROM schema_migrations WHERE version = ?`), version).Scan(&n); err != nil {
+		return err
+	}
+	if n > 0 {
+		return nil
+	}
+	var newer int
+	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT COUNT(*) FROM schema_migrations WHERE version > ?`), Version()).Scan(&newer); err != nil {
+		return err
+	}
+	if newer > 0 {
+		return fmt.Errorf("database schema is newer than this flowstat (supports up to %d): upgrade flowstat", Version())
+	}
+	for _, st := range stmts {
+		if _, err := tx.ExecContext(ctx, st); err != nil {
+			return fmt.Errorf("%w in %.60q", err, strings.Join(strings.Fields(st), " "))
+		}
+	}
+	if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO schema_migrations (version, applied_ns) VALUES (?, ?)`), version, time.Now().UnixNano()); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// SchemaVersion returns the highest applied migration (an error when the database has none yet).
+func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
+	var v int
+	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v)
+	return v, err
+}

@@ -1,0 +1,442 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+)
+
+// BeginReplay starts the rebuild of buckets [fromS, toS) (unix seconds, bucket aligned): in one
+// transaction it deletes their conn_agg and batch_agg rows, records the replay as unfinished, and reads
+// the consumer's checkpoint. The caller then re-reads the stream up to that sequence (messages after it
+// are the live consumer's) and adds only what falls in the range with ApplyReplay, then calls
+// FinishReplay. Reading the checkpoint and deleting in one transaction is what keeps a concurrent
+// `flowstat run` and the replay from counting a message twice or not at all.
+func (s *Store) BeginReplay(ctx context.Context, consumer, stream string, fromS, toS int64) (id int64, upto uint64, filters []string, err error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	defer tx.Rollback()
+	var seq int64
+	var f string
+	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT seq, filters FROM checkpoints WHERE consumer = ? AND stream = ?`+s.forUpdate()), consumer, stream).Scan(&seq, &f); err != nil {
+		return 0, 0, nil, fmt.Errorf("no checkpoint of consumer %q on stream %q in %s: run `flowstat run` first (%v)", consumer, stream, s.where, err)
+	}
+	for _, t := range []string{"conn_agg", "batch_agg"} {
+		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM `+t+` WHERE bucket >= ? AND bucket < ?`), fromS, toS); err != nil {
+			return 0, 0, nil, err
+		}
+	}
+	id = time.Now().UnixNano()
+	if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO replays (started_ns, from_s, to_s, upto_seq, finished_ns) VALUES (?, ?, ?, ?, 0)`), id, fromS, toS, seq); err != nil {
+		return 0, 0, nil, err
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, 0, nil, err
+	}
+	return id, uint64(seq), splitFilters(f), nil
+}
+
+// FinishReplay marks replay id complete.
+func (s *Store) FinishReplay(ctx context.Context, id int64) error {
+	_, err := s.db.ExecContext(ctx, s.rebind(`UPDATE replays SET finished_ns = ? WHERE started_ns = ?`), time.Now().UnixNano(), id)
+	return err
+}
+
+func splitFilters(f string) []string {
+	var out []string
+	start := -1
+	for i := 0; i <= len(f); i++ {
+		if i == len(f) || f[i] == ' ' {
+			if start >= 0 {
+				out = append(out, f[start:i])
+				start = -1
+			}
+			continue
+		}
+		if start < 0 {
+			start = i
+		}
+	}
+	return out
+}
+
+// HostTotal is one line of the summary: what the database holds for one host and direction.
+type HostTotal struct {
+	Host      string `json:"host"`
+	Direction string `json:"direction"`
+	Conns     int64  `json:"connections"`
+	Batches   int64  `json:"batches"`
+	Events    int64  `json:"events"`
+	Drops     int64  `json:"drops"`
+	Kernel    int64  `json:"drops_kernel"`
+	Reader    int64  `json:"drops_reader"`
+	Queue     int64  `json:"drops_queue"`
+	Spool     int64  `json:"drops_spool"`
+	Publish   int64  `json:"drops_publish"`
+	Gaps      int64  `json:"gaps"`
+	// First and Last are the first and last bucket holding batches of this host and direction.
+	First time.Time `json:"first_bucket"`
+	Last  time.Time `json:"last_bucket"`
+}
+
+// GapRow is one recorded gap: batches of (host, run, direction) between AfterSeq and Seq are missing
+// (AfterSeq 0: the run's batches before Seq were never seen).
+type GapRow struct {
+	Host      string    `json:"host"`
+	RunID     string    `json:"run_id"`
+	Direction string    `json:"direction"`
+	AfterSeq  int64     `json:"after_seq"`
+	Seq       int64     `json:"seq"`
+	PrevSeq   int64     `json:"prev_seq"`
+	StreamSeq int64     `json:"stream_seq"`
+	Stored    time.Time `json:"stored"`
+}
+
+// CheckpointRow is one consumer position.
+type CheckpointRow struct {
+	Consumer string    `json:"consumer"`
+	Stream   string    `json:"stream"`
+	Seq      int64     `json:"seq"`
+	Filters  string    `json:"filters"`
+	Updated  time.Time `json:"updated"`
+}
+
+// LossRow is a range of stream sequences deleted from the stream before the consumer read them.
+type LossRow struct {
+	Consumer string    `json:"consumer"`
+	Stream   string    `json:"stream"`
+	From     int64     `json:"from_seq"`
+	To       int64     `json:"to_seq"`
+	Detected time.Time `json:"detected"`
+}
+
+// Summary is what `flowstat summary` prints.
+type Summary struct {
+	Database      string          `json:"database"`
+	SchemaVersion int             `json:"schema_version"`
+	BucketSeconds int64           `json:"bucket_seconds"`
+	Hosts         []HostTotal     `json:"hosts"`
+	GapCount      int64           `json:"gap_count"`
+	Gaps          []GapRow        `json:"gaps"`
+	DeadLetters   int64           `json:"dead_letters"`
+	DeadByReason  map[string]int  `json:"dead_letters_by_reason"`
+	NotCopied     int64           `json:"dead_letters_not_copied"`
+	Losses        []LossRow       `json:"stream_losses"`
+	Checkpoints   []CheckpointRow `json:"checkpoints"`
+	Unfinished    int64           `json:"unfinished_replays"`
+}
+
+// Summary totals per host and direction, the newest gaps (at most maxGaps), dead letters, stream losses
+// and checkpoints.
+func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
+	sum := &Summary{Database: string(s.kind) + ":" + s.where, DeadByReason: map[string]int{},
+		Hosts: []HostTotal{}, Gaps: []GapRow{}, Losses: []LossRow{}, Checkpoints: []CheckpointRow{}}
+	var err error
+	if sum.SchemaVersion, err = s.SchemaVersion(ctx); err != nil {
+		return nil, err
+	}
+	w, err := s.BucketWidth(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sum.BucketSeconds = int64(w / time.Second)
+
+	totals := map[[2]string]*HostTotal{}
+	get := func(h, d string) *HostTotal {
+		k := [2]string{h, d}
+		if totals[k] == nil {
+			totals[k] = &HostTotal{Host: h, Direction: d}
+		}
+		return totals[k]
+	}
+	err = s.each(ctx, `SELECT host, direction, CAST(SUM(batches) AS BIGINT), CAST(SUM(events) AS BIGINT),
+		CAST(SUM(drops_kernel) AS BIGINT), CAST(SUM(drops_reader) AS BIGINT), CAST(SUM(drops_queue) AS BIGINT),
+		CAST(SUM(drops_spool) AS BIGINT), CAST(SUM(drops_publish) AS BIGINT), MIN(bucket), MAX(bucket)
+		FROM batch_agg GROUP BY host, direction`, nil, func(sc scanner) error {
+		var h, d string
+		var v [9]int64
+		if err := sc.Scan(&h, &d, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8]); err != nil {
+			return err
+		}
+		t := get(h, d)
+		t.Batches, t.Events = v[0], v[1]
+		t.Kernel, t.Reader, t.Queue, t.Spool, t.Publish = v[2], v[3], v[4], v[5], v[6]
+		t.Drops = v[2] + v[3] + v[4] + v[5] + v[6]
+		t.First, t.Last = time.Unix(v[7], 0).UTC(), time.Unix(v[8], 0).UTC()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.each(ctx, `SELECT host, direction, CAST(SUM(conns) AS BIGINT) FROM conn_agg GROUP BY host, direction`, nil, func(sc scanner) error {
+		var h, d string
+		var n int64
+		if err := sc.Scan(&h, &d, &n); err != nil {
+			return err
+		}
+		get(h, d).Conns = n
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.each(ctx, `SELECT host, direction, COUNT(*) FROM gaps GROUP BY host, direction`, nil, func(sc scanner) error {
+		var h, d string
+		var n int64
+		if err := sc.Scan(&h, &d, &n); err != nil {
+			return err
+		}
+		get(h, d).Gaps = n
+		sum.GapCount += n
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range totals {
+		sum.Hosts = append(sum.Hosts, *t)
+	}
+	sort.Slice(sum.Hosts, func(i, j int) bool {
+		a, b := sum.Hosts[i], sum.Hosts[j]
+		return a.Host < b.Host || a.Host == b.Host && a.Direction < b.Direction
+	})
+
+	if maxGaps > 0 {
+		err = s.each(ctx, `SELECT host, run_id, direction, after_seq, seq, prev_seq, stream_seq, stored_ns FROM gaps ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
+			[]any{maxGaps}, func(sc scanner) error {
+				var g GapRow
+				var ns int64
+				if err := sc.Scan(&g.Host, &g.RunID, &g.Direction, &g.AfterSeq, &g.Seq, &g.PrevSeq, &g.StreamSeq, &ns); err != nil {
+					return err
+				}
+				g.Stored = time.Unix(0, ns).UTC()
+				sum.Gaps = append(sum.Gaps, g)
+				return nil
+			})
+		if err != nil {
+			return nil, err
+		}
+	}
+	err = s.each(ctx, `SELECT reason, COUNT(*), CAST(SUM(1 - copied) AS BIGINT) FROM deadletters GROUP BY reason`, nil, func(sc scanner) error {
+		var r string
+		var n, notCopied int64
+		if err := sc.Scan(&r, &n, &notCopied); err != nil {
+			return err
+		}
+		sum.DeadByReason[r] = int(n)
+		sum.DeadLetters += n
+		sum.NotCopied += notCopied
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.each(ctx, `SELECT consumer, stream, from_seq, to_seq, detected_ns FROM stream_losses ORDER BY consumer, stream, from_seq`, nil, func(sc scanner) error {
+		var l LossRow
+		var ns int64
+		if err := sc.Scan(&l.Consumer, &l.Stream, &l.From, &l.To, &ns); err != nil {
+			return err
+		}
+		l.Detected = time.Unix(0, ns).UTC()
+		sum.Losses = append(sum.Losses, l)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.each(ctx, `SELECT consumer, stream, seq, filters, updated_ns FROM checkpoints ORDER BY consumer, stream`, nil, func(sc scanner) error {
+		var c CheckpointRow
+		var ns int64
+		if err := sc.Scan(&c.Consumer, &c.Stream, &c.Seq, &c.Filters, &ns); err != nil {
+			return err
+		}
+		c.Updated = time.Unix(0, ns).UTC()
+		sum.Checkpoints = append(sum.Checkpoints, c)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM replays WHERE finished_ns = 0`).Scan(&sum.Unfinished); err != nil {
+		return nil, err
+	}
+	return sum, nil
+}
+
+type scanner interface{ Scan(dest ...any) error }
+
+// each runs query q (written with ? placeholders) and calls f for every row.
+func (s *Store) each(ctx context.Context, q string, args []any, f func(scanner) error) error {
+	rs, err := s.db.QueryContext(ctx, s.rebind(q), args...)
+	if err != nil {
+		return err
+	}
+	defer rs.Close()
+	for rs.Next() {
+		if err := f(rs); err != nil {
+			return err
+		}
+	}
+	return rs.Err()
+}
+
+// Filter restricts a query to a time range and, optionally, one host and one direction.
+type Filter struct {
+	Since, Until time.Time // event time; a zero Until means no upper bound
+	Host         string    // "" = every host
+	Direction    string    // "" = both
+}
+
+// where appends the filter's conditions on conn_agg's bucket, host and direction. A bucket counts when
+// it starts at or after the bucket holding Since (so --since 1h includes the current partial bucket).
+func (f Filter) where(q string, args []any, width time.Duration) (string, []any) {
+	ws := max(int64(width/time.Second), 1)
+	floor := func(t time.Time) int64 {
+		u := t.Unix()
+		b := u / ws * ws
+		if u < 0 && u%ws != 0 {
+			b -= ws
+		}
+		return b
+	}
+	q += ` WHERE bucket >= ?`
+	args = append(args, floor(f.Since))
+	if !f.Until.IsZero() {
+		q += ` AND bucket < ?`
+		args = append(args, f.Until.Unix())
+	}
+	if f.Host != "" {
+		q += ` AND host = ?`
+		args = append(args, f.Host)
+	}
+	if f.Direction != "" {
+		q += ` AND direction = ?`
+		args = append(args, f.Direction)
+	}
+	return q, args
+}
+
+// TopRow is one line of `flowstat top`: a peer (with a DNS name it was seen with), a service port, a
+// peer name or a host, and its connections.
+type TopRow struct {
+	Key   string `json:"key"`
+	Name  string `json:"name,omitempty"`
+	Conns int64  `json:"connections"`
+}
+
+// TopBy lists the groups Top can rank by.
+var TopBy = []string{"peer", "port", "name", "host"}
+
+// Top returns the limit groups with the most connections in f, grouped by "peer", "port", "name" or
+// "host". For peers Name is the alphabetically greatest name seen (an address often has several).
+func (s *Store) Top(ctx context.Context, by string, f Filter, limit int) ([]TopRow, error) {
+	col := map[string]string{"peer": "peer", "name": "peer_name", "port": "port", "host": "host"}[by]
+	if col == "" {
+		return nil, fmt.Errorf("top by %q: want one of %v", by, TopBy)
+	}
+	width, err := s.BucketWidth(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sel := `SELECT CAST(` + col + ` AS TEXT), '', CAST(SUM(conns) AS BIGINT) AS n FROM conn_agg`
+	if by == "peer" {
+		sel = `SELECT peer, MAX(peer_name), CAST(SUM(conns) AS BIGINT) AS n FROM conn_agg`
+	}
+	q, args := f.where(sel, nil, width)
+	if by == "name" {
+		q += ` AND peer_name <> ''`
+	}
+	q += ` GROUP BY ` + col + ` ORDER BY n DESC, ` + col + ` LIMIT ?`
+	args = append(args, limit)
+	out := []TopRow{}
+	err = s.each(ctx, q, args, func(sc scanner) error {
+		var r TopRow
+		if err := sc.Scan(&r.Key, &r.Name, &r.Conns); err != nil {
+			return err
+		}
+		out = append(out, r)
+		return nil
+	})
+	return out, err
+}
+
+// NewDest is a (host, direction, peer, port) first seen in the queried range.
+type NewDest struct {
+	Host      string    `json:"host"`
+	Direction string    `json:"direction"`
+	Peer      string    `json:"peer"`
+	Name      string    `json:"name"`
+	Port      int       `json:"port"`
+	First     time.Time `json:"first_seen"`
+	Last      time.Time `json:"last_seen"`
+}
+
+// NewDestinations lists (host, direction, peer, port) first seen at or after f.Since (and before
+// f.Until when set), oldest first. These are exact event times, not buckets.
+func (s *Store) NewDestinations(ctx context.Context, f Filter, limit int) ([]NewDest, error) {
+	q := `SELECT host, direction, peer, peer_name, port, first_ns, last_ns FROM peer_seen WHERE first_ns >= ?`
+	args := []any{f.Since.UnixNano()}
+	if !f.Until.IsZero() {
+		q += ` AND first_ns < ?`
+		args = append(args, f.Until.UnixNano())
+	}
+	if f.Host != "" {
+		q += ` AND host = ?`
+		args = append(args, f.Host)
+	}
+	if f.Direction != "" {
+		q += ` AND direction = ?`
+		args = append(args, f.Direction)
+	}
+	q += ` ORDER BY first_ns, host, direction, peer, port LIMIT ?`
+	args = append(args, limit)
+	out := []NewDest{}
+	err := s.each(ctx, q, args, func(sc scanner) error {
+		var d NewDest
+		var fns, lns int64
+		if err := sc.Scan(&d.Host, &d.Direction, &d.Peer, &d.Name, &d.Port, &fns, &lns); err != nil {
+			return err
+		}
+		d.First, d.Last = time.Unix(0, fns).UTC(), time.Unix(0, lns).UTC()
+		out = append(out, d)
+		return nil
+	})
+	return out, err
+}
+
+// HostPoint is the connections of one host in one interval.
+type HostPoint struct {
+	Start time.Time `json:"start"`
+	Host  string    `json:"host"`
+	Conns int64     `json:"connections"`
+}
+
+// PerHost returns connections per host per step (rounded up to a multiple of the bucket width; 0 means
+// one bucket) in f, oldest first.
+func (s *Store) PerHost(ctx context.Context, f Filter, step time.Duration) ([]HostPoint, error) {
+	width, err := s.BucketWidth(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ws := max(int64(width/time.Second), 1)
+	st := max(int64(step/time.Second), ws)
+	st = (st + ws - 1) / ws * ws
+	// Flooring division on the bucket start, written so both databases agree for negative times.
+	q, args := f.where(`SELECT (bucket - ((bucket % ?) + ?) % ?) AS t, host, CAST(SUM(conns) AS BIGINT) FROM conn_agg`, []any{st, st, st}, width)
+	q += ` GROUP BY t, host ORDER BY t, host`
+	out := []HostPoint{}
+	err = s.each(ctx, q, args, func(sc scanner) error {
+		var p HostPoint
+		var t int64
+		if err := sc.Scan(&t, &p.Host, &p.Conns); err != nil {
+			return err
+		}
+		p.Start = time.Unix(t, 0).UTC()
+		out = append(out, p)
+		return nil
+	})
+	return out, err
+}

@@ -1,0 +1,199 @@
+// Package store persists flowstat aggregates in SQLite (modernc.org/sqlite, pure Go, the embedded default)
+// or PostgreSQL (pgx), with the same SQL wherever both accept it.
+//
+// Every change the consumer makes goes through Commit, which applies one Delta (the aggregates of a run
+// of stream messages) and the consumer's checkpoint (the last stream sequence) in ONE transaction: the
+// checkpoint can never say a message was counted when its counts were not committed, or the reverse.
+// That is what makes flowstat exactly-once in effect.
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // "pgx" database/sql driver
+	_ "modernc.org/sqlite"             // "sqlite" database/sql driver
+)
+
+// Kind is the database flavour behind a Store.
+type Kind string
+
+const (
+	// SQLite is the embedded default: a file in the state directory.
+	SQLite Kind = "sqlite"
+	// Postgres is PostgreSQL reached by a postgres:// or postgresql:// URL (or key=value DSN with host=).
+	Postgres Kind = "postgres"
+)
+
+// Store is an open flowstat database with its schema migrated to the newest version.
+type Store struct {
+	db   *sql.DB
+	kind Kind
+	// where is a printable form of the DSN (password redacted) for error messages.
+	where string
+
+	// InTxHook, if set, runs inside every Commit transaction after the aggregates are written and before
+	// COMMIT; a non-nil error rolls the transaction back. Fault-injection tests use it to die or fail
+	// in the middle of a transaction.
+	InTxHook func() error
+}
+
+// ParseDSN tells which database a FLOWBUS_DB value names. A postgres:// or postgresql:// URL is
+// PostgreSQL; anything else is a SQLite file path (an optional "sqlite:" or "file:" prefix is stripped).
+func ParseDSN(dsn string) (Kind, string, error) {
+	dsn = strings.TrimSpace(dsn)
+	switch {
+	case dsn == "":
+		return "", "", errors.New("empty database DSN")
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return "", "", fmt.Errorf("bad PostgreSQL URL: %v", redactErr(err, dsn))
+		}
+		if u.Host == "" && u.Query().Get("host") == "" {
+			return "", "", errors.New("bad PostgreSQL URL: no host")
+		}
+		return Postgres, dsn, nil
+	case strings.Contains(dsn, "://"):
+		return "", "", fmt.Errorf("unsupported database URL scheme in %q: use a SQLite file path or postgres://", Redact(dsn))
+	}
+	p := strings.TrimPrefix(strings.TrimPrefix(dsn, "sqlite:"), "file:")
+	if i := strings.IndexByte(p, '?'); i >= 0 {
+		p = p[:i]
+	}
+	if p == "" {
+		return "", "", errors.New("empty SQLite path")
+	}
+	return SQLite, p, nil
+}
+
+// Redact hides the password of a URL DSN so it can be printed.
+func Redact(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.User == nil {
+		return dsn
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	}
+	return u.String()
+}
+
+func redactErr(err error, dsn string) error {
+	u, perr := url.Parse(dsn)
+	if perr != nil || u.User == nil {
+		return err
+	}
+	if pw, ok := u.User.Password(); ok && pw != "" {
+		return errors.New(strings.ReplaceAll(err.Error(), pw, "xxxxx"))
+	}
+	return err
+}
+
+// OpenOptions adjust Open.
+type OpenOptions struct {
+	// MustExist refuses to create a missing SQLite file: the query commands use it, so a typo in the path
+	// says so instead of showing an empty database.
+	MustExist bool
+}
+
+// Open connects to dsn (see ParseDSN), creates the SQLite file and its directory if needed, and applies
+// pending migrations. It fails fast with a clear message when the server is unreachable.
+func Open(ctx context.Context, dsn string) (*Store, error) {
+	return OpenWith(ctx, dsn, OpenOptions{})
+}
+
+// OpenWith is Open with options.
+func OpenWith(ctx context.Context, dsn string, oo OpenOptions) (*Store, error) {
+	kind, target, err := ParseDSN(dsn)
+	if err != nil {
+		return nil, err
+	}
+	s := &Store{kind: kind, where: Redact(target)}
+	switch kind {
+	case SQLite:
+		if oo.MustExist {
+			if _, err := os.Stat(target); err != nil {
+				return nil, fmt.Errorf("no flowstat database at %s (%v): run `flowstat run` first, or set --db or FLOWBUS_DB to the database it writes", target, errors.Unwrap(err))
+			}
+		} else if dir := filepath.Dir(target); dir != "" {
+			if err := os.MkdirAll(dir, 0o750); err != nil {
+				return nil, fmt.Errorf("cannot create the database directory: %w (set --db or FLOWBUS_DB to a writable path)", err)
+			}
+		}
+		// WAL lets the CLI read while `flowstat run` writes; synchronous=NORMAL may lose the last
+		// commits on power loss but never splits a commit, and since the checkpoint commits with the
+		// counts the lost messages are simply consumed again. _txlock=immediate takes the write lock at
+		// BEGIN, so two writers queue on busy_timeout instead of failing on lock upgrade.
+		q := url.Values{}
+		for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "synchronous(NORMAL)"} {
+			q.Add("_pragma", p)
+		}
+		q.Set("_txlock", "immediate")
+		s.db, err = sql.Open("sqlite", "file:"+target+"?"+q.Encode())
+		if err != nil {
+			return nil, err
+		}
+		// One connection: SQLite has one writer anyway, and a single connection keeps the page cache
+		// in one place.
+		s.db.SetMaxOpenConns(1)
+	case Postgres:
+		s.db, err = sql.Open("pgx", target)
+		if err != nil {
+			return nil, fmt.Errorf("bad PostgreSQL DSN %s: %v", s.where, redactErr(err, target))
+		}
+		s.db.SetMaxOpenConns(4)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := s.db.PingContext(pctx); err != nil {
+		s.db.Close()
+		hint := ""
+		if kind == Postgres {
+			hint = " (is the server running and the database created? check the URL in --db or FLOWBUS_DB)"
+		}
+		return nil, fmt.Errorf("cannot open %s database %s: %v%s", kind, s.where, redactErr(err, target), hint)
+	}
+	if err := s.migrate(ctx); err != nil {
+		s.db.Close()
+		return nil, fmt.Errorf("migrating %s database %s: %w", kind, s.where, err)
+	}
+	return s, nil
+}
+
+// Kind reports which database this is.
+func (s *Store) Kind() Kind { return s.kind }
+
+// Where is the database location with any password redacted.
+func (s *Store) Where() string { return s.where }
+
+// DB exposes the handle for tests and ad-hoc queries.
+func (s *Store) DB() *sql.DB { return s.db }
+
+// Close closes the database.
+func (s *Store) Close() error { return s.db.Close() }
+
+// rebind turns the ? placeholders the queries are written with into PostgreSQL's $n.
+func (s *Store) rebind(q string) string {
+	if s.kind != Postgres {
+		return q
+	}
+	var b strings.Builder
+	n := 0
+	for i := 0; i < len(q); i++ {
+		if q[i] == '?' {
+			n++
+			fmt.Fprintf(&b, "$%d", n)
+			continue
+		}
+		b.WriteByte(q[i])
+	}
+	return b.String()
+}
