@@ -138,7 +138,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 
 	if cfg.ManageStream {
-		if err := a.ensureStream(ctx); err != nil {
+		if a.srv == nil && !a.nc.IsConnected() {
+			// Asking a server that is not there would hold up the capture for
+			// the request's whole timeout; events are spooled meanwhile.
+			go a.ensureStreamLoop(ctx)
+		} else if err := a.ensureStream(ctx); err != nil {
 			if a.srv != nil {
 				return nil, err
 			}

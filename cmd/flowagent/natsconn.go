@@ -86,7 +86,9 @@ func refusal(err error) string {
 		return "the server's certificate is not signed by FLOWBUS_NATS_CA: point it at the CA that signed the server certificate"
 	case errors.As(err, &hostErr) || strings.Contains(msg, "certificate is valid for"):
 		return "the server's certificate does not name the host in FLOWBUS_NATS_URL: connect by a name the certificate holds"
-	case strings.Contains(msg, "tls: ") || strings.Contains(msg, "secure connection"):
+	case errors.Is(err, nats.ErrTLS) || strings.Contains(msg, "tls: ") || strings.Contains(msg, "secure connection"):
+		// ErrTLS includes a server closing the connection right after the
+		// handshake, its usual answer to a missing client certificate.
 		return "TLS setup mismatch: check FLOWBUS_NATS_CA, FLOWBUS_NATS_CERT and FLOWBUS_NATS_KEY against the server's tls block"
 	case errors.Is(err, nats.ErrAuthorization) || strings.Contains(msg, "authorization violation") || strings.Contains(msg, "authentication"):
 		return "the server refused the credentials: check FLOWBUS_NATS_CREDS, FLOWBUS_NATS_NKEY, FLOWBUS_NATS_USER/FLOWBUS_NATS_PASSWORD or FLOWBUS_NATS_TOKEN"

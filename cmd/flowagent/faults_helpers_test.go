@@ -1,0 +1,1321 @@
+package main
+
+// Harness of the fault-injection tests (faults_test.go): real nats-server
+// processes, the real flowagent binary as a process, a connection storm in a
+// child cgroup, and a reader that checks the stream batch by batch.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"math/big"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/publisher"
+	"github.com/flowbus/flowbus/publisher/spool"
+	"github.com/flowbus/flowbus/schema"
+)
+
+func init() {
+	cgrouptest.Register("storm", stormHelper)
+}
+
+// ---------------------------------------------------------------------------
+// Binaries: nats-server (cached by version) and flowagent (built per run).
+
+var (
+	binsOnce  sync.Once
+	binsErr   error
+	natsBin   string
+	agentBin  string
+	natsVer   string
+	modRootFn = sync.OnceValues(func() (string, error) {
+		out, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			return "", fmt.Errorf("go env GOMOD: %w", err)
+		}
+		gomod := strings.TrimSpace(string(out))
+		if gomod == "" || gomod == os.DevNull {
+			return "", errors.New("go env GOMOD: not inside the module")
+		}
+		return filepath.Dir(gomod), nil
+	})
+)
+
+// testBinaries builds nats-server (at the version go.mod selects, cached in
+// os.TempDir()/flowbus-test-bin) and flowagent (rebuilt on every run, renamed
+// into place so a running copy is never overwritten).
+func testBinaries(t *testing.T) (natsServer, flowagent string) {
+	t.Helper()
+	binsOnce.Do(func() {
+		root, err := modRootFn()
+		if err != nil {
+			binsErr = err
+			return
+		}
+		out, err := exec.Command("go", "list", "-C", root, "-m", "-f", "{{.Version}}", "github.com/nats-io/nats-server/v2").Output()
+		if err != nil {
+			binsErr = fmt.Errorf("go list -m nats-server: %w", err)
+			return
+		}
+		natsVer = strings.TrimSpace(string(out))
+		cache := filepath.Join(os.TempDir(), "flowbus-test-bin")
+		if err := os.MkdirAll(cache, 0o755); err != nil {
+			binsErr = err
+			return
+		}
+		build := func(dst, pkg string) error {
+			tmp, err := os.CreateTemp(cache, ".build-*")
+			if err != nil {
+				return err
+			}
+			tmp.Close()
+			defer os.Remove(tmp.Name())
+			cmd := exec.Command("go", "build", "-o", tmp.Name(), pkg)
+			cmd.Dir = root
+			// Building must never rewrite go.mod.
+			cmd.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
+			if msg, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("go build %s: %w\n%s", pkg, err, msg)
+			}
+			return os.Rename(tmp.Name(), dst)
+		}
+		natsBin = filepath.Join(cache, "nats-server-"+natsVer)
+		if _, err := os.Stat(natsBin); err != nil {
+			if binsErr = build(natsBin, "github.com/nats-io/nats-server/v2"); binsErr != nil {
+				return
+			}
+		}
+		agentBin = filepath.Join(cache, fmt.Sprintf("flowagent-%d", os.Getuid()))
+		binsErr = build(agentBin, "./cmd/flowagent")
+	})
+	if binsErr != nil {
+		t.Fatal(binsErr)
+	}
+	return natsBin, agentBin
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// tail returns the last n lines of a file, for failure messages.
+func tail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// ---------------------------------------------------------------------------
+// nats-server processes.
+
+type natsProc struct {
+	t    *testing.T
+	bin  string
+	Name string
+	Port int
+	// HTTPPort serves the monitoring endpoints (/connz), 0 when off.
+	HTTPPort int
+	dir      string
+	conf     string
+	logPath  string
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// natsOpts shape a server's configuration file.
+type natsOpts struct {
+	name        string
+	clusterPort int   // 0: no cluster
+	routes      []int // cluster ports of every node
+	monitor     bool  // serve the monitoring endpoints
+	extra       string
+}
+
+func newNATS(t *testing.T, o natsOpts) *natsProc {
+	t.Helper()
+	bin, _ := testBinaries(t)
+	if o.name == "" {
+		o.name = "n1"
+	}
+	s := &natsProc{t: t, bin: bin, Name: o.name, Port: freePort(t), dir: t.TempDir()}
+	s.conf = filepath.Join(s.dir, "server.conf")
+	s.logPath = filepath.Join(s.dir, "server.log")
+	var c strings.Builder
+	fmt.Fprintf(&c, "server_name: %q\nlisten: \"127.0.0.1:%d\"\nmax_payload: 1048576\n", o.name, s.Port)
+	fmt.Fprintf(&c, "jetstream {\n  store_dir: %q\n}\n", filepath.Join(s.dir, "store"))
+	if o.monitor {
+		s.HTTPPort = freePort(t)
+		fmt.Fprintf(&c, "http: \"127.0.0.1:%d\"\n", s.HTTPPort)
+	}
+	if o.clusterPort != 0 {
+		var routes []string
+		for _, p := range o.routes {
+			routes = append(routes, fmt.Sprintf("\"nats-route://127.0.0.1:%d\"", p))
+		}
+		fmt.Fprintf(&c, "cluster {\n  name: \"flowbus-test\"\n  listen: \"127.0.0.1:%d\"\n  routes: [%s]\n}\n", o.clusterPort, strings.Join(routes, ", "))
+	}
+	c.WriteString(o.extra)
+	if err := os.WriteFile(s.conf, []byte(c.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		s.Kill()
+		if t.Failed() {
+			t.Logf("nats-server %s log (tail):\n%s", s.Name, tail(s.logPath, 15))
+		}
+	})
+	return s
+}
+
+func (s *natsProc) URL() string { return fmt.Sprintf("nats://127.0.0.1:%d", s.Port) }
+
+// Start runs the server and waits until it accepts TCP connections.
+func (s *natsProc) Start() {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd != nil {
+		s.t.Fatalf("nats-server %s already running", s.Name)
+	}
+	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(s.bin, "-c", s.conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	s.cmd, s.exited = cmd, exited
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.Port), 200*time.Millisecond); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-exited:
+			s.cmd = nil
+			s.t.Fatalf("nats-server %s exited at start:\n%s", s.Name, tail(s.logPath, 20))
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("nats-server %s does not listen on %d after 20s:\n%s", s.Name, s.Port, tail(s.logPath, 20))
+		}
+	}
+}
+
+// Stop sends sig and waits for the process to end (SIGKILL after 15s).
+func (s *natsProc) Stop(sig syscall.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(sig)
+	select {
+	case <-s.exited:
+	case <-time.After(15 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-s.exited
+	}
+	s.cmd = nil
+}
+
+// Kill is Stop(SIGKILL).
+func (s *natsProc) Kill() { s.Stop(syscall.SIGKILL) }
+
+// connect is a plain client (retrying while the server comes up).
+func natsConnect(t *testing.T, url string, opts ...nats.Option) *nats.Conn {
+	t.Helper()
+	opts = append([]nats.Option{nats.MaxReconnects(-1), nats.ReconnectWait(100 * time.Millisecond), nats.Timeout(2 * time.Second)}, opts...)
+	var nc *nats.Conn
+	var err error
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if nc, err = nats.Connect(url, opts...); err == nil {
+			t.Cleanup(nc.Close)
+			return nc
+		}
+	}
+	t.Fatalf("connecting to %s: %v", url, err)
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// The agent as a process.
+
+type agentProc struct {
+	t           *testing.T
+	name        string
+	cmd         *exec.Cmd
+	MetricsAddr string
+	logPath     string
+	exited      chan struct{}
+	exitErr     error
+}
+
+// agentEnv is the base environment of a test agent: a remote server, the
+// watched child cgroup, small batches and quick retries.
+func agentEnv(cgroupPath, natsURL, host, spoolDir string) map[string]string {
+	return map[string]string{
+		"FLOWBUS_NATS_URL":         natsURL,
+		"FLOWBUS_CGROUP_PATH":      cgroupPath,
+		"FLOWBUS_HOST":             host,
+		"FLOWBUS_SPOOL_DIR":        spoolDir,
+		"FLOWBUS_BATCH_LINGER":     "20ms",
+		"FLOWBUS_ACK_TIMEOUT":      "1s",
+		"FLOWBUS_SHUTDOWN_TIMEOUT": "3s",
+		"FLOWBUS_LOG_LEVEL":        "info",
+	}
+}
+
+// startAgentProc runs the flowagent binary with env (plus a free metrics
+// port), outside the watched cgroup. It is killed when the test ends.
+func startAgentProc(t *testing.T, name string, env map[string]string) *agentProc {
+	t.Helper()
+	_, bin := testBinaries(t)
+	a := &agentProc{t: t, name: name, logPath: filepath.Join(t.TempDir(), name+".log"), exited: make(chan struct{})}
+	if _, ok := env["FLOWBUS_METRICS_ADDR"]; !ok {
+		a.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		env["FLOWBUS_METRICS_ADDR"] = a.MetricsAddr
+	}
+	var environ []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "FLOWBUS_") {
+			environ = append(environ, kv)
+		}
+	}
+	for k, v := range env {
+		environ = append(environ, k+"="+v)
+	}
+	logf, err := os.Create(a.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	a.cmd = exec.Command(bin)
+	a.cmd.Env = environ
+	a.cmd.Stdout, a.cmd.Stderr = logf, logf
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.exitErr = a.cmd.Wait(); close(a.exited) }()
+	t.Cleanup(func() {
+		a.Signal(syscall.SIGKILL)
+		if t.Failed() {
+			t.Logf("agent %s log (tail):\n%s", a.name, tail(a.logPath, 25))
+		}
+	})
+	return a
+}
+
+func (a *agentProc) Pid() int { return a.cmd.Process.Pid }
+
+// Log is everything the agent wrote so far.
+func (a *agentProc) Log() string {
+	b, _ := os.ReadFile(a.logPath)
+	return string(b)
+}
+
+// Signal sends sig and, for SIGKILL, waits for the end.
+func (a *agentProc) Signal(sig syscall.Signal) {
+	select {
+	case <-a.exited:
+		return
+	default:
+	}
+	_ = a.cmd.Process.Signal(sig)
+	if sig == syscall.SIGKILL {
+		<-a.exited
+	}
+}
+
+// Wait waits up to d for the agent to exit and returns its exit code (-1 if
+// it is still running, after killing it).
+func (a *agentProc) Wait(d time.Duration) int {
+	select {
+	case <-a.exited:
+	case <-time.After(d):
+		a.Signal(syscall.SIGKILL)
+		return -1
+	}
+	if a.exitErr == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	if errors.As(a.exitErr, &ee) {
+		return ee.ExitCode()
+	}
+	return -2
+}
+
+// Stop ends the agent with SIGTERM and requires a clean exit.
+func (a *agentProc) Stop() {
+	a.t.Helper()
+	a.Signal(syscall.SIGTERM)
+	if code := a.Wait(30 * time.Second); code != 0 {
+		a.t.Errorf("agent %s: exit status %d after SIGTERM, want 0", a.name, code)
+	}
+}
+
+// Metrics scrapes /metrics: "name{labels}" -> value.
+func (a *agentProc) Metrics() (map[string]float64, error) {
+	cl := http.Client{Timeout: 2 * time.Second}
+	resp, err := cl.Get("http://" + a.MetricsAddr + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("metrics: %s", resp.Status)
+	}
+	m := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(l, ' ')
+		if i < 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(l[i+1:], 64)
+		if err != nil {
+			continue
+		}
+		m[l[:i]] = v
+	}
+	return m, sc.Err()
+}
+
+// WaitMetrics polls the metrics until cond holds; it fails the test after d.
+func (a *agentProc) WaitMetrics(d time.Duration, what string, cond func(m map[string]float64) bool) map[string]float64 {
+	a.t.Helper()
+	deadline := time.Now().Add(d)
+	var last map[string]float64
+	var lastErr error
+	for time.Now().Before(deadline) {
+		select {
+		case <-a.exited:
+			a.t.Fatalf("agent %s exited (%v) while waiting for %s:\n%s", a.name, a.exitErr, what, tail(a.logPath, 20))
+		default:
+		}
+		m, err := a.Metrics()
+		if err == nil {
+			last = m
+			if cond(m) {
+				return m
+			}
+		}
+		lastErr = err
+		time.Sleep(50 * time.Millisecond)
+	}
+	a.t.Fatalf("agent %s: %s not reached after %v (last metrics error %v): %s", a.name, what, d, lastErr, metricsSummary(last))
+	return nil
+}
+
+const (
+	mPublished    = `flowbus_agent_events_total{stage="published"}`
+	mAcked        = `flowbus_agent_events_total{stage="acked"}`
+	mCaptured     = `flowbus_agent_events_total{stage="captured"}`
+	mPending      = `flowbus_agent_pending_batches`
+	mPendingBytes = `flowbus_agent_pending_bytes`
+	mSpoolBatches = `flowbus_agent_spool_batches`
+	mSpoolBytes   = `flowbus_agent_spool_bytes`
+	mSpooled      = `flowbus_agent_spooled_batches_total`
+	mDropSpool    = `flowbus_agent_dropped_events_total{stage="spool"}`
+	mDropQueue    = `flowbus_agent_dropped_events_total{stage="queue"}`
+	mDropPublish  = `flowbus_agent_dropped_events_total{stage="publish"}`
+	mDropKernel   = `flowbus_agent_dropped_events_total{stage="kernel_ringbuf"}`
+	mBatchesAcked = `flowbus_agent_batches_acked_total`
+	mDupAcks      = `flowbus_agent_duplicate_acks_total`
+	mPubErrors    = `flowbus_agent_publish_errors_total`
+	mReady        = `flowbus_agent_ready`
+)
+
+func metricsSummary(m map[string]float64) string {
+	var parts []string
+	for _, k := range []string{mCaptured, mPublished, mAcked, mPending, mPendingBytes, mSpoolBatches, mSpoolBytes, mDropSpool, mDropQueue, mDropPublish, mDropKernel, mReady} {
+		if v, ok := m[k]; ok {
+			parts = append(parts, fmt.Sprintf("%s=%g", strings.TrimPrefix(k, "flowbus_agent_"), v))
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+// drained: every event handed to batching is acknowledged (or dropped and
+// counted), nothing pending, the spool empty.
+func drained(m map[string]float64) bool {
+	dropped := m[mDropSpool] + m[mDropQueue] + m[mDropPublish]
+	return m[mReady] == 1 && m[mPending] == 0 && m[mSpoolBatches] == 0 && m[mPublished] > 0 && m[mAcked]+dropped == m[mPublished]
+}
+
+// sampler records the maxima of the agent's pending bytes and RSS.
+type sampler struct {
+	stop            chan struct{}
+	done            chan struct{}
+	maxPendingBytes atomic.Int64
+	maxSpoolBytes   atomic.Int64
+	maxRSS          atomic.Int64
+	samples         atomic.Int64
+}
+
+func (a *agentProc) sample(every time.Duration) *sampler {
+	s := &sampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			if m, err := a.Metrics(); err == nil {
+				s.samples.Add(1)
+				setMax(&s.maxPendingBytes, int64(m[mPendingBytes]))
+				setMax(&s.maxSpoolBytes, int64(m[mSpoolBytes]))
+			}
+			if rss, _, err := procMem(a.Pid()); err == nil {
+				setMax(&s.maxRSS, rss)
+			}
+			select {
+			case <-s.stop:
+				return
+			case <-a.exited:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return s
+}
+
+func (s *sampler) Stop() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	<-s.done
+}
+
+func setMax(v *atomic.Int64, x int64) {
+	for {
+		old := v.Load()
+		if x <= old || v.CompareAndSwap(old, x) {
+			return
+		}
+	}
+}
+
+// procMem returns VmRSS and VmHWM (peak RSS) in bytes.
+func procMem(pid int) (rss, hwm int64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok || (k != "VmRSS" && k != "VmHWM") {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		n, _ := strconv.ParseInt(f[0], 10, 64)
+		if k == "VmRSS" {
+			rss = n << 10
+		} else {
+			hwm = n << 10
+		}
+	}
+	return rss, hwm, nil
+}
+
+// ---------------------------------------------------------------------------
+// The connection storm, run inside the child cgroup.
+
+// stormResult is what the storm helper prints.
+type stormResult struct {
+	Server string   `json:"server"`
+	Ports  []uint16 `json:"ports"`
+	Errors int      `json:"errors"`
+	LastEr string   `json:"last_error,omitempty"`
+}
+
+// stormHelper: args addr workers duration rate-per-worker max-conns. Each
+// worker dials a listener of this process and closes with SO_LINGER 0 (RST,
+// no TIME_WAIT), paced at rate per second (0: as fast as it can), until
+// duration passes, max connections are made, or SIGTERM comes. It prints the
+// client ports as JSON.
+func stormHelper(args []string) error {
+	if len(args) != 5 {
+		return fmt.Errorf("want addr workers duration rate max, got %q", args)
+	}
+	workers, err1 := strconv.Atoi(args[1])
+	dur, err2 := time.ParseDuration(args[2])
+	rate, err3 := strconv.Atoi(args[3])
+	maxConns, err4 := strconv.ParseInt(args[4], 10, 64)
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(args[0], "0"))
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			// Wait for the client's RST: a server that resets first can make
+			// the client's connect fail after the handshake (ECONNRESET), a
+			// connection made that the client would not report.
+			go func() {
+				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				var b [1]byte
+				_, _ = c.Read(b[:])
+				_ = c.(*net.TCPConn).SetLinger(0)
+				c.Close()
+			}()
+		}
+	}()
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
+	defer cancel()
+	go func() {
+		select {
+		case <-stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var (
+		mu       sync.Mutex
+		res      = stormResult{Server: ln.Addr().String()}
+		attempts atomic.Int64
+		wg       sync.WaitGroup
+	)
+	d := net.Dialer{Timeout: 2 * time.Second}
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var ports []uint16
+			errs, lastErr := 0, ""
+			next := time.Now()
+			for ctx.Err() == nil && attempts.Add(1) <= maxConns {
+				if rate > 0 {
+					next = next.Add(time.Second / time.Duration(rate))
+					if wait := time.Until(next); wait > 0 {
+						select {
+						case <-ctx.Done():
+						case <-time.After(wait):
+						}
+						if ctx.Err() != nil {
+							break
+						}
+					}
+				}
+				// Not the storm's context: a dial cut short could leave a
+				// connection made but not reported.
+				c, err := d.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					errs++
+					lastErr = err.Error()
+					continue
+				}
+				ports = append(ports, uint16(c.LocalAddr().(*net.TCPAddr).Port))
+				_ = c.(*net.TCPConn).SetLinger(0)
+				c.Close()
+			}
+			mu.Lock()
+			res.Ports = append(res.Ports, ports...)
+			res.Errors += errs
+			if lastErr != "" {
+				res.LastEr = lastErr
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	ln.Close()
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// storm is a running storm helper.
+type storm struct {
+	t   *testing.T
+	cmd *exec.Cmd
+	out bytes.Buffer
+	res *stormResult
+}
+
+func startStorm(t *testing.T, cg *cgrouptest.Cgroup, workers int, dur time.Duration, rate int, maxConns int) *storm {
+	t.Helper()
+	s := &storm{t: t}
+	s.cmd = cg.Command("storm", "127.0.0.1", strconv.Itoa(workers), dur.String(), strconv.Itoa(rate), strconv.Itoa(maxConns))
+	s.cmd.Stdout = &s.out
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if s.res == nil {
+			_ = s.cmd.Process.Kill()
+			_ = s.cmd.Wait()
+		}
+	})
+	return s
+}
+
+// Interrupt ends the storm early (it still reports what it made).
+func (s *storm) Interrupt() { _ = s.cmd.Process.Signal(syscall.SIGTERM) }
+
+// Wait returns the storm's result; it fails the test on dial errors, since a
+// failed dial may or may not have produced events.
+func (s *storm) Wait() *stormResult {
+	s.t.Helper()
+	if s.res != nil {
+		return s.res
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			s.t.Fatalf("storm helper: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		_ = s.cmd.Process.Kill()
+		s.t.Fatal("storm helper did not end")
+	}
+	var r stormResult
+	if err := json.Unmarshal(s.out.Bytes(), &r); err != nil {
+		s.t.Fatalf("storm output %q: %v", s.out.String(), err)
+	}
+	if r.Errors > 0 {
+		s.t.Errorf("storm: %d dials failed (last: %s); the expected set is not exact", r.Errors, r.LastEr)
+	}
+	s.res = &r
+	return &r
+}
+
+// ---------------------------------------------------------------------------
+// Expected and received flows.
+
+// flowKey is (direction, src, sport, dst, dport).
+func flowKey(dir schema.Direction, src netip.Addr, sport uint16, dst netip.Addr, dport uint16) string {
+	return fmt.Sprintf("%s %s %d %s %d", dir, src.Unmap(), sport, dst.Unmap(), dport)
+}
+
+// multiset of flow keys with a checksum: count and sum of FNV-64a hashes
+// (a sum, not a xor, so that a tuple seen twice does not cancel out).
+type multiset struct {
+	m     map[string]int
+	n     int
+	check uint64
+}
+
+func newMultiset() *multiset { return &multiset{m: map[string]int{}} }
+
+func (s *multiset) add(k string) {
+	s.m[k]++
+	s.n++
+	h := fnv.New64a()
+	h.Write([]byte(k))
+	s.check += h.Sum64()
+}
+
+// addStorm adds the 2 events (outgoing, incoming) of every storm connection.
+func (s *multiset) addStorm(r *stormResult) {
+	srv := netip.MustParseAddrPort(r.Server)
+	for _, p := range r.Ports {
+		for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
+			s.add(flowKey(d, srv.Addr(), p, srv.Addr(), srv.Port()))
+		}
+	}
+}
+
+func (s *multiset) addConns(conns []cgrouptest.Conn) {
+	for _, c := range conns {
+		cl, sv := netip.MustParseAddrPort(c.Client), netip.MustParseAddrPort(c.Server)
+		for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
+			s.add(flowKey(d, cl.Addr(), cl.Port(), sv.Addr(), sv.Port()))
+		}
+	}
+}
+
+// diff returns how many of want are missing from s and how many in s are
+// beyond want, with a few examples.
+func (s *multiset) diff(want *multiset) (missing, extra int, examples []string) {
+	for k, w := range want.m {
+		if g := s.m[k]; g < w {
+			missing += w - g
+			if len(examples) < 5 {
+				examples = append(examples, fmt.Sprintf("missing %dx %s", w-g, k))
+			}
+		}
+	}
+	for k, g := range s.m {
+		if w := want.m[k]; g > w {
+			extra += g - w
+			if len(examples) < 10 {
+				examples = append(examples, fmt.Sprintf("extra %dx %s", g-w, k))
+			}
+		}
+	}
+	sort.Strings(examples)
+	return missing, extra, examples
+}
+
+// streamBatch is one message of the stream.
+type streamBatch struct {
+	Seq     uint64
+	Subject string
+	MsgID   string
+	B       schema.Batch
+}
+
+// streamContent is what a consumer sees in the stream.
+type streamContent struct {
+	Batches   []streamBatch
+	Flows     *multiset
+	Drops     schema.Drops // summed over every batch
+	DupMsgIDs []string     // message ids held more than once
+	DupRunSeq int          // (run, seq) pairs held more than once
+	BadIDs    []string     // message id not host.run.seq of its batch
+	ChainGaps int          // batches whose prev_seq is not in the stream
+}
+
+// readAll reads the whole stream with an ordered consumer up to its last
+// sequence at the time of the call.
+func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamContent {
+	t.Helper()
+	nc := natsConnect(t, url, opts...)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var st jetstream.Stream
+	for {
+		if st, err = js.Stream(ctx, stream); err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("stream %s: %v", stream, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &streamContent{Flows: newMultiset()}
+	last := info.State.LastSeq
+	if info.State.Msgs == 0 {
+		return c
+	}
+	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]int{}
+	type runSeq struct {
+		run string
+		seq uint64
+	}
+	runSeqs := map[runSeq]int{}
+	var got uint64
+	for got < last {
+		if ctx.Err() != nil {
+			t.Fatalf("reading stream %s: at seq %d of %d after 60s", stream, got, last)
+		}
+		msgs, err := cons.Fetch(1000, jetstream.FetchMaxWait(time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for m := range msgs.Messages() {
+			md, err := m.Metadata()
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = md.Sequence.Stream
+			sb := streamBatch{Seq: got, Subject: m.Subject(), MsgID: m.Headers().Get(schema.HeaderMsgID)}
+			if err := schema.DecodeBatch(m.Data(), &sb.B); err != nil {
+				t.Fatalf("stream seq %d on %s: %v", got, m.Subject(), err)
+			}
+			c.Batches = append(c.Batches, sb)
+			ids[sb.MsgID]++
+			runSeqs[runSeq{sb.B.RunID, sb.B.Seq}]++
+			if want := schema.MsgID(sb.B.Host, sb.B.RunID, sb.B.Seq); sb.MsgID != want {
+				c.BadIDs = append(c.BadIDs, sb.MsgID+" != "+want)
+			}
+			d := &c.Drops
+			d.Kernel += sb.B.Drops.Kernel
+			d.Reader += sb.B.Drops.Reader
+			d.Queue += sb.B.Drops.Queue
+			d.Spool += sb.B.Drops.Spool
+			d.Publish += sb.B.Drops.Publish
+			for _, ev := range sb.B.Events {
+				c.Flows.add(flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort))
+			}
+		}
+		if err := msgs.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			t.Fatal(err)
+		}
+	}
+	for id, n := range ids {
+		if n > 1 {
+			c.DupMsgIDs = append(c.DupMsgIDs, id)
+		}
+	}
+	for _, n := range runSeqs {
+		if n > 1 {
+			c.DupRunSeq++
+		}
+	}
+	// prev_seq chains batches of one direction within a run.
+	for _, b := range c.Batches {
+		if b.B.PrevSeq != 0 && runSeqs[runSeq{b.B.RunID, b.B.PrevSeq}] == 0 {
+			c.ChainGaps++
+		}
+	}
+	return c
+}
+
+// waitStreamEvents polls the stream's message count until its batches hold
+// at least want events, using the JetStream API only (cheap), then reads it.
+func waitStream(t *testing.T, url, stream string, want int, d time.Duration, opts ...nats.Option) *streamContent {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		c := readAll(t, url, stream, opts...)
+		if c.Flows.n >= want || time.Now().After(deadline) {
+			return c
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// checkExact compares the stream with the expected flows.
+func checkExact(t *testing.T, what string, got *streamContent, want *multiset) {
+	t.Helper()
+	missing, extra, ex := got.Flows.diff(want)
+	t.Logf("%s: expected %d events (checksum %016x), stream holds %d events (checksum %016x) in %d batches; missing %d, extra %d, duplicate msg ids %d",
+		what, want.n, want.check, got.Flows.n, got.Flows.check, len(got.Batches), missing, extra, len(got.DupMsgIDs))
+	if missing != 0 || extra != 0 || got.Flows.n != want.n || got.Flows.check != want.check {
+		t.Errorf("%s: stream differs from the connections made: %d missing, %d extra:\n  %s", what, missing, extra, strings.Join(ex, "\n  "))
+	}
+	if len(got.DupMsgIDs) > 0 || got.DupRunSeq > 0 {
+		t.Errorf("%s: batches stored twice: %d message ids (e.g. %v), %d (run, seq) pairs", what, len(got.DupMsgIDs), first(got.DupMsgIDs, 3), got.DupRunSeq)
+	}
+	if len(got.BadIDs) > 0 {
+		t.Errorf("%s: message ids not host.run.seq of their batch: %v", what, first(got.BadIDs, 3))
+	}
+}
+
+func first(s []string, n int) []string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// ---------------------------------------------------------------------------
+// TLS material.
+
+type pki struct {
+	dir  string
+	n    int
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	// CAFile is the CA certificate in PEM.
+	CAFile string
+}
+
+func newCA(t *testing.T, dir, name string) *pki {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	p := &pki{dir: dir, n: 1, cert: cert, key: key, CAFile: filepath.Join(dir, name+"-ca.pem")}
+	writePEM(t, p.CAFile, "CERTIFICATE", der)
+	return p
+}
+
+// issue makes a leaf certificate (server: IP SAN 127.0.0.1) and returns the
+// certificate and key files.
+func (p *pki) issue(t *testing.T, name string, server bool) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.n++
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(int64(p.n)),
+		Subject:      pkix.Name{CommonName: name},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	if server {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
+		tmpl.DNSNames = []string{"localhost"}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.cert, &key.PublicKey, p.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile = filepath.Join(p.dir, name+".pem")
+	keyFile = filepath.Join(p.dir, name+"-key.pem")
+	writePEM(t, certFile, "CERTIFICATE", der)
+	writePEM(t, keyFile, "EC PRIVATE KEY", kder)
+	return certFile, keyFile
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pollMetrics is WaitMetrics that reports instead of failing: it returns the
+// last metrics and whether cond held within d.
+func (a *agentProc) pollMetrics(d time.Duration, every time.Duration, cond func(m map[string]float64) bool) (map[string]float64, bool) {
+	deadline := time.Now().Add(d)
+	var last map[string]float64
+	for time.Now().Before(deadline) {
+		select {
+		case <-a.exited:
+			return last, false
+		default:
+		}
+		if m, err := a.Metrics(); err == nil {
+			last = m
+			if cond(m) {
+				return m, true
+			}
+		}
+		time.Sleep(every)
+	}
+	return last, false
+}
+
+// spoolDrained: connected, the spool empty and nothing pending (for a run
+// that only replays an earlier run's spool and captures nothing itself).
+func spoolDrained(m map[string]float64) bool {
+	return m[mReady] == 1 && m[mPending] == 0 && m[mSpoolBatches] == 0
+}
+
+// spoolContent is what a dead agent left in its spool directory.
+type spoolContent struct {
+	Entries []*spool.Entry
+	Batches []schema.Batch
+	Flows   *multiset
+	Bytes   int64
+	Corrupt int
+}
+
+// readSpool opens the spool directory as the next run would and decodes
+// every batch in it. The agent owning it must be dead.
+func readSpool(t *testing.T, dir string) *spoolContent {
+	t.Helper()
+	sp, err := spool.Open(dir, 1<<40)
+	if err != nil {
+		t.Fatal(err)
+	}
+	es, err := sp.Peek(sp.Len(), func(string) bool { return false })
+	if err != nil {
+		t.Fatalf("reading the spool: %v", err)
+	}
+	c := &spoolContent{Entries: es, Flows: newMultiset(), Bytes: sp.Bytes(), Corrupt: sp.Corrupt()}
+	for _, e := range es {
+		var b schema.Batch
+		if err := schema.DecodeBatch(e.Data, &b); err != nil {
+			t.Fatalf("spool file %s: %v", e.Name, err)
+		}
+		if want := schema.MsgID(b.Host, b.RunID, b.Seq); e.MsgID != want {
+			t.Errorf("spool file %s: message id %s, want %s", e.Name, e.MsgID, want)
+		}
+		for _, ev := range b.Events {
+			c.Flows.add(flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort))
+		}
+		c.Batches = append(c.Batches, b)
+	}
+	return c
+}
+
+// defaultStream is the stream the agent creates with its default settings,
+// for tests that need it before the agent runs.
+func defaultStream(t *testing.T, nc *nats.Conn, replicas int) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		_, err = publisher.EnsureStream(ctx, js, publisher.StreamSettings{
+			Name: "FLOWS", Prefix: "flows", MaxAge: 24 * time.Hour, MaxBytes: 1 << 30,
+			Replicas: replicas, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
+		})
+		if err == nil {
+			return js
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("creating stream FLOWS: %v", err)
+		}
+		time.Sleep(250 * time.Millisecond) // JetStream may still be electing its leaders
+	}
+}
+
+// outOfOrder counts, per run and direction, the batches stored after a
+// batch of the same run and direction with a higher sequence number.
+func outOfOrder(bs []streamBatch, skip map[string]bool) int {
+	type key struct {
+		run string
+		dir schema.Direction
+	}
+	last := map[key]uint64{}
+	n := 0
+	for _, b := range bs {
+		if skip[b.MsgID] {
+			continue
+		}
+		k := key{b.B.RunID, b.B.Direction}
+		if b.B.Seq < last[k] {
+			n++
+		}
+		last[k] = max(last[k], b.B.Seq)
+	}
+	return n
+}
+
+// newCluster starts n nats-server processes routed into one JetStream
+// cluster and waits until JetStream answers.
+func newCluster(t *testing.T, n int) []*natsProc {
+	t.Helper()
+	ports := make([]int, n)
+	for i := range ports {
+		ports[i] = freePort(t)
+	}
+	nodes := make([]*natsProc, n)
+	for i := range nodes {
+		nodes[i] = newNATS(t, natsOpts{name: fmt.Sprintf("n%d", i+1), clusterPort: ports[i], routes: ports, monitor: true})
+	}
+	for _, s := range nodes {
+		s.Start()
+	}
+	nc := natsConnect(t, clusterURL(nodes))
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := js.AccountInfo(ctx)
+		cancel()
+		if err == nil {
+			return nodes
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("JetStream cluster of %d nodes not ready after 60s: %v", n, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// clusterURL is the comma-separated URLs of nodes.
+func clusterURL(nodes []*natsProc) string {
+	var u []string
+	for _, s := range nodes {
+		u = append(u, s.URL())
+	}
+	return strings.Join(u, ",")
+}
+
+// streamCluster returns the stream's leader and replicas as one client sees
+// them ("" while there is no leader).
+func streamCluster(js jetstream.JetStream, name string) (leader string, replicas int, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	st, err := js.Stream(ctx, name)
+	if err != nil {
+		return "", 0, err
+	}
+	info := st.CachedInfo()
+	if info.Cluster == nil {
+		return "", info.Config.Replicas, nil
+	}
+	return info.Cluster.Leader, info.Config.Replicas, nil
+}
+
+// hasClient tells whether a client named name is connected to the server,
+// from its monitoring endpoint.
+func (s *natsProc) hasClient(name string) (bool, error) {
+	cl := http.Client{Timeout: 2 * time.Second}
+	resp, err := cl.Get(fmt.Sprintf("http://127.0.0.1:%d/connz?limit=1024", s.HTTPPort))
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	var cz struct {
+		Connections []struct {
+			Name string `json:"name"`
+		} `json:"connections"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&cz); err != nil {
+		return false, err
+	}
+	for _, c := range cz.Connections {
+		if c.Name == name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// moveStreamLeader makes server name the stream's leader (a step-down with a
+// preferred successor) and waits until the cluster agrees.
+func moveStreamLeader(t *testing.T, nc *nats.Conn, js jetstream.JetStream, stream, name string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		leader, _, err := streamCluster(js, stream)
+		if err == nil && leader == name {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stream %s: leader %q, could not move it to %s: %v", stream, leader, name, err)
+		}
+		if err == nil && leader != "" {
+			req := fmt.Sprintf(`{"placement":{"preferred":%q}}`, name)
+			if _, err := nc.Request("$JS.API.STREAM.LEADER.STEPDOWN."+stream, []byte(req), 5*time.Second); err != nil {
+				t.Logf("stream leader step-down: %v", err)
+			}
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// exitLine waits for an agent that must refuse to run and returns the one
+// line it printed; it fails the test unless the agent exited non-zero with
+// exactly one line.
+func exitLine(t *testing.T, a *agentProc) string {
+	t.Helper()
+	code := a.Wait(30 * time.Second)
+	out := strings.TrimSpace(a.Log())
+	if code <= 0 {
+		t.Fatalf("agent %s: exit status %d, want non-zero; output:\n%s", a.name, code, out)
+	}
+	if lines := strings.Split(out, "\n"); len(lines) != 1 {
+		t.Errorf("agent %s: %d lines of output, want one naming the problem and the fix:\n%s", a.name, len(lines), out)
+	}
+	return out
+}
+
+// waitLog waits up to d for the agent's log to contain s.
+func (a *agentProc) waitLog(d time.Duration, s string) bool {
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if strings.Contains(a.Log(), s) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitFileContains waits up to d for the file to contain s.
+func waitFileContains(path string, d time.Duration, s string) bool {
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if b, _ := os.ReadFile(path); bytes.Contains(b, []byte(s)) {
+			return true
+		}
+	}
+	return false
+}
+
+// nkeyOption authenticates a test client with an NKey seed file.
+func nkeyOption(t *testing.T, seedFile string) nats.Option {
+	t.Helper()
+	o, err := nats.NkeyOptionFromSeed(seedFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
