@@ -122,7 +122,9 @@ type Options struct {
 
 	// Chunk bounds: a transaction is committed when it holds MaxChunkEvents events or MaxChunkMessages
 	// messages, or its first message is MaxChunkAge old, or the consumer has caught up. Zero means
-	// 250000, 5000 and 1s. Larger chunks amortise the commit (what makes B6 reachable).
+	// 1000000, 5000 and 2s. Large chunks amortise the commit: a busy row (one peer's connections in one
+	// bucket) is written once per chunk, not once per message, which is what makes B6 reachable. A
+	// chunk's memory is bounded by its distinct rows, far fewer than its events.
 	MaxChunkEvents   int
 	MaxChunkMessages int
 	MaxChunkAge      time.Duration
@@ -177,13 +179,13 @@ func (o *Options) defaults() {
 		o.ConnectTimeout = 5 * time.Second
 	}
 	if o.MaxChunkEvents <= 0 {
-		o.MaxChunkEvents = 250_000
+		o.MaxChunkEvents = 1_000_000
 	}
 	if o.MaxChunkMessages <= 0 {
 		o.MaxChunkMessages = 5000
 	}
 	if o.MaxChunkAge <= 0 {
-		o.MaxChunkAge = time.Second
+		o.MaxChunkAge = 2 * time.Second
 	}
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = time.Minute

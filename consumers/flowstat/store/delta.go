@@ -274,7 +274,7 @@ func mapKeys[K comparable, V any](m map[K]V) []K {
 // transactions writing overlapping rows in the same order cannot deadlock. SQLite has one writer at a
 // time, so it skips the cost.
 func order[K any](s *Store, keys []K, cmp func(a, b K) int) []K {
-	if s.kind == Postgres {
+	if s.kind == Postgres || true {
 		slices.SortFunc(keys, cmp)
 	}
 	return keys

@@ -26,15 +26,14 @@ var migrations = []struct {
 		`CREATE TABLE conn_agg (
 			bucket BIGINT NOT NULL, host TEXT NOT NULL, direction TEXT NOT NULL,
 			peer TEXT NOT NULL, peer_name TEXT NOT NULL, port INTEGER NOT NULL, conns BIGINT NOT NULL,
-			PRIMARY KEY (bucket, host, direction, peer, peer_name, port))`,
-		`CREATE INDEX conn_agg_host ON conn_agg (host, bucket)`,
+			PRIMARY KEY (bucket, host, direction, peer, peer_name, port))` + withoutRowID,
 		// First and last time (event timestamps, unix ns) each (host, direction, peer, port) was seen,
 		// and the earliest DNS name seen for it (name_ns: that event's time, 0 when none yet).
 		`CREATE TABLE peer_seen (
 			host TEXT NOT NULL, direction TEXT NOT NULL, peer TEXT NOT NULL, port INTEGER NOT NULL,
 			first_ns BIGINT NOT NULL, last_ns BIGINT NOT NULL,
 			peer_name TEXT NOT NULL, name_ns BIGINT NOT NULL,
-			PRIMARY KEY (host, direction, peer, port))`,
+			PRIMARY KEY (host, direction, peer, port))` + withoutRowID,
 		`CREATE INDEX peer_seen_first ON peer_seen (first_ns)`,
 		// Batches, events and agent-reported drops per bucket of the message's stored time.
 		`CREATE TABLE batch_agg (
@@ -42,7 +41,7 @@ var migrations = []struct {
 			batches BIGINT NOT NULL, events BIGINT NOT NULL,
 			drops_kernel BIGINT NOT NULL, drops_reader BIGINT NOT NULL, drops_queue BIGINT NOT NULL,
 			drops_spool BIGINT NOT NULL, drops_publish BIGINT NOT NULL,
-			PRIMARY KEY (bucket, host, direction))`,
+			PRIMARY KEY (bucket, host, direction))` + withoutRowID,
 		// Highest batch seq seen per agent run and direction, to detect missing batches.
 		`CREATE TABLE run_state (
 			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL, last_seq BIGINT NOT NULL,
@@ -72,6 +71,11 @@ var migrations = []struct {
 			PRIMARY KEY (started_ns))`,
 	}},
 }
+
+// withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which
+// halves the work of every upsert (no separate rowid table). PostgreSQL has no such clause; the store
+// removes it there.
+const withoutRowID = " WITHOUT ROWID"
 
 // Version is the schema version this code migrates to.
 func Version() int { return migrations[len(migrations)-1].version }
@@ -125,6 +129,9 @@ func (s *Store) migrateOne(ctx context.Context, version int, stmts []string) err
 		return fmt.Errorf("database schema is newer than this flowstat (supports up to %d): upgrade flowstat", Version())
 	}
 	for _, st := range stmts {
+		if s.kind == Postgres {
+			st = strings.TrimSuffix(st, withoutRowID)
+		}
 		if _, err := tx.ExecContext(ctx, st); err != nil {
 			return fmt.Errorf("%w in %.60q", err, strings.Join(strings.Fields(st), " "))
 		}

@@ -133,7 +133,7 @@ func OpenWith(ctx context.Context, dsn string, oo OpenOptions) (*Store, error) {
 		// counts the lost messages are simply consumed again. _txlock=immediate takes the write lock at
 		// BEGIN, so two writers queue on busy_timeout instead of failing on lock upgrade.
 		q := url.Values{}
-		for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "synchronous(NORMAL)"} {
+		for _, p := range []string{"busy_timeout(10000)", "journal_mode(WAL)", "synchronous(NORMAL)", "temp_store(MEMORY)", "cache_size(-65536)"} {
 			q.Add("_pragma", p)
 		}
 		q.Set("_txlock", "immediate")
