@@ -1319,3 +1319,20 @@ func nkeyOption(t *testing.T, seedFile string) nats.Option {
 	}
 	return o
 }
+
+// countSpoolFiles counts the batches in a spool directory (cheaply, while
+// an agent uses it).
+func countSpoolFiles(t *testing.T, dir string) int {
+	t.Helper()
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, de := range des {
+		if strings.HasSuffix(de.Name(), ".batch") {
+			n++
+		}
+	}
+	return n
+}
