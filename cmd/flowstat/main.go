@@ -1,0 +1,749 @@
+// Command flowstat aggregates the flowbus stream into a database (SQLite by default, or PostgreSQL) and
+// answers questions from it: top talkers, new destinations, connections per host over time.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/flowstat"
+	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/tail"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Exit statuses, documented in the help text.
+const (
+	exitOK    = 0
+	exitError = 1
+	exitUsage = 2
+)
+
+// Environment variables beyond the shared FLOWBUS_NATS_URL, FLOWBUS_STREAM, FLOWBUS_SUBJECT_PREFIX and
+// FLOWBUS_DB.
+const (
+	envConsumer   = "FLOWBUS_FLOWSTAT_CONSUMER"
+	envFilter     = "FLOWBUS_FLOWSTAT_FILTER"
+	envStart      = "FLOWBUS_FLOWSTAT_START"
+	envBucket     = "FLOWBUS_FLOWSTAT_BUCKET"
+	envDeadLetter = "FLOWBUS_FLOWSTAT_DEADLETTER"
+)
+
+const usageText = `Usage: flowstat <command> [flags]
+
+Aggregates the flowbus stream into a database and answers questions from it.
+
+Commands:
+  run       consume the stream and keep the aggregates up to date (the service)
+  top       top peers and service ports (talkers) over a time range
+  new       peers first seen since a time (new destinations)
+  hosts     connections per host over time
+  summary   totals per host and direction, gaps, drops, dead letters, checkpoints
+  replay    rebuild the aggregates of a time range from the stream
+  help      show this help; 'flowstat <command> --help' shows a command's flags
+
+Database (every command):
+  --db DSN              a SQLite file path, or a postgres:// URL
+                        (default $FLOWBUS_DB, else flowstat.db in the state directory:
+                        $STATE_DIRECTORY, $XDG_STATE_HOME/flowbus, /var/lib/flowbus for root,
+                        ~/.local/state/flowbus)
+
+Stream (run, replay):
+  --nats URL            NATS server URL(s), comma-separated
+                        (default $FLOWBUS_NATS_URL, else nats://127.0.0.1:4222)
+  --stream NAME         JetStream stream (default $FLOWBUS_STREAM, else FLOWS)
+  --consumer NAME       durable consumer name, also the checkpoint's name in the database
+                        (default $FLOWBUS_FLOWSTAT_CONSUMER, else flowstat)
+
+run:
+  --filter SUBJECTS     comma-separated subject filters, e.g. flows.*.incoming
+                        (default $FLOWBUS_FLOWSTAT_FILTER, else <prefix>.>)
+  --prefix PREFIX       subject prefix of the default filter (default $FLOWBUS_SUBJECT_PREFIX, else flows)
+  --start POLICY        where a consumer new to this database starts: all (the whole stream), new,
+                        a time (RFC3339, or a duration back from now such as 2h) or seq:N
+                        (default $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint
+  --since WHEN          same as --start WHEN
+  --from-seq N          same as --start seq:N
+  --bucket DURATION     aggregation bucket, fixed per database (default $FLOWBUS_FLOWSTAT_BUCKET, else 1m)
+  --deadletter SUBJECT  where messages that are not valid batches are copied
+                        (default $FLOWBUS_FLOWSTAT_DEADLETTER, else flowbus.deadletter)
+  --once                exit once everything the stream holds is committed
+  --idle-exit DURATION  exit when no message arrives for DURATION
+  --stream-wait DURATION  how long to wait for a missing stream to appear (default 1m)
+  --commit-interval DURATION  commit at least this often while reading a backlog (default 2s)
+  --commit-events N     commit at least every N events (default 1000000)
+
+top, new, hosts:
+  --since WHEN          start of the range: RFC3339 time or a duration back from now
+                        (default: top and hosts 1h, new 24h)
+  --until WHEN          end of the range (default: now, open-ended)
+  --host H              one host token only
+  --direction DIR       incoming or outgoing (new: default outgoing; all for both)
+  --json                JSON instead of a table
+top:    --by peer|port|name|host (default: peers and ports)   --limit N (default 10)
+new:    --limit N (default 100)
+hosts:  --step DURATION  interval per line, a multiple of the bucket (default one bucket)
+summary: --gaps N (newest gaps to list, default 20)   --json
+replay: --from WHEN (required)   --to WHEN (default now)   --margin DURATION (default 10m: how much
+        earlier than --from a batch holding events of the range may have been stored)   --force
+
+Exit status: 0 done (run: stopped by SIGINT/SIGTERM, --once or --idle-exit), 1 runtime failure,
+2 invalid command line or settings (all problems are listed at once).
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv, time.Now()))
+}
+
+// testHookStore, set by tests only, sees the store `flowstat run` opens (fault injection).
+var testHookStore func(*store.Store)
+
+// config is the validated command line of one command.
+type config struct {
+	cmd  string
+	dsn  string
+	json bool
+
+	run    flowstat.Options
+	replay flowstat.ReplayOptions
+
+	filter   store.Filter
+	by       string
+	limit    int
+	step     time.Duration
+	maxGaps  int
+	setSince bool
+}
+
+// run is main without os.Exit, so tests can drive it.
+func run(args []string, stdout, stderr io.Writer, getenv func(string) string, now time.Time) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, "flowstat: no command given\n\n"+usageText)
+		return exitUsage
+	}
+	switch args[0] {
+	case "help", "-h", "--help", "-help":
+		fmt.Fprint(stdout, usageText)
+		return exitOK
+	}
+	cfg, err := parseArgs(args[0], args[1:], getenv, now)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(stdout, usageText)
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\nRun 'flowstat help' for usage.\n", args[0], indent(err))
+		return exitUsage
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := execute(ctx, cfg, stdout, stderr); err != nil {
+		fmt.Fprintf(stderr, "flowstat %s: %s\n", cfg.cmd, explain(err))
+		return exitError
+	}
+	return exitOK
+}
+
+func indent(err error) string {
+	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}
+
+// explain adds the likely fix to the errors a user can act on.
+func explain(err error) string {
+	var ce *tail.ConnectError
+	var se *tail.StreamError
+	switch {
+	case errors.As(err, &ce):
+		return err.Error() + "\n  is NATS running and reachable? set --nats or FLOWBUS_NATS_URL to its URL (flowagent's embedded server listens on FLOWBUS_EMBEDDED_LISTEN, 127.0.0.1:4222 by default)"
+	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
+		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
+	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
+		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
+	}
+	return err.Error()
+}
+
+// commandFlags lists the flags each command accepts (beyond --db and --help).
+var commandFlags = map[string][]string{
+	"run":     {"nats", "stream", "consumer", "filter", "start", "since", "from-seq", "bucket", "deadletter", "once", "idle-exit", "stream-wait", "commit-interval", "commit-events", "prefix"},
+	"replay":  {"nats", "stream", "consumer", "from", "to", "margin", "force"},
+	"top":     {"since", "until", "host", "direction", "json", "by", "limit"},
+	"new":     {"since", "until", "host", "direction", "json", "limit"},
+	"hosts":   {"since", "until", "host", "direction", "json", "step"},
+	"summary": {"json", "gaps"},
+}
+
+var boolFlags = map[string]bool{"once": true, "json": true, "force": true}
+
+// parseArgs parses and validates one command's flags and the environment, reporting every problem at
+// once. getenv and now are parameters so tests control them.
+func parseArgs(cmd string, args []string, getenv func(string) string, now time.Time) (*config, error) {
+	names, ok := commandFlags[cmd]
+	if !ok {
+		return nil, fmt.Errorf("unknown command %q (want run, top, new, hosts, summary, replay or help)", cmd)
+	}
+	fs := flag.NewFlagSet("flowstat "+cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	vals := map[string]*string{"db": fs.String("db", "", "")}
+	bools := map[string]*bool{}
+	for _, n := range names {
+		if boolFlags[n] {
+			bools[n] = fs.Bool(n, false, "")
+		} else {
+			vals[n] = fs.String(n, "", "")
+		}
+	}
+	var errs []error
+	rest := args
+	for {
+		err := fs.Parse(rest)
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		if err != nil {
+			// The flag package stops at the first bad flag; carry on with the rest to report everything.
+			if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok {
+				err = fmt.Errorf("unknown flag --%s for `flowstat %s`", name, cmd)
+			}
+			errs = append(errs, err)
+			rest = fs.Args()
+			continue
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		errs = append(errs, fmt.Errorf("unexpected argument %q (flowstat %s takes flags only)", fs.Arg(0), cmd))
+		rest = fs.Args()[1:]
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	bad := func(src string, err error) { errs = append(errs, fmt.Errorf("%s: %w", src, err)) }
+
+	// value returns a setting from its flag, else its environment variable, else def, and where it came
+	// from, so an error names what to fix.
+	value := func(name, env, def string) (string, string) {
+		if set[name] {
+			return *vals[name], "--" + name
+		}
+		if env != "" {
+			if e := getenv(env); e != "" {
+				return e, env
+			}
+		}
+		return def, "default"
+	}
+
+	cfg := &config{cmd: cmd, json: bools["json"] != nil && *bools["json"]}
+	dsn, src := value("db", "FLOWBUS_DB", "")
+	if dsn == "" {
+		dsn = filepath.Join(stateDir(getenv), "flowstat.db")
+		src = "the default database path (set --db or FLOWBUS_DB)"
+	}
+	if _, _, err := store.ParseDSN(dsn); err != nil {
+		bad(src, err)
+	}
+	cfg.dsn = dsn
+
+	has := func(n string) bool { return vals[n] != nil || bools[n] != nil }
+	var urls []string
+	var stream, consumer string
+	if has("nats") {
+		v, src := value("nats", "FLOWBUS_NATS_URL", tail.DefaultURL)
+		var err error
+		if urls, err = parseURLs(v); err != nil {
+			bad(src, err)
+		}
+		stream, src = value("stream", "FLOWBUS_STREAM", tail.DefaultStream)
+		if err := validateName("stream name", stream); err != nil {
+			bad(src, err)
+		}
+		consumer, src = value("consumer", envConsumer, flowstat.DefaultDurable)
+		if err := validateName("consumer name", consumer); err != nil {
+			bad(src, err)
+		}
+	}
+
+	switch cmd {
+	case "run":
+		o := &cfg.run
+		o.URLs, o.Stream, o.Durable = urls, stream, consumer
+		prefix, psrc := value("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix)
+		if err := schema.ValidatePrefix(prefix); err != nil {
+			bad(psrc, err)
+		}
+		f, src := value("filter", envFilter, prefix+".>")
+		for _, s := range strings.Split(f, ",") {
+			s = strings.TrimSpace(s)
+			if err := flowstat.ValidateFilter(s); err != nil {
+				bad(src, err)
+			}
+			o.Filters = append(o.Filters, s)
+		}
+		var starts []string
+		for _, n := range []string{"start", "since", "from-seq"} {
+			if set[n] {
+				starts = append(starts, "--"+n)
+			}
+		}
+		if len(starts) > 1 {
+			errs = append(errs, fmt.Errorf("%s are mutually exclusive: choose one place to start", strings.Join(starts, ", ")))
+		}
+		sv, src := value("start", envStart, "all")
+		switch {
+		case set["since"]:
+			sv, src = *vals["since"], "--since"
+		case set["from-seq"]:
+			sv, src = "seq:"+*vals["from-seq"], "--from-seq"
+		}
+		var err error
+		if o.Start, o.Since, o.FromSeq, err = parseStart(sv, now); err != nil {
+			bad(src, err)
+		}
+		b, src := value("bucket", envBucket, "1m")
+		if o.Bucket, err = time.ParseDuration(b); err != nil || o.Bucket < time.Second || o.Bucket%time.Second != 0 {
+			bad(src, fmt.Errorf("bucket %q: want a whole number of seconds, at least 1s (e.g. 1m, 10s, 1h)", b))
+		}
+		dl, src := value("deadletter", envDeadLetter, flowstat.DefaultDeadLetterSubject)
+		if err := flowstat.ValidateFilter(dl); err != nil || strings.ContainsAny(dl, "*>") {
+			bad(src, fmt.Errorf("dead-letter subject %q: want dot-separated tokens without wildcards", dl))
+		}
+		o.DeadLetterSubject = dl
+		o.ExitWhenCaughtUp = *bools["once"]
+		o.IdleExit = durationFlag(set, vals, "idle-exit", 0, bad)
+		o.StreamWait = durationFlag(set, vals, "stream-wait", time.Minute, bad)
+		o.MaxChunkAge = durationFlag(set, vals, "commit-interval", 0, bad)
+		if set["commit-events"] {
+			n, err := strconv.Atoi(*vals["commit-events"])
+			if err != nil || n < 1 {
+				bad("--commit-events", fmt.Errorf("%q is not a positive integer", *vals["commit-events"]))
+			}
+			o.MaxChunkEvents = n
+		}
+	case "replay":
+		o := &cfg.replay
+		o.URLs, o.Stream, o.Durable = urls, stream, consumer
+		if !set["from"] {
+			errs = append(errs, errors.New("--from is required: the start of the range to rebuild (RFC3339 time or a duration back from now)"))
+		} else if t, err := parseWhen(*vals["from"], now); err != nil {
+			bad("--from", err)
+		} else {
+			o.From = t
+		}
+		o.To = now
+		if set["to"] {
+			t, err := parseWhen(*vals["to"], now)
+			if err != nil {
+				bad("--to", err)
+			}
+			o.To = t
+		}
+		if set["from"] && !o.From.IsZero() && !o.To.After(o.From) {
+			errs = append(errs, fmt.Errorf("--to %s is not after --from %s", o.To.UTC().Format(time.RFC3339), o.From.UTC().Format(time.RFC3339)))
+		}
+		o.Margin = durationFlag(set, vals, "margin", 0, bad)
+		o.Force = *bools["force"]
+	case "top", "new", "hosts":
+		def := time.Hour
+		if cmd == "new" {
+			def = 24 * time.Hour
+		}
+		cfg.filter.Since = now.Add(-def)
+		if set["since"] {
+			t, err := parseWhen(*vals["since"], now)
+			if err != nil {
+				bad("--since", err)
+			}
+			cfg.filter.Since = t
+		}
+		if set["until"] {
+			t, err := parseWhen(*vals["until"], now)
+			if err != nil {
+				bad("--until", err)
+			}
+			cfg.filter.Until = t
+			if !t.After(cfg.filter.Since) {
+				errs = append(errs, fmt.Errorf("--until %s is not after the start %s", t.UTC().Format(time.RFC3339), cfg.filter.Since.UTC().Format(time.RFC3339)))
+			}
+		}
+		if set["host"] {
+			if err := schema.ValidateHostToken(*vals["host"]); err != nil {
+				bad("--host", err)
+			}
+			cfg.filter.Host = *vals["host"]
+		}
+		d := ""
+		if cmd == "new" {
+			d = "outgoing"
+		}
+		if set["direction"] {
+			d = *vals["direction"]
+			if d == "all" {
+				d = ""
+			} else if _, err := schema.ParseDirection(d); err != nil {
+				bad("--direction", fmt.Errorf("%q: want incoming, outgoing or all", d))
+			}
+		}
+		cfg.filter.Direction = d
+		cfg.limit = map[string]int{"top": 10, "new": 100}[cmd]
+		if set["limit"] {
+			n, err := strconv.Atoi(*vals["limit"])
+			if err != nil || n < 1 {
+				bad("--limit", fmt.Errorf("%q is not a positive integer", *vals["limit"]))
+			}
+			cfg.limit = n
+		}
+		if set["by"] {
+			cfg.by = *vals["by"]
+			ok := false
+			for _, b := range store.TopBy {
+				ok = ok || b == cfg.by
+			}
+			if !ok {
+				bad("--by", fmt.Errorf("%q: want one of %s", cfg.by, strings.Join(store.TopBy, ", ")))
+			}
+		}
+		cfg.step = durationFlag(set, vals, "step", 0, bad)
+	case "summary":
+		cfg.maxGaps = 20
+		if set["gaps"] {
+			n, err := strconv.Atoi(*vals["gaps"])
+			if err != nil || n < 0 {
+				bad("--gaps", fmt.Errorf("%q is not a number >= 0", *vals["gaps"]))
+			}
+			cfg.maxGaps = n
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return cfg, nil
+}
+
+// durationFlag parses a positive duration flag, def when it is not set.
+func durationFlag(set map[string]bool, vals map[string]*string, name string, def time.Duration, bad func(string, error)) time.Duration {
+	if !set[name] {
+		return def
+	}
+	d, err := time.ParseDuration(*vals[name])
+	if err != nil || d <= 0 {
+		bad("--"+name, fmt.Errorf("%q is not a positive duration (e.g. 30s, 5m)", *vals[name]))
+	}
+	return d
+}
+
+// parseStart parses a start policy: all, new, seq:N, or a time (see parseWhen).
+func parseStart(s string, now time.Time) (flowstat.Start, time.Time, uint64, error) {
+	switch {
+	case s == "all" || s == "new":
+		st, err := flowstat.ParseStart(s)
+		return st, time.Time{}, 0, err
+	case strings.HasPrefix(s, "seq:"):
+		n, err := strconv.ParseUint(strings.TrimPrefix(s, "seq:"), 10, 64)
+		if err != nil || n == 0 {
+			return 0, time.Time{}, 0, fmt.Errorf("start %q: the stream sequence must be an integer >= 1 (e.g. seq:1000)", s)
+		}
+		return flowstat.StartSeq, time.Time{}, n, nil
+	}
+	t, err := parseWhen(s, now)
+	if err != nil {
+		return 0, time.Time{}, 0, fmt.Errorf("start %q: want all, new, seq:N, an RFC3339 time or a duration back from now (2h)", s)
+	}
+	return flowstat.StartTime, t, 0, nil
+}
+
+// parseWhen accepts "now", a duration back from now or an RFC3339 time.
+func parseWhen(s string, now time.Time) (time.Time, error) {
+	if s == "now" {
+		return now, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil {
+		if d <= 0 {
+			return time.Time{}, fmt.Errorf("%q: the duration must be positive (how far back)", s)
+		}
+		return now.Add(-d), nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither a duration back from now (30m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
+	}
+	return t, nil
+}
+
+// parseURLs splits a comma-separated server list and checks each entry enough to catch typos early.
+func parseURLs(s string) ([]string, error) {
+	var urls []string
+	for _, u := range strings.Split(s, ",") {
+		u = strings.TrimSpace(u)
+		if u == "" {
+			return nil, fmt.Errorf("%q has an empty server URL", tail.RedactURLs([]string{s}))
+		}
+		if strings.Contains(u, "://") {
+			p, err := url.Parse(u)
+			if err != nil {
+				return nil, fmt.Errorf("invalid URL %q: %v", tail.RedactURLs([]string{u}), err)
+			}
+			switch p.Scheme {
+			case "nats", "tls", "ws", "wss":
+			default:
+				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", p.Redacted(), p.Scheme)
+			}
+			if p.Host == "" {
+				return nil, fmt.Errorf("URL %q has no host", p.Redacted())
+			}
+		}
+		urls = append(urls, u)
+	}
+	return urls, nil
+}
+
+// validateName applies JetStream's naming rules, so a typo fails here and not as an odd server error.
+func validateName(what, s string) error {
+	if s == "" {
+		return fmt.Errorf("%s is empty", what)
+	}
+	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
+		return fmt.Errorf("%s %q contains %q, which JetStream does not allow", what, s, s[i])
+	}
+	return nil
+}
+
+// stateDir is where flowbus keeps state by default, as flowagent decides it: $STATE_DIRECTORY under
+// systemd, else $XDG_STATE_HOME/flowbus, else /var/lib/flowbus for root, else ~/.local/state/flowbus.
+func stateDir(getenv func(string) string) string {
+	if d := getenv("STATE_DIRECTORY"); d != "" {
+		return strings.SplitN(d, ":", 2)[0]
+	}
+	if d := getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "flowbus")
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/flowbus"
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", "flowbus")
+	}
+	return filepath.Join(os.TempDir(), "flowbus")
+}
+
+// execute runs a validated command.
+func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
+	st, err := store.OpenWith(ctx, cfg.dsn, store.OpenOptions{MustExist: cfg.cmd != "run"})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	switch cfg.cmd {
+	case "run":
+		if testHookStore != nil {
+			testHookStore(st)
+		}
+		o := cfg.run
+		o.Log = stderr
+		stats, err := flowstat.Run(ctx, st, o)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "flowstat: stopped (%s) at stream sequence %d: %d events, %d batches, %d dead letters, %d gaps\n",
+			stats.Reason, stats.LastSeq, stats.Events, stats.Messages, stats.DeadLetters, stats.Gaps)
+		return nil
+	case "replay":
+		o := cfg.replay
+		o.Log = stderr
+		stats, err := flowstat.Replay(ctx, st, o)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "flowstat: rebuilt %s .. %s from the stream up to sequence %d: %d events from %d batches\n",
+			o.From.UTC().Format(time.RFC3339), o.To.UTC().Format(time.RFC3339), stats.LastSeq, stats.Events, stats.Messages)
+		return nil
+	}
+	var out any
+	var table func(w *tabwriter.Writer)
+	switch cfg.cmd {
+	case "top":
+		out, table, err = top(ctx, st, cfg)
+	case "new":
+		out, table, err = newDests(ctx, st, cfg)
+	case "hosts":
+		out, table, err = hosts(ctx, st, cfg)
+	case "summary":
+		out, table, err = summary(ctx, st, cfg)
+	}
+	if err != nil {
+		return err
+	}
+	if cfg.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	table(tw)
+	return tw.Flush()
+}
+
+const timeLayout = "2006-01-02 15:04:05"
+
+func fmtTime(t time.Time) string { return t.Local().Format(timeLayout) }
+
+func rangeText(f store.Filter) string {
+	s := "since " + fmtTime(f.Since)
+	if !f.Until.IsZero() {
+		s += " until " + fmtTime(f.Until)
+	}
+	if f.Host != "" {
+		s += ", host " + f.Host
+	}
+	if f.Direction != "" {
+		s += ", " + f.Direction
+	}
+	return s
+}
+
+func top(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwriter.Writer), error) {
+	bys := []string{"peer", "port"}
+	if cfg.by != "" {
+		bys = []string{cfg.by}
+	}
+	res := map[string][]store.TopRow{}
+	for _, by := range bys {
+		rows, err := st.Top(ctx, by, cfg.filter, cfg.limit)
+		if err != nil {
+			return nil, nil, err
+		}
+		res[by] = rows
+	}
+	out := map[string]any{"since": cfg.filter.Since.UTC(), "host": cfg.filter.Host, "direction": cfg.filter.Direction}
+	if !cfg.filter.Until.IsZero() {
+		out["until"] = cfg.filter.Until.UTC()
+	}
+	for by, rows := range res {
+		out[by+"s"] = rows
+	}
+	return out, func(w *tabwriter.Writer) {
+		for i, by := range bys {
+			if i > 0 {
+				fmt.Fprintln(w)
+			}
+			fmt.Fprintf(w, "Top %ss by connections, %s\n", by, rangeText(cfg.filter))
+			if by == "peer" {
+				fmt.Fprintln(w, "PEER\tNAME\tCONNECTIONS")
+			} else {
+				fmt.Fprintf(w, "%s\tCONNECTIONS\n", strings.ToUpper(by))
+			}
+			if len(res[by]) == 0 {
+				fmt.Fprintln(w, "(none)")
+			}
+			for _, r := range res[by] {
+				if by == "peer" {
+					fmt.Fprintf(w, "%s\t%s\t%d\n", orDash(r.Key), orDash(r.Name), r.Conns)
+				} else {
+					fmt.Fprintf(w, "%s\t%d\n", orDash(r.Key), r.Conns)
+				}
+			}
+		}
+	}, nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func newDests(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwriter.Writer), error) {
+	rows, err := st.NewDestinations(ctx, cfg.filter, cfg.limit)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rows, func(w *tabwriter.Writer) {
+		fmt.Fprintf(w, "Peers first seen %s\n", rangeText(cfg.filter))
+		fmt.Fprintln(w, "FIRST SEEN\tLAST SEEN\tHOST\tDIRECTION\tPEER\tPORT\tNAME")
+		if len(rows) == 0 {
+			fmt.Fprintln(w, "(none)")
+		}
+		for _, r := range rows {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", fmtTime(r.First), fmtTime(r.Last), r.Host, r.Direction, orDash(r.Peer), r.Port, orDash(r.Name))
+		}
+	}, nil
+}
+
+func hosts(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwriter.Writer), error) {
+	rows, err := st.PerHost(ctx, cfg.filter, cfg.step)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rows, func(w *tabwriter.Writer) {
+		fmt.Fprintf(w, "Connections per host, %s\n", rangeText(cfg.filter))
+		fmt.Fprintln(w, "START\tHOST\tCONNECTIONS")
+		if len(rows) == 0 {
+			fmt.Fprintln(w, "(none)")
+		}
+		for _, r := range rows {
+			fmt.Fprintf(w, "%s\t%s\t%d\n", fmtTime(r.Start), r.Host, r.Conns)
+		}
+	}, nil
+}
+
+func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwriter.Writer), error) {
+	s, err := st.Summary(ctx, cfg.maxGaps)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, func(w *tabwriter.Writer) {
+		fmt.Fprintf(w, "Database %s (schema %d, buckets of %v)\n\n", s.Database, s.SchemaVersion, time.Duration(s.BucketSeconds)*time.Second)
+		fmt.Fprintln(w, "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tFIRST\tLAST")
+		if len(s.Hosts) == 0 {
+			fmt.Fprintln(w, "(no data yet)")
+		}
+		for _, h := range s.Hosts {
+			fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, fmtTime(h.First), fmtTime(h.Last))
+		}
+		if s.GapCount > 0 {
+			fmt.Fprintf(w, "\nMissing batches (%d gaps, newest first):\n", s.GapCount)
+			fmt.Fprintln(w, "HOST\tRUN\tDIRECTION\tMISSING\tSTREAM SEQ\tSTORED")
+			for _, g := range s.Gaps {
+				missing := fmt.Sprintf("after batch %d, up to batch %d", g.AfterSeq, g.PrevSeq)
+				if g.AfterSeq == 0 {
+					missing = fmt.Sprintf("run first seen at batch %d: earlier batches never read", g.Seq)
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\n", g.Host, g.RunID, g.Direction, missing, g.StreamSeq, fmtTime(g.Stored))
+			}
+		}
+		for _, l := range s.Losses {
+			fmt.Fprintf(w, "\nStream %s deleted sequences %d..%d before consumer %s read them.\n", l.Stream, l.From, l.To, l.Consumer)
+		}
+		if s.DeadLetters > 0 {
+			fmt.Fprintf(w, "\nDead letters: %d %v", s.DeadLetters, s.DeadByReason)
+			if s.NotCopied > 0 {
+				fmt.Fprintf(w, " (%d could not be copied to the dead-letter subject)", s.NotCopied)
+			}
+			fmt.Fprintln(w)
+		}
+		if s.Unfinished > 0 {
+			fmt.Fprintf(w, "\n%d replay(s) did not finish: their ranges are incomplete until replayed again.\n", s.Unfinished)
+		}
+		if len(s.Checkpoints) > 0 {
+			fmt.Fprintln(w, "\nCONSUMER\tSTREAM\tCOMMITTED UP TO\tUPDATED\tFILTERS")
+			for _, c := range s.Checkpoints {
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", c.Consumer, c.Stream, c.Seq, fmtTime(c.Updated), c.Filters)
+			}
+		}
+	}, nil
+}
