@@ -118,30 +118,33 @@ func NewRecorder(s *tailtest.Server, stream, prefix string) *Recorder {
 // encoded (its seq is used) but not published, as if the agent lost it.
 func (r *Recorder) Publish(t testing.TB, a *tailtest.Agent, dir schema.Direction, drops schema.Drops, lose bool, evs []schema.Event) {
 	t.Helper()
-	prev := r.prevSeq(a, dir)
-	seq, data := a.Batch(dir, drops, evs...)
-	if lose {
-		r.advance(a, dir, seq)
-		return
+	p, data := r.Encode(a, dir, drops, evs)
+	if !lose {
+		r.PublishEncoded(t, p, data)
 	}
-	sseq := r.S.Publish(t, schema.Subject(r.Prefix, a.Host, dir), data)
-	r.Batches = append(r.Batches, Published{Host: a.Host, RunID: a.RunID, Dir: dir, Seq: seq, PrevSeq: prev, Drops: drops,
-		Events: evs, StreamSeq: sseq, Stored: r.stored(t, sseq)})
-	r.advance(a, dir, seq)
+}
+
+// Encode encodes the next batch of agent a in direction dir without publishing it.
+func (r *Recorder) Encode(a *tailtest.Agent, dir schema.Direction, drops schema.Drops, evs []schema.Event) (Published, []byte) {
+	k := chainKey{a, dir}
+	prev := r.last[k]
+	seq, data := a.Batch(dir, drops, evs...)
+	r.last[k] = seq
+	return Published{Host: a.Host, RunID: a.RunID, Dir: dir, Seq: seq, PrevSeq: prev, Drops: drops, Events: evs}, data
+}
+
+// PublishEncoded publishes a batch made by Encode (in any order) and records it.
+func (r *Recorder) PublishEncoded(t testing.TB, p Published, data []byte) {
+	t.Helper()
+	p.StreamSeq = r.S.Publish(t, schema.Subject(r.Prefix, p.Host, p.Dir), data)
+	p.Stored = r.stored(t, p.StreamSeq)
+	r.Batches = append(r.Batches, p)
 }
 
 // PublishRaw publishes bytes that are not a valid batch (they are not part of the reference).
 func (r *Recorder) PublishRaw(t testing.TB, subject string, data []byte) uint64 {
 	t.Helper()
 	return r.S.Publish(t, subject, data)
-}
-
-func (r *Recorder) prevSeq(a *tailtest.Agent, dir schema.Direction) uint64 {
-	return r.last[chainKey{a, dir}]
-}
-
-func (r *Recorder) advance(a *tailtest.Agent, dir schema.Direction, seq uint64) {
-	r.last[chainKey{a, dir}] = seq
 }
 
 func (r *Recorder) stored(t testing.TB, seq uint64) time.Time {

@@ -1,0 +1,171 @@
+package flowstat_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/flowstat"
+	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
+	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func sqlitePath(t *testing.T) string { return filepath.Join(t.TempDir(), "flowstat.db") }
+
+// Each start policy decides where a consumer new to the database begins; once it has a checkpoint the
+// policy no longer matters, and nothing published while it was stopped is skipped.
+func TestStartPolicies(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 6)
+	before := len(e.rec.Batches)
+
+	st := open(t, sqlitePath(t))
+	o := e.opts()
+	o.Durable, o.Start = "new", flowstat.StartNew
+	if stats := run(t, st, o); stats.Events != 0 {
+		t.Fatalf("start new read %d events of the existing stream", stats.Events)
+	}
+	e.fleet.Publish(t, e.rec, 6)
+	run(t, st, o)
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches[before:], time.Minute))
+
+	third := e.rec.Batches[2]
+	st = open(t, sqlitePath(t))
+	o = e.opts()
+	o.Durable, o.Start, o.FromSeq = "seq", flowstat.StartSeq, third.StreamSeq
+	run(t, st, o)
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches[2:], time.Minute))
+
+	st = open(t, sqlitePath(t))
+	o = e.opts()
+	o.Durable, o.Start, o.Since = "time", flowstat.StartTime, e.rec.Batches[4].Stored
+	run(t, st, o)
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches[4:], time.Minute))
+}
+
+// A subject filter restricts what is counted.
+func TestFilters(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 20)
+	st := open(t, sqlitePath(t))
+	o := e.opts()
+	o.Filters = []string{"flows.*.incoming"}
+	run(t, st, o)
+	var incoming []flowstattest.Published
+	for _, b := range e.rec.Batches {
+		if b.Dir == schema.Incoming {
+			incoming = append(incoming, b)
+		}
+	}
+	if len(incoming) == 0 || len(incoming) == len(e.rec.Batches) {
+		t.Fatalf("scenario has %d incoming batches of %d", len(incoming), len(e.rec.Batches))
+	}
+	flowstattest.Check(t, st, flowstattest.Reference(incoming, time.Minute))
+}
+
+// The database is the source of truth: restored from an older copy, it is brought up to date from the
+// stream although the server's consumer had acknowledged everything.
+func TestRestoredDatabaseCatchesUp(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 10)
+	path := sqlitePath(t)
+	st := open(t, path)
+	run(t, st, e.opts())
+	st.Close() // the last connection folds the WAL into the file
+	backup, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st = open(t, path)
+	e.fleet.Publish(t, e.rec, 10)
+	run(t, st, e.opts())
+	st.Close()
+	for _, suffix := range []string{"-wal", "-shm"} {
+		os.Remove(path + suffix)
+	}
+	if err := os.WriteFile(path, backup, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st = open(t, path)
+	var log bytes.Buffer
+	o := e.opts()
+	o.Log = &log
+	run(t, st, o)
+	if !strings.Contains(log.String(), "ahead of the database checkpoint") {
+		t.Errorf("the log does not say why the consumer was recreated:\n%s", log.String())
+	}
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+}
+
+// Messages the stream deleted before the consumer read them are recorded as a loss, and the consumer
+// carries on with what is left.
+func TestStreamLossIsRecorded(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 5)
+	st := open(t, sqlitePath(t))
+	run(t, st, e.opts())
+	n := len(e.rec.Batches)
+	e.fleet.Publish(t, e.rec, 6)
+	keep := e.rec.Batches[len(e.rec.Batches)-2]
+	s, err := e.srv.JS.Stream(context.Background(), "FLOWS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Purge(context.Background(), jetstream.WithPurgeSequence(keep.StreamSeq)); err != nil {
+		t.Fatal(err)
+	}
+	run(t, st, e.opts())
+	kept := append(append([]flowstattest.Published(nil), e.rec.Batches[:n]...), e.rec.Batches[len(e.rec.Batches)-2:]...)
+	flowstattest.Check(t, st, flowstattest.Reference(kept, time.Minute))
+	sum, err := st.Summary(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sum.Losses) != 1 || uint64(sum.Losses[0].From) != e.rec.Batches[n-1].StreamSeq+1 || uint64(sum.Losses[0].To) != keep.StreamSeq-1 {
+		t.Errorf("losses %+v, want %d..%d", sum.Losses, e.rec.Batches[n-1].StreamSeq+1, keep.StreamSeq-1)
+	}
+}
+
+// A batch published after its successor (a retried publish) is counted once and is not a gap; the gap
+// its successor revealed stays recorded.
+func TestLateBatch(t *testing.T) {
+	e := newEnv(t)
+	a := tailtest.NewAgent("web-05", "run-l")
+	gen := flowstattest.NewGen(9, 10)
+	ip := mustAddr("192.0.2.5")
+	mk := func() (flowstattest.Published, []byte) {
+		return e.rec.Encode(a, schema.Outgoing, schema.Drops{}, gen.Events(10, schema.Outgoing, ip, e.fleet.T0, time.Minute))
+	}
+	p1, d1 := mk()
+	p2, d2 := mk()
+	p3, d3 := mk()
+	e.rec.PublishEncoded(t, p1, d1)
+	e.rec.PublishEncoded(t, p3, d3)
+	e.rec.PublishEncoded(t, p2, d2)
+	st := open(t, sqlitePath(t))
+	stats := run(t, st, e.opts())
+	want := flowstattest.Reference(e.rec.Batches, time.Minute)
+	flowstattest.Check(t, st, want)
+	if stats.Late != 1 || stats.Events != 30 || len(want.Gaps) != 1 {
+		t.Errorf("stats %+v with %d gaps wanted, want 1 late batch and 30 events", stats, len(want.Gaps))
+	}
+}
+
+func TestValidate(t *testing.T) {
+	o := flowstat.Options{Durable: "a.b", Filters: []string{"flows.>.x", ""}, DeadLetterSubject: "dl.*", Bucket: 1500 * time.Millisecond, Start: flowstat.StartTime}
+	err := o.Validate()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{"consumer name", "'>' must be the last token", "filter is empty", "dead-letter subject", "bucket", "start time"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %q:\n%v", want, err)
+		}
+	}
+}

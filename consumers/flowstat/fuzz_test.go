@@ -1,0 +1,72 @@
+package flowstat
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// FuzzFold feeds arbitrary message bodies to the aggregator, as a foreign or broken publisher could: it
+// must never panic; a body the decoder rejects must count nothing and get a known dead-letter reason and
+// a header-safe error text; a valid batch must be counted exactly once per event, with consistent first
+// and last seen times.
+func FuzzFold(f *testing.F) {
+	vectors, _ := filepath.Glob(filepath.Join("..", "..", "schema", "testdata", "*.msgpack"))
+	for _, p := range vectors {
+		if b, err := os.ReadFile(p); err == nil {
+			f.Add(b)
+			f.Add(b[:len(b)/2])
+		}
+	}
+	enc := schema.NewBatchEncoder("web-01", "run", schema.Incoming)
+	ev := schema.Event{Timestamp: -1_500_000_000, SrcPort: 1, DstPort: 443}
+	enc.Add(&ev)
+	f.Add(enc.Finish(nil, 7, schema.Drops{Kernel: 1}))
+	f.Add([]byte(`{"not":"msgpack"}`))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		a := newAggregator(time.Minute, nil)
+		err := a.add(data, 1, time.Unix(1_800_000_000, 0))
+		var b schema.Batch
+		derr := schema.DecodeBatch(data, &b)
+		if (err == nil) != (derr == nil) {
+			t.Fatalf("aggregator error %v, decoder error %v", err, derr)
+		}
+		if err != nil {
+			if a.d.Messages != 0 || a.d.Events != 0 || len(a.d.Conns)+len(a.d.Seen)+len(a.d.Batches)+len(a.d.Runs)+len(a.d.Gaps) != 0 {
+				t.Fatalf("a rejected message was counted: %+v", a.d)
+			}
+			switch r := deadReason(err); r {
+			case ReasonMalformed, ReasonTruncated, ReasonUnsupportedMajor:
+			default:
+				t.Fatalf("unknown reason %q", r)
+			}
+			if h := headerSafe(err.Error()); len(h) > 1024 || strings.ContainsAny(h, "\r\n\x00") {
+				t.Fatalf("header value %q", h)
+			}
+			return
+		}
+		var conns uint64
+		for _, n := range a.d.Conns {
+			conns += n
+		}
+		if a.d.Messages != 1 || a.d.Events != uint64(len(b.Events)) || conns != a.d.Events {
+			t.Fatalf("%d events in the batch, counted %d (%d in connections) from %d messages", len(b.Events), a.d.Events, conns, a.d.Messages)
+		}
+		for k, sp := range a.d.Seen {
+			if sp.First > sp.Last || sp.Name != "" && (sp.NameNS < sp.First || sp.NameNS > sp.Last) {
+				t.Fatalf("%+v: inconsistent span %+v", k, sp)
+			}
+		}
+		for k := range a.d.Conns {
+			if k.Bucket%60 != 0 {
+				t.Fatalf("bucket %d is not a minute boundary", k.Bucket)
+			}
+		}
+	})
+}
