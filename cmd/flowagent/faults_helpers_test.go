@@ -715,9 +715,6 @@ func startStorm(t *testing.T, cg *cgrouptest.Cgroup, workers int, dur time.Durat
 	return s
 }
 
-// Interrupt ends the storm early (it still reports what it made).
-func (s *storm) Interrupt() { _ = s.cmd.Process.Signal(syscall.SIGTERM) }
-
 // Wait returns the storm's result; it fails the test on dial errors, since a
 // failed dial may or may not have produced events.
 func (s *storm) Wait() *stormResult {
@@ -933,8 +930,8 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 	return c
 }
 
-// waitStreamEvents polls the stream's message count until its batches hold
-// at least want events, using the JetStream API only (cheap), then reads it.
+// waitStream reads the stream until its batches hold at least want events,
+// or d passes, and returns the last reading.
 func waitStream(t *testing.T, url, stream string, want int, d time.Duration, opts ...nats.Option) *streamContent {
 	t.Helper()
 	deadline := time.Now().Add(d)
