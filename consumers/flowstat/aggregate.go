@@ -2,8 +2,10 @@ package flowstat
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/schema"
@@ -74,6 +76,14 @@ func (a *aggregator) add(data []byte, streamSeq uint64, stored time.Time) error 
 	if err := schema.DecodeBatch(data, b); err != nil {
 		return err
 	}
+	// The decoder takes the host as any string; the wire format says it is a subject token. Anything
+	// else would end up as a host row nobody can query (or, with NUL or invalid UTF-8, one PostgreSQL
+	// refuses, stopping the consumer).
+	if err := schema.ValidateHostToken(b.Host); err != nil {
+		return fmt.Errorf("%w: host: %v", schema.ErrMalformed, err)
+	}
+	b.RunID = cleanText(b.RunID)
+	clampDrops(&b.Drops)
 	a.d.Messages++
 	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
 		bk := store.BatchKey{Bucket: sb, Host: b.Host, Dir: b.Direction}
@@ -134,7 +144,10 @@ func (a *aggregator) fold(b *schema.Batch) {
 		}
 		name := ""
 		if len(names) > 0 {
-			name = names[0]
+			name = cleanText(names[0])
+		}
+		if z := peer.Zone(); z != "" && cleanText(z) != z {
+			peer = peer.WithZone(cleanText(z))
 		}
 		a.d.Events++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
@@ -150,5 +163,32 @@ func (a *aggregator) fold(b *schema.Batch) {
 			}
 			a.d.Seen[sk] = sp
 		}
+	}
+}
+
+// cleanText makes s storable as text in both databases: invalid UTF-8 becomes U+FFFD and NUL, which
+// PostgreSQL refuses in text, becomes U+FFFD too. Sanitising before aggregation keeps keys that differ
+// only in such bytes from colliding in one upsert. Clean strings (all of them, from a real agent) are
+// returned as they are, without allocating.
+func cleanText(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c == 0 || c >= utf8.RuneSelf {
+			if c == 0 || !utf8.ValidString(s[i:]) || strings.IndexByte(s[i:], 0) >= 0 {
+				return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
+			}
+			return s
+		}
+	}
+	return s
+}
+
+// maxDrops caps one batch's drop counter: no agent loses a trillion events between two batches, and a
+// hostile value near 2^64 must not overflow the database's 64-bit sums (PostgreSQL would refuse the
+// commit, stopping the consumer).
+const maxDrops = 1 << 40
+
+func clampDrops(d *schema.Drops) {
+	for _, v := range []*uint64{&d.Kernel, &d.Reader, &d.Queue, &d.Spool, &d.Publish} {
+		*v = min(*v, maxDrops)
 	}
 }

@@ -169,3 +169,37 @@ func TestValidate(t *testing.T) {
 		}
 	}
 }
+
+// Batches a hostile or broken publisher could send, valid msgpack but with text PostgreSQL refuses (NUL,
+// invalid UTF-8), counters near 2^64 or a host that is no subject token, neither stop the consumer nor
+// make it commit something else in SQLite than in PostgreSQL.
+func TestHostileBatches(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		e := newEnv(t)
+		a := tailtest.NewAgent("web-07", "r\x00\xff")
+		ev := schema.Event{Timestamp: e.fleet.T0.UnixNano(), Src: mustAddr("192.0.2.7"), Dst: mustAddr("fe80::1%e\xffth"), DstDNS: []string{"a\x00b.example", "\xff"}, DstPort: 443}
+		for i := 0; i < 3; i++ {
+			e.rec.Publish(t, a, schema.Outgoing, schema.Drops{Kernel: 1<<64 - 1}, false, []schema.Event{ev})
+		}
+		bad := schema.NewBatchEncoder("Web 07", "r", schema.Outgoing)
+		bad.Add(&ev)
+		e.rec.PublishRaw(t, "flows.web-07.outgoing", bad.Finish(nil, 1, schema.Drops{}))
+		st := open(t, dsn)
+		stats := run(t, st, e.opts())
+		if stats.Events != 3 || stats.DeadLetters != 1 {
+			t.Errorf("stats %+v, want the 3 hostile but valid events counted and the bad host dead-lettered", stats)
+		}
+		var name, peer, run string
+		var drops int64
+		db := st.DB()
+		if err := db.QueryRow(`SELECT peer_name, peer FROM conn_agg`).Scan(&name, &peer); err != nil || name != "a\uFFFDb.example" || peer != "fe80::1%e\uFFFDth" {
+			t.Errorf("conn_agg peer %q name %q (%v)", peer, name, err)
+		}
+		if err := db.QueryRow(`SELECT run_id FROM run_state`).Scan(&run); err != nil || run != "r\uFFFD\uFFFD" {
+			t.Errorf("run_state run_id %q (%v)", run, err)
+		}
+		if err := db.QueryRow(`SELECT drops_kernel FROM batch_agg`).Scan(&drops); err != nil || drops != 3<<40 {
+			t.Errorf("drops %d (%v), want each batch capped at 2^40", drops, err)
+		}
+	})
+}

@@ -333,6 +333,9 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 
 	r := &runner{
 		o: &o, st: st, nc: nc, cons: cons,
+		// A commit that has started finishes even when a signal cancels ctx, so an orderly stop never
+		// fails halfway (and the bound keeps a hung database from holding the process forever).
+		dbCtx: context.WithoutCancel(ctx),
 		dl:  newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
 		agg: newAggregator(o.Bucket, runs), committed: cp, last: cp,
 		lastLog: time.Now(),
@@ -347,6 +350,7 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 type runner struct {
 	o     *Options
 	st    *store.Store
+	dbCtx context.Context
 	nc    *nats.Conn
 	cons  jetstream.Consumer
 	dl    *deadLetterer
@@ -372,7 +376,7 @@ func (r *runner) loop(ctx context.Context, it jetstream.MessagesContext) (Stats,
 		msg, err := it.Next(jetstream.NextMaxWait(100 * time.Millisecond))
 		if errors.Is(err, nats.ErrTimeout) {
 			// Caught up (or a slow stream): commit what we have so it is visible and acked.
-			if err := r.commit(ctx); err != nil {
+			if err := r.commit(); err != nil {
 				return r.stats, err
 			}
 			r.progress(false)
@@ -401,7 +405,7 @@ func (r *runner) loop(ctx context.Context, it jetstream.MessagesContext) (Stats,
 		d := r.agg.d
 		full := d.Events >= uint64(r.o.MaxChunkEvents) || d.Messages+uint64(len(d.Dead)) >= uint64(r.o.MaxChunkMessages)
 		if full || r.pending == 0 || (!r.chunkStart.IsZero() && time.Since(r.chunkStart) >= r.o.MaxChunkAge) {
-			if err := r.commit(ctx); err != nil {
+			if err := r.commit(); err != nil {
 				return r.stats, err
 			}
 			r.progress(false)
@@ -436,42 +440,45 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 		}
 		return nil
 	}
+	if msg.Subject() != r.o.DeadLetterSubject { // else our own dead letter, read back because a filter
+		// also covers the dead-letter subject: copying it again would loop forever
+		if derr := r.agg.add(msg.Data(), seq, md.Timestamp); derr != nil {
+			reason := deadReason(derr)
+			dead := store.DeadLetter{Stream: r.o.Stream, StreamSeq: seq, Subject: cleanText(msg.Subject()), Reason: reason,
+				Detail: cleanText(derr.Error()), Stored: md.Timestamp}
+			if err := r.dl.send(ctx, msg, seq, reason, derr); err != nil {
+				if ctx.Err() != nil {
+					return nil // shutting down: leave the message for the next run
+				}
+				// The message stays in the stream and in the deadletters table; stopping would only
+				// stop everything behind it.
+				fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v) and could not be copied to %s: %v\n",
+					seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject, err)
+			} else {
+				dead.Copied = true
+				fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v): copied to %s\n",
+					seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject)
+			}
+			r.agg.d.Dead = append(r.agg.d.Dead, dead)
+		}
+	}
 	if r.chunkStart.IsZero() {
 		r.chunkStart = time.Now()
 	}
 	r.last, r.toAck = seq, msg
 	r.folded++
-	if msg.Subject() == r.o.DeadLetterSubject {
-		// Our own dead letter, read back because a filter also covers the dead-letter subject: copying it
-		// again would loop forever.
-		return nil
-	}
-	derr := r.agg.add(msg.Data(), seq, md.Timestamp)
-	if derr == nil {
-		return nil
-	}
-	reason := deadReason(derr)
-	dead := store.DeadLetter{Stream: r.o.Stream, StreamSeq: seq, Subject: msg.Subject(), Reason: reason, Detail: derr.Error(), Stored: md.Timestamp}
-	if err := r.dl.send(ctx, msg, seq, reason, derr); err != nil {
-		// The message stays in the stream and in the deadletters table; stopping would only stop
-		// everything behind it.
-		fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v) and could not be copied to %s: %v\n",
-			seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject, err)
-	} else {
-		dead.Copied = true
-		fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v): copied to %s\n",
-			seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject)
-	}
-	r.agg.d.Dead = append(r.agg.d.Dead, dead)
 	return nil
 }
 
 // commit writes the pending chunk with the checkpoint, then acks its last message.
-func (r *runner) commit(ctx context.Context) error {
+func (r *runner) commit() error {
 	if r.last != r.committed {
 		d := r.agg.d
 		cp := store.Checkpoint{Consumer: r.o.Durable, Stream: r.o.Stream, Filters: r.o.Filters, Seq: r.last}
-		if err := r.st.Commit(ctx, d, cp, r.committed); err != nil {
+		ctx, cancel := context.WithTimeout(r.dbCtx, 5*time.Minute)
+		err := r.st.Commit(ctx, d, cp, r.committed)
+		cancel()
+		if err != nil {
 			if errors.Is(err, store.ErrCheckpointMoved) {
 				return fmt.Errorf("commit up to stream sequence %d: %w: is another `flowstat run` using consumer %q with this database? run only one per consumer name",
 					r.last, err, r.o.Durable)
@@ -501,13 +508,10 @@ func (r *runner) commit(ctx context.Context) error {
 	return nil
 }
 
-// finish commits the pending chunk (with a fresh context: ctx may be canceled already) and flushes the
-// acks before the connection closes.
+// finish commits the pending chunk and flushes the acks before the connection closes.
 func (r *runner) finish(reason string) (Stats, error) {
 	r.stats.Reason = reason
-	cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	err := r.commit(cctx)
+	err := r.commit()
 	_ = r.nc.FlushTimeout(2 * time.Second)
 	r.progress(true)
 	return r.stats, err

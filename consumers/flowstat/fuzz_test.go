@@ -1,11 +1,14 @@
 package flowstat
 
 import (
+	"math"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/flowbus/flowbus/schema"
 )
@@ -28,6 +31,11 @@ func FuzzFold(f *testing.F) {
 	f.Add(enc.Finish(nil, 7, schema.Drops{Kernel: 1}))
 	f.Add([]byte(`{"not":"msgpack"}`))
 	f.Add([]byte{})
+
+	hostile := schema.NewBatchEncoder("web-01", "r\x00\xff", schema.Outgoing)
+	ev = schema.Event{Timestamp: 1, Dst: netip.MustParseAddr("fe80::1%\xff"), DstDNS: []string{"a\x00b", "\xff"}, DstPort: 1}
+	hostile.Add(&ev)
+	f.Add(hostile.Finish(nil, 1, schema.Drops{Kernel: math.MaxUint64}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a := newAggregator(time.Minute, nil)
@@ -58,6 +66,16 @@ func FuzzFold(f *testing.F) {
 		if a.d.Messages != 1 || a.d.Events != uint64(len(b.Events)) || conns != a.d.Events {
 			t.Fatalf("%d events in the batch, counted %d (%d in connections) from %d messages", len(b.Events), a.d.Events, conns, a.d.Messages)
 		}
+		for k := range a.d.Conns {
+			if !cleanDB(k.Name) || !cleanDB(k.Peer.String()) {
+				t.Fatalf("text a database may refuse: %+v", k)
+			}
+		}
+		for k := range a.d.Runs {
+			if !cleanDB(k.RunID) || schema.ValidateHostToken(k.Host) != nil {
+				t.Fatalf("text a database may refuse: %+v", k)
+			}
+		}
 		for k, sp := range a.d.Seen {
 			if sp.First > sp.Last || sp.Name != "" && (sp.NameNS < sp.First || sp.NameNS > sp.Last) {
 				t.Fatalf("%+v: inconsistent span %+v", k, sp)
@@ -70,3 +88,5 @@ func FuzzFold(f *testing.F) {
 		}
 	})
 }
+
+func cleanDB(s string) bool { return utf8.ValidString(s) && !strings.ContainsRune(s, 0) }
