@@ -708,7 +708,7 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 	}
 	return s, func(w *tabwriter.Writer) {
 		fmt.Fprintf(w, "Database %s (schema %d, buckets of %v)\n\n", s.Database, s.SchemaVersion, time.Duration(s.BucketSeconds)*time.Second)
-		fmt.Fprintln(w, "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tFIRST\tLAST")
+		fmt.Fprintln(w, "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tFIRST BATCH\tLAST BATCH")
 		if len(s.Hosts) == 0 {
 			fmt.Fprintln(w, "(no data yet)")
 		}
@@ -717,11 +717,11 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 		}
 		if s.GapCount > 0 {
 			fmt.Fprintf(w, "\nMissing batches (%d gaps, newest first):\n", s.GapCount)
-			fmt.Fprintln(w, "HOST\tRUN\tDIRECTION\tMISSING\tSTREAM SEQ\tSTORED")
+			fmt.Fprintln(w, "HOST\tRUN\tDIRECTION\tWHAT\tSTREAM SEQ\tSTORED")
 			for _, g := range s.Gaps {
-				missing := fmt.Sprintf("after batch %d, up to batch %d", g.AfterSeq, g.PrevSeq)
+				missing := fmt.Sprintf("batch %d follows %d, but %d was the last seen", g.Seq, g.PrevSeq, g.AfterSeq)
 				if g.AfterSeq == 0 {
-					missing = fmt.Sprintf("run first seen at batch %d: earlier batches never read", g.Seq)
+					missing = fmt.Sprintf("run first seen at batch %d (follows %d): its earlier batches were never read", g.Seq, g.PrevSeq)
 				}
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\n", g.Host, g.RunID, g.Direction, missing, g.StreamSeq, fmtTime(g.Stored))
 			}

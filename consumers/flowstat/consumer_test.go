@@ -3,6 +3,7 @@ package flowstat_test
 import (
 	"bytes"
 	"context"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,8 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -202,4 +205,58 @@ func TestHostileBatches(t *testing.T) {
 			t.Errorf("drops %d (%v), want each batch capped at 2^40", drops, err)
 		}
 	})
+}
+
+// A user not allowed to publish to the dead-letter subject: the copy is refused by the server, which
+// the consumer notices, logs with the fix and records (copied = 0), and it carries on.
+func TestDeadLetterRefusedByPermissions(t *testing.T) {
+	opts := &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
+		Users: []*server.User{
+			{Username: "admin", Password: "a"},
+			{Username: "stat", Password: "s", Permissions: &server.Permissions{Publish: &server.SubjectPermission{Deny: []string{flowstat.DefaultDeadLetterSubject}}}},
+		}}
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	t.Cleanup(srv.Shutdown)
+	nc, err := nats.Connect(srv.ClientURL(), nats.UserInfo("admin", "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "FLOWS", Subjects: []string{"flows.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	a := tailtest.NewAgent("web-01", "r")
+	_, good := a.Batch(schema.Outgoing, schema.Drops{}, flowstattest.NewGen(1, 3).Events(5, schema.Outgoing, mustAddr("192.0.2.1"), time.Now(), time.Second)...)
+	for _, data := range [][]byte{[]byte("junk"), good} {
+		if _, err := js.Publish(ctx, "flows.web-01.outgoing", data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u, _ := url.Parse(srv.ClientURL())
+	u.User = url.UserPassword("stat", "s")
+	st := open(t, sqlitePath(t))
+	var log bytes.Buffer
+	stats := run(t, st, flowstat.Options{URLs: []string{u.String()}, ExitWhenCaughtUp: true, Log: &log})
+	if stats.DeadLetters != 1 || stats.NotCopied != 1 || stats.Events != 5 {
+		t.Errorf("stats %+v, want 1 dead letter not copied and the 5 events of the valid batch", stats)
+	}
+	if !strings.Contains(log.String(), "allow this user to publish to flowbus.deadletter") {
+		t.Errorf("log does not name the fix:\n%s", log.String())
+	}
+	var copied int
+	if err := st.DB().QueryRow(`SELECT copied FROM deadletters`).Scan(&copied); err != nil || copied != 0 {
+		t.Errorf("deadletters.copied = %d (%v), want 0", copied, err)
+	}
 }

@@ -263,6 +263,10 @@ func connect(ctx context.Context, urls []string, stream string, timeout, streamW
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
 			fmt.Fprintf(log, "flowstat: reconnected to NATS at %s\n", tail.RedactURLs([]string{c.ConnectedUrl()}))
+		}),
+		// Asynchronous server errors (a refused publish, a slow consumer) go to the log, not to stderr.
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			fmt.Fprintf(log, "flowstat: NATS: %v\n", err)
 		}))
 	if err != nil {
 		return nil, nil, nil, &tail.ConnectError{URL: urlText, Err: err}
@@ -693,14 +697,31 @@ func (d *deadLetterer) send(ctx context.Context, msg jetstream.Msg, seq uint64, 
 			pctx, cancel := context.WithTimeout(ctx, d.timeout)
 			_, err = d.js.PublishMsg(pctx, out)
 			cancel()
-		} else if err = d.nc.PublishMsg(out); err == nil {
-			err = d.nc.FlushTimeout(d.timeout)
+		} else {
+			err = d.corePublish(out)
 		}
-		if err == nil {
-			return nil
+		if err == nil || errors.Is(err, nats.ErrPermissionViolation) { // a refusal is not transient
+			return err
 		}
 	}
 	return err
+}
+
+// corePublish publishes and flushes. The server refuses a publish it does not permit with an
+// asynchronous error that arrives before the flush's answer; the client keeps it as its last error, so a
+// new one naming our subject means the copy was dropped.
+func (d *deadLetterer) corePublish(m *nats.Msg) error {
+	before := d.nc.LastError()
+	if err := d.nc.PublishMsg(m); err != nil {
+		return err
+	}
+	if err := d.nc.FlushTimeout(d.timeout); err != nil {
+		return err
+	}
+	if after := d.nc.LastError(); after != nil && after != before && errors.Is(after, nats.ErrPermissionViolation) && strings.Contains(after.Error(), d.subject) {
+		return fmt.Errorf("%w (allow this user to publish to %s)", after, d.subject)
+	}
+	return nil
 }
 
 // headerSafe keeps a header value on one line and short.
