@@ -340,8 +340,8 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 		// A commit that has started finishes even when a signal cancels ctx, so an orderly stop never
 		// fails halfway (and the bound keeps a hung database from holding the process forever).
 		dbCtx: context.WithoutCancel(ctx),
-		dl:  newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
-		agg: newAggregator(o.Bucket, runs), committed: cp, last: cp,
+		dl:    newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
+		agg:   newAggregator(o.Bucket, runs), committed: cp, last: cp,
 		lastLog: time.Now(),
 	}
 	r.stats.LastSeq = cp
