@@ -192,7 +192,8 @@ func (a *Agent) ensureStream(ctx context.Context) error {
 }
 
 func (a *Agent) ensureStreamLoop(ctx context.Context) {
-	for wait := time.Second; ; wait = min(wait*2, 30*time.Second) {
+	// A short ceiling: the stream should exist soon after NATS is back.
+	for wait := time.Second; ; wait = min(wait*2, 5*time.Second) {
 		select {
 		case <-ctx.Done():
 			return

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -16,6 +17,7 @@ import (
 // natsOptions builds the client options from the configuration. Secrets go
 // to the client library only; nothing here logs them.
 func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
+	var lastReconnectLog atomic.Int64
 	opts := []nats.Option{
 		nats.Name("flowagent " + cfg.Host),
 		nats.SetCustomDialer(self.Dialer(5 * time.Second)),
@@ -25,6 +27,20 @@ func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]na
 		nats.ReconnectBufSize(8 << 20),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			log.Warn("disconnected from NATS; batches are kept (memory, then spool) until it is back", "err", err)
+		}),
+		// A server that stays away, or comes back refusing our TLS setup or
+		// credentials, must not leave the agent retrying in silence; once
+		// every 30 s is enough to say why.
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			now := time.Now().UnixNano()
+			if last := lastReconnectLog.Load(); now-last < int64(30*time.Second) || !lastReconnectLog.CompareAndSwap(last, now) {
+				return
+			}
+			if fix := refusal(err); fix != "" {
+				log.Error("NATS refuses this agent; batches are kept (memory, then spool) meanwhile", "err", err, "fix", fix)
+				return
+			}
+			log.Warn("NATS still unreachable, retrying; batches are kept (memory, then spool) meanwhile", "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			log.Info("reconnected to NATS", "url", nc.ConnectedUrlRedacted())

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/publisher"
+)
+
+// syncBuffer is a bytes.Buffer safe for the NATS client's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// An agent started while NATS is away connects in the background and says
+// so, once, instead of retrying in silence.
+func TestUnreachableNATSIsLoggedOnce(t *testing.T) {
+	url := fmt.Sprintf("nats://127.0.0.1:%d", freePort(t)) // nothing listens there
+	var out syncBuffer
+	log := slog.New(slog.NewTextHandler(&out, nil))
+	cfg := Config{NATSURL: url, Host: "web-01"}
+	opts, err := natsOptions(cfg, publisher.NewSelfFilter(), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := connectNATS(cfg, opts)
+	if err != nil {
+		t.Fatalf("an unreachable server must not be fatal: %v", err)
+	}
+	defer nc.Close()
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(out.String(), "NATS still unreachable") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no log line about the unreachable server after 15 s; log:\n%s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(3 * time.Second) // several more failed attempts (1 s apart)
+	if n := strings.Count(out.String(), "NATS still unreachable"); n != 1 {
+		t.Errorf("%d log lines about the unreachable server in a few seconds, want 1 (rate-limited)", n)
+	}
+}
