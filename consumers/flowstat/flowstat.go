@@ -328,8 +328,9 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	if err != nil {
 		return Stats{}, err
 	}
-	// Bounded by bytes, not messages: a batch can be up to a megabyte, and memory must stay bounded.
-	it, err := cons.Messages(jetstream.PullMaxBytes(8 << 20))
+	// Bounded by bytes, not messages: batches vary in size and memory must stay bounded. 16 MiB is
+	// above any sane max_payload, so a single large message is always deliverable.
+	it, err := cons.Messages(jetstream.PullMaxBytes(16 << 20))
 	if err != nil {
 		return Stats{}, fmt.Errorf("consume %s/%s: %w", o.Stream, o.Durable, err)
 	}
@@ -337,12 +338,12 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 
 	r := &runner{
 		o: &o, st: st, nc: nc, cons: cons,
-		// A commit that has started finishes even when a signal cancels ctx, so an orderly stop never
-		// fails halfway (and the bound keeps a hung database from holding the process forever).
-		dbCtx: context.WithoutCancel(ctx),
-		dl:    newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
-		agg:   newAggregator(o.Bucket, runs), committed: cp, last: cp,
-		lastLog: time.Now(),
+		dbCtx:     context.WithoutCancel(ctx),
+		dl:        newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
+		agg:       newAggregator(o.Bucket, runs),
+		committed: cp,
+		last:      cp,
+		lastLog:   time.Now(),
 	}
 	r.stats.LastSeq = cp
 	fmt.Fprintf(o.Log, "flowstat: consuming %s as %q with filters %v from stream sequence %d into %s:%s (buckets of %v)\n",
@@ -352,8 +353,10 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 
 // runner is the state of one Run.
 type runner struct {
-	o     *Options
-	st    *store.Store
+	o  *Options
+	st *store.Store
+	// dbCtx is not canceled by Run's ctx: a commit that has started finishes even when a signal stops
+	// Run, so an orderly stop never fails halfway (commit bounds each one in time instead).
 	dbCtx context.Context
 	nc    *nats.Conn
 	cons  jetstream.Consumer

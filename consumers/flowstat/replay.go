@@ -133,7 +133,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	}
 	// The consumer's starting point, found from the time: nothing to read if it is past the checkpoint.
 	if info.NumPending > 0 && info.AckFloor.Stream < upto {
-		it, err := oc.Messages(jetstream.PullMaxBytes(8 << 20))
+		it, err := oc.Messages(jetstream.PullMaxBytes(16 << 20))
 		if err != nil {
 			return stats, err
 		}
