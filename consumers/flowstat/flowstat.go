@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
@@ -193,6 +194,22 @@ func (o *Options) defaults() {
 	if o.Log == nil {
 		o.Log = io.Discard
 	}
+	// NATS calls back from its own goroutines (disconnects, refused publishes): serialise the writes.
+	if _, ok := o.Log.(*lockedWriter); !ok {
+		o.Log = &lockedWriter{w: o.Log}
+	}
+}
+
+// lockedWriter makes a writer safe for concurrent use.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // Validate reports every problem of o at once (after defaults), each naming the setting.
