@@ -56,7 +56,10 @@ var (
 // or initdb on $PATH; "" when there is none.
 func BinDir() string {
 	if d := os.Getenv("FLOWBUS_PG_BIN"); d != "" {
-		return d
+		if usable(d) {
+			return d
+		}
+		return ""
 	}
 	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
 	sort.Slice(dirs, func(i, j int) bool { return version(dirs[i]) > version(dirs[j]) })

@@ -270,13 +270,11 @@ func mapKeys[K comparable, V any](m map[K]V) []K {
 	return ks
 }
 
-// order sorts keys for PostgreSQL, whose row locks are taken in the order rows are written: two
-// transactions writing overlapping rows in the same order cannot deadlock. SQLite has one writer at a
-// time, so it skips the cost.
-func order[K any](s *Store, keys []K, cmp func(a, b K) int) []K {
-	if s.kind == Postgres || true {
-		slices.SortFunc(keys, cmp)
-	}
+// order sorts keys by primary key. PostgreSQL takes row locks in the order rows are written, so two
+// transactions writing overlapping rows in the same order cannot deadlock; SQLite's b-tree inserts go
+// faster in key order (measured: about a fifth of B6).
+func order[K any](keys []K, cmp func(a, b K) int) []K {
+	slices.SortFunc(keys, cmp)
 	return keys
 }
 
@@ -317,7 +315,7 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 	u := newUpserter(ctx, s, tx, `INSERT INTO conn_agg (bucket, host, direction, peer, peer_name, port, conns) VALUES `,
 		`ON CONFLICT (bucket, host, direction, peer, peer_name, port) DO UPDATE SET conns = conn_agg.conns + excluded.conns`, 7)
 	defer u.close()
-	for _, k := range order(s, mapKeys(d.Conns), cmpConnKey) {
+	for _, k := range order(mapKeys(d.Conns), cmpConnKey) {
 		n := d.Conns[k]
 		if err := u.add(k.Bucket, k.Host, dirText(k.Dir), at.get(k.Peer), k.Name, int64(k.Port), int64(n)); err != nil {
 			return fmt.Errorf("conn_agg: %w", err)
@@ -337,7 +335,7 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 			name_ns = CASE WHEN excluded.peer_name <> '' AND (peer_seen.peer_name = '' OR excluded.name_ns < peer_seen.name_ns
 				OR excluded.name_ns = peer_seen.name_ns AND excluded.peer_name < peer_seen.peer_name) THEN excluded.name_ns ELSE peer_seen.name_ns END`, 8)
 	defer u2.close()
-	for _, k := range order(s, mapKeys(d.Seen), cmpSeenKey) {
+	for _, k := range order(mapKeys(d.Seen), cmpSeenKey) {
 		sp := d.Seen[k]
 		if err := u2.add(k.Host, dirText(k.Dir), at.get(k.Peer), int64(k.Port), sp.First, sp.Last, sp.Name, sp.NameNS); err != nil {
 			return fmt.Errorf("peer_seen: %w", err)
@@ -353,7 +351,7 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 			drops_reader = batch_agg.drops_reader + excluded.drops_reader, drops_queue = batch_agg.drops_queue + excluded.drops_queue,
 			drops_spool = batch_agg.drops_spool + excluded.drops_spool, drops_publish = batch_agg.drops_publish + excluded.drops_publish`, 10)
 	defer u3.close()
-	for _, k := range order(s, mapKeys(d.Batches), cmpBatchKey) {
+	for _, k := range order(mapKeys(d.Batches), cmpBatchKey) {
 		b := d.Batches[k]
 		if err := u3.add(k.Bucket, k.Host, dirText(k.Dir), int64(b.Batches), int64(b.Events), int64(b.Drops.Kernel), int64(b.Drops.Reader),
 			int64(b.Drops.Queue), int64(b.Drops.Spool), int64(b.Drops.Publish)); err != nil {
@@ -367,7 +365,7 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq) VALUES `,
 		`ON CONFLICT (host, run_id, direction) DO UPDATE SET last_seq = excluded.last_seq`, 4)
 	defer u4.close()
-	for _, k := range order(s, mapKeys(d.Runs), cmpRunKey) {
+	for _, k := range order(mapKeys(d.Runs), cmpRunKey) {
 		seq := d.Runs[k]
 		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(seq)); err != nil {
 			return fmt.Errorf("run_state: %w", err)
