@@ -3,6 +3,7 @@ package flowstat_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -258,5 +259,15 @@ func TestDeadLetterRefusedByPermissions(t *testing.T) {
 	var copied int
 	if err := st.DB().QueryRow(`SELECT copied FROM deadletters`).Scan(&copied); err != nil || copied != 0 {
 		t.Errorf("deadletters.copied = %d (%v), want 0", copied, err)
+	}
+}
+
+func TestFilterOutsideTheStream(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.Filters = []string{"acme.>"}
+	_, err := flowstat.Run(context.Background(), open(t, sqlitePath(t)), o)
+	if !errors.Is(err, flowstat.ErrFilterOutsideStream) || !strings.Contains(err.Error(), "FLOWBUS_FLOWSTAT_FILTER") {
+		t.Errorf("filter outside the stream: %v", err)
 	}
 }

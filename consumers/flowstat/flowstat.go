@@ -555,6 +555,24 @@ func (r *runner) progress(final bool) {
 	r.lastLog, r.logged = now, s
 }
 
+// ErrFilterOutsideStream means a subject filter selects nothing the stream stores.
+var ErrFilterOutsideStream = errors.New("subject filter outside the stream")
+
+// overlap reports whether some subject matches both subject patterns a and b.
+func overlap(a, b string) bool {
+	at, bt := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; ; i++ {
+		switch {
+		case i < len(at) && at[i] == ">", i < len(bt) && bt[i] == ">":
+			return true
+		case i == len(at) || i == len(bt):
+			return len(at) == len(bt)
+		case at[i] != bt[i] && at[i] != "*" && bt[i] != "*":
+			return false
+		}
+	}
+}
+
 func sorted(s []string) []string {
 	c := slices.Clone(s)
 	slices.Sort(c)
@@ -574,6 +592,16 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 	}
 	if found && !slices.Equal(sorted(cpFilters), sorted(o.Filters)) {
 		fmt.Fprintf(o.Log, "flowstat: filters changed from %v to %v: continuing after stream sequence %d with the new ones\n", cpFilters, o.Filters, cp)
+	}
+	// The server would refuse the consumer with a terse error; say which setting to fix instead. A
+	// stream without subjects (a mirror) cannot be checked.
+	if subs := stream.CachedInfo().Config.Subjects; len(subs) > 0 {
+		for _, f := range o.Filters {
+			if !slices.ContainsFunc(subs, func(s string) bool { return overlap(f, s) }) {
+				return nil, 0, fmt.Errorf("%w: filter %q matches none of stream %s's subjects %q: set --filter (FLOWBUS_FLOWSTAT_FILTER) or --prefix (FLOWBUS_SUBJECT_PREFIX) to what the agents publish",
+					ErrFilterOutsideStream, f, o.Stream, subs)
+			}
+		}
 	}
 	cctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
 	defer cancel()
