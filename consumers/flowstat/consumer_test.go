@@ -271,3 +271,22 @@ func TestFilterOutsideTheStream(t *testing.T) {
 		t.Errorf("filter outside the stream: %v", err)
 	}
 }
+
+// Replay refuses a database that two consumers write: rebuilding from one's messages would drop the
+// other's counts.
+func TestReplayRefusesSharedDatabase(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 6)
+	st := open(t, sqlitePath(t))
+	for _, f := range []string{"flows.*.incoming", "flows.*.outgoing"} {
+		o := e.opts()
+		o.Durable, o.Filters = strings.Split(f, ".")[2], []string{f}
+		run(t, st, o)
+	}
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+	_, err := flowstat.Replay(context.Background(), st, flowstat.ReplayOptions{URLs: []string{e.srv.URL}, Durable: "incoming", From: e.fleet.T0, To: time.Now()})
+	if err == nil || !strings.Contains(err.Error(), "several consumers") {
+		t.Errorf("replay of a shared database: %v", err)
+	}
+	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
@@ -45,8 +46,9 @@ var ErrStreamTooShort = errors.New("the stream no longer holds every message of 
 // Messages after C are the live consumer's: it may run concurrently, and what it commits meanwhile lands
 // on top of the rebuilt rows, so nothing is counted twice or lost. First/last seen are min/max, so they
 // are left as they are; gaps and dead letters were recorded once by the live consumer and are left
-// alone. While a replay runs (or if it failed) the range is incomplete and `flowstat summary` says so;
-// running the replay again repairs it.
+// alone. The consumer's current filters apply. While a replay runs (or if it failed) the range is
+// incomplete and `flowstat summary` says so; running the replay again repairs it. A database written by
+// several consumers is refused: their counts share the rows, and only one's messages would be read back.
 func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error) {
 	var stats Stats
 	ro := Options{URLs: o.URLs, Stream: o.Stream, Durable: o.Durable, ConnectTimeout: o.ConnectTimeout, MaxChunkEvents: o.MaxChunkEvents, Log: o.Log}
@@ -71,11 +73,25 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	if agg.toS*1e9 < o.To.UnixNano() {
 		agg.toS += agg.bucketS // To rounds up to a bucket boundary
 	}
-	if _, _, found, err := st.CheckpointOf(ctx, ro.Durable, ro.Stream); err != nil {
+	cps, err := st.Checkpoints(ctx)
+	if err != nil {
 		return stats, err
-	} else if !found {
+	}
+	found := false
+	var names []string
+	for _, c := range cps {
+		found = found || c.Consumer == ro.Durable && c.Stream == ro.Stream
+		names = append(names, c.Consumer+"@"+c.Stream)
+	}
+	switch {
+	case !found:
 		return stats, fmt.Errorf("replay: %s has no checkpoint of consumer %q on stream %q: run `flowstat run` first, or set --consumer and --stream to the ones it uses",
 			st.Where(), ro.Durable, ro.Stream)
+	case len(cps) > 1:
+		// The range's rows hold every consumer's counts, but only one consumer's messages would be
+		// read back: the others' would be lost.
+		return stats, fmt.Errorf("replay: %s is written by several consumers (%s) and a replay can rebuild only one's: give each consumer its own database (or delete the checkpoint rows of consumers no longer used)",
+			st.Where(), strings.Join(names, ", "))
 	}
 	nc, js, stream, err := connect(ctx, ro.URLs, ro.Stream, ro.ConnectTimeout, 0, "flowstat-replay", ro.Log)
 	if err != nil {

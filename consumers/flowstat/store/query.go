@@ -247,23 +247,29 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = s.each(ctx, `SELECT consumer, stream, seq, filters, updated_ns FROM checkpoints ORDER BY consumer, stream`, nil, func(sc scanner) error {
-		var c CheckpointRow
-		var ns int64
-		if err := sc.Scan(&c.Consumer, &c.Stream, &c.Seq, &c.Filters, &ns); err != nil {
-			return err
-		}
-		c.Updated = time.Unix(0, ns).UTC()
-		sum.Checkpoints = append(sum.Checkpoints, c)
-		return nil
-	})
-	if err != nil {
+	if sum.Checkpoints, err = s.Checkpoints(ctx); err != nil {
 		return nil, err
 	}
 	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM replays WHERE finished_ns = 0`).Scan(&sum.Unfinished); err != nil {
 		return nil, err
 	}
 	return sum, nil
+}
+
+// Checkpoints lists every consumer position the database holds.
+func (s *Store) Checkpoints(ctx context.Context) ([]CheckpointRow, error) {
+	out := []CheckpointRow{}
+	err := s.each(ctx, `SELECT consumer, stream, seq, filters, updated_ns FROM checkpoints ORDER BY consumer, stream`, nil, func(sc scanner) error {
+		var c CheckpointRow
+		var ns int64
+		if err := sc.Scan(&c.Consumer, &c.Stream, &c.Seq, &c.Filters, &ns); err != nil {
+			return err
+		}
+		c.Updated = time.Unix(0, ns).UTC()
+		out = append(out, c)
+		return nil
+	})
+	return out, err
 }
 
 type scanner interface{ Scan(dest ...any) error }
