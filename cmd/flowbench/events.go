@@ -18,13 +18,13 @@ func syntheticEvents(n int) []schema.Event {
 	local4 := netip.AddrFrom4([4]byte{10, 0, 3, 17})
 	local6 := netip.MustParseAddr("2001:db8:10:3::17")
 	names := []string{
-		"api.github.com", "github.com", "objects.githubusercontent.com", "registry-1.docker.io",
-		"auth.docker.io", "production.cloudflare.docker.com", "pypi.org", "files.pythonhosted.org",
-		"proxy.golang.org", "sum.golang.org", "storage.googleapis.com", "www.google.com",
+		"api.github.com", "github.com", "objects.githubusercontent.com", "images-1.example.net",
+		"auth.example.io", "production.edge.cdn.example.com", "wiki.org", "files.hosted.example.org",
+		"proxy.example.org", "sum.example.org", "storage.googleapis.com", "www.google.com",
 		"oauth2.googleapis.com", "s3.eu-west-1.amazonaws.com", "sts.amazonaws.com", "ec2.eu-west-1.amazonaws.com",
 		"db-primary.internal.example.com", "db-replica-2.internal.example.com", "redis.cache.internal.example.com",
 		"kafka-0.kafka.svc.cluster.local", "kafka-1.kafka.svc.cluster.local", "nats.messaging.svc.cluster.local",
-		"login.microsoftonline.com", "graph.microsoft.com", "cdn.jsdelivr.net", "fonts.gstatic.com",
+		"login.microsoftonline.com", "graph.microsoft.com", "cdn.example.net", "fonts.gstatic.com",
 		"sentry.io", "o12345.ingest.sentry.io", "hooks.slack.com", "api.stripe.com",
 	}
 	type peer struct {
