@@ -83,6 +83,11 @@ func FuzzAddPayload(f *testing.F) {
 				if n == "" || strings.HasSuffix(n, ".") || strings.ContainsAny(n, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") {
 					t.Fatalf("%v: bad name %q", a, n)
 				}
+				for i := 0; i < len(n); i++ {
+					if n[i] < 0x21 || n[i] > 0x7e {
+						t.Fatalf("%v: name %q has byte 0x%02x, not printable ASCII", a, n, n[i])
+					}
+				}
 			}
 		}
 	})

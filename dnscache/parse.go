@@ -119,7 +119,12 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 				perr = err
 				break
 			}
-			addrs = append(addrs, addrRec{normalize(rh.Name), netip.AddrFrom4(r.A), rh.TTL})
+			owner, err := normalize(rh.Name)
+			if err != nil {
+				perr = err
+				break
+			}
+			addrs = append(addrs, addrRec{owner, netip.AddrFrom4(r.A), rh.TTL})
 		case dnsmessage.TypeAAAA:
 			if rh.Length != 16 {
 				perr = fmt.Errorf("AAAA record data length %d", rh.Length)
@@ -130,14 +135,29 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 				perr = err
 				break
 			}
-			addrs = append(addrs, addrRec{normalize(rh.Name), netip.AddrFrom16(r.AAAA).Unmap(), rh.TTL})
+			owner, err := normalize(rh.Name)
+			if err != nil {
+				perr = err
+				break
+			}
+			addrs = append(addrs, addrRec{owner, netip.AddrFrom16(r.AAAA).Unmap(), rh.TTL})
 		case dnsmessage.TypeCNAME:
 			r, err := p.CNAMEResource()
 			if err != nil {
 				perr = err
 				break
 			}
-			cnames = append(cnames, cname{normalize(rh.Name), normalize(r.CNAME), rh.TTL})
+			alias, err := normalize(rh.Name)
+			if err != nil {
+				perr = err
+				break
+			}
+			target, err := normalize(r.CNAME)
+			if err != nil {
+				perr = err
+				break
+			}
+			cnames = append(cnames, cname{alias, target, rh.TTL})
 		default:
 			if err := p.SkipAnswer(); err != nil {
 				perr = err
@@ -191,11 +211,20 @@ func (c *Cache) learn(a addrRec, cnames []cname, now int64) {
 
 func ttlDur(s uint32) time.Duration { return time.Duration(s) * time.Second }
 
-// normalize returns a name lowercase and without the trailing dot.
-func normalize(n dnsmessage.Name) string {
+// normalize returns a name lowercase and without the trailing dot. A name
+// with a byte outside printable ASCII (control characters, spaces, bytes
+// that are not UTF-8) is refused: labels may hold any byte on the wire, but
+// such a name is hostile or broken, and passed on it would reach terminals
+// (escape sequences) and msgpack strings (invalid UTF-8) downstream.
+func normalize(n dnsmessage.Name) (string, error) {
 	b := n.Data[:n.Length]
 	if len(b) > 0 && b[len(b)-1] == '.' {
 		b = b[:len(b)-1]
 	}
-	return strings.ToLower(string(b))
+	for _, c := range b {
+		if c < 0x21 || c > 0x7e {
+			return "", fmt.Errorf("name %q has byte 0x%02x, not printable ASCII", b, c)
+		}
+	}
+	return strings.ToLower(string(b)), nil
 }

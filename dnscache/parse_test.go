@@ -404,6 +404,15 @@ func TestParseHostile(t *testing.T) {
 		{"AAAA with rdlength 4", cat(hdr(respFlags, 0, 1, 0, 0), []byte{1, 'a', 0}, []byte{0, 28, 0, 1, 0, 0, 0, 60, 0, 4}, bytes.Repeat([]byte{7}, 16))},
 		{"name longer than 255", cat(hdr(respFlags, 0, 1, 0, 0), bytes.Repeat(append([]byte{63}, bytes.Repeat([]byte{'a'}, 63)...), 5), []byte{0}, rawA)},
 		{"65535 questions", cat(hdr(respFlags, 0xffff, 0, 0, 0), []byte{0, 0, 1, 0, 1})},
+		// Labels may carry any byte on the wire; names that would put
+		// terminal escapes, NULs or invalid UTF-8 into events are refused.
+		{"escape in the owner name", cat(hdr(respFlags, 0, 1, 0, 0), []byte{4, 'a', 0x1b, '[', 'm', 0}, rawA)},
+		{"NUL in the owner name", cat(hdr(respFlags, 0, 1, 0, 0), []byte{3, 'a', 0, 'b', 0}, rawA)},
+		{"space in the owner name", cat(hdr(respFlags, 0, 1, 0, 0), []byte{3, 'a', ' ', 'b', 0}, rawA)},
+		{"invalid UTF-8 in the owner name", cat(hdr(respFlags, 0, 1, 0, 0), []byte{2, 0xff, 0xfe, 0}, rawA)},
+		{"newline in a CNAME target", cat(hdr(respFlags, 0, 2, 0, 0),
+			[]byte{1, 'c', 0}, []byte{0, 5, 0, 1, 0, 0, 0, 60, 0, 5, 3, 'x', '\n', 'y', 0},
+			[]byte{1, 'c', 0}, rawA)},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
