@@ -96,6 +96,7 @@ type Stats struct {
 	PendingBytes    int
 	InflightBatches int
 	SpoolBatches    int // on disk
+	SpoolCorrupt    int // files found unreadable at Open and set aside
 	SpoolBytes      int64
 	SpoolEvents     int
 	Spooled         uint64 // batches written to the spool since start
@@ -387,10 +388,16 @@ func (p *Publisher) next() (*batch, time.Duration) {
 		return p.loaded[name]
 	})
 	if err != nil {
-		p.log.Error("unreadable spool file skipped", "err", err)
+		lost := uint64(1) // unknown size: at least one
+		if le := (*spool.LoadError)(nil); errors.As(err, &le) && le.Events > 0 {
+			lost = uint64(le.Events)
+		}
+		p.log.Error("unreadable spool file skipped; its events are counted as dropped (stage spool)", "err", err, "events", lost)
 		p.mu.Lock()
-		p.totalDrops.Spool++ // its size is unknown: counted as one
+		p.drops.Spool += lost // carried by the next batch, like every drop
+		p.totalDrops.Spool += lost
 		p.mu.Unlock()
+		p.signal() // the batches behind it must not wait for the next event
 	}
 	if len(es) == 0 {
 		return nil, 0
@@ -636,6 +643,7 @@ func (p *Publisher) Stats() Stats {
 	s.Spooled = p.spooled.Load()
 	if sp := p.cfg.Spool; sp != nil {
 		s.SpoolBatches, s.SpoolBytes, s.SpoolEvents = sp.Len(), sp.Bytes(), sp.Events()
+		s.SpoolCorrupt = sp.Corrupt()
 	}
 	return s
 }

@@ -3,6 +3,10 @@ package publisher
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -192,5 +196,54 @@ func TestSpoolFullDropIsCountedAndReported(t *testing.T) {
 	}
 	if reported != dropped {
 		t.Errorf("batches report %d spool drops, the publisher counted %d", reported, dropped)
+	}
+}
+
+// A spool file that cannot be read back loses its batch: the loss is counted
+// with the batch's own event count (from the spool's index), and carried by
+// the next batch like every other drop.
+func TestUnreadableSpoolFileIsCountedExactly(t *testing.T) {
+	b := newBus(t)
+	dir := t.TempDir()
+	sp, err := spool.Open(dir, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPub(t, b.conn(), fastRetry(Config{MaxEvents: 100, Linger: time.Hour, QueueBytes: 1, Spool: sp}))
+	b.stop()
+	for i := 0; i < 300; i++ {
+		p.Add(event(i, schema.Outgoing))
+	}
+	if sp.Len() != 3 {
+		t.Fatalf("%d batches spooled, want 3", sp.Len())
+	}
+	var files []string
+	des, _ := os.ReadDir(dir)
+	for _, de := range des {
+		if strings.HasSuffix(de.Name(), ".batch") {
+			files = append(files, de.Name())
+		}
+	}
+	sort.Strings(files)
+	// The middle batch's bytes rot on disk.
+	if err := os.WriteFile(filepath.Join(dir, files[1]), []byte("FBSP1\nrotten"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b.start()
+	waitAcked(t, p, 200)
+	if d := p.Stats().Drops.Spool; d != 100 {
+		t.Fatalf("spool drops %d, want exactly the 100 events of the unreadable batch", d)
+	}
+	for i := 0; i < 100; i++ {
+		p.Add(event(i, schema.Outgoing))
+	}
+	waitAcked(t, p, 300)
+	closePub(t, p)
+	var reported uint64
+	for _, m := range fetchAll(t, must(jetstream.New(b.conn()))) {
+		reported += m.batch.Drops.Spool
+	}
+	if reported != 100 {
+		t.Errorf("batches report %d spool drops, want 100", reported)
 	}
 }

@@ -20,7 +20,7 @@ type agentCollector struct {
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
-	spoolBatches, spoolBytes, spoolEvents, spooled                                          *prometheus.Desc
+	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                            *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
@@ -44,6 +44,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 		spoolBytes:   d("spool_bytes", "Disk space used by the spool."),
 		spoolEvents:  d("spool_events", "Events waiting in the on-disk spool."),
 		spooled:      d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
+		spoolCorrupt: d("spool_corrupt_files", "Spool files found unreadable at start and set aside as *.corrupt: their events are lost, in a number the file no longer tells."),
 		dnsLookups:   d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
 		dnsAnswers:   d("dns_messages_total", "DNS payloads seen, by outcome: learned (addresses added), ignored (nothing to learn), malformed, truncated (unparsable after a cut, or split over TCP segments), cut_in_kernel (longer than the kernel copies), lost (ring buffer full).", "outcome"),
 		dnsEvictions: d("dns_cache_evictions_total", "Addresses pushed out of the DNS cache by its size bound."),
@@ -53,7 +54,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
-		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled} {
+		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
 		ch <- d
 	}
 }
@@ -89,6 +90,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.spoolBytes, float64(p.SpoolBytes))
 	gauge(c.spoolEvents, float64(p.SpoolEvents))
 	counter(c.spooled, p.Spooled)
+	gauge(c.spoolCorrupt, float64(p.SpoolCorrupt))
 	counter(c.dnsLookups, s.DNS.Hits, "hit")
 	counter(c.dnsLookups, s.DNS.Misses, "miss")
 	counter(c.dnsAnswers, s.DNS.Answers, "learned")

@@ -165,12 +165,27 @@ func (s *Spool) Peek(n int, skip func(name string) bool) ([]*Entry, error) {
 			// Unreadable now (disk trouble, or removed under us): drop it
 			// rather than block everything behind it.
 			s.Remove(e.Name)
-			return out, fmt.Errorf("spool file %s: %w", e.Name, err)
+			return out, &LoadError{Name: e.Name, Events: e.Events, Err: err}
 		}
 		out = append(out, full)
 	}
 	return out, nil
 }
+
+// LoadError is a spool file that could not be read back: its batch is lost,
+// and Events (known from the header read at Open or Put) says how many
+// events went with it, so the loss can be counted exactly.
+type LoadError struct {
+	Name   string
+	Events int
+	Err    error
+}
+
+func (e *LoadError) Error() string {
+	return fmt.Sprintf("spool file %s (%d events): %v", e.Name, e.Events, e.Err)
+}
+
+func (e *LoadError) Unwrap() error { return e.Err }
 
 // Remove deletes an entry (its batch was acknowledged, or given up).
 func (s *Spool) Remove(name string) {
