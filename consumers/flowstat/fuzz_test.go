@@ -36,14 +36,21 @@ func FuzzFold(f *testing.F) {
 	ev = schema.Event{Timestamp: 1, Dst: netip.MustParseAddr("fe80::1%\xff"), DstDNS: []string{"a\x00b", "\xff"}, DstPort: 1}
 	hostile.Add(&ev)
 	f.Add(hostile.Finish(nil, 1, schema.Drops{Kernel: math.MaxUint64}))
+	// A well-formed batch whose host is no subject token: the decoder takes it, the aggregator must not.
+	badHost := schema.NewBatchEncoder("Web.01", "run", schema.Outgoing)
+	badHost.Add(&ev)
+	f.Add(badHost.Finish(nil, 1, schema.Drops{}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a := newAggregator(time.Minute, nil)
 		err := a.add(data, 1, time.Unix(1_800_000_000, 0))
 		var b schema.Batch
 		derr := schema.DecodeBatch(data, &b)
-		if (err == nil) != (derr == nil) {
-			t.Fatalf("aggregator error %v, decoder error %v", err, derr)
+		// The aggregator rejects what the decoder rejects, and also a batch whose host is not a valid
+		// subject token.
+		wantErr := derr != nil || schema.ValidateHostToken(b.Host) != nil
+		if (err != nil) != wantErr {
+			t.Fatalf("aggregator error %v, decoder error %v, host %q", err, derr, b.Host)
 		}
 		if err != nil {
 			if a.d.Messages != 0 || a.d.Events != 0 || len(a.d.Conns)+len(a.d.Seen)+len(a.d.Batches)+len(a.d.Runs)+len(a.d.Gaps) != 0 {
