@@ -214,10 +214,15 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	t.Logf("run 3: spool empty %v after run 2 started; %g batches already in the stream (duplicate acks); agent: %s",
 		drain.Round(time.Millisecond), m3[mDupAcks], metricsSummary(m3))
 	checkExact(t, "spool replay", got, sp.Flows)
+	injectedLeft := false
 	for _, e := range left.Entries {
-		if e.MsgID == injected.MsgID && m3[mDupAcks] == 0 {
-			t.Errorf("run 3 sent %s, which the stream already held, and counted no duplicate ack", injected.MsgID)
-		}
+		injectedLeft = injectedLeft || e.MsgID == injected.MsgID
+	}
+	switch {
+	case !injectedLeft:
+		t.Errorf("run 2 replayed %s (the batch already in the stream) before it was killed: run 3 did not exercise the duplicate", injected.MsgID)
+	case m3[mDupAcks] == 0:
+		t.Errorf("run 3 sent %s, which the stream already held, and counted no duplicate ack", injected.MsgID)
 	}
 	if len(got.Batches) != len(sp.Entries) {
 		t.Errorf("stream holds %d batches, the spool held %d", len(got.Batches), len(sp.Entries))
