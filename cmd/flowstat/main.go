@@ -68,11 +68,13 @@ Stream (run, replay):
   --stream NAME         JetStream stream (default $FLOWBUS_STREAM, else FLOWS)
   --consumer NAME       durable consumer name, also the checkpoint's name in the database
                         (default $FLOWBUS_FLOWSTAT_CONSUMER, else flowstat)
+  --prefix PREFIX       subject prefix the agents publish under (default $FLOWBUS_SUBJECT_PREFIX,
+                        else flows); a batch not on <prefix>.<its host>.<its direction> is
+                        dead-lettered as subject_mismatch
 
 run:
   --filter SUBJECTS     comma-separated subject filters, e.g. flows.*.incoming
                         (default $FLOWBUS_FLOWSTAT_FILTER, else <prefix>.>)
-  --prefix PREFIX       subject prefix of the default filter (default $FLOWBUS_SUBJECT_PREFIX, else flows)
   --start POLICY        where a consumer new to this database starts: all (the whole stream), new,
                         a time (RFC3339, or a duration back from now such as 2h) or seq:N
                         (default $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint
@@ -180,7 +182,7 @@ func explain(err error) string {
 // commandFlags lists the flags each command accepts (beyond --db and --help).
 var commandFlags = map[string][]string{
 	"run":     {"nats", "stream", "consumer", "filter", "start", "since", "from-seq", "bucket", "deadletter", "once", "idle-exit", "stream-wait", "commit-interval", "commit-events", "prefix"},
-	"replay":  {"nats", "stream", "consumer", "from", "to", "margin", "force"},
+	"replay":  {"nats", "stream", "consumer", "from", "to", "margin", "force", "prefix"},
 	"top":     {"since", "until", "host", "direction", "json", "by", "limit"},
 	"new":     {"since", "until", "host", "direction", "json", "limit"},
 	"hosts":   {"since", "until", "host", "direction", "json", "step"},
@@ -278,14 +280,19 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		}
 	}
 
-	switch cmd {
-	case "run":
-		o := &cfg.run
-		o.URLs, o.Stream, o.Durable = urls, stream, consumer
-		prefix, psrc := value("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix)
+	var prefix string
+	if has("prefix") {
+		var psrc string
+		prefix, psrc = value("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix)
 		if err := schema.ValidatePrefix(prefix); err != nil {
 			bad(psrc, err)
 		}
+	}
+
+	switch cmd {
+	case "run":
+		o := &cfg.run
+		o.URLs, o.Stream, o.Durable, o.Prefix = urls, stream, consumer, prefix
 		f, src := value("filter", envFilter, prefix+".>")
 		for _, s := range strings.Split(f, ",") {
 			s = strings.TrimSpace(s)
@@ -336,7 +343,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		}
 	case "replay":
 		o := &cfg.replay
-		o.URLs, o.Stream, o.Durable = urls, stream, consumer
+		o.URLs, o.Stream, o.Durable, o.Prefix = urls, stream, consumer, prefix
 		if !set["from"] {
 			errs = append(errs, errors.New("--from is required: the start of the range to rebuild (RFC3339 time or a duration back from now)"))
 		} else if t, err := parseWhen(*vals["from"], now); err != nil {

@@ -8,6 +8,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -16,6 +17,7 @@ import (
 // must end the Run (the caller reloads everything on restart).
 type aggregator struct {
 	bucketS int64
+	prefix  string // subject prefix: a batch must arrive on <prefix>.<its host>.<its direction>
 	runs    map[store.RunKey]uint64
 	d       *store.Delta
 	batch   schema.Batch
@@ -27,11 +29,11 @@ type aggregator struct {
 	fromS, toS int64
 }
 
-func newAggregator(bucket time.Duration, runs map[store.RunKey]uint64) *aggregator {
+func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]uint64) *aggregator {
 	if runs == nil {
 		runs = map[store.RunKey]uint64{}
 	}
-	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), runs: runs, d: store.NewDelta()}
+	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), prefix: prefix, runs: runs, d: store.NewDelta()}
 }
 
 // bucketOf is the start (unix seconds) of the bucket holding unix-ns timestamp ns, flooring correctly
@@ -55,6 +57,8 @@ const (
 	ReasonUnsupportedMajor = "unsupported_major" // a schema major this consumer does not know
 	ReasonTruncated        = "truncated"         // the message ends inside a value
 	ReasonMalformed        = "malformed"         // anything else that is not a flowbus batch
+	// ReasonSubjectMismatch: a valid batch whose host or direction is not the one its subject names.
+	ReasonSubjectMismatch = "subject_mismatch"
 )
 
 // deadReason classifies a decode error. The decoder reports truncation only in its message text, so
@@ -63,15 +67,18 @@ func deadReason(err error) string {
 	switch {
 	case errors.Is(err, schema.ErrUnsupportedMajor):
 		return ReasonUnsupportedMajor
+	case errors.Is(err, tail.ErrSubjectMismatch):
+		return ReasonSubjectMismatch
 	case strings.Contains(err.Error(), "truncated"):
 		return ReasonTruncated
 	}
 	return ReasonMalformed
 }
 
-// add folds one stream message in. It returns the decode error when the message is not a valid batch;
-// the caller dead-letters it and nothing of it is counted.
-func (a *aggregator) add(data []byte, streamSeq uint64, stored time.Time) error {
+// add folds one stream message, stored on subject, in. It returns the decode error when the message is
+// not a valid batch, or is not on its own host's and direction's subject; the caller dead-letters it and
+// nothing of it is counted.
+func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored time.Time) error {
 	b := &a.batch
 	if err := schema.DecodeBatch(data, b); err != nil {
 		return err
@@ -81,6 +88,10 @@ func (a *aggregator) add(data []byte, streamSeq uint64, stored time.Time) error 
 	// refuses, stopping the consumer).
 	if err := schema.ValidateHostToken(b.Host); err != nil {
 		return fmt.Errorf("%w: host: %v", schema.ErrMalformed, err)
+	}
+	// The subject is what the server's publish permissions vouch for; the payload is the publisher's word.
+	if err := tail.CheckSubject(subject, a.prefix, b.Host, b.Direction); err != nil {
+		return err
 	}
 	b.RunID = cleanText(b.RunID)
 	clampDrops(&b.Drops)

@@ -265,7 +265,7 @@ func TestDeadLetterRefusedByPermissions(t *testing.T) {
 func TestFilterOutsideTheStream(t *testing.T) {
 	e := newEnv(t)
 	o := e.opts()
-	o.Filters = []string{"acme.>"}
+	o.Filters, o.Prefix = []string{"acme.>"}, "acme"
 	_, err := flowstat.Run(context.Background(), open(t, sqlitePath(t)), o)
 	if !errors.Is(err, flowstat.ErrFilterOutsideStream) || !strings.Contains(err.Error(), "FLOWBUS_FLOWSTAT_FILTER") {
 		t.Errorf("filter outside the stream: %v", err)
@@ -289,4 +289,56 @@ func TestReplayRefusesSharedDatabase(t *testing.T) {
 		t.Errorf("replay of a shared database: %v", err)
 	}
 	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+}
+
+// The subject, which per-host publish permissions control, is trusted, not the batch: a host may only
+// report itself. A batch claiming another host or direction than its subject names (also hidden below
+// the publisher's own subject) is dead-lettered as subject_mismatch and counts nothing.
+func TestSubjectMismatchDeadLettered(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		e := newEnv(t)
+		e.fleet.Publish(t, e.rec, 4)
+		ev := schema.Event{Timestamp: e.fleet.T0.UnixNano(), Src: mustAddr("192.0.2.7"), Dst: mustAddr("198.51.100.9"), SrcPort: 40000, DstPort: 443}
+		_, web02 := tailtest.NewAgent("web-02", "r").Batch(schema.Outgoing, schema.Drops{}, ev)
+		for _, subject := range []string{"flows.web-01.outgoing", "flows.web-01.web-02.outgoing", "flows.web-02.incoming"} {
+			e.rec.PublishRaw(t, subject, web02)
+		}
+		e.fleet.Publish(t, e.rec, 2)
+		st := open(t, dsn)
+		var log bytes.Buffer
+		o := e.opts()
+		o.Log = &log
+		stats := run(t, st, o)
+		if stats.DeadLetters != 3 {
+			t.Errorf("stats %+v, want the 3 mismatched batches dead-lettered", stats)
+		}
+		flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+		sum, err := st.Summary(context.Background(), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sum.DeadByReason[flowstat.ReasonSubjectMismatch] != 3 {
+			t.Errorf("dead letters by reason %v, want 3 %s", sum.DeadByReason, flowstat.ReasonSubjectMismatch)
+		}
+		var n int
+		if err := st.DB().QueryRow(`SELECT COUNT(*) FROM conn_agg WHERE host = 'web-02'`).Scan(&n); err != nil || n != 0 {
+			t.Errorf("%d conn_agg rows for the impersonated host (%v), want 0", n, err)
+		}
+		if !strings.Contains(log.String(), "flows.web-01.web-02.outgoing is not a valid batch (subject_mismatch") {
+			t.Errorf("log does not explain the mismatch:\n%s", log.String())
+		}
+	})
+}
+
+// A filter outside <prefix>.<host>.<direction> would dead-letter everything it reads: refused, naming
+// the prefix setting.
+func TestFilterOutsidePrefix(t *testing.T) {
+	o := flowstat.Options{Filters: []string{"acme.>"}, Bucket: time.Minute, DeadLetterSubject: "dl"}
+	if err := o.Validate(); err == nil || !strings.Contains(err.Error(), "--prefix") {
+		t.Errorf("filter outside the prefix: %v", err)
+	}
+	o.Prefix = "acme.eu"
+	if err := o.Validate(); err != nil {
+		t.Errorf("filter covering the prefix: %v", err)
+	}
 }

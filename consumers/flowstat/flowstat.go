@@ -15,6 +15,7 @@
 package flowstat
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -39,13 +40,14 @@ const (
 	DefaultDeadLetterSubject = "flowbus.deadletter"
 )
 
-// DefaultFilter is the subject filter used when none is given: every subject under the default prefix.
+// DefaultFilter is the subject filter used when neither filters nor a prefix are given: every subject
+// under the default prefix.
 var DefaultFilter = schema.DefaultPrefix + ".>"
 
 // Dead-letter headers. The original message's headers are kept, except Nats-Msg-Id which is replaced by
 // "<stream>.<seq>" so a stream capturing dead letters dedupes a copy sent again after a crash.
 const (
-	HeaderDLReason  = "Flowbus-Deadletter-Reason"   // reason token: malformed, truncated, unsupported_major
+	HeaderDLReason  = "Flowbus-Deadletter-Reason"   // reason token: malformed, truncated, unsupported_major, subject_mismatch
 	HeaderDLError   = "Flowbus-Deadletter-Error"    // the decoder's message
 	HeaderDLSubject = "Flowbus-Deadletter-Subject"  // the original subject
 	HeaderDLStream  = "Flowbus-Deadletter-Stream"   // the stream it was read from
@@ -101,7 +103,10 @@ type Options struct {
 	URLs    []string // NATS servers; empty means tail.DefaultURL
 	Stream  string   // empty means tail.DefaultStream
 	Durable string   // durable consumer name; also the checkpoint's key in the database
-	Filters []string // subject filters; empty means DefaultFilter
+	Filters []string // subject filters; empty means <Prefix>.>
+	// Prefix is the agents' subject prefix; empty means schema.DefaultPrefix. A batch not stored on
+	// <Prefix>.<its host>.<its direction> is dead-lettered (ReasonSubjectMismatch).
+	Prefix string
 
 	// Start, Since and FromSeq apply only when the database has no checkpoint for Durable on Stream.
 	Start   Start
@@ -167,8 +172,11 @@ func (o *Options) defaults() {
 	if o.Durable == "" {
 		o.Durable = DefaultDurable
 	}
+	if o.Prefix == "" {
+		o.Prefix = schema.DefaultPrefix
+	}
 	if len(o.Filters) == 0 {
-		o.Filters = []string{DefaultFilter}
+		o.Filters = []string{o.Prefix + ".>"}
 	}
 	if o.Bucket == 0 {
 		o.Bucket = DefaultBucket
@@ -218,9 +226,17 @@ func (o *Options) Validate() error {
 	if strings.ContainsAny(o.Durable, ".*> \t\r\n/\\") {
 		errs = append(errs, fmt.Errorf("consumer name %q: JetStream names cannot contain '.', '*', '>', '/', '\\' or spaces", o.Durable))
 	}
+	prefix := cmp.Or(o.Prefix, schema.DefaultPrefix)
+	perr := schema.ValidatePrefix(prefix)
+	if perr != nil {
+		errs = append(errs, fmt.Errorf("subject prefix %v", perr))
+	}
 	for _, f := range o.Filters {
 		if err := ValidateFilter(f); err != nil {
 			errs = append(errs, err)
+		} else if perr == nil && !overlap(f, prefix+".*.*") {
+			// Every batch it selects would be dead-lettered as on the wrong subject.
+			errs = append(errs, fmt.Errorf("subject filter %q selects no subject %s.<host>.<direction>: set the prefix (--prefix, FLOWBUS_SUBJECT_PREFIX) to the one the agents publish under, or a filter below it", f, prefix))
 		}
 	}
 	if err := ValidateFilter(o.DeadLetterSubject); err != nil || strings.ContainsAny(o.DeadLetterSubject, "*>") {
@@ -357,7 +373,7 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 		o: &o, st: st, nc: nc, cons: cons,
 		dbCtx:     context.WithoutCancel(ctx),
 		dl:        newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
-		agg:       newAggregator(o.Bucket, runs),
+		agg:       newAggregator(o.Bucket, o.Prefix, runs),
 		committed: cp,
 		last:      cp,
 		lastLog:   time.Now(),
@@ -466,7 +482,7 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 	}
 	if msg.Subject() != r.o.DeadLetterSubject { // else our own dead letter, read back because a filter
 		// also covers the dead-letter subject: copying it again would loop forever
-		if derr := r.agg.add(msg.Data(), seq, md.Timestamp); derr != nil {
+		if derr := r.agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp); derr != nil {
 			reason := deadReason(derr)
 			dead := store.DeadLetter{Stream: r.o.Stream, StreamSeq: seq, Subject: cleanText(msg.Subject()), Reason: reason,
 				Detail: cleanText(derr.Error()), Stored: md.Timestamp}

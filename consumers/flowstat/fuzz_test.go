@@ -42,10 +42,11 @@ func FuzzFold(f *testing.F) {
 	f.Add(badHost.Finish(nil, 1, schema.Drops{}))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
-		a := newAggregator(time.Minute, nil)
-		err := a.add(data, 1, time.Unix(1_800_000_000, 0))
 		var b schema.Batch
 		derr := schema.DecodeBatch(data, &b)
+		// Published where its own host and direction say, as an agent does.
+		a := newAggregator(time.Minute, "", nil)
+		err := a.add(data, schema.Subject(schema.DefaultPrefix, b.Host, b.Direction), 1, time.Unix(1_800_000_000, 0))
 		// The aggregator rejects what the decoder rejects, and also a batch whose host is not a valid
 		// subject token.
 		wantErr := derr != nil || schema.ValidateHostToken(b.Host) != nil

@@ -18,6 +18,8 @@ type ReplayOptions struct {
 	URLs    []string
 	Stream  string
 	Durable string // whose checkpoint and filters the replay follows
+	// Prefix is the agents' subject prefix, as given to Run; empty means schema.DefaultPrefix.
+	Prefix string
 
 	// From and To delimit the rebuilt range; both are widened to whole buckets.
 	From, To time.Time
@@ -51,7 +53,7 @@ var ErrStreamTooShort = errors.New("the stream no longer holds every message of 
 // several consumers is refused: their counts share the rows, and only one's messages would be read back.
 func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error) {
 	var stats Stats
-	ro := Options{URLs: o.URLs, Stream: o.Stream, Durable: o.Durable, ConnectTimeout: o.ConnectTimeout, MaxChunkEvents: o.MaxChunkEvents, Log: o.Log}
+	ro := Options{URLs: o.URLs, Stream: o.Stream, Durable: o.Durable, Prefix: o.Prefix, ConnectTimeout: o.ConnectTimeout, MaxChunkEvents: o.MaxChunkEvents, Log: o.Log}
 	ro.defaults()
 	if o.Margin <= 0 {
 		o.Margin = 10 * time.Minute
@@ -66,7 +68,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	if width == 0 {
 		return stats, errors.New("replay: the database holds no aggregates yet: run `flowstat run` first")
 	}
-	agg := newAggregator(width, nil)
+	agg := newAggregator(width, ro.Prefix, nil)
 	agg.replay = true
 	agg.fromS = agg.bucketOf(o.From.UnixNano())
 	agg.toS = agg.bucketOf(o.To.UnixNano())
@@ -177,7 +179,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 				break
 			}
 			read = seq
-			if derr := agg.add(msg.Data(), seq, md.Timestamp); derr != nil {
+			if derr := agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp); derr != nil {
 				stats.DeadLetters++ // already dead-lettered by the live consumer
 			}
 			if agg.d.Events >= uint64(ro.MaxChunkEvents) {

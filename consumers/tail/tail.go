@@ -106,7 +106,9 @@ type Handler func(m *Meta, ev *schema.Event) error
 type Stats struct {
 	Events  uint64 // events handed to the handler
 	Batches uint64 // valid batches decoded
-	Skipped uint64 // messages that were not valid batches
+	Skipped uint64 // messages that were not valid batches, or not on their batch's subject
+	// Mismatched counts the skipped batches whose host or direction disagreed with their subject.
+	Mismatched uint64
 	Gaps    uint64 // breaks detected in batch chains (each may be several batches)
 	Dropped uint64 // events the agents reported as dropped
 	Reason  string // why Run stopped: "count", "idle", "canceled", or "" on error
@@ -189,6 +191,28 @@ func FilterSubject(prefix, host string, d schema.Direction) string {
 		return prefix + "." + host + ".>"
 	}
 	return prefix + ".>"
+}
+
+// ErrSubjectMismatch means a batch was published on a subject other than the one its own host and
+// direction name. Consumers trust the subject, which the server's per-host publish permissions control,
+// not the payload: otherwise a host allowed to publish only on <prefix>.web-01.> could report flows as
+// web-02.
+var ErrSubjectMismatch = errors.New("subject does not match the batch")
+
+// CheckSubject returns an error wrapping ErrSubjectMismatch unless subject is exactly
+// <prefix>.<host>.<direction> for the batch's host and direction (an empty prefix is
+// schema.DefaultPrefix). The whole subject is compared, not its last two tokens: a host allowed to publish
+// on flows.web-01.> could otherwise publish a batch of web-02 on flows.web-01.web-02.outgoing.
+func CheckSubject(subject, prefix, host string, d schema.Direction) error {
+	if prefix == "" {
+		prefix = schema.DefaultPrefix
+	}
+	want := schema.Subject(prefix, host, d)
+	if subject == want {
+		return nil
+	}
+	return fmt.Errorf("%w: the batch says host %q direction %s, which belongs on %s (a publisher claiming another host or direction: check its publish permissions; or agents using another subject prefix than %q: set the prefix)",
+		ErrSubjectMismatch, host, d, want, prefix)
 }
 
 // RedactURLs joins urls for messages, hiding passwords and tokens so they do not end up in logs.
@@ -483,6 +507,12 @@ func (r *reader) handle(msg jetstream.Msg) error {
 		return nil
 	}
 	b := &r.batch
+	if err := CheckSubject(subject, r.o.Prefix, b.Host, b.Direction); err != nil {
+		r.st.Skipped++
+		r.st.Mismatched++
+		r.w.skip(subject, m.StreamSeq, err)
+		return nil
+	}
 	r.st.Batches++
 	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
 	r.checkSeq(m, b.PrevSeq)
@@ -573,6 +603,8 @@ func skipReason(err error) string {
 	switch {
 	case errors.Is(err, schema.ErrUnsupportedMajor):
 		return "unsupported schema version"
+	case errors.Is(err, ErrSubjectMismatch):
+		return "batch for another host or direction than its subject"
 	case errors.Is(err, schema.ErrMalformed):
 		return "not a valid flowbus batch"
 	}

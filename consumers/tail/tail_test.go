@@ -213,3 +213,26 @@ func TestRunDuplicateBatch(t *testing.T) {
 		t.Errorf("warnings:\n%s", w)
 	}
 }
+
+// The subject is trusted, not the batch: a batch claiming another host or direction than its subject
+// (also one hidden below the publisher's own subject) is skipped with a warning and counted.
+func TestRunSubjectMismatchSkipped(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	_, web02 := tailtest.NewAgent("web-02", "r").Batch(schema.Outgoing, schema.Drops{}, ev(1))
+	srv.Publish(t, "flows.web-01.outgoing", web02)
+	srv.Publish(t, "flows.web-01.web-02.outgoing", web02)
+	srv.Publish(t, "flows.web-02.incoming", web02)
+	tailtest.NewAgent("web-01", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(2))
+	var warn strings.Builder
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 1, Warnings: &warn})
+	if err != nil || len(out) != 1 || st.Mismatched != 3 || st.Skipped != 3 {
+		t.Fatalf("err %v, %d events, stats %+v; want only web-01's event and 3 mismatches", err, len(out), st)
+	}
+	w := warn.String()
+	for _, s := range []string{"flows.web-01.outgoing", "flows.web-01.web-02.outgoing", "flows.web-02.incoming"} {
+		if !strings.Contains(w, "on "+s+": batch for another host or direction than its subject") {
+			t.Errorf("no warning for %s:\n%s", s, w)
+		}
+	}
+}
