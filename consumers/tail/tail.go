@@ -109,10 +109,10 @@ type Stats struct {
 	Skipped uint64 // messages that were not valid batches, or not on their batch's subject
 	// Mismatched counts the skipped batches whose host or direction disagreed with their subject.
 	Mismatched uint64
-	Gaps    uint64 // breaks detected in batch chains (each may be several batches)
-	Dropped uint64 // events the agents reported as dropped
-	Reason  string // why Run stopped: "count", "idle", "canceled", or "" on error
-	LastSeq uint64 // stream sequence of the last message seen
+	Gaps       uint64 // breaks detected in batch chains (each may be several batches)
+	Dropped    uint64 // events the agents reported as dropped
+	Reason     string // why Run stopped: "count", "idle", "canceled", or "" on error
+	LastSeq    uint64 // stream sequence of the last message seen
 }
 
 // ConnectError means no NATS server could be reached; URL is the redacted server list.
