@@ -2,7 +2,8 @@
 # Installs what flowbus needs on a Debian machine, as root: a Go toolchain of
 # the version go.mod asks for, gcc (for -race), make, git and iproute2; for
 # the tests also PostgreSQL (flowstat's tests start a server of their own on
-# loopback) and docker-compose (validates docker-compose.yml; no engine needed).
+# loopback), docker-compose (validates docker-compose.yml; no engine needed)
+# and systemd (systemd-analyze verifies the units).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
 # (`make generate`); pass --generate to install them too.
 set -euo pipefail
@@ -26,7 +27,7 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose)
+pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd)
 if [ "${1:-}" = "--generate" ]; then pkgs+=(clang llvm libbpf-dev); fi
 apt_install "${pkgs[@]}"
 
