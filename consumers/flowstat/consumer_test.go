@@ -124,7 +124,13 @@ func TestStreamLossIsRecorded(t *testing.T) {
 	if err := s.Purge(context.Background(), jetstream.WithPurgeSequence(keep.StreamSeq)); err != nil {
 		t.Fatal(err)
 	}
-	run(t, st, e.opts())
+	var log bytes.Buffer
+	o := e.opts()
+	o.Log = &log
+	run(t, st, o)
+	if l := log.String(); !strings.Contains(l, "deleted sequences") || strings.Contains(l, "backup") {
+		t.Errorf("the log does not blame the stream:\n%s", l)
+	}
 	kept := append(append([]flowstattest.Published(nil), e.rec.Batches[:n]...), e.rec.Batches[len(e.rec.Batches)-2:]...)
 	flowstattest.Check(t, st, flowstattest.Reference(kept, time.Minute))
 	sum, err := st.Summary(context.Background(), 10)
@@ -340,5 +346,44 @@ func TestFilterOutsidePrefix(t *testing.T) {
 	o.Prefix = "acme.eu"
 	if err := o.Validate(); err != nil {
 		t.Errorf("filter covering the prefix: %v", err)
+	}
+}
+
+// Messages the stream's own limits delete while flowstat is stopped, its durable consumer surviving, are
+// recorded as a loss too, and the log blames the stream's limits, not the database.
+func TestStreamLimitLossWithKeptConsumer(t *testing.T) {
+	srv := tailtest.Start(t)
+	if _, err := srv.JS.CreateStream(context.Background(), jetstream.StreamConfig{Name: "FLOWS", Subjects: []string{"flows.>"},
+		Storage: jetstream.FileStorage, MaxMsgs: 8, Discard: jetstream.DiscardOld}); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{srv: srv, rec: flowstattest.NewRecorder(srv, "FLOWS", "flows"),
+		fleet: flowstattest.NewFleet(1, time.Now().Add(-time.Hour).Truncate(time.Minute), 3*time.Minute, 40)}
+	e.fleet.Publish(t, e.rec, 5)
+	st := open(t, sqlitePath(t))
+	run(t, st, e.opts())
+	n := len(e.rec.Batches)
+	e.fleet.Publish(t, e.rec, 12) // 17 stored in all, 8 kept: sequences n+1.. are deleted unread
+	first := e.rec.Batches[len(e.rec.Batches)-8]
+	if first.StreamSeq <= e.rec.Batches[n-1].StreamSeq+1 {
+		t.Fatalf("the stream kept sequence %d: no loss to detect", first.StreamSeq)
+	}
+	var log bytes.Buffer
+	o := e.opts()
+	o.Log = &log
+	run(t, st, o)
+	kept := append(append([]flowstattest.Published(nil), e.rec.Batches[:n]...), e.rec.Batches[len(e.rec.Batches)-8:]...)
+	flowstattest.Check(t, st, flowstattest.Reference(kept, time.Minute))
+	sum, err := st.Summary(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	from, to := e.rec.Batches[n-1].StreamSeq+1, first.StreamSeq-1
+	if len(sum.Losses) != 1 || uint64(sum.Losses[0].From) != from || uint64(sum.Losses[0].To) != to {
+		t.Errorf("losses %+v, want %d..%d", sum.Losses, from, to)
+	}
+	l := log.String()
+	if !strings.Contains(l, "deleted sequences") || strings.Contains(l, "backup") {
+		t.Errorf("the log does not blame the stream's limits:\n%s", l)
 	}
 }

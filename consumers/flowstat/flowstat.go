@@ -621,6 +621,20 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 	}
 	cctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
 	defer cancel()
+	// What the stream deleted (age, size or count limits, a purge) after the checkpoint before it was
+	// read. Checked whether the consumer is kept or recreated: a surviving consumer simply skips what
+	// is gone, so only this check tells.
+	var lossFrom, lossTo uint64
+	if found {
+		sinfo, err := stream.Info(cctx)
+		if err != nil {
+			return nil, 0, fmt.Errorf("look up stream %q: %w", o.Stream, err)
+		}
+		// An emptied stream has FirstSeq = LastSeq+1, so the range is exact then too.
+		if sinfo.State.FirstSeq > cp+1 {
+			lossFrom, lossTo = cp+1, sinfo.State.FirstSeq-1
+		}
+	}
 	cons, err := stream.Consumer(cctx, o.Durable)
 	switch {
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
@@ -640,11 +654,17 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 			why = fmt.Sprintf("its filters %v differ from %v", have, o.Filters)
 		case info.Config.AckPolicy != jetstream.AckAllPolicy:
 			why = "it is not an ack-all consumer"
+		case info.AckFloor.Stream > cp && lossTo > 0 && info.AckFloor.Stream <= lossTo:
+			// The server moves a consumer past messages the stream deleted; the loss is logged below.
+			why = fmt.Sprintf("its ack floor %d moved past the database checkpoint %d because the stream deleted unread messages", info.AckFloor.Stream, cp)
 		case info.AckFloor.Stream > cp:
 			why = fmt.Sprintf("its ack floor %d is ahead of the database checkpoint %d (database restored from a backup?)", info.AckFloor.Stream, cp)
 		case info.Delivered.Stream != cp || info.NumAckPending > 0:
 			why = "" // messages in flight to a previous process: silently start again at the checkpoint
 		default:
+			if err := recordLoss(ctx, st, o, lossFrom, lossTo); err != nil {
+				return nil, 0, err
+			}
 			return cons, cp, nil
 		}
 		if why != "" {
@@ -695,17 +715,24 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 		fmt.Fprintf(o.Log, "flowstat: created consumer %q on %s (start %v) at stream sequence %d\n", o.Durable, o.Stream, o.Start, cp+1)
 		return cons, cp, nil
 	}
-	// Resuming where the stream already deleted messages (age or size limits): say what was lost.
-	sinfo, err := stream.Info(cctx)
-	if err == nil && sinfo.State.FirstSeq > cp+1 && sinfo.State.Msgs > 0 {
-		from, to := cp+1, sinfo.State.FirstSeq-1
-		fmt.Fprintf(o.Log, "flowstat: warning: stream %s deleted sequences %d..%d before consumer %q read them: their events are missing from the aggregates\n",
-			o.Stream, from, to, o.Durable)
-		if err := st.RecordLoss(ctx, o.Durable, o.Stream, from, to); err != nil {
-			return nil, 0, err
-		}
+	if err := recordLoss(ctx, st, o, lossFrom, lossTo); err != nil {
+		return nil, 0, err
 	}
 	return cons, cp, nil
+}
+
+// recordLoss logs and records that the stream deleted sequences from..to (none when to is 0) before
+// the consumer read them.
+func recordLoss(ctx context.Context, st *store.Store, o *Options, from, to uint64) error {
+	if to == 0 {
+		return nil
+	}
+	fmt.Fprintf(o.Log, "flowstat: warning: stream %s deleted sequences %d..%d (its age, size or message limits, or a purge) before consumer %q read them: their events are missing from the aggregates\n",
+		o.Stream, from, to, o.Durable)
+	if err := st.RecordLoss(ctx, o.Durable, o.Stream, from, to); err != nil {
+		return fmt.Errorf("record the loss of stream sequences %d..%d: %w", from, to, err)
+	}
+	return nil
 }
 
 // deadLetterer copies bad messages to the dead-letter subject. When a stream captures that subject it
