@@ -565,8 +565,8 @@ func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stderr, "flowstat: stopped (%s) at stream sequence %d: %d events, %d batches, %d dead letters, %d gaps\n",
-			stats.Reason, stats.LastSeq, stats.Events, stats.Messages, stats.DeadLetters, stats.Gaps)
+		fmt.Fprintf(stderr, "flowstat: stopped (%s) at stream sequence %d: %d events, %d batches, %d dead letters, %d gaps, %d duplicates\n",
+			stats.Reason, stats.LastSeq, stats.Events, stats.Messages, stats.DeadLetters, stats.Gaps, stats.Duplicates)
 		return nil
 	case "replay":
 		o := cfg.replay
@@ -742,6 +742,9 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 				fmt.Fprintf(w, " (%d could not be copied to the dead-letter subject)", s.NotCopied)
 			}
 			fmt.Fprintln(w)
+		}
+		if s.Duplicates > 0 {
+			fmt.Fprintf(w, "\nDuplicate batches: %d messages repeated a batch already counted (a retry stored again after the stream's duplicates window); each was counted once.\n", s.Duplicates)
 		}
 		if s.Unfinished > 0 {
 			fmt.Fprintf(w, "\n%d replay(s) did not finish: their ranges are incomplete until replayed again.\n", s.Unfinished)

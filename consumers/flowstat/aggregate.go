@@ -3,6 +3,7 @@ package flowstat
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -21,7 +22,13 @@ type aggregator struct {
 	runs    map[store.RunKey]uint64
 	d       *store.Delta
 	batch   schema.Batch
-	late    uint64 // batches whose seq was not above the last one seen of their chain
+	late    uint64 // batches below the last one seen of their chain that filled a hole (counted)
+	dups    uint64 // batches that repeated a counted one (not counted)
+	// holes are the committed hole lists plus the pending delta's, per chain, sorted by From.
+	holes  map[store.RunKey][]store.Hole
+	stream string // for the duplicates' records
+	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
+	dupSeqs map[uint64]bool
 
 	// replay restricts counting to buckets [fromS, toS) and skips the per-message facts (gaps, chain
 	// state, dead letters) that the live consumer already recorded exactly once.
@@ -29,11 +36,14 @@ type aggregator struct {
 	fromS, toS int64
 }
 
-func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]uint64) *aggregator {
+func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]uint64, holes map[store.RunKey][]store.Hole) *aggregator {
 	if runs == nil {
 		runs = map[store.RunKey]uint64{}
 	}
-	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), prefix: prefix, runs: runs, d: store.NewDelta()}
+	if holes == nil {
+		holes = map[store.RunKey][]store.Hole{}
+	}
+	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), prefix: prefix, runs: runs, holes: holes, d: store.NewDelta()}
 }
 
 // bucketOf is the start (unix seconds) of the bucket holding unix-ns timestamp ns, flooring correctly
@@ -95,6 +105,14 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 	}
 	b.RunID = cleanText(b.RunID)
 	clampDrops(&b.Drops)
+	if a.replay {
+		if a.dupSeqs[streamSeq] {
+			a.dups++
+			return nil
+		}
+	} else if !a.chain(streamSeq, stored) {
+		return nil
+	}
 	a.d.Messages++
 	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
 		bk := store.BatchKey{Bucket: sb, Host: b.Host, Dir: b.Direction}
@@ -111,30 +129,66 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 		ba.Drops.Spool += b.Drops.Spool
 		ba.Drops.Publish += b.Drops.Publish
 	}
-	if !a.replay {
-		a.chain(streamSeq, stored)
-	}
 	a.fold(b)
 	return nil
 }
 
 // chain follows the batch's prev_seq link (SPEC wire format: per host, run and direction) and records a
-// gap when it does not point at the last batch seen. A batch at or below the last seq seen arrived late
-// (a publish retried after a later batch was stored): it is counted, it records no gap and does not move
-// the chain back.
-func (a *aggregator) chain(streamSeq uint64, stored time.Time) {
+// gap, and the hole of seqs it reveals, when it does not point at the last batch seen. It returns false
+// when the batch must not be counted.
+//
+// A batch at or below the last seq seen either arrived late (a publish retried after a later batch was
+// stored) or repeats a counted batch (a retry the stream stored twice, having forgotten the first copy's
+// message id after its duplicates window). A late batch lies in a hole: it is counted, shrinks the hole,
+// records no gap and does not move the chain back. Anything else is a duplicate: recorded, not counted.
+// Only late batches need the hole lookup, so the common path costs one map read.
+func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 	b := &a.batch
 	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
 	last, seen := a.runs[rk]
 	if seen && b.Seq <= last {
+		if !a.fillHole(rk, b.Seq) {
+			a.dups++
+			a.d.Dups = append(a.d.Dups, store.Duplicate{RunKey: rk, Seq: b.Seq, Stream: a.stream, StreamSeq: streamSeq, Stored: stored})
+			return false
+		}
 		a.late++
-		return
+		return true
 	}
 	if (seen && b.PrevSeq != last) || (!seen && b.PrevSeq != 0) {
 		a.d.Gaps = append(a.d.Gaps, store.Gap{RunKey: rk, AfterSeq: last, Seq: b.Seq, PrevSeq: b.PrevSeq, StreamSeq: streamSeq, Stored: stored})
+		// The missing batches lie after the last one seen, up to the named predecessor (never at or
+		// beyond this batch, whatever a broken agent says).
+		if hi := min(b.PrevSeq, b.Seq-1); hi > last {
+			a.holes[rk] = append(a.holes[rk], store.Hole{From: last + 1, To: hi})
+			a.d.Holes[rk] = a.holes[rk]
+		}
 	}
 	a.runs[rk] = b.Seq
 	a.d.Runs[rk] = b.Seq
+	return true
+}
+
+// fillHole removes seq from the holes of chain rk and reports whether it was in one.
+func (a *aggregator) fillHole(rk store.RunKey, seq uint64) bool {
+	hs := a.holes[rk]
+	i := slices.IndexFunc(hs, func(h store.Hole) bool { return h.From <= seq && seq <= h.To })
+	if i < 0 {
+		return false
+	}
+	h := hs[i]
+	var parts []store.Hole
+	if h.From < seq {
+		parts = append(parts, store.Hole{From: h.From, To: seq - 1})
+	}
+	if seq < h.To {
+		parts = append(parts, store.Hole{From: seq + 1, To: h.To})
+	}
+	// A new slice: the pending delta may share the old one's array.
+	hs = slices.Concat(hs[:i], parts, hs[i+1:])
+	a.holes[rk] = hs
+	a.d.Holes[rk] = hs
+	return true
 }
 
 // fold counts the batch's events. The peer is the other end of the connection: the responder of an

@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -386,4 +387,87 @@ func TestStreamLimitLossWithKeptConsumer(t *testing.T) {
 	if !strings.Contains(l, "deleted sequences") || strings.Contains(l, "backup") {
 		t.Errorf("the log does not blame the stream's limits:\n%s", l)
 	}
+}
+
+// A batch the stream stores twice (the agent retried it with its message id after the stream's
+// duplicates window, or under another id) is counted once, by its identity (host, run, direction, seq):
+// an in-order batch, a late batch that filled a gap, and across a restart and a replay. The copies are
+// recorded as duplicates.
+func TestDuplicateBatchCountedOnce(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		e := newEnv(t)
+		a := tailtest.NewAgent("web-06", "run-d")
+		gen := flowstattest.NewGen(11, 10)
+		ip := mustAddr("192.0.2.6")
+		type enc struct {
+			p    flowstattest.Published
+			data []byte
+		}
+		var b []enc
+		for i := 0; i < 6; i++ {
+			p, data := e.rec.Encode(a, schema.Outgoing, schema.Drops{}, gen.Events(10, schema.Outgoing, ip, e.fleet.T0, time.Minute))
+			b = append(b, enc{p, data})
+		}
+		copyN := 0
+		again := func(x enc) { // the same batch under a new message id, as a retry past the window is
+			t.Helper()
+			copyN++
+			m := nats.NewMsg(schema.Subject("flows", x.p.Host, x.p.Dir))
+			m.Data = x.data
+			m.Header.Set(nats.MsgIdHdr, "retry-"+strconv.Itoa(copyN))
+			if _, err := e.srv.JS.PublishMsg(context.Background(), m); err != nil {
+				t.Fatal(err)
+			}
+		}
+		pub := func(x enc) { e.rec.PublishEncoded(t, x.p, x.data) }
+		pub(b[0])
+		pub(b[1])
+		again(b[1]) // the newest batch of its chain, repeated
+		pub(b[3])   // b[2] missing: a gap
+		again(b[0]) // an older batch, repeated
+		pub(b[2])   // late: fills the gap, counted
+		again(b[2]) // the late batch, repeated
+		st := open(t, dsn)
+		var log bytes.Buffer
+		o := e.opts()
+		o.Log = &log
+		stats := run(t, st, o)
+		want := flowstattest.Reference(e.rec.Batches, time.Minute)
+		flowstattest.Check(t, st, want)
+		if stats.Duplicates != 3 || stats.Late != 1 || stats.Events != 40 {
+			t.Errorf("stats %+v, want 3 duplicates, 1 late batch and 40 events", stats)
+		}
+		if !strings.Contains(log.String(), "repeats batch 2 of host web-06 run run-d outgoing, already counted") {
+			t.Errorf("the log does not report the duplicate:\n%s", log.String())
+		}
+
+		// After a restart the chain and its holes come from the database.
+		again(b[2])
+		again(b[3])
+		pub(b[5]) // b[4] missing
+		pub(b[4])
+		again(b[4])
+		stats = run(t, st, e.opts())
+		flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+		if stats.Duplicates != 3 || stats.Events != 20 {
+			t.Errorf("after a restart: stats %+v, want 3 duplicates and 20 events", stats)
+		}
+		sum, err := st.Summary(context.Background(), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sum.Duplicates != 6 {
+			t.Errorf("summary: %d duplicates, want 6", sum.Duplicates)
+		}
+
+		// A replay reads the copies again and skips them as the live consumer did.
+		rs, err := flowstat.Replay(context.Background(), st, flowstat.ReplayOptions{URLs: []string{e.srv.URL}, From: e.fleet.T0, To: time.Now().Add(time.Minute)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
+		if rs.Duplicates != 6 {
+			t.Errorf("replay: stats %+v, want 6 duplicates skipped", rs)
+		}
+	})
 }

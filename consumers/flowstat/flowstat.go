@@ -156,6 +156,7 @@ type Stats struct {
 	NotCopied   uint64 // dead letters whose copy could not be published
 	Gaps        uint64 // breaks in batch chains recorded
 	Late        uint64 // batches that arrived after a later batch of their chain
+	Duplicates  uint64 // messages repeating a batch already counted (not counted again)
 	Skipped     uint64 // redeliveries at or below the checkpoint
 	Commits     uint64
 	LastSeq     uint64 // committed checkpoint
@@ -361,6 +362,10 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	if err != nil {
 		return Stats{}, err
 	}
+	holes, err := st.Holes(ctx)
+	if err != nil {
+		return Stats{}, err
+	}
 	// Bounded by bytes, not messages: batches vary in size and memory must stay bounded. 16 MiB is
 	// above any sane max_payload, so a single large message is always deliverable.
 	it, err := cons.Messages(jetstream.PullMaxBytes(16 << 20))
@@ -373,11 +378,12 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 		o: &o, st: st, nc: nc, cons: cons,
 		dbCtx:     context.WithoutCancel(ctx),
 		dl:        newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
-		agg:       newAggregator(o.Bucket, o.Prefix, runs),
+		agg:       newAggregator(o.Bucket, o.Prefix, runs, holes),
 		committed: cp,
 		last:      cp,
 		lastLog:   time.Now(),
 	}
+	r.agg.stream = o.Stream
 	r.stats.LastSeq = cp
 	fmt.Fprintf(o.Log, "flowstat: consuming %s as %q with filters %v from stream sequence %d into %s:%s (buckets of %v)\n",
 		o.Stream, o.Durable, o.Filters, cp+1, st.Kind(), st.Where(), o.Bucket)
@@ -482,7 +488,14 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 	}
 	if msg.Subject() != r.o.DeadLetterSubject { // else our own dead letter, read back because a filter
 		// also covers the dead-letter subject: copying it again would loop forever
-		if derr := r.agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp); derr != nil {
+		dups := r.agg.dups
+		derr := r.agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp)
+		if r.agg.dups != dups {
+			b := &r.agg.batch
+			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats batch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
+				seq, msg.Subject(), b.Seq, b.Host, b.RunID, b.Direction)
+		}
+		if derr != nil {
 			reason := deadReason(derr)
 			dead := store.DeadLetter{Stream: r.o.Stream, StreamSeq: seq, Subject: cleanText(msg.Subject()), Reason: reason,
 				Detail: cleanText(derr.Error()), Stored: md.Timestamp}
@@ -536,6 +549,7 @@ func (r *runner) commit() error {
 			}
 		}
 		r.stats.Late = r.agg.late
+		r.stats.Duplicates += uint64(len(d.Dups))
 		r.committed, r.stats.LastSeq = r.last, r.last
 		d.Reset()
 	}

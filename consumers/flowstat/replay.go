@@ -68,7 +68,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	if width == 0 {
 		return stats, errors.New("replay: the database holds no aggregates yet: run `flowstat run` first")
 	}
-	agg := newAggregator(width, ro.Prefix, nil)
+	agg := newAggregator(width, ro.Prefix, nil, nil)
 	agg.replay = true
 	agg.fromS = agg.bucketOf(o.From.UnixNano())
 	agg.toS = agg.bucketOf(o.To.UnixNano())
@@ -122,6 +122,10 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		return stats, err
 	}
 	stats.LastSeq = upto
+	// Loaded after the checkpoint was read: every duplicate up to it is committed by then.
+	if agg.dupSeqs, err = st.DuplicateStreamSeqs(ctx, ro.Stream); err != nil {
+		return stats, err
+	}
 	if len(filters) == 0 {
 		filters = ro.Filters
 	}
@@ -196,5 +200,6 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		return stats, err
 	}
 	stats.Reason = "done"
+	stats.Duplicates = agg.dups
 	return stats, st.FinishReplay(ctx, id)
 }

@@ -79,6 +79,18 @@ type Gap struct {
 	Stored                            time.Time
 }
 
+// Hole is a range of batch seqs [From, To] of a chain that a gap showed missing and no batch filled yet.
+type Hole struct{ From, To uint64 }
+
+// Duplicate is a message repeating a batch already counted (same host, run, direction and seq).
+type Duplicate struct {
+	RunKey
+	Seq       uint64
+	Stream    string
+	StreamSeq uint64
+	Stored    time.Time
+}
+
 // DeadLetter is a message that was not a valid batch.
 type DeadLetter struct {
 	Stream    string
@@ -98,13 +110,16 @@ type Delta struct {
 	Runs    map[RunKey]uint64
 	Gaps    []Gap
 	Dead    []DeadLetter
+	// Holes holds the complete new hole list of every chain whose holes changed (empty: none left).
+	Holes map[RunKey][]Hole
+	Dups  []Duplicate
 	// Events and Messages count what went into the delta (for stats).
 	Events, Messages uint64
 }
 
 // NewDelta returns an empty Delta.
 func NewDelta() *Delta {
-	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]uint64{}}
+	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]uint64{}, Holes: map[RunKey][]Hole{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -113,7 +128,8 @@ func (d *Delta) Reset() {
 	clear(d.Seen)
 	clear(d.Batches)
 	clear(d.Runs)
-	d.Gaps, d.Dead = d.Gaps[:0], d.Dead[:0]
+	clear(d.Holes)
+	d.Gaps, d.Dead, d.Dups = d.Gaps[:0], d.Dead[:0], d.Dups[:0]
 	d.Events, d.Messages = 0, 0
 }
 
@@ -383,6 +399,24 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 			return fmt.Errorf("gaps: %w", err)
 		}
 	}
+	for _, k := range order(mapKeys(d.Holes), cmpRunKey) {
+		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM holes WHERE host = ? AND run_id = ? AND direction = ?`), k.Host, k.RunID, dirText(k.Dir)); err != nil {
+			return fmt.Errorf("holes: %w", err)
+		}
+		for _, h := range d.Holes[k] {
+			if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO holes (host, run_id, direction, from_seq, to_seq) VALUES (?, ?, ?, ?, ?)`),
+				k.Host, k.RunID, dirText(k.Dir), int64(h.From), int64(h.To)); err != nil {
+				return fmt.Errorf("holes: %w", err)
+			}
+		}
+	}
+	for _, du := range d.Dups {
+		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO duplicate_batches (stream, stream_seq, host, run_id, direction, seq, stored_ns)
+			VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (stream, stream_seq) DO NOTHING`),
+			du.Stream, int64(du.StreamSeq), du.Host, du.RunID, dirText(du.Dir), int64(du.Seq), du.Stored.UnixNano()); err != nil {
+			return fmt.Errorf("duplicate_batches: %w", err)
+		}
+	}
 	for _, dl := range d.Dead {
 		copied := 0
 		if dl.Copied {
@@ -452,6 +486,46 @@ func (s *Store) RunStates(ctx context.Context) (map[RunKey]uint64, error) {
 		}
 		k.Dir, _ = schema.ParseDirection(dir)
 		m[k] = uint64(seq)
+	}
+	return m, rows.Err()
+}
+
+// Holes loads the missing seq ranges of every chain, sorted by From, to tell a late batch from a copy.
+func (s *Store) Holes(ctx context.Context) (map[RunKey][]Hole, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, from_seq, to_seq FROM holes ORDER BY host, run_id, direction, from_seq`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	m := map[RunKey][]Hole{}
+	for rows.Next() {
+		var k RunKey
+		var dir string
+		var from, to int64
+		if err := rows.Scan(&k.Host, &k.RunID, &dir, &from, &to); err != nil {
+			return nil, err
+		}
+		k.Dir, _ = schema.ParseDirection(dir)
+		m[k] = append(m[k], Hole{From: uint64(from), To: uint64(to)})
+	}
+	return m, rows.Err()
+}
+
+// DuplicateStreamSeqs returns the stream sequences of stream whose messages repeated a counted batch, so
+// a replay skips them as the live consumer did.
+func (s *Store) DuplicateStreamSeqs(ctx context.Context, stream string) (map[uint64]bool, error) {
+	rows, err := s.db.QueryContext(ctx, s.rebind(`SELECT stream_seq FROM duplicate_batches WHERE stream = ?`), stream)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	m := map[uint64]bool{}
+	for rows.Next() {
+		var n int64
+		if err := rows.Scan(&n); err != nil {
+			return nil, err
+		}
+		m[uint64(n)] = true
 	}
 	return m, rows.Err()
 }

@@ -70,6 +70,28 @@ var migrations = []struct {
 			upto_seq BIGINT NOT NULL, finished_ns BIGINT NOT NULL,
 			PRIMARY KEY (started_ns))`,
 	}},
+	{2, []string{
+		// Batch seqs of a chain known to be missing: from a gap's after_seq+1 to the prev_seq its batch
+		// named. A batch at or below its chain's last seq is counted only when it fills a hole (the hole
+		// then shrinks); otherwise it is a copy of a counted batch, which the stream stored twice because
+		// the agent retried it after the stream's duplicates window. Holes may keep seqs of the other
+		// direction that never come: they are as many as the gaps.
+		`CREATE TABLE holes (
+			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL,
+			from_seq BIGINT NOT NULL, to_seq BIGINT NOT NULL,
+			PRIMARY KEY (host, run_id, direction, from_seq))`,
+		// Gaps recorded before this migration left holes; what late batches filled since is unknown.
+		`INSERT INTO holes (host, run_id, direction, from_seq, to_seq)
+			SELECT host, run_id, direction, after_seq + 1, CASE WHEN prev_seq < seq THEN prev_seq ELSE seq - 1 END
+			FROM gaps WHERE prev_seq > after_seq AND seq > after_seq + 1
+			ON CONFLICT (host, run_id, direction, from_seq) DO NOTHING`,
+		// Messages that repeat a counted batch (same host, run, direction and seq): counted nothing.
+		`CREATE TABLE duplicate_batches (
+			stream TEXT NOT NULL, stream_seq BIGINT NOT NULL,
+			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL, seq BIGINT NOT NULL,
+			stored_ns BIGINT NOT NULL,
+			PRIMARY KEY (stream, stream_seq))`,
+	}},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

@@ -125,6 +125,7 @@ type Summary struct {
 	DeadByReason  map[string]int  `json:"dead_letters_by_reason"`
 	NotCopied     int64           `json:"dead_letters_not_copied"`
 	Losses        []LossRow       `json:"stream_losses"`
+	Duplicates    int64           `json:"duplicate_batches"` // messages repeating a counted batch, counted once
 	Checkpoints   []CheckpointRow `json:"checkpoints"`
 	Unfinished    int64           `json:"unfinished_replays"`
 }
@@ -232,6 +233,9 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		return nil
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM duplicate_batches`).Scan(&sum.Duplicates); err != nil {
 		return nil, err
 	}
 	err = s.each(ctx, `SELECT consumer, stream, from_seq, to_seq, detected_ns FROM stream_losses ORDER BY consumer, stream, from_seq`, nil, func(sc scanner) error {

@@ -74,7 +74,7 @@ func TestMigrations(t *testing.T) {
 		}
 		st2 := open(t, dsn) // again: nothing to do
 		var n int
-		if err := st2.DB().QueryRow(`SELECT COUNT(*) FROM schema_migrations`).Scan(&n); err != nil || n != len([]int{store.Version()}) {
+		if err := st2.DB().QueryRow(`SELECT COUNT(*) FROM schema_migrations`).Scan(&n); err != nil || n != store.NumMigrations {
 			t.Errorf("%d migration rows (%v)", n, err)
 		}
 		if _, err := st.DB().Exec(`INSERT INTO schema_migrations (version, applied_ns) VALUES (99, 0)`); err != nil {
