@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -23,7 +22,6 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Exit statuses, documented in the help text.
@@ -148,35 +146,16 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\nRun 'flowstat help' for usage.\n", args[0], indent(err))
+		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\nRun 'flowstat help' for usage.\n", args[0], tail.Indent(err))
 		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := execute(ctx, cfg, stdout, stderr); err != nil {
-		fmt.Fprintf(stderr, "flowstat %s: %s\n", cfg.cmd, explain(err))
+		fmt.Fprintf(stderr, "flowstat %s: %s\n", cfg.cmd, tail.Explain(err))
 		return exitError
 	}
 	return exitOK
-}
-
-func indent(err error) string {
-	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
-}
-
-// explain adds the likely fix to the errors a user can act on.
-func explain(err error) string {
-	var ce *tail.ConnectError
-	var se *tail.StreamError
-	switch {
-	case errors.As(err, &ce):
-		return err.Error() + "\n  is NATS running and reachable? set --nats or FLOWBUS_NATS_URL to its URL (flowagent's embedded server listens on FLOWBUS_EMBEDDED_LISTEN, 127.0.0.1:4222 by default)"
-	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
-		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
-	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
-		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
-	}
-	return err.Error()
 }
 
 // commandFlags lists the flags each command accepts (beyond --db and --help).
@@ -267,15 +246,15 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	if has("nats") {
 		v, src := value("nats", "FLOWBUS_NATS_URL", tail.DefaultURL)
 		var err error
-		if urls, err = parseURLs(v); err != nil {
+		if urls, err = tail.ParseURLs(v); err != nil {
 			bad(src, err)
 		}
 		stream, src = value("stream", "FLOWBUS_STREAM", tail.DefaultStream)
-		if err := validateName("stream name", stream); err != nil {
+		if err := tail.ValidateName("stream name", stream); err != nil {
 			bad(src, err)
 		}
 		consumer, src = value("consumer", envConsumer, flowstat.DefaultDurable)
-		if err := validateName("consumer name", consumer); err != nil {
+		if err := tail.ValidateName("consumer name", consumer); err != nil {
 			bad(src, err)
 		}
 	}
@@ -489,44 +468,6 @@ func parseWhen(s string, now time.Time) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%q is neither a duration back from now (30m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
 	}
 	return t, nil
-}
-
-// parseURLs splits a comma-separated server list and checks each entry enough to catch typos early.
-func parseURLs(s string) ([]string, error) {
-	var urls []string
-	for _, u := range strings.Split(s, ",") {
-		u = strings.TrimSpace(u)
-		if u == "" {
-			return nil, fmt.Errorf("%q has an empty server URL", tail.RedactURLs([]string{s}))
-		}
-		if strings.Contains(u, "://") {
-			p, err := url.Parse(u)
-			if err != nil {
-				return nil, fmt.Errorf("invalid URL %q: %v", tail.RedactURLs([]string{u}), err)
-			}
-			switch p.Scheme {
-			case "nats", "tls", "ws", "wss":
-			default:
-				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", p.Redacted(), p.Scheme)
-			}
-			if p.Host == "" {
-				return nil, fmt.Errorf("URL %q has no host", p.Redacted())
-			}
-		}
-		urls = append(urls, u)
-	}
-	return urls, nil
-}
-
-// validateName applies JetStream's naming rules, so a typo fails here and not as an odd server error.
-func validateName(what, s string) error {
-	if s == "" {
-		return fmt.Errorf("%s is empty", what)
-	}
-	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
-		return fmt.Errorf("%s %q contains %q, which JetStream does not allow", what, s, s[i])
-	}
-	return nil
 }
 
 // stateDir is where flowbus keeps state by default, as flowagent decides it: $STATE_DIRECTORY under

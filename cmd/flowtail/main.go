@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Exit statuses, documented in the help text.
@@ -79,7 +77,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowtail: invalid arguments:\n%v\nRun 'flowtail --help' for usage.\n", indent(err))
+		fmt.Fprintf(stderr, "flowtail: invalid arguments:\n%v\nRun 'flowtail --help' for usage.\n", tail.Indent(err))
 		return exitUsage
 	}
 
@@ -102,31 +100,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = fmt.Errorf("writing output: %w", ferr)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowtail: %s\n", explain(err))
+		fmt.Fprintf(stderr, "flowtail: %s\n", tail.Explain(err))
 		return exitError
 	}
 	return exitOK
-}
-
-// explain adds the likely fix to the errors a user can act on.
-func explain(err error) string {
-	var ce *tail.ConnectError
-	var se *tail.StreamError
-	switch {
-	case errors.As(err, &ce):
-		return err.Error() + "\n  is flowagent running and reachable? set --nats or FLOWBUS_NATS_URL to the NATS server's URL"
-	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
-		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
-	case errors.As(err, &se) && errors.Is(err, tail.ErrFilterOutsideStream):
-		return err.Error() + "\n  set --prefix or FLOWBUS_SUBJECT_PREFIX to the prefix flowagent publishes with"
-	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
-		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
-	}
-	return err.Error()
-}
-
-func indent(err error) string {
-	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
 }
 
 // parseArgs parses and validates the command line, reporting every problem at once rather than making
@@ -190,14 +167,14 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	o := &cfg.opts
 
 	src := fromEnv("nats", "FLOWBUS_NATS_URL", tail.DefaultURL, natsURL)
-	if urls, err := parseURLs(*natsURL); err != nil {
+	if urls, err := tail.ParseURLs(*natsURL); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	} else {
 		o.URLs = urls
 	}
 
 	src = fromEnv("stream", "FLOWBUS_STREAM", tail.DefaultStream, stream)
-	if err := validateStreamName(*stream); err != nil {
+	if err := tail.ValidateName("stream name", *stream); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	}
 	o.Stream = *stream
@@ -265,45 +242,6 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		return nil, errors.Join(errs...)
 	}
 	return cfg, nil
-}
-
-// parseURLs splits a comma-separated server list and checks each entry enough to catch typos early; the
-// NATS client accepts nats://, tls://, ws://, wss:// URLs and bare host:port.
-func parseURLs(s string) ([]string, error) {
-	var urls []string
-	for _, u := range strings.Split(s, ",") {
-		u = strings.TrimSpace(u)
-		if u == "" {
-			return nil, fmt.Errorf("%q has an empty server URL", s)
-		}
-		if strings.Contains(u, "://") {
-			p, err := url.Parse(u)
-			if err != nil {
-				return nil, fmt.Errorf("invalid URL %q: %v", tail.RedactURLs([]string{u}), err)
-			}
-			switch p.Scheme {
-			case "nats", "tls", "ws", "wss":
-			default:
-				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", p.Redacted(), p.Scheme)
-			}
-			if p.Host == "" {
-				return nil, fmt.Errorf("URL %q has no host", p.Redacted())
-			}
-		}
-		urls = append(urls, u)
-	}
-	return urls, nil
-}
-
-// validateStreamName applies JetStream's rules, so a typo fails here and not as an odd server error.
-func validateStreamName(s string) error {
-	if s == "" {
-		return errors.New("stream name is empty")
-	}
-	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
-		return fmt.Errorf("stream name %q contains %q, which JetStream does not allow", s, s[i])
-	}
-	return nil
 }
 
 // parseSince accepts a duration back from now or an absolute RFC3339 time.

@@ -577,3 +577,18 @@ func TestSignalExitsCleanly(t *testing.T) {
 		})
 	}
 }
+
+// A bad server list never shows the password it holds, whichever check refuses it.
+func TestInvalidURLHidesPassword(t *testing.T) {
+	t.Parallel()
+	for _, v := range []string{"nats://alice:s3cret@127.0.0.1:4222,", "http://alice:s3cret@h:4222", "nats://alice:s3cret@", "nats://alice:s3cret@h:4222/%zz"} {
+		r := runArgs(t, "--nats", v)
+		if r.code != 2 || strings.Contains(r.stderr, "s3cret") || !strings.Contains(r.stderr, "--nats") {
+			t.Errorf("--nats %s: exit %d, stderr:\n%s", v, r.code, r.stderr)
+		}
+		if _, err := parseArgs(nil, func(k string) string { return map[string]string{"FLOWBUS_NATS_URL": v}[k] }, time.Now()); err == nil ||
+			strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "FLOWBUS_NATS_URL") {
+			t.Errorf("FLOWBUS_NATS_URL=%s: %v", v, err)
+		}
+	}
+}

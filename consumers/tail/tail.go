@@ -220,7 +220,21 @@ func RedactURLs(urls []string) string {
 	out := make([]string, len(urls))
 	for i, u := range urls {
 		out[i] = u
-		if p, err := url.Parse(u); err == nil && p.User != nil {
+		p, err := url.Parse(u)
+		if err != nil {
+			// Unparseable, but it may still hold user:password@ before the host.
+			if s, rest, ok := strings.Cut(u, "://"); ok {
+				hostEnd := strings.IndexAny(rest, "/?#")
+				if hostEnd < 0 {
+					hostEnd = len(rest)
+				}
+				if at := strings.LastIndexByte(rest[:hostEnd], '@'); at >= 0 {
+					out[i] = s + "://xxxxx" + rest[at:]
+				}
+			}
+			continue
+		}
+		if p.User != nil {
 			if _, has := p.User.Password(); has {
 				out[i] = p.Redacted()
 			} else {

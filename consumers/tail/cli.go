@@ -1,0 +1,93 @@
+package tail
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Helpers the flowbus consumer programs share, so their settings are checked and their errors
+// explained the same way, and a URL's password never reaches a message.
+
+// ParseURLs splits a comma-separated NATS server list (as in FLOWBUS_NATS_URL or --nats) and checks each
+// entry enough to catch typos early: the NATS client accepts nats://, tls://, ws://, wss:// URLs and bare
+// host:port. Errors show the URLs with passwords and tokens redacted.
+func ParseURLs(s string) ([]string, error) {
+	var urls []string
+	for _, u := range strings.Split(s, ",") {
+		u = strings.TrimSpace(u)
+		if u == "" {
+			return nil, fmt.Errorf("%q has an empty server URL (remove the extra comma)", redactList(s))
+		}
+		if strings.Contains(u, "://") {
+			p, err := url.Parse(u)
+			if err != nil {
+				// url.Error repeats the URL, password included: report only what is wrong with it.
+				var ue *url.Error
+				if errors.As(err, &ue) {
+					err = ue.Err
+				}
+				return nil, fmt.Errorf("invalid URL %q: %v", RedactURLs([]string{u}), err)
+			}
+			switch p.Scheme {
+			case "nats", "tls", "ws", "wss":
+			default:
+				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", RedactURLs([]string{u}), p.Scheme)
+			}
+			if p.Host == "" {
+				return nil, fmt.Errorf("URL %q has no host (want e.g. nats://127.0.0.1:4222)", RedactURLs([]string{u}))
+			}
+		}
+		urls = append(urls, u)
+	}
+	return urls, nil
+}
+
+// redactList redacts every entry of a comma-separated list, keeping the empty ones visible.
+func redactList(s string) string {
+	parts := strings.Split(s, ",")
+	for i, p := range parts {
+		if t := strings.TrimSpace(p); t != "" {
+			parts[i] = RedactURLs([]string{t})
+		}
+	}
+	return strings.Join(parts, ",")
+}
+
+// ValidateName applies JetStream's naming rules to a stream or consumer name, so a typo fails before
+// connecting and not as an odd server error. what names the setting, e.g. "stream name".
+func ValidateName(what, s string) error {
+	if s == "" {
+		return fmt.Errorf("%s is empty", what)
+	}
+	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
+		return fmt.Errorf("%s %q contains %q, which JetStream does not allow (use letters, digits, - and _)", what, s, s[i])
+	}
+	return nil
+}
+
+// Explain returns err's text with the likely fix appended for the errors a user can act on: no server,
+// no stream, no JetStream, a subject prefix outside the stream.
+func Explain(err error) string {
+	var ce *ConnectError
+	var se *StreamError
+	switch {
+	case errors.As(err, &ce):
+		return err.Error() + "\n  is flowagent running and reachable? set --nats or FLOWBUS_NATS_URL to the NATS server's URL (flowagent's embedded server listens on FLOWBUS_EMBEDDED_LISTEN, 127.0.0.1:4222 by default)"
+	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
+		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
+	case errors.As(err, &se) && errors.Is(err, ErrFilterOutsideStream):
+		return err.Error() + "\n  set --prefix or FLOWBUS_SUBJECT_PREFIX to the prefix flowagent publishes with"
+	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
+		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"
+	}
+	return err.Error()
+}
+
+// Indent indents every line of err's text by two spaces, for listing several problems under a heading.
+func Indent(err error) string {
+	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}
