@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -98,6 +99,8 @@ top:    --by peer|port|name|host (default: peers and ports)   --limit N (default
 new:    --limit N (default 100)
 hosts:  --step DURATION  interval per line, a multiple of the bucket (default one bucket)
 summary: --gaps N (newest gaps to list, default 20)   --json
+top, new, hosts, summary also accept --nats (checked, not used: queries read only the database) and
+        --stream NAME (summary: only that stream's checkpoints and stream losses)
 replay: --from WHEN (required)   --to WHEN (default now)   --margin DURATION (default 10m: how much
         earlier than --from a batch holding events of the range may have been stored)   --force
 
@@ -127,6 +130,7 @@ type config struct {
 	step     time.Duration
 	maxGaps  int
 	setSince bool
+	stream   string // query commands: only this stream's checkpoints and losses ("" all)
 }
 
 // run is main without os.Exit, so tests can drive it.
@@ -162,11 +166,16 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 var commandFlags = map[string][]string{
 	"run":     {"nats", "stream", "consumer", "filter", "start", "since", "from-seq", "bucket", "deadletter", "once", "idle-exit", "stream-wait", "commit-interval", "commit-events", "prefix"},
 	"replay":  {"nats", "stream", "consumer", "from", "to", "margin", "force", "prefix"},
-	"top":     {"since", "until", "host", "direction", "json", "by", "limit"},
-	"new":     {"since", "until", "host", "direction", "json", "limit"},
-	"hosts":   {"since", "until", "host", "direction", "json", "step"},
-	"summary": {"json", "gaps"},
+	"top":     {"since", "until", "host", "direction", "json", "by", "limit", "nats", "stream"},
+	"new":     {"since", "until", "host", "direction", "json", "limit", "nats", "stream"},
+	"hosts":   {"since", "until", "host", "direction", "json", "step", "nats", "stream"},
+	"summary": {"json", "gaps", "nats", "stream"},
 }
+
+// queryCommands read only the database. They take --nats and --stream like every flowbus consumer (a
+// shared wrapper or alias may pass them): --nats is checked but not used, --stream narrows what summary
+// shows of checkpoints and stream losses.
+var queryCommands = map[string]bool{"top": true, "new": true, "hosts": true, "summary": true}
 
 var boolFlags = map[string]bool{"once": true, "json": true, "force": true}
 
@@ -243,7 +252,20 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	has := func(n string) bool { return vals[n] != nil || bools[n] != nil }
 	var urls []string
 	var stream, consumer string
-	if has("nats") {
+	if queryCommands[cmd] {
+		// Only the flags: a query must not fail on a FLOWBUS_NATS_URL it does not use.
+		if set["nats"] {
+			if _, err := tail.ParseURLs(*vals["nats"]); err != nil {
+				bad("--nats", err)
+			}
+		}
+		if set["stream"] {
+			cfg.stream = *vals["stream"]
+			if err := tail.ValidateName("stream name", cfg.stream); err != nil {
+				bad("--stream", err)
+			}
+		}
+	} else if has("nats") {
 		v, src := value("nats", "FLOWBUS_NATS_URL", tail.DefaultURL)
 		var err error
 		if urls, err = tail.ParseURLs(v); err != nil {
@@ -653,6 +675,10 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 	s, err := st.Summary(ctx, cfg.maxGaps)
 	if err != nil {
 		return nil, nil, err
+	}
+	if cfg.stream != "" {
+		s.Checkpoints = slices.DeleteFunc(s.Checkpoints, func(c store.CheckpointRow) bool { return c.Stream != cfg.stream })
+		s.Losses = slices.DeleteFunc(s.Losses, func(l store.LossRow) bool { return l.Stream != cfg.stream })
 	}
 	return s, func(w *tabwriter.Writer) {
 		fmt.Fprintf(w, "Database %s (schema %d, buckets of %v)\n\n", s.Database, s.SchemaVersion, time.Duration(s.BucketSeconds)*time.Second)

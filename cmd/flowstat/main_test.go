@@ -235,6 +235,24 @@ func TestRunAndQueries(t *testing.T) {
 	if len(top.Peers) == 0 || top.Peers[0].Key != topPeer || top.Peers[0].Conns != peers[topPeer] || len(top.Ports) == 0 {
 		t.Errorf("top peers %+v, want %s with %d connections first", top.Peers, topPeer, peers[topPeer])
 	}
+	// SPEC: the same --nats and --stream flags as flowtail, on every command.
+	code, out2, stderr := runCLI(t, nil, "top", "--nats", "nats://nobody.invalid:4222", "--stream", "FLOWS", "--db", db, "--since", "2h", "--json")
+	var top2 struct {
+		Peers []store.TopRow `json:"peers"`
+	}
+	if err := json.Unmarshal([]byte(out2), &top2); code != exitOK || err != nil || len(top2.Peers) == 0 || top2.Peers[0] != top.Peers[0] {
+		t.Errorf("top --nats --stream: exit %d (%v), %s\n%s", code, err, stderr, out2)
+	}
+	for _, cmd := range []string{"new", "hosts", "summary"} {
+		if code, _, stderr := runCLI(t, nil, cmd, "--nats", f.srv.URL, "--stream", "FLOWS", "--db", db); code != exitOK {
+			t.Errorf("%s --nats --stream: exit %d: %s", cmd, code, stderr)
+		}
+	}
+	code, out, _ = runCLI(t, e, "summary", "--stream", "OTHER", "--json")
+	var other store.Summary
+	if err := json.Unmarshal([]byte(out), &other); code != exitOK || err != nil || len(other.Checkpoints) != 0 || len(other.Hosts) == 0 {
+		t.Errorf("summary --stream OTHER: exit %d (%v), checkpoints %+v, %d hosts", code, err, other.Checkpoints, len(other.Hosts))
+	}
 	code, out, _ = runCLI(t, e, "top", "--since", "2h")
 	if code != exitOK || !strings.Contains(out, "Top peers") || !strings.Contains(out, "Top ports") || !strings.Contains(out, topPeer) {
 		t.Errorf("top table: exit %d\n%s", code, out)
