@@ -56,7 +56,8 @@ Commands:
   help      show this help; 'flowstat <command> --help' shows a command's flags
 
 Database (every command):
-  --db DSN              a SQLite file path, or a postgres:// URL
+  --db DSN              a SQLite file path, a postgres:// URL or PostgreSQL key=value settings
+                        (host=db dbname=stats user=flowstat)
                         (default $FLOWBUS_DB, else flowstat.db in the state directory:
                         $STATE_DIRECTORY, $XDG_STATE_HOME/flowbus, /var/lib/flowbus for root,
                         ~/.local/state/flowbus)

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -28,7 +29,7 @@ type Kind string
 const (
 	// SQLite is the embedded default: a file in the state directory.
 	SQLite Kind = "sqlite"
-	// Postgres is PostgreSQL reached by a postgres:// or postgresql:// URL (or key=value DSN with host=).
+	// Postgres is PostgreSQL reached by a postgres:// or postgresql:// URL or a libpq key=value DSN.
 	Postgres Kind = "postgres"
 )
 
@@ -45,13 +46,35 @@ type Store struct {
 	InTxHook func() error
 }
 
-// ParseDSN tells which database a FLOWBUS_DB value names. A postgres:// or postgresql:// URL is
-// PostgreSQL; anything else is a SQLite file path (an optional "sqlite:" or "file:" prefix is stripped).
+// pgKeywords are the libpq connection keywords that mark a key=value DSN (host=db dbname=stats ...).
+var pgKeywords = map[string]bool{"host": true, "hostaddr": true, "port": true, "dbname": true, "user": true,
+	"password": true, "sslmode": true, "connect_timeout": true, "application_name": true, "service": true,
+	"sslrootcert": true, "sslcert": true, "sslkey": true, "options": true, "target_session_attrs": true}
+
+// isKeyValueDSN reports whether dsn is a libpq key=value string: its first word is keyword=value with a
+// libpq keyword. A file name such as "a=b.db" is not one.
+func isKeyValueDSN(dsn string) bool {
+	m := kvFirstKey.FindStringSubmatch(dsn)
+	return m != nil && pgKeywords[m[1]]
+}
+
+// kvFirstKey matches the first keyword of a key=value DSN (libpq allows spaces around '=').
+var kvFirstKey = regexp.MustCompile(`^\s*([a-z_]+)\s*=`)
+
+// ParseDSN tells which database a FLOWBUS_DB value names. A postgres:// or postgresql:// URL, or a libpq
+// key=value string (host=db dbname=stats user=flowstat), is PostgreSQL; anything else is a SQLite file
+// path (an optional "sqlite:" or "file:" prefix is stripped).
 func ParseDSN(dsn string) (Kind, string, error) {
 	dsn = strings.TrimSpace(dsn)
 	switch {
 	case dsn == "":
 		return "", "", errors.New("empty database DSN")
+	case isKeyValueDSN(dsn):
+		return Postgres, dsn, nil
+	case strings.Contains(dsn, "=") && !strings.Contains(dsn, "://") && strings.ContainsAny(dsn, " \t") && !strings.ContainsAny(dsn, "/\\"):
+		// Looks like key=value settings, but not libpq's: refuse rather than create a file of that name.
+		return "", "", fmt.Errorf("%q looks like key=value settings but does not start with a PostgreSQL keyword (host, dbname, user, ...): use e.g. \"host=db dbname=stats user=flowstat\" or postgres://user@db/stats for PostgreSQL, or a file path for SQLite",
+			kvPassword.ReplaceAllString(dsn, "${1}xxxxx"))
 	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
 		u, err := url.Parse(dsn)
 		if err != nil {
@@ -74,8 +97,14 @@ func ParseDSN(dsn string) (Kind, string, error) {
 	return SQLite, p, nil
 }
 
-// Redact hides the password of a URL DSN so it can be printed.
+// kvPassword matches the password of a key=value DSN, quoted or not.
+var kvPassword = regexp.MustCompile(`(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s]+)`)
+
+// Redact hides the password of a URL or key=value DSN so it can be printed.
 func Redact(dsn string) string {
+	if isKeyValueDSN(dsn) {
+		return kvPassword.ReplaceAllString(dsn, "${1}xxxxx")
+	}
 	u, err := url.Parse(dsn)
 	if err != nil || u.User == nil {
 		return dsn
@@ -87,6 +116,15 @@ func Redact(dsn string) string {
 }
 
 func redactErr(err error, dsn string) error {
+	if isKeyValueDSN(dsn) {
+		text := err.Error()
+		for _, m := range kvPassword.FindAllStringSubmatch(dsn, -1) {
+			if pw := strings.Trim(m[2], "'"); pw != "" {
+				text = strings.ReplaceAll(text, pw, "xxxxx")
+			}
+		}
+		return errors.New(text)
+	}
 	u, perr := url.Parse(dsn)
 	if perr != nil || u.User == nil {
 		return err

@@ -3,7 +3,9 @@ package store_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -46,6 +48,10 @@ func TestParseDSN(t *testing.T) {
 		{"mysql://u:secret@h/db", "", "", "unsupported database URL scheme"},
 		{"", "", "", "empty"},
 		{"sqlite:", "", "", "empty SQLite path"},
+		{"host=db dbname=stats user=u password=secret", "postgres", "host=db dbname=stats user=u password=secret", ""},
+		{"dbname = stats", "postgres", "dbname = stats", ""},
+		{"data/a=b.db", "sqlite", "data/a=b.db", ""},
+		{"hots=db dbname=stats password=secret", "", "", "does not start with a PostgreSQL keyword"},
 	} {
 		kind, target, err := store.ParseDSN(c.in)
 		if c.err != "" {
@@ -237,3 +243,29 @@ func TestQueries(t *testing.T) {
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// A libpq key=value DSN reaches PostgreSQL (no SQLite file of that name appears), and its password is
+// redacted wherever the DSN is shown.
+func TestKeyValueDSN(t *testing.T) {
+	u, err := url.Parse(pgtest.Shared(t).NewDB(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	t.Chdir(dir)
+	dsn := fmt.Sprintf("host=%s port=%s dbname=%s user=%s sslmode=disable password='s3 cret'", u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username())
+	st := open(t, dsn)
+	if st.Kind() != store.Postgres || strings.Contains(st.Where(), "s3 cret") || !strings.Contains(st.Where(), "password=xxxxx") {
+		t.Errorf("kind %s, where %q", st.Kind(), st.Where())
+	}
+	if v, err := st.SchemaVersion(context.Background()); err != nil || v != store.Version() {
+		t.Errorf("schema version %d (%v)", v, err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Errorf("files created in the working directory: %v", ents)
+	}
+	_, err = store.Open(context.Background(), fmt.Sprintf("host=%s port=%s dbname=nosuchdb user=%s password=s3cret connect_timeout=5", u.Hostname(), u.Port(), u.User.Username()))
+	if err == nil || strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("opening a missing database: %v", err)
+	}
+}
