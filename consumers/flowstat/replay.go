@@ -32,7 +32,7 @@ type ReplayOptions struct {
 	Force bool
 
 	ConnectTimeout time.Duration
-	MaxChunkEvents int // 0 means 250000
+	MaxChunkEvents int // events per transaction; 0 means 1000000, as for Run
 	Log            io.Writer
 }
 
