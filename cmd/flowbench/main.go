@@ -63,6 +63,9 @@ type Machine struct {
 	NATSGo     string `json:"nats_go"`
 	Revision   string `json:"flowbus_revision"`
 	Time       string `json:"time"`
+	// BPFStats is kernel.bpf_stats_enabled: when on, every BPF program run
+	// also reads the clock twice, which inflates B1's cost of the agent.
+	BPFStats bool `json:"bpf_stats_enabled"`
 }
 
 // Row is one line of the result table.
@@ -325,6 +328,9 @@ func machine(modRoot, agentBin string) Machine {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
+	if b, err := os.ReadFile("/proc/sys/kernel/bpf_stats_enabled"); err == nil {
+		m.BPFStats = strings.TrimSpace(string(b)) == "1"
+	}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
 			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -384,6 +390,10 @@ func machine(modRoot, agentBin string) Machine {
 func printHeader(m Machine, p Params) {
 	fmt.Printf("flowbench  %s\n", m.Time)
 	fmt.Printf("machine:   %d cores (%s), kernel %s\n", m.Cores, m.CPU, m.Kernel)
+	if m.BPFStats {
+		fmt.Println("WARNING:   kernel.bpf_stats_enabled=1 makes every BPF program run slower and inflates B1/B1p;")
+		fmt.Println("           run `sysctl -w kernel.bpf_stats_enabled=0` first for figures to compare")
+	}
 	fmt.Printf("versions:  %s, nats-server %s, nats.go %s, flowbus %s\n", m.Go, m.NATSServer, m.NATSGo, orDash(m.Revision))
 	fmt.Printf("params:    quick=%v only=%s pairs=%d workers=%d storm=%gs bulk=%d MiB b2=%gs b4: -count %d -benchtime %s\n",
 		p.Quick, strings.Join(p.Only, ","), p.Pairs, p.Workers, p.StormSeconds, p.BulkBytes>>20, p.B2Seconds, p.BenchCount, p.BenchTime)
