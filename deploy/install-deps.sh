@@ -5,7 +5,8 @@
 # loopback), docker-compose (validates docker-compose.yml; no engine needed)
 # and systemd (systemd-analyze verifies the units).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
-# (`make generate`); pass --generate to install them too.
+# (`make generate`); pass --generate to install them too. --bench adds
+# libbpf-tools for `make bench` (B1p).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,13 @@ apt_install() {
 }
 
 pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd)
-if [ "${1:-}" = "--generate" ]; then pkgs+=(clang llvm libbpf-dev); fi
+for a in "$@"; do
+	case $a in
+	--generate) pkgs+=(clang llvm libbpf-dev) ;;
+	--bench) pkgs+=(libbpf-tools) ;; # tcpstates, the peer of B1p
+	*) log "unknown option $a (--generate, --bench)"; exit 2 ;;
+	esac
+done
 apt_install "${pkgs[@]}"
 
 go_ok() {
