@@ -19,7 +19,7 @@ import (
 )
 
 // natsServer starts a real in-process JetStream server on a free loopback port.
-func natsServer(t *testing.T) (*server.Server, *nats.Conn, jetstream.JetStream) {
+func natsServer(t testing.TB) (*server.Server, *nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	srv, err := embedded.Start(embedded.Options{Listen: "127.0.0.1:0", StoreDir: t.TempDir()})
 	if err != nil {
@@ -95,7 +95,7 @@ func fetchAll(t *testing.T, js jetstream.JetStream) []msg {
 	return out
 }
 
-func newPub(t *testing.T, nc *nats.Conn, cfg Config) *Publisher {
+func newPub(t testing.TB, nc *nats.Conn, cfg Config) *Publisher {
 	t.Helper()
 	if cfg.Host == "" {
 		cfg.Host = "web-01"
@@ -110,7 +110,7 @@ func newPub(t *testing.T, nc *nats.Conn, cfg Config) *Publisher {
 	return p
 }
 
-func closePub(t *testing.T, p *Publisher) {
+func closePub(t testing.TB, p *Publisher) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
