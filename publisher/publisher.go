@@ -152,6 +152,28 @@ type Publisher struct {
 	lastWarn atomic.Int64
 
 	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors atomic.Uint64
+
+	nc *nats.Conn
+	// maxBytes is cfg.MaxBytes, lowered to fit the server's max_payload
+	// (refreshed as the connection moves between servers), so that no
+	// batch is sealed too large to publish. Guarded by mu.
+	maxBytes int
+}
+
+// payloadHeadroom is left below the server's max_payload for the headers
+// and subject that travel with a batch.
+const payloadHeadroom = 1024
+
+// refreshMaxBytesLocked lowers the batch bound to what the server accepts.
+func (p *Publisher) refreshMaxBytesLocked() {
+	mb := p.cfg.MaxBytes
+	if mp := int(p.nc.MaxPayload()); mp > 0 && mp-payloadHeadroom < mb {
+		mb = max(mp-payloadHeadroom, 512)
+	}
+	if mb != p.maxBytes && p.maxBytes != 0 {
+		p.log.Warn("batch size bound changed to fit the server's max_payload", "max_bytes", mb, "configured", p.cfg.MaxBytes, "max_payload", p.nc.MaxPayload())
+	}
+	p.maxBytes = mb
 }
 
 // New starts a publisher on nc. It does not create the stream: see EnsureStream.
@@ -173,6 +195,7 @@ func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
 		return nil, fmt.Errorf("jetstream context: %w", err)
 	}
 	p := &Publisher{
+		nc:     nc,
 		cfg:    cfg,
 		js:     js,
 		log:    log,
@@ -192,6 +215,9 @@ func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
 		ds.timer.Stop()
 		p.dirs[d] = ds
 	}
+	p.mu.Lock()
+	p.refreshMaxBytesLocked()
+	p.mu.Unlock()
 	go p.sendLoop()
 	p.signal() // a spool left by an earlier run goes first
 	return p, nil
@@ -214,7 +240,7 @@ func (p *Publisher) Add(ev *schema.Event) {
 		d.started = lingerStart(ev.Timestamp, time.Now(), p.cfg.Linger)
 		d.timer.Reset(p.cfg.Linger - time.Since(d.started))
 	}
-	if d.enc.Len() >= p.cfg.MaxEvents || d.enc.Size() >= p.cfg.MaxBytes {
+	if d.enc.Len() >= p.cfg.MaxEvents || d.enc.Size() >= p.maxBytes {
 		p.sealLocked(d)
 	}
 	p.mu.Unlock()
@@ -417,6 +443,9 @@ func (p *Publisher) next() (*batch, time.Duration) {
 }
 
 func (p *Publisher) send(b *batch) {
+	p.mu.Lock()
+	p.refreshMaxBytesLocked() // the connection may have moved to another server
+	p.mu.Unlock()
 	msg := &nats.Msg{
 		Subject: b.subject,
 		Data:    b.data,

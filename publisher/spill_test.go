@@ -247,3 +247,37 @@ func TestUnreadableSpoolFileIsCountedExactly(t *testing.T) {
 		t.Errorf("batches report %d spool drops, want 100", reported)
 	}
 }
+
+// A server with a max_payload below FLOWBUS_BATCH_MAX_BYTES would refuse
+// every batch: the publisher seals them small enough instead, and loses
+// nothing.
+func TestBatchesFitTheServersMaxPayload(t *testing.T) {
+	b := newBus(t)
+	b.stop()
+	b.opts.MaxPayload = 8192
+	b.start()
+	nc := b.conn()
+	if !nc.IsConnected() {
+		deadline := time.Now().Add(5 * time.Second)
+		for !nc.IsConnected() && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	p := newPub(t, nc, Config{MaxEvents: 4096, Linger: 50 * time.Millisecond})
+	for i := 0; i < 3000; i++ {
+		p.Add(event(i, schema.Outgoing))
+	}
+	waitAcked(t, p, 3000)
+	closePub(t, p)
+	if st := p.Stats(); st.Drops.Total() != 0 || st.PublishErrors != 0 {
+		t.Fatalf("drops %+v, publish errors %d: batches did not fit max_payload 8192", st.Drops, st.PublishErrors)
+	}
+	msgs := fetchAll(t, must(jetstream.New(nc)))
+	n := 0
+	for _, m := range msgs {
+		n += len(m.batch.Events)
+	}
+	if n != 3000 || len(msgs) < 3 {
+		t.Fatalf("%d events in %d batches, want 3000 in several batches", n, len(msgs))
+	}
+}
