@@ -853,18 +853,26 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
+	// Right after a node's death the cluster may answer "no responders" or
+	// time out for a moment: retry within the deadline.
+	var info *jetstream.StreamInfo
+	for info, err = st.Info(ctx); err != nil; info, err = st.Info(ctx) {
+		if ctx.Err() != nil {
+			t.Fatalf("stream %s info: %v", stream, err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	c := &streamContent{Flows: newMultiset()}
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
 		return c
 	}
-	cons, err := st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
-	if err != nil {
-		t.Fatal(err)
+	var cons jetstream.Consumer
+	for cons, err = st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}); err != nil; cons, err = st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}) {
+		if ctx.Err() != nil {
+			t.Fatalf("stream %s consumer: %v", stream, err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	ids := map[string]int{}
 	type runSeq struct {
@@ -879,7 +887,8 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 		}
 		msgs, err := cons.Fetch(1000, jetstream.FetchMaxWait(time.Second))
 		if err != nil {
-			t.Fatal(err)
+			time.Sleep(200 * time.Millisecond) // transient; the deadline above bounds it
+			continue
 		}
 		for m := range msgs.Messages() {
 			md, err := m.Metadata()
