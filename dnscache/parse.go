@@ -106,65 +106,16 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 			perr = err
 			break
 		}
-		switch rh.Type {
-		case dnsmessage.TypeA:
-			// The parser reads 4 bytes whatever RDLENGTH says: a wrong
-			// length would learn the bytes of the next record.
-			if rh.Length != 4 {
-				perr = fmt.Errorf("A record data length %d", rh.Length)
-				break
-			}
-			r, err := p.AResource()
-			if err != nil {
-				perr = err
-				break
-			}
-			owner, err := normalize(rh.Name)
-			if err != nil {
-				perr = err
-				break
-			}
-			addrs = append(addrs, addrRec{owner, netip.AddrFrom4(r.A), rh.TTL})
-		case dnsmessage.TypeAAAA:
-			if rh.Length != 16 {
-				perr = fmt.Errorf("AAAA record data length %d", rh.Length)
-				break
-			}
-			r, err := p.AAAAResource()
-			if err != nil {
-				perr = err
-				break
-			}
-			owner, err := normalize(rh.Name)
-			if err != nil {
-				perr = err
-				break
-			}
-			addrs = append(addrs, addrRec{owner, netip.AddrFrom16(r.AAAA).Unmap(), rh.TTL})
-		case dnsmessage.TypeCNAME:
-			r, err := p.CNAMEResource()
-			if err != nil {
-				perr = err
-				break
-			}
-			alias, err := normalize(rh.Name)
-			if err != nil {
-				perr = err
-				break
-			}
-			target, err := normalize(r.CNAME)
-			if err != nil {
-				perr = err
-				break
-			}
-			cnames = append(cnames, cname{alias, target, rh.TTL})
-		default:
-			if err := p.SkipAnswer(); err != nil {
-				perr = err
-			}
-		}
-		if perr != nil {
+		a, cn, err := readAnswer(&p, rh)
+		if err != nil {
+			perr = err
 			break
+		}
+		switch rh.Type {
+		case dnsmessage.TypeA, dnsmessage.TypeAAAA:
+			addrs = append(addrs, a)
+		case dnsmessage.TypeCNAME:
+			cnames = append(cnames, cn)
 		}
 	}
 	// What was parsed before a cut or a bad record is still good to learn.
@@ -210,6 +161,49 @@ func (c *Cache) learn(a addrRec, cnames []cname, now int64) {
 }
 
 func ttlDur(s uint32) time.Duration { return time.Duration(s) * time.Second }
+
+// readAnswer reads the body of the answer rh heads: an address record (A,
+// AAAA), an alias (CNAME), or neither for the types that name nothing.
+func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader) (addrRec, cname, error) {
+	var ip netip.Addr
+	// The parser reads 4 or 16 bytes whatever RDLENGTH says: a wrong length
+	// would learn the bytes of the next record.
+	switch rh.Type {
+	case dnsmessage.TypeA:
+		if rh.Length != 4 {
+			return addrRec{}, cname{}, fmt.Errorf("A record data length %d", rh.Length)
+		}
+		r, err := p.AResource()
+		if err != nil {
+			return addrRec{}, cname{}, err
+		}
+		ip = netip.AddrFrom4(r.A)
+	case dnsmessage.TypeAAAA:
+		if rh.Length != 16 {
+			return addrRec{}, cname{}, fmt.Errorf("AAAA record data length %d", rh.Length)
+		}
+		r, err := p.AAAAResource()
+		if err != nil {
+			return addrRec{}, cname{}, err
+		}
+		ip = netip.AddrFrom16(r.AAAA).Unmap()
+	case dnsmessage.TypeCNAME:
+		r, err := p.CNAMEResource()
+		if err != nil {
+			return addrRec{}, cname{}, err
+		}
+		alias, err := normalize(rh.Name)
+		if err != nil {
+			return addrRec{}, cname{}, err
+		}
+		target, err := normalize(r.CNAME)
+		return addrRec{}, cname{alias, target, rh.TTL}, err
+	default:
+		return addrRec{}, cname{}, p.SkipAnswer()
+	}
+	owner, err := normalize(rh.Name)
+	return addrRec{owner, ip, rh.TTL}, cname{}, err
+}
 
 // normalize returns a name lowercase and without the trailing dot. A name
 // with a byte outside printable ASCII (control characters, spaces, bytes
