@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -26,6 +27,9 @@ type agentProc struct {
 	dir     string
 	logPath string
 	exited  chan error
+
+	stopOnce sync.Once
+	stopErr  error
 }
 
 // freePort asks the kernel for an unused loopback port.
@@ -126,13 +130,18 @@ func (a *agentProc) logTail() string {
 }
 
 // Stop sends SIGTERM (the agent flushes and exits), kills it after 20 s, and
-// removes its store.
+// removes its store. Only the first call acts; later ones (a deferred Stop
+// after an explicit one) return its result.
 func (a *agentProc) Stop() error {
+	a.stopOnce.Do(func() { a.stopErr = a.stop() })
+	return a.stopErr
+}
+
+func (a *agentProc) stop() error {
 	defer os.RemoveAll(a.dir)
 	_ = a.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-a.exited:
-		a.exited <- err
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
 			return fmt.Errorf("agent exit: %w: %s", err, a.logTail())

@@ -45,12 +45,7 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	if err != nil {
 		return fail(err)
 	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			_ = a.Stop()
-		}
-	}()
+	defer a.Stop() // after the explicit Stop below, which reports its error, a no-op
 	time.Sleep(300 * time.Millisecond)
 	progress("B2: storm %g s in %s with the agent attached", p.B2Seconds, cg.Path)
 	st, err := cg.storm(ctx, p.Workers, p.B2Seconds, true)
@@ -66,7 +61,6 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	if err != nil {
 		return fail(fmt.Errorf("reading the stream: %w", err))
 	}
-	stopped = true
 	if err := a.Stop(); err != nil {
 		row.Note = err.Error()
 	}

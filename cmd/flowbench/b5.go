@@ -59,16 +59,12 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 			defer srv.Stop()
 			env = append(env, "FLOWBUS_NATS_URL="+srv.URL())
 		}
-		a, err := startAgent(ctx, p.Agent, cg.Path, tmp, env...) //nolint:ineffassign
+		a, err := startAgent(ctx, p.Agent, cg.Path, tmp, env...)
 		if err != nil {
 			return r, err
 		}
-		stopped := false
-		defer func() {
-			if !stopped {
-				_ = a.Stop()
-			}
-		}()
+		// After the explicit Stop below, which reports its error, a no-op.
+		defer a.Stop()
 		time.Sleep(500 * time.Millisecond) // start-up work done: measure the steady state
 		m0, err := a.Scrape()
 		if err != nil {
@@ -110,7 +106,6 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		if err != nil {
 			return r, err
 		}
-		stopped = true
 		if err := a.Stop(); err != nil {
 			return r, err
 		}

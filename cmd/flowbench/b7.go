@@ -159,12 +159,7 @@ func runB7(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	if err != nil {
 		return fail(err)
 	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			_ = a.Stop()
-		}
-	}()
+	defer a.Stop() // after the explicit Stop below, which reports its error, a no-op
 	nc, err := nats.Connect("nats://"+a.NATS, nats.Name("flowbench-b7"))
 	if err != nil {
 		return fail(err)
@@ -213,7 +208,6 @@ func runB7(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	time.Sleep(300 * time.Millisecond) // the last deliveries
 	cc.Stop()
 	_ = sub.Unsubscribe()
-	stopped = true
 	if err := a.Stop(); err != nil {
 		row.Note = err.Error()
 	}
