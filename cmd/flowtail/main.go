@@ -125,27 +125,9 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		count    = fs.String("count", "", "")
 		idleExit = fs.String("idle-exit", "", "")
 	)
-	var errs []error
-	rest := args
-	for {
-		err := fs.Parse(rest)
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, err
-		}
-		if err != nil {
-			// The flag package stops at the first bad flag; carry on with the rest to report everything.
-			if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok {
-				err = fmt.Errorf("unknown flag --%s", name)
-			}
-			errs = append(errs, err)
-			rest = fs.Args()
-			continue
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		errs = append(errs, fmt.Errorf("unexpected argument %q (flowtail takes flags only)", fs.Arg(0)))
-		rest = fs.Args()[1:]
+	errs, err := tail.ParseFlags(fs, args, "flowtail", "")
+	if err != nil {
+		return nil, err
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })

@@ -2,6 +2,7 @@ package tail
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"net/url"
 	"strings"
@@ -90,4 +91,33 @@ func Explain(err error) string {
 // Indent indents every line of err's text by two spaces, for listing several problems under a heading.
 func Indent(err error) string {
 	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}
+
+// ParseFlags parses args into fs and collects every problem instead of
+// stopping at the first, as the flag package does, so that a user fixes them
+// all in one go. program names the command in messages ("flowtail",
+// "flowstat top"); unknownSuffix follows an unknown flag's name. It returns
+// flag.ErrHelp alone when help was asked for.
+func ParseFlags(fs *flag.FlagSet, args []string, program, unknownSuffix string) ([]error, error) {
+	var errs []error
+	rest := args
+	for {
+		err := fs.Parse(rest)
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		if err != nil {
+			if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok {
+				err = fmt.Errorf("unknown flag --%s%s", name, unknownSuffix)
+			}
+			errs = append(errs, err)
+			rest = fs.Args()
+			continue
+		}
+		if fs.NArg() == 0 {
+			return errs, nil
+		}
+		errs = append(errs, fmt.Errorf("unexpected argument %q (%s takes flags only)", fs.Arg(0), program))
+		rest = fs.Args()[1:]
+	}
 }
