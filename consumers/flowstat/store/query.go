@@ -318,6 +318,11 @@ func (f Filter) where(q string, args []any, width time.Duration) (string, []any)
 		q += ` AND bucket < ?`
 		args = append(args, f.Until.Unix())
 	}
+	return f.hostDir(q, args)
+}
+
+// hostDir narrows q to f's host and direction, when set.
+func (f Filter) hostDir(q string, args []any) (string, []any) {
 	if f.Host != "" {
 		q += ` AND host = ?`
 		args = append(args, f.Host)
@@ -393,14 +398,7 @@ func (s *Store) NewDestinations(ctx context.Context, f Filter, limit int) ([]New
 		q += ` AND first_ns < ?`
 		args = append(args, f.Until.UnixNano())
 	}
-	if f.Host != "" {
-		q += ` AND host = ?`
-		args = append(args, f.Host)
-	}
-	if f.Direction != "" {
-		q += ` AND direction = ?`
-		args = append(args, f.Direction)
-	}
+	q, args = f.hostDir(q, args)
 	q += ` ORDER BY first_ns, host, direction, peer, port LIMIT ?`
 	args = append(args, limit)
 	out := []NewDest{}
