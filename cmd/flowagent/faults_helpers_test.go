@@ -831,6 +831,22 @@ type streamContent struct {
 	ChainGaps int          // batches whose prev_seq is not in the stream
 }
 
+// eventually retries f every 200 ms until it succeeds, failing the test
+// with what and the last error once ctx is done.
+func eventually[T any](t *testing.T, ctx context.Context, what string, f func() (T, error)) T {
+	t.Helper()
+	for {
+		v, err := f()
+		if err == nil {
+			return v
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // readAll reads the whole stream with an ordered consumer up to its last
 // sequence at the time of the call.
 func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamContent {
@@ -843,37 +859,18 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	var st jetstream.Stream
-	for {
-		if st, err = js.Stream(ctx, stream); err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			t.Fatalf("stream %s: %v", stream, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 	// Right after a node's death the cluster may answer "no responders" or
 	// time out for a moment: retry within the deadline.
-	var info *jetstream.StreamInfo
-	for info, err = st.Info(ctx); err != nil; info, err = st.Info(ctx) {
-		if ctx.Err() != nil {
-			t.Fatalf("stream %s info: %v", stream, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	st := eventually(t, ctx, "stream "+stream, func() (jetstream.Stream, error) { return js.Stream(ctx, stream) })
+	info := eventually(t, ctx, "stream "+stream+" info", func() (*jetstream.StreamInfo, error) { return st.Info(ctx) })
 	c := &streamContent{Flows: newMultiset()}
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
 		return c
 	}
-	var cons jetstream.Consumer
-	for cons, err = st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}); err != nil; cons, err = st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}) {
-		if ctx.Err() != nil {
-			t.Fatalf("stream %s consumer: %v", stream, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	cons := eventually(t, ctx, "stream "+stream+" consumer", func() (jetstream.Consumer, error) {
+		return st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
+	})
 	ids := map[string]int{}
 	type runSeq struct {
 		run string
