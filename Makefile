@@ -1,6 +1,12 @@
 # flowbus. `make test` is what CI runs (via .ci/run); `make run` is the demo.
 SHELL := /bin/bash
+# deploy/install-deps.sh installs the Go that go.mod asks for in /usr/local/go,
+# which a fresh Debian root's PATH does not hold, and Debian's golang-go (in
+# /usr/bin) may be older: put ours first, for make and every tool it runs.
+export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/flowbus/flowbus/cmd/internal/buildinfo.Version=$(VERSION)
 BIN := bin
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 FUZZTIME ?= 15s
@@ -10,7 +16,7 @@ FUZZTIME ?= 15s
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
 # Rebuild the eBPF objects and Go bindings (needs clang and libbpf-dev).
 generate:
