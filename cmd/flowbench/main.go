@@ -1,4 +1,4 @@
-// Command flowbench runs flowbus's benchmark protocol (the project's BENCH.md,
+// Command flowbench runs flowbus's benchmark protocol (bench/PROTOCOL.md,
 // `make bench`): B4 (encoding), B1 (kernel-side cost: connection storm and
 // bulk stream, with ÷ without the agent), B1p (the same against libbpf-tools
 // tcpstates), B2 (completeness under load), B3 (publish pipeline vs nats

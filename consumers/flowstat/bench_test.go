@@ -18,7 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// benchEventsEnv sets how many events BenchmarkConsume streams (B6 in BENCH.md uses 5,000,000);
+// benchEventsEnv sets how many events BenchmarkConsume streams (B6 in bench/PROTOCOL.md uses 5,000,000);
 // unset, it is 1,000,000 so a plain -bench run stays short.
 const benchEventsEnv = "FLOWSTAT_BENCH_EVENTS"
 
@@ -38,7 +38,7 @@ func benchEvents(b *testing.B) int {
 // agent seals them: at most 4096 events or 64 KiB; 8 hosts, both directions, 200 peers each with a
 // skewed distribution, 8 service ports, 0-3 DNS names, event times over 10 one-minute buckets) and
 // commits the aggregates with its checkpoints to a fresh SQLite file, until it has caught up. One op is
-// the whole stream; events/s is the figure BENCH.md targets (>= 500,000). Filling the stream is not
+// the whole stream; events/s is the figure bench/PROTOCOL.md targets (>= 500,000). Filling the stream is not
 // timed.
 func BenchmarkConsume(b *testing.B) {
 	n := benchEvents(b)
