@@ -1,0 +1,136 @@
+// Decodes one flowbus batch (schema 1.x) exactly, as schema/FORMAT.md ("Decoding in JavaScript")
+// describes. 64-bit quantities (t0, each timestamp, seq, prev_seq, drops, cgroup_id) come back as
+// bigint, everything that fits 32 bits (ports, pid, refs, versions) as number, so every value is exact
+// and its type does not depend on its size.
+import { decode } from "@msgpack/msgpack";
+
+/** The schema major this decoder reads. */
+export const SUPPORTED_MAJOR = 1;
+
+function malformed(where, what) {
+  return new Error(`malformed flowbus batch: ${where} ${what}`);
+}
+
+// With useBigInt64 a msgpack int64/uint64 decodes to bigint and a smaller encoding to number, so the
+// same field can be either: this makes it a bigint.
+function big(v, where) {
+  if (typeof v === "bigint") return v;
+  if (Number.isInteger(v)) return BigInt(v); // exact: numbers only come from encodings of <= 32 bits
+  throw malformed(where, `is ${v === null ? "nil" : typeof v}, want an integer`);
+}
+
+function int64(v, where) {
+  const b = big(v, where);
+  if (b !== BigInt.asIntN(64, b)) throw malformed(where, `is ${b}, which overflows a signed 64-bit integer`);
+  return b;
+}
+
+function uint64(v, where) {
+  const b = big(v, where);
+  if (b < 0n) throw malformed(where, `is ${b}, want a non-negative integer`);
+  return b;
+}
+
+function uintMax(v, max, where) {
+  const b = uint64(v, where);
+  if (b > BigInt(max)) throw malformed(where, `is ${b}, more than ${max}`);
+  return Number(b);
+}
+
+function str(v, where) {
+  if (typeof v !== "string") throw malformed(where, `is ${v === null ? "nil" : typeof v}, want a string`);
+  return v;
+}
+
+function arr(v, where) {
+  if (!Array.isArray(v)) throw malformed(where, "is not an array");
+  return v;
+}
+
+function map(v, where) {
+  if (v === null || typeof v !== "object" || Array.isArray(v) || v instanceof Uint8Array) {
+    throw malformed(where, "is not a map");
+  }
+  return v;
+}
+
+/**
+ * decodeBatch decodes the body of one flowbus batch message.
+ * @param {Uint8Array} data the message body
+ * @returns the batch: header fields and events in the shape of SPEC section 1, with bigint
+ *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id.
+ */
+export function decodeBatch(data) {
+  const b = map(decode(data, { useBigInt64: true }), "top level");
+  const major = Number(int64(b.schema_major, "schema_major"));
+  if (major !== SUPPORTED_MAJOR) {
+    throw new Error(`flowbus batch schema major ${major} is not supported by this consumer ` +
+      `(supports ${SUPPORTED_MAJOR}): upgrade the consumer`);
+  }
+  const host = str(b.host, "host");
+  const dir = str(b.conn_direction, "conn_direction");
+  if (dir !== "incoming" && dir !== "outgoing") throw malformed("conn_direction", `is ${JSON.stringify(dir)}`);
+  const t0 = int64(b.t0, "t0");
+
+  const drops = { kernel: 0n, reader: 0n, queue: 0n, spool: 0n, publish: 0n };
+  for (const [k, v] of Object.entries(map(b.drops ?? {}, "drops"))) {
+    if (k in drops) drops[k] = uint64(v, `drops.${k}`); // unknown stages: a later minor, ignored
+  }
+
+  const endpoints = arr(b.endpoints, "endpoints").map((e, i) => {
+    arr(e, `endpoints[${i}]`);
+    return {
+      addr: str(e[0], `endpoints[${i}][0]`),
+      names: arr(e[1], `endpoints[${i}][1]`).map((n, j) => str(n, `endpoints[${i}][1][${j}]`)),
+    };
+  });
+  const ctx = arr(b.ctx ?? [], "ctx").map((c, i) => {
+    map(c, `ctx[${i}]`);
+    const out = {};
+    if (c.cgroup_id != null) out.cgroup_id = uint64(c.cgroup_id, `ctx[${i}].cgroup_id`);
+    if (c.pid != null) out.pid = uintMax(c.pid, 0xffffffff, `ctx[${i}].pid`);
+    if (c.comm != null) out.comm = str(c.comm, `ctx[${i}].comm`);
+    if (c.container_id != null) out.container_id = str(c.container_id, `ctx[${i}].container_id`);
+    return out;
+  });
+  const ref = (v, dict, where) => {
+    const r = uintMax(v, 0xffffffff, where);
+    if (r >= dict.length) throw malformed(where, `is ${r}, outside its dictionary of ${dict.length}`);
+    return dict[r];
+  };
+
+  const events = arr(b.events, "events").map((row, i) => {
+    arr(row, `events[${i}]`);
+    if (row.length < 6) throw malformed(`events[${i}]`, `has ${row.length} elements, want at least 6`);
+    const src = ref(row[0], endpoints, `events[${i}][0] (src_ref)`);
+    const dst = ref(row[1], endpoints, `events[${i}][1] (dst_ref)`);
+    const ev = {
+      conn_direction: dir,
+      src: src.addr,
+      dst: dst.addr,
+      src_port: uintMax(row[2], 65535, `events[${i}][2] (src_port)`),
+      dst_port: uintMax(row[3], 65535, `events[${i}][3] (dst_port)`),
+      src_dns: src.names,
+      dst_dns: dst.names,
+      // t0 + dt_ns in 64-bit two's complement, as the Go decoder computes it. Both are bigint here:
+      // t0 + row[4] alone throws (bigint + number) or, with a default decode, rounds.
+      timestamp: BigInt.asIntN(64, t0 + int64(row[4], `events[${i}][4] (dt_ns)`)),
+      host,
+    };
+    if (row[5] != null) Object.assign(ev, ref(row[5], ctx, `events[${i}][5] (ctx_ref)`));
+    return ev;
+  });
+
+  return {
+    schema_major: major,
+    schema_minor: Number(int64(b.schema_minor, "schema_minor")),
+    host,
+    conn_direction: dir,
+    run_id: str(b.run_id, "run_id"),
+    seq: uint64(b.seq, "seq"),
+    prev_seq: uint64(b.prev_seq, "prev_seq"),
+    t0,
+    drops,
+    events,
+  };
+}
