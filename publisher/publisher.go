@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,6 +47,10 @@ type Config struct {
 	// Spool, if set, takes the batches that do not fit in QueueBytes, and
 	// those still unacknowledged at Close; nil drops them (counted).
 	Spool *spool.Spool
+
+	// ServerURL names the NATS server in log messages (credentials already
+	// redacted); empty uses the connection's own redacted URL.
+	ServerURL string
 }
 
 // Defaults chosen near the bus's sweet spot: batches of tens of KiB.
@@ -544,9 +550,42 @@ func (p *Publisher) failed(b *batch, err error) {
 	copy(p.queue[i+1:], p.queue[i:])
 	p.queue[i] = b
 	seq, attempts := b.seq, b.attempts // b belongs to the send loop again once unlocked
+	pending := len(p.queue) + p.inflight
 	p.mu.Unlock()
-	p.warn("publish failed, will retry with the same message id", "seq", seq, "attempt", attempts, "retry_in", backoff, "err", err)
+	if !p.nc.IsConnected() {
+		// The client's own error says little then ("headers not supported"
+		// before the first connection, a timeout after): say what it is.
+		p.warn("NATS is not reachable: batches are kept (memory, then spool) and retried with the same message id",
+			"url", p.serverURL(), "status", p.nc.Status().String(), "pending_batches", pending, "spool_batches", p.spoolLen())
+	} else {
+		p.warn("publish failed, will retry with the same message id", "url", p.serverURL(), "seq", seq, "attempt", attempts, "retry_in", backoff, "err", err)
+	}
 	p.signal()
+}
+
+// serverURL names the server for log messages.
+func (p *Publisher) serverURL() string {
+	if p.cfg.ServerURL != "" {
+		return p.cfg.ServerURL
+	}
+	if u := p.nc.ConnectedUrlRedacted(); u != "" {
+		return u
+	}
+	var us []string
+	for _, s := range p.nc.Servers() {
+		if u, err := url.Parse(s); err == nil {
+			s = u.Redacted()
+		}
+		us = append(us, s)
+	}
+	return strings.Join(us, ",")
+}
+
+func (p *Publisher) spoolLen() int {
+	if p.cfg.Spool == nil {
+		return 0
+	}
+	return p.cfg.Spool.Len()
 }
 
 func (p *Publisher) stopped() bool {
@@ -635,6 +674,7 @@ func (p *Publisher) spoolLeftovers() error {
 		if p.cfg.Spool != nil {
 			if err := p.cfg.Spool.Put(b.sealedAt.UnixNano(), b.msgID, b.subject, b.events, b.data); err == nil {
 				kept++
+				p.spooled.Add(1)
 				continue
 			}
 		}
