@@ -140,9 +140,11 @@ func edgeBatches() map[string][]byte {
 		}
 		return enc.Finish(nil, seq, drops)
 	}
-	// dt_ns in every msgpack size: fixint, int8, uint16/32 (numbers in JS) and int64/uint64 (bigints).
+	// dt_ns in every msgpack integer encoding: positive and negative fixint, uint8/16/32 and int8/16/32
+	// (numbers in JavaScript), uint64 and int64 (bigints).
 	var near53 []schema.Event
-	for _, dt := range []int64{0, 1, -1, 3, -33, 1001, 70_001, 3_000_000_001, 5_000_000_001, -5_000_000_001} {
+	for _, dt := range []int64{0, 1, -1, 3, 201, -33, 1001, -201, 70_001, -70_001, 3_000_000_001, -2_000_000_001,
+		5_000_000_001, -5_000_000_001} {
 		near53 = append(near53, ev(above53+dt))
 	}
 	near53[1].CgroupID = above53
