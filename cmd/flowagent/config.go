@@ -3,60 +3,67 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/caarlos0/env/v10"
 
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/schema"
 )
 
 // Config is the agent's configuration, read from FLOWBUS_* variables. Every
 // field is documented in the README with its default.
 type Config struct {
-	NATSURL          string        `env:"NATS_URL"`
-	NATSCA           string        `env:"NATS_CA"`
-	NATSCert         string        `env:"NATS_CERT"`
-	NATSKey          string        `env:"NATS_KEY"`
-	NATSCreds        string        `env:"NATS_CREDS"`
-	NATSNKey         string        `env:"NATS_NKEY"`
-	NATSUser         string        `env:"NATS_USER"`
-	NATSPassword     string        `env:"NATS_PASSWORD"`
-	NATSToken        string        `env:"NATS_TOKEN"`
-	EmbeddedListen   string        `env:"EMBEDDED_LISTEN" envDefault:"127.0.0.1:4222"`
-	EmbeddedStoreDir string        `env:"EMBEDDED_STORE_DIR"`
-	CgroupPath       string        `env:"CGROUP_PATH"`
-	Host             string        `env:"HOST"`
-	SubjectPrefix    string        `env:"SUBJECT_PREFIX" envDefault:"flows"`
-	Stream           string        `env:"STREAM" envDefault:"FLOWS"`
-	ManageStream     bool          `env:"MANAGE_STREAM" envDefault:"true"`
-	StreamMaxAge     time.Duration `env:"STREAM_MAX_AGE" envDefault:"24h"`
-	StreamMaxBytes   int64         `env:"STREAM_MAX_BYTES" envDefault:"1073741824"`
-	StreamReplicas   int           `env:"STREAM_REPLICAS" envDefault:"1"`
-	StreamStorage    string        `env:"STREAM_STORAGE" envDefault:"file"`
-	StreamDuplicates time.Duration `env:"STREAM_DUPLICATES" envDefault:"2m"`
-	BatchMaxEvents   int           `env:"BATCH_MAX_EVENTS" envDefault:"4096"`
-	BatchMaxBytes    int           `env:"BATCH_MAX_BYTES" envDefault:"65536"`
-	BatchLinger      time.Duration `env:"BATCH_LINGER" envDefault:"100ms"`
-	QueueBytes       int           `env:"QUEUE_BYTES" envDefault:"33554432"`
-	MaxInflight      int           `env:"MAX_INFLIGHT" envDefault:"256"`
-	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s"`
-	SpoolDir         string        `env:"SPOOL_DIR"`
-	SpoolBytes       int64         `env:"SPOOL_BYTES" envDefault:"268435456"`
-	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304"`
-	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms"`
-	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536"`
-	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8"`
-	DNSMinTTL        time.Duration `env:"DNS_MIN_TTL" envDefault:"60s"`
-	DNSMaxTTL        time.Duration `env:"DNS_MAX_TTL" envDefault:"6h"`
-	MetricsAddr      string        `env:"METRICS_ADDR" envDefault:"127.0.0.1:9464"`
-	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info"`
-	LogFormat        string        `env:"LOG_FORMAT" envDefault:"text"`
-	ShutdownTimeout  time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s"`
+	NATSURL          string        `env:"NATS_URL" helpDefault:"empty: the embedded server" help:"comma-separated NATS URLs of an external server or cluster"`
+	NATSCA           string        `env:"NATS_CA" help:"CA file that signed the server's certificate (TLS)"`
+	NATSCert         string        `env:"NATS_CERT" help:"client certificate file for mutual TLS (with FLOWBUS_NATS_KEY)"`
+	NATSKey          string        `env:"NATS_KEY" help:"key file of FLOWBUS_NATS_CERT"`
+	NATSCreds        string        `env:"NATS_CREDS" help:".creds file (JWT and NKey) for operator-mode servers"`
+	NATSNKey         string        `env:"NATS_NKEY" help:"NKey seed file"`
+	NATSUser         string        `env:"NATS_USER" help:"user name (with FLOWBUS_NATS_PASSWORD)"`
+	NATSPassword     string        `env:"NATS_PASSWORD" help:"password of FLOWBUS_NATS_USER"`
+	NATSToken        string        `env:"NATS_TOKEN" help:"authentication token"`
+	EmbeddedListen   string        `env:"EMBEDDED_LISTEN" envDefault:"127.0.0.1:4222" help:"where the embedded server listens for consumers (port 0: any free port)"`
+	EmbeddedStoreDir string        `env:"EMBEDDED_STORE_DIR" helpDefault:"<state dir>/jetstream" help:"JetStream storage of the embedded server"`
+	CgroupPath       string        `env:"CGROUP_PATH" helpDefault:"the cgroup v2 root (whole host)" help:"the cgroup v2 directory to watch, all its descendants included"`
+	Host             string        `env:"HOST" helpDefault:"sanitized host name" help:"host token in subjects and message ids"`
+	SubjectPrefix    string        `env:"SUBJECT_PREFIX" envDefault:"flows" help:"subject prefix: batches go to <prefix>.<host>.<direction>"`
+	Stream           string        `env:"STREAM" envDefault:"FLOWS" help:"JetStream stream name"`
+	ManageStream     bool          `env:"MANAGE_STREAM" envDefault:"true" help:"create or update the stream (subjects <prefix>.>) at start"`
+	StreamMaxAge     time.Duration `env:"STREAM_MAX_AGE" envDefault:"24h" help:"stream retention by age (0: forever)"`
+	StreamMaxBytes   int64         `env:"STREAM_MAX_BYTES" envDefault:"1073741824" help:"stream retention by size; the oldest batches go first"`
+	StreamReplicas   int           `env:"STREAM_REPLICAS" envDefault:"1" help:"stream replicas, 1 to 5 (a cluster wants 3)"`
+	StreamStorage    string        `env:"STREAM_STORAGE" envDefault:"file" help:"stream storage: file or memory"`
+	StreamDuplicates time.Duration `env:"STREAM_DUPLICATES" envDefault:"2m" help:"deduplication window of Nats-Msg-Id: retries within it are stored once"`
+	BatchMaxEvents   int           `env:"BATCH_MAX_EVENTS" envDefault:"4096" help:"a batch is sent when it holds this many events"`
+	BatchMaxBytes    int           `env:"BATCH_MAX_BYTES" envDefault:"65536" help:"a batch is sent at this encoded size (capped by the server's max_payload)"`
+	BatchLinger      time.Duration `env:"BATCH_LINGER" envDefault:"100ms" help:"a batch is sent at the latest this long after its first event"`
+	QueueBytes       int           `env:"QUEUE_BYTES" envDefault:"33554432" help:"memory for unacknowledged batches; past it new ones go to the spool"`
+	MaxInflight      int           `env:"MAX_INFLIGHT" envDefault:"256" help:"batches published and awaiting their ack"`
+	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s" help:"an unacknowledged publish is retried after this, with the same message id"`
+	SpoolDir         string        `env:"SPOOL_DIR" helpDefault:"<state dir>/spool" help:"on-disk spool for batches NATS has not taken (off: drop them instead)"`
+	SpoolBytes       int64         `env:"SPOOL_BYTES" envDefault:"268435456" help:"bound of the spool on disk; past it whole batches are dropped and counted"`
+	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304" help:"kernel ring buffer size, a power of two"`
+	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
+	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
+	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8" help:"names kept per address (a CDN address serves many)"`
+	DNSMinTTL        time.Duration `env:"DNS_MIN_TTL" envDefault:"60s" help:"floor of a cached name's life"`
+	DNSMaxTTL        time.Duration `env:"DNS_MAX_TTL" envDefault:"6h" help:"ceiling of a cached name's life"`
+	MetricsAddr      string        `env:"METRICS_ADDR" envDefault:"127.0.0.1:9464" help:"Prometheus /metrics, /healthz and /readyz (off: disabled)"`
+	LogLevel         string        `env:"LOG_LEVEL" envDefault:"info" help:"debug, info, warn or error"`
+	LogFormat        string        `env:"LOG_FORMAT" envDefault:"text" help:"text or json"`
+	ShutdownTimeout  time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s" help:"on SIGINT or SIGTERM, how long to wait for outstanding acks"`
+	EmbeddedMonitor  string        `env:"EMBEDDED_MONITOR" helpDefault:"empty: off" help:"host:port of the embedded server's HTTP monitoring (/varz, /jsz, ...)"`
+	ReadyFile        string        `env:"READY_FILE" helpDefault:"empty: none" help:"file written once the agent runs (pid, run id, NATS URL), removed at exit"`
 }
 
 // LoadConfig reads and validates the environment. All problems are reported
@@ -65,7 +72,7 @@ func LoadConfig(environ map[string]string) (Config, error) {
 	var cfg Config
 	var problems []string
 	failed := map[string]bool{} // variables that did not parse are not validated again
-	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: "FLOWBUS_", Environment: environ}); err != nil {
+	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: envPrefix, Environment: environ}); err != nil {
 		var agg env.AggregateError
 		if errors.As(err, &agg) {
 			for _, e := range agg.Errors {
@@ -73,7 +80,7 @@ func LoadConfig(environ map[string]string) (Config, error) {
 				if errors.As(e, &pe) {
 					name := envName(pe.Name)
 					failed[name] = true
-					problems = append(problems, fmt.Sprintf("%s: %q is not a valid %s%s", name, environ[name], pe.Type, example(pe.Type)))
+					problems = append(problems, name+": "+parseProblem(environ[name], pe))
 					continue
 				}
 				problems = append(problems, e.Error())
@@ -93,29 +100,48 @@ func LoadConfig(environ map[string]string) (Config, error) {
 	return cfg, nil
 }
 
+// envPrefix starts the name of every flowbus environment variable.
+const envPrefix = "FLOWBUS_"
+
 // envName maps a Config field to its environment variable.
 func envName(field string) string {
 	if f, ok := reflect.TypeOf(Config{}).FieldByName(field); ok {
-		return "FLOWBUS_" + f.Tag.Get("env")
+		return envPrefix + f.Tag.Get("env")
 	}
 	return field
 }
 
-func example(t reflect.Type) string {
-	switch t {
+// parseProblem says in words what a value that did not parse should look
+// like: users set durations and numbers, not Go types.
+func parseProblem(value string, pe env.ParseError) string {
+	switch pe.Type {
 	case reflect.TypeOf(time.Duration(0)):
-		return " (e.g. 100ms, 5s, 24h)"
+		if _, err := strconv.ParseFloat(value, 64); err == nil {
+			return fmt.Sprintf("%q has no unit: write a duration such as 100ms or 2s (units: ms, s, m, h)", value)
+		}
+		return fmt.Sprintf("%q is not a duration such as 100ms or 2s (units: ms, s, m, h)", value)
 	case reflect.TypeOf(true):
-		return " (true or false)"
+		return fmt.Sprintf("%q must be true or false", value)
 	}
-	return ""
+	switch pe.Type.Kind() {
+	case reflect.Int, reflect.Int64:
+		if errors.Is(pe.Err, strconv.ErrRange) {
+			return fmt.Sprintf("%q is out of range for a whole number", value)
+		}
+		return fmt.Sprintf("%q is not a whole number such as 4096 (digits only, no unit)", value)
+	}
+	return fmt.Sprintf("%q cannot be read", value)
 }
 
 // ConfigError lists every invalid setting.
 type ConfigError struct{ Problems []string }
 
 func (e *ConfigError) Error() string {
-	return fmt.Sprintf("invalid configuration (%d problems):\n  - %s", len(e.Problems), strings.Join(e.Problems, "\n  - "))
+	n := "1 problem"
+	if len(e.Problems) != 1 {
+		n = fmt.Sprintf("%d problems", len(e.Problems))
+	}
+	return fmt.Sprintf("invalid configuration (%s):\n  - %s", n, strings.Join(e.Problems, "\n  - "))
 }
 
 // validate checks values and fills the defaults that depend on the host.
@@ -132,6 +158,11 @@ func (c *Config) validate() []string {
 		c.Host = schema.SanitizeHost(name)
 	} else if err := schema.ValidateHostToken(c.Host); err != nil {
 		bad("HOST", "%v", err)
+	}
+	if c.CgroupPath != "" {
+		if msg := cgroupProblem(c.CgroupPath); msg != "" {
+			bad("CGROUP_PATH", "%s", msg)
+		}
 	}
 	if err := schema.ValidatePrefix(c.SubjectPrefix); err != nil {
 		bad("SUBJECT_PREFIX", "%v", err)
@@ -238,6 +269,41 @@ func (c *Config) validate() []string {
 	return p
 }
 
+// cgroupProblem checks FLOWBUS_CGROUP_PATH with the other settings, so that
+// a wrong path is reported with them (exit status 2) instead of when the
+// programs load. It needs no privileges: stat and statfs only.
+func cgroupProblem(path string) string {
+	st, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Sprintf("%s does not exist: %s", path, cgroupHint())
+	case err != nil:
+		return fmt.Sprintf("%s cannot be checked (%v): %s", path, err, cgroupHint())
+	case !st.IsDir():
+		return fmt.Sprintf("%s is not a directory, and a cgroup is one: %s", path, cgroupHint())
+	}
+	// A directory: the same check the programs' loader makes, so that the
+	// two cannot disagree.
+	if err := cgroupv2.CheckDir(path); err != nil {
+		// Hybrid hosts mount v2 beside the v1 controllers: say where.
+		if root, rerr := cgroupv2.DetectRoot(); rerr == nil {
+			return fmt.Sprintf("%v (this host's cgroup v2 root is %s)", err, root)
+		}
+		return err.Error()
+	}
+	return ""
+}
+
+// cgroupHint says where the cgroups of this host are and how to find one.
+func cgroupHint() string {
+	root, err := cgroupv2.DetectRoot()
+	if err != nil {
+		return "this host has no cgroup v2 file system mounted, and the agent needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+	}
+	return fmt.Sprintf("set it to a directory under the cgroup v2 root %s (list them with systemd-cgls or find %s -type d; "+
+		"a process's cgroup is that root joined with the path in /proc/<pid>/cgroup), or leave it empty to watch the whole host", root, root)
+}
+
 // validateNATSAuth checks the TLS and credential settings: files must be
 // readable, and one way to authenticate at most.
 func (c *Config) validateNATSAuth(bad func(v, format string, a ...any)) {
@@ -294,4 +360,201 @@ func StateDir() string {
 		return filepath.Join(h, ".local", "state", "flowbus")
 	}
 	return filepath.Join(os.TempDir(), "flowbus")
+}
+
+// otherVariables are the FLOWBUS_* variables that the rest of flowbus reads:
+// the consumers, the deployment files and the tests. They are known, so
+// setting them for the agent too (one environment for all) draws no warning.
+var otherVariables = []string{
+	"FLOWBUS_DB",                       // flowstat: its database
+	"FLOWBUS_FLOWSTAT_CONSUMER",        // flowstat run
+	"FLOWBUS_FLOWSTAT_FILTER",          // flowstat run
+	"FLOWBUS_FLOWSTAT_START",           // flowstat run
+	"FLOWBUS_FLOWSTAT_BUCKET",          // flowstat run
+	"FLOWBUS_FLOWSTAT_DEADLETTER",      // flowstat run
+	"FLOWBUS_STAT_METRICS_ADDR",        // flowstat run: its metrics endpoint
+	"FLOWBUS_HOST_CGROUP2",             // docker-compose.yml: the host's cgroup v2 mount
+	"FLOWBUS_CONSUMER_PASSWORD_BCRYPT", // deploy/nats: NATS server accounts
+	"FLOWBUS_ADMIN_PASSWORD_BCRYPT",    // deploy/nats: NATS server accounts
+	"FLOWBUS_DEMO_LOG",                 // deploy/run-demo.sh
+	"FLOWBUS_DEPLOY_STRICT",            // deploy tests
+	"FLOWBUS_REQUIRE_PRIVILEGED",       // tests: fail instead of skip without root
+	"FLOWBUS_REQUIRE_POSTGRES",         // tests: fail instead of skip without PostgreSQL
+	"FLOWBUS_PG_BIN",                   // tests: where PostgreSQL's binaries are
+	"FLOWBUS_TEST_HELPER",              // tests: a re-executed test binary's role
+}
+
+// knownVariables are every FLOWBUS_* variable a flowbus program reads.
+func knownVariables() map[string]bool {
+	known := map[string]bool{}
+	t := reflect.TypeOf(Config{})
+	for i := 0; i < t.NumField(); i++ {
+		known[envPrefix+t.Field(i).Tag.Get("env")] = true
+	}
+	for _, v := range otherVariables {
+		known[v] = true
+	}
+	return known
+}
+
+// UnknownVariables returns one warning for every FLOWBUS_* variable of
+// environ that no flowbus program reads, naming the closest known ones: a
+// misspelt setting would otherwise be ignored without a word.
+func UnknownVariables(environ map[string]string) []string {
+	known := knownVariables()
+	names := make([]string, 0, len(known))
+	for k := range known {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	var warnings []string
+	for k := range environ {
+		upper := strings.ToUpper(k)
+		if !strings.HasPrefix(upper, envPrefix) || known[k] {
+			continue
+		}
+		if known[upper] {
+			warnings = append(warnings, fmt.Sprintf("%s is ignored: variable names are case-sensitive; did you mean %s?", k, upper))
+			continue
+		}
+		w := k + " is not a flowbus setting and is ignored"
+		if s := suggest(upper, names); len(s) > 0 {
+			w += "; did you mean " + strings.Join(s, " or ") + "?"
+		} else {
+			w += " (flowagent --help lists the settings)"
+		}
+		warnings = append(warnings, w)
+	}
+	sort.Strings(warnings)
+	return warnings
+}
+
+// suggest returns the known names closest to name: those at the smallest
+// edit distance if it is small for the name's length, else those that hold
+// every word of name (LINGER: BATCH_LINGER). More than three
+// equally close names are no useful hint, so then it returns none.
+func suggest(name string, known []string) []string {
+	tail := strings.TrimPrefix(name, envPrefix)
+	limit := 1
+	switch {
+	case len(tail) > 8:
+		limit = 3
+	case len(tail) > 4:
+		limit = 2
+	}
+	var best []string
+	bestD := limit + 1
+	for _, k := range known {
+		d := editDistance(tail, strings.TrimPrefix(k, envPrefix))
+		switch {
+		case d < bestD:
+			best, bestD = []string{k}, d
+		case d == bestD:
+			best = append(best, k)
+		}
+	}
+	if len(best) == 0 {
+		words := strings.Split(tail, "_")
+		fewest := -1
+		for _, k := range known {
+			kw := strings.Split(strings.TrimPrefix(k, envPrefix), "_")
+			if !containsAll(kw, words) {
+				continue
+			}
+			switch extra := len(kw) - len(words); {
+			case fewest < 0 || extra < fewest:
+				best, fewest = []string{k}, extra
+			case extra == fewest:
+				best = append(best, k)
+			}
+		}
+	}
+	if len(best) > 3 {
+		return nil
+	}
+	return best
+}
+
+func containsAll(set, words []string) bool {
+	for _, w := range words {
+		if w != "" && !slices.Contains(set, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// editDistance is the number of single-character insertions, deletions,
+// substitutions and swaps of neighbours that turn a into b (the optimal
+// string alignment distance): a swap is one typo, not two.
+func editDistance(a, b string) int {
+	prev2 := make([]int, len(b)+1)
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+			if i > 1 && j > 1 && a[i-1] == b[j-2] && a[i-2] == b[j-1] {
+				cur[j] = min(cur[j], prev2[j-2]+1)
+			}
+		}
+		prev2, prev, cur = prev, cur, prev2
+	}
+	return prev[len(b)]
+}
+
+// HelpText is flowagent --help. The variables, defaults and meanings come
+// from Config's struct tags, so the list cannot drift from what is read.
+func HelpText() string {
+	var b strings.Builder
+	b.WriteString(`flowagent reports every TCP connection that begins on a cgroup
+(net_flow_tcp_begin) to NATS JetStream.
+
+Usage:
+  flowagent             run the agent
+  flowagent --version   print its version and the embedded nats-server's, exit
+  flowagent --help      print this help, exit
+
+It takes no other arguments: every setting is an environment variable. Invalid
+settings are all reported at once, and the agent exits with status 2; a
+FLOWBUS_* variable that no flowbus program reads is reported as a warning.
+
+Settings, each with its default and meaning:
+`)
+	t := reflect.TypeOf(Config{})
+	width := 0
+	for i := 0; i < t.NumField(); i++ {
+		width = max(width, len(envPrefix+t.Field(i).Tag.Get("env")))
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		// The meaning has a line of its own, so that the page fits 80 columns.
+		fmt.Fprintf(&b, "  %-*s  default: %s\n      %s\n", width, envPrefix+f.Tag.Get("env"), helpDefault(f), f.Tag.Get("help"))
+	}
+	b.WriteString(`
+<state dir> is $STATE_DIRECTORY (set by systemd), else $XDG_STATE_HOME/flowbus,
+else /var/lib/flowbus for root and ~/.local/state/flowbus for other users.
+More in README.md, section Configuration.
+`)
+	return b.String()
+}
+
+// helpDefault is the default --help shows for a field: envDefault, else the
+// helpDefault tag of a default the agent works out at start, else "unset".
+func helpDefault(f reflect.StructField) string {
+	if d := f.Tag.Get("envDefault"); d != "" {
+		return d
+	}
+	if d := f.Tag.Get("helpDefault"); d != "" {
+		return d
+	}
+	return "unset"
 }

@@ -1,10 +1,22 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 func TestConfigDefaults(t *testing.T) {
@@ -65,5 +77,310 @@ func TestConfigRemoteURLs(t *testing.T) {
 func TestRedactURL(t *testing.T) {
 	if got := redactURL("nats://user:secret@host:4222"); strings.Contains(got, "secret") {
 		t.Errorf("secret in %q", got)
+	}
+}
+
+// Values that do not parse are described in words, never by Go type.
+func TestConfigParseErrorsInWords(t *testing.T) {
+	for _, c := range []struct{ name, value, want string }{
+		{"FLOWBUS_BATCH_LINGER", "abc", `"abc" is not a duration such as 100ms or 2s`},
+		{"FLOWBUS_ACK_TIMEOUT", "5", `"5" has no unit: write a duration such as 100ms or 2s`},
+		{"FLOWBUS_BATCH_MAX_EVENTS", "4k", `"4k" is not a whole number such as 4096`},
+		{"FLOWBUS_STREAM_MAX_BYTES", "1.5", `"1.5" is not a whole number such as 4096`},
+		{"FLOWBUS_QUEUE_BYTES", "99999999999999999999", `"99999999999999999999" is out of range for a whole number`},
+		{"FLOWBUS_MANAGE_STREAM", "yes", `"yes" must be true or false`},
+	} {
+		_, err := LoadConfig(map[string]string{c.name: c.value})
+		var ce *ConfigError
+		if !errors.As(err, &ce) || len(ce.Problems) != 1 {
+			t.Errorf("%s=%s: want exactly one problem, got %v", c.name, c.value, err)
+			continue
+		}
+		if p := ce.Problems[0]; p != c.name+": "+c.want && !strings.HasPrefix(p, c.name+": "+c.want+" ") {
+			t.Errorf("%s=%s:\n got %q\nwant %q", c.name, c.value, p, c.name+": "+c.want)
+		}
+		for _, goism := range []string{"time.Duration", "int64", "int ", "bool", "strconv", "parse error", "field"} {
+			if strings.Contains(err.Error(), goism) {
+				t.Errorf("%s=%s: message names %q: %v", c.name, c.value, goism, err)
+			}
+		}
+	}
+}
+
+// A wrong FLOWBUS_CGROUP_PATH is a configuration problem like the others,
+// found without privileges, with a message for each way it can be wrong.
+func TestConfigCgroupPath(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ path, want string }{
+		{filepath.Join(dir, "missing"), "does not exist: "},
+		{file, "is not a directory"},
+		{"/etc/passwd", "is not a directory"},
+		{dir, "not on a cgroup v2 file system (it may be a v1 controller)"},
+	} {
+		_, err := LoadConfig(map[string]string{"FLOWBUS_CGROUP_PATH": c.path, "FLOWBUS_LOG_LEVEL": "loud"})
+		var ce *ConfigError
+		if !errors.As(err, &ce) || len(ce.Problems) != 2 {
+			t.Errorf("%s: want the cgroup and the log level problems together, got %v", c.path, err)
+			continue
+		}
+		if p := ce.Problems[0]; !strings.HasPrefix(p, "FLOWBUS_CGROUP_PATH: ") || !strings.Contains(p, c.path+" ") || !strings.Contains(p, c.want) {
+			t.Errorf("%s: got %q, want it to name the variable, the path and %q", c.path, p, c.want)
+		}
+	}
+	if _, err := LoadConfig(map[string]string{"FLOWBUS_CGROUP_PATH": "/etc/passwd"}); err == nil || !strings.HasPrefix(err.Error(), "invalid configuration (1 problem):\n  - FLOWBUS_CGROUP_PATH: /etc/passwd is not a directory") {
+		t.Errorf("one problem: %v", err)
+	}
+	root, err := cgroupv2.DetectRoot()
+	if err != nil {
+		t.Skipf("no cgroup v2 hierarchy here to check the good case: %v", err)
+	}
+	// A missing path tells where the cgroups are and how to list them.
+	_, err = LoadConfig(map[string]string{"FLOWBUS_CGROUP_PATH": filepath.Join(root, "no-such-cgroup-flowbus")})
+	if err == nil || !strings.Contains(err.Error(), "find "+root+" -type d") || !strings.Contains(err.Error(), "/proc/<pid>/cgroup") {
+		t.Errorf("missing cgroup: no hint how to list the cgroups: %v", err)
+	}
+	_, err = LoadConfig(map[string]string{"FLOWBUS_CGROUP_PATH": t.TempDir()})
+	if err == nil || !strings.Contains(err.Error(), "this host's cgroup v2 root is "+root) {
+		t.Errorf("a directory off cgroup v2: the root is not named: %v", err)
+	}
+	if _, err := LoadConfig(map[string]string{"FLOWBUS_CGROUP_PATH": root}); err != nil {
+		t.Errorf("the cgroup v2 root %s is refused: %v", root, err)
+	}
+}
+
+// runFlowagent runs the program's main logic with args and env.
+func runFlowagent(t *testing.T, env map[string]string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code = run(args, env, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+// Every configuration problem, the cgroup path included, exits with status
+// 2 and is reported at once; unknown variables are mentioned first.
+func TestConfigErrorsExitStatus2(t *testing.T) {
+	code, out, errOut := runFlowagent(t, map[string]string{
+		"FLOWBUS_CGROUP_PATH":   "/etc/passwd",
+		"FLOWBUS_BATCH_LINGER":  "abc",
+		"FLOWBUS_BATCH_LINGERR": "1s",
+	})
+	if code != 2 || out != "" {
+		t.Errorf("exit status %d (want 2), stdout %q", code, out)
+	}
+	for _, want := range []string{
+		"flowagent: warning: FLOWBUS_BATCH_LINGERR is not a flowbus setting and is ignored; did you mean FLOWBUS_BATCH_LINGER?",
+		"invalid configuration (2 problems)",
+		"FLOWBUS_CGROUP_PATH: /etc/passwd is not a directory",
+		`FLOWBUS_BATCH_LINGER: "abc" is not a duration such as 100ms or 2s`,
+	} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, errOut)
+		}
+	}
+	if strings.Index(errOut, "warning:") > strings.Index(errOut, "invalid configuration") {
+		t.Errorf("the warning comes after the errors:\n%s", errOut)
+	}
+}
+
+// flowagent takes no arguments but --help and --version; a flag that names
+// a setting gets the variable to set.
+func TestConfigArguments(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run"}, `unexpected argument "run": flowagent takes no arguments but --help and --version`},
+		{[]string{"--help", "extra"}, `unexpected argument "--help"`},
+		{[]string{"--batch-linger=1s"}, "set the environment variable FLOWBUS_BATCH_LINGER=1s instead"},
+		{[]string{"--nats-url", "nats://a:4222"}, "set the environment variable FLOWBUS_NATS_URL=nats://a:4222 instead"},
+		{[]string{"-stream"}, "set the environment variable FLOWBUS_STREAM=... instead"},
+		{[]string{"--bogus"}, "configure it with FLOWBUS_* environment variables (flowagent --help lists them)"},
+	} {
+		code, out, errOut := runFlowagent(t, nil, c.args...)
+		if code != 2 || out != "" || !strings.Contains(errOut, c.want) {
+			t.Errorf("flowagent %q: status %d (want 2), stdout %q, stderr %q (want %q)", c.args, code, out, errOut, c.want)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"--version", "version", "-version"} {
+		code, out, errOut := runFlowagent(t, nil, arg)
+		want := buildinfo.Line("flowagent") + "\nembedded nats-server " + server.VERSION + "\n"
+		if code != 0 || out != want || errOut != "" {
+			t.Errorf("flowagent %s: status %d, stdout %q (want %q), stderr %q", arg, code, out, want, errOut)
+		}
+	}
+	if !strings.HasPrefix(versionText(), "flowagent ") || !regexp.MustCompile(`nats-server \d+\.\d+\.\d+`).MatchString(versionText()) {
+		t.Errorf("version text %q", versionText())
+	}
+}
+
+// --help lists every variable the agent reads, with its default and meaning.
+func TestHelpListsEveryVariable(t *testing.T) {
+	code, help, errOut := runFlowagent(t, nil, "--help")
+	if code != 0 || errOut != "" {
+		t.Fatalf("--help: status %d, stderr %q", code, errOut)
+	}
+	for _, arg := range []string{"-h", "help"} {
+		if _, out, _ := runFlowagent(t, nil, arg); out != help {
+			t.Errorf("flowagent %s differs from --help", arg)
+		}
+	}
+	ct := reflect.TypeOf(Config{})
+	for i := 0; i < ct.NumField(); i++ {
+		f := ct.Field(i)
+		name, meaning := "FLOWBUS_"+f.Tag.Get("env"), f.Tag.Get("help")
+		if f.Tag.Get("env") == "" || meaning == "" {
+			t.Errorf("Config.%s has no env or help tag", f.Name)
+			continue
+		}
+		def := f.Tag.Get("envDefault")
+		if def == "" {
+			def = f.Tag.Get("helpDefault")
+		}
+		if def == "" {
+			// Only settings that are off when unset have no default.
+			if f.Type.Kind() != reflect.String {
+				t.Errorf("Config.%s has no default to show", f.Name)
+			}
+			def = "unset"
+		}
+		line := regexp.MustCompile(`(?m)^  ` + regexp.QuoteMeta(name) + ` +default: ` + regexp.QuoteMeta(def) + "\n      " + regexp.QuoteMeta(meaning) + "$")
+		if !line.MatchString(help) {
+			t.Errorf("--help does not list %s with default %q and meaning %q", name, def, meaning)
+		}
+	}
+	for _, want := range []string{"FLOWBUS_BATCH_LINGER        default: 100ms\n", "FLOWBUS_METRICS_ADDR        default: 127.0.0.1:9464\n", "<state dir> is $STATE_DIRECTORY"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("--help lacks %q", want)
+		}
+	}
+	for _, l := range strings.Split(help, "\n") {
+		if len(l) > 80 {
+			t.Errorf("--help line wider than 80 columns: %q", l)
+		}
+	}
+}
+
+// The README's table documents every variable with the default of the code.
+func TestConfigREADMEDocumentsEveryVariable(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string]string{}
+	for _, l := range strings.Split(string(readme), "\n") {
+		if !strings.HasPrefix(l, "| `FLOWBUS_") {
+			continue
+		}
+		cells := strings.Split(l, "|")
+		for _, m := range regexp.MustCompile("`(FLOWBUS_[A-Z0-9_]+)`").FindAllStringSubmatch(cells[1], -1) {
+			rows[m[1]] = strings.TrimSpace(cells[2])
+		}
+	}
+	ct := reflect.TypeOf(Config{})
+	for i := 0; i < ct.NumField(); i++ {
+		f := ct.Field(i)
+		name := "FLOWBUS_" + f.Tag.Get("env")
+		def, ok := rows[name]
+		if !ok {
+			t.Errorf("README.md, Configuration: no row for %s", name)
+			continue
+		}
+		if d := f.Tag.Get("envDefault"); d != "" && def != "`"+d+"`" {
+			t.Errorf("README.md: %s defaults to %s, the code to `%s`", name, def, d)
+		}
+	}
+}
+
+func TestUnknownVariables(t *testing.T) {
+	got := UnknownVariables(map[string]string{
+		"FLOWBUS_BATCH_LINGERR": "1s",     // one letter too many
+		"FLOWBUS_HOTS":          "web-01", // two letters swapped
+		"FLOWBUS_LINGER":        "1s",     // a word missing
+		"FLOWBUS_MAX_BYTES":     "1",      // two settings fit
+		"FLOWBUS_ZZZ":           "1",      // nothing near
+		"flowbus_stream":        "X",      // wrong case
+		// Known: the agent's, the consumers', the tests' and the deployment's.
+		"FLOWBUS_BATCH_LINGER": "1s", "FLOWBUS_DB": "x.db", "FLOWBUS_NATS_URL": "nats://a", "FLOWBUS_STAT_METRICS_ADDR": ":1",
+		"FLOWBUS_FLOWSTAT_FILTER": "flows.>", "FLOWBUS_REQUIRE_PRIVILEGED": "1", "FLOWBUS_REQUIRE_POSTGRES": "1",
+		"FLOWBUS_DEMO_LOG": "/tmp/x", "FLOWBUS_HOST_CGROUP2": "/sys/fs/cgroup",
+		"PATH": "/bin", "XFLOWBUS_HOST": "x", // not ours
+	})
+	want := []string{
+		"FLOWBUS_BATCH_LINGERR is not a flowbus setting and is ignored; did you mean FLOWBUS_BATCH_LINGER?",
+		"FLOWBUS_HOTS is not a flowbus setting and is ignored; did you mean FLOWBUS_HOST?",
+		"FLOWBUS_LINGER is not a flowbus setting and is ignored; did you mean FLOWBUS_BATCH_LINGER?",
+		"FLOWBUS_MAX_BYTES is not a flowbus setting and is ignored; did you mean FLOWBUS_BATCH_MAX_BYTES or FLOWBUS_STREAM_MAX_BYTES?",
+		"FLOWBUS_ZZZ is not a flowbus setting and is ignored (flowagent --help lists the settings)",
+		"flowbus_stream is ignored: variable names are case-sensitive; did you mean FLOWBUS_STREAM?",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+}
+
+// The warnings of a valid configuration go to the log.
+func TestUnknownVariablesLogged(t *testing.T) {
+	var buf bytes.Buffer
+	cfg, err := LoadConfig(map[string]string{"FLOWBUS_LOG_FORMAT": "json", "FLOWBUS_BATCH_LINGERR": "1s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	warnUnknown(newLogger(cfg, &buf), UnknownVariables(map[string]string{"FLOWBUS_BATCH_LINGERR": "1s"}))
+	var rec struct{ Level, Msg string }
+	if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
+		t.Fatalf("log %q: %v", buf.String(), err)
+	}
+	if rec.Level != "WARN" || !strings.Contains(rec.Msg, "did you mean FLOWBUS_BATCH_LINGER?") {
+		t.Errorf("log record %+v", rec)
+	}
+}
+
+// Every FLOWBUS_* name anywhere in the repository (code, scripts,
+// deployment files, docs) is a known variable, so none draws a warning.
+func TestUnknownVariablesKnowsTheRepository(t *testing.T) {
+	known := knownVariables()
+	name := regexp.MustCompile(`\bFLOWBUS_[A-Z0-9]+(?:_[A-Z0-9]+)*\b`)
+	seen := 0
+	err := filepath.WalkDir("../..", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if n := d.Name(); n == ".git" || n == "bin" || n == "node_modules" {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		// Tests may set names no program reads on purpose.
+		if strings.HasSuffix(path, "_test.go") || !d.Type().IsRegular() {
+			return nil
+		}
+		if info, err := d.Info(); err != nil || info.Size() > 4<<20 {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, v := range name.FindAllString(string(b), -1) {
+			seen++
+			if !known[v] {
+				t.Errorf("%s names %s, which the agent would warn about: add it to otherVariables in cmd/flowagent/config.go", path, v)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seen < 100 {
+		t.Errorf("found only %d FLOWBUS_* names in the repository: is the walk broken?", seen)
 	}
 }

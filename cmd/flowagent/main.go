@@ -6,12 +6,17 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"runtime"
 	"strings"
 	"syscall"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 func main() {
@@ -23,7 +28,7 @@ func main() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(1)
 	}
-	os.Exit(run(os.Args[1:]))
+	os.Exit(run(os.Args[1:], environ(), os.Stdout, os.Stderr))
 }
 
 func environ() map[string]string {
@@ -36,21 +41,41 @@ func environ() map[string]string {
 	return m
 }
 
-func run(args []string) int {
+// versionText is flowagent --version: the build, and the nats-server
+// compiled in, which is what a bug report about the embedded server needs.
+func versionText() string {
+	return buildinfo.Line("flowagent") + "\nembedded nats-server " + server.VERSION + "\n"
+}
+
+// run is the whole program: arguments, environment and output are passed
+// in, so that tests can run it.
+func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 	if len(args) > 0 {
-		if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-			fmt.Println("flowagent: reports TCP connection beginnings (net_flow_tcp_begin) to NATS JetStream.\nIt takes no arguments; configure it with FLOWBUS_* environment variables (see README.md).")
-			return 0
+		if len(args) == 1 {
+			switch args[0] {
+			case "-h", "-help", "--help", "help":
+				fmt.Fprint(stdout, HelpText())
+				return 0
+			case "-version", "--version", "version":
+				fmt.Fprint(stdout, versionText())
+				return 0
+			}
 		}
-		fmt.Fprintf(os.Stderr, "flowagent takes no arguments (got %q); configure it with FLOWBUS_* environment variables, see --help\n", args)
+		fmt.Fprintln(stderr, "flowagent:", argsProblem(args))
 		return 2
 	}
-	cfg, err := LoadConfig(environ())
+	warnings := UnknownVariables(env)
+	cfg, err := LoadConfig(env)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "flowagent:", err)
+		// A misspelt variable may be why a setting is missing: say so first.
+		for _, w := range warnings {
+			fmt.Fprintln(stderr, "flowagent: warning:", w)
+		}
+		fmt.Fprintln(stderr, "flowagent:", err)
 		return 2
 	}
-	log := newLogger(cfg)
+	log := newLogger(cfg, stderr)
+	warnUnknown(log, warnings)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -58,7 +83,7 @@ func run(args []string) int {
 	a, err := Start(ctx, cfg, log)
 	if err != nil {
 		// One plain line: it names the problem and the fix.
-		fmt.Fprintln(os.Stderr, "flowagent:", err)
+		fmt.Fprintln(stderr, "flowagent:", err)
 		return 1
 	}
 	if cfg.MetricsAddr != "" && cfg.MetricsAddr != "off" {
@@ -73,12 +98,40 @@ func run(args []string) int {
 	return 0
 }
 
-func newLogger(cfg Config) *slog.Logger {
+// argsProblem explains why args are refused. A flag that names a setting
+// (--batch-linger=1s) gets the variable to set instead.
+func argsProblem(args []string) string {
+	msg := fmt.Sprintf("unexpected argument %q: flowagent takes no arguments but --help and --version; "+
+		"configure it with FLOWBUS_* environment variables (flowagent --help lists them)", args[0])
+	flag, value, hasValue := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
+	if strings.HasPrefix(args[0], "-") && flag != "" {
+		name := envPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+		if knownVariables()[name] {
+			if !hasValue {
+				value = "..."
+				if len(args) > 1 {
+					value = args[1]
+				}
+			}
+			msg = fmt.Sprintf("unexpected argument %q: flowagent takes no flags; set the environment variable %s=%s instead", args[0], name, value)
+		}
+	}
+	return msg
+}
+
+// warnUnknown logs the warnings about unknown FLOWBUS_* variables.
+func warnUnknown(log *slog.Logger, warnings []string) {
+	for _, w := range warnings {
+		log.Warn(w)
+	}
+}
+
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	var lvl slog.Level
 	_ = lvl.UnmarshalText([]byte(cfg.LogLevel))
 	opts := &slog.HandlerOptions{Level: lvl}
 	if cfg.LogFormat == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+		return slog.New(slog.NewJSONHandler(w, opts))
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	return slog.New(slog.NewTextHandler(w, opts))
 }

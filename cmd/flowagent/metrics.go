@@ -8,9 +8,12 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 // agentCollector reads the agent's counters at scrape time, so the hot path
@@ -136,11 +139,34 @@ func (m *batchMetrics) observe(events, bytes int, sealedAt time.Time) {
 	m.latency.Observe(time.Since(sealedAt).Seconds())
 }
 
+// buildInfoCollector exports flowbus_build_info, always 1: its labels tell
+// which build runs, so dashboards can show a fleet's versions and join them
+// to other metrics.
+type buildInfoCollector struct {
+	desc   *prometheus.Desc
+	labels []string
+}
+
+func newBuildInfoCollector() *buildInfoCollector {
+	in := buildinfo.Get()
+	return &buildInfoCollector{
+		desc: prometheus.NewDesc("flowbus_build_info", "Always 1; the labels tell the agent's version, commit, Go version and embedded nats-server version.",
+			[]string{"version", "commit", "goversion", "nats_server"}, nil),
+		labels: []string{in.Version, in.CommitShort(), in.GoVersion, server.VERSION},
+	}
+}
+
+func (c *buildInfoCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *buildInfoCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, 1, c.labels...)
+}
+
 // serveMetrics serves /metrics, /healthz and /readyz until ctx ends. It
 // returns the address it listens on.
 func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) (net.Addr, error) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newAgentCollector(a), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	reg.MustRegister(newAgentCollector(a), newBuildInfoCollector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		a.batchMetrics.events, a.batchMetrics.bytes, a.batchMetrics.latency)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

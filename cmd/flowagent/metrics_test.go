@@ -5,12 +5,19 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 // metric returns the value of one sample line of a Prometheus text page.
@@ -97,6 +104,9 @@ func TestMetricsAfterTraffic(t *testing.T) {
 			t.Errorf("%s = %v, want %v", sample, got, want)
 		}
 	}
+	if got := metric(t, page, buildInfoSample()); got != 1 {
+		t.Errorf("%s = %v, want 1", buildInfoSample(), got)
+	}
 	batches := metric(t, page, "flowbus_agent_batches_acked_total")
 	if batches < 1 || metric(t, page, "flowbus_agent_batch_events_count") != batches ||
 		metric(t, page, "flowbus_agent_publish_latency_seconds_count") != batches ||
@@ -105,5 +115,30 @@ func TestMetricsAfterTraffic(t *testing.T) {
 	}
 	if metric(t, page, "flowbus_agent_batch_bytes_sum") != metric(t, page, "flowbus_agent_batch_bytes_acked_total") {
 		t.Errorf("batch bytes histogram and counter disagree")
+	}
+}
+
+// buildInfoSample is the flowbus_build_info sample of this binary.
+func buildInfoSample() string {
+	in := buildinfo.Get()
+	return `flowbus_build_info{commit="` + in.CommitShort() + `",goversion="` + in.GoVersion +
+		`",nats_server="` + server.VERSION + `",version="` + in.Version + `"}`
+}
+
+// flowbus_build_info is 1 with the labels --version prints.
+func TestMetricBuildInfo(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(newBuildInfoCollector())
+	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	defer srv.Close()
+	_, page := get(t, srv.URL)
+	if got := metric(t, page, buildInfoSample()); got != 1 {
+		t.Errorf("%s = %v, want 1", buildInfoSample(), got)
+	}
+	if !strings.Contains(page, "# TYPE flowbus_build_info gauge") {
+		t.Errorf("flowbus_build_info is not a gauge:\n%s", page)
+	}
+	if v := versionText(); !strings.Contains(v, buildinfo.Get().String()) || !strings.Contains(v, server.VERSION) {
+		t.Errorf("--version %q and the metric's labels disagree", v)
 	}
 }
