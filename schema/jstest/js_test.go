@@ -395,3 +395,27 @@ func checkBatch(t *testing.T, p *published, js *jsBatch) {
 		}
 	}
 }
+
+// A batch of a future major must be refused with the error of FORMAT.md's decoding rule 1, never read.
+func TestJavaScriptClientRejectsUnknownMajor(t *testing.T) {
+	node := requireNode(t)
+	srv := tailtest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	srv.CreateStream(t, "FUTURE", "future.>")
+	data, err := msgpack.Marshal(map[string]any{"schema_major": 2, "schema_minor": 0, "host": "web-01",
+		"conn_direction": "outgoing", "run_id": "r", "seq": 1, "prev_seq": 0, "t0": int64(above53),
+		"endpoints": []any{}, "events": []any{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Publish(t, "future.web-01.outgoing", data)
+	out, err := exec.CommandContext(ctx, node, "decode.mjs", srv.URL, "FUTURE").CombinedOutput()
+	if err == nil {
+		t.Fatalf("decode.mjs accepted a schema major 2 batch:\n%s", out)
+	}
+	const want = "flowbus batch schema major 2 is not supported by this consumer (supports 1): upgrade the consumer"
+	if !strings.Contains(string(out), want) {
+		t.Fatalf("decode.mjs on a schema major 2 batch: %v\n%s\nwant the message %q", err, out, want)
+	}
+}
