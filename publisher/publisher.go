@@ -155,7 +155,9 @@ type Publisher struct {
 	stop     chan struct{}
 	done     chan struct{}
 	bufs     sync.Pool
-	lastWarn atomic.Int64
+	// lastWarn rate limits each warning on its own (message -> *atomic.Int64),
+	// so steady retry warnings never hide a drop.
+	lastWarn sync.Map
 
 	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors atomic.Uint64
 
@@ -356,8 +358,10 @@ func (p *Publisher) sealLocked(d *dirState) {
 // warn logs at most once per second so that an outage does not flood the log.
 func (p *Publisher) warn(msg string, args ...any) {
 	now := time.Now().UnixNano()
-	last := p.lastWarn.Load()
-	if now-last < int64(time.Second) || !p.lastWarn.CompareAndSwap(last, now) {
+	v, _ := p.lastWarn.LoadOrStore(msg, new(atomic.Int64))
+	lw := v.(*atomic.Int64)
+	last := lw.Load()
+	if now-last < int64(time.Second) || !lw.CompareAndSwap(last, now) {
 		return
 	}
 	p.log.Warn(msg, args...)
