@@ -171,7 +171,7 @@ func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader) (addrRec, cn
 	switch rh.Type {
 	case dnsmessage.TypeA:
 		if rh.Length != 4 {
-			return addrRec{}, cname{}, fmt.Errorf("A record data length %d", rh.Length)
+			return addrRec{}, cname{}, fmt.Errorf("data length %d of an A record", rh.Length)
 		}
 		r, err := p.AResource()
 		if err != nil {
@@ -180,7 +180,7 @@ func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader) (addrRec, cn
 		ip = netip.AddrFrom4(r.A)
 	case dnsmessage.TypeAAAA:
 		if rh.Length != 16 {
-			return addrRec{}, cname{}, fmt.Errorf("AAAA record data length %d", rh.Length)
+			return addrRec{}, cname{}, fmt.Errorf("data length %d of an AAAA record", rh.Length)
 		}
 		r, err := p.AAAAResource()
 		if err != nil {

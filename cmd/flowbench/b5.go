@@ -131,7 +131,6 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		}
 		return s
 	}
-	var runs []b5Run
 	for _, mode := range []string{"embedded", "external"} {
 		progress("B5 (%s): paced storm %.0f conn/s x %g s, %d workers, in %s", mode, p.B5Rate, p.B5Seconds, p.Workers, cg.Path)
 		r, err := measure(mode)
@@ -144,7 +143,6 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 			}
 			continue
 		}
-		runs = append(runs, r)
 		progress("B5 (%s): %s", mode, describe(r))
 		row := &rowEmb
 		if mode == "external" {
