@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"os"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -39,6 +42,7 @@ type Agent struct {
 	cgroups *cgroupv2.Containers
 
 	batchMetrics *batchMetrics
+	locks        agentLocks
 
 	selfExcluded atomic.Uint64
 	kernelSeen   bpf.Counters // kernel counters already reported
@@ -78,12 +82,22 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		if !ok {
 			a.capture.Close()
 			a.shutdownNATS()
+			a.locks.release()
 		}
 	}()
+	// Before anything is shared: a second agent on the same capture, store
+	// or spool would double every event or corrupt the store.
+	if a.locks, err = takeLocks(cfg, a.capture.CgroupPath, a.runID); err != nil {
+		return nil, err
+	}
+	if err := checkListen("FLOWBUS_METRICS_ADDR", cfg.MetricsAddr); err != nil {
+		return nil, err
+	}
 
 	if cfg.NATSURL == "" {
 		var srv *server.Server
-		srv, err = embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir})
+		srv, err = embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir,
+			Monitor: cfg.EmbeddedMonitor, Log: log})
 		if err != nil {
 			return nil, err
 		}
@@ -93,7 +107,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		if err != nil {
 			return nil, fmt.Errorf("connecting to the embedded NATS server: %w", err)
 		}
-		log.Info("embedded NATS server with JetStream started", "listen", srv.ClientURL(), "store_dir", cfg.EmbeddedStoreDir)
+		attrs := []any{"listen", srv.ClientURL(), "store_dir", cfg.EmbeddedStoreDir,
+			"system_user", embedded.SystemUser, "system_password_file", embedded.SystemPasswordFile(cfg.EmbeddedStoreDir)}
+		if m := srv.MonitorAddr(); m != nil {
+			attrs = append(attrs, "monitor", "http://"+m.String())
+		}
+		log.Info("embedded NATS server with JetStream started", attrs...)
 	} else {
 		opts, err := natsOptions(cfg, a.self, log)
 		if err != nil {
@@ -132,6 +151,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		MaxInflight: cfg.MaxInflight,
 		QueueBytes:  cfg.QueueBytes,
 		AckTimeout:  cfg.AckTimeout,
+		ServerURL:   a.natsURL(),
 	}, log)
 	if err != nil {
 		return nil, err
@@ -184,6 +204,8 @@ func (a *Agent) ensureStream(ctx context.Context) error {
 		Replicas:   a.cfg.StreamReplicas,
 		Storage:    storage,
 		Duplicates: a.cfg.StreamDuplicates,
+		MaxMsgSize: int32(a.cfg.BatchMaxBytes + publisher.MaxMsgHeadroom),
+		Log:        a.log,
 	})
 	if err == nil {
 		a.streamReady.Store(true)
@@ -217,6 +239,50 @@ func (a *Agent) ClientURL() string {
 // RunID is this agent run's id, part of every message id.
 func (a *Agent) RunID() string { return a.runID }
 
+// natsURL is the server the agent publishes to, for messages: credentials
+// redacted.
+func (a *Agent) natsURL() string {
+	if a.srv != nil {
+		return a.srv.ClientURL()
+	}
+	return redactURL(a.cfg.NATSURL)
+}
+
+// checkListen fails at once, naming the variable, when addr cannot be
+// bound: another agent (or anything) already serving there would otherwise
+// be found out late, or answer in this agent's place.
+func checkListen(variable, addr string) error {
+	if addr == "" || addr == "off" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("%s=%s: address already in use: another process listens there (another flowagent?): stop it, or set %s to a free address (or off)", variable, addr, variable)
+		}
+		return fmt.Errorf("%s=%s: cannot listen: %w", variable, addr, err)
+	}
+	return ln.Close()
+}
+
+// writeReadyFile tells a supervisor (or the demo) that this agent runs,
+// and which one: its pid and run id, so that an answer from another agent
+// is never taken for this one's. Written whole, then renamed into place.
+func (a *Agent) writeReadyFile() error {
+	if a.cfg.ReadyFile == "" {
+		return nil
+	}
+	content := fmt.Sprintf("pid=%d\nrun_id=%s\nnats_url=%s\nmetrics_addr=%s\n", os.Getpid(), a.runID, a.natsURL(), a.cfg.MetricsAddr)
+	tmp := a.cfg.ReadyFile + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		return fmt.Errorf("FLOWBUS_READY_FILE: %w", err)
+	}
+	if err := os.Rename(tmp, a.cfg.ReadyFile); err != nil {
+		return fmt.Errorf("FLOWBUS_READY_FILE: %w", err)
+	}
+	return nil
+}
+
 // Run moves events until ctx ends, then detaches, drains the ring buffer and
 // waits (bounded by FLOWBUS_SHUTDOWN_TIMEOUT) for outstanding acks.
 func (a *Agent) Run(ctx context.Context) error {
@@ -236,7 +302,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}()
 
-	runErr := a.capture.Run(ctx, a)
+	runErr := a.writeReadyFile()
+	if runErr == nil {
+		runErr = a.capture.Run(ctx, a)
+		if a.cfg.ReadyFile != "" {
+			_ = os.Remove(a.cfg.ReadyFile)
+		}
+	}
 	stopPoll()
 	<-pollDone
 	a.reportKernelDrops()
@@ -245,12 +317,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel()
 	pubErr := a.pub.Close(sctx)
 	st := a.pub.Stats()
-	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches", st.BatchesAcked,
-		"drops_kernel", st.Drops.Kernel, "drops_queue", st.Drops.Queue, "drops_publish", st.Drops.Publish)
+	// Acked and spooled apart: an outage must not read as "nothing sent".
+	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches_acked", st.BatchesAcked,
+		"batches_spooled", st.Spooled, "spool_batches_left", st.SpoolBatches, "spool_events_left", st.SpoolEvents,
+		"drops_kernel", st.Drops.Kernel, "drops_queue", st.Drops.Queue, "drops_spool", st.Drops.Spool, "drops_publish", st.Drops.Publish)
+	a.closeAll()
+	return errors.Join(runErr, pubErr)
+}
+
+// closeAll detaches and lets go of NATS and the locks, in that order: the
+// locks last, so that no second agent starts before this one has let go.
+func (a *Agent) closeAll() {
 	a.capture.Close()
 	a.cgroups.Close()
 	a.shutdownNATS()
-	return errors.Join(runErr, pubErr)
+	a.locks.release()
 }
 
 // Flow enriches an event from the DNS cache, at the event's own time, and
