@@ -3,7 +3,9 @@
 # the version go.mod asks for, gcc (for -race), make, git and iproute2; for
 # the tests also PostgreSQL (flowstat's tests start a server of their own on
 # loopback), docker-compose (validates docker-compose.yml; no engine needed)
-# and systemd (systemd-analyze verifies the units).
+# systemd (systemd-analyze verifies the units), staticcheck (pinned; `make
+# check`) and Node.js with schema/jstest's npm packages (the JavaScript
+# decoding test).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
 # (`make generate`); pass --generate to install them too. --bench adds
 # libbpf-tools for `make bench` (B1p).
@@ -63,4 +65,18 @@ if ! go_ok; then
 	rm -rf "$tmp"
 	go_ok || { log "Go ${want_go} not usable after install"; exit 1; }
 fi
-log "ready: $(go version)"
+# staticcheck, pinned: `make check` runs it.
+staticcheck_version=0.8.2 # staticcheck 2026.2.2
+gobin=$(go env GOPATH)/bin
+if ! "$gobin/staticcheck" -version 2>/dev/null | grep -qF "($staticcheck_version)"; then
+	log "installing staticcheck $staticcheck_version"
+	GOFLAGS=-modcacherw go install "honnef.co/go/tools/cmd/staticcheck@v$staticcheck_version"
+fi
+
+# The JavaScript decoding test (schema/jstest) runs the official NATS client
+# on Node.js. A Node.js from elsewhere (NodeSource) bundles npm, and its
+# package conflicts with Debian's npm: only install when npm is missing.
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+(cd schema/jstest && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
+log "ready: $(go version), $("$gobin/staticcheck" -version), node $(node --version)"
