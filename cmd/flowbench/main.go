@@ -181,7 +181,10 @@ func run() int {
 	}
 	defer os.RemoveAll(tmp)
 
-	needAgent := want["B1"] || want["B1P"] || want["B2"] || want["B5"] || want["B7"]
+	needAgent := false
+	for _, b := range benchmarks {
+		needAgent = needAgent || (b.needsRoot && want[strings.ToUpper(b.id)])
+	}
 	root := os.Geteuid() == 0
 	exit := 0
 	if needAgent && !root {
@@ -202,52 +205,19 @@ func run() int {
 	progress := func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "[%5.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
 	}
-	if want["B4"] {
-		rows = append(rows, runB4(ctx, modRoot, p, progress)...)
-	}
-	skipped := func(id, what, target string) Row {
-		return Row{ID: id, What: what, Figures: "n/a", Target: target, Met: "n/a", Note: "needs root"}
-	}
-	if want["B1"] {
-		if root {
-			rows = append(rows, runB1(ctx, tmp, p, progress)...)
-		} else {
-			rows = append(rows, skipped("B1", "conn-rate ratio", ">= 0.97"), skipped("B1", "bulk ratio", ">= 0.99"))
+	env := &benchEnv{ctx: ctx, modRoot: modRoot, tmp: tmp, p: p, progress: progress}
+	for _, b := range benchmarks {
+		if !want[strings.ToUpper(b.id)] {
+			continue
 		}
-	}
-	if want["B1P"] {
-		if root {
-			rows = append(rows, runB1p(ctx, p, rows, progress)...)
-		} else {
-			rows = append(rows, skipped("B1p", "tcpstates conn-rate ratio", "ours >= peer's"))
+		if b.needsRoot && !root {
+			for _, s := range b.skipped {
+				rows = append(rows, Row{ID: b.id, What: s.what, Figures: "n/a", Target: s.target, Met: "n/a", Note: "needs root"})
+			}
+			continue
 		}
-	}
-	if want["B2"] {
-		if root {
-			rows = append(rows, runB2(ctx, tmp, p, progress)...)
-		} else {
-			rows = append(rows, skipped("B2", "completeness under load", "0 lost, 0 dup, 0 kernel drops"))
-		}
-	}
-	if want["B3"] {
-		rows = append(rows, runB3(ctx, modRoot, tmp, p, progress)...)
-	}
-	if want["B5"] {
-		if root {
-			rows = append(rows, runB5(ctx, modRoot, tmp, p, progress)...)
-		} else {
-			rows = append(rows, skipped("B5", "agent footprint", "<= 0.1 core, RSS <= 64 MiB"))
-		}
-	}
-	if want["B6"] {
-		rows = append(rows, runB6(ctx, modRoot, p, progress)...)
-	}
-	if want["B7"] {
-		if root {
-			rows = append(rows, runB7(ctx, tmp, p, progress)...)
-		} else {
-			rows = append(rows, skipped("B7", "latency SYN-ACK to ack", "p99 <= linger + 20 ms"))
-		}
+		env.rows = rows
+		rows = append(rows, b.run(env)...)
 	}
 	if ctx.Err() != nil {
 		fmt.Fprintln(os.Stderr, "flowbench: interrupted; partial results")
@@ -457,4 +427,43 @@ func metStr(ok bool) string {
 		return "yes"
 	}
 	return "no"
+}
+
+// benchEnv is what every benchmark gets: the run's context, the module root
+// (empty outside the module), a scratch directory, the parameters, the rows
+// measured so far (B1p compares with B1's) and the progress printer.
+type benchEnv struct {
+	ctx      context.Context
+	modRoot  string
+	tmp      string
+	p        Params
+	rows     []Row
+	progress func(format string, args ...any)
+}
+
+// benchmark is one entry of the protocol (bench/PROTOCOL.md), run in table
+// order when --only names it.
+type benchmark struct {
+	id        string
+	needsRoot bool      // loads eBPF programs or creates cgroups
+	skipped   []rowStub // the rows shown instead when not root
+	run       func(e *benchEnv) []Row
+}
+
+type rowStub = struct{ what, target string }
+
+var benchmarks = []benchmark{
+	{id: "B4", run: func(e *benchEnv) []Row { return runB4(e.ctx, e.modRoot, e.p, e.progress) }},
+	{id: "B1", needsRoot: true, skipped: []rowStub{{"conn-rate ratio", ">= 0.97"}, {"bulk ratio", ">= 0.99"}},
+		run: func(e *benchEnv) []Row { return runB1(e.ctx, e.tmp, e.p, e.progress) }},
+	{id: "B1p", needsRoot: true, skipped: []rowStub{{"tcpstates conn-rate ratio", "ours >= peer's"}},
+		run: func(e *benchEnv) []Row { return runB1p(e.ctx, e.p, e.rows, e.progress) }},
+	{id: "B2", needsRoot: true, skipped: []rowStub{{"completeness under load", "0 lost, 0 dup, 0 kernel drops"}},
+		run: func(e *benchEnv) []Row { return runB2(e.ctx, e.tmp, e.p, e.progress) }},
+	{id: "B3", run: func(e *benchEnv) []Row { return runB3(e.ctx, e.modRoot, e.tmp, e.p, e.progress) }},
+	{id: "B5", needsRoot: true, skipped: []rowStub{{"agent footprint", "<= 0.1 core, RSS <= 64 MiB"}},
+		run: func(e *benchEnv) []Row { return runB5(e.ctx, e.modRoot, e.tmp, e.p, e.progress) }},
+	{id: "B6", run: func(e *benchEnv) []Row { return runB6(e.ctx, e.modRoot, e.p, e.progress) }},
+	{id: "B7", needsRoot: true, skipped: []rowStub{{"latency SYN-ACK to ack", "p99 <= linger + 20 ms"}},
+		run: func(e *benchEnv) []Row { return runB7(e.ctx, e.tmp, e.p, e.progress) }},
 }
