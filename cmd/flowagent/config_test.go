@@ -107,6 +107,19 @@ func TestConfigParseErrorsInWords(t *testing.T) {
 	}
 }
 
+// parseProblem has words for the type of every setting; a new type would
+// need its own (env's own messages name Go types).
+func TestConfigFieldTypesHaveWords(t *testing.T) {
+	ct := reflect.TypeOf(Config{})
+	for i := 0; i < ct.NumField(); i++ {
+		switch f := ct.Field(i); f.Type.Kind() {
+		case reflect.String, reflect.Bool, reflect.Int, reflect.Int64:
+		default:
+			t.Errorf("Config.%s is a %s: teach parseProblem to describe it", f.Name, f.Type)
+		}
+	}
+}
+
 // A wrong FLOWBUS_CGROUP_PATH is a configuration problem like the others,
 // found without privileges, with a message for each way it can be wrong.
 func TestConfigCgroupPath(t *testing.T) {
@@ -273,8 +286,10 @@ func TestConfigREADMEDocumentsEveryVariable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	_, section, _ := strings.Cut(string(readme), "\n## Configuration\n")
+	section, _, _ = strings.Cut(section, "\n## ")
 	rows := map[string]string{}
-	for _, l := range strings.Split(string(readme), "\n") {
+	for _, l := range strings.Split(section, "\n") {
 		if !strings.HasPrefix(l, "| `FLOWBUS_") {
 			continue
 		}
