@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -46,12 +47,16 @@ Flags:
   --all                 replay the whole stream
                         (--since, --from-seq and --all are mutually exclusive)
   --json                one JSON object per event and line instead of a table
+  --local               table times in the local time zone (default UTC)
   --count N             exit after N events
   --idle-exit DURATION  exit when no message arrives for DURATION (e.g. 2s)
+  --version             print the version and exit
   -h, --help            show this help
 
-Messages that are not valid flowbus batches are skipped with a warning on stderr; agent drop counters
-and missing batches are reported on stderr too.
+The table's header is printed as soon as the stream is open; its times are RFC3339, in UTC ("Z") unless
+--local, so one can be given back to --since. Messages that are not valid flowbus batches are skipped
+with a warning on stderr; agent drop counters and missing batches are reported on stderr too, as are a
+start past the end of the stream and an --idle-exit without any event.
 
 Exit status:
   0  stopped normally: --count reached, --idle-exit elapsed, or interrupted (SIGINT/SIGTERM)
@@ -65,15 +70,23 @@ func main() {
 
 // config is the validated command line.
 type config struct {
-	opts tail.Options
-	json bool
+	opts  tail.Options
+	json  bool
+	local bool // table times in the local zone instead of UTC
 }
+
+// errVersion is returned by parseArgs when --version was given.
+var errVersion = errors.New("version requested")
 
 // run is main without os.Exit, so tests can drive it.
 func run(args []string, stdout, stderr io.Writer) int {
 	cfg, err := parseArgs(args, os.Getenv, time.Now())
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprint(stdout, usageText)
+		return exitOK
+	}
+	if errors.Is(err, errVersion) {
+		fmt.Fprintln(stdout, buildinfo.Line("flowtail"))
 		return exitOK
 	}
 	if err != nil {
@@ -86,16 +99,34 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	bw := bufio.NewWriterSize(stdout, 64<<10)
 	var p printer
+	var table *tablePrinter
 	if cfg.json {
 		p = &jsonPrinter{w: bw}
 	} else {
-		p = newTablePrinter(bw)
+		table = newTablePrinter(bw, cfg.local)
+		p = table
 	}
 	cfg.opts.Warnings = stderr
 	cfg.opts.ClientName = "flowtail"
 	cfg.opts.OnIdle = bw.Flush
+	cfg.opts.OnReady = func(r tail.Ready) error {
+		if msg := pastEnd(&cfg.opts, r); msg != "" {
+			fmt.Fprintf(stderr, "flowtail: %s: only new events will show\n", msg)
+		}
+		if table == nil {
+			return nil
+		}
+		// At once, so a quiet filter shows that flowtail runs and what it would print.
+		table.header()
+		_, err := bw.Write(table.buf)
+		table.buf = table.buf[:0]
+		if err == nil {
+			err = bw.Flush()
+		}
+		return err
+	}
 
-	_, err = tail.Run(ctx, cfg.opts, p.event)
+	st, err := tail.Run(ctx, cfg.opts, p.event)
 	if ferr := bw.Flush(); err == nil && ferr != nil {
 		err = fmt.Errorf("writing output: %w", ferr)
 	}
@@ -103,7 +134,39 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "flowtail: %s\n", tail.Explain(err))
 		return exitError
 	}
+	if st.Reason == "idle" && st.Events == 0 {
+		skipped := ""
+		if st.Skipped > 0 {
+			skipped = fmt.Sprintf("; %d messages skipped, see the warnings above", st.Skipped)
+		}
+		fmt.Fprintf(stderr, "flowtail: no events arrived within --idle-exit %v (stream %s, subjects %s%s)\n",
+			cfg.opts.IdleExit, cfg.opts.Stream, st.Filter, skipped)
+	}
 	return exitOK
+}
+
+// pastEnd says when the chosen start lies after everything the stream holds, "" otherwise: the tail
+// then waits for new events, which looks like a hang unless it is said.
+func pastEnd(o *tail.Options, r tail.Ready) string {
+	switch o.Start {
+	case tail.StartSeq:
+		if o.FromSeq > r.LastSeq {
+			return fmt.Sprintf("--from-seq %d is past the end of stream %s (its last sequence is %d)", o.FromSeq, r.Stream, r.LastSeq)
+		}
+	case tail.StartSince:
+		since := o.Since.UTC().Format(time.RFC3339)
+		if r.Msgs == 0 {
+			return fmt.Sprintf("--since %s: stream %s is empty", since, r.Stream)
+		}
+		if r.LastTime.Before(o.Since) {
+			return fmt.Sprintf("--since %s is past the end of stream %s (its last message was stored at %s)", since, r.Stream, r.LastTime.UTC().Format(time.RFC3339))
+		}
+	case tail.StartAll:
+		if r.Msgs == 0 {
+			return fmt.Sprintf("--all: stream %s is empty", r.Stream)
+		}
+	}
+	return ""
 }
 
 // parseArgs parses and validates the command line, reporting every problem at once rather than making
@@ -122,12 +185,17 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		fromSeq  = fs.String("from-seq", "", "")
 		all      = fs.Bool("all", false, "")
 		jsonOut  = fs.Bool("json", false, "")
+		local    = fs.Bool("local", false, "")
+		version  = fs.Bool("version", false, "")
 		count    = fs.String("count", "", "")
 		idleExit = fs.String("idle-exit", "", "")
 	)
 	errs, err := tail.ParseFlags(fs, args, "flowtail", "")
 	if err != nil {
 		return nil, err
+	}
+	if *version {
+		return nil, errVersion
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -145,7 +213,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		return "default"
 	}
 
-	cfg := &config{json: *jsonOut}
+	cfg := &config{json: *jsonOut, local: *local}
 	o := &cfg.opts
 
 	src := fromEnv("nats", "FLOWBUS_NATS_URL", tail.DefaultURL, natsURL)
@@ -264,27 +332,42 @@ func (p *jsonPrinter) event(m *tail.Meta, ev *schema.Event) error {
 // tablePrinter writes aligned columns. A live tail cannot know the widest value in advance, so columns
 // start at typical widths and only ever grow; the header is printed once.
 type tablePrinter struct {
-	w      *bufio.Writer
-	widths [6]int // all columns but the last
-	header bool
-	buf    []byte
+	w       *bufio.Writer
+	widths  [6]int // all columns but the last
+	printed bool   // the header
+	loc     *time.Location
+	buf     []byte
 }
 
-const timeLayout = "2006-01-02 15:04:05.000"
+// timeLayout is RFC3339 with milliseconds: "Z" for UTC, the offset otherwise, so a time read off the
+// table is unambiguous and can be given back to --since.
+const timeLayout = "2006-01-02T15:04:05.000Z07:00"
 
-func newTablePrinter(w *bufio.Writer) *tablePrinter {
-	return &tablePrinter{w: w, widths: [6]int{len(timeLayout), 10, 8, 21, 21, 12}}
+func newTablePrinter(w *bufio.Writer, local bool) *tablePrinter {
+	p := &tablePrinter{w: w, loc: time.UTC}
+	if local {
+		p.loc = time.Local
+	}
+	p.widths = [6]int{len(p.fmtTime(0)), 10, 8, 21, 21, 12}
+	return p
+}
+
+func (p *tablePrinter) fmtTime(ns int64) string { return time.Unix(0, ns).In(p.loc).Format(timeLayout) }
+
+// header appends the header line to buf the first time.
+func (p *tablePrinter) header() {
+	if !p.printed {
+		p.printed = true
+		p.row("TIME", "HOST", "DIRECTION", "SRC", "DST", "SRC_DNS", "DST_DNS")
+	}
 }
 
 // maxNameWidth keeps one long CDN name list from pushing the last column off screen for good.
 const maxNameWidth = 40
 
 func (p *tablePrinter) event(m *tail.Meta, ev *schema.Event) error {
-	if !p.header {
-		p.header = true
-		p.row("TIME", "HOST", "DIRECTION", "SRC", "DST", "SRC_DNS", "DST_DNS")
-	}
-	p.row(time.Unix(0, ev.Timestamp).Local().Format(timeLayout),
+	p.header()
+	p.row(p.fmtTime(ev.Timestamp),
 		m.Host,
 		ev.Direction.String(),
 		endpoint(ev.Src, ev.SrcPort),

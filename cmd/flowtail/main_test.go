@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -411,7 +412,11 @@ func TestTable(t *testing.T) {
 	if !strings.HasPrefix(lines[0], "TIME") || strings.Count(r.stdout, "TIME") != 1 {
 		t.Errorf("header not printed exactly once first:\n%s", r.stdout)
 	}
-	ts := time.Unix(0, baseTS+4*int64(time.Millisecond)).Local().Format("2006-01-02 15:04:05.000")
+	// UTC by default, with the zone shown, in the form --since accepts.
+	ts := time.Unix(0, baseTS+4*int64(time.Millisecond)).UTC().Format("2006-01-02T15:04:05.000Z")
+	if _, err := parseSince(ts, time.Now()); err != nil {
+		t.Errorf("table time %s is not accepted by --since: %v", ts, err)
+	}
 	row := lines[4]
 	for _, want := range []string{ts, "db-02", "outgoing", "[2001:db8::2]:40004", "[2001:db8::53]:8443", "api.internal"} {
 		if !strings.Contains(row, want) {
@@ -589,6 +594,125 @@ func TestInvalidURLHidesPassword(t *testing.T) {
 		if _, err := parseArgs(nil, func(k string) string { return map[string]string{"FLOWBUS_NATS_URL": v}[k] }, time.Now()); err == nil ||
 			strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "FLOWBUS_NATS_URL") {
 			t.Errorf("FLOWBUS_NATS_URL=%s: %v", v, err)
+		}
+	}
+}
+
+// --local shows table times in the local zone, with its offset; the default stays UTC whatever TZ says.
+func TestTableLocal(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "Z"},
+		{[]string{"--local"}, "+05:30"},
+	} {
+		var out, errb bytes.Buffer
+		cmd := exec.Command(os.Args[0], append([]string{"--nats", f.srv.URL, "--all", "--count", "1"}, c.args...)...)
+		cmd.Env = append(os.Environ(), "FLOWTAIL_TEST_MAIN=1", "TZ=Asia/Kolkata")
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("%v: %v: %s", c.args, err, errb.String())
+		}
+		lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+		want := time.Unix(0, baseTS+int64(time.Millisecond)).In(time.FixedZone("IST", 5*3600+1800)).Format("2006-01-02T15:04:05.000Z07:00")
+		if c.want == "Z" {
+			want = time.Unix(0, baseTS+int64(time.Millisecond)).UTC().Format("2006-01-02T15:04:05.000Z")
+		}
+		if len(lines) != 2 || !strings.HasPrefix(lines[1], want+" ") {
+			t.Errorf("%v with TZ=Asia/Kolkata: want the row to start with %s:\n%s", c.args, want, out.String())
+		}
+	}
+}
+
+// A filter that matches nothing still shows the header at once, and --idle-exit says on stderr that no
+// event arrived and what was watched, instead of exiting silently.
+func TestNoMatchHeaderAndIdleNotice(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	var out, errb syncBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run([]string{"--nats", f.srv.URL, "--all", "--host", "web-09", "--idle-exit", "2s"}, &out, &errb)
+	}()
+	waitFor(t, "the table header", func() bool { return strings.HasPrefix(out.String(), "TIME") })
+	select {
+	case code := <-done:
+		t.Fatalf("exited (%d) before --idle-exit; the header came only at exit", code)
+	default:
+	}
+	var code int
+	select {
+	case code = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("did not exit after --idle-exit")
+	}
+	if code != 0 || strings.Count(out.String(), "\n") != 1 {
+		t.Errorf("exit %d, stdout:\n%s", code, out.String())
+	}
+	want := "flowtail: no events arrived within --idle-exit 2s (stream FLOWS, subjects flows.web-09.>)\n"
+	if errb.String() != want {
+		t.Errorf("stderr %q, want %q", errb.String(), want)
+	}
+
+	// JSON output has no header, but the notice is the same.
+	r := runArgs(t, "--nats", f.srv.URL, "--json", "--direction", "incoming", "--from-seq", fmt.Sprint(f.seqs[4]), "--idle-exit", "500ms")
+	if r.code != 0 || r.stdout != "" || r.stderr != "flowtail: no events arrived within --idle-exit 500ms (stream FLOWS, subjects flows.*.incoming)\n" {
+		t.Errorf("exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+}
+
+// A start after the last stored message is said on stderr; flowtail then follows new events.
+func TestStartPastTheEnd(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	last := f.seqs[len(f.seqs)-1]
+	r := runArgs(t, "--nats", f.srv.URL, "--json", "--from-seq", fmt.Sprint(last+10), "--idle-exit", "500ms")
+	want := fmt.Sprintf("flowtail: --from-seq %d is past the end of stream FLOWS (its last sequence is %d): only new events will show\n", last+10, last)
+	if r.code != 0 || !strings.HasPrefix(r.stderr, want) || strings.Count(r.stderr, "\n") != 2 {
+		t.Errorf("exit %d, stderr:\n%s\nwant first:\n%s", r.code, r.stderr, want)
+	}
+
+	time.Sleep(20 * time.Millisecond)
+	cut := time.Now().UTC().Format(time.RFC3339Nano)
+	r = runArgs(t, "--nats", f.srv.URL, "--json", "--since", cut, "--idle-exit", "500ms")
+	if r.code != 0 || !strings.Contains(r.stderr, "is past the end of stream FLOWS (its last message was stored at ") || !strings.Contains(r.stderr, "only new events will show") {
+		t.Errorf("--since after the last message: exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "EMPTY", "flows.>")
+	r = runArgs(t, "--nats", srv.URL, "--stream", "EMPTY", "--json", "--all", "--idle-exit", "300ms")
+	if r.code != 0 || !strings.HasPrefix(r.stderr, "flowtail: --all: stream EMPTY is empty: only new events will show\n") {
+		t.Errorf("--all on an empty stream: exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+
+	// The start is followed by new events: a past-the-end --from-seq shows the next message.
+	var out, errb syncBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run([]string{"--nats", f.srv.URL, "--json", "--from-seq", fmt.Sprint(last + 1), "--count", "1"}, &out, &errb)
+	}()
+	waitFor(t, "the past-the-end notice", func() bool { return strings.Contains(errb.String(), "past the end") })
+	f.web.Publish(t, f.srv, "flows", schema.Incoming, schema.Drops{}, ev(9, "198.51.100.1", "10.0.0.1", 22))
+	select {
+	case code := <-done:
+		if got := ids(parseJSON(t, out.String())); code != 0 || !eqInts(got, []int{9}) {
+			t.Errorf("exit %d, events %v, want [9]; stderr %s", code, got, errb.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the new event did not arrive")
+	}
+}
+
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"--version"}, {"-version"}, {"--json", "--version"}} {
+		r := runArgs(t, args...)
+		if r.code != 0 || r.stdout != buildinfo.Line("flowtail")+"\n" || r.stderr != "" || !strings.HasPrefix(r.stdout, "flowtail ") {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, r.code, r.stdout, r.stderr)
 		}
 	}
 }

@@ -73,11 +73,24 @@ type Options struct {
 	// OnIdle, if set, is called whenever Run has caught up with the stream or has waited IdleInterval
 	// without a message, so a caller that buffers output can flush it without holding back live events.
 	OnIdle func() error
+	// OnReady, if set, is called once the consumer exists, before anything is read, so a caller can
+	// print a header at once and say when its start lies past the end of the stream. An error stops Run.
+	OnReady func(Ready) error
 
 	// Warnings receives skipped-message, drop and gap warnings and connection notices; nil discards them.
 	Warnings io.Writer
 	// ClientName is the NATS connection name, shown in server monitoring; empty means "flowbus-tail".
 	ClientName string
+}
+
+// Ready describes what Run reads, as it starts reading.
+type Ready struct {
+	Stream string
+	Filter string // the subject filter of the consumer (FilterSubject)
+	// State of the stream when it was opened: FirstSeq and LastSeq are its first and last sequences,
+	// LastTime when the last message was stored (zero when it is empty).
+	Msgs, FirstSeq, LastSeq uint64
+	LastTime                time.Time
 }
 
 // Meta describes the batch an event came from. The handler must not keep it past its return.
@@ -112,6 +125,7 @@ type Stats struct {
 	Gaps       uint64 // breaks detected in batch chains (each may be several batches)
 	Dropped    uint64 // events the agents reported as dropped
 	Reason     string // why Run stopped: "count", "idle", "canceled", or "" on error
+	Filter     string // the subject filter read (FilterSubject of the options)
 	LastSeq    uint64 // stream sequence of the last message seen
 }
 
@@ -287,6 +301,7 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	}
 
 	filter := FilterSubject(o.Prefix, o.Host, o.Direction)
+	st.Filter = filter
 	// The server accepts a filter outside the stream's subjects and then delivers nothing, which would
 	// look like a quiet stream; a wrong --prefix must fail loudly instead. A stream without subjects
 	// (a mirror or sourced stream) cannot be checked.
@@ -321,6 +336,12 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 			Err: fmt.Errorf("cannot create a consumer with filter %q: %w", filter, err)}
 	}
 	cancel()
+	if o.OnReady != nil {
+		ss := stream.CachedInfo().State
+		if err := o.OnReady(Ready{Stream: o.Stream, Filter: filter, Msgs: ss.Msgs, FirstSeq: ss.FirstSeq, LastSeq: ss.LastSeq, LastTime: ss.LastTime}); err != nil {
+			return st, err
+		}
+	}
 
 	it, err := cons.Messages()
 	if err != nil {

@@ -60,6 +60,12 @@ func Start(t testing.TB) *Server {
 	return s
 }
 
+// Shutdown stops the server before the test ends, to see how clients cope with losing it.
+func (s *Server) Shutdown() {
+	s.srv.Shutdown()
+	s.srv.WaitForShutdown()
+}
+
 // CreateStream creates stream name with the given subjects, as flowagent would.
 func (s *Server) CreateStream(t testing.TB, name string, subjects ...string) {
 	t.Helper()
