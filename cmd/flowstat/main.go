@@ -9,6 +9,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -19,6 +21,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/tail"
@@ -40,77 +43,22 @@ const (
 	envStart      = "FLOWBUS_FLOWSTAT_START"
 	envBucket     = "FLOWBUS_FLOWSTAT_BUCKET"
 	envDeadLetter = "FLOWBUS_FLOWSTAT_DEADLETTER"
+	envMetrics    = "FLOWBUS_STAT_METRICS_ADDR"
 )
 
-const usageText = `Usage: flowstat <command> [flags]
-
-Aggregates the flowbus stream into a database and answers questions from it.
-
-Commands:
-  run       consume the stream and keep the aggregates up to date (the service)
-  top       top peers and service ports (talkers) over a time range
-  new       peers first seen since a time (new destinations)
-  hosts     connections per host over time
-  summary   totals per host and direction, gaps, drops, dead letters, checkpoints
-  replay    rebuild the aggregates of a time range from the stream
-  help      show this help; 'flowstat <command> --help' shows a command's flags
-
-Database (every command):
-  --db DSN              a SQLite file path, a postgres:// URL or PostgreSQL key=value settings
-                        (host=db dbname=stats user=flowstat)
-                        (default $FLOWBUS_DB, else flowstat.db in the state directory:
-                        $STATE_DIRECTORY, $XDG_STATE_HOME/flowbus, /var/lib/flowbus for root,
-                        ~/.local/state/flowbus)
-
-Stream (run, replay):
-  --nats URL            NATS server URL(s), comma-separated
-                        (default $FLOWBUS_NATS_URL, else nats://127.0.0.1:4222)
-  --stream NAME         JetStream stream (default $FLOWBUS_STREAM, else FLOWS)
-  --consumer NAME       durable consumer name, also the checkpoint's name in the database
-                        (default $FLOWBUS_FLOWSTAT_CONSUMER, else flowstat)
-  --prefix PREFIX       subject prefix the agents publish under (default $FLOWBUS_SUBJECT_PREFIX,
-                        else flows); a batch not on <prefix>.<its host>.<its direction> is
-                        dead-lettered as subject_mismatch
-
-run:
-  --filter SUBJECTS     comma-separated subject filters, e.g. flows.*.incoming
-                        (default $FLOWBUS_FLOWSTAT_FILTER, else <prefix>.>)
-  --start POLICY        where a consumer new to this database starts: all (the whole stream), new,
-                        a time (RFC3339, or a duration back from now such as 2h) or seq:N
-                        (default $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint
-  --since WHEN          same as --start WHEN
-  --from-seq N          same as --start seq:N
-  --bucket DURATION     aggregation bucket, fixed per database (default $FLOWBUS_FLOWSTAT_BUCKET, else 1m)
-  --deadletter SUBJECT  where messages that are not valid batches are copied
-                        (default $FLOWBUS_FLOWSTAT_DEADLETTER, else flowbus.deadletter)
-  --once                exit once everything the stream holds is committed
-  --idle-exit DURATION  exit when no message arrives for DURATION
-  --stream-wait DURATION  how long to wait for a missing stream to appear (default 1m)
-  --commit-interval DURATION  commit at least this often while reading a backlog (default 2s)
-  --commit-events N     commit at least every N events (default 1000000)
-
-top, new, hosts:
-  --since WHEN          start of the range: RFC3339 time or a duration back from now
-                        (default: top and hosts 1h, new 24h)
-  --until WHEN          end of the range (default: now, open-ended)
-  --host H              one host token only
-  --direction DIR       incoming or outgoing (new: default outgoing; all for both)
-  --json                JSON instead of a table
-top:    --by peer|port|name|host (default: peers and ports)   --limit N (default 10)
-new:    --limit N (default 100)
-hosts:  --step DURATION  interval per line, a multiple of the bucket (default one bucket)
-summary: --gaps N (newest gaps to list, default 20)   --json
-top, new, hosts, summary also accept --nats (checked, not used: queries read only the database) and
-        --stream NAME (summary: only that stream's checkpoints and stream losses)
-replay: --from WHEN (required)   --to WHEN (default now)   --margin DURATION (default 10m: how much
-        earlier than --from a batch holding events of the range may have been stored)   --force
-
-Exit status: 0 done (run: stopped by SIGINT/SIGTERM, --once or --idle-exit), 1 runtime failure,
-2 invalid command line or settings (all problems are listed at once).
-`
+// defaultMetricsAddr is where `flowstat run` serves its probes and metrics: beside the agent's 9464.
+const defaultMetricsAddr = "127.0.0.1:9465"
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv, time.Now()))
+	getenv := func(k string) string {
+		// An empty FLOWBUS_STAT_METRICS_ADDR disables the endpoint, which a plain lookup cannot tell
+		// from an unset one.
+		if v, ok := os.LookupEnv(k); ok && v == "" && k == envMetrics {
+			return "off"
+		}
+		return os.Getenv(k)
+	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, getenv, time.Now()))
 }
 
 // testHookStore, set by tests only, sees the store `flowstat run` opens (fault injection).
@@ -121,6 +69,11 @@ type config struct {
 	cmd  string
 	dsn  string
 	json bool
+	// dbDefault: dsn is the default path, whose directory `flowstat run` may create.
+	dbDefault bool
+	local     bool // table times in the local zone instead of UTC
+	// metricsAddr is where run serves /healthz, /readyz and /metrics; "" disables.
+	metricsAddr string
 
 	run    flowstat.Options
 	replay flowstat.ReplayOptions
@@ -137,21 +90,36 @@ type config struct {
 // run is main without os.Exit, so tests can drive it.
 func run(args []string, stdout, stderr io.Writer, getenv func(string) string, now time.Time) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, "flowstat: no command given\n\n"+usageText)
+		fmt.Fprint(stderr, "flowstat: no command given\n\n"+usage())
 		return exitUsage
 	}
 	switch args[0] {
 	case "help", "-h", "--help", "-help":
-		fmt.Fprint(stdout, usageText)
+		if len(args) == 1 {
+			fmt.Fprint(stdout, usage())
+			return exitOK
+		}
+		if c := commandByName(args[1]); c != nil && len(args) == 2 {
+			fmt.Fprint(stdout, c.help())
+			return exitOK
+		}
+		fmt.Fprintf(stderr, "flowstat help: want one command name (%s), not %q\n", commandNames(), strings.Join(args[1:], " "))
+		return exitUsage
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, buildinfo.Line("flowstat"))
 		return exitOK
 	}
 	cfg, err := parseArgs(args[0], args[1:], getenv, now)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprint(stdout, usageText)
+		fmt.Fprint(stdout, commandByName(args[0]).help())
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\nRun 'flowstat help' for usage.\n", args[0], tail.Indent(err))
+		hint := "Run 'flowstat help' for the commands."
+		if commandByName(args[0]) != nil {
+			hint = fmt.Sprintf("Run 'flowstat %s --help' for its flags.", args[0])
+		}
+		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\n%s\n", args[0], tail.Indent(err), hint)
 		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -163,40 +131,28 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 	return exitOK
 }
 
-// commandFlags lists the flags each command accepts (beyond --db and --help).
-var commandFlags = map[string][]string{
-	"run":     {"nats", "stream", "consumer", "filter", "start", "since", "from-seq", "bucket", "deadletter", "once", "idle-exit", "stream-wait", "commit-interval", "commit-events", "prefix"},
-	"replay":  {"nats", "stream", "consumer", "from", "to", "margin", "force", "prefix"},
-	"top":     {"since", "until", "host", "direction", "json", "by", "limit", "nats", "stream"},
-	"new":     {"since", "until", "host", "direction", "json", "limit", "nats", "stream"},
-	"hosts":   {"since", "until", "host", "direction", "json", "step", "nats", "stream"},
-	"summary": {"json", "gaps", "nats", "stream"},
-}
-
 // queryCommands read only the database. They take --nats and --stream like every flowbus consumer (a
 // shared wrapper or alias may pass them): --nats is checked but not used, --stream narrows what summary
 // shows of checkpoints and stream losses.
 var queryCommands = map[string]bool{"top": true, "new": true, "hosts": true, "summary": true}
 
-var boolFlags = map[string]bool{"once": true, "json": true, "force": true}
-
 // parseArgs parses and validates one command's flags and the environment, reporting every problem at
 // once. getenv and now are parameters so tests control them.
 func parseArgs(cmd string, args []string, getenv func(string) string, now time.Time) (*config, error) {
-	names, ok := commandFlags[cmd]
-	if !ok {
-		return nil, fmt.Errorf("unknown command %q (want run, top, new, hosts, summary, replay or help)", cmd)
+	c := commandByName(cmd)
+	if c == nil {
+		return nil, fmt.Errorf("unknown command %q (want %s)", cmd, commandNames())
 	}
 	fs := flag.NewFlagSet("flowstat "+cmd, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	vals := map[string]*string{"db": fs.String("db", "", "")}
+	vals := map[string]*string{}
 	bools := map[string]*bool{}
-	for _, n := range names {
-		if boolFlags[n] {
-			bools[n] = fs.Bool(n, false, "")
+	for _, f := range c.flags {
+		if f.arg == "" {
+			bools[f.name] = fs.Bool(f.name, false, "")
 		} else {
-			vals[n] = fs.String(n, "", "")
+			vals[f.name] = fs.String(f.name, "", "")
 		}
 	}
 	errs, err := tail.ParseFlags(fs, args, "flowstat "+cmd, " for `flowstat "+cmd+"`")
@@ -221,14 +177,24 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		return def, "default"
 	}
 
-	cfg := &config{cmd: cmd, json: bools["json"] != nil && *bools["json"]}
+	cfg := &config{cmd: cmd, json: bools["json"] != nil && *bools["json"], local: bools["local"] != nil && *bools["local"]}
 	dsn, src := value("db", "FLOWBUS_DB", "")
 	if dsn == "" {
 		dsn = filepath.Join(stateDir(getenv), "flowstat.db")
 		src = "the default database path (set --db or FLOWBUS_DB)"
+		cfg.dbDefault = true
 	}
-	if _, _, err := store.ParseDSN(dsn); err != nil {
+	if kind, path, err := store.ParseDSN(dsn); err != nil {
 		bad(src, err)
+	} else if kind == store.SQLite {
+		// Checked here, not at open, so that it is listed with the other problems. A query command
+		// only needs the directory check: opening reports a missing file with its own fix.
+		fi, serr := os.Stat(path)
+		if cmd == "run" || serr == nil && fi.IsDir() {
+			if err := store.CheckSQLitePath(path, cfg.dbDefault); err != nil {
+				bad(src, err)
+			}
+		}
 	}
 	cfg.dsn = dsn
 
@@ -282,6 +248,10 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 			s = strings.TrimSpace(s)
 			if err := flowstat.ValidateFilter(s); err != nil {
 				bad(src, err)
+			} else if schema.ValidatePrefix(prefix) == nil {
+				if err := flowstat.CheckFilterPrefix(s, prefix); err != nil {
+					bad(src, err)
+				}
 			}
 			o.Filters = append(o.Filters, s)
 		}
@@ -314,6 +284,13 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 			bad(src, fmt.Errorf("dead-letter subject %q: want dot-separated tokens without wildcards", dl))
 		}
 		o.DeadLetterSubject = dl
+		cfg.metricsAddr, src = value("metrics-addr", envMetrics, defaultMetricsAddr)
+		if cfg.metricsAddr == "off" {
+			cfg.metricsAddr = ""
+		}
+		if err := checkListenAddr(cfg.metricsAddr); err != nil {
+			bad(src, err)
+		}
 		o.ExitWhenCaughtUp = *bools["once"]
 		o.IdleExit = durationFlag(set, vals, "idle-exit", 0, bad)
 		o.StreamWait = durationFlag(set, vals, "stream-wait", time.Minute, bad)
@@ -425,6 +402,18 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	return cfg, nil
 }
 
+// checkListenAddr accepts "" (disabled) or host:port with a numeric port (0: any free port).
+func checkListenAddr(a string) error {
+	if a == "" {
+		return nil
+	}
+	_, port, err := net.SplitHostPort(a)
+	if _, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil {
+		return fmt.Errorf("%q is not host:port (e.g. 127.0.0.1:9465, or :9465 for every interface; empty or off disables)", a)
+	}
+	return nil
+}
+
 // durationFlag parses a positive duration flag, def when it is not set.
 func durationFlag(set map[string]bool, vals map[string]*string, name string, def time.Duration, bad func(string, error)) time.Duration {
 	if !set[name] {
@@ -495,7 +484,17 @@ func stateDir(getenv func(string) string) string {
 
 // execute runs a validated command.
 func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
-	st, err := store.OpenWith(ctx, cfg.dsn, store.OpenOptions{MustExist: cfg.cmd != "run"})
+	var mon *flowstat.Monitor
+	if cfg.cmd == "run" && cfg.metricsAddr != "" {
+		// Before the database opens, so a probe sees the process alive (and not ready) from the start.
+		mon = flowstat.NewMonitor()
+		stopServe, err := serveMonitor(cfg.metricsAddr, mon, stderr)
+		if err != nil {
+			return err
+		}
+		defer stopServe()
+	}
+	st, err := store.OpenWith(ctx, cfg.dsn, store.OpenOptions{MustExist: cfg.cmd != "run", CreateDir: cfg.cmd == "run" && cfg.dbDefault})
 	if err != nil {
 		return err
 	}
@@ -507,6 +506,7 @@ func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		}
 		o := cfg.run
 		o.Log = stderr
+		o.Monitor = mon
 		stats, err := flowstat.Run(ctx, st, o)
 		if err != nil {
 			return err
@@ -550,14 +550,39 @@ func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 	return tw.Flush()
 }
 
-const timeLayout = "2006-01-02 15:04:05"
+// serveMonitor serves mon's /healthz, /readyz and /metrics on addr until the returned stop is called.
+func serveMonitor(addr string, mon *flowstat.Monitor, log io.Writer) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("cannot serve health and metrics on %s: %v (set --metrics-addr or %s to a free address, or to empty to disable)", addr, errors.Unwrap(err), envMetrics)
+	}
+	srv := &http.Server{Handler: mon.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	fmt.Fprintf(log, "flowstat: health and metrics on http://%s (/healthz, /readyz, /metrics)\n", ln.Addr())
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}, nil
+}
 
-func fmtTime(t time.Time) string { return t.Local().Format(timeLayout) }
+// timeLayout is RFC3339: "Z" for UTC (the default), the offset with --local, so a time read off a table
+// is unambiguous and can be given back to --since and --until.
+const timeLayout = "2006-01-02T15:04:05Z07:00"
 
-func rangeText(f store.Filter) string {
-	s := "since " + fmtTime(f.Since)
+// fmtTime formats a table time in UTC, or in the local zone with --local.
+func (cfg *config) fmtTime(t time.Time) string {
+	if cfg.local {
+		return t.Local().Format(timeLayout)
+	}
+	return t.UTC().Format(timeLayout)
+}
+
+func (cfg *config) rangeText() string {
+	f := cfg.filter
+	s := "since " + cfg.fmtTime(f.Since)
 	if !f.Until.IsZero() {
-		s += " until " + fmtTime(f.Until)
+		s += " until " + cfg.fmtTime(f.Until)
 	}
 	if f.Host != "" {
 		s += ", host " + f.Host
@@ -586,14 +611,14 @@ func top(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwrite
 		out["until"] = cfg.filter.Until.UTC()
 	}
 	for by, rows := range res {
-		out[by+"s"] = rows
+		out[by+"s"] = topJSON(by, rows)
 	}
 	return out, func(w *tabwriter.Writer) {
 		for i, by := range bys {
 			if i > 0 {
 				fmt.Fprintln(w)
 			}
-			fmt.Fprintf(w, "Top %ss by connections, %s\n", by, rangeText(cfg.filter))
+			fmt.Fprintf(w, "Top %ss by connections, %s\n", by, cfg.rangeText())
 			if by == "peer" {
 				fmt.Fprintln(w, "PEER\tNAME\tCONNECTIONS")
 			} else {
@@ -613,6 +638,26 @@ func top(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwrite
 	}, nil
 }
 
+// topRowJSON is a store.TopRow as JSON output: a port is a number there, as in every other output.
+type topRowJSON struct {
+	Key   any    `json:"key"`
+	Name  string `json:"name,omitempty"`
+	Conns int64  `json:"connections"`
+}
+
+func topJSON(by string, rows []store.TopRow) []topRowJSON {
+	out := make([]topRowJSON, len(rows))
+	for i, r := range rows {
+		out[i] = topRowJSON{Key: r.Key, Name: r.Name, Conns: r.Conns}
+		if by == "port" {
+			if n, err := strconv.Atoi(r.Key); err == nil {
+				out[i].Key = n
+			}
+		}
+	}
+	return out
+}
+
 func orDash(s string) string {
 	if s == "" {
 		return "-"
@@ -626,13 +671,13 @@ func newDests(ctx context.Context, st *store.Store, cfg *config) (any, func(*tab
 		return nil, nil, err
 	}
 	return rows, func(w *tabwriter.Writer) {
-		fmt.Fprintf(w, "Peers first seen %s\n", rangeText(cfg.filter))
+		fmt.Fprintf(w, "Peers first seen %s\n", cfg.rangeText())
 		fmt.Fprintln(w, "FIRST SEEN\tLAST SEEN\tHOST\tDIRECTION\tPEER\tPORT\tNAME")
 		if len(rows) == 0 {
 			fmt.Fprintln(w, "(none)")
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", fmtTime(r.First), fmtTime(r.Last), r.Host, r.Direction, orDash(r.Peer), r.Port, orDash(r.Name))
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", cfg.fmtTime(r.First), cfg.fmtTime(r.Last), r.Host, r.Direction, orDash(r.Peer), r.Port, orDash(r.Name))
 		}
 	}, nil
 }
@@ -643,13 +688,13 @@ func hosts(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabwri
 		return nil, nil, err
 	}
 	return rows, func(w *tabwriter.Writer) {
-		fmt.Fprintf(w, "Connections per host, %s\n", rangeText(cfg.filter))
+		fmt.Fprintf(w, "Connections per host, %s\n", cfg.rangeText())
 		fmt.Fprintln(w, "START\tHOST\tCONNECTIONS")
 		if len(rows) == 0 {
 			fmt.Fprintln(w, "(none)")
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%d\n", fmtTime(r.Start), r.Host, r.Conns)
+			fmt.Fprintf(w, "%s\t%s\t%d\n", cfg.fmtTime(r.Start), r.Host, r.Conns)
 		}
 	}, nil
 }
@@ -660,6 +705,20 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 		return nil, nil, err
 	}
 	if cfg.stream != "" {
+		var known []string
+		for _, c := range s.Checkpoints {
+			if !slices.Contains(known, c.Stream) {
+				known = append(known, c.Stream)
+			}
+		}
+		if !slices.Contains(known, cfg.stream) {
+			// Most likely a typo: an empty answer would look like a stream without problems.
+			k := "none yet: run `flowstat run` first"
+			if len(known) > 0 {
+				k = "known: " + strings.Join(known, ", ")
+			}
+			return nil, nil, fmt.Errorf("stream %s has no checkpoints in database %s (%s)", cfg.stream, st.Where(), k)
+		}
 		s.Checkpoints = slices.DeleteFunc(s.Checkpoints, func(c store.CheckpointRow) bool { return c.Stream != cfg.stream })
 		s.Losses = slices.DeleteFunc(s.Losses, func(l store.LossRow) bool { return l.Stream != cfg.stream })
 	}
@@ -670,7 +729,7 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 			fmt.Fprintln(w, "(no data yet)")
 		}
 		for _, h := range s.Hosts {
-			fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, fmtTime(h.First), fmtTime(h.Last))
+			fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, cfg.fmtTime(h.First), cfg.fmtTime(h.Last))
 		}
 		if s.GapCount > 0 {
 			fmt.Fprintf(w, "\nMissing batches (%d gaps, newest first):\n", s.GapCount)
@@ -680,7 +739,7 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 				if g.AfterSeq == 0 {
 					missing = fmt.Sprintf("run first seen at batch %d (follows %d): its earlier batches were never read", g.Seq, g.PrevSeq)
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\n", g.Host, g.RunID, g.Direction, missing, g.StreamSeq, fmtTime(g.Stored))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%s\n", g.Host, g.RunID, g.Direction, missing, g.StreamSeq, cfg.fmtTime(g.Stored))
 			}
 		}
 		for _, l := range s.Losses {
@@ -702,7 +761,7 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(*tabw
 		if len(s.Checkpoints) > 0 {
 			fmt.Fprintln(w, "\nCONSUMER\tSTREAM\tCOMMITTED UP TO\tUPDATED\tFILTERS")
 			for _, c := range s.Checkpoints {
-				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", c.Consumer, c.Stream, c.Seq, fmtTime(c.Updated), c.Filters)
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", c.Consumer, c.Stream, c.Seq, cfg.fmtTime(c.Updated), c.Filters)
 			}
 		}
 	}, nil

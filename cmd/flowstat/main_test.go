@@ -154,10 +154,17 @@ func TestStateDir(t *testing.T) {
 }
 
 // runCLI runs a flowstat command in this process and returns its exit status and output.
+// Unless e sets FLOWBUS_STAT_METRICS_ADDR, `run` serves no metrics: the default port is fixed.
 func runCLI(t *testing.T, e map[string]string, args ...string) (int, string, string) {
 	t.Helper()
 	var out, errOut bytes.Buffer
-	code := run(args, &out, &errOut, env(e), time.Now())
+	getenv := func(k string) string {
+		if v, ok := e[k]; ok || k != envMetrics {
+			return v
+		}
+		return "off"
+	}
+	code := run(args, &out, &errOut, getenv, time.Now())
 	return code, out.String(), errOut.String()
 }
 
@@ -227,7 +234,10 @@ func TestRunAndQueries(t *testing.T) {
 	}
 	var top struct {
 		Peers []store.TopRow `json:"peers"`
-		Ports []store.TopRow `json:"ports"`
+		Ports []struct {
+			Key   int   `json:"key"` // a number, as in every other output
+			Conns int64 `json:"connections"`
+		} `json:"ports"`
 	}
 	if err := json.Unmarshal([]byte(out), &top); err != nil {
 		t.Fatalf("top --json: %v\n%s", err, out)
@@ -248,10 +258,14 @@ func TestRunAndQueries(t *testing.T) {
 			t.Errorf("%s --nats --stream: exit %d: %s", cmd, code, stderr)
 		}
 	}
-	code, out, _ = runCLI(t, e, "summary", "--stream", "OTHER", "--json")
-	var other store.Summary
-	if err := json.Unmarshal([]byte(out), &other); code != exitOK || err != nil || len(other.Checkpoints) != 0 || len(other.Hosts) == 0 {
-		t.Errorf("summary --stream OTHER: exit %d (%v), checkpoints %+v, %d hosts", code, err, other.Checkpoints, len(other.Hosts))
+	code, out, stderr = runCLI(t, e, "summary", "--stream", "OTHER", "--json")
+	if code != exitError || out != "" || stderr != "flowstat summary: stream OTHER has no checkpoints in database "+db+" (known: FLOWS)\n" {
+		t.Errorf("summary --stream OTHER: exit %d, stdout %q, stderr %q", code, out, stderr)
+	}
+	code, out, _ = runCLI(t, e, "summary", "--stream", "FLOWS", "--json")
+	var mine store.Summary
+	if err := json.Unmarshal([]byte(out), &mine); code != exitOK || err != nil || len(mine.Checkpoints) != 1 || len(mine.Hosts) == 0 {
+		t.Errorf("summary --stream FLOWS: exit %d (%v), checkpoints %+v, %d hosts", code, err, mine.Checkpoints, len(mine.Hosts))
 	}
 	code, out, _ = runCLI(t, e, "top", "--since", "2h")
 	if code != exitOK || !strings.Contains(out, "Top peers") || !strings.Contains(out, "Top ports") || !strings.Contains(out, topPeer) {
@@ -348,7 +362,8 @@ func (l *lockedBuffer) String() string {
 func startProc(t *testing.T, extraEnv []string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(append(os.Environ(), asMainEnv+"=1"), extraEnv...)
+	// No metrics unless asked for: the default port is fixed.
+	cmd.Env = append(append(os.Environ(), asMainEnv+"=1", envMetrics+"=off"), extraEnv...)
 	pipe, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

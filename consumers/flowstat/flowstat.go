@@ -139,10 +139,26 @@ type Options struct {
 	// without committing the pending chunk, as if the process died. 0 disables.
 	CrashAfter int
 
+	// Monitor, if set, follows the run for health probes and metrics.
+	Monitor *Monitor
+
 	// Log receives notices (consumer created, dead letters, progress); nil discards them.
 	Log io.Writer
 	// ProgressEvery is how often Run logs its progress; 0 means 1 minute.
 	ProgressEvery time.Duration
+}
+
+// MetadataDatabase is the consumer metadata key holding the identity of the database (store.ID) whose
+// checkpoint the durable consumer follows.
+const MetadataDatabase = "flowstat_database"
+
+// ConsumerSharedError is returned by Run when its durable consumer belongs to another database.
+type ConsumerSharedError struct{ Durable, Stream string }
+
+// Error names the consumer and the fix.
+func (e *ConsumerSharedError) Error() string {
+	return fmt.Sprintf("durable consumer %s (stream %s) is also used by another database; give each database its own --consumer (FLOWBUS_FLOWSTAT_CONSUMER), or, if that database is gone for good, delete the consumer first (nats consumer rm %s %s)",
+		e.Durable, e.Stream, e.Stream, e.Durable)
 }
 
 // ErrCrashed is returned by Run when Options.CrashAfter triggers.
@@ -235,9 +251,10 @@ func (o *Options) Validate() error {
 	for _, f := range o.Filters {
 		if err := ValidateFilter(f); err != nil {
 			errs = append(errs, err)
-		} else if perr == nil && !overlap(f, prefix+".*.*") {
-			// Every batch it selects would be dead-lettered as on the wrong subject.
-			errs = append(errs, fmt.Errorf("subject filter %q selects no subject %s.<host>.<direction>: set the prefix (--prefix, FLOWBUS_SUBJECT_PREFIX) to the one the agents publish under, or a filter below it", f, prefix))
+		} else if perr == nil {
+			if err := CheckFilterPrefix(f, prefix); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := ValidateFilter(o.DeadLetterSubject); err != nil || strings.ContainsAny(o.DeadLetterSubject, "*>") {
@@ -282,9 +299,20 @@ func ValidateFilter(f string) error {
 	return nil
 }
 
+// CheckFilterPrefix refuses a subject filter that selects no subject <prefix>.<host>.<direction>:
+// every batch it selects would be dead-lettered as on the wrong subject. filter and prefix must be
+// valid (ValidateFilter, schema.ValidatePrefix).
+func CheckFilterPrefix(filter, prefix string) error {
+	if overlap(filter, prefix+".*.*") {
+		return nil
+	}
+	return fmt.Errorf("subject filter %q selects no subject %s.<host>.<direction>: give a filter under %s. (e.g. %s.>, %s.*.incoming), or set the prefix (--prefix, FLOWBUS_SUBJECT_PREFIX) to the one the agents publish under",
+		filter, prefix, prefix, prefix, prefix)
+}
+
 // connect dials NATS and opens the stream, with the same error types as flowtail. A missing stream is
 // waited for up to streamWait, logging what it waits for.
-func connect(ctx context.Context, urls []string, stream string, timeout, streamWait time.Duration, name string, log io.Writer) (*nats.Conn, jetstream.JetStream, jetstream.Stream, error) {
+func connect(ctx context.Context, urls []string, stream string, timeout, streamWait time.Duration, name string, log io.Writer, mon *Monitor) (*nats.Conn, jetstream.JetStream, jetstream.Stream, error) {
 	urlText := tail.RedactURLs(urls)
 	nc, err := nats.Connect(strings.Join(urls, ","), nats.Name(name),
 		nats.Timeout(max(timeout/time.Duration(len(urls)), time.Second)),
@@ -329,6 +357,7 @@ func connect(ctx context.Context, urls []string, stream string, timeout, streamW
 			return nil, nil, nil, &tail.StreamError{Stream: stream, URL: urlText, Err: err}
 		}
 		if !waited {
+			mon.setState(fmt.Sprintf("waiting for stream %q to appear on %s", stream, urlText))
 			fmt.Fprintf(log, "flowstat: stream %q does not exist on %s yet; waiting up to %v for flowagent to create it (or set --stream / FLOWBUS_STREAM)\n", stream, urlText, streamWait.Round(time.Second))
 		}
 		select {
@@ -348,13 +377,20 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	if err := st.EnsureBucket(ctx, o.Bucket); err != nil {
 		return Stats{}, err
 	}
-	nc, js, stream, err := connect(ctx, o.URLs, o.Stream, o.ConnectTimeout, o.StreamWait, "flowstat-"+o.Durable, o.Log)
+	dbID, err := st.ID(ctx)
+	if err != nil {
+		return Stats{}, fmt.Errorf("read the identity of database %s: %w", st.Where(), err)
+	}
+	o.Monitor.setState("connecting to NATS at " + tail.RedactURLs(o.URLs))
+	defer o.Monitor.setState("stopped")
+	nc, js, stream, err := connect(ctx, o.URLs, o.Stream, o.ConnectTimeout, o.StreamWait, "flowstat-"+o.Durable, o.Log, o.Monitor)
 	if err != nil {
 		return Stats{}, err
 	}
 	defer nc.Close()
 
-	cons, cp, err := ensureCheckpointAndConsumer(ctx, st, stream, &o)
+	o.Monitor.setState(fmt.Sprintf("binding durable consumer %q on stream %q", o.Durable, o.Stream))
+	cons, cp, err := ensureCheckpointAndConsumer(ctx, st, stream, &o, dbID)
 	if err != nil {
 		return Stats{}, err
 	}
@@ -385,6 +421,8 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	}
 	r.agg.stream = o.Stream
 	r.stats.LastSeq = cp
+	o.Monitor.setCheckpoint(cp)
+	o.Monitor.bound(nc, st)
 	fmt.Fprintf(o.Log, "flowstat: consuming %s as %q with filters %v from stream sequence %d into %s:%s (buckets of %v)\n",
 		o.Stream, o.Durable, o.Filters, cp+1, st.Kind(), st.Where(), o.Bucket)
 	return r.loop(ctx, it)
@@ -479,6 +517,7 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 	}
 	seq := md.Sequence.Stream
 	r.pending = md.NumPending
+	r.o.Monitor.setPending(md.NumPending)
 	if seq <= r.last {
 		r.stats.Skipped++
 		if seq <= r.committed {
@@ -529,7 +568,9 @@ func (r *runner) commit() error {
 		d := r.agg.d
 		cp := store.Checkpoint{Consumer: r.o.Durable, Stream: r.o.Stream, Filters: r.o.Filters, Seq: r.last}
 		ctx, cancel := context.WithTimeout(r.dbCtx, 5*time.Minute)
+		r.o.Monitor.setCommitting(true)
 		err := r.st.Commit(ctx, d, cp, r.committed)
+		r.o.Monitor.setCommitting(false)
 		cancel()
 		if err != nil {
 			if errors.Is(err, store.ErrCheckpointMoved) {
@@ -538,6 +579,7 @@ func (r *runner) commit() error {
 			}
 			return fmt.Errorf("commit up to stream sequence %d: %w", r.last, err)
 		}
+		r.o.Monitor.committed(d, r.last)
 		r.stats.Commits++
 		r.stats.Messages += d.Messages
 		r.stats.Events += d.Events
@@ -615,7 +657,7 @@ func sorted(s []string) []string {
 // checkpoint+1, so messages delivered to a process that died are read again at once instead of after
 // the ack wait. Without a checkpoint the consumer is created by the start policy and its starting point
 // is recorded as the checkpoint before anything is read.
-func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream jetstream.Stream, o *Options) (jetstream.Consumer, uint64, error) {
+func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream jetstream.Stream, o *Options, dbID string) (jetstream.Consumer, uint64, error) {
 	cp, cpFilters, found, err := st.CheckpointOf(ctx, o.Durable, o.Stream)
 	if err != nil {
 		return nil, 0, err
@@ -656,6 +698,11 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 		return nil, 0, fmt.Errorf("look up consumer %q on stream %q: %w", o.Durable, o.Stream, err)
 	default:
 		info := cons.CachedInfo()
+		// Two databases on one durable consumer take its messages from each other: each sees a
+		// position it never committed and, recreating the consumer, resets the other's.
+		if owner := info.Config.Metadata[MetadataDatabase]; owner != "" && owner != dbID {
+			return nil, 0, &ConsumerSharedError{Durable: o.Durable, Stream: o.Stream}
+		}
 		have := info.Config.FilterSubjects
 		if info.Config.FilterSubject != "" {
 			have = []string{info.Config.FilterSubject}
@@ -672,10 +719,22 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 			// The server moves a consumer past messages the stream deleted; the loss is logged below.
 			why = fmt.Sprintf("its ack floor %d moved past the database checkpoint %d because the stream deleted unread messages", info.AckFloor.Stream, cp)
 		case info.AckFloor.Stream > cp:
-			why = fmt.Sprintf("its ack floor %d is ahead of the database checkpoint %d (database restored from a backup?)", info.AckFloor.Stream, cp)
+			why = fmt.Sprintf("its ack floor %d is ahead of the database checkpoint %d (this database restored from a backup, or another database using consumer %q? give each database its own --consumer)", info.AckFloor.Stream, cp, o.Durable)
 		case info.Delivered.Stream != cp || info.NumAckPending > 0:
 			why = "" // messages in flight to a previous process: silently start again at the checkpoint
 		default:
+			if info.Config.Metadata[MetadataDatabase] == "" {
+				// Made by a flowstat that did not mark its consumers yet: mark it now, so another
+				// database reusing the name is recognised from now on.
+				c := info.Config
+				c.Metadata = map[string]string{MetadataDatabase: dbID}
+				for k, v := range info.Config.Metadata {
+					c.Metadata[k] = v
+				}
+				if updated, err := stream.UpdateConsumer(cctx, c); err == nil {
+					cons = updated
+				}
+			}
 			if err := recordLoss(ctx, st, o, lossFrom, lossTo); err != nil {
 				return nil, 0, err
 			}
@@ -696,6 +755,7 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, stream je
 		AckWait:       2 * time.Minute,
 		MaxAckPending: max(4*o.MaxChunkMessages, 10_000),
 		MaxDeliver:    -1,
+		Metadata:      map[string]string{MetadataDatabase: dbID},
 	}
 	if len(o.Filters) == 1 {
 		cfg.FilterSubject = o.Filters[0]

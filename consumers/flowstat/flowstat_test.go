@@ -33,7 +33,8 @@ func forEachDB(t *testing.T, f func(t *testing.T, dsn string)) {
 
 func open(t *testing.T, dsn string) *store.Store {
 	t.Helper()
-	st, err := store.Open(context.Background(), dsn)
+	// The SQLite path is below a directory to create, as the default state directory is.
+	st, err := store.OpenWith(context.Background(), dsn, store.OpenOptions{CreateDir: true})
 	if err != nil {
 		t.Fatal(err)
 	}

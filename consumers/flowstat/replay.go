@@ -59,14 +59,14 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		o.Margin = 10 * time.Minute
 	}
 	if !o.To.After(o.From) {
-		return stats, fmt.Errorf("replay: the end %v is not after the start %v", o.To.UTC(), o.From.UTC())
+		return stats, fmt.Errorf("the end %v is not after the start %v", o.To.UTC(), o.From.UTC())
 	}
 	width, err := st.BucketWidth(ctx)
 	if err != nil {
 		return stats, err
 	}
 	if width == 0 {
-		return stats, errors.New("replay: the database holds no aggregates yet: run `flowstat run` first")
+		return stats, fmt.Errorf("database %s holds no aggregates yet: run `flowstat run` first", st.Where())
 	}
 	agg := newAggregator(width, ro.Prefix, nil, nil)
 	agg.replay = true
@@ -87,15 +87,15 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	}
 	switch {
 	case !found:
-		return stats, fmt.Errorf("replay: %s has no checkpoint of consumer %q on stream %q: run `flowstat run` first, or set --consumer and --stream to the ones it uses",
+		return stats, fmt.Errorf("database %s has no checkpoint of consumer %q on stream %q: run `flowstat run` first, or set --consumer and --stream to the ones it uses",
 			st.Where(), ro.Durable, ro.Stream)
 	case len(cps) > 1:
 		// The range's rows hold every consumer's counts, but only one consumer's messages would be
 		// read back: the others' would be lost.
-		return stats, fmt.Errorf("replay: %s is written by several consumers (%s) and a replay can rebuild only one's: give each consumer its own database (or delete the checkpoint rows of consumers no longer used)",
+		return stats, fmt.Errorf("database %s is written by several consumers (%s) and a replay can rebuild only one's: give each consumer its own database (or delete the checkpoint rows of consumers no longer used)",
 			st.Where(), strings.Join(names, ", "))
 	}
-	nc, js, stream, err := connect(ctx, ro.URLs, ro.Stream, ro.ConnectTimeout, 0, "flowstat-replay", ro.Log)
+	nc, js, stream, err := connect(ctx, ro.URLs, ro.Stream, ro.ConnectTimeout, 0, "flowstat-replay", ro.Log, nil)
 	if err != nil {
 		return stats, err
 	}
@@ -106,14 +106,14 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	// replay's start, or the stream must never have deleted anything.
 	sinfo, err := stream.Info(ctx)
 	if err != nil {
-		return stats, fmt.Errorf("replay: stream info: %w", err)
+		return stats, fmt.Errorf("look up stream %q: %w", ro.Stream, err)
 	}
 	if ss := sinfo.State; ss.FirstSeq > 1 && (ss.Msgs == 0 || ss.FirstTime.After(start)) && !o.Force {
 		first := "holds no message any more"
 		if ss.Msgs > 0 {
 			first = fmt.Sprintf("starts at sequence %d stored %s", ss.FirstSeq, ss.FirstTime.UTC().Format(time.RFC3339))
 		}
-		return stats, fmt.Errorf("replay: %w: stream %s %s, after %s (the range start minus the %v margin) and it deleted older messages; replay a later range, or pass --force to rebuild from what is left",
+		return stats, fmt.Errorf("%w: stream %s %s, after %s (the range start minus the %v margin) and it deleted older messages; replay a later range, or pass --force to rebuild from what is left",
 			ErrStreamTooShort, ro.Stream, first, start.UTC().Format(time.RFC3339), o.Margin)
 	}
 
@@ -134,7 +134,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 			return nil
 		}
 		if err := st.ApplyReplay(ctx, agg.d); err != nil {
-			return fmt.Errorf("replay: %w (the range is incomplete until a replay of it succeeds)", err)
+			return fmt.Errorf("%w (the range is incomplete until a replay of it succeeds)", err)
 		}
 		stats.Commits++
 		stats.Messages += agg.d.Messages
@@ -147,7 +147,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		InactiveThreshold: 30 * time.Second,
 	})
 	if err != nil {
-		return stats, fmt.Errorf("replay consumer: %w", err)
+		return stats, fmt.Errorf("read stream %q from %s on: %w", ro.Stream, start.UTC().Format(time.RFC3339), err)
 	}
 	info, err := oc.Info(ctx)
 	if err != nil {
@@ -172,7 +172,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 				break
 			}
 			if err != nil {
-				return stats, fmt.Errorf("replay read: %w", err)
+				return stats, fmt.Errorf("reading stream %q: %w", ro.Stream, err)
 			}
 			md, err := msg.Metadata()
 			if err != nil {

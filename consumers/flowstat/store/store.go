@@ -9,7 +9,9 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/url"
@@ -140,12 +142,39 @@ type OpenOptions struct {
 	// MustExist refuses to create a missing SQLite file: the query commands use it, so a typo in the path
 	// says so instead of showing an empty database.
 	MustExist bool
+	// CreateDir creates the SQLite file's missing parent directories. Only the default location (the
+	// state directory) wants it: for a path the user typed, a missing directory is far more often a typo
+	// than a wish, and creating it would hide the database somewhere unexpected.
+	CreateDir bool
 }
 
-// Open connects to dsn (see ParseDSN), creates the SQLite file and its directory if needed, and applies
-// pending migrations. It fails fast with a clear message when the server is unreachable.
+// Open connects to dsn (see ParseDSN), creates the SQLite file if needed (its directory must exist), and
+// applies pending migrations. It fails fast with a clear message when the server is unreachable.
 func Open(ctx context.Context, dsn string) (*Store, error) {
 	return OpenWith(ctx, dsn, OpenOptions{})
+}
+
+// CheckSQLitePath reports what makes path unusable as a SQLite database file before anything is opened:
+// a directory, or (unless createDir) a parent directory that does not exist or is not a directory.
+// Messages say what to give instead; they do not name the setting, the caller does.
+func CheckSQLitePath(path string, createDir bool) error {
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return fmt.Errorf("%s is a directory, give a file path (e.g. %s)", path, filepath.Join(path, "flowstat.db"))
+	}
+	if createDir {
+		return nil
+	}
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("the directory %s of %s does not exist: create it (mkdir -p %s) or give a path in an existing directory", dir, path, dir)
+	case err != nil:
+		return fmt.Errorf("cannot use the directory %s of %s: %v", dir, path, errors.Unwrap(err))
+	case !fi.IsDir():
+		return fmt.Errorf("%s is not a directory, so %s cannot be created in it: give another path", dir, path)
+	}
+	return nil
 }
 
 // OpenWith is Open with options.
@@ -157,14 +186,19 @@ func OpenWith(ctx context.Context, dsn string, oo OpenOptions) (*Store, error) {
 	s := &Store{kind: kind, where: Redact(target)}
 	switch kind {
 	case SQLite:
+		if fi, err := os.Stat(target); err == nil && fi.IsDir() {
+			return nil, CheckSQLitePath(target, false)
+		}
 		if oo.MustExist {
 			if _, err := os.Stat(target); err != nil {
 				return nil, fmt.Errorf("no flowstat database at %s (%v): run `flowstat run` first, or set --db or FLOWBUS_DB to the database it writes", target, errors.Unwrap(err))
 			}
-		} else if dir := filepath.Dir(target); dir != "" {
-			if err := os.MkdirAll(dir, 0o750); err != nil {
+		} else if oo.CreateDir {
+			if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
 				return nil, fmt.Errorf("cannot create the database directory: %w (set --db or FLOWBUS_DB to a writable path)", err)
 			}
+		} else if err := CheckSQLitePath(target, false); err != nil {
+			return nil, err
 		}
 		// WAL lets the CLI read while `flowstat run` writes; synchronous=NORMAL may lose the last
 		// commits on power loss but never splits a commit, and since the checkpoint commits with the
@@ -193,17 +227,38 @@ func OpenWith(ctx context.Context, dsn string, oo OpenOptions) (*Store, error) {
 	defer cancel()
 	if err := s.db.PingContext(pctx); err != nil {
 		s.db.Close()
-		hint := ""
+		hint := " (is the file and its directory writable by this user? set --db or FLOWBUS_DB to a writable path)"
 		if kind == Postgres {
 			hint = " (is the server running and the database created? check the URL in --db or FLOWBUS_DB)"
 		}
-		return nil, fmt.Errorf("cannot open %s database %s: %v%s", kind, s.where, redactErr(err, target), hint)
+		return nil, fmt.Errorf("cannot open %s database %s: %s%s", kind, s.where, oneLine(redactErr(err, target).Error()), hint)
 	}
 	if err := s.migrate(ctx); err != nil {
 		s.db.Close()
 		return nil, fmt.Errorf("migrating %s database %s: %w", kind, s.where, err)
 	}
 	return s, nil
+}
+
+// oneLine joins the lines of a driver's error, dropping repeated ones: pgx reports every connection
+// attempt on its own line, and with sslmode=prefer a refused connection is tried twice (TLS, then
+// plain), which printed the same line twice.
+func oneLine(s string) string {
+	var out []string
+	seen := map[string]bool{}
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" || seen[l] {
+			continue
+		}
+		seen[l] = true
+		out = append(out, l)
+	}
+	if len(out) < 2 {
+		return strings.Join(out, "")
+	}
+	// The first line introduces the attempts ("failed to connect to ...:"), which follow it.
+	return out[0] + " " + strings.Join(out[1:], "; ")
 }
 
 // Kind reports which database this is.
@@ -234,4 +289,20 @@ func (s *Store) rebind(q string) string {
 		b.WriteByte(q[i])
 	}
 	return b.String()
+}
+
+// ID returns the database's identity, a random token recorded on first use. flowstat writes it into the
+// metadata of the durable consumers it creates, so a second database given the same consumer name is
+// told apart from this one instead of being mistaken for a restored backup.
+func (s *Store) ID(ctx context.Context) (string, error) {
+	var b [12]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	if _, err := s.db.ExecContext(ctx, s.rebind(`INSERT INTO meta (key, value) VALUES ('database_id', ?) ON CONFLICT (key) DO NOTHING`), hex.EncodeToString(b[:])); err != nil {
+		return "", err
+	}
+	var id string
+	err := s.db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'database_id'`).Scan(&id)
+	return id, err
 }

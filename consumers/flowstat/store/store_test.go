@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -268,4 +269,76 @@ func TestKeyValueDSN(t *testing.T) {
 	if err == nil || strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("opening a missing database: %v", err)
 	}
+}
+
+// A SQLite path that cannot be a database file says what to give instead; only CreateDir (the default
+// state directory) creates a missing directory.
+func TestSQLitePathRefusals(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "no", "such", "x.db")
+	if _, err := store.Open(ctx, missing); err == nil || !strings.Contains(err.Error(), "the directory "+filepath.Dir(missing)+" of "+missing+" does not exist") ||
+		!strings.Contains(err.Error(), "mkdir -p") {
+		t.Errorf("missing directory: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "no")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the missing directory was created: %v", err)
+	}
+	if _, err := store.Open(ctx, dir); err == nil || err.Error() != dir+" is a directory, give a file path (e.g. "+filepath.Join(dir, "flowstat.db")+")" {
+		t.Errorf("a directory: %v", err)
+	}
+	file := filepath.Join(dir, "plain")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Open(ctx, filepath.Join(file, "x.db")); err == nil || !strings.Contains(err.Error(), file+" is not a directory") {
+		t.Errorf("below a file: %v", err)
+	}
+	st, err := store.OpenWith(ctx, missing, store.OpenOptions{CreateDir: true})
+	if err != nil {
+		t.Fatalf("CreateDir: %v", err)
+	}
+	st.Close()
+	if _, err := os.Stat(missing); err != nil {
+		t.Errorf("CreateDir did not create the database: %v", err)
+	}
+}
+
+// A refused PostgreSQL connection is one line, each attempt once (pgx tries TLS, then plain, and
+// reported both), with the fix.
+func TestRefusedPostgresOneLine(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	_, err = store.Open(context.Background(), "postgres://u:s3cret@"+addr+"/x")
+	if err == nil {
+		t.Fatal("no error")
+	}
+	msg := err.Error()
+	if strings.Contains(msg, "\n") || strings.Count(msg, "connection refused") != 1 || strings.Contains(msg, "s3cret") || !strings.Contains(msg, "--db or FLOWBUS_DB") {
+		t.Errorf("refused connection: %q", msg)
+	}
+}
+
+// The database identity is made once and kept.
+func TestDatabaseID(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		ctx := context.Background()
+		a, err := open(t, dsn).ID(ctx)
+		if err != nil || len(a) != 24 {
+			t.Fatalf("ID %q, %v", a, err)
+		}
+		b, err := open(t, dsn).ID(ctx)
+		if err != nil || b != a {
+			t.Errorf("second ID %q (%v), want %q", b, err, a)
+		}
+		other := filepath.Join(t.TempDir(), "other.db")
+		c, err := open(t, other).ID(ctx)
+		if err != nil || c == a {
+			t.Errorf("another database has ID %q (%v), the same as %q", c, err, a)
+		}
+	})
 }
