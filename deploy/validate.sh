@@ -5,7 +5,10 @@
 #     checked for what the API server or the pods would reject,
 #   - the NATS configurations, parsed by nats-server,
 #   - the systemd units with `systemd-analyze verify` (skipped if absent),
-#   - the Prometheus rules (promtool if present) and the Grafana dashboard.
+#   - the Prometheus rules: `promtool check rules` and `promtool test rules` with
+#     deploy/prometheus/alerts_test.yml (required), the PrometheusRule copy of
+#     them, the Prometheus configuration of OPERATIONS.md (`promtool check config`),
+#   - the Grafana dashboard.
 # All of it is the Go test package deploy/deploytest; `go test ./...` runs it
 # too, but skips the Compose check there when no docker-compose is installed.
 set -euo pipefail

@@ -1,7 +1,9 @@
 package deploytest
 
 import (
+	"bytes"
 	"encoding/json"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -287,8 +289,10 @@ func TestGrafanaDashboard(t *testing.T) {
 	}
 }
 
-// TestAlertRules checks alerts.yml: structure, known metrics, a runbook
-// section in OPERATIONS.md for each alert, and promtool when installed.
+// TestAlertRules checks alerts.yml: structure, known metrics, an absolute
+// runbook URL per alert (one base, the alert's OPERATIONS.md section as
+// fragment), then promtool: check rules, and test rules with alerts_test.yml,
+// which must make every alert fire and stay silent at least once.
 func TestAlertRules(t *testing.T) {
 	var f struct {
 		Groups []struct {
@@ -307,14 +311,15 @@ func TestAlertRules(t *testing.T) {
 	}
 	ops := strings.ToLower(string(read(t, "deploy/OPERATIONS.md")))
 	m := agentMetrics(t)
-	n := 0
+	var alerts []string
+	bases := map[string]bool{}
 	for _, g := range f.Groups {
 		for _, r := range g.Rules {
-			n++
 			if r.Alert == "" || r.Expr == "" {
 				t.Errorf("group %s: a rule without alert name or expr", g.Name)
 				continue
 			}
+			alerts = append(alerts, r.Alert)
 			if bad := m.unknown(r.Expr); len(bad) > 0 {
 				t.Errorf("%s: unknown metrics %v", r.Alert, bad)
 			}
@@ -324,21 +329,210 @@ func TestAlertRules(t *testing.T) {
 			if r.Annotations["summary"] == "" {
 				t.Errorf("%s: no summary", r.Alert)
 			}
-			anchor := "#" + strings.ToLower(r.Alert)
-			if r.Annotations["runbook_url"] != "deploy/OPERATIONS.md"+anchor {
-				t.Errorf("%s: runbook_url %q, want deploy/OPERATIONS.md%s", r.Alert, r.Annotations["runbook_url"], anchor)
+			// Alertmanager, Grafana and chat links open runbook_url as is: a
+			// relative path leads nowhere.
+			raw := r.Annotations["runbook_url"]
+			u, err := url.Parse(raw)
+			if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+				t.Errorf("%s: runbook_url %q is not an absolute http(s) URL", r.Alert, raw)
+			} else if u.Fragment != strings.ToLower(r.Alert) {
+				t.Errorf("%s: runbook_url %q, want the base URL with #%s", r.Alert, raw, strings.ToLower(r.Alert))
+			} else {
+				bases[strings.TrimSuffix(raw, "#"+u.Fragment)] = true
 			}
 			if !strings.Contains(ops, "\n### "+strings.ToLower(r.Alert)+"\n") {
 				t.Errorf("%s: deploy/OPERATIONS.md has no section \"### %s\"", r.Alert, r.Alert)
 			}
 		}
 	}
-	if n == 0 {
+	if len(alerts) == 0 {
 		t.Fatal("alerts.yml: no rules")
 	}
-	bin := tool(t, false, "promtool")
-	out, err := exec.Command(bin, "check", "rules", filepath.Join(root(t), "deploy/prometheus/alerts.yml")).CombinedOutput()
+	if len(bases) > 1 {
+		t.Errorf("the runbook URLs have several bases %v: one base, so that one replacement moves them all", sortedKeys(bases))
+	}
+	checkAlertTests(t, alerts)
+
+	bin := tool(t, true, "promtool")
+	for _, args := range [][]string{{"check", "rules", "alerts.yml"}, {"test", "rules", "alerts_test.yml"}} {
+		cmd := exec.Command(bin, args...)
+		cmd.Dir = filepath.Join(root(t), "deploy", "prometheus")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+// checkAlertTests wants alerts_test.yml to evaluate every alert at least once
+// where it fires and once where it does not, and nothing else.
+func checkAlertTests(t *testing.T, alerts []string) {
+	t.Helper()
+	var f struct {
+		RuleFiles []string `json:"rule_files"`
+		Tests     []struct {
+			Name       string `json:"name"`
+			AlertTests []struct {
+				Alertname string `json:"alertname"`
+				ExpAlerts []any  `json:"exp_alerts"`
+			} `json:"alert_rule_test"`
+		} `json:"tests"`
+	}
+	if err := yaml.Unmarshal(read(t, "deploy/prometheus/alerts_test.yml"), &f); err != nil {
+		t.Fatalf("deploy/prometheus/alerts_test.yml: %v", err)
+	}
+	if !slices.Equal(f.RuleFiles, []string{"alerts.yml"}) {
+		t.Errorf("alerts_test.yml: rule_files %v, want [alerts.yml]", f.RuleFiles)
+	}
+	fires, silent := map[string]bool{}, map[string]bool{}
+	for _, tc := range f.Tests {
+		for _, at := range tc.AlertTests {
+			if !slices.Contains(alerts, at.Alertname) {
+				t.Errorf("alerts_test.yml, test %q: no alert %s in alerts.yml", tc.Name, at.Alertname)
+			}
+			if len(at.ExpAlerts) > 0 {
+				fires[at.Alertname] = true
+			} else {
+				silent[at.Alertname] = true
+			}
+		}
+	}
+	for _, a := range alerts {
+		if !fires[a] {
+			t.Errorf("alerts_test.yml: no case where %s fires", a)
+		}
+		if !silent[a] {
+			t.Errorf("alerts_test.yml: no case where %s stays silent", a)
+		}
+	}
+}
+
+// fencedRE finds the ```yaml and ```sh blocks of a Markdown text.
+var fencedRE = regexp.MustCompile("(?s)```(yaml|sh)\n(.*?)```")
+
+// TestOperationsPrometheusConfig checks the hand-written Prometheus
+// configuration that deploy/OPERATIONS.md shows: promtool accepts it with the
+// rules, and its job is the one the rules select.
+func TestOperationsPrometheusConfig(t *testing.T) {
+	var cfg string
+	for _, m := range fencedRE.FindAllStringSubmatch(string(read(t, "deploy/OPERATIONS.md")), -1) {
+		if m[1] == "yaml" && strings.Contains(m[2], "scrape_configs:") {
+			cfg = m[2]
+		}
+	}
+	if cfg == "" {
+		t.Fatal("deploy/OPERATIONS.md shows no Prometheus configuration (a yaml block with scrape_configs)")
+	}
+	var c struct {
+		RuleFiles     []string `json:"rule_files"`
+		ScrapeConfigs []struct {
+			JobName string `json:"job_name"`
+		} `json:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal([]byte(cfg), &c); err != nil {
+		t.Fatalf("deploy/OPERATIONS.md, Prometheus configuration: %v", err)
+	}
+	job := alertsJob(t)
+	if !slices.ContainsFunc(c.ScrapeConfigs, func(s struct {
+		JobName string `json:"job_name"`
+	}) bool {
+		return s.JobName == job
+	}) {
+		t.Errorf("deploy/OPERATIONS.md, Prometheus configuration: no job %q, which the alert rules select", job)
+	}
+	bin := tool(t, true, "promtool")
+	dir := t.TempDir()
+	for name, b := range map[string][]byte{"prometheus.yml": []byte(cfg), "alerts.yml": read(t, "deploy/prometheus/alerts.yml")} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := exec.Command(bin, "check", "config", filepath.Join(dir, "prometheus.yml")).CombinedOutput()
+	if err != nil && bytes.Contains(out, []byte("field kubernetes_sd_configs not found")) {
+		// Debian builds Prometheus without Kubernetes discovery: check the
+		// rest (relabelings, rule files) with the discovery swapped for an
+		// empty static list.
+		t.Log("this promtool has no Kubernetes service discovery: checking the configuration with kubernetes_sd_configs replaced by static_configs")
+		if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(withoutKubernetesSD(cfg)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err = exec.Command(bin, "check", "config", filepath.Join(dir, "prometheus.yml")).CombinedOutput()
+	}
 	if err != nil {
-		t.Errorf("promtool check rules: %v\n%s", err, out)
+		t.Errorf("promtool check config (deploy/OPERATIONS.md's configuration): %v\n%s", err, out)
+	}
+}
+
+// withoutKubernetesSD replaces each kubernetes_sd_configs block (the key and
+// the lines indented below it) with an empty static_configs.
+func withoutKubernetesSD(cfg string) string {
+	var out []string
+	skip := -1
+	for _, l := range strings.Split(cfg, "\n") {
+		indent := len(l) - len(strings.TrimLeft(l, " "))
+		if skip >= 0 && (indent > skip || strings.TrimSpace(l) == "") {
+			continue
+		}
+		skip = -1
+		if strings.TrimSpace(l) == "kubernetes_sd_configs:" {
+			skip = indent
+			l = strings.Repeat(" ", indent) + "static_configs: []"
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, "\n")
+}
+
+// TestRunbookBaseReplacement runs the replacement of the runbook base URL
+// that deploy/OPERATIONS.md documents: it must name every file that holds the
+// base, and leave rules whose tests still pass, with the new base.
+func TestRunbookBaseReplacement(t *testing.T) {
+	sedRE := regexp.MustCompile(`sed -i 's\|([^|]+)\|([^|]+)\|g' \\\n\s*([^\n]+)`)
+	var m []string
+	for _, b := range fencedRE.FindAllStringSubmatch(string(read(t, "deploy/OPERATIONS.md")), -1) {
+		if b[1] == "sh" {
+			if m = sedRE.FindStringSubmatch(b[2]); m != nil {
+				break
+			}
+		}
+	}
+	if m == nil {
+		t.Fatal("deploy/OPERATIONS.md shows no replacement of the runbook base (sed -i 's|<base>|<new>|g' <files>)")
+	}
+	oldBase, newBase, files := m[1], m[2], strings.Fields(m[3])
+	if !strings.Contains(string(read(t, "deploy/prometheus/alerts.yml")), `runbook_url: "`+oldBase+"#") {
+		t.Errorf("deploy/OPERATIONS.md replaces %s, which is not the runbook base of alerts.yml", oldBase)
+	}
+	// Every file of the deployment that holds the base must be in the command.
+	err := filepath.WalkDir(filepath.Join(root(t), "deploy"), func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || strings.HasSuffix(p, ".go") || strings.HasSuffix(p, ".md") {
+			return err
+		}
+		rel, _ := filepath.Rel(root(t), p)
+		if b, _ := os.ReadFile(p); bytes.Contains(b, []byte(oldBase+"#")) && !slices.Contains(files, rel) {
+			t.Errorf("%s holds runbook URLs, but deploy/OPERATIONS.md's replacement does not name it", rel)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := tool(t, true, "promtool")
+	dir := t.TempDir()
+	for _, f := range []string{"deploy/prometheus/alerts.yml", "deploy/prometheus/alerts_test.yml"} {
+		if !slices.Contains(files, f) {
+			t.Errorf("deploy/OPERATIONS.md's replacement does not name %s", f)
+		}
+		b := bytes.ReplaceAll(read(t, f), []byte(oldBase), []byte(newBase))
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(f)), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(bin, "test", "rules", "alerts_test.yml")
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("promtool test rules, after the documented replacement of the runbook base: %v\n%s", err, out)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "alerts.yml")); bytes.Contains(b, []byte(oldBase)) || !bytes.Contains(b, []byte(newBase+"#")) {
+		t.Errorf("after the documented replacement, alerts.yml still holds %s or not %s", oldBase, newBase)
 	}
 }

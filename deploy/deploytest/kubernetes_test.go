@@ -3,16 +3,21 @@ package deploytest
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	schedulingv1 "k8s.io/api/scheduling/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -64,19 +69,42 @@ func newObject(apiVersion, kind string) (any, *metav1.ObjectMeta, bool) {
 	case "policy/v1/PodDisruptionBudget":
 		o := &policyv1.PodDisruptionBudget{}
 		return o, &o.ObjectMeta, true
+	case "scheduling.k8s.io/v1/PriorityClass":
+		o := &schedulingv1.PriorityClass{}
+		return o, &o.ObjectMeta, true
+	// The Prometheus Operator's kinds (deploy/kubernetes/monitoring).
+	case "monitoring.coreos.com/v1/PodMonitor":
+		o := &monitoringv1.PodMonitor{}
+		return o, &o.ObjectMeta, true
+	case "monitoring.coreos.com/v1/PrometheusRule":
+		o := &monitoringv1.PrometheusRule{}
+		return o, &o.ObjectMeta, true
 	}
 	return nil, nil, false
 }
 
-// loadManifests strictly decodes every document of deploy/kubernetes/*.yaml:
-// unknown or misspelt fields, duplicate keys and values of the wrong type
-// (a quantity that does not parse, a string for an integer) are errors.
-func loadManifests(t *testing.T) []object {
+// clusterScoped are the kinds that live in no namespace.
+var clusterScoped = map[string]bool{"Namespace": true, "PriorityClass": true}
+
+// manifestFiles are deploy/kubernetes/*.yaml and the YAML files of its
+// subdirectories (each a kustomization of its own), kustomization.yaml
+// included.
+func manifestFiles(t *testing.T) []string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(root(t), "deploy", "kubernetes", "*.yaml"))
-	if err != nil || len(files) == 0 {
+	top, err := filepath.Glob(filepath.Join(root(t), "deploy", "kubernetes", "*.yaml"))
+	if err != nil || len(top) == 0 {
 		t.Fatalf("no manifests in deploy/kubernetes (%v)", err)
 	}
+	sub, _ := filepath.Glob(filepath.Join(root(t), "deploy", "kubernetes", "*", "*.yaml"))
+	return append(top, sub...)
+}
+
+// loadManifests strictly decodes every document of the manifests: unknown or
+// misspelt fields, duplicate keys and values of the wrong type (a quantity
+// that does not parse, a string for an integer) are errors.
+func loadManifests(t *testing.T) []object {
+	t.Helper()
+	files := manifestFiles(t)
 	var objs []object
 	for _, f := range files {
 		rel, _ := filepath.Rel(root(t), f)
@@ -139,14 +167,20 @@ func TestKubernetesManifests(t *testing.T) {
 		for _, msg := range validation.IsDNS1123Subdomain(o.meta.Name) {
 			t.Errorf("%s: name: %s", o, msg)
 		}
-		if o.kind == "Namespace" {
+		switch {
+		case o.kind == "Namespace":
 			if o.meta.Name != namespace {
 				t.Errorf("%s: the namespace is %s", o, namespace)
 			}
-		} else if o.meta.Namespace != namespace {
+		case clusterScoped[o.kind]:
+			if o.meta.Namespace != "" {
+				t.Errorf("%s: a %s has no namespace", o, o.kind)
+			}
+		case o.meta.Namespace != namespace:
 			t.Errorf("%s: namespace %q, want %q", o, o.meta.Namespace, namespace)
 		}
 		checkLabels(t, o.String(), o.meta.Labels)
+		checkRecommendedLabels(t, o.String(), o.kind != "Namespace", o.meta.Labels)
 		switch v := o.obj.(type) {
 		case *corev1.ConfigMap:
 			configMaps[v.Name] = v
@@ -169,7 +203,10 @@ func TestKubernetesManifests(t *testing.T) {
 	}
 	for _, p := range pods {
 		checkPod(t, p, configMaps, vars)
+		checkPriorityClass(t, p, objs)
 	}
+	checkVersions(t, objs, pods)
+	agentJob := alertsJob(t)
 	for _, o := range objs {
 		switch v := o.obj.(type) {
 		case *corev1.Service:
@@ -178,9 +215,12 @@ func TestKubernetesManifests(t *testing.T) {
 			if !selectsAny(t, o.String(), v.Spec.Selector, pods) {
 				t.Errorf("%s: its selector matches no pod template", o)
 			}
+		case *monitoringv1.PodMonitor:
+			checkPodMonitor(t, o, v, pods, agentJob)
 		}
 	}
-	for _, want := range []string{"DaemonSet/flowagent", "ConfigMap/flowagent-config", "Deployment/flowstat", "StatefulSet/nats", "ConfigMap/nats-config"} {
+	for _, want := range []string{"DaemonSet/flowagent", "ConfigMap/flowagent-config", "Deployment/flowstat", "StatefulSet/nats", "ConfigMap/nats-config",
+		"PriorityClass/flowbus-agent", "PodMonitor/flowagent", "PrometheusRule/flowbus-agent"} {
 		if !seen[want] {
 			t.Errorf("the manifests define no %s", want)
 		}
@@ -204,6 +244,259 @@ func checkLabels(t *testing.T, where string, l map[string]string) {
 		}
 		for _, msg := range validation.IsValidLabelValue(v) {
 			t.Errorf("%s: label %s=%q: %s", where, k, v, msg)
+		}
+	}
+}
+
+// The labels Kubernetes recommends (app.kubernetes.io/*).
+const (
+	nameLabel      = "app.kubernetes.io/name"
+	instanceLabel  = "app.kubernetes.io/instance"
+	versionLabel   = "app.kubernetes.io/version"
+	componentLabel = "app.kubernetes.io/component"
+	partOfLabel    = "app.kubernetes.io/part-of"
+	managedByLabel = "app.kubernetes.io/managed-by"
+)
+
+// checkRecommendedLabels wants every recommended label on every object; the
+// Namespace, shared by all components, has no component and no version.
+func checkRecommendedLabels(t *testing.T, where string, component bool, l map[string]string) {
+	t.Helper()
+	for _, k := range []string{nameLabel, instanceLabel, versionLabel, componentLabel, partOfLabel, managedByLabel} {
+		if !component && (k == versionLabel || k == componentLabel) {
+			continue
+		}
+		if l[k] == "" {
+			t.Errorf("%s: label %s is missing (every object carries the recommended app.kubernetes.io/* labels)", where, k)
+		}
+	}
+	for k, want := range map[string]string{instanceLabel: "flowbus", partOfLabel: "flowbus", managedByLabel: "kustomize"} {
+		if v, ok := l[k]; ok && v != want {
+			t.Errorf("%s: label %s=%q, want %q like every other object", where, k, v, want)
+		}
+	}
+}
+
+// splitImage cuts an image reference into repository, tag and digest. A tag
+// follows the last colon after the last slash (a registry may have a port).
+func splitImage(image string) (repo, tag, digest string) {
+	if i := strings.Index(image, "@"); i >= 0 {
+		image, digest = image[:i], image[i+1:]
+	}
+	if i := strings.LastIndex(image, ":"); i > strings.LastIndex(image, "/") {
+		return image[:i], image[i+1:], digest
+	}
+	return image, "", digest
+}
+
+// releaseTagRE is a pinned release tag: a version, with an optional variant
+// or pre-release suffix (2.15.2-alpine, 1.0.0-rc.1).
+var releaseTagRE = regexp.MustCompile(`^v?[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$`)
+
+// checkVersions wants each component's version label (on every object of it)
+// to be the release its image runs, and flowbus's own images to be one
+// release.
+func checkVersions(t *testing.T, objs []object, pods []podOf) {
+	t.Helper()
+	versions := map[string]string{}
+	flowbus := map[string]bool{}
+	for _, p := range pods {
+		v := p.tmpl.Labels[versionLabel]
+		for _, c := range p.tmpl.Spec.Containers {
+			repo, tag, _ := splitImage(c.Image)
+			if tag != v && !strings.HasPrefix(tag, v+"-") {
+				t.Errorf("%s: label %s=%q, but container %s runs %s", p.o, versionLabel, v, c.Name, c.Image)
+			}
+			if strings.HasPrefix(repo, "flowbus/") {
+				flowbus[tag] = true
+			}
+		}
+		versions[p.tmpl.Labels[nameLabel]] = v
+	}
+	for _, o := range objs {
+		if v, ok := versions[o.meta.Labels[nameLabel]]; ok && o.meta.Labels[versionLabel] != v {
+			t.Errorf("%s: label %s=%q, but %s %s runs version %q", o, versionLabel, o.meta.Labels[versionLabel], nameLabel, o.meta.Labels[nameLabel], v)
+		}
+	}
+	if len(flowbus) > 1 {
+		t.Errorf("the flowbus images are of different releases %v: deploy one release", sortedKeys(flowbus))
+	}
+}
+
+// checkPriorityClass wants the agent's DaemonSet to have a priority class of
+// the manifests, and every class a pod names to exist.
+func checkPriorityClass(t *testing.T, p podOf, objs []object) {
+	t.Helper()
+	name := p.tmpl.Spec.PriorityClassName
+	if _, ok := p.o.obj.(*appsv1.DaemonSet); ok && name == "" {
+		t.Errorf("%s: no priorityClassName: on a full node its pod would not be scheduled, and nobody would report that node's connections", p.o)
+	}
+	if name == "" || strings.HasPrefix(name, "system-") {
+		return
+	}
+	for _, o := range objs {
+		if pc, ok := o.obj.(*schedulingv1.PriorityClass); ok && pc.Name == name {
+			if pc.GlobalDefault {
+				t.Errorf("%s: globalDefault would give every pod of the cluster this priority", o)
+			}
+			// The API server refuses user-defined values above one billion.
+			if pc.Value <= 0 || pc.Value > 1_000_000_000 {
+				t.Errorf("%s: value %d, want 1 to 1000000000", o, pc.Value)
+			}
+			return
+		}
+	}
+	t.Errorf("%s: priorityClassName %q is not a PriorityClass of the manifests", p.o, name)
+}
+
+// alertsJob is the job name the alert rules select (FlowbusAgentDown needs
+// one), or "" when no rule names a job.
+func alertsJob(t *testing.T) string {
+	t.Helper()
+	jobs := map[string]bool{}
+	for _, m := range regexp.MustCompile(`\bjob="([^"]*)"`).FindAllStringSubmatch(string(read(t, "deploy/prometheus/alerts.yml")), -1) {
+		jobs[m[1]] = true
+	}
+	if len(jobs) > 1 {
+		t.Errorf("deploy/prometheus/alerts.yml: the rules select several job names %v", sortedKeys(jobs))
+	}
+	for j := range jobs {
+		return j
+	}
+	return ""
+}
+
+// checkPodMonitor wants a PodMonitor to scrape named ports of pods of the
+// manifests and, for the agent, to give its targets the job name the alert
+// rules select.
+func checkPodMonitor(t *testing.T, o object, pm *monitoringv1.PodMonitor, pods []podOf, agentJob string) {
+	t.Helper()
+	sel, err := metav1.LabelSelectorAsSelector(&pm.Spec.Selector)
+	if err != nil || sel.Empty() {
+		t.Errorf("%s: selector missing or invalid (%v)", o, err)
+		return
+	}
+	var matched []podOf
+	for _, p := range pods {
+		if sel.Matches(labels.Set(p.tmpl.Labels)) {
+			matched = append(matched, p)
+		}
+	}
+	if len(matched) == 0 {
+		t.Errorf("%s: its selector matches no pod template", o)
+		return
+	}
+	if len(pm.Spec.PodMetricsEndpoints) == 0 {
+		t.Errorf("%s: no podMetricsEndpoints", o)
+	}
+	for _, ep := range pm.Spec.PodMetricsEndpoints {
+		if ep.Port == nil || *ep.Port == "" {
+			t.Errorf("%s: an endpoint without a port name: name the container's metrics port", o)
+			continue
+		}
+		for _, p := range matched {
+			if !hasPortName(p.tmpl.Spec.Containers, *ep.Port) {
+				t.Errorf("%s: port %q is not a container port of %s", o, *ep.Port, p.o)
+			}
+		}
+		for _, p := range matched {
+			if _, agent := p.o.obj.(*appsv1.DaemonSet); !agent || agentJob == "" {
+				continue
+			}
+			setsJob := slices.ContainsFunc(ep.RelabelConfigs, func(r monitoringv1.RelabelConfig) bool {
+				return r.TargetLabel == "job" && (r.Action == "" || strings.EqualFold(r.Action, "replace")) &&
+					len(r.SourceLabels) == 0 && r.Replacement != nil && *r.Replacement == agentJob
+			})
+			if !setsJob {
+				t.Errorf("%s: the alert rules select job=%q: relabel the agent's targets to that job (the operator's default job is %s/%s)", o, agentJob, pm.Namespace, pm.Name)
+			}
+		}
+	}
+}
+
+func hasPortName(cs []corev1.Container, name string) bool {
+	for _, c := range cs {
+		for _, p := range c.Ports {
+			if p.Name == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// containerEnv is a container's environment: its ConfigMaps', then its own
+// variables (unexpanded).
+func containerEnv(c corev1.Container, configMaps map[string]*corev1.ConfigMap) map[string]string {
+	env := map[string]string{}
+	for _, ef := range c.EnvFrom {
+		if ef.ConfigMapRef != nil && configMaps[ef.ConfigMapRef.Name] != nil {
+			for k, v := range configMaps[ef.ConfigMapRef.Name].Data {
+				env[k] = v
+			}
+		}
+	}
+	for _, e := range c.Env {
+		env[e.Name] = e.Value
+	}
+	return env
+}
+
+// metricsAddrEnv names, per flowbus image, the variable that sets where the
+// program serves /metrics, /healthz and /readyz.
+var metricsAddrEnv = map[string]string{
+	"flowbus/flowagent": "FLOWBUS_METRICS_ADDR",
+	"flowbus/flowstat":  "FLOWBUS_STAT_METRICS_ADDR",
+}
+
+// checkHealthEndpoints wants a flowbus program to listen where the kubelet
+// and Prometheus reach it (not loopback), on its container port "metrics",
+// with the liveness probe on /healthz and the readiness probe on /readyz.
+func checkHealthEndpoints(t *testing.T, cw string, c corev1.Container, configMaps map[string]*corev1.ConfigMap) {
+	t.Helper()
+	repo, _, _ := splitImage(c.Image)
+	envName, ok := metricsAddrEnv[repo]
+	if !ok {
+		return
+	}
+	addr := containerEnv(c, configMaps)[envName]
+	if addr == "" {
+		t.Errorf("%s: %s is not set: the program would listen on loopback only, out of reach of the kubelet's probes and of Prometheus", cw, envName)
+		return
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Errorf("%s: %s=%q: %v", cw, envName, addr, err)
+		return
+	}
+	if m := regexp.MustCompile(`^\$\(([A-Za-z_][A-Za-z0-9_]*)\)$`).FindStringSubmatch(host); m != nil {
+		i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == m[1] })
+		if i < 0 || c.Env[i].ValueFrom == nil || c.Env[i].ValueFrom.FieldRef == nil ||
+			!slices.Contains([]string{"status.podIP", "status.hostIP"}, c.Env[i].ValueFrom.FieldRef.FieldPath) {
+			t.Errorf("%s: %s=%q: $(%s) must be the pod's or the node's IP (fieldRef status.podIP or status.hostIP)", cw, envName, addr, m[1])
+		}
+	} else if ip := net.ParseIP(host); host == "localhost" || ip != nil && ip.IsLoopback() {
+		t.Errorf("%s: %s=%q listens on loopback: the kubelet's probes and Prometheus cannot reach it", cw, envName, addr)
+	}
+	i := slices.IndexFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "metrics" })
+	if i < 0 {
+		t.Errorf("%s: no container port named metrics (%s)", cw, addr)
+		return
+	}
+	if strconv.Itoa(int(c.Ports[i].ContainerPort)) != port {
+		t.Errorf("%s: %s=%q, but the metrics port is %d", cw, envName, addr, c.Ports[i].ContainerPort)
+	}
+	for _, pr := range []struct {
+		name, path string
+		probe      *corev1.Probe
+	}{{"liveness", "/healthz", c.LivenessProbe}, {"readiness", "/readyz", c.ReadinessProbe}} {
+		if pr.probe == nil || pr.probe.HTTPGet == nil {
+			t.Errorf("%s: no %s probe (HTTP GET %s on port metrics)", cw, pr.name, pr.path)
+			continue
+		}
+		g := pr.probe.HTTPGet
+		if g.Path != pr.path || (g.Port.StrVal != "metrics" && g.Port.IntVal != c.Ports[i].ContainerPort) {
+			t.Errorf("%s: %s probe GETs %s on port %s, want %s on port metrics", cw, pr.name, g.Path, g.Port.String(), pr.path)
 		}
 	}
 }
@@ -242,6 +535,7 @@ func checkPod(t *testing.T, p podOf, configMaps map[string]*corev1.ConfigMap, va
 		t.Errorf("%s: the selector does not match the pod template's labels", where)
 	}
 	checkLabels(t, where+" template", p.tmpl.Labels)
+	checkRecommendedLabels(t, where+" template", true, p.tmpl.Labels)
 	spec := &p.tmpl.Spec
 	volumes := map[string]*corev1.Volume{}
 	for i := range spec.Volumes {
@@ -266,7 +560,13 @@ func checkPod(t *testing.T, p podOf, configMaps map[string]*corev1.ConfigMap, va
 		cw := where + " container " + c.Name
 		if c.Image == "" {
 			t.Errorf("%s: no image", cw)
+		} else if _, tag, digest := splitImage(c.Image); digest == "" && !releaseTagRE.MatchString(tag) {
+			t.Errorf("%s: image %s is not pinned: give it a release tag (or a digest), never latest or none", cw, c.Image)
 		}
+		if c.LivenessProbe == nil || c.ReadinessProbe == nil {
+			t.Errorf("%s: a liveness and a readiness probe are required", cw)
+		}
+		checkHealthEndpoints(t, cw, c, configMaps)
 		if c.Resources.Limits.Memory().IsZero() || c.Resources.Requests.Memory().IsZero() || c.Resources.Requests.Cpu().IsZero() {
 			t.Errorf("%s: set memory and cpu requests and a memory limit", cw)
 		}
@@ -325,6 +625,14 @@ func checkPod(t *testing.T, p podOf, configMaps map[string]*corev1.ConfigMap, va
 			t.Errorf("%s: drop ALL capabilities and add back what is needed", cw)
 		}
 	}
+	// Prometheus configured by hand scrapes by these annotations.
+	if port, ok := p.tmpl.Annotations["prometheus.io/port"]; ok {
+		if !slices.ContainsFunc(spec.Containers, func(c corev1.Container) bool {
+			return slices.ContainsFunc(c.Ports, func(cp corev1.ContainerPort) bool { return strconv.Itoa(int(cp.ContainerPort)) == port })
+		}) {
+			t.Errorf("%s: annotation prometheus.io/port=%q is no container port", where, port)
+		}
+	}
 	if ds, ok := p.o.obj.(*appsv1.DaemonSet); ok {
 		checkAgentDaemonSet(t, where, ds, configMaps)
 	}
@@ -349,17 +657,7 @@ func checkAgentDaemonSet(t *testing.T, where string, ds *appsv1.DaemonSet, confi
 			t.Errorf("%s: capability %s is missing", where, need)
 		}
 	}
-	env := map[string]string{}
-	for _, ef := range c.EnvFrom {
-		if ef.ConfigMapRef != nil && configMaps[ef.ConfigMapRef.Name] != nil {
-			for k, v := range configMaps[ef.ConfigMapRef.Name].Data {
-				env[k] = v
-			}
-		}
-	}
-	for _, e := range c.Env {
-		env[e.Name] = e.Value
-	}
+	env := containerEnv(c, configMaps)
 	cg := env["FLOWBUS_CGROUP_PATH"]
 	if cg == "" {
 		t.Fatalf("%s: FLOWBUS_CGROUP_PATH is not set: the agent would watch its own cgroup namespace", where)
@@ -391,9 +689,6 @@ func checkAgentDaemonSet(t *testing.T, where string, ds *appsv1.DaemonSet, confi
 	}
 	if url := env["FLOWBUS_NATS_URL"]; url == "" {
 		t.Errorf("%s: FLOWBUS_NATS_URL is empty: every agent would start its own embedded server", where)
-	}
-	if !strings.Contains(env["FLOWBUS_METRICS_ADDR"], ":9464") {
-		t.Errorf("%s: FLOWBUS_METRICS_ADDR %q does not match the metrics port 9464", where, env["FLOWBUS_METRICS_ADDR"])
 	}
 }
 
@@ -428,31 +723,68 @@ func checkService(t *testing.T, o object, s *corev1.Service, pods []podOf) {
 	}
 }
 
-// TestKustomization checks that kustomization.yaml lists every manifest.
+// TestKustomization checks that each kustomization.yaml (deploy/kubernetes
+// and each of its subdirectories) lists exactly the manifests beside it.
 func TestKustomization(t *testing.T) {
-	var k struct {
-		APIVersion string   `json:"apiVersion"`
-		Kind       string   `json:"kind"`
-		Namespace  string   `json:"namespace"`
-		Resources  []string `json:"resources"`
+	dirs := map[string]bool{}
+	for _, f := range manifestFiles(t) {
+		dirs[filepath.Dir(f)] = true
 	}
-	if err := yaml.UnmarshalStrict(read(t, "deploy/kubernetes/kustomization.yaml"), &k); err != nil {
-		t.Fatal(err)
-	}
-	if k.Kind != "Kustomization" || k.Namespace != namespace {
-		t.Errorf("kustomization.yaml: kind %q namespace %q", k.Kind, k.Namespace)
-	}
-	files, _ := filepath.Glob(filepath.Join(root(t), "deploy", "kubernetes", "*.yaml"))
-	for _, f := range files {
-		if b := filepath.Base(f); b != "kustomization.yaml" && !slices.Contains(k.Resources, b) {
-			t.Errorf("kustomization.yaml does not list %s", b)
+	for _, dir := range sortedKeys(dirs) {
+		rel, _ := filepath.Rel(root(t), dir)
+		var k struct {
+			APIVersion string   `json:"apiVersion"`
+			Kind       string   `json:"kind"`
+			Namespace  string   `json:"namespace"`
+			Resources  []string `json:"resources"`
+		}
+		if err := yaml.UnmarshalStrict(read(t, filepath.Join(rel, "kustomization.yaml")), &k); err != nil {
+			t.Errorf("%s/kustomization.yaml: %v", rel, err)
+			continue
+		}
+		if k.Kind != "Kustomization" || k.Namespace != namespace {
+			t.Errorf("%s/kustomization.yaml: kind %q namespace %q", rel, k.Kind, k.Namespace)
+		}
+		files, _ := filepath.Glob(filepath.Join(dir, "*.yaml"))
+		for _, f := range files {
+			if b := filepath.Base(f); b != "kustomization.yaml" && !slices.Contains(k.Resources, b) {
+				t.Errorf("%s/kustomization.yaml does not list %s", rel, b)
+			}
+		}
+		for _, r := range k.Resources {
+			if _, err := os.Stat(filepath.Join(dir, r)); err != nil {
+				t.Errorf("%s/kustomization.yaml: %v", rel, err)
+			}
 		}
 	}
-	for _, r := range k.Resources {
-		if _, err := os.Stat(filepath.Join(root(t), "deploy", "kubernetes", r)); err != nil {
-			t.Errorf("kustomization.yaml: %v", err)
-		}
+}
+
+// TestPrometheusRuleMatchesAlerts keeps the PrometheusRule of
+// deploy/kubernetes/monitoring and deploy/prometheus/alerts.yml (which
+// promtool checks and tests) the same rules.
+func TestPrometheusRuleMatchesAlerts(t *testing.T) {
+	var alerts map[string]any
+	if err := yaml.Unmarshal(read(t, "deploy/prometheus/alerts.yml"), &alerts); err != nil {
+		t.Fatalf("deploy/prometheus/alerts.yml: %v", err)
 	}
+	const file = "deploy/kubernetes/monitoring/prometheusrule.yaml"
+	for _, doc := range docSep.Split(string(read(t, file)), -1) {
+		var pr struct {
+			Kind string         `json:"kind"`
+			Spec map[string]any `json:"spec"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &pr); err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+		if pr.Kind != "PrometheusRule" {
+			continue
+		}
+		if alerts["groups"] == nil || !reflect.DeepEqual(pr.Spec["groups"], alerts["groups"]) {
+			t.Errorf("%s: its groups differ from deploy/prometheus/alerts.yml: copy the file's groups under spec (indented 4 spaces)", file)
+		}
+		return
+	}
+	t.Fatalf("%s: no PrometheusRule", file)
 }
 
 // TestNATSConfigMapMatchesFiles keeps the ConfigMap of nats.yaml and the
