@@ -3,6 +3,7 @@ package deploytest
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"os"
 	"os/exec"
@@ -226,16 +227,27 @@ func TestSystemdUnits(t *testing.T) {
 	}
 }
 
-// TestGrafanaDashboard checks the dashboard JSON and that every metric it
-// queries exists, and that it shows every agent metric.
+// TestGrafanaDashboard checks the dashboard JSON: every metric it queries
+// exists, it shows every agent metric, every selector applies the dashboard's
+// variables, and every panel has one unit, the one its queries measure.
 func TestGrafanaDashboard(t *testing.T) {
 	var d struct {
 		UID    string `json:"uid"`
 		Title  string `json:"title"`
 		Panels []struct {
-			ID      int    `json:"id"`
-			Type    string `json:"type"`
-			Title   string `json:"title"`
+			ID          int    `json:"id"`
+			Type        string `json:"type"`
+			Title       string `json:"title"`
+			FieldConfig struct {
+				Defaults struct {
+					Unit string `json:"unit"`
+				} `json:"defaults"`
+				Overrides []struct {
+					Properties []struct {
+						ID string `json:"id"`
+					} `json:"properties"`
+				} `json:"overrides"`
+			} `json:"fieldConfig"`
 			Targets []struct {
 				Expr  string `json:"expr"`
 				RefID string `json:"refId"`
@@ -243,7 +255,9 @@ func TestGrafanaDashboard(t *testing.T) {
 		} `json:"panels"`
 		Templating struct {
 			List []struct {
-				Name string `json:"name"`
+				Name  string `json:"name"`
+				Type  string `json:"type"`
+				Query any    `json:"query"` // a string, or an object with "query"
 			} `json:"list"`
 		} `json:"templating"`
 	}
@@ -258,6 +272,35 @@ func TestGrafanaDashboard(t *testing.T) {
 	for _, v := range d.Templating.List {
 		vars[v.Name] = true
 	}
+	// The label filters every series selector must apply: the query
+	// variables, each on its label.
+	var filters []string
+	for _, v := range d.Templating.List {
+		if v.Type == "query" {
+			filters = append(filters, v.Name+`=~"$`+v.Name+`"`)
+		}
+	}
+	if !slices.Contains(filters, `job=~"$job"`) || !slices.Contains(filters, `instance=~"$instance"`) {
+		t.Errorf("dashboard: want the query variables job and instance, have %v", filters)
+	}
+	// Each query variable's values are narrowed by the ones before it
+	// (instance by job).
+	var before []string
+	for _, v := range d.Templating.List {
+		if v.Type != "query" {
+			continue
+		}
+		q := fmt.Sprint(v.Query)
+		if qm, ok := v.Query.(map[string]any); ok {
+			q = fmt.Sprint(qm["query"])
+		}
+		for _, f := range before {
+			if !strings.Contains(q, f) {
+				t.Errorf("variable %s: its query %s does not apply %s", v.Name, q, f)
+			}
+		}
+		before = append(before, v.Name+`=~"$`+v.Name+`"`)
+	}
 	ids := map[int]bool{}
 	used := map[string]bool{}
 	for _, p := range d.Panels {
@@ -268,7 +311,28 @@ func TestGrafanaDashboard(t *testing.T) {
 		if p.Type != "row" && len(p.Targets) == 0 {
 			t.Errorf("panel %q: no query", p.Title)
 		}
+		if p.Type != "row" {
+			var exprs []string
+			for _, tg := range p.Targets {
+				exprs = append(exprs, tg.Expr)
+			}
+			checkPanelUnit(t, p.Title, p.FieldConfig.Defaults.Unit, exprs)
+		}
+		for _, o := range p.FieldConfig.Overrides {
+			for _, pr := range o.Properties {
+				if pr.ID == "unit" {
+					t.Errorf("panel %q: an override sets a second unit: one unit per panel (split it)", p.Title)
+				}
+			}
+		}
 		for _, tg := range p.Targets {
+			for _, sel := range selectorRE.FindAllStringSubmatch(tg.Expr, -1) {
+				for _, f := range filters {
+					if !strings.Contains(sel[2], f) {
+						t.Errorf("panel %q: %s%s does not apply %s", p.Title, sel[1], sel[2], f)
+					}
+				}
+			}
 			if bad := m.unknown(tg.Expr); len(bad) > 0 {
 				t.Errorf("panel %q: unknown metrics %v in %s", p.Title, bad, tg.Expr)
 			}
@@ -286,6 +350,78 @@ func TestGrafanaDashboard(t *testing.T) {
 		if !used[name] {
 			t.Errorf("the dashboard does not show %s", name)
 		}
+	}
+}
+
+// selectorRE is a series selector of a PromQL expression: a metric name and
+// its label matchers, if any.
+var selectorRE = regexp.MustCompile(`\b((?:flowbus|process|go)_[a-z0-9_]+|up)\b(\{[^}]*\})?`)
+
+// unitsOf are the Grafana units that show each quantity.
+var unitsOf = map[string][]string{
+	"count":     {"short", "none"},
+	"count/s":   {"ops", "cps"},
+	"bytes":     {"bytes", "decbytes"},
+	"bytes/s":   {"binBps", "Bps"},
+	"seconds":   {"s"},
+	"seconds/s": {"suffix: cores", "percentunit"}, // CPU seconds per second
+	"ratio":     {"percentunit"},
+}
+
+// quantity is what a PromQL expression measures: from the metric names it
+// reads (by Prometheus naming, _bytes and _seconds; otherwise a count) and
+// what it does with them: a quantile or mean of a histogram is of its
+// observations, a quotient of two counts is a ratio, a rate is per second.
+func quantity(expr string) (string, error) {
+	base := ""
+	for _, ref := range metricRefRE.FindAllString(expr, -1) {
+		q := "count"
+		switch {
+		case strings.Contains(ref, "_bytes"):
+			q = "bytes"
+		case strings.Contains(ref, "_seconds"):
+			q = "seconds"
+		}
+		if base != "" && q != base {
+			return "", fmt.Errorf("it mixes %s with %s", base, q)
+		}
+		base = q
+	}
+	switch {
+	case base == "":
+		return "", fmt.Errorf("it reads no metric")
+	case strings.Contains(expr, "histogram_quantile("), strings.Contains(expr, "_sum") && strings.Contains(expr, "_count"):
+		return base, nil
+	case strings.Contains(expr, " / "):
+		return "ratio", nil
+	case strings.Contains(expr, "rate("):
+		return base + "/s", nil
+	}
+	return base, nil
+}
+
+// checkPanelUnit wants a panel's queries to measure one quantity, shown in
+// a unit of that quantity: no bytes/s beside batches/s, no memory beside CPU.
+func checkPanelUnit(t *testing.T, title, unit string, exprs []string) {
+	t.Helper()
+	if unit == "" {
+		t.Errorf("panel %q: no unit (fieldConfig.defaults.unit)", title)
+	}
+	var q0, e0 string
+	for _, e := range exprs {
+		q, err := quantity(e)
+		if err != nil {
+			t.Errorf("panel %q: %s: %v", title, e, err)
+			continue
+		}
+		if q0 == "" {
+			q0, e0 = q, e
+		} else if q != q0 {
+			t.Errorf("panel %q: %s measures %s, %s measures %s: one unit per panel (split it)", title, e0, q0, e, q)
+		}
+	}
+	if q0 != "" && unit != "" && !slices.Contains(unitsOf[q0], unit) {
+		t.Errorf("panel %q: unit %q, but its queries measure %s: use %s", title, unit, q0, strings.Join(unitsOf[q0], " or "))
 	}
 }
 
