@@ -108,6 +108,66 @@ func TestRestoredDatabaseCatchesUp(t *testing.T) {
 	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
 }
 
+// A durable consumer belongs to the database that created it (its metadata says which): another
+// database given the same name is refused and leaves it alone, and a consumer of a flowstat that did not
+// mark them yet is marked by its database's next run.
+func TestConsumerOfAnotherDatabase(t *testing.T) {
+	e := newEnv(t)
+	e.fleet.Publish(t, e.rec, 10)
+	ctx := context.Background()
+	a := open(t, sqlitePath(t))
+	run(t, a, e.opts())
+	idA, err := a.ID(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := func() *jetstream.ConsumerInfo {
+		t.Helper()
+		c, err := e.srv.JS.Consumer(ctx, "FLOWS", flowstat.DefaultDurable)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.CachedInfo()
+	}
+	if got := info().Config.Metadata[flowstat.MetadataDatabase]; got != idA {
+		t.Fatalf("consumer metadata names database %q, want %q", got, idA)
+	}
+
+	// As an older flowstat left it: no mark.
+	cfg := info().Config
+	cfg.Metadata = nil
+	if _, err := e.srv.JS.UpdateConsumer(ctx, "FLOWS", cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := info().Config.Metadata[flowstat.MetadataDatabase]; got != "" {
+		t.Fatalf("metadata not cleared: %q", got)
+	}
+	e.fleet.Publish(t, e.rec, 5)
+	var log bytes.Buffer
+	o := e.opts()
+	o.Log = &log
+	run(t, a, o)
+	if got := info().Config.Metadata[flowstat.MetadataDatabase]; got != idA || strings.Contains(log.String(), "recreating") {
+		t.Errorf("after a run of its database: metadata %q, want %q; log:\n%s", got, idA, log.String())
+	}
+
+	before := info()
+	b := open(t, sqlitePath(t))
+	_, err = flowstat.Run(ctx, b, e.opts())
+	var shared *flowstat.ConsumerSharedError
+	if !errors.As(err, &shared) || !strings.Contains(err.Error(), "is also used by another database; give each database its own --consumer") {
+		t.Fatalf("second database: %v", err)
+	}
+	after := info()
+	if after.Created != before.Created || after.AckFloor.Stream != before.AckFloor.Stream || after.Config.Metadata[flowstat.MetadataDatabase] != idA {
+		t.Errorf("the refused database changed the consumer: %+v -> %+v", before, after)
+	}
+	if cps, err := b.Checkpoints(ctx); err != nil || len(cps) != 0 {
+		t.Errorf("the refused database recorded checkpoints %+v (%v)", cps, err)
+	}
+	flowstattest.Check(t, a, flowstattest.Reference(e.rec.Batches, time.Minute))
+}
+
 // Messages the stream deleted before the consumer read them are recorded as a loss, and the consumer
 // carries on with what is left.
 func TestStreamLossIsRecorded(t *testing.T) {
