@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
+	appsv1 "k8s.io/api/apps/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -670,5 +671,85 @@ func TestRunbookBaseReplacement(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir, "alerts.yml")); bytes.Contains(b, []byte(oldBase)) || !bytes.Contains(b, []byte(newBase+"#")) {
 		t.Errorf("after the documented replacement, alerts.yml still holds %s or not %s", oldBase, newBase)
+	}
+}
+
+// TestNATSImageMatchesGoMod keeps the NATS of docker-compose.yml and of the
+// Kubernetes StatefulSet the release that the agent embeds (go.mod), so that
+// the dev stack, the cluster and the embedded server behave alike.
+func TestNATSImageMatchesGoMod(t *testing.T) {
+	m := regexp.MustCompile(`(?m)^\s*github\.com/nats-io/nats-server/v2 v(\S+)`).FindSubmatch(read(t, "go.mod"))
+	if m == nil {
+		t.Fatal("go.mod requires no github.com/nats-io/nats-server/v2")
+	}
+	want := string(m[1])
+	images := map[string]string{}
+	var c struct {
+		Services map[string]struct {
+			Image string `json:"image"`
+		} `json:"services"`
+	}
+	if err := yaml.Unmarshal(read(t, "docker-compose.yml"), &c); err != nil {
+		t.Fatalf("docker-compose.yml: %v", err)
+	}
+	// ${NATS_IMAGE:-nats:2.15.2-alpine}: the default is what runs.
+	images["docker-compose.yml service nats"] = regexp.MustCompile(`^\$\{[A-Z0-9_]+:-(.*)\}$`).ReplaceAllString(c.Services["nats"].Image, "$1")
+	for _, o := range loadManifests(t) {
+		if ss, ok := o.obj.(*appsv1.StatefulSet); ok && ss.Name == "nats" {
+			for _, ctr := range ss.Spec.Template.Spec.Containers {
+				images[o.String()+" container "+ctr.Name] = ctr.Image
+			}
+		}
+	}
+	if len(images) < 2 || c.Services["nats"].Image == "" {
+		t.Fatalf("want the NATS image of docker-compose.yml (service nats) and of the StatefulSet nats, found %v", images)
+	}
+	for where, image := range images {
+		repo, tag, _ := splitImage(image)
+		if repo != "nats" || (tag != want && !strings.HasPrefix(tag, want+"-")) {
+			t.Errorf("%s: image %q, want nats:%s (or a variant such as nats:%s-alpine), the nats-server of go.mod", where, image, want, want)
+		}
+	}
+}
+
+// TestDockerfileStampsVersion builds a program with the -ldflags of the
+// Dockerfile's go build, VERSION set, and wants its --version to name that
+// version: the build argument reaches the binaries.
+func TestDockerfileStampsVersion(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds flowtail")
+	}
+	df := string(read(t, "deploy/docker/Dockerfile"))
+	// The RUN instruction with go build, continuation lines joined.
+	run := regexp.MustCompile(`(?m)^RUN (?:.*\\\n)*.*$`)
+	var build string
+	for _, r := range run.FindAllString(df, -1) {
+		if strings.Contains(r, "go build") {
+			build = strings.ReplaceAll(r, "\\\n", " ")
+		}
+	}
+	if build == "" {
+		t.Fatal("deploy/docker/Dockerfile: no RUN with go build")
+	}
+	arg := strings.Index(df, "\nARG VERSION")
+	if arg < 0 || arg > strings.Index(df, build[:20]) || arg < strings.Index(df, " AS build") {
+		t.Error("deploy/docker/Dockerfile: ARG VERSION must be declared in the build stage before go build")
+	}
+	m := regexp.MustCompile(`-ldflags="([^"]*)"`).FindStringSubmatch(build)
+	if m == nil || !strings.Contains(m[1], "-X github.com/flowbus/flowbus/cmd/internal/buildinfo.Version=") {
+		t.Fatalf("deploy/docker/Dockerfile: go build does not stamp buildinfo.Version (-ldflags \"-X github.com/flowbus/flowbus/cmd/internal/buildinfo.Version=${VERSION}\"): %s", build)
+	}
+	const version = "9.8.7-deploytest"
+	flags := strings.NewReplacer("${VERSION}", version, "$VERSION", version).Replace(m[1])
+	bin := filepath.Join(t.TempDir(), "flowtail")
+	cmd := exec.Command("go", "build", "-ldflags="+flags, "-o", bin, "./cmd/flowtail")
+	cmd.Dir = root(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build -ldflags=%q ./cmd/flowtail: %v\n%s", flags, err, out)
+	}
+	out, err := exec.Command(bin, "--version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "flowtail "+version+" ") {
+		t.Errorf("flowtail --version, built with the Dockerfile's -ldflags and VERSION=%s: %v\n%s", version, err, out)
 	}
 }
