@@ -210,6 +210,9 @@ func TestSystemdUnits(t *testing.T) {
 			checkVariable(t, agentVariables(t), filepath.Base(u), m)
 		}
 	}
+	for _, u := range units {
+		checkUnitDocumentation(t, u)
+	}
 	bin := tool(t, false, "systemd-analyze")
 	dir := t.TempDir()
 	var args []string
@@ -226,6 +229,85 @@ func TestSystemdUnits(t *testing.T) {
 	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
 	}
+}
+
+// repoDocRE is a link to a file of this repository on its main branch.
+var repoDocRE = regexp.MustCompile(`^https://github\.com/flowbus/flowbus/blob/main/([^#]+)(?:#(.*))?$`)
+
+// checkUnitDocumentation wants each Documentation= of a unit to open: a
+// file: path only if the unit's install lines install it, a link to this
+// repository only to a file (and Markdown heading) that exists, a man: page
+// only if man finds it.
+func checkUnitDocumentation(t *testing.T, unit string) {
+	t.Helper()
+	b, _ := os.ReadFile(unit)
+	name := filepath.Base(unit)
+	var docs []string
+	for _, m := range regexp.MustCompile(`(?m)^Documentation=(.*)$`).FindAllStringSubmatch(string(b), -1) {
+		docs = append(docs, strings.Fields(m[1])...)
+	}
+	if len(docs) == 0 {
+		t.Errorf("%s: no Documentation=", name)
+	}
+	for _, d := range docs {
+		switch u, err := url.Parse(d); {
+		case err != nil:
+			t.Errorf("%s: Documentation=%s: %v", name, d, err)
+		case u.Scheme == "file":
+			installed := slices.ContainsFunc(regexp.MustCompile(`(?m)^#\s+install .*$`).FindAllString(string(b), -1), func(l string) bool {
+				return strings.Contains(l, u.Path)
+			})
+			if !installed {
+				t.Errorf("%s: Documentation=%s: nothing installs that file (no install line of the unit's comment names it); link to the documentation online", name, d)
+			}
+		case u.Scheme == "man":
+			page, section := u.Opaque, ""
+			if m := regexp.MustCompile(`^(.+)\(([0-9a-z]+)\)$`).FindStringSubmatch(u.Opaque); m != nil {
+				page, section = m[1], m[2]
+			}
+			if man, err := exec.LookPath("man"); err == nil {
+				args := []string{"-w", page}
+				if section != "" {
+					args = []string{"-w", section, page}
+				}
+				if out, err := exec.Command(man, args...).CombinedOutput(); err != nil {
+					t.Errorf("%s: Documentation=%s: no such man page: %s", name, d, out)
+				}
+			}
+		case u.Scheme == "https" || u.Scheme == "http":
+			m := repoDocRE.FindStringSubmatch(d)
+			if m == nil {
+				continue // another site: not checkable offline
+			}
+			doc, err := os.ReadFile(filepath.Join(root(t), m[1]))
+			if err != nil {
+				t.Errorf("%s: Documentation=%s: the repository has no %s", name, d, m[1])
+			} else if m[2] != "" && !slices.Contains(markdownAnchors(string(doc)), m[2]) {
+				t.Errorf("%s: Documentation=%s: %s has no heading #%s", name, d, m[1], m[2])
+			}
+		default:
+			t.Errorf("%s: Documentation=%s: use an http(s):, man: or installed file: URI", name, d)
+		}
+	}
+}
+
+// markdownAnchors are the fragment names GitHub gives a Markdown text's
+// headings: lowercased, punctuation dropped, spaces as hyphens.
+func markdownAnchors(md string) []string {
+	var out []string
+	for _, m := range regexp.MustCompile(`(?m)^#{1,6} (.+)$`).FindAllStringSubmatch(md, -1) {
+		a := strings.Map(func(r rune) rune {
+			switch {
+			case r == ' ':
+				return '-'
+			case r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z':
+				return r
+			}
+			return -1
+		}, strings.ToLower(strings.TrimSpace(m[1])))
+		out = append(out, a)
+	}
+	return out
 }
 
 // TestGrafanaDashboard checks the dashboard JSON: every metric it queries
