@@ -3,7 +3,8 @@
 # the version go.mod asks for, gcc (for -race), make, git and iproute2; for
 # the tests also PostgreSQL (flowstat's tests start a server of their own on
 # loopback), docker-compose (validates docker-compose.yml; no engine needed)
-# systemd (systemd-analyze verifies the units), staticcheck (pinned; `make
+# systemd (systemd-analyze verifies the units), prometheus (its promtool tests
+# the alert rules), staticcheck (pinned; `make
 # check`) and Node.js with schema/jstest's npm packages (the JavaScript
 # decoding test).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
@@ -30,7 +31,7 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd)
+pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus)
 for a in "$@"; do
 	case $a in
 	--generate) pkgs+=(clang llvm libbpf-dev) ;;
@@ -38,7 +39,13 @@ for a in "$@"; do
 	*) log "unknown option $a (--generate, --bench)"; exit 2 ;;
 	esac
 done
+had_prometheus=$(dpkg -s prometheus >/dev/null 2>&1 && echo yes || true)
 apt_install "${pkgs[@]}"
+# Only promtool is wanted (make validate checks and tests the alert rules):
+# the server the package enables is not.
+if [ -z "$had_prometheus" ] && command -v systemctl >/dev/null 2>&1; then
+	systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 
 go_ok() {
 	command -v go >/dev/null 2>&1 || return 1
