@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -307,5 +308,150 @@ func TestUnreachableNATSSaysSoAndCountsSpooled(t *testing.T) {
 	}
 	if strings.Contains(stop, "batches_spooled=0") {
 		t.Errorf("stop line %q counts no spooled batch", stop)
+	}
+}
+
+// demoTree lays out deploy/run-demo.sh beside bin/flowagent and a fresh
+// bin/flowtail, as `make run` has them.
+func demoTree(t *testing.T) string {
+	t.Helper()
+	_, agent := testBinaries(t)
+	root, err := modRootFn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, d := range []string{"deploy", "bin"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	script, err := os.ReadFile(filepath.Join(root, "deploy", "run-demo.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "deploy", "run-demo.sh"), script, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(agent, filepath.Join(dir, "bin", "flowagent")); err != nil {
+		t.Fatal(err)
+	}
+	build := exec.Command("go", "build", "-o", filepath.Join(dir, "bin", "flowtail"), "./cmd/flowtail")
+	build.Dir = root
+	build.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build flowtail: %v\n%s", err, out)
+	}
+	return dir
+}
+
+// runDemo starts the demo with env (FLOWBUS_* of this process left out).
+func runDemo(t *testing.T, dir string, env map[string]string, args ...string) (*exec.Cmd, *syncBuffer, *syncBuffer) {
+	t.Helper()
+	cmd := exec.Command("bash", append([]string{filepath.Join(dir, "deploy", "run-demo.sh")}, args...)...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "FLOWBUS_") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	var stdout, stderr syncBuffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+	return cmd, &stdout, &stderr
+}
+
+// waitDemo waits up to d for the demo to end; past it the demo is killed
+// (it is showing flows it should not, or none).
+func waitDemo(cmd *exec.Cmd, d time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(d):
+		// The whole group: bash defers its traps while a foreground child
+		// (flowtail) runs.
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		return fmt.Errorf("still running after %v", d)
+	}
+}
+
+// `make run` while another agent holds the demo's ports: the demo says so
+// at once, on screen, instead of showing the other agent's flows. With its
+// ports free it shows its own agent's flows.
+func TestDemoUsesItsOwnAgent(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	dir := demoTree(t)
+	other := embeddedEnv(t, cgrouptest.NewChild(t).Path, "other-agent")
+	o := startAgentProc(t, "other", other)
+	waitReady(t, o, other)
+	cg := cgrouptest.NewChild(t)
+	demoEnv := func() map[string]string {
+		return map[string]string{
+			"FLOWBUS_CGROUP_PATH":        cg.Path,
+			"FLOWBUS_HOST":               "demo-host",
+			"FLOWBUS_EMBEDDED_STORE_DIR": t.TempDir(),
+			"FLOWBUS_SPOOL_DIR":          t.TempDir(),
+			"FLOWBUS_DEMO_LOG":           filepath.Join(t.TempDir(), "demo.log"),
+			"FLOWBUS_BATCH_LINGER":       "20ms",
+		}
+	}
+
+	for _, tc := range []struct{ name, listen, metrics, variable string }{
+		{"both ports", other["FLOWBUS_EMBEDDED_LISTEN"], other["FLOWBUS_METRICS_ADDR"], "FLOWBUS_METRICS_ADDR"},
+		{"NATS port", other["FLOWBUS_EMBEDDED_LISTEN"], fmt.Sprintf("127.0.0.1:%d", freePort(t)), "FLOWBUS_EMBEDDED_LISTEN"},
+	} {
+		env := demoEnv()
+		env["FLOWBUS_EMBEDDED_LISTEN"], env["FLOWBUS_METRICS_ADDR"] = tc.listen, tc.metrics
+		t0 := time.Now()
+		cmd, stdout, stderr := runDemo(t, dir, env)
+		err := waitDemo(cmd, 15*time.Second)
+		if d := time.Since(t0); d > 5*time.Second {
+			t.Errorf("%s: the demo failed after %v, want at once", tc.name, d)
+		}
+		if err == nil {
+			t.Errorf("%s: the demo exited 0 beside an agent holding its ports", tc.name)
+		}
+		if msg := stderr.String(); !strings.Contains(msg, "run-demo: flowagent (pid ") || !strings.Contains(msg, tc.variable+"=") || !strings.Contains(msg, "address already in use") {
+			t.Errorf("%s: the screen does not show the agent's error naming %s:\n%s", tc.name, tc.variable, msg)
+		}
+		if stdout.String() != "" {
+			t.Errorf("%s: the demo showed flows (whose?):\n%s", tc.name, stdout.String())
+		}
+	}
+
+	env := demoEnv()
+	env["FLOWBUS_EMBEDDED_LISTEN"] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	env["FLOWBUS_METRICS_ADDR"] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cmd, stdout, stderr := runDemo(t, dir, env, "--all", "--json", "--count", "2")
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr.String(), "flowagent is running"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the demo did not start in 30s:\n%s", stderr.String())
+		}
+	}
+	conn := cg.Traffic(t, "127.0.0.1", 1, false).Conns[0]
+	if err := waitDemo(cmd, 30*time.Second); err != nil {
+		t.Fatalf("demo: %v (want 2 events and exit 0)\n%s\n%s", err, stdout.String(), stderr.String())
+	}
+	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("want 2 events, got:\n%s", stdout.String())
+	}
+	for _, l := range lines {
+		var ev struct {
+			Host    string `json:"host"`
+			SrcPort int    `json:"src_port"`
+		}
+		if err := json.Unmarshal([]byte(l), &ev); err != nil || ev.Host != "demo-host" || fmt.Sprintf("127.0.0.1:%d", ev.SrcPort) != conn.Client {
+			t.Errorf("event %s (err %v): want host demo-host, the connection from %s", l, err, conn.Client)
+		}
 	}
 }
