@@ -98,16 +98,22 @@ func (l *fileLock) release() {
 	l.f.Close()
 }
 
-// runDir holds the locks that are per host rather than per directory:
-// /run/flowbus for root, else the user's runtime directory.
-func runDir() string {
+// lockDir holds the locks that are per host rather than per directory:
+// /run/flowbus for root (the user's runtime directory for others), else,
+// where that cannot be written (a read-only root file system in a
+// container, systemd's ProtectSystem), the default state directory, which
+// deployments keep on the host.
+func lockDir() string {
+	var first string
 	if os.Geteuid() == 0 {
-		return "/run/flowbus"
+		first = "/run/flowbus"
+	} else if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		first = filepath.Join(d, "flowbus")
 	}
-	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
-		return filepath.Join(d, "flowbus")
+	if first != "" && os.MkdirAll(first, 0o750) == nil && unix.Access(first, unix.W_OK) == nil {
+		return first
 	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("flowbus-%d", os.Getuid()))
+	return StateDir()
 }
 
 // captureLockPath is the lock of one capture: a cgroup (by its id, the
@@ -118,7 +124,7 @@ func captureLockPath(cgroupPath, host string) (string, uint64, error) {
 	if err := unix.Stat(cgroupPath, &st); err != nil {
 		return "", 0, fmt.Errorf("FLOWBUS_CGROUP_PATH %s: %w", cgroupPath, err)
 	}
-	return filepath.Join(runDir(), fmt.Sprintf("capture-cgroup%d-%s.lock", st.Ino, host)), st.Ino, nil
+	return filepath.Join(lockDir(), fmt.Sprintf("capture-cgroup%d-%s.lock", st.Ino, host)), st.Ino, nil
 }
 
 // agentLocks are the locks one agent holds.
