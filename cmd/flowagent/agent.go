@@ -411,11 +411,16 @@ func (a *Agent) Snapshot() Snapshot {
 }
 
 // redactURL hides credentials in NATS URLs for logs.
+// Each URL of a comma-separated list is redacted, up to its last "@" (a
+// password may hold one).
 func redactURL(u string) string {
-	if i := strings.Index(u, "@"); i >= 0 {
-		if j := strings.Index(u, "://"); j >= 0 && j < i {
-			return u[:j+3] + "REDACTED" + u[i:]
+	parts := strings.Split(u, ",")
+	for k, p := range parts {
+		if i := strings.LastIndex(p, "@"); i >= 0 {
+			if j := strings.Index(p, "://"); j >= 0 && j < i {
+				parts[k] = p[:j+3] + "REDACTED" + p[i:]
+			}
 		}
 	}
-	return u
+	return strings.Join(parts, ",")
 }

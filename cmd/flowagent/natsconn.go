@@ -18,6 +18,7 @@ import (
 // to the client library only; nothing here logs them.
 func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
 	var lastReconnectLog atomic.Int64
+	url := redactURL(cfg.NATSURL)
 	opts := []nats.Option{
 		nats.Name("flowagent " + cfg.Host),
 		nats.SetCustomDialer(self.Dialer(5 * time.Second)),
@@ -26,7 +27,7 @@ func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]na
 		nats.ReconnectJitter(500*time.Millisecond, time.Second),
 		nats.ReconnectBufSize(8 << 20),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.Warn("disconnected from NATS; batches are kept (memory, then spool) until it is back", "err", err)
+			log.Warn("disconnected from NATS; batches are kept (memory, then spool) until it is back", "url", url, "err", err)
 		}),
 		// A server that stays away, or comes back refusing our TLS setup or
 		// credentials, must not leave the agent retrying in silence; once
@@ -37,10 +38,10 @@ func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]na
 				return
 			}
 			if fix := refusal(err); fix != "" {
-				log.Error("NATS refuses this agent; batches are kept (memory, then spool) meanwhile", "err", err, "fix", fix)
+				log.Error("NATS refuses this agent; batches are kept (memory, then spool) meanwhile", "url", url, "err", err, "fix", fix)
 				return
 			}
-			log.Warn("NATS still unreachable, retrying; batches are kept (memory, then spool) meanwhile", "err", err)
+			log.Warn("NATS is not reachable, retrying; batches are kept (memory, then spool) meanwhile", "url", url, "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			log.Info("reconnected to NATS", "url", nc.ConnectedUrlRedacted())

@@ -47,14 +47,28 @@ func TestUnreachableNATSIsLoggedOnce(t *testing.T) {
 	}
 	defer nc.Close()
 	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(out.String(), "NATS still unreachable") {
+	for !strings.Contains(out.String(), "NATS is not reachable") {
 		if time.Now().After(deadline) {
 			t.Fatalf("no log line about the unreachable server after 15 s; log:\n%s", out.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(3 * time.Second) // several more failed attempts (1 s apart)
-	if n := strings.Count(out.String(), "NATS still unreachable"); n != 1 {
+	if !strings.Contains(out.String(), "url="+url) {
+		t.Errorf("the line does not name %s:\n%s", url, out.String())
+	}
+	if n := strings.Count(out.String(), "NATS is not reachable"); n != 1 {
 		t.Errorf("%d log lines about the unreachable server in a few seconds, want 1 (rate-limited)", n)
+	}
+}
+
+// Every URL of a list is redacted, also when the password holds an "@".
+func TestRedactURLList(t *testing.T) {
+	got := redactURL("nats://a:s3cret@h1:4222, tls://b:p@ss@h2:4222,nats://h3:4222")
+	if strings.Contains(got, "s3cret") || strings.Contains(got, "p@ss") || strings.Contains(got, ":p") {
+		t.Errorf("a password is left in %q", got)
+	}
+	if want := "nats://REDACTED@h1:4222, tls://REDACTED@h2:4222,nats://h3:4222"; got != want {
+		t.Errorf("redactURL = %q, want %q", got, want)
 	}
 }
