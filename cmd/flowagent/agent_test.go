@@ -234,3 +234,15 @@ func TestContainerID(t *testing.T) {
 		}
 	}
 }
+
+// A monitoring address that is no host:port is reported with the other
+// settings, before anything starts.
+func TestEmbeddedMonitorValidated(t *testing.T) {
+	_, err := LoadConfig(map[string]string{"FLOWBUS_EMBEDDED_MONITOR": "8222", "FLOWBUS_BATCH_LINGER": "0s"})
+	if err == nil || !strings.Contains(err.Error(), `FLOWBUS_EMBEDDED_MONITOR: "8222" is not host:port`) || !strings.Contains(err.Error(), "FLOWBUS_BATCH_LINGER") {
+		t.Errorf("want FLOWBUS_EMBEDDED_MONITOR reported among the problems, got %v", err)
+	}
+	if _, err := LoadConfig(map[string]string{"FLOWBUS_EMBEDDED_MONITOR": "127.0.0.1:8222"}); err != nil && strings.Contains(err.Error(), "EMBEDDED_MONITOR") {
+		t.Errorf("a valid monitoring address refused: %v", err)
+	}
+}

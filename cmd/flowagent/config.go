@@ -174,6 +174,9 @@ func (c *Config) validate() []string {
 		if _, _, err := net.SplitHostPort(c.EmbeddedListen); err != nil {
 			bad("EMBEDDED_LISTEN", "%q is not host:port (e.g. 127.0.0.1:4222)", c.EmbeddedListen)
 		}
+		if _, _, err := net.SplitHostPort(c.EmbeddedMonitor); c.EmbeddedMonitor != "" && err != nil {
+			bad("EMBEDDED_MONITOR", "%q is not host:port (e.g. 127.0.0.1:8222); leave it empty for no monitoring port", c.EmbeddedMonitor)
+		}
 		if c.EmbeddedStoreDir == "" {
 			c.EmbeddedStoreDir = filepath.Join(StateDir(), "jetstream")
 		}
