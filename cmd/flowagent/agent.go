@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -92,6 +93,16 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	if err := checkListen("FLOWBUS_METRICS_ADDR", cfg.MetricsAddr); err != nil {
 		return nil, err
+	}
+	if cfg.NATSURL == "" {
+		// The embedded server fails at once too, but cannot say who holds
+		// the port.
+		if err := checkListen("FLOWBUS_EMBEDDED_LISTEN", cfg.EmbeddedListen); err != nil {
+			return nil, err
+		}
+		if err := checkListen("FLOWBUS_EMBEDDED_MONITOR", cfg.EmbeddedMonitor); err != nil {
+			return nil, err
+		}
 	}
 
 	if cfg.NATSURL == "" {
@@ -258,11 +269,62 @@ func checkListen(variable, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) {
-			return fmt.Errorf("%s=%s: address already in use: another process listens there (another flowagent?): stop it, or set %s to a free address (or off)", variable, addr, variable)
+			holder := "another process (another flowagent?)"
+			if pid, name := portHolder(addr); pid > 0 {
+				holder = fmt.Sprintf("pid %d (%s)", pid, name)
+			}
+			return fmt.Errorf("%s=%s: address already in use: %s listens there: stop it, or set %s to a free address", variable, addr, holder, variable)
 		}
 		return fmt.Errorf("%s=%s: cannot listen: %w", variable, addr, err)
 	}
 	return ln.Close()
+}
+
+// portHolder finds the process listening on addr's TCP port, from /proc
+// (Linux, this network namespace; processes of other users are visible to
+// root only). It returns 0 when it cannot tell.
+func portHolder(addr string) (int, string) {
+	_, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0, ""
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil || port == 0 {
+		return 0, ""
+	}
+	sockets := map[string]bool{}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, _ := os.ReadFile(f)
+		for _, l := range strings.Split(string(b), "\n") {
+			// sl local_address rem_address st ... inode; st 0A is LISTEN.
+			fs := strings.Fields(l)
+			if len(fs) < 10 || fs[3] != "0A" {
+				continue
+			}
+			i := strings.LastIndexByte(fs[1], ':')
+			if p, err := strconv.ParseUint(fs[1][i+1:], 16, 16); err == nil && p == port {
+				sockets["socket:["+fs[9]+"]"] = true
+			}
+		}
+	}
+	if len(sockets) == 0 {
+		return 0, ""
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		fds, _ := os.ReadDir("/proc/" + p.Name() + "/fd")
+		for _, fd := range fds {
+			if l, err := os.Readlink("/proc/" + p.Name() + "/fd/" + fd.Name()); err == nil && sockets[l] {
+				comm, _ := os.ReadFile("/proc/" + p.Name() + "/comm")
+				return pid, strings.TrimSpace(string(comm))
+			}
+		}
+	}
+	return 0, ""
 }
 
 // writeReadyFile tells a supervisor (or the demo) that this agent runs,

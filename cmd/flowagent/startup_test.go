@@ -67,8 +67,9 @@ func waitReady(t *testing.T, a *agentProc, env map[string]string) map[string]str
 	}
 }
 
-// A taken FLOWBUS_EMBEDDED_LISTEN or FLOWBUS_METRICS_ADDR ends the agent at
-// once, non-zero, with one line naming the variable and the cause.
+// A taken FLOWBUS_EMBEDDED_LISTEN, FLOWBUS_EMBEDDED_MONITOR or
+// FLOWBUS_METRICS_ADDR ends the agent at once, non-zero, with one line
+// naming the variable, the cause and the process holding the port.
 func TestPortInUseFailsAtOnce(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	cg := cgrouptest.NewChild(t)
@@ -79,7 +80,7 @@ func TestPortInUseFailsAtOnce(t *testing.T) {
 	defer ln.Close()
 	busy := ln.Addr().String()
 	testBinaries(t) // the build does not count
-	for _, v := range []string{"FLOWBUS_EMBEDDED_LISTEN", "FLOWBUS_METRICS_ADDR"} {
+	for _, v := range []string{"FLOWBUS_EMBEDDED_LISTEN", "FLOWBUS_EMBEDDED_MONITOR", "FLOWBUS_METRICS_ADDR"} {
 		t.Run(v, func(t *testing.T) {
 			env := embeddedEnv(t, cg.Path, "busy-port")
 			env[v] = busy
@@ -90,6 +91,10 @@ func TestPortInUseFailsAtOnce(t *testing.T) {
 			}
 			if !strings.Contains(line, v+"="+busy+": address already in use") || !strings.Contains(line, "set "+v) {
 				t.Errorf("the line does not name %s=%s, the cause and the fix: %s", v, busy, line)
+			}
+			// The test process holds the port: the line names it.
+			if !strings.Contains(line, fmt.Sprintf("pid %d (", os.Getpid())) {
+				t.Errorf("the line does not name the holder, pid %d: %s", os.Getpid(), line)
 			}
 		})
 	}
