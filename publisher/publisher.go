@@ -151,10 +151,10 @@ type Publisher struct {
 	loaded   map[string]bool // spool entries in memory (queued or in flight)
 	spooled  atomic.Uint64
 
-	wake     chan struct{}
-	stop     chan struct{}
-	done     chan struct{}
-	bufs     sync.Pool
+	wake chan struct{}
+	stop chan struct{}
+	done chan struct{}
+	bufs sync.Pool
 	// lastWarn rate limits each warning on its own (message -> *atomic.Int64),
 	// so steady retry warnings never hide a drop.
 	lastWarn sync.Map
