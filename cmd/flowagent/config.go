@@ -380,6 +380,7 @@ var otherVariables = []string{
 	"FLOWBUS_CONSUMER_PASSWORD_BCRYPT", // deploy/nats: NATS server accounts
 	"FLOWBUS_ADMIN_PASSWORD_BCRYPT",    // deploy/nats: NATS server accounts
 	"FLOWBUS_DEMO_LOG",                 // deploy/run-demo.sh
+	"FLOWBUS_VERSION",                  // docker-compose.yml: the image version to build and tag
 	"FLOWBUS_DEPLOY_STRICT",            // deploy tests
 	"FLOWBUS_REQUIRE_PRIVILEGED",       // tests: fail instead of skip without root
 	"FLOWBUS_REQUIRE_POSTGRES",         // tests: fail instead of skip without PostgreSQL

@@ -88,7 +88,12 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 	}
 	if cfg.MetricsAddr != "" && cfg.MetricsAddr != "off" {
 		if _, err := serveMetrics(ctx, cfg.MetricsAddr, a, log); err != nil {
-			log.Error("metrics endpoint could not start (set FLOWBUS_METRICS_ADDR, or off)", "addr", cfg.MetricsAddr, "err", err)
+			// Start checked the address; something took it since. Exit like
+			// Start would, after an orderly stop (nothing captured is lost).
+			fmt.Fprintf(stderr, "flowagent: FLOWBUS_METRICS_ADDR=%s: %v: set it to a free address, or off\n", cfg.MetricsAddr, err)
+			stop()
+			_ = a.Run(ctx)
+			return 1
 		}
 	}
 	if err := a.Run(ctx); err != nil {

@@ -76,6 +76,7 @@ func startAgent(ctx context.Context, bin, cgroupPath, tmp string, extraEnv ...st
 		"FLOWBUS_CGROUP_PATH="+cgroupPath,
 		"FLOWBUS_EMBEDDED_LISTEN="+natsAddr,
 		"FLOWBUS_EMBEDDED_STORE_DIR="+filepath.Join(dir, "store"),
+		"FLOWBUS_SPOOL_DIR="+filepath.Join(dir, "spool"),
 		"FLOWBUS_METRICS_ADDR="+metrics,
 		"FLOWBUS_HOST=bench",
 	)
