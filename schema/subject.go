@@ -115,3 +115,43 @@ func Subject(prefix, host string, d Direction) string {
 func MsgID(host, runID string, seq uint64) string {
 	return host + "." + runID + "." + strconv.FormatUint(seq, 10)
 }
+
+// FilterSubject is the subscription subject for prefix, host and direction: prefix.host.direction,
+// prefix.*.direction, prefix.host.> or prefix.>. An empty prefix is DefaultPrefix, an empty host all
+// hosts, a zero direction both.
+func FilterSubject(prefix, host string, d Direction) string {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	switch {
+	case host != "" && d != 0:
+		return Subject(prefix, host, d)
+	case d != 0:
+		return prefix + ".*." + d.String()
+	case host != "":
+		return prefix + "." + host + ".>"
+	}
+	return prefix + ".>"
+}
+
+// ErrSubjectMismatch means a batch was published on a subject other than the one its own host and
+// direction name. Consumers trust the subject, which the server's per-host publish permissions control,
+// not the payload: otherwise a host allowed to publish only on <prefix>.web-01.> could report flows as
+// web-02.
+var ErrSubjectMismatch = errors.New("subject does not match the batch")
+
+// CheckSubject returns an error wrapping ErrSubjectMismatch unless subject is exactly
+// <prefix>.<host>.<direction> for the batch's host and direction (an empty prefix is DefaultPrefix). The
+// whole subject is compared, not its last two tokens: a host allowed to publish on flows.web-01.> could
+// otherwise publish a batch of web-02 on flows.web-01.web-02.outgoing.
+func CheckSubject(subject, prefix, host string, d Direction) error {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	want := Subject(prefix, host, d)
+	if subject == want {
+		return nil
+	}
+	return fmt.Errorf("%w: the batch says host %q direction %s, which belongs on %s (a publisher claiming another host or direction: check its publish permissions; or agents using another subject prefix than %q: set the prefix)",
+		ErrSubjectMismatch, host, d, want, prefix)
+}

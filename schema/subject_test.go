@@ -1,6 +1,7 @@
 package schema
 
 import (
+	"errors"
 	"strings"
 	"testing"
 )
@@ -87,5 +88,34 @@ func TestSubjectsAndIDs(t *testing.T) {
 	}
 	if HeaderMsgID != "Nats-Msg-Id" || HeaderContentType != "Content-Type" || ContentType != "application/msgpack" || HeaderSchema != "Flowbus-Schema" {
 		t.Error("header constants changed")
+	}
+}
+
+func TestFilterSubject(t *testing.T) {
+	for _, c := range []struct {
+		prefix, host string
+		dir          Direction
+		want         string
+	}{
+		{"flows", "", 0, "flows.>"},
+		{"", "", 0, "flows.>"},
+		{"flows", "web-01", 0, "flows.web-01.>"},
+		{"flows", "", Incoming, "flows.*.incoming"},
+		{"a.b", "web-01", Outgoing, "a.b.web-01.outgoing"},
+	} {
+		if got := FilterSubject(c.prefix, c.host, c.dir); got != c.want {
+			t.Errorf("FilterSubject(%q, %q, %v) = %q, want %q", c.prefix, c.host, c.dir, got, c.want)
+		}
+	}
+}
+
+func TestCheckSubject(t *testing.T) {
+	if err := CheckSubject("flows.web-01.outgoing", "", "web-01", Outgoing); err != nil {
+		t.Errorf("own subject: %v", err)
+	}
+	for _, s := range []string{"flows.web-02.outgoing", "flows.web-01.incoming", "flows.web-01.web-01.outgoing", "acme.web-01.outgoing"} {
+		if err := CheckSubject(s, "flows", "web-01", Outgoing); !errors.Is(err, ErrSubjectMismatch) || !strings.Contains(err.Error(), "flows.web-01.outgoing") {
+			t.Errorf("CheckSubject(%q) = %v, want a mismatch naming flows.web-01.outgoing", s, err)
+		}
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -200,7 +201,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 
 	has := func(n string) bool { return vals[n] != nil || bools[n] != nil }
 	var urls []string
-	var stream, consumer string
+	var streamName, consumer string
 	if queryCommands[cmd] {
 		// Only the flags: a query must not fail on a FLOWBUS_NATS_URL it does not use.
 		if set["nats"] {
@@ -210,22 +211,22 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		}
 		if set["stream"] {
 			cfg.stream = *vals["stream"]
-			if err := tail.ValidateName("stream name", cfg.stream); err != nil {
+			if err := stream.ValidateName("stream name", cfg.stream); err != nil {
 				bad("--stream", err)
 			}
 		}
 	} else if has("nats") {
-		v, src := value("nats", "FLOWBUS_NATS_URL", tail.DefaultURL)
+		v, src := value("nats", "FLOWBUS_NATS_URL", stream.DefaultURL)
 		var err error
 		if urls, err = tail.ParseURLs(v); err != nil {
 			bad(src, err)
 		}
-		stream, src = value("stream", "FLOWBUS_STREAM", tail.DefaultStream)
-		if err := tail.ValidateName("stream name", stream); err != nil {
+		streamName, src = value("stream", "FLOWBUS_STREAM", stream.DefaultStream)
+		if err := stream.ValidateName("stream name", streamName); err != nil {
 			bad(src, err)
 		}
 		consumer, src = value("consumer", envConsumer, flowstat.DefaultDurable)
-		if err := tail.ValidateName("consumer name", consumer); err != nil {
+		if err := stream.ValidateName("consumer name", consumer); err != nil {
 			bad(src, err)
 		}
 	}
@@ -242,14 +243,14 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	switch cmd {
 	case "run":
 		o := &cfg.run
-		o.URLs, o.Stream, o.Durable, o.Prefix = urls, stream, consumer, prefix
+		o.URLs, o.Stream, o.Durable, o.Prefix = urls, streamName, consumer, prefix
 		f, src := value("filter", envFilter, prefix+".>")
 		for _, s := range strings.Split(f, ",") {
 			s = strings.TrimSpace(s)
-			if err := flowstat.ValidateFilter(s); err != nil {
+			if err := stream.ValidateFilter(s); err != nil {
 				bad(src, err)
 			} else if schema.ValidatePrefix(prefix) == nil {
-				if err := flowstat.CheckFilterPrefix(s, prefix); err != nil {
+				if err := stream.CheckFilterPrefix(s, prefix); err != nil {
 					bad(src, err)
 				}
 			}
@@ -280,8 +281,8 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 			bad(src, fmt.Errorf("bucket %q: want a whole number of seconds, at least 1s (e.g. 1m, 10s, 1h)", b))
 		}
 		dl, src := value("deadletter", envDeadLetter, flowstat.DefaultDeadLetterSubject)
-		if err := flowstat.ValidateFilter(dl); err != nil || strings.ContainsAny(dl, "*>") {
-			bad(src, fmt.Errorf("dead-letter subject %q: want dot-separated tokens without wildcards", dl))
+		if err := flowstat.ValidateDeadLetterSubject(dl); err != nil {
+			bad(src, err)
 		}
 		o.DeadLetterSubject = dl
 		cfg.metricsAddr, src = value("metrics-addr", envMetrics, defaultMetricsAddr)
@@ -304,7 +305,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		}
 	case "replay":
 		o := &cfg.replay
-		o.URLs, o.Stream, o.Durable, o.Prefix = urls, stream, consumer, prefix
+		o.URLs, o.Stream, o.Durable, o.Prefix = urls, streamName, consumer, prefix
 		if !set["from"] {
 			errs = append(errs, errors.New("--from is required: the start of the range to rebuild (RFC3339 time or a duration back from now)"))
 		} else if t, err := parseWhen(*vals["from"], now); err != nil {
@@ -427,23 +428,23 @@ func durationFlag(set map[string]bool, vals map[string]*string, name string, def
 }
 
 // parseStart parses a start policy: all, new, seq:N, or a time (see parseWhen).
-func parseStart(s string, now time.Time) (flowstat.Start, time.Time, uint64, error) {
+func parseStart(s string, now time.Time) (stream.Start, time.Time, uint64, error) {
 	switch {
 	case s == "all" || s == "new":
-		st, err := flowstat.ParseStart(s)
+		st, err := stream.ParseStart(s)
 		return st, time.Time{}, 0, err
 	case strings.HasPrefix(s, "seq:"):
 		n, err := strconv.ParseUint(strings.TrimPrefix(s, "seq:"), 10, 64)
 		if err != nil || n == 0 {
 			return 0, time.Time{}, 0, fmt.Errorf("start %q: the stream sequence must be an integer >= 1 (e.g. seq:1000)", s)
 		}
-		return flowstat.StartSeq, time.Time{}, n, nil
+		return stream.StartSeq, time.Time{}, n, nil
 	}
 	t, err := parseWhen(s, now)
 	if err != nil {
 		return 0, time.Time{}, 0, fmt.Errorf("start %q: want all, new, seq:N, an RFC3339 time or a duration back from now (2h)", s)
 	}
-	return flowstat.StartTime, t, 0, nil
+	return stream.StartTime, t, 0, nil
 }
 
 // parseWhen accepts "now", a duration back from now or an RFC3339 time.

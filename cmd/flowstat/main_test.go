@@ -21,6 +21,7 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
 	"github.com/flowbus/flowbus/consumers/flowstat/pgtest"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 )
 
@@ -69,7 +70,7 @@ func TestParseArgsDefaultsAndPrecedence(t *testing.T) {
 	}
 	o := cfg.run
 	if cfg.dsn != "/st/flowbus/flowstat.db" || o.URLs[0] != "nats://127.0.0.1:4222" || o.Stream != "FLOWS" || o.Durable != "flowstat" ||
-		len(o.Filters) != 1 || o.Filters[0] != "acme.flows.>" || o.Start != flowstat.StartAll || o.Bucket != time.Minute ||
+		len(o.Filters) != 1 || o.Filters[0] != "acme.flows.>" || o.Start != stream.StartAll || o.Bucket != time.Minute ||
 		o.DeadLetterSubject != "flowbus.deadletter" || o.StreamWait != time.Minute {
 		t.Errorf("defaults: dsn %q, %+v", cfg.dsn, o)
 	}
@@ -82,7 +83,7 @@ func TestParseArgsDefaultsAndPrecedence(t *testing.T) {
 	}
 	o = cfg.run
 	if cfg.dsn != "postgres://u:pw@db:5432/stats" || len(o.URLs) != 2 || o.Stream != "F2" || o.Durable != "agg" ||
-		strings.Join(o.Filters, " ") != "flows.*.incoming flows.web-01.>" || o.Start != flowstat.StartSeq || o.FromSeq != 42 || o.Bucket != 10*time.Second {
+		strings.Join(o.Filters, " ") != "flows.*.incoming flows.web-01.>" || o.Start != stream.StartSeq || o.FromSeq != 42 || o.Bucket != 10*time.Second {
 		t.Errorf("from the environment: dsn %q, %+v", cfg.dsn, o)
 	}
 
@@ -92,7 +93,7 @@ func TestParseArgsDefaultsAndPrecedence(t *testing.T) {
 		t.Fatal(err)
 	}
 	o = cfg.run
-	if cfg.dsn != "/tmp/x.db" || o.Durable != "c2" || o.Start != flowstat.StartTime || !o.Since.Equal(now.Add(-2*time.Hour)) || !o.ExitWhenCaughtUp || o.Bucket != 5*time.Minute {
+	if cfg.dsn != "/tmp/x.db" || o.Durable != "c2" || o.Start != stream.StartTime || !o.Since.Equal(now.Add(-2*time.Hour)) || !o.ExitWhenCaughtUp || o.Bucket != 5*time.Minute {
 		t.Errorf("flags over the environment: dsn %q, %+v", cfg.dsn, o)
 	}
 

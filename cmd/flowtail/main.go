@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -149,11 +150,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 // then waits for new events, which looks like a hang unless it is said.
 func pastEnd(o *tail.Options, r tail.Ready) string {
 	switch o.Start {
-	case tail.StartSeq:
+	case stream.StartSeq:
 		if o.FromSeq > r.LastSeq {
 			return fmt.Sprintf("--from-seq %d is past the end of stream %s (its last sequence is %d)", o.FromSeq, r.Stream, r.LastSeq)
 		}
-	case tail.StartSince:
+	case stream.StartTime:
 		since := o.Since.UTC().Format(time.RFC3339)
 		if r.Msgs == 0 {
 			return fmt.Sprintf("--since %s: stream %s is empty", since, r.Stream)
@@ -161,7 +162,7 @@ func pastEnd(o *tail.Options, r tail.Ready) string {
 		if r.LastTime.Before(o.Since) {
 			return fmt.Sprintf("--since %s is past the end of stream %s (its last message was stored at %s)", since, r.Stream, r.LastTime.UTC().Format(time.RFC3339))
 		}
-	case tail.StartAll:
+	case stream.StartAll:
 		if r.Msgs == 0 {
 			return fmt.Sprintf("--all: stream %s is empty", r.Stream)
 		}
@@ -176,19 +177,19 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
 	var (
-		natsURL  = fs.String("nats", "", "")
-		stream   = fs.String("stream", "", "")
-		prefix   = fs.String("prefix", "", "")
-		host     = fs.String("host", "", "")
-		dir      = fs.String("direction", "", "")
-		since    = fs.String("since", "", "")
-		fromSeq  = fs.String("from-seq", "", "")
-		all      = fs.Bool("all", false, "")
-		jsonOut  = fs.Bool("json", false, "")
-		local    = fs.Bool("local", false, "")
-		version  = fs.Bool("version", false, "")
-		count    = fs.String("count", "", "")
-		idleExit = fs.String("idle-exit", "", "")
+		natsURL    = fs.String("nats", "", "")
+		streamName = fs.String("stream", "", "")
+		prefix     = fs.String("prefix", "", "")
+		host       = fs.String("host", "", "")
+		dir        = fs.String("direction", "", "")
+		since      = fs.String("since", "", "")
+		fromSeq    = fs.String("from-seq", "", "")
+		all        = fs.Bool("all", false, "")
+		jsonOut    = fs.Bool("json", false, "")
+		local      = fs.Bool("local", false, "")
+		version    = fs.Bool("version", false, "")
+		count      = fs.String("count", "", "")
+		idleExit   = fs.String("idle-exit", "", "")
 	)
 	errs, err := tail.ParseFlags(fs, args, "flowtail", "")
 	if err != nil {
@@ -216,18 +217,18 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	cfg := &config{json: *jsonOut, local: *local}
 	o := &cfg.opts
 
-	src := fromEnv("nats", "FLOWBUS_NATS_URL", tail.DefaultURL, natsURL)
+	src := fromEnv("nats", "FLOWBUS_NATS_URL", stream.DefaultURL, natsURL)
 	if urls, err := tail.ParseURLs(*natsURL); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	} else {
 		o.URLs = urls
 	}
 
-	src = fromEnv("stream", "FLOWBUS_STREAM", tail.DefaultStream, stream)
-	if err := tail.ValidateName("stream name", *stream); err != nil {
+	src = fromEnv("stream", "FLOWBUS_STREAM", stream.DefaultStream, streamName)
+	if err := stream.ValidateName("stream name", *streamName); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	}
-	o.Stream = *stream
+	o.Stream = *streamName
 
 	src = fromEnv("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix, prefix)
 	if err := schema.ValidatePrefix(*prefix); err != nil {
@@ -252,7 +253,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	var starts []string
 	if set["all"] && *all {
 		starts = append(starts, "--all")
-		o.Start = tail.StartAll
+		o.Start = stream.StartAll
 	}
 	if set["since"] {
 		starts = append(starts, "--since")
@@ -260,7 +261,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		if err != nil {
 			errs = append(errs, fmt.Errorf("--since: %w", err))
 		}
-		o.Start, o.Since = tail.StartSince, t
+		o.Start, o.Since = stream.StartTime, t
 	}
 	if set["from-seq"] {
 		starts = append(starts, "--from-seq")
@@ -268,7 +269,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		if err != nil || n == 0 {
 			errs = append(errs, fmt.Errorf("--from-seq: %q is not a stream sequence (want an integer >= 1)", *fromSeq))
 		}
-		o.Start, o.FromSeq = tail.StartSeq, n
+		o.Start, o.FromSeq = stream.StartSeq, n
 	}
 	if len(starts) > 1 {
 		errs = append(errs, fmt.Errorf("%s are mutually exclusive: choose one place to start", strings.Join(starts, ", ")))

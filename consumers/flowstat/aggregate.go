@@ -9,7 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
-	"github.com/flowbus/flowbus/consumers/tail"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -77,7 +77,7 @@ func deadReason(err error) string {
 	switch {
 	case errors.Is(err, schema.ErrUnsupportedMajor):
 		return ReasonUnsupportedMajor
-	case errors.Is(err, tail.ErrSubjectMismatch):
+	case errors.Is(err, schema.ErrSubjectMismatch):
 		return ReasonSubjectMismatch
 	case strings.Contains(err.Error(), "truncated"):
 		return ReasonTruncated
@@ -100,7 +100,7 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 		return fmt.Errorf("%w: host: %v", schema.ErrMalformed, err)
 	}
 	// The subject is what the server's publish permissions vouch for; the payload is the publisher's word.
-	if err := tail.CheckSubject(subject, a.prefix, b.Host, b.Direction); err != nil {
+	if err := schema.CheckSubject(subject, a.prefix, b.Host, b.Direction); err != nil {
 		return err
 	}
 	b.RunID = cleanText(b.RunID)
@@ -133,7 +133,7 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 	return nil
 }
 
-// chain follows the batch's prev_seq link (SPEC wire format: per host, run and direction) and records a
+// chain follows the batch's prev_seq link (stream.Follow: per host, run and direction) and records a
 // gap, and the hole of seqs it reveals, when it does not point at the last batch seen. It returns false
 // when the batch must not be counted.
 //
@@ -146,7 +146,8 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 	b := &a.batch
 	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
 	last, seen := a.runs[rk]
-	if seen && b.Seq <= last {
+	link := stream.Follow(seen, last, b.Seq, b.PrevSeq)
+	if link == stream.LinkBehind {
 		if !a.fillHole(rk, b.Seq) {
 			a.dups++
 			a.d.Dups = append(a.d.Dups, store.Duplicate{RunKey: rk, Seq: b.Seq, Stream: a.stream, StreamSeq: streamSeq, Stored: stored})
@@ -155,7 +156,9 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 		a.late++
 		return true
 	}
-	if (seen && b.PrevSeq != last) || (!seen && b.PrevSeq != 0) {
+	// Unlike a tail's warnings, a run first seen past its first batch is recorded as a gap: the
+	// summary shows that its earlier batches were never read.
+	if link == stream.LinkGap || link == stream.LinkBroken || link == stream.LinkFirst && b.PrevSeq != 0 {
 		a.d.Gaps = append(a.d.Gaps, store.Gap{RunKey: rk, AfterSeq: last, Seq: b.Seq, PrevSeq: b.PrevSeq, StreamSeq: streamSeq, Stored: stored})
 		// The missing batches lie after the last one seen, up to the named predecessor (never at or
 		// beyond this batch, whatever a broken agent says).

@@ -14,6 +14,7 @@ import (
 
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
 	"github.com/nats-io/nats-server/v2/server"
@@ -32,7 +33,7 @@ func TestStartPolicies(t *testing.T) {
 
 	st := open(t, sqlitePath(t))
 	o := e.opts()
-	o.Durable, o.Start = "new", flowstat.StartNew
+	o.Durable, o.Start = "new", stream.StartNew
 	if stats := run(t, st, o); stats.Events != 0 {
 		t.Fatalf("start new read %d events of the existing stream", stats.Events)
 	}
@@ -43,13 +44,13 @@ func TestStartPolicies(t *testing.T) {
 	third := e.rec.Batches[2]
 	st = open(t, sqlitePath(t))
 	o = e.opts()
-	o.Durable, o.Start, o.FromSeq = "seq", flowstat.StartSeq, third.StreamSeq
+	o.Durable, o.Start, o.FromSeq = "seq", stream.StartSeq, third.StreamSeq
 	run(t, st, o)
 	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches[2:], time.Minute))
 
 	st = open(t, sqlitePath(t))
 	o = e.opts()
-	o.Durable, o.Start, o.Since = "time", flowstat.StartTime, e.rec.Batches[4].Stored
+	o.Durable, o.Start, o.Since = "time", stream.StartTime, e.rec.Batches[4].Stored
 	run(t, st, o)
 	flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches[4:], time.Minute))
 }
@@ -229,7 +230,7 @@ func TestLateBatch(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
-	o := flowstat.Options{Durable: "a.b", Filters: []string{"flows.>.x", ""}, DeadLetterSubject: "dl.*", Bucket: 1500 * time.Millisecond, Start: flowstat.StartTime}
+	o := flowstat.Options{Durable: "a.b", Filters: []string{"flows.>.x", ""}, DeadLetterSubject: "dl.*", Bucket: 1500 * time.Millisecond, Start: stream.StartTime}
 	err := o.Validate()
 	if err == nil {
 		t.Fatal("no error")
@@ -334,7 +335,7 @@ func TestFilterOutsideTheStream(t *testing.T) {
 	o := e.opts()
 	o.Filters, o.Prefix = []string{"acme.>"}, "acme"
 	_, err := flowstat.Run(context.Background(), open(t, sqlitePath(t)), o)
-	if !errors.Is(err, flowstat.ErrFilterOutsideStream) || !strings.Contains(err.Error(), "FLOWBUS_FLOWSTAT_FILTER") {
+	if !errors.Is(err, stream.ErrFilterOutsideStream) || !strings.Contains(err.Error(), "FLOWBUS_FLOWSTAT_FILTER") {
 		t.Errorf("filter outside the stream: %v", err)
 	}
 }

@@ -123,14 +123,14 @@ func TestCrashesCountEverythingOnce(t *testing.T) {
 		o := e.opts()
 		crashes := 0
 		for _, after := range []int{3, 9, 1, 12} {
-			o.CrashAfter = after
+			flowstat.SetCrashAfter(&o, after)
 			if _, err := flowstat.Run(context.Background(), st, o); !errors.Is(err, flowstat.ErrCrashed) {
 				t.Fatalf("Run with CrashAfter %d: %v, want ErrCrashed", after, err)
 			}
 			crashes++
 		}
 		// Abandon a transaction after its rows are written: the hook fails the third commit.
-		o.CrashAfter = 0
+		flowstat.SetCrashAfter(&o, 0)
 		commits := 0
 		errHook := errors.New("killed inside the transaction")
 		st.InTxHook = func() error {
@@ -336,11 +336,11 @@ func TestPoisonMessagesAreDeadLettered(t *testing.T) {
 			st := open(t, filepath.Join(t.TempDir(), "flowstat.db"))
 			o := e.opts()
 			// Crash right after the first dead letter, before its commit: it is sent again on restart.
-			o.CrashAfter = 4
+			flowstat.SetCrashAfter(&o, 4)
 			if _, err := flowstat.Run(context.Background(), st, o); !errors.Is(err, flowstat.ErrCrashed) {
 				t.Fatalf("crash run: %v", err)
 			}
-			o.CrashAfter = 0
+			flowstat.SetCrashAfter(&o, 0)
 			var log bytes.Buffer
 			o.Log = &log
 			stats := run(t, st, o)

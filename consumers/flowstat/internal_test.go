@@ -16,26 +16,6 @@ func TestBucketOf(t *testing.T) {
 	}
 }
 
-func TestOverlap(t *testing.T) {
-	for _, c := range []struct {
-		a, b string
-		want bool
-	}{
-		{"flows.>", "flows.>", true},
-		{"flows.*.incoming", "flows.>", true},
-		{"flows.web-01.outgoing", "flows.*.outgoing", true},
-		{"flows.*.incoming", "flows.*.outgoing", false},
-		{"acme.>", "flows.>", false},
-		{"flows.a", "flows.a.b", false},
-		{"flows.*", "flows.a.b", false},
-		{">", "flows.a", true},
-	} {
-		if got := overlap(c.a, c.b); got != c.want {
-			t.Errorf("overlap(%q, %q) = %v, want %v", c.a, c.b, got, c.want)
-		}
-	}
-}
-
 func TestCleanText(t *testing.T) {
 	for in, want := range map[string]string{"api.example.com": "api.example.com", "é.example": "é.example", "a\x00b": "a\uFFFDb", "\xff\xfe": "\uFFFD", "ok\xffé\x00": "ok\uFFFDé\uFFFD"} {
 		if got := cleanText(in); got != want {

@@ -95,7 +95,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		return stats, fmt.Errorf("database %s is written by several consumers (%s) and a replay can rebuild only one's: give each consumer its own database (or delete the checkpoint rows of consumers no longer used)",
 			st.Where(), strings.Join(names, ", "))
 	}
-	nc, js, stream, err := connect(ctx, ro.URLs, ro.Stream, ro.ConnectTimeout, 0, "flowstat-replay", ro.Log, nil)
+	nc, js, stream, err := connect(ctx, ro.URLs, "flowstat-replay", ro.ConnectTimeout, 0, ro.Stream, ro.Log, nil)
 	if err != nil {
 		return stats, err
 	}

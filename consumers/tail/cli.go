@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strings"
 
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -31,15 +32,15 @@ func ParseURLs(s string) ([]string, error) {
 				if errors.As(err, &ue) {
 					err = ue.Err
 				}
-				return nil, fmt.Errorf("invalid URL %q: %v", RedactURLs([]string{u}), err)
+				return nil, fmt.Errorf("invalid URL %q: %v", stream.RedactURLs([]string{u}), err)
 			}
 			switch p.Scheme {
 			case "nats", "tls", "ws", "wss":
 			default:
-				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", RedactURLs([]string{u}), p.Scheme)
+				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", stream.RedactURLs([]string{u}), p.Scheme)
 			}
 			if p.Host == "" {
-				return nil, fmt.Errorf("URL %q has no host (want e.g. nats://127.0.0.1:4222)", RedactURLs([]string{u}))
+				return nil, fmt.Errorf("URL %q has no host (want e.g. nats://127.0.0.1:4222)", stream.RedactURLs([]string{u}))
 			}
 		}
 		urls = append(urls, u)
@@ -52,35 +53,23 @@ func redactList(s string) string {
 	parts := strings.Split(s, ",")
 	for i, p := range parts {
 		if t := strings.TrimSpace(p); t != "" {
-			parts[i] = RedactURLs([]string{t})
+			parts[i] = stream.RedactURLs([]string{t})
 		}
 	}
 	return strings.Join(parts, ",")
 }
 
-// ValidateName applies JetStream's naming rules to a stream or consumer name, so a typo fails before
-// connecting and not as an odd server error. what names the setting, e.g. "stream name".
-func ValidateName(what, s string) error {
-	if s == "" {
-		return fmt.Errorf("%s is empty", what)
-	}
-	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
-		return fmt.Errorf("%s %q contains %q, which JetStream does not allow (use letters, digits, - and _)", what, s, s[i])
-	}
-	return nil
-}
-
 // Explain returns err's text with the likely fix appended for the errors a user can act on: no server,
 // no stream, no JetStream, a subject prefix outside the stream.
 func Explain(err error) string {
-	var ce *ConnectError
-	var se *StreamError
+	var ce *stream.ConnectError
+	var se *stream.StreamError
 	switch {
 	case errors.As(err, &ce):
 		return err.Error() + "\n  is flowagent running and reachable? set --nats or FLOWBUS_NATS_URL to the NATS server's URL (flowagent's embedded server listens on FLOWBUS_EMBEDDED_LISTEN, 127.0.0.1:4222 by default)"
 	case errors.As(err, &se) && errors.Is(err, jetstream.ErrStreamNotFound):
 		return err.Error() + "\n  flowagent creates it when it starts; or set --stream or FLOWBUS_STREAM to the stream it uses"
-	case errors.As(err, &se) && errors.Is(err, ErrFilterOutsideStream):
+	case errors.As(err, &se) && errors.Is(err, stream.ErrFilterOutsideStream):
 		return err.Error() + "\n  set --prefix or FLOWBUS_SUBJECT_PREFIX to the prefix flowagent publishes with"
 	case errors.As(err, &se) && (errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount)):
 		return err.Error() + "\n  this server has no JetStream; point --nats or FLOWBUS_NATS_URL at the server flowagent publishes to"

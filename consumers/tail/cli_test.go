@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 )
 
@@ -27,19 +28,8 @@ func TestParseURLs(t *testing.T) {
 	}
 }
 
-func TestValidateName(t *testing.T) {
-	if err := tail.ValidateName("stream name", "FLOWS_2-a"); err != nil {
-		t.Error(err)
-	}
-	for _, s := range []string{"", "a.b", "a b", "a*", "a>", "a/b"} {
-		if err := tail.ValidateName("stream name", s); err == nil || !strings.Contains(err.Error(), "stream name") {
-			t.Errorf("%q: %v", s, err)
-		}
-	}
-}
-
 func TestExplain(t *testing.T) {
-	err := &tail.ConnectError{URL: "nats://u:xxxxx@h:1", Err: errors.New("refused")}
+	err := &stream.ConnectError{URL: "nats://u:xxxxx@h:1", Err: errors.New("refused")}
 	if e := tail.Explain(err); !strings.Contains(e, "FLOWBUS_NATS_URL") {
 		t.Errorf("no fix in %q", e)
 	}

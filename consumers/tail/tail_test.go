@@ -9,36 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-func TestFilterSubject(t *testing.T) {
-	for _, c := range []struct {
-		prefix, host string
-		dir          schema.Direction
-		want         string
-	}{
-		{"flows", "", 0, "flows.>"},
-		{"", "", 0, "flows.>"},
-		{"flows", "web-01", 0, "flows.web-01.>"},
-		{"flows", "", schema.Incoming, "flows.*.incoming"},
-		{"a.b", "web-01", schema.Outgoing, "a.b.web-01.outgoing"},
-	} {
-		if got := tail.FilterSubject(c.prefix, c.host, c.dir); got != c.want {
-			t.Errorf("FilterSubject(%q, %q, %v) = %q, want %q", c.prefix, c.host, c.dir, got, c.want)
-		}
-	}
-}
-
-func TestRedactURLs(t *testing.T) {
-	got := tail.RedactURLs([]string{"nats://u:pw@h:1", "nats://tok@h:2", "h:3"})
-	if strings.Contains(got, "pw") || strings.Contains(got, "tok") || !strings.Contains(got, "h:3") {
-		t.Errorf("RedactURLs = %q", got)
-	}
-}
 
 func ev(port uint16) schema.Event {
 	return schema.Event{
@@ -79,7 +55,7 @@ func TestRunMeta(t *testing.T) {
 
 	var warn strings.Builder
 	out, st, err := collect(t, context.Background(), tail.Options{
-		URLs: []string{srv.URL}, Start: tail.StartAll, IdleExit: 500 * time.Millisecond, Warnings: &warn,
+		URLs: []string{srv.URL}, Start: stream.StartAll, IdleExit: 500 * time.Millisecond, Warnings: &warn,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -104,7 +80,7 @@ func TestRunCountStopsMidBatch(t *testing.T) {
 	srv := tailtest.Start(t)
 	srv.CreateStream(t, "FLOWS", "flows.>")
 	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1), ev(2), ev(3))
-	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 2})
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll, Count: 2})
 	if err != nil || len(out) != 2 || st.Reason != "count" {
 		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
 	}
@@ -130,7 +106,7 @@ func TestRunHandlerError(t *testing.T) {
 	srv.CreateStream(t, "FLOWS", "flows.>")
 	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
 	boom := errors.New("boom")
-	_, err := tail.Run(context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll},
+	_, err := tail.Run(context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll},
 		func(*tail.Meta, *schema.Event) error { return boom })
 	if !errors.Is(err, boom) {
 		t.Fatalf("err %v", err)
@@ -142,13 +118,13 @@ func TestRunOverlappingFilter(t *testing.T) {
 	srv := tailtest.Start(t)
 	srv.CreateStream(t, "WEB", "flows.web-01.>")
 	tailtest.NewAgent("web-01", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
-	out, _, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Start: tail.StartAll, Count: 1})
+	out, _, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Start: stream.StartAll, Count: 1})
 	if err != nil || len(out) != 1 {
 		t.Fatalf("err %v, %d events", err, len(out))
 	}
 
-	_, _, err = collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Host: "db-02", Start: tail.StartAll, Count: 1})
-	if !errors.Is(err, tail.ErrFilterOutsideStream) {
+	_, _, err = collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "WEB", Host: "db-02", Start: stream.StartAll, Count: 1})
+	if !errors.Is(err, stream.ErrFilterOutsideStream) {
 		t.Fatalf("host outside the stream: err %v", err)
 	}
 }
@@ -156,18 +132,18 @@ func TestRunOverlappingFilter(t *testing.T) {
 func TestRunErrors(t *testing.T) {
 	srv := tailtest.Start(t)
 	_, err := tail.Run(context.Background(), tail.Options{URLs: []string{srv.URL}, Stream: "NOPE"}, nop)
-	var se *tail.StreamError
+	var se *stream.StreamError
 	if !errors.As(err, &se) || !errors.Is(err, jetstream.ErrStreamNotFound) || se.Stream != "NOPE" {
 		t.Errorf("missing stream: %v", err)
 	}
 
 	_, err = tail.Run(context.Background(), tail.Options{URLs: []string{"nats://127.0.0.1:1"}, ConnectTimeout: time.Second}, nop)
-	var ce *tail.ConnectError
+	var ce *stream.ConnectError
 	if !errors.As(err, &ce) || ce.URL != "nats://127.0.0.1:1" {
 		t.Errorf("unreachable: %v", err)
 	}
 
-	_, err = tail.Run(context.Background(), tail.Options{Prefix: "a.>", Host: "Bad Host", Start: tail.StartSeq}, nil)
+	_, err = tail.Run(context.Background(), tail.Options{Prefix: "a.>", Host: "Bad Host", Start: stream.StartSeq}, nil)
 	if err == nil || !strings.Contains(err.Error(), "prefix") || !strings.Contains(err.Error(), "host") || !strings.Contains(err.Error(), "FromSeq") || !strings.Contains(err.Error(), "handler") {
 		t.Errorf("invalid options: %v", err)
 	}
@@ -184,7 +160,7 @@ func TestRunSkipCounts(t *testing.T) {
 	}
 	tailtest.NewAgent("h", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1))
 	var warn strings.Builder
-	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 1, Warnings: &warn})
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll, Count: 1, Warnings: &warn})
 	if err != nil || len(out) != 1 || st.Skipped != 12 {
 		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
 	}
@@ -205,7 +181,7 @@ func TestRunDuplicateBatch(t *testing.T) {
 	srv.Publish(t, "flows.h.outgoing", data)
 	a.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(2))
 	var warn strings.Builder
-	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 3, Warnings: &warn})
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll, Count: 3, Warnings: &warn})
 	if err != nil || len(out) != 3 || st.Gaps != 0 {
 		t.Fatalf("err %v, %d events, stats %+v", err, len(out), st)
 	}
@@ -225,7 +201,7 @@ func TestRunSubjectMismatchSkipped(t *testing.T) {
 	srv.Publish(t, "flows.web-02.incoming", web02)
 	tailtest.NewAgent("web-01", "r").Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(2))
 	var warn strings.Builder
-	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: tail.StartAll, Count: 1, Warnings: &warn})
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll, Count: 1, Warnings: &warn})
 	if err != nil || len(out) != 1 || st.Mismatched != 3 || st.Skipped != 3 {
 		t.Fatalf("err %v, %d events, stats %+v; want only web-01's event and 3 mismatches", err, len(out), st)
 	}

@@ -1,0 +1,97 @@
+// Package stream is what every flowbus consumer needs before it reads a batch: connecting to NATS with
+// errors that name the servers (passwords redacted), opening (or waiting for) the stream, the start
+// policy of a new consumer, subject filter checks, and the rule that follows a run's batch chain. It is
+// shared by package tail (flowtail) and package flowstat, so that both connect, refuse a filter and
+// report a gap the same way. It imports schema and the NATS client, no consumer.
+package stream
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// DefaultStream is the stream name the agent creates by default.
+const DefaultStream = "FLOWS"
+
+// DefaultURL is where a local flowagent's embedded server listens by default.
+const DefaultURL = "nats://127.0.0.1:4222"
+
+// ConnectError means no NATS server could be reached; URL is the redacted server list.
+type ConnectError struct {
+	URL string
+	Err error
+}
+
+// Error names the servers and the cause.
+func (e *ConnectError) Error() string {
+	return fmt.Sprintf("cannot connect to NATS at %s: %v", e.URL, e.Err)
+}
+
+// Unwrap returns the client's error.
+func (e *ConnectError) Unwrap() error { return e.Err }
+
+// StreamError means the stream could not be opened: it does not exist (errors.Is jetstream.ErrStreamNotFound),
+// JetStream is not enabled, or the lookup failed.
+type StreamError struct {
+	Stream string
+	URL    string
+	Err    error
+}
+
+// Error names the stream and the servers, and the cause unless the stream simply does not exist.
+func (e *StreamError) Error() string {
+	if errors.Is(e.Err, jetstream.ErrStreamNotFound) {
+		return fmt.Sprintf("stream %q does not exist on %s", e.Stream, e.URL)
+	}
+	return fmt.Sprintf("cannot open stream %q on %s: %v", e.Stream, e.URL, e.Err)
+}
+
+// Unwrap returns the underlying error.
+func (e *StreamError) Unwrap() error { return e.Err }
+
+// RedactURLs joins urls for messages, hiding passwords and tokens so they do not end up in logs.
+func RedactURLs(urls []string) string {
+	out := make([]string, len(urls))
+	for i, u := range urls {
+		out[i] = u
+		p, err := url.Parse(u)
+		if err != nil {
+			// Unparseable, but it may still hold user:password@ before the host.
+			if s, rest, ok := strings.Cut(u, "://"); ok {
+				hostEnd := strings.IndexAny(rest, "/?#")
+				if hostEnd < 0 {
+					hostEnd = len(rest)
+				}
+				if at := strings.LastIndexByte(rest[:hostEnd], '@'); at >= 0 {
+					out[i] = s + "://xxxxx" + rest[at:]
+				}
+			}
+			continue
+		}
+		if p.User != nil {
+			if _, has := p.User.Password(); has {
+				out[i] = p.Redacted()
+			} else {
+				p.User = url.User("xxxxx")
+				out[i] = p.String()
+			}
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+// ValidateName applies JetStream's naming rules to a stream or consumer name, so a typo fails before
+// connecting and not as an odd server error. what names the setting, e.g. "stream name".
+func ValidateName(what, s string) error {
+	if s == "" {
+		return fmt.Errorf("%s is empty", what)
+	}
+	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
+		return fmt.Errorf("%s %q contains %q, which JetStream does not allow (use letters, digits, - and _)", what, s, s[i])
+	}
+	return nil
+}

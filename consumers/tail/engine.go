@@ -1,0 +1,163 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/schema"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// seqKey identifies one batch chain: a run's batches of one direction, linked by PrevSeq.
+type seqKey struct {
+	host, run string
+	dir       schema.Direction
+}
+
+// maxSeqKeys bounds the gap tracker; agent restarts create new run ids forever.
+const maxSeqKeys = 4096
+
+type reader struct {
+	o     *Options
+	h     Handler
+	w     *warner
+	st    *Stats
+	seqs  map[seqKey]uint64
+	batch schema.Batch
+	meta  Meta
+}
+
+var errDone = errors.New("done")
+
+func (r *reader) loop(ctx context.Context, it jetstream.MessagesContext) error {
+	lastMsg := time.Now()
+	for {
+		wait := r.o.IdleInterval
+		if r.o.IdleExit > 0 {
+			left := r.o.IdleExit - time.Since(lastMsg)
+			if left <= 0 {
+				r.st.Reason = "idle"
+				return r.idle()
+			}
+			wait = min(wait, left)
+		}
+		nctx, cancel := context.WithTimeout(ctx, wait)
+		msg, err := it.Next(jetstream.NextContext(nctx))
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				r.st.Reason = "canceled"
+				return r.idle()
+			}
+			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
+				if err := r.idle(); err != nil {
+					return err
+				}
+				continue
+			}
+			return fmt.Errorf("reading stream %q: %w", r.o.Stream, err)
+		}
+		lastMsg = time.Now()
+		err = r.handle(msg)
+		if errors.Is(err, errDone) {
+			r.st.Reason = "count"
+			return r.idle()
+		}
+		if err != nil {
+			return err
+		}
+		// Caught up with the stream: flush now rather than after IdleInterval, so live output is prompt
+		// while a replay still gets buffered writes.
+		if md, err := msg.Metadata(); err == nil && md.NumPending == 0 {
+			if err := r.idle(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (r *reader) idle() error {
+	if r.o.OnIdle == nil {
+		return nil
+	}
+	return r.o.OnIdle()
+}
+
+func (r *reader) handle(msg jetstream.Msg) error {
+	subject := msg.Subject()
+	m := &r.meta
+	*m = Meta{Subject: subject}
+	if md, err := msg.Metadata(); err == nil {
+		m.StreamSeq = md.Sequence.Stream
+		m.Stored = md.Timestamp
+		r.st.LastSeq = m.StreamSeq
+	}
+	if err := schema.DecodeBatch(msg.Data(), &r.batch); err != nil {
+		r.st.Skipped++
+		r.w.skip(subject, m.StreamSeq, err)
+		return nil
+	}
+	b := &r.batch
+	if err := schema.CheckSubject(subject, r.o.Prefix, b.Host, b.Direction); err != nil {
+		r.st.Skipped++
+		r.st.Mismatched++
+		r.w.skip(subject, m.StreamSeq, err)
+		return nil
+	}
+	r.st.Batches++
+	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
+	r.checkSeq(m, b.PrevSeq)
+	if n := b.Drops.Total(); n > 0 {
+		r.st.Dropped += n
+		d := b.Drops
+		r.w.printf("warning: drops: host %s direction %s lost %d events before batch %d (kernel=%d reader=%d queue=%d spool=%d publish=%d)\n",
+			b.Host, b.Direction, n, b.Seq, d.Kernel, d.Reader, d.Queue, d.Spool, d.Publish)
+	}
+	for i := range b.Events {
+		if err := r.h(m, &b.Events[i]); err != nil {
+			return err
+		}
+		r.st.Events++
+		if r.o.Count > 0 && r.st.Events >= uint64(r.o.Count) {
+			return errDone
+		}
+	}
+	return nil
+}
+
+// checkSeq reports holes in the batch chain of a (host, run, direction), following it through PrevSeq
+// (stream.Follow). The range printed is where the missing batches lie (it may include seqs of the other
+// direction). The first batch seen of a run is not a gap: the reader may have started mid-stream, or old
+// batches may have aged out.
+func (r *reader) checkSeq(m *Meta, prev uint64) {
+	k := seqKey{m.Host, m.RunID, m.Direction}
+	last, seen := r.seqs[k]
+	switch stream.Follow(seen, last, m.Seq, prev) {
+	case stream.LinkFirst:
+		if len(r.seqs) >= maxSeqKeys {
+			clear(r.seqs)
+		}
+	case stream.LinkBehind:
+		// Not a loss, but worth knowing: a duplicate the stream's dedupe window did not catch.
+		r.w.printf("warning: host %s direction %s run %s batch %d arrived after batch %d (duplicate or reordered)\n",
+			m.Host, m.Direction, m.RunID, m.Seq, last)
+		return
+	case stream.LinkNext:
+	case stream.LinkGap:
+		r.st.Gaps++
+		if prev == last+1 {
+			r.w.printf("warning: gap: host %s direction %s run %s missing batch %d\n", m.Host, m.Direction, m.RunID, prev)
+		} else {
+			r.w.printf("warning: gap: host %s direction %s run %s missing batches %d..%d\n", m.Host, m.Direction, m.RunID, last+1, prev)
+		}
+	case stream.LinkBroken:
+		r.st.Gaps++
+		r.w.printf("warning: gap: host %s direction %s run %s batch %d says its predecessor is %d, but %d was seen last\n",
+			m.Host, m.Direction, m.RunID, m.Seq, prev, last)
+	}
+	r.seqs[k] = m.Seq
+}
