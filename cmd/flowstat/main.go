@@ -22,10 +22,10 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
+	"github.com/flowbus/flowbus/cmd/internal/cli"
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
-	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -120,13 +120,13 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 		if commandByName(args[0]) != nil {
 			hint = fmt.Sprintf("Run 'flowstat %s --help' for its flags.", args[0])
 		}
-		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\n%s\n", args[0], tail.Indent(err), hint)
+		fmt.Fprintf(stderr, "flowstat %s: invalid settings:\n%s\n%s\n", args[0], cli.Indent(err), hint)
 		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := execute(ctx, cfg, stdout, stderr); err != nil {
-		fmt.Fprintf(stderr, "flowstat %s: %s\n", cfg.cmd, tail.Explain(err))
+		fmt.Fprintf(stderr, "flowstat %s: %s\n", cfg.cmd, cli.Explain(err))
 		return exitError
 	}
 	return exitOK
@@ -156,7 +156,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 			vals[f.name] = fs.String(f.name, "", "")
 		}
 	}
-	errs, err := tail.ParseFlags(fs, args, "flowstat "+cmd, " for `flowstat "+cmd+"`")
+	errs, err := cli.ParseFlags(fs, args, "flowstat "+cmd, " for `flowstat "+cmd+"`")
 	if err != nil {
 		return nil, err
 	}
@@ -181,7 +181,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	cfg := &config{cmd: cmd, json: bools["json"] != nil && *bools["json"], local: bools["local"] != nil && *bools["local"]}
 	dsn, src := value("db", "FLOWBUS_DB", "")
 	if dsn == "" {
-		dsn = filepath.Join(stateDir(getenv), "flowstat.db")
+		dsn = filepath.Join(cli.StateDir(getenv), "flowstat.db")
 		src = "the default database path (set --db or FLOWBUS_DB)"
 		cfg.dbDefault = true
 	}
@@ -205,7 +205,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	if queryCommands[cmd] {
 		// Only the flags: a query must not fail on a FLOWBUS_NATS_URL it does not use.
 		if set["nats"] {
-			if _, err := tail.ParseURLs(*vals["nats"]); err != nil {
+			if _, err := cli.ParseURLs(*vals["nats"]); err != nil {
 				bad("--nats", err)
 			}
 		}
@@ -218,7 +218,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 	} else if has("nats") {
 		v, src := value("nats", "FLOWBUS_NATS_URL", stream.DefaultURL)
 		var err error
-		if urls, err = tail.ParseURLs(v); err != nil {
+		if urls, err = cli.ParseURLs(v); err != nil {
 			bad(src, err)
 		}
 		streamName, src = value("stream", "FLOWBUS_STREAM", stream.DefaultStream)
@@ -463,24 +463,6 @@ func parseWhen(s string, now time.Time) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%q is neither a duration back from now (30m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
 	}
 	return t, nil
-}
-
-// stateDir is where flowbus keeps state by default, as flowagent decides it: $STATE_DIRECTORY under
-// systemd, else $XDG_STATE_HOME/flowbus, else /var/lib/flowbus for root, else ~/.local/state/flowbus.
-func stateDir(getenv func(string) string) string {
-	if d := getenv("STATE_DIRECTORY"); d != "" {
-		return strings.SplitN(d, ":", 2)[0]
-	}
-	if d := getenv("XDG_STATE_HOME"); d != "" {
-		return filepath.Join(d, "flowbus")
-	}
-	if os.Geteuid() == 0 {
-		return "/var/lib/flowbus"
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(h, ".local", "state", "flowbus")
-	}
-	return filepath.Join(os.TempDir(), "flowbus")
 }
 
 // execute runs a validated command.

@@ -145,15 +145,6 @@ func TestParseArgsReportsEverything(t *testing.T) {
 	}
 }
 
-func TestStateDir(t *testing.T) {
-	if d := stateDir(env(map[string]string{"STATE_DIRECTORY": "/var/lib/flowstat"})); d != "/var/lib/flowstat" {
-		t.Errorf("under systemd: %q", d)
-	}
-	if d := stateDir(env(map[string]string{"XDG_STATE_HOME": "/home/u/.state"})); d != "/home/u/.state/flowbus" {
-		t.Errorf("XDG: %q", d)
-	}
-}
-
 // runCLI runs a flowstat command in this process and returns its exit status and output.
 // Unless e sets FLOWBUS_STAT_METRICS_ADDR, `run` serves no metrics: the default port is fixed.
 func runCLI(t *testing.T, e map[string]string, args ...string) (int, string, string) {

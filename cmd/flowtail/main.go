@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
+	"github.com/flowbus/flowbus/cmd/internal/cli"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
@@ -91,7 +92,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowtail: invalid arguments:\n%v\nRun 'flowtail --help' for usage.\n", tail.Indent(err))
+		fmt.Fprintf(stderr, "flowtail: invalid arguments:\n%v\nRun 'flowtail --help' for usage.\n", cli.Indent(err))
 		return exitUsage
 	}
 
@@ -132,7 +133,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = fmt.Errorf("writing output: %w", ferr)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "flowtail: %s\n", tail.Explain(err))
+		fmt.Fprintf(stderr, "flowtail: %s\n", cli.Explain(err))
 		return exitError
 	}
 	if st.Reason == "idle" && st.Events == 0 {
@@ -191,7 +192,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		count      = fs.String("count", "", "")
 		idleExit   = fs.String("idle-exit", "", "")
 	)
-	errs, err := tail.ParseFlags(fs, args, "flowtail", "")
+	errs, err := cli.ParseFlags(fs, args, "flowtail", "")
 	if err != nil {
 		return nil, err
 	}
@@ -218,7 +219,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	o := &cfg.opts
 
 	src := fromEnv("nats", "FLOWBUS_NATS_URL", stream.DefaultURL, natsURL)
-	if urls, err := tail.ParseURLs(*natsURL); err != nil {
+	if urls, err := cli.ParseURLs(*natsURL); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	} else {
 		o.URLs = urls

@@ -1,4 +1,4 @@
-package tail_test
+package cli
 
 import (
 	"errors"
@@ -6,11 +6,10 @@ import (
 	"testing"
 
 	"github.com/flowbus/flowbus/consumers/stream"
-	"github.com/flowbus/flowbus/consumers/tail"
 )
 
 func TestParseURLs(t *testing.T) {
-	got, err := tail.ParseURLs(" nats://a:4222 , 127.0.0.1:4223,wss://u:p@h")
+	got, err := ParseURLs(" nats://a:4222 , 127.0.0.1:4223,wss://u:p@h")
 	if err != nil || strings.Join(got, " ") != "nats://a:4222 127.0.0.1:4223 wss://u:p@h" {
 		t.Errorf("got %q, %v", got, err)
 	}
@@ -21,7 +20,7 @@ func TestParseURLs(t *testing.T) {
 		"nats://u:pw@a:1/%zz":   "invalid URL",
 		"nats://tok3n@a:1,,b:2": "empty server URL",
 	} {
-		_, err := tail.ParseURLs(in)
+		_, err := ParseURLs(in)
 		if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "pw") || strings.Contains(err.Error(), "tok3n") {
 			t.Errorf("%q: %v, want %q without the secret", in, err, want)
 		}
@@ -30,10 +29,23 @@ func TestParseURLs(t *testing.T) {
 
 func TestExplain(t *testing.T) {
 	err := &stream.ConnectError{URL: "nats://u:xxxxx@h:1", Err: errors.New("refused")}
-	if e := tail.Explain(err); !strings.Contains(e, "FLOWBUS_NATS_URL") {
+	if e := Explain(err); !strings.Contains(e, "FLOWBUS_NATS_URL") {
 		t.Errorf("no fix in %q", e)
 	}
-	if e := tail.Indent(errors.New("a\nb")); e != "  a\n  b" {
+	if e := Indent(errors.New("a\nb")); e != "  a\n  b" {
 		t.Errorf("Indent: %q", e)
+	}
+}
+
+func TestStateDir(t *testing.T) {
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	if d := StateDir(env(map[string]string{"STATE_DIRECTORY": "/var/lib/flowstat"})); d != "/var/lib/flowstat" {
+		t.Errorf("under systemd: %q", d)
+	}
+	if d := StateDir(env(map[string]string{"STATE_DIRECTORY": "/var/lib/flowbus:/var/lib/other"})); d != "/var/lib/flowbus" {
+		t.Errorf("several state directories: %q, want the first", d)
+	}
+	if d := StateDir(env(map[string]string{"XDG_STATE_HOME": "/home/u/.state"})); d != "/home/u/.state/flowbus" {
+		t.Errorf("XDG: %q", d)
 	}
 }

@@ -1,18 +1,21 @@
-package tail
+// Package cli holds what the flowbus commands (flowagent, flowtail, flowstat) share on their command
+// line: the flag loop that reports every problem at once, NATS URL lists, the fixes appended to the
+// errors a user can act on, and the default state directory. Their settings are thus checked and their
+// errors explained the same way, and a URL's password never reaches a message.
+package cli
 
 import (
 	"errors"
 	"flag"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-// Helpers the flowbus consumer programs share, so their settings are checked and their errors
-// explained the same way, and a URL's password never reaches a message.
 
 // ParseURLs splits a comma-separated NATS server list (as in FLOWBUS_NATS_URL or --nats) and checks each
 // entry enough to catch typos early: the NATS client accepts nats://, tls://, ws://, wss:// URLs and bare
@@ -109,4 +112,23 @@ func ParseFlags(fs *flag.FlagSet, args []string, program, unknownSuffix string) 
 		errs = append(errs, fmt.Errorf("unexpected argument %q (%s takes flags only)", fs.Arg(0), program))
 		rest = fs.Args()[1:]
 	}
+}
+
+// StateDir is where flowbus keeps state by default: the first directory of $STATE_DIRECTORY under
+// systemd (it lists one per StateDirectory=, separated by ':'), else $XDG_STATE_HOME/flowbus, else
+// /var/lib/flowbus for root, else ~/.local/state/flowbus. getenv is a parameter so tests control it.
+func StateDir(getenv func(string) string) string {
+	if d := getenv("STATE_DIRECTORY"); d != "" {
+		return strings.SplitN(d, ":", 2)[0]
+	}
+	if d := getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "flowbus")
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/flowbus"
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", "flowbus")
+	}
+	return filepath.Join(os.TempDir(), "flowbus")
 }
