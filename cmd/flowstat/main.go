@@ -79,13 +79,12 @@ type config struct {
 	run    flowstat.Options
 	replay flowstat.ReplayOptions
 
-	filter   store.Filter
-	by       string
-	limit    int
-	step     time.Duration
-	maxGaps  int
-	setSince bool
-	stream   string // query commands: only this stream's checkpoints and losses ("" all)
+	filter  store.Filter
+	by      string
+	limit   int
+	step    time.Duration
+	maxGaps int
+	stream  string // query commands: only this stream's checkpoints and losses ("" all)
 }
 
 // run is main without os.Exit, so tests can drive it.
