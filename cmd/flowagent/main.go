@@ -1,13 +1,13 @@
 // Command flowagent is the flowbus host agent: it reports the beginning of
 // every TCP connection on a cgroup to NATS JetStream. Configuration comes
-// from FLOWBUS_* environment variables (see the README).
+// from FLOWBUS_* environment variables (see the README); the agent itself
+// is package agent.
 package main
 
 import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"runtime"
@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/flowbus/flowbus/agent"
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
@@ -47,6 +48,13 @@ func versionText() string {
 	return buildinfo.Line("flowagent") + "\nembedded nats-server " + server.VERSION + "\n"
 }
 
+// buildInfo is this build, for the flowbus_build_info metric: the same as
+// --version says.
+func buildInfo() agent.Build {
+	in := buildinfo.Get()
+	return agent.Build{Version: in.Version, Commit: in.CommitShort(), GoVersion: in.GoVersion}
+}
+
 // run is the whole program: arguments, environment and output are passed
 // in, so that tests can run it.
 func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
@@ -54,7 +62,7 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 		if len(args) == 1 {
 			switch args[0] {
 			case "-h", "-help", "--help", "help":
-				fmt.Fprint(stdout, HelpText())
+				fmt.Fprint(stdout, agent.HelpText())
 				return 0
 			case "-version", "--version", "version":
 				fmt.Fprint(stdout, versionText())
@@ -64,8 +72,8 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "flowagent:", argsProblem(args))
 		return 2
 	}
-	warnings := UnknownVariables(env)
-	cfg, err := LoadConfig(env)
+	warnings := agent.UnknownVariables(env)
+	cfg, err := agent.LoadConfig(env)
 	if err != nil {
 		// A misspelt variable may be why a setting is missing: say so first.
 		for _, w := range warnings {
@@ -74,20 +82,20 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "flowagent:", err)
 		return 2
 	}
-	log := newLogger(cfg, stderr)
-	warnUnknown(log, warnings)
+	log := agent.NewLogger(cfg, stderr)
+	agent.WarnUnknown(log, warnings)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	a, err := Start(ctx, cfg, log)
+	a, err := agent.Start(ctx, cfg, log)
 	if err != nil {
 		// One plain line: it names the problem and the fix.
 		fmt.Fprintln(stderr, "flowagent:", err)
 		return 1
 	}
 	if cfg.MetricsAddr != "" && cfg.MetricsAddr != "off" {
-		if _, err := serveMetrics(ctx, cfg.MetricsAddr, a, log); err != nil {
+		if _, err := agent.ServeMetrics(ctx, cfg.MetricsAddr, a, buildInfo(), log); err != nil {
 			// Start checked the address; something took it since. Exit like
 			// Start would, after an orderly stop (nothing captured is lost).
 			fmt.Fprintf(stderr, "flowagent: FLOWBUS_METRICS_ADDR=%s: %v: set it to a free address, or off\n", cfg.MetricsAddr, err)
@@ -110,8 +118,8 @@ func argsProblem(args []string) string {
 		"configure it with FLOWBUS_* environment variables (flowagent --help lists them)", args[0])
 	flag, value, hasValue := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
 	if strings.HasPrefix(args[0], "-") && flag != "" {
-		name := envPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
-		if knownVariables()[name] {
+		name := agent.EnvPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+		if agent.KnownVariables()[name] {
 			if !hasValue {
 				value = "..."
 				if len(args) > 1 {
@@ -122,21 +130,4 @@ func argsProblem(args []string) string {
 		}
 	}
 	return msg
-}
-
-// warnUnknown logs the warnings about unknown FLOWBUS_* variables.
-func warnUnknown(log *slog.Logger, warnings []string) {
-	for _, w := range warnings {
-		log.Warn(w)
-	}
-}
-
-func newLogger(cfg Config, w io.Writer) *slog.Logger {
-	var lvl slog.Level
-	_ = lvl.UnmarshalText([]byte(cfg.LogLevel))
-	opts := &slog.HandlerOptions{Level: lvl}
-	if cfg.LogFormat == "json" {
-		return slog.New(slog.NewJSONHandler(w, opts))
-	}
-	return slog.New(slog.NewTextHandler(w, opts))
 }

@@ -65,7 +65,7 @@ func agentVariables(t *testing.T) map[string]bool {
 		"FLOWBUS_DB":       true, // flowstat
 		"FLOWBUS_NATS_URL": true, // flowtail, flowstat
 	}
-	for _, m := range envTagRE.FindAllStringSubmatch(string(read(t, "cmd/flowagent/config.go")), -1) {
+	for _, m := range envTagRE.FindAllStringSubmatch(string(read(t, "agent/config.go")), -1) {
 		vars["FLOWBUS_"+m[1]] = true
 	}
 	// flowstat and flowtail name their variables in their code as strings.
@@ -85,7 +85,7 @@ func agentVariables(t *testing.T) map[string]bool {
 		}
 	}
 	if len(vars) < 20 {
-		t.Fatalf("found only %d FLOWBUS_* variables in cmd/flowagent/config.go: has its format changed?", len(vars))
+		t.Fatalf("found only %d FLOWBUS_* variables in agent/config.go: has its format changed?", len(vars))
 	}
 	return vars
 }
@@ -95,11 +95,11 @@ func agentVariables(t *testing.T) map[string]bool {
 func checkVariable(t *testing.T, vars map[string]bool, where, name string) {
 	t.Helper()
 	if strings.HasPrefix(name, "FLOWBUS_") && !vars[name] {
-		t.Errorf("%s: %s is not a flowbus setting (known: cmd/flowagent/config.go, README)", where, name)
+		t.Errorf("%s: %s is not a flowbus setting (known: agent/config.go, README)", where, name)
 	}
 }
 
-// metrics are the agent's metric names (cmd/flowagent/metrics.go) and which
+// metrics are the agent's metric names (agent/metrics.go) and which
 // of them are histograms.
 type metrics struct {
 	names      map[string]bool
@@ -108,7 +108,7 @@ type metrics struct {
 
 func agentMetrics(t *testing.T) metrics {
 	t.Helper()
-	src := string(read(t, "cmd/flowagent/metrics.go"))
+	src := string(read(t, "agent/metrics.go"))
 	m := metrics{names: map[string]bool{}, histograms: map[string]bool{}}
 	for _, s := range descNameRE.FindAllStringSubmatch(src, -1) {
 		m.names["flowbus_agent_"+s[1]] = true
@@ -128,7 +128,7 @@ func agentMetrics(t *testing.T) metrics {
 		"flowbus_agent_publish_latency_seconds",
 	} {
 		if !m.names[want] {
-			t.Errorf("cmd/flowagent/metrics.go no longer defines %s (dashboard and alerts use it)", want)
+			t.Errorf("agent/metrics.go no longer defines %s (dashboard and alerts use it)", want)
 		}
 	}
 	return m

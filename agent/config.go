@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"errors"
@@ -72,7 +72,7 @@ func LoadConfig(environ map[string]string) (Config, error) {
 	var cfg Config
 	var problems []string
 	failed := map[string]bool{} // variables that did not parse are not validated again
-	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: envPrefix, Environment: environ}); err != nil {
+	if err := env.ParseWithOptions(&cfg, env.Options{Prefix: EnvPrefix, Environment: environ}); err != nil {
 		var agg env.AggregateError
 		if errors.As(err, &agg) {
 			for _, e := range agg.Errors {
@@ -100,13 +100,13 @@ func LoadConfig(environ map[string]string) (Config, error) {
 	return cfg, nil
 }
 
-// envPrefix starts the name of every flowbus environment variable.
-const envPrefix = "FLOWBUS_"
+// EnvPrefix starts the name of every flowbus environment variable.
+const EnvPrefix = "FLOWBUS_"
 
 // envName maps a Config field to its environment variable.
 func envName(field string) string {
 	if f, ok := reflect.TypeOf(Config{}).FieldByName(field); ok {
-		return envPrefix + f.Tag.Get("env")
+		return EnvPrefix + f.Tag.Get("env")
 	}
 	return field
 }
@@ -388,12 +388,12 @@ var otherVariables = []string{
 	"FLOWBUS_TEST_HELPER",              // tests: a re-executed test binary's role
 }
 
-// knownVariables are every FLOWBUS_* variable a flowbus program reads.
-func knownVariables() map[string]bool {
+// KnownVariables are every FLOWBUS_* variable a flowbus program reads.
+func KnownVariables() map[string]bool {
 	known := map[string]bool{}
 	t := reflect.TypeOf(Config{})
 	for i := 0; i < t.NumField(); i++ {
-		known[envPrefix+t.Field(i).Tag.Get("env")] = true
+		known[EnvPrefix+t.Field(i).Tag.Get("env")] = true
 	}
 	for _, v := range otherVariables {
 		known[v] = true
@@ -405,7 +405,7 @@ func knownVariables() map[string]bool {
 // environ that no flowbus program reads, naming the closest known ones: a
 // misspelt setting would otherwise be ignored without a word.
 func UnknownVariables(environ map[string]string) []string {
-	known := knownVariables()
+	known := KnownVariables()
 	names := make([]string, 0, len(known))
 	for k := range known {
 		names = append(names, k)
@@ -414,7 +414,7 @@ func UnknownVariables(environ map[string]string) []string {
 	var warnings []string
 	for k := range environ {
 		upper := strings.ToUpper(k)
-		if !strings.HasPrefix(upper, envPrefix) || known[k] {
+		if !strings.HasPrefix(upper, EnvPrefix) || known[k] {
 			continue
 		}
 		if known[upper] {
@@ -438,7 +438,7 @@ func UnknownVariables(environ map[string]string) []string {
 // every word of name (LINGER: BATCH_LINGER). More than three
 // equally close names are no useful hint, so then it returns none.
 func suggest(name string, known []string) []string {
-	tail := strings.TrimPrefix(name, envPrefix)
+	tail := strings.TrimPrefix(name, EnvPrefix)
 	limit := 1
 	switch {
 	case len(tail) > 8:
@@ -449,7 +449,7 @@ func suggest(name string, known []string) []string {
 	var best []string
 	bestD := limit + 1
 	for _, k := range known {
-		d := editDistance(tail, strings.TrimPrefix(k, envPrefix))
+		d := editDistance(tail, strings.TrimPrefix(k, EnvPrefix))
 		switch {
 		case d < bestD:
 			best, bestD = []string{k}, d
@@ -461,7 +461,7 @@ func suggest(name string, known []string) []string {
 		words := strings.Split(tail, "_")
 		fewest := -1
 		for _, k := range known {
-			kw := strings.Split(strings.TrimPrefix(k, envPrefix), "_")
+			kw := strings.Split(strings.TrimPrefix(k, EnvPrefix), "_")
 			if !containsAll(kw, words) {
 				continue
 			}
@@ -536,12 +536,12 @@ Settings, each with its default and meaning:
 	t := reflect.TypeOf(Config{})
 	width := 0
 	for i := 0; i < t.NumField(); i++ {
-		width = max(width, len(envPrefix+t.Field(i).Tag.Get("env")))
+		width = max(width, len(EnvPrefix+t.Field(i).Tag.Get("env")))
 	}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
 		// The meaning has a line of its own, so that the page fits 80 columns.
-		fmt.Fprintf(&b, "  %-*s  default: %s\n      %s\n", width, envPrefix+f.Tag.Get("env"), helpDefault(f), f.Tag.Get("help"))
+		fmt.Fprintf(&b, "  %-*s  default: %s\n      %s\n", width, EnvPrefix+f.Tag.Get("env"), helpDefault(f), f.Tag.Get("help"))
 	}
 	b.WriteString(`
 <state dir> is $STATE_DIRECTORY (set by systemd), else $XDG_STATE_HOME/flowbus,

@@ -1,47 +1,57 @@
-package main
+package agent
 
 import (
-	"bytes"
-	"fmt"
 	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/flowbus/flowbus/publisher"
 )
 
-// syncBuffer is a bytes.Buffer safe for the NATS client's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+// fileLog is a log file that the NATS client's goroutines write while the
+// test reads it.
+type fileLog struct{ f *os.File }
+
+func newFileLog(t *testing.T) *fileLog {
+	f, err := os.Create(filepath.Join(t.TempDir(), "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return &fileLog{f}
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
+func (l *fileLog) String() string {
+	b, _ := os.ReadFile(l.f.Name())
+	return string(b)
 }
 
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// unusedURL is a NATS URL that nothing listens on.
+func unusedURL(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.Close()
+	return "nats://" + ln.Addr().String()
 }
 
 // An agent started while NATS is away connects in the background and says
 // so, once, instead of retrying in silence.
 func TestUnreachableNATSIsLoggedOnce(t *testing.T) {
-	url := fmt.Sprintf("nats://127.0.0.1:%d", freePort(t)) // nothing listens there
-	var out syncBuffer
-	log := slog.New(slog.NewTextHandler(&out, nil))
+	url := unusedURL(t)
+	out := newFileLog(t)
+	log := slog.New(slog.NewTextHandler(out.f, nil))
 	cfg := Config{NATSURL: url, Host: "web-01"}
-	opts, err := natsOptions(cfg, publisher.NewSelfFilter(), log)
+	opts, err := NATSOptions(cfg, publisher.NewSelfFilter(), log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc, err := connectNATS(cfg, opts)
+	nc, err := ConnectNATS(cfg, opts)
 	if err != nil {
 		t.Fatalf("an unreachable server must not be fatal: %v", err)
 	}

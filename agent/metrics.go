@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -12,8 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 // agentCollector reads the agent's counters at scrape time, so the hot path
@@ -147,12 +145,21 @@ type buildInfoCollector struct {
 	labels []string
 }
 
-func newBuildInfoCollector() *buildInfoCollector {
-	in := buildinfo.Get()
+// Build names the running build in flowbus_build_info. The command knows
+// it (the version is stamped into it at link time), so it passes it in.
+type Build struct {
+	Version   string // release version, or "dev"
+	Commit    string // short VCS commit, "-dirty" for a modified checkout
+	GoVersion string // Go toolchain that built the binary
+}
+
+// NewBuildInfoCollector exports flowbus_build_info for build b and the
+// nats-server compiled in.
+func NewBuildInfoCollector(b Build) prometheus.Collector {
 	return &buildInfoCollector{
 		desc: prometheus.NewDesc("flowbus_build_info", "Always 1; the labels tell the agent's version, commit, Go version and embedded nats-server version.",
 			[]string{"version", "commit", "goversion", "nats_server"}, nil),
-		labels: []string{in.Version, in.CommitShort(), in.GoVersion, server.VERSION},
+		labels: []string{b.Version, b.Commit, b.GoVersion, server.VERSION},
 	}
 }
 
@@ -162,11 +169,11 @@ func (c *buildInfoCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, 1, c.labels...)
 }
 
-// serveMetrics serves /metrics, /healthz and /readyz until ctx ends. It
-// returns the address it listens on.
-func serveMetrics(ctx context.Context, addr string, a *Agent, log *slog.Logger) (net.Addr, error) {
+// ServeMetrics serves /metrics, /healthz and /readyz until ctx ends, with
+// build in flowbus_build_info. It returns the address it listens on.
+func ServeMetrics(ctx context.Context, addr string, a *Agent, build Build, log *slog.Logger) (net.Addr, error) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newAgentCollector(a), newBuildInfoCollector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	reg.MustRegister(newAgentCollector(a), NewBuildInfoCollector(build), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		a.batchMetrics.events, a.batchMetrics.bytes, a.batchMetrics.latency)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

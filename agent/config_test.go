@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"bytes"
@@ -13,10 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-
 	"github.com/flowbus/flowbus/bpf/cgroupv2"
-	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 )
 
 func TestConfigDefaults(t *testing.T) {
@@ -165,124 +162,9 @@ func TestConfigCgroupPath(t *testing.T) {
 	}
 }
 
-// runFlowagent runs the program's main logic with args and env.
-func runFlowagent(t *testing.T, env map[string]string, args ...string) (code int, stdout, stderr string) {
-	t.Helper()
-	var out, errOut bytes.Buffer
-	code = run(args, env, &out, &errOut)
-	return code, out.String(), errOut.String()
-}
-
-// Every configuration problem, the cgroup path included, exits with status
-// 2 and is reported at once; unknown variables are mentioned first.
-func TestConfigErrorsExitStatus2(t *testing.T) {
-	code, out, errOut := runFlowagent(t, map[string]string{
-		"FLOWBUS_CGROUP_PATH":   "/etc/passwd",
-		"FLOWBUS_BATCH_LINGER":  "abc",
-		"FLOWBUS_BATCH_LINGERR": "1s",
-	})
-	if code != 2 || out != "" {
-		t.Errorf("exit status %d (want 2), stdout %q", code, out)
-	}
-	for _, want := range []string{
-		"flowagent: warning: FLOWBUS_BATCH_LINGERR is not a flowbus setting and is ignored; did you mean FLOWBUS_BATCH_LINGER?",
-		"invalid configuration (2 problems)",
-		"FLOWBUS_CGROUP_PATH: /etc/passwd is not a directory",
-		`FLOWBUS_BATCH_LINGER: "abc" is not a duration such as 100ms or 2s`,
-	} {
-		if !strings.Contains(errOut, want) {
-			t.Errorf("stderr lacks %q:\n%s", want, errOut)
-		}
-	}
-	if strings.Index(errOut, "warning:") > strings.Index(errOut, "invalid configuration") {
-		t.Errorf("the warning comes after the errors:\n%s", errOut)
-	}
-}
-
-// flowagent takes no arguments but --help and --version; a flag that names
-// a setting gets the variable to set.
-func TestConfigArguments(t *testing.T) {
-	for _, c := range []struct {
-		args []string
-		want string
-	}{
-		{[]string{"run"}, `unexpected argument "run": flowagent takes no arguments but --help and --version`},
-		{[]string{"--help", "extra"}, `unexpected argument "--help"`},
-		{[]string{"--batch-linger=1s"}, "set the environment variable FLOWBUS_BATCH_LINGER=1s instead"},
-		{[]string{"--nats-url", "nats://a:4222"}, "set the environment variable FLOWBUS_NATS_URL=nats://a:4222 instead"},
-		{[]string{"-stream"}, "set the environment variable FLOWBUS_STREAM=... instead"},
-		{[]string{"--bogus"}, "configure it with FLOWBUS_* environment variables (flowagent --help lists them)"},
-	} {
-		code, out, errOut := runFlowagent(t, nil, c.args...)
-		if code != 2 || out != "" || !strings.Contains(errOut, c.want) {
-			t.Errorf("flowagent %q: status %d (want 2), stdout %q, stderr %q (want %q)", c.args, code, out, errOut, c.want)
-		}
-	}
-}
-
-func TestVersion(t *testing.T) {
-	for _, arg := range []string{"--version", "version", "-version"} {
-		code, out, errOut := runFlowagent(t, nil, arg)
-		want := buildinfo.Line("flowagent") + "\nembedded nats-server " + server.VERSION + "\n"
-		if code != 0 || out != want || errOut != "" {
-			t.Errorf("flowagent %s: status %d, stdout %q (want %q), stderr %q", arg, code, out, want, errOut)
-		}
-	}
-	if !strings.HasPrefix(versionText(), "flowagent ") || !regexp.MustCompile(`nats-server \d+\.\d+\.\d+`).MatchString(versionText()) {
-		t.Errorf("version text %q", versionText())
-	}
-}
-
-// --help lists every variable the agent reads, with its default and meaning.
-func TestHelpListsEveryVariable(t *testing.T) {
-	code, help, errOut := runFlowagent(t, nil, "--help")
-	if code != 0 || errOut != "" {
-		t.Fatalf("--help: status %d, stderr %q", code, errOut)
-	}
-	for _, arg := range []string{"-h", "help"} {
-		if _, out, _ := runFlowagent(t, nil, arg); out != help {
-			t.Errorf("flowagent %s differs from --help", arg)
-		}
-	}
-	ct := reflect.TypeOf(Config{})
-	for i := 0; i < ct.NumField(); i++ {
-		f := ct.Field(i)
-		name, meaning := "FLOWBUS_"+f.Tag.Get("env"), f.Tag.Get("help")
-		if f.Tag.Get("env") == "" || meaning == "" {
-			t.Errorf("Config.%s has no env or help tag", f.Name)
-			continue
-		}
-		def := f.Tag.Get("envDefault")
-		if def == "" {
-			def = f.Tag.Get("helpDefault")
-		}
-		if def == "" {
-			// Only settings that are off when unset have no default.
-			if f.Type.Kind() != reflect.String {
-				t.Errorf("Config.%s has no default to show", f.Name)
-			}
-			def = "unset"
-		}
-		line := regexp.MustCompile(`(?m)^  ` + regexp.QuoteMeta(name) + ` +default: ` + regexp.QuoteMeta(def) + "\n      " + regexp.QuoteMeta(meaning) + "$")
-		if !line.MatchString(help) {
-			t.Errorf("--help does not list %s with default %q and meaning %q", name, def, meaning)
-		}
-	}
-	for _, want := range []string{"FLOWBUS_BATCH_LINGER        default: 100ms\n", "FLOWBUS_METRICS_ADDR        default: 127.0.0.1:9464\n", "<state dir> is $STATE_DIRECTORY"} {
-		if !strings.Contains(help, want) {
-			t.Errorf("--help lacks %q", want)
-		}
-	}
-	for _, l := range strings.Split(help, "\n") {
-		if len(l) > 80 {
-			t.Errorf("--help line wider than 80 columns: %q", l)
-		}
-	}
-}
-
 // The README's table documents every variable with the default of the code.
 func TestConfigREADMEDocumentsEveryVariable(t *testing.T) {
-	readme, err := os.ReadFile("../../README.md")
+	readme, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +229,7 @@ func TestUnknownVariablesLogged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	warnUnknown(newLogger(cfg, &buf), UnknownVariables(map[string]string{"FLOWBUS_BATCH_LINGERR": "1s"}))
+	WarnUnknown(NewLogger(cfg, &buf), UnknownVariables(map[string]string{"FLOWBUS_BATCH_LINGERR": "1s"}))
 	var rec struct{ Level, Msg string }
 	if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
 		t.Fatalf("log %q: %v", buf.String(), err)
@@ -360,10 +242,10 @@ func TestUnknownVariablesLogged(t *testing.T) {
 // Every FLOWBUS_* name anywhere in the repository (code, scripts,
 // deployment files, docs) is a known variable, so none draws a warning.
 func TestUnknownVariablesKnowsTheRepository(t *testing.T) {
-	known := knownVariables()
+	known := KnownVariables()
 	name := regexp.MustCompile(`\bFLOWBUS_[A-Z0-9]+(?:_[A-Z0-9]+)*\b`)
 	seen := 0
-	err := filepath.WalkDir("../..", func(path string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir("..", func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
@@ -387,7 +269,7 @@ func TestUnknownVariablesKnowsTheRepository(t *testing.T) {
 		for _, v := range name.FindAllString(string(b), -1) {
 			seen++
 			if !known[v] {
-				t.Errorf("%s names %s, which the agent would warn about: add it to otherVariables in cmd/flowagent/config.go", path, v)
+				t.Errorf("%s names %s, which the agent would warn about: add it to otherVariables in agent/config.go", path, v)
 			}
 		}
 		return nil

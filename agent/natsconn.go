@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"crypto/x509"
@@ -14,9 +14,9 @@ import (
 	"github.com/flowbus/flowbus/publisher"
 )
 
-// natsOptions builds the client options from the configuration. Secrets go
+// NATSOptions builds the client options from the configuration. Secrets go
 // to the client library only; nothing here logs them.
-func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
+func NATSOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
 	var lastReconnectLog atomic.Int64
 	url := redactURL(cfg.NATSURL)
 	opts := []nats.Option{
@@ -37,7 +37,7 @@ func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]na
 			if last := lastReconnectLog.Load(); now-last < int64(30*time.Second) || !lastReconnectLog.CompareAndSwap(last, now) {
 				return
 			}
-			if fix := refusal(err); fix != "" {
+			if fix := Refusal(err); fix != "" {
 				log.Error("NATS refuses this agent; batches are kept (memory, then spool) meanwhile", "url", url, "err", err, "fix", fix)
 				return
 			}
@@ -77,24 +77,24 @@ func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]na
 	return opts, nil
 }
 
-// connectNATS connects, telling apart a server that is not there yet (the
+// ConnectNATS connects, telling apart a server that is not there yet (the
 // agent starts anyway and keeps batches until it is) from a configuration
 // NATS refuses (TLS, credentials), which is fatal with a clear fix.
-func connectNATS(cfg Config, opts []nats.Option) (*nats.Conn, error) {
+func ConnectNATS(cfg Config, opts []nats.Option) (*nats.Conn, error) {
 	first := append(append([]nats.Option{}, opts...), nats.Timeout(5*time.Second))
 	nc, err := nats.Connect(cfg.NATSURL, first...)
 	if err == nil {
 		return nc, nil
 	}
-	if fix := refusal(err); fix != "" {
+	if fix := Refusal(err); fix != "" {
 		return nil, fmt.Errorf("connecting to NATS at %s: %w: %s", redactURL(cfg.NATSURL), err, fix)
 	}
 	// Not reachable (yet): connect in the background and queue meanwhile.
 	return nats.Connect(cfg.NATSURL, append(opts, nats.RetryOnFailedConnect(true))...)
 }
 
-// refusal returns the fix for errors that retrying cannot cure.
-func refusal(err error) string {
+// Refusal returns the fix for errors that retrying cannot cure.
+func Refusal(err error) string {
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
 	msg := strings.ToLower(err.Error())

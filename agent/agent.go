@@ -1,4 +1,9 @@
-package main
+// Package agent is the flowbus host agent: it captures the beginning of
+// every TCP connection on a cgroup (bpf), enriches it (enrich), batches and
+// publishes it to NATS JetStream (publisher). Start wires the stages and Run
+// moves events until it is told to stop, then shuts the stages down in
+// order. Configuration comes from FLOWBUS_* environment variables (Config).
+package agent
 
 import (
 	"context"
@@ -125,11 +130,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 		log.Info("embedded NATS server with JetStream started", attrs...)
 	} else {
-		opts, err := natsOptions(cfg, a.self, log)
+		opts, err := NATSOptions(cfg, a.self, log)
 		if err != nil {
 			return nil, err
 		}
-		if a.nc, err = connectNATS(cfg, opts); err != nil {
+		if a.nc, err = ConnectNATS(cfg, opts); err != nil {
 			return nil, err
 		}
 		if !a.nc.IsConnected() {
