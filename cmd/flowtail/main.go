@@ -177,20 +177,20 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	fs := flag.NewFlagSet("flowtail", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
+	for _, name := range []string{"nats", "stream", "prefix"} {
+		fs.String(name, "", "") // read through cli.Values: flag, else environment, else default
+	}
 	var (
-		natsURL    = fs.String("nats", "", "")
-		streamName = fs.String("stream", "", "")
-		prefix     = fs.String("prefix", "", "")
-		host       = fs.String("host", "", "")
-		dir        = fs.String("direction", "", "")
-		since      = fs.String("since", "", "")
-		fromSeq    = fs.String("from-seq", "", "")
-		all        = fs.Bool("all", false, "")
-		jsonOut    = fs.Bool("json", false, "")
-		local      = fs.Bool("local", false, "")
-		version    = fs.Bool("version", false, "")
-		count      = fs.String("count", "", "")
-		idleExit   = fs.String("idle-exit", "", "")
+		host     = fs.String("host", "", "")
+		dir      = fs.String("direction", "", "")
+		since    = fs.String("since", "", "")
+		fromSeq  = fs.String("from-seq", "", "")
+		all      = fs.Bool("all", false, "")
+		jsonOut  = fs.Bool("json", false, "")
+		local    = fs.Bool("local", false, "")
+		version  = fs.Bool("version", false, "")
+		count    = fs.String("count", "", "")
+		idleExit = fs.String("idle-exit", "", "")
 	)
 	errs, err := cli.ParseFlags(fs, args, "flowtail", "")
 	if err != nil {
@@ -199,51 +199,36 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	if *version {
 		return nil, errVersion
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-
-	// A value from the environment is reported under the variable's name, so the user knows where to fix it.
-	fromEnv := func(flagName, env, def string, v *string) string {
-		if set[flagName] {
-			return "--" + flagName
-		}
-		if e := getenv(env); e != "" {
-			*v = e
-			return env
-		}
-		*v = def
-		return "default"
-	}
+	v := cli.NewValues(fs, getenv)
 
 	cfg := &config{json: *jsonOut, local: *local}
 	o := &cfg.opts
 
-	src := fromEnv("nats", "FLOWBUS_NATS_URL", stream.DefaultURL, natsURL)
-	if urls, err := cli.ParseURLs(*natsURL); err != nil {
+	// A value from the environment is reported under the variable's name, so the user knows where to fix it.
+	natsURL, src := v.Get("nats", "FLOWBUS_NATS_URL", stream.DefaultURL)
+	if urls, err := cli.ParseURLs(natsURL); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	} else {
 		o.URLs = urls
 	}
 
-	src = fromEnv("stream", "FLOWBUS_STREAM", stream.DefaultStream, streamName)
-	if err := stream.ValidateName("stream name", *streamName); err != nil {
+	o.Stream, src = v.Get("stream", "FLOWBUS_STREAM", stream.DefaultStream)
+	if err := stream.ValidateName("stream name", o.Stream); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	}
-	o.Stream = *streamName
 
-	src = fromEnv("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix, prefix)
-	if err := schema.ValidatePrefix(*prefix); err != nil {
+	o.Prefix, src = v.Get("prefix", "FLOWBUS_SUBJECT_PREFIX", schema.DefaultPrefix)
+	if err := schema.ValidatePrefix(o.Prefix); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", src, err))
 	}
-	o.Prefix = *prefix
 
-	if set["host"] {
+	if v.Set("host") {
 		if err := schema.ValidateHostToken(*host); err != nil {
 			errs = append(errs, fmt.Errorf("--host: %w", err))
 		}
 		o.Host = *host
 	}
-	if set["direction"] {
+	if v.Set("direction") {
 		d, err := schema.ParseDirection(*dir)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("--direction: %w", err))
@@ -252,11 +237,11 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	}
 
 	var starts []string
-	if set["all"] && *all {
+	if v.Set("all") && *all {
 		starts = append(starts, "--all")
 		o.Start = stream.StartAll
 	}
-	if set["since"] {
+	if v.Set("since") {
 		starts = append(starts, "--since")
 		t, err := parseSince(*since, now)
 		if err != nil {
@@ -264,7 +249,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		}
 		o.Start, o.Since = stream.StartTime, t
 	}
-	if set["from-seq"] {
+	if v.Set("from-seq") {
 		starts = append(starts, "--from-seq")
 		n, err := strconv.ParseUint(*fromSeq, 10, 64)
 		if err != nil || n == 0 {
@@ -276,14 +261,14 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 		errs = append(errs, fmt.Errorf("%s are mutually exclusive: choose one place to start", strings.Join(starts, ", ")))
 	}
 
-	if set["count"] {
+	if v.Set("count") {
 		n, err := strconv.Atoi(*count)
 		if err != nil || n < 1 {
 			errs = append(errs, fmt.Errorf("--count: %q is not a positive integer", *count))
 		}
 		o.Count = n
 	}
-	if set["idle-exit"] {
+	if v.Set("idle-exit") {
 		d, err := time.ParseDuration(*idleExit)
 		if err != nil || d <= 0 {
 			errs = append(errs, fmt.Errorf("--idle-exit: %q is not a positive duration (e.g. 5s, 1m)", *idleExit))
@@ -296,17 +281,12 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	return cfg, nil
 }
 
-// parseSince accepts a duration back from now or an absolute RFC3339 time.
+// parseSince accepts what cli.ParseWhen does, but not a time in the future: the tail would show nothing
+// until then, which looks like a hang.
 func parseSince(s string, now time.Time) (time.Time, error) {
-	if d, err := time.ParseDuration(s); err == nil {
-		if d <= 0 {
-			return time.Time{}, fmt.Errorf("%q: the duration must be positive (how far back to start)", s)
-		}
-		return now.Add(-d), nil
-	}
-	t, err := time.Parse(time.RFC3339Nano, s)
+	t, err := cli.ParseWhen(s, now)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("%q is neither a duration (5m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
+		return time.Time{}, err
 	}
 	if t.After(now) {
 		return time.Time{}, fmt.Errorf("%q is in the future", s)

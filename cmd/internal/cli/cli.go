@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/nats-io/nats.go/jetstream"
@@ -131,4 +132,60 @@ func StateDir(getenv func(string) string) string {
 		return filepath.Join(h, ".local", "state", "flowbus")
 	}
 	return filepath.Join(os.TempDir(), "flowbus")
+}
+
+// Values are the settings of a parsed command line, each from its flag, else its environment variable,
+// else its default, and where each came from, so an error names what to fix.
+type Values struct {
+	fs     *flag.FlagSet
+	set    map[string]bool
+	getenv func(string) string
+}
+
+// NewValues reads the flags fs was given (call it after parsing) with getenv behind them.
+func NewValues(fs *flag.FlagSet, getenv func(string) string) *Values {
+	v := &Values{fs: fs, set: map[string]bool{}, getenv: getenv}
+	fs.Visit(func(f *flag.Flag) { v.set[f.Name] = true })
+	return v
+}
+
+// Set reports whether flag name was given.
+func (v *Values) Set(name string) bool { return v.set[name] }
+
+// Flag is the value of flag name as given ("" when it was not).
+func (v *Values) Flag(name string) string {
+	if !v.set[name] {
+		return ""
+	}
+	return v.fs.Lookup(name).Value.String()
+}
+
+// Get returns the value of flag name if it was given, else of the environment variable env (none when
+// "") if it is not empty, else def; and its source: "--name", env or "default".
+func (v *Values) Get(name, env, def string) (value, source string) {
+	if v.set[name] {
+		return v.Flag(name), "--" + name
+	}
+	if env != "" {
+		if e := v.getenv(env); e != "" {
+			return e, env
+		}
+	}
+	return def, "default"
+}
+
+// ParseWhen parses a point in time given as a positive duration back from now (30m, 2h) or as an
+// RFC3339 time.
+func ParseWhen(s string, now time.Time) (time.Time, error) {
+	if d, err := time.ParseDuration(s); err == nil {
+		if d <= 0 {
+			return time.Time{}, fmt.Errorf("%q: the duration must be positive (how far back)", s)
+		}
+		return now.Add(-d), nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither a duration back from now (30m, 2h) nor an RFC3339 time (2026-11-24T10:00:00Z)", s)
+	}
+	return t, nil
 }

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"errors"
+	"flag"
 	"strings"
 	"testing"
 
@@ -47,5 +48,29 @@ func TestStateDir(t *testing.T) {
 	}
 	if d := StateDir(env(map[string]string{"XDG_STATE_HOME": "/home/u/.state"})); d != "/home/u/.state/flowbus" {
 		t.Errorf("XDG: %q", d)
+	}
+}
+
+func TestValues(t *testing.T) {
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	fs.String("nats", "", "")
+	fs.String("stream", "", "")
+	fs.String("prefix", "", "")
+	if err := fs.Parse([]string{"--nats", "nats://a:1"}); err != nil {
+		t.Fatal(err)
+	}
+	v := NewValues(fs, func(k string) string { return map[string]string{"FLOWBUS_NATS_URL": "nats://env:1", "FLOWBUS_STREAM": "S"}[k] })
+	for _, c := range []struct{ name, env, def, want, src string }{
+		{"nats", "FLOWBUS_NATS_URL", "nats://def:1", "nats://a:1", "--nats"},
+		{"stream", "FLOWBUS_STREAM", "FLOWS", "S", "FLOWBUS_STREAM"},
+		{"prefix", "FLOWBUS_SUBJECT_PREFIX", "flows", "flows", "default"},
+		{"prefix", "", "flows", "flows", "default"},
+	} {
+		if got, src := v.Get(c.name, c.env, c.def); got != c.want || src != c.src {
+			t.Errorf("Get(%q) = %q from %s, want %q from %s", c.name, got, src, c.want, c.src)
+		}
+	}
+	if !v.Set("nats") || v.Set("stream") || v.Flag("stream") != "" || v.Flag("nats") != "nats://a:1" {
+		t.Error("Set or Flag do not follow the command line")
 	}
 }
