@@ -37,14 +37,7 @@ func Connect(ctx context.Context, d Dial) (*nats.Conn, error) {
 	if len(urls) == 0 {
 		urls = []string{DefaultURL}
 	}
-	timeout := d.Timeout
-	if timeout <= 0 {
-		timeout = 5 * time.Second
-	}
-	notify := d.Notify
-	if notify == nil {
-		notify = func(string) {}
-	}
+	timeout, notify := orDefaults(d.Timeout, d.Notify)
 	opts := []nats.Option{
 		nats.Name(d.Name),
 		// The client dials the servers one after another, each with its own timeout: share the budget.
@@ -109,14 +102,7 @@ type Lookup struct {
 // Open looks the stream up, waiting up to l.Wait for it to appear. It returns a *StreamError, or
 // ctx.Err() when ctx ends first.
 func Open(ctx context.Context, js jetstream.JetStream, l Lookup) (jetstream.Stream, error) {
-	timeout := l.Timeout
-	if timeout <= 0 {
-		timeout = 5 * time.Second
-	}
-	notify := l.Notify
-	if notify == nil {
-		notify = func(string) {}
-	}
+	timeout, notify := orDefaults(l.Timeout, l.Notify)
 	deadline := time.Now().Add(l.Wait)
 	for waited := false; ; waited = true {
 		lctx, cancel := context.WithTimeout(ctx, timeout)
@@ -145,4 +131,15 @@ func Open(ctx context.Context, js jetstream.JetStream, l Lookup) (jetstream.Stre
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// orDefaults is timeout, 5s when zero, and notify, a no-op when nil.
+func orDefaults(timeout time.Duration, notify func(string)) (time.Duration, func(string)) {
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	if notify == nil {
+		notify = func(string) {}
+	}
+	return timeout, notify
 }

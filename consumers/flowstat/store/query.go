@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sort"
 	"time"
+
+	"github.com/flowbus/flowbus/schema"
 )
 
 // BeginReplay starts the rebuild of buckets [fromS, toS) (unix seconds, bucket aligned): in one
@@ -165,7 +167,9 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		t := get(h, d)
 		t.Batches, t.Events = v[0], v[1]
 		t.Kernel, t.Reader, t.Queue, t.Spool, t.Publish = v[2], v[3], v[4], v[5], v[6]
-		t.Drops = v[2] + v[3] + v[4] + v[5] + v[6]
+		// Sums of counters that are never negative: the conversions keep them.
+		drops := schema.Drops{Kernel: uint64(v[2]), Reader: uint64(v[3]), Queue: uint64(v[4]), Spool: uint64(v[5]), Publish: uint64(v[6])}
+		t.Drops = int64(drops.Total())
 		t.First, t.Last = time.Unix(v[7], 0).UTC(), time.Unix(v[8], 0).UTC()
 		return nil
 	})
