@@ -41,7 +41,9 @@ func (p *parser) bad(src string, err error) { p.errs = append(p.errs, fmt.Errorf
 func (p *parser) has(name string) bool { return p.fs.Lookup(name) != nil }
 
 // bool is the value of a boolean flag, false when the command does not take it.
-func (p *parser) bool(name string) bool { return p.has(name) && p.fs.Lookup(name).Value.String() == "true" }
+func (p *parser) bool(name string) bool {
+	return p.has(name) && p.fs.Lookup(name).Value.String() == "true"
+}
 
 // parseArgs parses and validates one command's flags and the environment, reporting every problem at
 // once. getenv and now are parameters so tests control them.

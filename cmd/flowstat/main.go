@@ -185,4 +185,3 @@ func serveMonitor(addr string, mon *flowstat.Monitor, log io.Writer) (stop func(
 		_ = srv.Shutdown(ctx)
 	}, nil
 }
-

@@ -59,7 +59,9 @@ func TestValues(t *testing.T) {
 	if err := fs.Parse([]string{"--nats", "nats://a:1"}); err != nil {
 		t.Fatal(err)
 	}
-	v := NewValues(fs, func(k string) string { return map[string]string{"FLOWBUS_NATS_URL": "nats://env:1", "FLOWBUS_STREAM": "S"}[k] })
+	v := NewValues(fs, func(k string) string {
+		return map[string]string{"FLOWBUS_NATS_URL": "nats://env:1", "FLOWBUS_STREAM": "S"}[k]
+	})
 	for _, c := range []struct{ name, env, def, want, src string }{
 		{"nats", "FLOWBUS_NATS_URL", "nats://def:1", "nats://a:1", "--nats"},
 		{"stream", "FLOWBUS_STREAM", "FLOWS", "S", "FLOWBUS_STREAM"},
