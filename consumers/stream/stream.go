@@ -2,7 +2,7 @@
 // errors that name the servers (passwords redacted), opening (or waiting for) the stream, the start
 // policy of a new consumer, subject filter checks, and the rule that follows a run's batch chain. It is
 // shared by package tail (flowtail) and package flowstat, so that both connect, refuse a filter and
-// report a gap the same way. It imports schema and the NATS client, no consumer.
+// report a gap the same way. It imports the NATS client and no flowbus package.
 package stream
 
 import (
