@@ -24,8 +24,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/agent/enrich"
 	"github.com/flowbus/flowbus/bpf"
-	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/dnscache"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/embedded"
@@ -33,7 +33,8 @@ import (
 	"github.com/flowbus/flowbus/schema"
 )
 
-// Agent wires the stages: capture, filter, batch and publish.
+// Agent wires the stages: capture (bpf), enrich, batch and publish
+// (publisher). Each event passes each stage once, in that order.
 type Agent struct {
 	cfg   Config
 	log   *slog.Logger
@@ -43,16 +44,14 @@ type Agent struct {
 	nc      *nats.Conn
 	pub     *publisher.Publisher
 	capture *bpf.Capture
-	self    *publisher.SelfFilter
-	dns     *dnscache.Cache
-	cgroups *cgroupv2.Containers
+	self    *enrich.SelfFilter
+	enrich  *enrich.Enricher
 
 	batchMetrics *batchMetrics
 	locks        agentLocks
 
-	selfExcluded atomic.Uint64
-	kernelSeen   bpf.Counters // kernel counters already reported
-	streamReady  atomic.Bool
+	kernelSeen  bpf.Counters // kernel counters already reported
+	streamReady atomic.Bool
 }
 
 // NewRunID returns a fresh random agent run id (16 lowercase hex digits).
@@ -65,13 +64,8 @@ func NewRunID() string {
 // Start connects to NATS (starting the embedded server if needed), ensures
 // the stream, and attaches the eBPF programs. Events flow once Run is called.
 func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
-	a := &Agent{cfg: cfg, log: log, runID: NewRunID(), self: publisher.NewSelfFilter(),
-		dns: dnscache.New(dnscache.Config{
-			MaxEntries:      cfg.DNSCacheEntries,
-			MaxNamesPerAddr: cfg.DNSMaxNames,
-			MinTTL:          cfg.DNSMinTTL,
-			MaxTTL:          cfg.DNSMaxTTL,
-		})}
+	// The filter comes first: the NATS connections register with it.
+	a := &Agent{cfg: cfg, log: log, runID: NewRunID(), self: enrich.NewSelfFilter()}
 	// eBPF first: missing privileges or a wrong cgroup should be the first
 	// and only thing the user hears about.
 	var err error
@@ -87,6 +81,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	defer func() {
 		if !ok {
 			a.capture.Close()
+			if a.enrich != nil {
+				a.enrich.Close()
+			}
 			a.shutdownNATS()
 			a.locks.release()
 		}
@@ -190,7 +187,16 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		a.streamReady.Store(true)
 	}
 
-	a.cgroups = cgroupv2.NewContainers(a.capture.CgroupPath, 2*time.Second)
+	a.enrich = enrich.New(enrich.Config{
+		CgroupRoot:        a.capture.CgroupPath,
+		ContainersRefresh: 2 * time.Second,
+		DNS: dnscache.Config{
+			MaxEntries:      cfg.DNSCacheEntries,
+			MaxNamesPerAddr: cfg.DNSMaxNames,
+			MinTTL:          cfg.DNSMinTTL,
+			MaxTTL:          cfg.DNSMaxTTL,
+		},
+	}, a.self, a.pub)
 	if err := a.capture.Attach(); err != nil {
 		return nil, err
 	}
@@ -350,8 +356,10 @@ func (a *Agent) writeReadyFile() error {
 	return nil
 }
 
-// Run moves events until ctx ends, then detaches, drains the ring buffer and
-// waits (bounded by FLOWBUS_SHUTDOWN_TIMEOUT) for outstanding acks.
+// Run moves events until ctx ends, then shuts the stages down in order:
+// the capture detaches and drains the ring buffer, the enrich stage stops,
+// the publisher waits (bounded by FLOWBUS_SHUTDOWN_TIMEOUT) for outstanding
+// acks, and NATS goes last.
 func (a *Agent) Run(ctx context.Context) error {
 	pollDone := make(chan struct{})
 	pollCtx, stopPoll := context.WithCancel(context.Background())
@@ -371,7 +379,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	runErr := a.writeReadyFile()
 	if runErr == nil {
-		runErr = a.capture.Run(ctx, a)
+		runErr = a.capture.Run(ctx, a.enrich)
 		if a.cfg.ReadyFile != "" {
 			_ = os.Remove(a.cfg.ReadyFile)
 		}
@@ -379,6 +387,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	stopPoll()
 	<-pollDone
 	a.reportKernelDrops()
+	a.enrich.Close()
 
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
@@ -392,32 +401,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	return errors.Join(runErr, pubErr)
 }
 
-// closeAll detaches and lets go of NATS and the locks, in that order: the
+// closeAll lets go of the programs, NATS and the locks, in that order: the
 // locks last, so that no second agent starts before this one has let go.
+// The capture's maps stay open until here, for the counters.
 func (a *Agent) closeAll() {
 	a.capture.Close()
-	a.cgroups.Close()
 	a.shutdownNATS()
 	a.locks.release()
-}
-
-// Flow enriches an event from the DNS cache, at the event's own time, and
-// hands it to the publisher. It runs on the ring buffer reader's goroutine.
-func (a *Agent) Flow(ev *schema.Event) {
-	if a.self.Match(ev) {
-		a.selfExcluded.Add(1)
-		return
-	}
-	ev.ContainerID = a.cgroups.ContainerID(ev.CgroupID)
-	ev.SrcDNS = a.dns.Lookup(ev.Src, ev.Timestamp)
-	ev.DstDNS = a.dns.Lookup(ev.Dst, ev.Timestamp)
-	a.pub.Add(ev)
-}
-
-// DNS learns from a DNS answer. It runs on the reader goroutine too, so an
-// answer is in the cache before any later SYN-ACK is enriched.
-func (a *Agent) DNS(ts int64, proto uint8, payload []byte, origLen int) {
-	a.dns.AddPayload(proto, payload, origLen, ts)
 }
 
 // reportKernelDrops forwards new kernel losses to the publisher so that the
@@ -464,13 +454,14 @@ type Snapshot struct {
 // Snapshot reads the counters.
 func (a *Agent) Snapshot() Snapshot {
 	k, _ := a.capture.Counters()
+	e := a.enrich.Stats()
 	return Snapshot{
 		Captured:     a.capture.Events(),
-		SelfExcluded: a.selfExcluded.Load(),
+		SelfExcluded: e.SelfExcluded,
 		BadRecords:   a.capture.BadRecords(),
 		Kernel:       k,
 		Publisher:    a.pub.Stats(),
-		DNS:          a.dns.Stats(),
+		DNS:          e.DNS,
 		DNSRecords:   a.capture.DNSRecords(),
 		StreamReady:  a.streamReady.Load(),
 		Connected:    a.nc.IsConnected(),

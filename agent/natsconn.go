@@ -11,17 +11,18 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/flowbus/flowbus/agent/enrich"
 	"github.com/flowbus/flowbus/publisher"
 )
 
 // NATSOptions builds the client options from the configuration. Secrets go
 // to the client library only; nothing here logs them.
-func NATSOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
+func NATSOptions(cfg Config, self *enrich.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
 	var lastReconnectLog atomic.Int64
 	url := redactURL(cfg.NATSURL)
 	opts := []nats.Option{
 		nats.Name("flowagent " + cfg.Host),
-		nats.SetCustomDialer(self.Dialer(5 * time.Second)),
+		nats.SetCustomDialer(publisher.Dialer(5*time.Second, self.Add)),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(time.Second),
 		nats.ReconnectJitter(500*time.Millisecond, time.Second),

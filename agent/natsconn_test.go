@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/flowbus/flowbus/publisher"
+	"github.com/flowbus/flowbus/agent/enrich"
 )
 
 // fileLog is a log file that the NATS client's goroutines write while the
@@ -47,7 +47,7 @@ func TestUnreachableNATSIsLoggedOnce(t *testing.T) {
 	out := newFileLog(t)
 	log := slog.New(slog.NewTextHandler(out.f, nil))
 	cfg := Config{NATSURL: url, Host: "web-01"}
-	opts, err := NATSOptions(cfg, publisher.NewSelfFilter(), log)
+	opts, err := NATSOptions(cfg, enrich.NewSelfFilter(), log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,66 +4,26 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sys/unix"
 
-	"github.com/flowbus/flowbus/schema"
+	"github.com/flowbus/flowbus/agent/enrich"
 )
 
-// SelfFilter knows the agent's own TCP connections, so that their
-// net_flow_tcp_begin events are not published (no feedback loop). A
-// connection is registered before its SYN leaves, so its SYN-ACK can never
-// overtake the registration.
-type SelfFilter struct {
-	mu    sync.RWMutex
-	conns map[selfKey]struct{}
-}
-
-type selfKey struct {
-	localPort uint16
-	remote    netip.AddrPort
-}
-
-// NewSelfFilter returns an empty filter.
-func NewSelfFilter() *SelfFilter { return &SelfFilter{conns: map[selfKey]struct{}{}} }
-
-// Match tells whether ev is one of the agent's own connections.
-func (f *SelfFilter) Match(ev *schema.Event) bool {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	if len(f.conns) == 0 {
-		return false
-	}
-	_, ok := f.conns[selfKey{ev.SrcPort, netip.AddrPortFrom(ev.Dst, ev.DstPort)}]
-	return ok
-}
-
-func (f *SelfFilter) add(k selfKey) {
-	f.mu.Lock()
-	f.conns[k] = struct{}{}
-	f.mu.Unlock()
-}
-
-// Len is the number of connections registered.
-func (f *SelfFilter) Len() int {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return len(f.conns)
-}
-
 // Dialer returns a nats.CustomDialer that binds each socket to an ephemeral
-// port before connecting and registers it with the filter.
-func (f *SelfFilter) Dialer(timeout time.Duration) nats.CustomDialer {
-	return &selfDialer{f: f, d: net.Dialer{Timeout: timeout}}
+// port before connecting and calls register with that port and the address
+// dialed, so that the agent can tell its own connections (enrich.SelfFilter)
+// before their SYN leaves.
+func Dialer(timeout time.Duration, register func(localPort uint16, remote netip.AddrPort)) nats.CustomDialer {
+	return &selfDialer{register: register, d: net.Dialer{Timeout: timeout}}
 }
 
 type selfDialer struct {
-	f *SelfFilter
-	d net.Dialer
+	register func(localPort uint16, remote netip.AddrPort)
+	d        net.Dialer
 }
 
 func (s *selfDialer) Dial(network, address string) (net.Conn, error) {
@@ -94,7 +54,7 @@ func (s *selfDialer) Dial(network, address string) (net.Conn, error) {
 			case *unix.SockaddrInet6:
 				port = a.Port
 			}
-			s.f.add(selfKey{uint16(port), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())})
+			s.register(uint16(port), netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port()))
 		})
 		if err != nil {
 			return err
@@ -106,3 +66,8 @@ func (s *selfDialer) Dial(network, address string) (net.Conn, error) {
 	}
 	return d.Dial(network, address)
 }
+
+// NewSelfFilter returns an empty enrich.SelfFilter. The filter moved to the
+// enrich stage; this stays only until the agent's process tests call
+// enrich.NewSelfFilter themselves.
+func NewSelfFilter() *enrich.SelfFilter { return enrich.NewSelfFilter() }

@@ -8,7 +8,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/flowbus/flowbus/agent"
-	"github.com/flowbus/flowbus/publisher"
+	"github.com/flowbus/flowbus/agent/enrich"
 )
 
 // The agent moved to package agent; these keep the names the process tests
@@ -17,7 +17,7 @@ import (
 // Config is the agent's configuration.
 type Config = agent.Config
 
-func natsOptions(cfg Config, self *publisher.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
+func natsOptions(cfg Config, self *enrich.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
 	return agent.NATSOptions(cfg, self, log)
 }
 

@@ -1,4 +1,4 @@
-package cgroupv2
+package enrich
 
 import (
 	"io/fs"

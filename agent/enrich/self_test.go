@@ -1,4 +1,4 @@
-package publisher
+package enrich_test
 
 import (
 	"net"
@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowbus/flowbus/agent/enrich"
+	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -23,8 +25,8 @@ func TestSelfFilterMatchesOwnConnections(t *testing.T) {
 				c.Close()
 			}
 		}()
-		f := NewSelfFilter()
-		c, err := f.Dialer(time.Second).Dial("tcp", ln.Addr().String()) // as nats.go dials
+		f := enrich.NewSelfFilter()
+		c, err := publisher.Dialer(time.Second, f.Add).Dial("tcp", ln.Addr().String()) // as nats.go dials
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package cgroupv2
+package enrich
 
 import (
 	"os"
@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 )
 
 const hex64 = "3f2a9c0d1e5b4a7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e"
@@ -38,7 +40,7 @@ func TestContainersResolveNewCgroup(t *testing.T) {
 		}
 		t.Skip("privileged test: needs root to create a cgroup")
 	}
-	root, err := DetectRoot()
+	root, err := cgroupv2.DetectRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

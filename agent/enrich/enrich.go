@@ -1,0 +1,93 @@
+// Package enrich is the agent's stage between the capture and the
+// publisher: it drops the agent's own connections, names each event's
+// container from its cgroup and its addresses from the DNS cache, which it
+// fills from the DNS answers the capture hands over, and passes each event
+// on to a Sink.
+//
+// It implements the capture's handler (bpf.Handler) and imports neither the
+// capture nor the publisher, so it is tested without the kernel or NATS.
+package enrich
+
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/flowbus/flowbus/dnscache"
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Sink takes the enriched events: the publisher's batching. Add is called
+// on the capture's reader goroutine, so it must not block, and must not
+// keep ev, which is reused after it returns.
+type Sink interface {
+	Add(ev *schema.Event)
+}
+
+// Config tunes the stage.
+type Config struct {
+	// CgroupRoot is the cgroup v2 directory whose descendants' container
+	// ids are resolved: the watched cgroup.
+	CgroupRoot string
+	// ContainersRefresh is the least time between two walks of CgroupRoot
+	// for a cgroup id not seen before.
+	ContainersRefresh time.Duration
+	// DNS bounds the DNS cache.
+	DNS dnscache.Config
+}
+
+// Enricher is the enrich stage. Flow and DNS run on the capture's reader
+// goroutine, in the kernel's order, so a DNS answer is in the cache before
+// any later SYN-ACK is enriched.
+type Enricher struct {
+	self       *SelfFilter
+	containers *Containers
+	dns        *dnscache.Cache
+	sink       Sink
+
+	selfExcluded atomic.Uint64
+}
+
+// Stats are the stage's counters.
+type Stats struct {
+	SelfExcluded uint64 // events of the agent's own connections, not passed on
+	DNS          dnscache.Stats
+}
+
+// New starts the stage: events that self does not match go, enriched, to
+// sink. It walks cfg.CgroupRoot once before it returns.
+func New(cfg Config, self *SelfFilter, sink Sink) *Enricher {
+	return &Enricher{
+		self:       self,
+		containers: NewContainers(cfg.CgroupRoot, cfg.ContainersRefresh),
+		dns:        dnscache.New(cfg.DNS),
+		sink:       sink,
+	}
+}
+
+// Flow enriches an event from the DNS cache, at the event's own time, and
+// hands it to the sink.
+func (e *Enricher) Flow(ev *schema.Event) {
+	if e.self.Match(ev) {
+		e.selfExcluded.Add(1)
+		return
+	}
+	ev.ContainerID = e.containers.ContainerID(ev.CgroupID)
+	ev.SrcDNS = e.dns.Lookup(ev.Src, ev.Timestamp)
+	ev.DstDNS = e.dns.Lookup(ev.Dst, ev.Timestamp)
+	e.sink.Add(ev)
+}
+
+// DNS learns from a DNS answer (proto 17 for UDP, 6 for a TCP segment;
+// origLen > len(payload) when the kernel cut it).
+func (e *Enricher) DNS(ts int64, proto uint8, payload []byte, origLen int) {
+	e.dns.AddPayload(proto, payload, origLen, ts)
+}
+
+// Stats reads the counters.
+func (e *Enricher) Stats() Stats {
+	return Stats{SelfExcluded: e.selfExcluded.Load(), DNS: e.dns.Stats()}
+}
+
+// Close stops the background walks of the cgroup hierarchy. Flow must not
+// be called after it.
+func (e *Enricher) Close() { e.containers.Close() }

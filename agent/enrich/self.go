@@ -1,0 +1,52 @@
+package enrich
+
+import (
+	"net/netip"
+	"sync"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// SelfFilter knows the agent's own TCP connections, so that their
+// net_flow_tcp_begin events are not published (no feedback loop). A
+// connection is registered before its SYN leaves, so its SYN-ACK can never
+// overtake the registration.
+type SelfFilter struct {
+	mu    sync.RWMutex
+	conns map[selfKey]struct{}
+}
+
+type selfKey struct {
+	localPort uint16
+	remote    netip.AddrPort
+}
+
+// NewSelfFilter returns an empty filter.
+func NewSelfFilter() *SelfFilter { return &SelfFilter{conns: map[selfKey]struct{}{}} }
+
+// Match tells whether ev is one of the agent's own connections.
+func (f *SelfFilter) Match(ev *schema.Event) bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if len(f.conns) == 0 {
+		return false
+	}
+	_, ok := f.conns[selfKey{ev.SrcPort, netip.AddrPortFrom(ev.Dst, ev.DstPort)}]
+	return ok
+}
+
+// Add registers one of the agent's connections: its local port and the
+// address it connects to. The dialer of the agent's NATS connections calls
+// it before the SYN leaves.
+func (f *SelfFilter) Add(localPort uint16, remote netip.AddrPort) {
+	f.mu.Lock()
+	f.conns[selfKey{localPort, remote}] = struct{}{}
+	f.mu.Unlock()
+}
+
+// Len is the number of connections registered.
+func (f *SelfFilter) Len() int {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return len(f.conns)
+}
