@@ -12,6 +12,10 @@
 //
 // Bad input (not a batch, wrong major, truncated) is copied to the dead-letter subject with the reason in
 // headers, recorded in the database, acked and otherwise skipped: it never stops the consumer.
+//
+// Files: options.go (Options and their checks), runner.go (Run and its loop), checkpoint.go (the durable
+// consumer at the database's checkpoint), deadletter.go, aggregate.go (batches into a store.Delta),
+// replay.go, monitor.go (health and metrics). Connecting and the stream are package stream's.
 package flowstat
 
 import (
