@@ -1,11 +1,12 @@
 package main
 
-// Harness of the fault-injection tests (faults_test.go): real nats-server
-// processes, the real flowagent binary as a process, a connection storm in a
-// child cgroup, and a reader that checks the stream batch by batch.
+// What the process tests (faults_test.go, startup_test.go) add to the
+// process harness cmd/internal/proctest: its processes bound to a test, the
+// agent's metric names and drain conditions, the expected and received flows
+// (a reader that checks the stream batch by batch, the spool), TLS material
+// and cluster helpers.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -13,21 +14,16 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"math/big"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,13 +35,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/spool"
 	"github.com/flowbus/flowbus/schema"
 )
 
 func init() {
-	cgrouptest.Register("storm", stormHelper)
+	cgrouptest.Register("storm", proctest.StormMain)
 }
 
 // ---------------------------------------------------------------------------
@@ -56,18 +53,7 @@ var (
 	binsErr   error
 	natsBin   string
 	agentBin  string
-	natsVer   string
-	modRootFn = sync.OnceValues(func() (string, error) {
-		out, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			return "", fmt.Errorf("go env GOMOD: %w", err)
-		}
-		gomod := strings.TrimSpace(string(out))
-		if gomod == "" || gomod == os.DevNull {
-			return "", errors.New("go env GOMOD: not inside the module")
-		}
-		return filepath.Dir(gomod), nil
-	})
+	modRootFn = sync.OnceValues(proctest.ModRoot)
 )
 
 // testBinaries builds nats-server (at the version go.mod selects, cached in
@@ -81,41 +67,12 @@ func testBinaries(t *testing.T) (natsServer, flowagent string) {
 			binsErr = err
 			return
 		}
-		out, err := exec.Command("go", "list", "-C", root, "-m", "-f", "{{.Version}}", "github.com/nats-io/nats-server/v2").Output()
-		if err != nil {
-			binsErr = fmt.Errorf("go list -m nats-server: %w", err)
-			return
-		}
-		natsVer = strings.TrimSpace(string(out))
 		cache := filepath.Join(os.TempDir(), "flowbus-test-bin")
-		if err := os.MkdirAll(cache, 0o755); err != nil {
-			binsErr = err
+		if natsBin, _, binsErr = proctest.BuildNATSServer(context.Background(), root, cache); binsErr != nil {
 			return
-		}
-		build := func(dst, pkg string) error {
-			tmp, err := os.CreateTemp(cache, ".build-*")
-			if err != nil {
-				return err
-			}
-			tmp.Close()
-			defer os.Remove(tmp.Name())
-			cmd := exec.Command("go", "build", "-o", tmp.Name(), pkg)
-			cmd.Dir = root
-			// Building must never rewrite go.mod.
-			cmd.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
-			if msg, err := cmd.CombinedOutput(); err != nil {
-				return fmt.Errorf("go build %s: %w\n%s", pkg, err, msg)
-			}
-			return os.Rename(tmp.Name(), dst)
-		}
-		natsBin = filepath.Join(cache, "nats-server-"+natsVer)
-		if _, err := os.Stat(natsBin); err != nil {
-			if binsErr = build(natsBin, "github.com/nats-io/nats-server/v2"); binsErr != nil {
-				return
-			}
 		}
 		agentBin = filepath.Join(cache, fmt.Sprintf("flowagent-%d", os.Getuid()))
-		binsErr = build(agentBin, "./cmd/flowagent")
+		binsErr = proctest.GoBuild(context.Background(), root, "./cmd/flowagent", agentBin)
 	})
 	if binsErr != nil {
 		t.Fatal(binsErr)
@@ -125,149 +82,53 @@ func testBinaries(t *testing.T) (natsServer, flowagent string) {
 
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := proctest.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// tail returns the last n lines of a file, for failure messages.
-func tail(path string, n int) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return p
 }
 
 // ---------------------------------------------------------------------------
 // nats-server processes.
 
+// natsProc is a nats-server process of one test, killed when it ends.
 type natsProc struct {
-	t    *testing.T
-	bin  string
-	Name string
-	Port int
-	// HTTPPort serves the monitoring endpoints (/connz), 0 when off.
-	HTTPPort int
-	dir      string
-	conf     string
-	logPath  string
-
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{}
+	*proctest.NATSServer
+	t *testing.T
 }
 
-// natsOpts shape a server's configuration file.
-type natsOpts struct {
-	name        string
-	clusterPort int   // 0: no cluster
-	routes      []int // cluster ports of every node
-	monitor     bool  // serve the monitoring endpoints
-	extra       string
-}
-
-func newNATS(t *testing.T, o natsOpts) *natsProc {
+// newNATS configures a server (named n1 unless o names it); Start runs it.
+func newNATS(t *testing.T, o proctest.NATSOptions) *natsProc {
 	t.Helper()
 	bin, _ := testBinaries(t)
-	if o.name == "" {
-		o.name = "n1"
+	if o.Name == "" {
+		o.Name = "n1"
 	}
-	s := &natsProc{t: t, bin: bin, Name: o.name, Port: freePort(t), dir: t.TempDir()}
-	s.conf = filepath.Join(s.dir, "server.conf")
-	s.logPath = filepath.Join(s.dir, "server.log")
-	var c strings.Builder
-	fmt.Fprintf(&c, "server_name: %q\nlisten: \"127.0.0.1:%d\"\nmax_payload: 1048576\n", o.name, s.Port)
-	fmt.Fprintf(&c, "jetstream {\n  store_dir: %q\n}\n", filepath.Join(s.dir, "store"))
-	if o.monitor {
-		s.HTTPPort = freePort(t)
-		fmt.Fprintf(&c, "http: \"127.0.0.1:%d\"\n", s.HTTPPort)
-	}
-	if o.clusterPort != 0 {
-		var routes []string
-		for _, p := range o.routes {
-			routes = append(routes, fmt.Sprintf("\"nats-route://127.0.0.1:%d\"", p))
-		}
-		fmt.Fprintf(&c, "cluster {\n  name: \"flowbus-test\"\n  listen: \"127.0.0.1:%d\"\n  routes: [%s]\n}\n", o.clusterPort, strings.Join(routes, ", "))
-	}
-	c.WriteString(o.extra)
-	if err := os.WriteFile(s.conf, []byte(c.String()), 0o600); err != nil {
+	srv, err := proctest.NewNATSServer(bin, t.TempDir(), o)
+	if err != nil {
 		t.Fatal(err)
 	}
+	s := &natsProc{NATSServer: srv, t: t}
 	t.Cleanup(func() {
 		s.Kill()
 		if t.Failed() {
-			t.Logf("nats-server %s log (tail):\n%s", s.Name, tail(s.logPath, 15))
+			t.Logf("nats-server %s log (tail):\n%s", s.Name, proctest.Tail(s.LogPath, 15))
 		}
 	})
 	return s
 }
 
-func (s *natsProc) URL() string { return fmt.Sprintf("nats://127.0.0.1:%d", s.Port) }
-
 // Start runs the server and waits until it accepts TCP connections.
 func (s *natsProc) Start() {
 	s.t.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cmd != nil {
-		s.t.Fatalf("nats-server %s already running", s.Name)
-	}
-	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
+	if err := s.NATSServer.Start(context.Background()); err != nil {
 		s.t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(s.bin, "-c", s.conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		s.t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	s.cmd, s.exited = cmd, exited
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.Port), 200*time.Millisecond); err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case <-exited:
-			s.cmd = nil
-			s.t.Fatalf("nats-server %s exited at start:\n%s", s.Name, tail(s.logPath, 20))
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			s.t.Fatalf("nats-server %s does not listen on %d after 20s:\n%s", s.Name, s.Port, tail(s.logPath, 20))
-		}
 	}
 }
 
 // Stop sends sig and waits for the process to end (SIGKILL after 15s).
-func (s *natsProc) Stop(sig syscall.Signal) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cmd == nil {
-		return
-	}
-	_ = s.cmd.Process.Signal(sig)
-	select {
-	case <-s.exited:
-	case <-time.After(15 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-s.exited
-	}
-	s.cmd = nil
-}
-
-// Kill is Stop(SIGKILL).
-func (s *natsProc) Kill() { s.Stop(syscall.SIGKILL) }
+func (s *natsProc) Stop(sig syscall.Signal) { s.NATSServer.Stop(sig, 15*time.Second) }
 
 // connect is a plain client (retrying while the server comes up).
 func natsConnect(t *testing.T, url string, opts ...nats.Option) *nats.Conn {
@@ -288,14 +149,12 @@ func natsConnect(t *testing.T, url string, opts ...nats.Option) *nats.Conn {
 // ---------------------------------------------------------------------------
 // The agent as a process.
 
+// agentProc is a flowagent process of one test, killed when it ends.
 type agentProc struct {
+	*proctest.Agent
 	t           *testing.T
 	name        string
-	cmd         *exec.Cmd
 	MetricsAddr string
-	logPath     string
-	exited      chan struct{}
-	exitErr     error
 }
 
 // agentEnv is the base environment of a test agent: a remote server, the
@@ -318,80 +177,23 @@ func agentEnv(cgroupPath, natsURL, host, spoolDir string) map[string]string {
 func startAgentProc(t *testing.T, name string, env map[string]string) *agentProc {
 	t.Helper()
 	_, bin := testBinaries(t)
-	a := &agentProc{t: t, name: name, logPath: filepath.Join(t.TempDir(), name+".log"), exited: make(chan struct{})}
+	a := &agentProc{t: t, name: name}
 	if _, ok := env["FLOWBUS_METRICS_ADDR"]; !ok {
 		a.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		env["FLOWBUS_METRICS_ADDR"] = a.MetricsAddr
 	}
-	var environ []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "FLOWBUS_") {
-			environ = append(environ, kv)
-		}
-	}
-	for k, v := range env {
-		environ = append(environ, k+"="+v)
-	}
-	logf, err := os.Create(a.logPath)
+	pa, err := proctest.StartAgent(bin, proctest.EnvList(env), filepath.Join(t.TempDir(), name+".log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer logf.Close()
-	a.cmd = exec.Command(bin)
-	a.cmd.Env = environ
-	a.cmd.Stdout, a.cmd.Stderr = logf, logf
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := a.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { a.exitErr = a.cmd.Wait(); close(a.exited) }()
+	a.Agent = pa
 	t.Cleanup(func() {
 		a.Signal(syscall.SIGKILL)
 		if t.Failed() {
-			t.Logf("agent %s log (tail):\n%s", a.name, tail(a.logPath, 25))
+			t.Logf("agent %s log (tail):\n%s", a.name, proctest.Tail(a.LogPath, 25))
 		}
 	})
 	return a
-}
-
-func (a *agentProc) Pid() int { return a.cmd.Process.Pid }
-
-// Log is everything the agent wrote so far.
-func (a *agentProc) Log() string {
-	b, _ := os.ReadFile(a.logPath)
-	return string(b)
-}
-
-// Signal sends sig and, for SIGKILL, waits for the end.
-func (a *agentProc) Signal(sig syscall.Signal) {
-	select {
-	case <-a.exited:
-		return
-	default:
-	}
-	_ = a.cmd.Process.Signal(sig)
-	if sig == syscall.SIGKILL {
-		<-a.exited
-	}
-}
-
-// Wait waits up to d for the agent to exit and returns its exit code (-1 if
-// it is still running, after killing it).
-func (a *agentProc) Wait(d time.Duration) int {
-	select {
-	case <-a.exited:
-	case <-time.After(d):
-		a.Signal(syscall.SIGKILL)
-		return -1
-	}
-	if a.exitErr == nil {
-		return 0
-	}
-	var ee *exec.ExitError
-	if errors.As(a.exitErr, &ee) {
-		return ee.ExitCode()
-	}
-	return -2
 }
 
 // Stop ends the agent with SIGTERM and requires a clean exit.
@@ -404,36 +206,7 @@ func (a *agentProc) Stop() {
 }
 
 // Metrics scrapes /metrics: "name{labels}" -> value.
-func (a *agentProc) Metrics() (map[string]float64, error) {
-	cl := http.Client{Timeout: 2 * time.Second}
-	resp, err := cl.Get("http://" + a.MetricsAddr + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("metrics: %s", resp.Status)
-	}
-	m := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		l := sc.Text()
-		if l == "" || l[0] == '#' {
-			continue
-		}
-		i := strings.LastIndexByte(l, ' ')
-		if i < 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(l[i+1:], 64)
-		if err != nil {
-			continue
-		}
-		m[l[:i]] = v
-	}
-	return m, sc.Err()
-}
+func (a *agentProc) Metrics() (map[string]float64, error) { return proctest.Scrape(a.MetricsAddr) }
 
 // WaitMetrics polls the metrics until cond holds; it fails the test after d.
 func (a *agentProc) WaitMetrics(d time.Duration, what string, cond func(m map[string]float64) bool) map[string]float64 {
@@ -443,8 +216,8 @@ func (a *agentProc) WaitMetrics(d time.Duration, what string, cond func(m map[st
 	var lastErr error
 	for time.Now().Before(deadline) {
 		select {
-		case <-a.exited:
-			a.t.Fatalf("agent %s exited (%v) while waiting for %s:\n%s", a.name, a.exitErr, what, tail(a.logPath, 20))
+		case <-a.Exited():
+			a.t.Fatalf("agent %s exited (%v) while waiting for %s:\n%s", a.name, a.ExitErr(), what, proctest.Tail(a.LogPath, 20))
 		default:
 		}
 		m, err := a.Metrics()
@@ -519,13 +292,13 @@ func (a *agentProc) sample(every time.Duration) *sampler {
 				setMax(&s.maxPendingBytes, int64(m[mPendingBytes]))
 				setMax(&s.maxSpoolBytes, int64(m[mSpoolBytes]))
 			}
-			if rss, _, err := procMem(a.Pid()); err == nil {
+			if rss, _, err := proctest.ProcMem(a.Pid()); err == nil {
 				setMax(&s.maxRSS, rss)
 			}
 			select {
 			case <-s.stop:
 				return
-			case <-a.exited:
+			case <-a.Exited():
 				return
 			case <-t.C:
 			}
@@ -552,164 +325,26 @@ func setMax(v *atomic.Int64, x int64) {
 	}
 }
 
-// procMem returns VmRSS and VmHWM (peak RSS) in bytes.
-func procMem(pid int) (rss, hwm int64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		k, v, ok := strings.Cut(l, ":")
-		if !ok || (k != "VmRSS" && k != "VmHWM") {
-			continue
-		}
-		f := strings.Fields(v)
-		if len(f) == 0 {
-			continue
-		}
-		n, _ := strconv.ParseInt(f[0], 10, 64)
-		if k == "VmRSS" {
-			rss = n << 10
-		} else {
-			hwm = n << 10
-		}
-	}
-	return rss, hwm, nil
-}
-
 // ---------------------------------------------------------------------------
 // The connection storm, run inside the child cgroup.
-
-// stormResult is what the storm helper prints.
-type stormResult struct {
-	Server string   `json:"server"`
-	Ports  []uint16 `json:"ports"`
-	Errors int      `json:"errors"`
-	LastEr string   `json:"last_error,omitempty"`
-}
-
-// stormHelper: args addr workers duration rate-per-worker max-conns. Each
-// worker dials a listener of this process and closes with SO_LINGER 0 (RST,
-// no TIME_WAIT), paced at rate per second (0: as fast as it can), until
-// duration passes, max connections are made, or SIGTERM comes. It prints the
-// client ports as JSON.
-func stormHelper(args []string) error {
-	if len(args) != 5 {
-		return fmt.Errorf("want addr workers duration rate max, got %q", args)
-	}
-	workers, err1 := strconv.Atoi(args[1])
-	dur, err2 := time.ParseDuration(args[2])
-	rate, err3 := strconv.Atoi(args[3])
-	maxConns, err4 := strconv.ParseInt(args[4], 10, 64)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
-		return err
-	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(args[0], "0"))
-	if err != nil {
-		return err
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			// Wait for the client's RST: a server that resets first can make
-			// the client's connect fail after the handshake (ECONNRESET), a
-			// connection made that the client would not report.
-			go func() {
-				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-				var b [1]byte
-				_, _ = c.Read(b[:])
-				_ = c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			}()
-		}
-	}()
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	ctx, cancel := context.WithTimeout(context.Background(), dur)
-	defer cancel()
-	go func() {
-		select {
-		case <-stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	var (
-		mu       sync.Mutex
-		res      = stormResult{Server: ln.Addr().String()}
-		attempts atomic.Int64
-		wg       sync.WaitGroup
-	)
-	d := net.Dialer{Timeout: 2 * time.Second}
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var ports []uint16
-			errs, lastErr := 0, ""
-			next := time.Now()
-			for ctx.Err() == nil && attempts.Add(1) <= maxConns {
-				if rate > 0 {
-					next = next.Add(time.Second / time.Duration(rate))
-					if wait := time.Until(next); wait > 0 {
-						select {
-						case <-ctx.Done():
-						case <-time.After(wait):
-						}
-						if ctx.Err() != nil {
-							break
-						}
-					}
-				}
-				// Not the storm's context: a dial cut short could leave a
-				// connection made but not reported.
-				c, err := d.Dial("tcp", ln.Addr().String())
-				if err != nil {
-					errs++
-					lastErr = err.Error()
-					continue
-				}
-				ports = append(ports, uint16(c.LocalAddr().(*net.TCPAddr).Port))
-				_ = c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			}
-			mu.Lock()
-			res.Ports = append(res.Ports, ports...)
-			res.Errors += errs
-			if lastErr != "" {
-				res.LastEr = lastErr
-			}
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	ln.Close()
-	return json.NewEncoder(os.Stdout).Encode(res)
-}
 
 // storm is a running storm helper.
 type storm struct {
 	t   *testing.T
-	cmd *exec.Cmd
-	out bytes.Buffer
-	res *stormResult
+	st  *proctest.Storm
+	res *proctest.StormResult
 }
 
 func startStorm(t *testing.T, cg *cgrouptest.Cgroup, workers int, dur time.Duration, rate int, maxConns int) *storm {
 	t.Helper()
-	s := &storm{t: t}
-	s.cmd = cg.Command("storm", "127.0.0.1", strconv.Itoa(workers), dur.String(), strconv.Itoa(rate), strconv.Itoa(maxConns))
-	s.cmd.Stdout = &s.out
-	if err := s.cmd.Start(); err != nil {
+	st, err := proctest.StartStorm(cg.Command("storm", proctest.StormArgs("127.0.0.1", workers, dur, rate, maxConns)...))
+	if err != nil {
 		t.Fatal(err)
 	}
+	s := &storm{t: t, st: st}
 	t.Cleanup(func() {
 		if s.res == nil {
-			_ = s.cmd.Process.Kill()
-			_ = s.cmd.Wait()
+			s.st.Kill()
 		}
 	})
 	return s
@@ -717,31 +352,20 @@ func startStorm(t *testing.T, cg *cgrouptest.Cgroup, workers int, dur time.Durat
 
 // Wait returns the storm's result; it fails the test on dial errors, since a
 // failed dial may or may not have produced events.
-func (s *storm) Wait() *stormResult {
+func (s *storm) Wait() *proctest.StormResult {
 	s.t.Helper()
 	if s.res != nil {
 		return s.res
 	}
-	done := make(chan error, 1)
-	go func() { done <- s.cmd.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			s.t.Fatalf("storm helper: %v", err)
-		}
-	case <-time.After(2 * time.Minute):
-		_ = s.cmd.Process.Kill()
-		s.t.Fatal("storm helper did not end")
-	}
-	var r stormResult
-	if err := json.Unmarshal(s.out.Bytes(), &r); err != nil {
-		s.t.Fatalf("storm output %q: %v", s.out.String(), err)
+	r, err := s.st.Wait(2 * time.Minute)
+	if err != nil {
+		s.t.Fatal(err)
 	}
 	if r.Errors > 0 {
 		s.t.Errorf("storm: %d dials failed (last: %s); the expected set is not exact", r.Errors, r.LastEr)
 	}
-	s.res = &r
-	return &r
+	s.res = r
+	return r
 }
 
 // ---------------------------------------------------------------------------
@@ -771,7 +395,7 @@ func (s *multiset) add(k string) {
 }
 
 // addStorm adds the 2 events (outgoing, incoming) of every storm connection.
-func (s *multiset) addStorm(r *stormResult) {
+func (s *multiset) addStorm(r *proctest.StormResult) {
 	srv := netip.MustParseAddrPort(r.Server)
 	for _, p := range r.Ports {
 		for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
@@ -1062,7 +686,7 @@ func (a *agentProc) pollMetrics(d time.Duration, every time.Duration, cond func(
 	var last map[string]float64
 	for time.Now().Before(deadline) {
 		select {
-		case <-a.exited:
+		case <-a.Exited():
 			return last, false
 		default:
 		}
@@ -1178,7 +802,7 @@ func newCluster(t *testing.T, n int) []*natsProc {
 	}
 	nodes := make([]*natsProc, n)
 	for i := range nodes {
-		nodes[i] = newNATS(t, natsOpts{name: fmt.Sprintf("n%d", i+1), clusterPort: ports[i], routes: ports, monitor: true})
+		nodes[i] = newNATS(t, proctest.NATSOptions{Name: fmt.Sprintf("n%d", i+1), ClusterPort: ports[i], Routes: ports, Monitor: true})
 	}
 	for _, s := range nodes {
 		s.Start()
@@ -1229,31 +853,6 @@ func streamCluster(js jetstream.JetStream, name string) (leader string, replicas
 	return info.Cluster.Leader, info.Config.Replicas, nil
 }
 
-// hasClient tells whether a client named name is connected to the server,
-// from its monitoring endpoint.
-func (s *natsProc) hasClient(name string) (bool, error) {
-	cl := http.Client{Timeout: 2 * time.Second}
-	resp, err := cl.Get(fmt.Sprintf("http://127.0.0.1:%d/connz?limit=1024", s.HTTPPort))
-	if err != nil {
-		return false, err
-	}
-	defer resp.Body.Close()
-	var cz struct {
-		Connections []struct {
-			Name string `json:"name"`
-		} `json:"connections"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&cz); err != nil {
-		return false, err
-	}
-	for _, c := range cz.Connections {
-		if c.Name == name {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
 // moveStreamLeader makes server name the stream's leader (a step-down with a
 // preferred successor) and waits until the cluster agrees.
 func moveStreamLeader(t *testing.T, nc *nats.Conn, js jetstream.JetStream, stream, name string) {
@@ -1291,16 +890,6 @@ func exitLine(t *testing.T, a *agentProc) string {
 		t.Errorf("agent %s: %d lines of output, want one naming the problem and the fix:\n%s", a.name, len(lines), out)
 	}
 	return out
-}
-
-// waitLog waits up to d for the agent's log to contain s.
-func (a *agentProc) waitLog(d time.Duration, s string) bool {
-	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		if strings.Contains(a.Log(), s) {
-			return true
-		}
-	}
-	return false
 }
 
 // waitFileContains waits up to d for the file to contain s.

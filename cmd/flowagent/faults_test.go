@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -42,7 +43,7 @@ func TestFaultServerOutageStorm(t *testing.T) {
 		// Go heap's growth target.
 		rssSlack = 64 << 20
 	)
-	srv := newNATS(t, natsOpts{})
+	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
 	cg := cgrouptest.NewChild(t)
 	env := agentEnv(cg.Path, srv.URL(), "host-outage", t.TempDir())
@@ -50,7 +51,7 @@ func TestFaultServerOutageStorm(t *testing.T) {
 	env["FLOWBUS_BATCH_MAX_BYTES"] = "16384"
 	a := startAgentProc(t, "agent", env)
 	a.WaitMetrics(20*time.Second, "ready", func(m map[string]float64) bool { return m[mReady] == 1 })
-	baseRSS, _, err := procMem(a.Pid())
+	baseRSS, _, err := proctest.ProcMem(a.Pid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +72,7 @@ func TestFaultServerOutageStorm(t *testing.T) {
 	m := a.WaitMetrics(90*time.Second, "all acknowledged after the outage", drained)
 	drainTime := time.Since(back)
 	smp.Stop()
-	_, hwm, _ := procMem(a.Pid())
+	_, hwm, _ := proctest.ProcMem(a.Pid())
 
 	want := newMultiset()
 	want.addStorm(res)
@@ -115,7 +116,7 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 		rate    = 250 // per worker
 		conns   = 3000
 	)
-	srv := newNATS(t, natsOpts{}) // not started yet: NATS is down at the agent's start
+	srv := newNATS(t, proctest.NATSOptions{}) // not started yet: NATS is down at the agent's start
 	cg := cgrouptest.NewChild(t)
 	spoolDir := t.TempDir()
 	env := func() map[string]string {
@@ -255,7 +256,7 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 		conns      = 5000
 		spoolBytes = 1 << 20 // the smallest allowed
 	)
-	srv := newNATS(t, natsOpts{})
+	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
 	cg := cgrouptest.NewChild(t)
 	env := agentEnv(cg.Path, srv.URL(), "host-full", t.TempDir())
@@ -372,7 +373,7 @@ func TestFaultClusterNodeKilled(t *testing.T) {
 	var victim *natsProc
 	var survivors []*natsProc
 	for _, s := range nodes {
-		if ok, err := s.hasClient("flowagent host-cluster"); err != nil {
+		if ok, err := s.HasClient("flowagent host-cluster"); err != nil {
 			t.Fatal(err)
 		} else if ok && victim == nil {
 			victim = s
@@ -442,7 +443,7 @@ func TestFaultSecurityRefusals(t *testing.T) {
 		other := newCA(t, dir, "someone-else")
 		srvCert, srvKey := ca.issue(t, "nats-server", true)
 		cliCert, cliKey := ca.issue(t, "host-tls", false)
-		srv := newNATS(t, natsOpts{extra: fmt.Sprintf("tls {\n  cert_file: %q\n  key_file: %q\n  ca_file: %q\n  verify: true\n  timeout: 5\n}\n", srvCert, srvKey, ca.CAFile)})
+		srv := newNATS(t, proctest.NATSOptions{Extra: fmt.Sprintf("tls {\n  cert_file: %q\n  key_file: %q\n  ca_file: %q\n  verify: true\n  timeout: 5\n}\n", srvCert, srvKey, ca.CAFile)})
 		srv.Start()
 		url := fmt.Sprintf("tls://127.0.0.1:%d", srv.Port)
 		cg := cgrouptest.NewChild(t)
@@ -514,7 +515,7 @@ func TestFaultSecurityRefusals(t *testing.T) {
 	web01Pub, _ := web01.PublicKey()
 	web01Seed, _ := web01.Seed()
 	const adminPassword = "admin-secret-0451"
-	srv := newNATS(t, natsOpts{extra: fmt.Sprintf(`accounts {
+	srv := newNATS(t, proctest.NATSOptions{Extra: fmt.Sprintf(`accounts {
   FLOWBUS {
     jetstream: enabled
     users: [
@@ -621,11 +622,11 @@ func TestFaultSecurityRefusals(t *testing.T) {
 		own.WaitMetrics(30*time.Second, "web-01's events acknowledged", func(m map[string]float64) bool { return m[mAcked] == float64(want.n) })
 
 		const agentSays = "NATS refused an operation: this host's credentials do not allow it"
-		if !impostor.waitLog(20*time.Second, agentSays) {
-			t.Errorf("the agent publishing as web-02 with web-01's credentials did not say why its batches are refused:\n%s", tail(impostor.logPath, 10))
+		if !impostor.WaitLog(20*time.Second, agentSays) {
+			t.Errorf("the agent publishing as web-02 with web-01's credentials did not say why its batches are refused:\n%s", proctest.Tail(impostor.LogPath, 10))
 		}
-		if !waitFileContains(srv.logPath, 10*time.Second, `Publish Violation - Subject "flows.web-02.`) {
-			t.Errorf("the server did not log a publish violation for flows.web-02.>:\n%s", tail(srv.logPath, 10))
+		if !waitFileContains(srv.LogPath, 10*time.Second, `Publish Violation - Subject "flows.web-02.`) {
+			t.Errorf("the server did not log a publish violation for flows.web-02.>:\n%s", proctest.Tail(srv.LogPath, 10))
 		}
 		m := impostor.WaitMetrics(10*time.Second, "publish attempts refused", func(m map[string]float64) bool { return m[mPubErrors] > 0 })
 		got := readAll(t, srv.URL(), "FLOWS", admin...)

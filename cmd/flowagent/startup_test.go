@@ -25,6 +25,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/publisher/embedded"
 )
 
@@ -43,28 +44,11 @@ func embeddedEnv(t *testing.T, cgroupPath, host string) map[string]string {
 // fields.
 func waitReady(t *testing.T, a *agentProc, env map[string]string) map[string]string {
 	t.Helper()
-	path := env["FLOWBUS_READY_FILE"]
-	want := fmt.Sprintf("pid=%d\n", a.Pid())
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, _ := os.ReadFile(path)
-		if strings.HasPrefix(string(b), want) {
-			m := map[string]string{}
-			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-				k, v, _ := strings.Cut(l, "=")
-				m[k] = v
-			}
-			return m
-		}
-		select {
-		case <-a.exited:
-			t.Fatalf("agent %s exited before it was ready:\n%s", a.name, a.Log())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent %s: no ready file naming pid %d after 30s (file: %q):\n%s", a.name, a.Pid(), b, a.Log())
-		}
+	m, err := a.WaitReadyFile(env["FLOWBUS_READY_FILE"], 30*time.Second)
+	if err != nil {
+		t.Fatalf("agent %s: %v:\n%s", a.name, err, a.Log())
 	}
+	return m
 }
 
 // A taken FLOWBUS_EMBEDDED_LISTEN, FLOWBUS_EMBEDDED_MONITOR or
@@ -224,7 +208,7 @@ func TestEmbeddedServerInfo(t *testing.T) {
 func TestAgentKeepsOperatorStreamEdits(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	cg := cgrouptest.NewChild(t)
-	srv := newNATS(t, natsOpts{})
+	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
 	env := agentEnv(cg.Path, srv.URL(), "stream-edit", t.TempDir())
 	env["FLOWBUS_READY_FILE"] = filepath.Join(t.TempDir(), "ready")
@@ -287,7 +271,7 @@ func TestUnreachableNATSSaysSoAndCountsSpooled(t *testing.T) {
 	waitReady(t, a, env)
 	cg.Traffic(t, "127.0.0.1", 20, false)
 	url := fmt.Sprintf("nats://REDACTED@127.0.0.1:%d", port)
-	if !a.waitLog(20*time.Second, "NATS is not reachable") {
+	if !a.WaitLog(20*time.Second, "NATS is not reachable") {
 		t.Fatalf("no line saying NATS is not reachable:\n%s", a.Log())
 	}
 	a.Stop()

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 )
 
 // pairRecord is one A/B pair of a ratio benchmark.
@@ -108,7 +110,7 @@ func agentObserver(tmp, bin string, cg *cgroup) observer {
 
 // kernelDrops is the agent's count of events the kernel could not hand over.
 func kernelDrops(m map[string]float64) float64 {
-	return sumPrefix(m, `flowbus_agent_dropped_events_total{stage="kernel`)
+	return proctest.SumPrefix(m, `flowbus_agent_dropped_events_total{stage="kernel`)
 }
 
 // runB1 measures the agent's cost on a connection storm and a bulk stream.

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -89,7 +90,7 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 		}
 	}
 	kd := kernelDrops(m)
-	allDrops := sumPrefix(m, "flowbus_agent_dropped_events_total")
+	allDrops := proctest.SumPrefix(m, "flowbus_agent_dropped_events_total")
 	row.Figures = fmt.Sprintf("%d conns (%.0f/s); %d events of %d expected: lost %d, dup %d; kernel drops %.0f (all drops %.0f)",
 		st.Conns, float64(st.Conns)/st.Seconds, sc.Matched, expected, lost, dup, kd, allDrops)
 	if fromFailed > 0 {

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -102,7 +103,7 @@ func runB3(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 	}
 	evs := syntheticEvents(8192)
 	progress("B3: nats-server %s (pid %d, file storage, R1) at %s; %d pairs of %g s legs; events: %s; reference: %s",
-		srvVer, srv.Pid(), srv.Addr, p.B3Pairs, p.B3Seconds, describeEvents(evs), refName)
+		srvVer, srv.Pid(), srv.Addr(), p.B3Pairs, p.B3Seconds, describeEvents(evs), refName)
 
 	purge := func(name string) {
 		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -115,7 +116,7 @@ func runB3(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 	var refBps float64
 	for i := 0; i < p.B3Pairs && ctx.Err() == nil; i++ {
 		var pr b3Pair
-		sys0, _ := sysBusy()
+		sys0, _ := proctest.SysBusy()
 		pr.Ours, err = b3Ours(ctx, srv, evs, p.B3Seconds, i)
 		pr.Ours.OtherCPU = otherCores(sys0, pr.Ours)
 		purge(b3Stream)
@@ -128,7 +129,7 @@ func runB3(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		}
 		msgs := int(refBps * p.B3Seconds / float64(size))
 		msgs = max(1000, min(msgs, int(0.75*float64(b3StreamBytes)/float64(size))))
-		sys0, _ = sysBusy()
+		sys0, _ = proctest.SysBusy()
 		if cliErr == nil {
 			pr.Theirs, err = b3NatsBench(ctx, natsCLI, srv, size, msgs, p.B3Seconds)
 		} else {
@@ -205,11 +206,11 @@ func b3Ours(ctx context.Context, srv *natsServerProc, evs []schema.Event, second
 		return l, err
 	}
 	queueBytes := publisher.DefaultQueueBytes
-	srvW, err := watchProc(srv.Pid())
+	srvW, err := proctest.WatchProc(srv.Pid())
 	if err != nil {
 		return l, err
 	}
-	selfW, err := watchProc(os.Getpid())
+	selfW, err := proctest.WatchProc(os.Getpid())
 	if err != nil {
 		return l, err
 	}
@@ -277,7 +278,7 @@ func b3NatsBench(ctx context.Context, bin string, srv *natsServerProc, size, msg
 	cmd := exec.CommandContext(ctx, bin, args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	srvW, err := watchProc(srv.Pid())
+	srvW, err := proctest.WatchProc(srv.Pid())
 	if err != nil {
 		return l, err
 	}
@@ -326,7 +327,7 @@ func b3Equivalent(ctx context.Context, srv *natsServerProc, size int, seconds fl
 		return l, err
 	}
 	payload := make([]byte, size)
-	srvW, err := watchProc(srv.Pid())
+	srvW, err := proctest.WatchProc(srv.Pid())
 	if err != nil {
 		return l, err
 	}
@@ -358,7 +359,7 @@ func b3Equivalent(ctx context.Context, srv *natsServerProc, size int, seconds fl
 // otherCores is the machine's busy CPU since sys0, per second of the leg,
 // minus the leg's own server and client.
 func otherCores(sys0 time.Duration, l b3Leg) float64 {
-	sys1, err := sysBusy()
+	sys1, err := proctest.SysBusy()
 	if err != nil || sys0 == 0 || l.Seconds <= 0 {
 		return 0
 	}

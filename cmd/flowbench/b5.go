@@ -4,20 +4,22 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 )
 
 // b5Run is the agent's footprint in one configuration.
 type b5Run struct {
-	Mode        string      `json:"mode"` // embedded or external
-	Storm       StormResult `json:"storm"`
-	ConnRate    float64     `json:"conns_per_s"`
-	EventRate   float64     `json:"captured_events_per_s"`
-	Captured    float64     `json:"captured"`
-	Acked       float64     `json:"acked"`
-	KernelDrops float64     `json:"kernel_drops"`
-	AllDrops    float64     `json:"all_drops"`
-	Agent       procUsage   `json:"agent"`
-	Server      *procUsage  `json:"external_server,omitempty"`
+	Mode        string          `json:"mode"` // embedded or external
+	Storm       StormResult     `json:"storm"`
+	ConnRate    float64         `json:"conns_per_s"`
+	EventRate   float64         `json:"captured_events_per_s"`
+	Captured    float64         `json:"captured"`
+	Acked       float64         `json:"acked"`
+	KernelDrops float64         `json:"kernel_drops"`
+	AllDrops    float64         `json:"all_drops"`
+	Agent       proctest.Usage  `json:"agent"`
+	Server      *proctest.Usage `json:"external_server,omitempty"`
 	// WorkerCores is the storm's own CPU (its cgroup); OtherCores the rest
 	// of the machine's busy CPU: other jobs on a shared host, kernel threads.
 	WorkerCores float64 `json:"worker_cores"`
@@ -70,18 +72,18 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		if err != nil {
 			return r, err
 		}
-		wa, err := watchProc(a.Pid())
+		wa, err := proctest.WatchProc(a.Pid())
 		if err != nil {
 			return r, err
 		}
-		var ws *cpuWindow
+		var ws *proctest.Window
 		if srv != nil {
-			if ws, err = watchProc(srv.Pid()); err != nil {
+			if ws, err = proctest.WatchProc(srv.Pid()); err != nil {
 				return r, err
 			}
 		}
-		sys0, _ := sysBusy()
-		cg0, _ := cgroupCPU(cg.Path)
+		sys0, _ := proctest.SysBusy()
+		cg0, _ := proctest.CgroupCPU(cg.Path)
 		r.Storm, err = cg.paced(ctx, p.Workers, p.B5Seconds, p.B5Rate)
 		if err != nil {
 			return r, err
@@ -89,8 +91,8 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		if r.Agent, err = wa.End(); err != nil {
 			return r, err
 		}
-		sys1, _ := sysBusy()
-		cg1, _ := cgroupCPU(cg.Path)
+		sys1, _ := proctest.SysBusy()
+		cg1, _ := proctest.CgroupCPU(cg.Path)
 		r.WorkerCores = (cg1 - cg0).Seconds() / r.Agent.Seconds
 		r.OtherCores = (sys1-sys0).Seconds()/r.Agent.Seconds - r.WorkerCores - r.Agent.Cores
 		if ws != nil {
@@ -116,7 +118,7 @@ func runB5(ctx context.Context, modRoot, tmp string, p Params, progress func(str
 		r.Acked = m1[key] - m0[key]
 		r.EventRate = r.Captured / r.Agent.Seconds
 		r.KernelDrops = kernelDrops(m1)
-		r.AllDrops = sumPrefix(m1, "flowbus_agent_dropped_events_total")
+		r.AllDrops = proctest.SumPrefix(m1, "flowbus_agent_dropped_events_total")
 		return r, nil
 	}
 	describe := func(r b5Run) string {

@@ -5,61 +5,29 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"syscall"
-	"time"
 
-	"github.com/flowbus/flowbus/bpf/cgroupv2"
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 )
 
 // cgroup is a child cgroup v2 created for the benchmark.
 type cgroup struct {
-	Path string
-	fd   int
+	*proctest.Cgroup
 }
 
 // newCgroup creates a fresh child of the cgroup v2 root.
 func newCgroup(name string) (*cgroup, error) {
-	root, err := cgroupv2.DetectRoot()
+	c, err := proctest.NewCgroup("flowbus-bench-" + name + "-")
 	if err != nil {
 		return nil, err
 	}
-	path, err := os.MkdirTemp(root, "flowbus-bench-"+name+"-")
-	if err != nil {
-		return nil, fmt.Errorf("creating a child cgroup under %s: %w", root, err)
-	}
-	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		_ = os.Remove(path)
-		return nil, err
-	}
-	return &cgroup{Path: path, fd: fd}, nil
-}
-
-// Remove kills anything left inside and removes the directory; the kernel
-// refuses rmdir while a process is still inside, so it retries briefly.
-func (c *cgroup) Remove() error {
-	syscall.Close(c.fd)
-	_ = os.WriteFile(filepath.Join(c.Path, "cgroup.kill"), []byte("1"), 0)
-	var err error
-	for i := 0; i < 100; i++ {
-		if err = os.Remove(c.Path); err == nil || os.IsNotExist(err) {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("could not remove cgroup %s: %w", c.Path, err)
+	return &cgroup{c}, nil
 }
 
 // command returns flowbench re-executed as a worker, started directly inside
-// the cgroup (clone3 CLONE_INTO_CGROUP) so no packet escapes accounting.
+// the cgroup so no packet escapes accounting.
 func (c *cgroup) command(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, "/proc/self/exe", append([]string{workerCmd}, args...)...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: c.fd, Pdeathsig: syscall.SIGKILL}
-	cmd.WaitDelay = 5 * time.Second
-	return cmd
+	return c.Command(ctx, "/proc/self/exe", append([]string{workerCmd}, args...)...)
 }
 
 // runJSON runs a worker in the cgroup and decodes its JSON output into v.

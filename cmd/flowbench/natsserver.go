@@ -2,15 +2,15 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/flowbus/flowbus/cmd/internal/proctest"
 )
 
 // natscliVersion is the `nats` CLI that B3 compares against (`nats bench js
@@ -26,38 +26,24 @@ func toolCache() string {
 	return filepath.Join(dir, "flowbench")
 }
 
-// moduleVersion is the version our go.mod selects for a module.
-func moduleVersion(modRoot, path string) (string, error) {
-	out, err := exec.Command("go", "list", "-C", modRoot, "-m", "-f", "{{.Version}}", path).Output()
-	if err != nil {
-		return "", fmt.Errorf("go list -m %s: %w", path, err)
-	}
-	return strings.TrimSpace(string(out)), nil
-}
-
 // ensureNATSServer builds (once, cached) nats-server at the version of our
 // go.mod, so B3 and B5 measure the server the agent embeds.
 func ensureNATSServer(ctx context.Context, modRoot string) (bin, version string, err error) {
-	version, err = moduleVersion(modRoot, "github.com/nats-io/nats-server/v2")
+	bin, version, err = proctest.BuildNATSServer(ctx, modRoot, toolCache())
 	if err != nil {
-		return "", "", err
+		return "", "", oneLine(err)
 	}
-	bin = filepath.Join(toolCache(), "nats-server-"+version)
-	if _, err := os.Stat(bin); err == nil {
-		return bin, version, nil
+	return bin, version, nil
+}
+
+// oneLine keeps an error's first line and the last of the output after it
+// (a build's, a log's), for a table note.
+func oneLine(err error) error {
+	first, rest, ok := strings.Cut(err.Error(), "\n")
+	if !ok {
+		return err
 	}
-	if err := os.MkdirAll(toolCache(), 0o755); err != nil {
-		return "", "", err
-	}
-	tmpOut := bin + ".tmp"
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", tmpOut, "github.com/nats-io/nats-server/v2")
-	cmd.Dir = modRoot
-	// -mod=readonly: building a dependency must never rewrite our go.mod.
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		return "", "", fmt.Errorf("building nats-server %s: %w: %s", version, err, lastLine(string(msg)))
-	}
-	return bin, version, os.Rename(tmpOut, bin)
+	return fmt.Errorf("%s %s", first, lastLine(rest))
 }
 
 // ensureNATSCLI builds (once, cached) the nats CLI from the module proxy in a
@@ -95,19 +81,11 @@ func ensureNATSCLI(ctx context.Context, tmp string) (string, error) {
 }
 
 // natsServerProc is a standalone nats-server process with JetStream on file
-// storage.
+// storage, with its own directory.
 type natsServerProc struct {
-	cmd    *exec.Cmd
-	Addr   string // host:port
-	dir    string
-	exited chan error
+	*proctest.NATSServer
+	dir string
 }
-
-// URL is the client URL of the server.
-func (s *natsServerProc) URL() string { return "nats://" + s.Addr }
-
-// Pid is the server's process id.
-func (s *natsServerProc) Pid() int { return s.cmd.Process.Pid }
 
 // startNATSServer starts bin with JetStream storing under a fresh directory
 // in tmp, listening on a free loopback port, and waits until it accepts
@@ -117,56 +95,19 @@ func startNATSServer(ctx context.Context, bin, tmp string) (*natsServerProc, err
 	if err != nil {
 		return nil, err
 	}
-	addr, err := freePort()
+	s, err := proctest.NewNATSServer(bin, dir, proctest.NATSOptions{})
+	if err == nil {
+		err = s.Start(ctx)
+	}
 	if err != nil {
-		return nil, err
+		os.RemoveAll(dir)
+		return nil, oneLine(err)
 	}
-	host, port, _ := net.SplitHostPort(addr)
-	logf, err := os.Create(filepath.Join(dir, "server.log"))
-	if err != nil {
-		return nil, err
-	}
-	defer logf.Close()
-	s := &natsServerProc{Addr: addr, dir: dir, exited: make(chan error, 1)}
-	s.cmd = exec.Command(bin, "-js", "-sd", filepath.Join(dir, "store"), "-a", host, "-p", port, "-m", "0")
-	s.cmd.Stdout, s.cmd.Stderr = logf, logf
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := s.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", bin, err)
-	}
-	go func() { s.exited <- s.cmd.Wait() }()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
-			c.Close()
-			return s, nil
-		}
-		select {
-		case err := <-s.exited:
-			s.exited <- err
-			b, _ := os.ReadFile(filepath.Join(dir, "server.log"))
-			return nil, fmt.Errorf("nats-server exited (%v): %s", err, lastLine(string(b)))
-		case <-ctx.Done():
-			s.Stop()
-			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			s.Stop()
-			return nil, errors.New("nats-server not listening after 20 s")
-		}
-	}
+	return &natsServerProc{NATSServer: s, dir: dir}, nil
 }
 
 // Stop terminates the server and removes its store.
 func (s *natsServerProc) Stop() {
 	defer os.RemoveAll(s.dir)
-	_ = s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-s.exited:
-		s.exited <- err
-	case <-time.After(10 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-s.exited
-	}
+	s.NATSServer.Stop(syscall.SIGTERM, 10*time.Second)
 }

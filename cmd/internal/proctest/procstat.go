@@ -1,4 +1,4 @@
-package main
+package proctest
 
 import (
 	"fmt"
@@ -13,8 +13,8 @@ import (
 // on every Linux architecture Go supports.
 const clockTicks = 100
 
-// procCPU returns a process's user+sys CPU time so far (all its threads).
-func procCPU(pid int) (time.Duration, error) {
+// ProcCPU returns a process's user+sys CPU time so far (all its threads).
+func ProcCPU(pid int) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
@@ -38,8 +38,8 @@ func procCPU(pid int) (time.Duration, error) {
 	return time.Duration(ut+st) * time.Second / clockTicks, nil
 }
 
-// procMem returns VmRSS and VmHWM (peak RSS) in bytes.
-func procMem(pid int) (rss, hwm int64, err error) {
+// ProcMem returns VmRSS and VmHWM (peak RSS) in bytes.
+func ProcMem(pid int) (rss, hwm int64, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, 0, err
@@ -63,8 +63,8 @@ func procMem(pid int) (rss, hwm int64, err error) {
 	return rss, hwm, nil
 }
 
-// cpuWindow measures a process's CPU over a window and samples its RSS.
-type cpuWindow struct {
+// Window measures a process's CPU over a window and samples its RSS.
+type Window struct {
 	pid     int
 	start   time.Time
 	cpu0    time.Duration
@@ -76,13 +76,13 @@ type cpuWindow struct {
 	samples int
 }
 
-// watchProc starts a window: CPU now, RSS sampled every 250 ms.
-func watchProc(pid int) (*cpuWindow, error) {
-	c, err := procCPU(pid)
+// WatchProc starts a window: CPU now, RSS sampled every 250 ms.
+func WatchProc(pid int) (*Window, error) {
+	c, err := ProcCPU(pid)
 	if err != nil {
 		return nil, err
 	}
-	w := &cpuWindow{pid: pid, start: time.Now(), cpu0: c, stop: make(chan struct{})}
+	w := &Window{pid: pid, start: time.Now(), cpu0: c, stop: make(chan struct{})}
 	w.sample()
 	w.wg.Add(1)
 	go func() {
@@ -101,8 +101,8 @@ func watchProc(pid int) (*cpuWindow, error) {
 	return w, nil
 }
 
-func (w *cpuWindow) sample() {
-	rss, _, err := procMem(w.pid)
+func (w *Window) sample() {
+	rss, _, err := ProcMem(w.pid)
 	if err != nil {
 		return
 	}
@@ -113,8 +113,8 @@ func (w *cpuWindow) sample() {
 	w.mu.Unlock()
 }
 
-// procUsage is what a window measured.
-type procUsage struct {
+// Usage is what a window measured.
+type Usage struct {
 	Seconds   float64 `json:"seconds"`     // wall time of the window
 	CPU       float64 `json:"cpu_seconds"` // user+sys over the window
 	Cores     float64 `json:"cores"`       // CPU / wall
@@ -125,19 +125,19 @@ type procUsage struct {
 }
 
 // End closes the window.
-func (w *cpuWindow) End() (procUsage, error) {
+func (w *Window) End() (Usage, error) {
 	close(w.stop)
 	w.wg.Wait()
 	w.sample()
-	c, err := procCPU(w.pid)
+	c, err := ProcCPU(w.pid)
 	if err != nil {
-		return procUsage{}, err
+		return Usage{}, err
 	}
-	_, hwm, err := procMem(w.pid)
+	_, hwm, err := ProcMem(w.pid)
 	if err != nil {
-		return procUsage{}, err
+		return Usage{}, err
 	}
-	u := procUsage{Seconds: time.Since(w.start).Seconds(), CPU: (c - w.cpu0).Seconds(), HWMMiB: float64(hwm) / (1 << 20)}
+	u := Usage{Seconds: time.Since(w.start).Seconds(), CPU: (c - w.cpu0).Seconds(), HWMMiB: float64(hwm) / (1 << 20)}
 	u.Cores = u.CPU / u.Seconds
 	w.mu.Lock()
 	u.RSSMaxMiB, u.Samples = float64(w.rssMax)/(1<<20), w.samples
@@ -148,9 +148,9 @@ func (w *cpuWindow) End() (procUsage, error) {
 	return u, nil
 }
 
-// sysBusy returns the whole machine's busy CPU time so far (every state but
+// SysBusy returns the whole machine's busy CPU time so far (every state but
 // idle and iowait), from /proc/stat.
-func sysBusy() (time.Duration, error) {
+func SysBusy() (time.Duration, error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		return 0, err
@@ -171,9 +171,9 @@ func sysBusy() (time.Duration, error) {
 	return time.Duration(busy) * time.Second / clockTicks, nil
 }
 
-// cgroupCPU is the CPU time used so far by every process of a cgroup v2
+// CgroupCPU is the CPU time used so far by every process of a cgroup v2
 // (cpu.stat usage_usec, always present).
-func cgroupCPU(path string) (time.Duration, error) {
+func CgroupCPU(path string) (time.Duration, error) {
 	b, err := os.ReadFile(path + "/cpu.stat")
 	if err != nil {
 		return 0, err

@@ -1,0 +1,60 @@
+// Package proctest runs flowbus's programs and their peers as real processes,
+// for the process-level tests of cmd/flowagent and for cmd/flowbench: the
+// flowagent binary and nats-server (built at the version go.mod selects),
+// free loopback ports, a process's CPU and memory from /proc, the agent's
+// Prometheus metrics, child cgroups and connection storms run inside them.
+//
+// Nothing here depends on package testing: callers turn errors into test
+// failures or benchmark notes as they see fit.
+package proctest
+
+import (
+	"net"
+	"os"
+	"strings"
+)
+
+// FreePort asks the kernel for an unused loopback port. The port is free
+// when FreePort returns; whoever binds it next wins it.
+func FreePort() (int, error) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// FreeAddr is FreePort as "127.0.0.1:port".
+func FreeAddr() (string, error) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// Tail returns the last n lines of a file (a log), for failure messages;
+// nothing when the file cannot be read.
+func Tail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// cleanEnviron is this process's environment without any FLOWBUS_ variable:
+// one inherited from the caller's shell (a NATS URL, say) would silently
+// change what a child agent does.
+func cleanEnviron() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "FLOWBUS_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
