@@ -125,7 +125,7 @@ func ensureCheckpointAndConsumer(ctx context.Context, st *store.Store, s jetstre
 	} else {
 		cfg.DeliverPolicy, cfg.OptStartTime, cfg.OptStartSeq = o.Start.Deliver(o.Since, o.FromSeq)
 	}
-	cons, err = s.CreateConsumer(cctx, cfg)
+	cons, err = createConsumer(cctx, s, cfg)
 	if err != nil {
 		return nil, 0, fmt.Errorf("create consumer %q on stream %q with filters %v: %w", o.Durable, o.Stream, o.Filters, err)
 	}
@@ -163,4 +163,24 @@ func sorted(s []string) []string {
 	c := slices.Clone(s)
 	slices.Sort(c)
 	return c
+}
+
+// createConsumer creates the durable consumer, trying again a few times when
+// the server answers with an internal error: right after the consumer of the
+// same name was deleted, the server can still be writing the old one's state
+// file in that directory, and the create fails with a storage error (seen as
+// code 500, "rename .../o.dat.tmp: no such file or directory").
+func createConsumer(ctx context.Context, s jetstream.Stream, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	for attempt := 1; ; attempt++ {
+		cons, err := s.CreateConsumer(ctx, cfg)
+		var apiErr *jetstream.APIError
+		if err == nil || attempt == 5 || !errors.As(err, &apiErr) || apiErr.Code != 500 {
+			return cons, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(time.Duration(attempt) * 50 * time.Millisecond):
+		}
+	}
 }
