@@ -56,7 +56,7 @@ func runPairs(ctx context.Context, label string, p Params, cgA, cgB *cgroup, wit
 		// loading) so B measures the steady state, as A does.
 		time.Sleep(300 * time.Millisecond)
 		b, errB := cgB.storm(ctx, p.Workers, p.StormSeconds, false)
-		var bb BulkResult
+		var bb proctest.BulkResult
 		if errB == nil && withBulk {
 			bb, errB = cgB.bulk(ctx, p.BulkBytes)
 		}

@@ -10,16 +10,16 @@ import (
 
 // b5Run is the agent's footprint in one configuration.
 type b5Run struct {
-	Mode        string          `json:"mode"` // embedded or external
-	Storm       StormResult     `json:"storm"`
-	ConnRate    float64         `json:"conns_per_s"`
-	EventRate   float64         `json:"captured_events_per_s"`
-	Captured    float64         `json:"captured"`
-	Acked       float64         `json:"acked"`
-	KernelDrops float64         `json:"kernel_drops"`
-	AllDrops    float64         `json:"all_drops"`
-	Agent       proctest.Usage  `json:"agent"`
-	Server      *proctest.Usage `json:"external_server,omitempty"`
+	Mode        string                   `json:"mode"` // embedded or external
+	Storm       proctest.LoadStormResult `json:"storm"`
+	ConnRate    float64                  `json:"conns_per_s"`
+	EventRate   float64                  `json:"captured_events_per_s"`
+	Captured    float64                  `json:"captured"`
+	Acked       float64                  `json:"acked"`
+	KernelDrops float64                  `json:"kernel_drops"`
+	AllDrops    float64                  `json:"all_drops"`
+	Agent       proctest.Usage           `json:"agent"`
+	Server      *proctest.Usage          `json:"external_server,omitempty"`
 	// WorkerCores is the storm's own CPU (its cgroup); OtherCores the rest
 	// of the machine's busy CPU: other jobs on a shared host, kernel threads.
 	WorkerCores float64 `json:"worker_cores"`

@@ -46,8 +46,8 @@ func (c *cgroup) runJSON(ctx context.Context, v any, args ...string) error {
 }
 
 // storm runs the connection storm worker in the cgroup.
-func (c *cgroup) storm(ctx context.Context, workers int, seconds float64, ports bool) (StormResult, error) {
-	var r StormResult
+func (c *cgroup) storm(ctx context.Context, workers int, seconds float64, ports bool) (proctest.LoadStormResult, error) {
+	var r proctest.LoadStormResult
 	args := []string{"storm", "-workers", fmt.Sprint(workers), "-seconds", fmt.Sprint(seconds)}
 	if ports {
 		args = append(args, "-ports")
@@ -60,8 +60,8 @@ func (c *cgroup) storm(ctx context.Context, workers int, seconds float64, ports 
 }
 
 // paced runs the storm worker in the cgroup at a steady rate (connections/s).
-func (c *cgroup) paced(ctx context.Context, workers int, seconds, rate float64) (StormResult, error) {
-	var r StormResult
+func (c *cgroup) paced(ctx context.Context, workers int, seconds, rate float64) (proctest.LoadStormResult, error) {
+	var r proctest.LoadStormResult
 	err := c.runJSON(ctx, &r, "storm", "-workers", fmt.Sprint(workers), "-seconds", fmt.Sprint(seconds), "-rate", fmt.Sprint(rate))
 	if err == nil && r.Seconds <= 0 {
 		err = fmt.Errorf("storm worker reported %v s", r.Seconds)
@@ -70,8 +70,8 @@ func (c *cgroup) paced(ctx context.Context, workers int, seconds, rate float64) 
 }
 
 // bulk runs the single-stream worker in the cgroup.
-func (c *cgroup) bulk(ctx context.Context, size int64) (BulkResult, error) {
-	var r BulkResult
+func (c *cgroup) bulk(ctx context.Context, size int64) (proctest.BulkResult, error) {
+	var r proctest.BulkResult
 	err := c.runJSON(ctx, &r, "bulk", "-bytes", fmt.Sprint(size))
 	if err == nil && r.Seconds <= 0 {
 		err = fmt.Errorf("bulk worker reported %v s", r.Seconds)

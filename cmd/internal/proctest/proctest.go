@@ -2,7 +2,9 @@
 // for the process-level tests of cmd/flowagent and for cmd/flowbench: the
 // flowagent binary and nats-server (built at the version go.mod selects),
 // free loopback ports, a process's CPU and memory from /proc, the agent's
-// Prometheus metrics, child cgroups and connection storms run inside them.
+// Prometheus metrics, child cgroups, and the traffic run inside them: the
+// exact connection storm of the tests (StormMain) and the benchmarks' load
+// (LoadMain: a storm measured for its rate, a bulk stream).
 //
 // Nothing here depends on package testing: callers turn errors into test
 // failures or benchmark notes as they see fit.
