@@ -16,6 +16,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/flowbus/flowbus/agent"
+	"github.com/flowbus/flowbus/agent/enrich"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -95,12 +97,12 @@ func TestCredsAuthentication(t *testing.T) {
 	url := s.srv.ClientURL()
 
 	good, _ := creds(t, s.account)
-	cfg := Config{NATSURL: url, Host: "web-01", NATSCreds: good}
-	opts, err := natsOptions(cfg, publisher.NewSelfFilter(), quietLogger())
+	cfg := agent.Config{NATSURL: url, Host: "web-01", NATSCreds: good}
+	opts, err := agent.NATSOptions(cfg, enrich.NewSelfFilter(), quietLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc, err := connectNATS(cfg, opts)
+	nc, err := agent.ConnectNATS(cfg, opts)
 	if err != nil {
 		t.Fatalf("valid creds refused: %v", err)
 	}
@@ -123,12 +125,12 @@ func TestCredsAuthentication(t *testing.T) {
 	// A user signed by an account the operator never signed.
 	stranger := check(nkeys.CreateAccount())
 	badFile, badSeed := creds(t, stranger)
-	bad := Config{NATSURL: url, Host: "web-01", NATSCreds: badFile}
-	opts, err = natsOptions(bad, publisher.NewSelfFilter(), quietLogger())
+	bad := agent.Config{NATSURL: url, Host: "web-01", NATSCreds: badFile}
+	opts, err = agent.NATSOptions(bad, enrich.NewSelfFilter(), quietLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
-	nc2, err := connectNATS(bad, opts)
+	nc2, err := agent.ConnectNATS(bad, opts)
 	if err == nil {
 		nc2.Close()
 		t.Fatal("creds of an untrusted account were accepted")

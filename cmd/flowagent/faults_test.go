@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/flowbus/flowbus/agent"
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
 	"github.com/flowbus/flowbus/cmd/internal/proctest"
 	"github.com/flowbus/flowbus/schema"
@@ -500,7 +501,7 @@ func TestFaultSecurityRefusals(t *testing.T) {
 		// The second form above, made deterministic: the error the NATS
 		// client returns when the server hangs up after the handshake.
 		closed := fmt.Errorf("%w: connection closed by remote after TLS handshake: %w", nats.ErrTLS, syscall.EPIPE)
-		if !strings.Contains(refusal(closed), "FLOWBUS_NATS_CERT") {
+		if !strings.Contains(agent.Refusal(closed), "FLOWBUS_NATS_CERT") {
 			t.Errorf("%v is taken for an unreachable server: the agent would retry forever without saying why", closed)
 		}
 	})

@@ -325,35 +325,44 @@ func demoTree(t *testing.T) string {
 	if err := os.Symlink(agent, filepath.Join(dir, "bin", "flowagent")); err != nil {
 		t.Fatal(err)
 	}
-	build := exec.Command("go", "build", "-o", filepath.Join(dir, "bin", "flowtail"), "./cmd/flowtail")
-	build.Dir = root
-	build.Env = append(os.Environ(), "GOFLAGS=-mod=readonly")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build flowtail: %v\n%s", err, out)
+	if err := proctest.GoBuild(context.Background(), root, "./cmd/flowtail", filepath.Join(dir, "bin", "flowtail")); err != nil {
+		t.Fatal(err)
 	}
 	return dir
 }
 
+// demoOutput is a file the demo writes to; String is what it holds so far.
+type demoOutput string
+
+func (o demoOutput) String() string {
+	b, _ := os.ReadFile(string(o))
+	return string(b)
+}
+
 // runDemo starts the demo with env (FLOWBUS_* of this process left out).
-func runDemo(t *testing.T, dir string, env map[string]string, args ...string) (*exec.Cmd, *syncBuffer, *syncBuffer) {
+func runDemo(t *testing.T, dir string, env map[string]string, args ...string) (*exec.Cmd, demoOutput, demoOutput) {
 	t.Helper()
 	cmd := exec.Command("bash", append([]string{filepath.Join(dir, "deploy", "run-demo.sh")}, args...)...)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "FLOWBUS_") {
-			cmd.Env = append(cmd.Env, kv)
-		}
+	cmd.Env = proctest.Environ(proctest.EnvList(env)...)
+	out := t.TempDir()
+	stdout, stderr := demoOutput(filepath.Join(out, "stdout")), demoOutput(filepath.Join(out, "stderr"))
+	fo, err := os.Create(string(stdout))
+	if err != nil {
+		t.Fatal(err)
 	}
-	for k, v := range env {
-		cmd.Env = append(cmd.Env, k+"="+v)
+	defer fo.Close()
+	fe, err := os.Create(string(stderr))
+	if err != nil {
+		t.Fatal(err)
 	}
-	var stdout, stderr syncBuffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	defer fe.Close()
+	cmd.Stdout, cmd.Stderr = fo, fe
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
-	return cmd, &stdout, &stderr
+	return cmd, stdout, stderr
 }
 
 // waitDemo waits up to d for the demo to end; past it the demo is killed

@@ -33,7 +33,7 @@ func StartAgent(bin string, env []string, logPath string) (*Agent, error) {
 	defer logf.Close()
 	a := &Agent{LogPath: logPath, exited: make(chan struct{})}
 	a.cmd = exec.Command(bin)
-	a.cmd.Env = append(cleanEnviron(), env...)
+	a.cmd.Env = Environ(env...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {

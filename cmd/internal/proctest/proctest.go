@@ -48,15 +48,15 @@ func Tail(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// cleanEnviron is this process's environment without any FLOWBUS_ variable:
-// one inherited from the caller's shell (a NATS URL, say) would silently
-// change what a child agent does.
-func cleanEnviron() []string {
-	var env []string
+// Environ is this process's environment without any FLOWBUS_ variable, then
+// env (KEY=value): one inherited from the caller's shell (a NATS URL, say)
+// would silently change what a child agent does.
+func Environ(env ...string) []string {
+	var l []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "FLOWBUS_") {
-			env = append(env, kv)
+			l = append(l, kv)
 		}
 	}
-	return env
+	return append(l, env...)
 }
