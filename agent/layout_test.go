@@ -17,7 +17,7 @@ func TestStageImports(t *testing.T) {
 		"../bpf/cgroupv2":       nil,
 		"enrich":                {"dnscache", "schema"},
 		"../dnscache":           nil,
-		"../publisher":          {"publisher/spool", "schema", "agent/enrich"}, // agent/enrich: the NewSelfFilter forward only
+		"../publisher":          {"publisher/spool", "schema"},
 		"../publisher/spool":    nil,
 		"../publisher/embedded": nil,
 	} {

@@ -9,8 +9,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sys/unix"
-
-	"github.com/flowbus/flowbus/agent/enrich"
 )
 
 // Dialer returns a nats.CustomDialer that binds each socket to an ephemeral
@@ -66,8 +64,3 @@ func (s *selfDialer) Dial(network, address string) (net.Conn, error) {
 	}
 	return d.Dial(network, address)
 }
-
-// NewSelfFilter returns an empty enrich.SelfFilter. The filter moved to the
-// enrich stage; this stays only until the agent's process tests call
-// enrich.NewSelfFilter themselves.
-func NewSelfFilter() *enrich.SelfFilter { return enrich.NewSelfFilter() }
