@@ -17,6 +17,7 @@ import (
 	"github.com/caarlos0/env/v10"
 
 	"github.com/flowbus/flowbus/bpf/cgroupv2"
+	"github.com/flowbus/flowbus/internal/statedir"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -178,7 +179,7 @@ func (c *Config) validate() []string {
 			bad("EMBEDDED_MONITOR", "%q is not host:port (e.g. 127.0.0.1:8222); leave it empty for no monitoring port", c.EmbeddedMonitor)
 		}
 		if c.EmbeddedStoreDir == "" {
-			c.EmbeddedStoreDir = filepath.Join(StateDir(), "jetstream")
+			c.EmbeddedStoreDir = filepath.Join(statedir.Dir(os.Getenv), "jetstream")
 		}
 	} else {
 		for _, u := range strings.Split(c.NATSURL, ",") {
@@ -191,7 +192,7 @@ func (c *Config) validate() []string {
 	c.validateNATSAuth(bad)
 	switch c.SpoolDir {
 	case "":
-		c.SpoolDir = filepath.Join(StateDir(), "spool")
+		c.SpoolDir = filepath.Join(statedir.Dir(os.Getenv), "spool")
 	case "off":
 	default:
 		if !filepath.IsAbs(c.SpoolDir) {
@@ -344,25 +345,6 @@ func (c *Config) validateNATSAuth(bad func(v, format string, a ...any)) {
 	if methods > 1 {
 		bad("NATS_CREDS", "set one way to authenticate: FLOWBUS_NATS_CREDS, FLOWBUS_NATS_NKEY, FLOWBUS_NATS_USER/PASSWORD or FLOWBUS_NATS_TOKEN")
 	}
-}
-
-// StateDir is where flowbus keeps state by default: $STATE_DIRECTORY under
-// systemd, else $XDG_STATE_HOME/flowbus, else ~/.local/state/flowbus (root:
-// /var/lib/flowbus).
-func StateDir() string {
-	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
-		return d
-	}
-	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
-		return filepath.Join(d, "flowbus")
-	}
-	if os.Geteuid() == 0 {
-		return "/var/lib/flowbus"
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(h, ".local", "state", "flowbus")
-	}
-	return filepath.Join(os.TempDir(), "flowbus")
 }
 
 // otherVariables are the FLOWBUS_* variables that the rest of flowbus reads:

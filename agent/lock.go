@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/flowbus/flowbus/internal/statedir"
 	"golang.org/x/sys/unix"
 )
 
@@ -113,7 +114,7 @@ func lockDir() string {
 	if first != "" && os.MkdirAll(first, 0o750) == nil && unix.Access(first, unix.W_OK) == nil {
 		return first
 	}
-	return StateDir()
+	return statedir.Dir(os.Getenv)
 }
 
 // captureLockPath is the lock of one capture: a cgroup (by its id, the

@@ -17,6 +17,7 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/internal/statedir"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -102,7 +103,7 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 func (p *parser) database(cfg *config, getenv func(string) string) {
 	dsn, src := p.Get("db", "FLOWBUS_DB", "")
 	if dsn == "" {
-		dsn = filepath.Join(cli.StateDir(getenv), "flowstat.db")
+		dsn = filepath.Join(statedir.Dir(getenv), "flowstat.db")
 		src = "the default database path (set --db or FLOWBUS_DB)"
 		cfg.dbDefault = true
 	}

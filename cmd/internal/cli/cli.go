@@ -9,8 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -113,25 +111,6 @@ func ParseFlags(fs *flag.FlagSet, args []string, program, unknownSuffix string) 
 		errs = append(errs, fmt.Errorf("unexpected argument %q (%s takes flags only)", fs.Arg(0), program))
 		rest = fs.Args()[1:]
 	}
-}
-
-// StateDir is where flowbus keeps state by default: the first directory of $STATE_DIRECTORY under
-// systemd (it lists one per StateDirectory=, separated by ':'), else $XDG_STATE_HOME/flowbus, else
-// /var/lib/flowbus for root, else ~/.local/state/flowbus. getenv is a parameter so tests control it.
-func StateDir(getenv func(string) string) string {
-	if d := getenv("STATE_DIRECTORY"); d != "" {
-		return strings.SplitN(d, ":", 2)[0]
-	}
-	if d := getenv("XDG_STATE_HOME"); d != "" {
-		return filepath.Join(d, "flowbus")
-	}
-	if os.Geteuid() == 0 {
-		return "/var/lib/flowbus"
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(h, ".local", "state", "flowbus")
-	}
-	return filepath.Join(os.TempDir(), "flowbus")
 }
 
 // Values are the settings of a parsed command line, each from its flag, else its environment variable,

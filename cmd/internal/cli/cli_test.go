@@ -38,19 +38,6 @@ func TestExplain(t *testing.T) {
 	}
 }
 
-func TestStateDir(t *testing.T) {
-	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
-	if d := StateDir(env(map[string]string{"STATE_DIRECTORY": "/var/lib/flowstat"})); d != "/var/lib/flowstat" {
-		t.Errorf("under systemd: %q", d)
-	}
-	if d := StateDir(env(map[string]string{"STATE_DIRECTORY": "/var/lib/flowbus:/var/lib/other"})); d != "/var/lib/flowbus" {
-		t.Errorf("several state directories: %q, want the first", d)
-	}
-	if d := StateDir(env(map[string]string{"XDG_STATE_HOME": "/home/u/.state"})); d != "/home/u/.state/flowbus" {
-		t.Errorf("XDG: %q", d)
-	}
-}
-
 func TestValues(t *testing.T) {
 	fs := flag.NewFlagSet("x", flag.ContinueOnError)
 	fs.String("nats", "", "")
