@@ -27,6 +27,7 @@ import (
 	"github.com/flowbus/flowbus/agent/enrich"
 	"github.com/flowbus/flowbus/bpf"
 	"github.com/flowbus/flowbus/dnscache"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/flowbus/flowbus/publisher"
 	"github.com/flowbus/flowbus/publisher/embedded"
 	"github.com/flowbus/flowbus/publisher/spool"
@@ -135,7 +136,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 			return nil, err
 		}
 		if !a.nc.IsConnected() {
-			log.Warn("NATS not reachable yet; starting anyway, batches are kept until it is", "url", redactURL(cfg.NATSURL))
+			log.Warn("NATS not reachable yet; starting anyway, batches are kept until it is", "url", redact.List(cfg.NATSURL))
 		}
 	}
 
@@ -267,7 +268,7 @@ func (a *Agent) natsURL() string {
 	if a.srv != nil {
 		return a.srv.ClientURL()
 	}
-	return redactURL(a.cfg.NATSURL)
+	return redact.List(a.cfg.NATSURL)
 }
 
 // checkListen fails at once, naming the variable, when addr cannot be
@@ -466,19 +467,4 @@ func (a *Agent) Snapshot() Snapshot {
 		StreamReady:  a.streamReady.Load(),
 		Connected:    a.nc.IsConnected(),
 	}
-}
-
-// redactURL hides credentials in NATS URLs for logs.
-// Each URL of a comma-separated list is redacted, up to its last "@" (a
-// password may hold one).
-func redactURL(u string) string {
-	parts := strings.Split(u, ",")
-	for k, p := range parts {
-		if i := strings.LastIndex(p, "@"); i >= 0 {
-			if j := strings.Index(p, "://"); j >= 0 && j < i {
-				parts[k] = p[:j+3] + "REDACTED" + p[i:]
-			}
-		}
-	}
-	return strings.Join(parts, ",")
 }

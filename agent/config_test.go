@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/bpf/cgroupv2"
+	"github.com/flowbus/flowbus/internal/redact"
 )
 
 func TestConfigDefaults(t *testing.T) {
@@ -72,7 +73,7 @@ func TestConfigRemoteURLs(t *testing.T) {
 }
 
 func TestRedactURL(t *testing.T) {
-	if got := redactURL("nats://user:secret@host:4222"); strings.Contains(got, "secret") {
+	if got := redact.List("nats://user:secret@host:4222"); strings.Contains(got, "secret") {
 		t.Errorf("secret in %q", got)
 	}
 }

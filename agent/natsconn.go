@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/flowbus/flowbus/agent/enrich"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/flowbus/flowbus/publisher"
 )
 
@@ -19,7 +20,7 @@ import (
 // to the client library only; nothing here logs them.
 func NATSOptions(cfg Config, self *enrich.SelfFilter, log *slog.Logger) ([]nats.Option, error) {
 	var lastReconnectLog atomic.Int64
-	url := redactURL(cfg.NATSURL)
+	url := redact.List(cfg.NATSURL)
 	opts := []nats.Option{
 		nats.Name("flowagent " + cfg.Host),
 		nats.SetCustomDialer(publisher.Dialer(5*time.Second, self.Add)),
@@ -88,7 +89,7 @@ func ConnectNATS(cfg Config, opts []nats.Option) (*nats.Conn, error) {
 		return nc, nil
 	}
 	if fix := Refusal(err); fix != "" {
-		return nil, fmt.Errorf("connecting to NATS at %s: %w: %s", redactURL(cfg.NATSURL), err, fix)
+		return nil, fmt.Errorf("connecting to NATS at %s: %w: %s", redact.List(cfg.NATSURL), err, fix)
 	}
 	// Not reachable (yet): connect in the background and queue meanwhile.
 	return nats.Connect(cfg.NATSURL, append(opts, nats.RetryOnFailedConnect(true))...)

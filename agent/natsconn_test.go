@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/agent/enrich"
+	"github.com/flowbus/flowbus/internal/redact"
 )
 
 // fileLog is a log file that the NATS client's goroutines write while the
@@ -74,11 +75,11 @@ func TestUnreachableNATSIsLoggedOnce(t *testing.T) {
 
 // Every URL of a list is redacted, also when the password holds an "@".
 func TestRedactURLList(t *testing.T) {
-	got := redactURL("nats://a:s3cret@h1:4222, tls://b:p@ss@h2:4222,nats://h3:4222")
+	got := redact.List("nats://a:s3cret@h1:4222, tls://b:p@ss@h2:4222,nats://h3:4222")
 	if strings.Contains(got, "s3cret") || strings.Contains(got, "p@ss") || strings.Contains(got, ":p") {
 		t.Errorf("a password is left in %q", got)
 	}
-	if want := "nats://REDACTED@h1:4222, tls://REDACTED@h2:4222,nats://h3:4222"; got != want {
-		t.Errorf("redactURL = %q, want %q", got, want)
+	if want := "nats://a:xxxxx@h1:4222, tls://b:xxxxx@h2:4222,nats://h3:4222"; got != want {
+		t.Errorf("redact.List = %q, want %q", got, want)
 	}
 }

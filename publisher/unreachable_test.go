@@ -35,7 +35,7 @@ func TestUnreachableNATSIsNamed(t *testing.T) {
 	}
 	var log lockedBuf
 	p, err := New(nc, fastRetry(Config{Host: "web-01", RunID: "run1", MaxEvents: 2, QueueBytes: 1, Spool: sp,
-		ServerURL: "nats://REDACTED@" + ln.Addr().String()}), slog.New(slog.NewTextHandler(&log, nil)))
+		ServerURL: "nats://flow:xxxxx@" + ln.Addr().String()}), slog.New(slog.NewTextHandler(&log, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +55,7 @@ func TestUnreachableNATSIsNamed(t *testing.T) {
 	if strings.Contains(l, "headers not supported") {
 		t.Errorf("log blames headers:\n%s", l)
 	}
-	if !strings.Contains(l, "url=nats://REDACTED@"+ln.Addr().String()) {
+	if !strings.Contains(l, "url=nats://flow:xxxxx@"+ln.Addr().String()) {
 		t.Errorf("log does not name the server:\n%s", l)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)

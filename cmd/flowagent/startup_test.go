@@ -270,7 +270,7 @@ func TestUnreachableNATSSaysSoAndCountsSpooled(t *testing.T) {
 	a := startAgentProc(t, "unreachable", env)
 	waitReady(t, a, env)
 	cg.Traffic(t, "127.0.0.1", 20, false)
-	url := fmt.Sprintf("nats://REDACTED@127.0.0.1:%d", port)
+	url := fmt.Sprintf("nats://flow:xxxxx@127.0.0.1:%d", port)
 	if !a.WaitLog(20*time.Second, "NATS is not reachable") {
 		t.Fatalf("no line saying NATS is not reachable:\n%s", a.Log())
 	}

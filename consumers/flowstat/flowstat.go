@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -76,7 +77,7 @@ func connect(ctx context.Context, urls []string, name string, timeout, streamWai
 		nc.Close()
 		return nil, nil, nil, err
 	}
-	urlText := stream.RedactURLs(urls)
+	urlText := redact.URLs(urls)
 	s, err := stream.Open(ctx, js, stream.Lookup{Stream: streamName, URL: urlText, Timeout: timeout, Wait: streamWait, Notify: notify,
 		Waiting: func() { mon.setState(fmt.Sprintf("waiting for stream %q to appear on %s", streamName, urlText)) }})
 	if err != nil {

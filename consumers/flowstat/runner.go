@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
-	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -26,7 +26,7 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	if err != nil {
 		return Stats{}, fmt.Errorf("read the identity of database %s: %w", st.Where(), err)
 	}
-	o.Monitor.setState("connecting to NATS at " + stream.RedactURLs(o.URLs))
+	o.Monitor.setState("connecting to NATS at " + redact.URLs(o.URLs))
 	defer o.Monitor.setState("stopped")
 	nc, js, stream, err := connect(ctx, o.URLs, "flowstat-"+o.Durable, o.ConnectTimeout, o.StreamWait, o.Stream, o.Log, o.Monitor)
 	if err != nil {

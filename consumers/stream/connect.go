@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -49,7 +50,7 @@ func Connect(ctx context.Context, d Dial) (*nats.Conn, error) {
 			}
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
-			notify("reconnected to NATS at " + RedactURLs([]string{c.ConnectedUrl()}))
+			notify("reconnected to NATS at " + redact.URLs([]string{c.ConnectedUrl()}))
 		}),
 	}
 	if d.AsyncErrors {
@@ -69,7 +70,7 @@ func Connect(ctx context.Context, d Dial) (*nats.Conn, error) {
 	select {
 	case r := <-done:
 		if r.err != nil {
-			return nil, &ConnectError{URL: RedactURLs(urls), Err: r.err}
+			return nil, &ConnectError{URL: redact.URLs(urls), Err: r.err}
 		}
 		return r.nc, nil
 	case <-ctx.Done():

@@ -8,7 +8,6 @@ package stream
 import (
 	"errors"
 	"fmt"
-	"net/url"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -52,37 +51,6 @@ func (e *StreamError) Error() string {
 
 // Unwrap returns the underlying error.
 func (e *StreamError) Unwrap() error { return e.Err }
-
-// RedactURLs joins urls for messages, hiding passwords and tokens so they do not end up in logs.
-func RedactURLs(urls []string) string {
-	out := make([]string, len(urls))
-	for i, u := range urls {
-		out[i] = u
-		p, err := url.Parse(u)
-		if err != nil {
-			// Unparseable, but it may still hold user:password@ before the host.
-			if s, rest, ok := strings.Cut(u, "://"); ok {
-				hostEnd := strings.IndexAny(rest, "/?#")
-				if hostEnd < 0 {
-					hostEnd = len(rest)
-				}
-				if at := strings.LastIndexByte(rest[:hostEnd], '@'); at >= 0 {
-					out[i] = s + "://xxxxx" + rest[at:]
-				}
-			}
-			continue
-		}
-		if p.User != nil {
-			if _, has := p.User.Password(); has {
-				out[i] = p.Redacted()
-			} else {
-				p.User = url.User("xxxxx")
-				out[i] = p.String()
-			}
-		}
-	}
-	return strings.Join(out, ",")
-}
 
 // ValidateName applies JetStream's naming rules to a stream or consumer name, so a typo fails before
 // connecting and not as an odd server error. what names the setting, e.g. "stream name".

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/flowbus/flowbus/schema"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -125,7 +126,7 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	}
 	w := newWarner(o.Warnings)
 
-	urlText := stream.RedactURLs(o.URLs)
+	urlText := redact.URLs(o.URLs)
 	nc, err := stream.Connect(ctx, stream.Dial{URLs: o.URLs, Name: o.ClientName, Timeout: o.ConnectTimeout,
 		Notify: func(msg string) { w.printf("warning: %s\n", msg) }})
 	if ctx.Err() != nil {

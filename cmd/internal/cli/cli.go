@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -34,15 +35,15 @@ func ParseURLs(s string) ([]string, error) {
 				if errors.As(err, &ue) {
 					err = ue.Err
 				}
-				return nil, fmt.Errorf("invalid URL %q: %v", stream.RedactURLs([]string{u}), err)
+				return nil, fmt.Errorf("invalid URL %q: %v", redact.URLs([]string{u}), err)
 			}
 			switch p.Scheme {
 			case "nats", "tls", "ws", "wss":
 			default:
-				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", stream.RedactURLs([]string{u}), p.Scheme)
+				return nil, fmt.Errorf("URL %q: unsupported scheme %q (want nats://, tls://, ws:// or wss://)", redact.URLs([]string{u}), p.Scheme)
 			}
 			if p.Host == "" {
-				return nil, fmt.Errorf("URL %q has no host (want e.g. nats://127.0.0.1:4222)", stream.RedactURLs([]string{u}))
+				return nil, fmt.Errorf("URL %q has no host (want e.g. nats://127.0.0.1:4222)", redact.URLs([]string{u}))
 			}
 		}
 		urls = append(urls, u)
@@ -55,7 +56,7 @@ func redactList(s string) string {
 	parts := strings.Split(s, ",")
 	for i, p := range parts {
 		if t := strings.TrimSpace(p); t != "" {
-			parts[i] = stream.RedactURLs([]string{t})
+			parts[i] = redact.URLs([]string{t})
 		}
 	}
 	return strings.Join(parts, ",")
