@@ -193,6 +193,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		ContainersRefresh: 2 * time.Second,
 		DNS: dnscache.Config{
 			MaxEntries:      cfg.DNSCacheEntries,
+			MaxBytes:        cfg.DNSCacheBytes,
 			MaxNamesPerAddr: cfg.DNSMaxNames,
 			MinTTL:          cfg.DNSMinTTL,
 			MaxTTL:          cfg.DNSMaxTTL,

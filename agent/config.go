@@ -56,6 +56,7 @@ type Config struct {
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304" help:"kernel ring buffer size, a power of two"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
+	DNSCacheBytes    int64         `env:"DNS_CACHE_BYTES" envDefault:"16777216" help:"memory the DNS cache may hold (names counted once however many addresses share them); past it the least recently used addresses go"`
 	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8" help:"names kept per address (a CDN address serves many)"`
 	DNSMinTTL        time.Duration `env:"DNS_MIN_TTL" envDefault:"60s" help:"floor of a cached name's life"`
 	DNSMaxTTL        time.Duration `env:"DNS_MAX_TTL" envDefault:"6h" help:"ceiling of a cached name's life"`
@@ -242,6 +243,9 @@ func (c *Config) validate() []string {
 	}
 	if c.DNSCacheEntries < 1 || c.DNSCacheEntries > 1<<24 {
 		bad("DNS_CACHE_ENTRIES", "%d: must be 1 to 16777216", c.DNSCacheEntries)
+	}
+	if c.DNSCacheBytes < 64<<10 || c.DNSCacheBytes > 4<<30 {
+		bad("DNS_CACHE_BYTES", "%d: must be 65536 to 4294967296", c.DNSCacheBytes)
 	}
 	if c.DNSMaxNames < 1 || c.DNSMaxNames > 64 {
 		bad("DNS_MAX_NAMES", "%d: must be 1 to 64", c.DNSMaxNames)

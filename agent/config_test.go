@@ -23,7 +23,8 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.NATSURL != "" || cfg.EmbeddedListen != "127.0.0.1:4222" || cfg.SubjectPrefix != "flows" || cfg.Stream != "FLOWS" ||
-		cfg.MetricsAddr != "127.0.0.1:9464" || cfg.BatchLinger != 100*time.Millisecond || cfg.EmbeddedStoreDir == "" {
+		cfg.MetricsAddr != "127.0.0.1:9464" || cfg.BatchLinger != 100*time.Millisecond || cfg.EmbeddedStoreDir == "" ||
+		cfg.DNSCacheBytes != 16<<20 {
 		t.Errorf("defaults: %+v", cfg)
 	}
 	if cfg.Host == "" || strings.ContainsAny(cfg.Host, ". ABCDEFGHIJKLMNOPQRSTUVWXYZ") {
@@ -42,6 +43,7 @@ func TestConfigReportsAllProblems(t *testing.T) {
 		"FLOWBUS_RINGBUF_BYTES":    "1000",
 		"FLOWBUS_EMBEDDED_LISTEN":  "4222",
 		"FLOWBUS_LOG_LEVEL":        "loud",
+		"FLOWBUS_DNS_CACHE_BYTES":  "4096",
 	})
 	var ce *ConfigError
 	if !errors.As(err, &ce) {
@@ -49,13 +51,13 @@ func TestConfigReportsAllProblems(t *testing.T) {
 	}
 	msg := err.Error()
 	for _, v := range []string{"FLOWBUS_HOST", "FLOWBUS_SUBJECT_PREFIX", "FLOWBUS_BATCH_LINGER", "FLOWBUS_BATCH_MAX_EVENTS",
-		"FLOWBUS_STREAM_STORAGE", "FLOWBUS_RINGBUF_BYTES", "FLOWBUS_EMBEDDED_LISTEN", "FLOWBUS_LOG_LEVEL"} {
+		"FLOWBUS_STREAM_STORAGE", "FLOWBUS_RINGBUF_BYTES", "FLOWBUS_EMBEDDED_LISTEN", "FLOWBUS_LOG_LEVEL", "FLOWBUS_DNS_CACHE_BYTES"} {
 		if !strings.Contains(msg, v) {
 			t.Errorf("error does not name %s:\n%s", v, msg)
 		}
 	}
-	if len(ce.Problems) != 8 {
-		t.Errorf("got %d problems, want 8:\n%s", len(ce.Problems), msg)
+	if len(ce.Problems) != 9 {
+		t.Errorf("got %d problems, want 9:\n%s", len(ce.Problems), msg)
 	}
 	// The host problem suggests the fix.
 	if !strings.Contains(msg, `"web-01"`) {

@@ -21,6 +21,7 @@ type agentCollector struct {
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
+	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                  *prometheus.Desc
 	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                            *prometheus.Desc
 }
 
@@ -47,15 +48,21 @@ func newAgentCollector(a *Agent) *agentCollector {
 		spooled:      d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
 		spoolCorrupt: d("spool_corrupt_files", "Spool files found unreadable at start and set aside as *.corrupt: their events are lost, in a number the file no longer tells."),
 		dnsLookups:   d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
-		dnsAnswers:   d("dns_messages_total", "DNS payloads seen, by outcome: learned (addresses added), ignored (nothing to learn), malformed, truncated (unparsable after a cut, or split over TCP segments), cut_in_kernel (longer than the kernel copies), lost (ring buffer full).", "outcome"),
-		dnsEvictions: d("dns_cache_evictions_total", "Addresses pushed out of the DNS cache by its size bound."),
+		dnsAnswers:   d("dns_messages_total", "DNS messages seen, each in one outcome: learned (every answer record read, its addresses learned), partial (cut or broken after some addresses, which were learned), truncated (cut before any address), malformed (not a parsable DNS message), ignored (nothing to learn), lost (ring buffer full).", "outcome"),
+		dnsEvictions: d("dns_cache_evictions_total", "Addresses removed from the DNS cache, by reason: entries (FLOWBUS_DNS_CACHE_ENTRIES), bytes (FLOWBUS_DNS_CACHE_BYTES), ttl (all its names expired).", "reason"),
+		dnsBytes:     d("dns_cache_bytes", "Memory the DNS cache holds, as it accounts it against FLOWBUS_DNS_CACHE_BYTES."),
+		dnsNames:     d("dns_cache_names", "Distinct names held in the DNS cache (each stored once however many addresses share it)."),
+		dnsDisplaced: d("dns_cache_names_displaced_total", "Names pushed out of an address that held FLOWBUS_DNS_MAX_NAMES names."),
+		dnsRecords:   d("dns_records_learned_total", "A and AAAA records learned from DNS answers."),
+		dnsDropped:   d("dns_records_dropped_total", "Answer records not read, by reason: cut (past the end of what the kernel copied or of a TCP segment), malformed (unparsable, or after one that was).", "reason"),
+		dnsKernelCut: d("dns_cut_in_kernel_total", "DNS messages longer than the 2047 bytes the kernel copies, passed on in part (each also counted in dns_messages_total)."),
 		dnsExpired:   d("dns_cache_expired_total", "Names dropped from the DNS cache when their TTL ran out."),
 	}
 }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
-		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
+		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
 		ch <- d
 	}
 }
@@ -95,12 +102,21 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.dnsLookups, s.DNS.Hits, "hit")
 	counter(c.dnsLookups, s.DNS.Misses, "miss")
 	counter(c.dnsAnswers, s.DNS.Answers, "learned")
+	counter(c.dnsAnswers, s.DNS.Partial, "partial")
 	counter(c.dnsAnswers, s.DNS.Ignored, "ignored")
 	counter(c.dnsAnswers, s.DNS.Malformed, "malformed")
 	counter(c.dnsAnswers, s.DNS.Truncated, "truncated")
-	counter(c.dnsAnswers, s.Kernel.DNSCut, "cut_in_kernel")
 	counter(c.dnsAnswers, s.Kernel.DNSFull, "lost")
-	counter(c.dnsEvictions, s.DNS.Evictions)
+	counter(c.dnsKernelCut, s.Kernel.DNSCut)
+	counter(c.dnsEvictions, s.DNS.Evictions, "entries")
+	counter(c.dnsEvictions, s.DNS.BytesEvictions, "bytes")
+	counter(c.dnsEvictions, s.DNS.TTLEvictions, "ttl")
+	gauge(c.dnsBytes, float64(s.DNS.Bytes))
+	gauge(c.dnsNames, float64(s.DNS.Names))
+	counter(c.dnsDisplaced, s.DNS.Displaced)
+	counter(c.dnsRecords, s.DNS.Records)
+	counter(c.dnsDropped, s.DNS.DroppedCut, "cut")
+	counter(c.dnsDropped, s.DNS.DroppedMalformed, "malformed")
 	counter(c.dnsExpired, s.DNS.Expired)
 	r := 0.0
 	if s.Connected && s.StreamReady {

@@ -81,7 +81,7 @@ func BenchmarkAddMessage(b *testing.B) {
 // two names of about 20 characters and reports the live heap per address.
 func BenchmarkMemoryPerEntry(b *testing.B) {
 	const n = 100_000
-	var perEntry float64
+	var perEntry, accounted float64
 	for b.Loop() {
 		b.StopTimer()
 		var before, after runtime.MemStats
@@ -89,7 +89,7 @@ func BenchmarkMemoryPerEntry(b *testing.B) {
 		runtime.ReadMemStats(&before)
 		b.StartTimer()
 
-		c := New(Config{MaxEntries: n})
+		c := New(Config{MaxEntries: n, MaxBytes: 1 << 30})
 		for i := range n {
 			a := addrN(i)
 			c.Add(a, fmt.Sprintf("host-%06d.example.com", i), time.Hour, t0) // 22 chars
@@ -106,7 +106,38 @@ func BenchmarkMemoryPerEntry(b *testing.B) {
 		}
 		runtime.KeepAlive(c)
 		perEntry = float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / n
+		accounted = float64(c.Stats().Bytes) / n
 		b.StartTimer()
 	}
 	b.ReportMetric(perEntry, "bytes/entry")
+	b.ReportMetric(accounted, "accounted-bytes/entry")
+}
+
+// BenchmarkFlood feeds 8,192 forged-style answers (64 A records of 251-
+// character names each, see floodMsg) through a cache at the agent's
+// defaults, one at a time as the kernel hands them over, and reports the
+// live heap the cache holds after it, what the cache accounts, and the
+// resident set of the whole test process.
+func BenchmarkFlood(b *testing.B) {
+	const msgs = 8192
+	var heap, accounted float64
+	for b.Loop() {
+		b.StopTimer()
+		before := heapAlloc()
+		b.StartTimer()
+		c := New(Config{})
+		for i := range msgs {
+			m := floodMsg(i)
+			c.AddPayload(ProtoUDP, m, len(m), t0)
+		}
+		b.StopTimer()
+		heap = float64(int64(heapAlloc())-int64(before)) / (1 << 20)
+		accounted = float64(c.Stats().Bytes) / (1 << 20)
+		runtime.KeepAlive(c)
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(msgs*b.N)/b.Elapsed().Seconds(), "answers/s")
+	b.ReportMetric(heap, "heap-MiB")
+	b.ReportMetric(accounted, "accounted-MiB")
+	b.ReportMetric(float64(rssKiB())/1024, "rss-MiB")
 }

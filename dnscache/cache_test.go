@@ -85,11 +85,36 @@ func checkInvariants(t testing.TB, c *Cache) {
 	if n != len(c.m) {
 		t.Fatalf("LRU list has %d elements, map %d", n, len(c.m))
 	}
+	// The byte account is the sum of what is held, and within the budget;
+	// every interned name is held as often as its count says.
+	refs := map[string]int{}
+	var bytes int64
+	for _, e := range c.m {
+		bytes += e.cost
+		for _, nm := range e.names {
+			refs[nm.name]++
+		}
+	}
+	if len(refs) != len(c.names) {
+		t.Fatalf("%d distinct names held, %d interned", len(refs), len(c.names))
+	}
+	for s, in := range c.names {
+		if in.refs != refs[s] || in.s != s {
+			t.Fatalf("interned %q: refs %d, held %d times", s, in.refs, refs[s])
+		}
+		bytes += nameCost(s)
+	}
+	if bytes != c.bytes {
+		t.Fatalf("accounted %d bytes, entries and names sum to %d", c.bytes, bytes)
+	}
+	if c.bytes > c.cfg.MaxBytes {
+		t.Fatalf("accounted %d bytes > MaxBytes %d", c.bytes, c.cfg.MaxBytes)
+	}
 }
 
 func TestConfigDefaults(t *testing.T) {
 	c := New(Config{})
-	want := Config{DefaultMaxEntries, DefaultMaxNamesPerAddr, DefaultMinTTL, DefaultMaxTTL}
+	want := Config{MaxEntries: DefaultMaxEntries, MaxBytes: DefaultMaxBytes, MaxNamesPerAddr: DefaultMaxNamesPerAddr, MinTTL: DefaultMinTTL, MaxTTL: DefaultMaxTTL}
 	if c.cfg != want {
 		t.Fatalf("defaults: %+v, want %+v", c.cfg, want)
 	}
@@ -409,8 +434,8 @@ func TestStats(t *testing.T) {
 	c.Add(addrD, "d", 0, t0+sec(10)) // evicts A (B already gone)
 	c.Lookup(addrA, t0+sec(11))      // miss
 	st := c.Stats()
-	want := Stats{Entries: 2, Hits: 3, Misses: 3, Evictions: 1, Expired: 2}
-	if st != want {
+	want := Stats{Entries: 2, Bytes: st.Bytes, Names: 2, Hits: 3, Misses: 3, Evictions: 1, TTLEvictions: 1, Expired: 2}
+	if st != want || st.Bytes <= 0 {
 		t.Fatalf("Stats = %+v\nwant    %+v", st, want)
 	}
 }

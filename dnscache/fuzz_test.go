@@ -46,6 +46,20 @@ func fuzzSeeds(tb testing.TB) []fuzzSeed {
 		{"tcp-three", ProtoTCP, frame(aaaa, mixed, nxd), len(frame(aaaa, mixed, nxd))},
 		{"tcp-partial", ProtoTCP, frame(a, chain)[:len(a)+2+20], len(frame(a, chain))},
 	}
+	var many []rr
+	for i := range 120 {
+		many = append(many, rr{"many.example.", 60, &dnsmessage.AResource{A: addrN(i).As4()}})
+	}
+	big := buildMsg(tb, respHeader(), "many.example.", dnsmessage.TypeA, many...)
+	long := longName(253, "l")
+	longMsg := buildMsg(tb, respHeader(), long+".", dnsmessage.TypeA, aRR(long+".", 60, "192.0.2.253"))
+	flood := floodMsg(3)
+	seeds = append(seeds,
+		fuzzSeed{"udp-120-records", ProtoUDP, big, len(big)},
+		fuzzSeed{"udp-120-records-cut", ProtoUDP, big[:len(big)/2], len(big)},
+		fuzzSeed{"udp-long-name", ProtoUDP, longMsg, len(longMsg)},
+		fuzzSeed{"udp-flood", ProtoUDP, flood, len(flood)},
+	)
 	for _, n := range []int{0, 5, 12, 20, len(chain) / 2, len(chain) - 1} {
 		seeds = append(seeds, fuzzSeed{fmt.Sprintf("udp-cname-chain-cut%d", n), ProtoUDP, chain[:n], len(chain)})
 	}
@@ -61,12 +75,25 @@ func FuzzAddPayload(f *testing.F) {
 	}
 	const maxNames = 3
 	f.Fuzz(func(t *testing.T, proto uint8, payload []byte, origLen int) {
-		c := New(Config{MaxEntries: 32, MaxNamesPerAddr: maxNames, MinTTL: time.Second, MaxTTL: time.Hour})
+		// A budget of a few entries: eviction by bytes runs in most inputs,
+		// and checkInvariants holds the account to the budget.
+		c := New(Config{MaxEntries: 32, MaxBytes: 2048, MaxNamesPerAddr: maxNames, MinTTL: time.Second, MaxTTL: time.Hour})
 		c.AddPayload(proto, payload, origLen, t0)
+		st := c.Stats()
+		if proto == ProtoUDP && outcomes(st) != 1 {
+			t.Fatalf("a UDP payload landed in %d outcomes: %+v", outcomes(st), st)
+		}
+		checkInvariants(t, c)
 		if err := c.AddMessage(payload, t0); err != nil && !errors.Is(err, ErrMalformed) {
 			t.Fatalf("AddMessage error %v does not wrap ErrMalformed", err)
 		}
+		if got := c.Stats(); outcomes(got) != outcomes(st)+1 {
+			t.Fatalf("one message landed in %d outcomes: %+v", outcomes(got)-outcomes(st), got)
+		}
 		checkInvariants(t, c)
+		if b := c.Stats().Bytes; b > 2048 || b < 0 {
+			t.Fatalf("%d bytes accounted, budget 2048", b)
+		}
 		for a, names := range learned(c, t0) {
 			if len(names) > maxNames {
 				t.Fatalf("%v has %d names > %d", a, len(names), maxNames)

@@ -1,21 +1,25 @@
 package dnscache
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
 )
 
-// Bounds on the work one message can cause, whatever it claims.
+// Bounds on the work one message can cause, whatever it claims. Every answer
+// record is read: a message holds at most 65,535 of them (ANCOUNT), and each
+// takes at least minRecord bytes, so the work is bounded by its length.
 const (
-	maxRecords = 64 // answer records looked at per message
-	maxChain   = 16 // CNAME hops followed from an address back to the asked name
-	maxTCPMsgs = 16 // messages taken from one TCP segment
+	maxChain  = 16 // CNAME hops followed from an address back to the asked name
+	minRecord = 11 // the smallest record: root name, type, class, TTL, RDLENGTH 0
+	headerLen = 12
 )
 
 // Protocol numbers of the payloads the kernel hands over.
@@ -28,21 +32,19 @@ const (
 var ErrMalformed = errors.New("malformed DNS message")
 
 // AddPayload learns from what the kernel captured: a UDP datagram's payload,
-// or a TCP segment from port 53 (2-byte length-prefixed messages; only those
-// complete in the segment are used). origLen > len(payload) means the kernel
-// cut it: the records before the cut are still learned. It never fails: bad
-// input is counted and dropped.
+// or a TCP segment from port 53 (2-byte length-prefixed messages). origLen >
+// len(payload) means the kernel cut it; a TCP message running past the
+// segment's end is cut too. The records before a cut are still learned. It
+// never fails: bad input is counted and dropped.
 func (c *Cache) AddPayload(proto uint8, payload []byte, origLen int, now int64) {
-	cut := origLen > len(payload)
 	if proto == ProtoUDP {
-		if err := c.AddMessage(payload, now); err != nil && cut {
-			c.truncated.Add(1)
-		}
+		_ = c.addMessage(payload, max(origLen, len(payload)), now)
 		return
 	}
-	for i := 0; i < maxTCPMsgs && len(payload) > 0; i++ {
+	// Every message of the segment: each takes at least 2+headerLen bytes.
+	for len(payload) > 0 {
 		if len(payload) < 2 {
-			c.truncated.Add(1)
+			c.truncated.Add(1) // a length prefix split over segments
 			return
 		}
 		n := int(binary.BigEndian.Uint16(payload))
@@ -51,11 +53,12 @@ func (c *Cache) AddPayload(proto uint8, payload []byte, origLen int, now int64) 
 			return
 		}
 		if 2+n > len(payload) {
-			// A message spread over segments: we do not reassemble.
-			c.truncated.Add(1)
+			// A message spread over segments: we do not reassemble, but
+			// learn what this segment holds of it.
+			_ = c.addMessage(payload[2:], n, now)
 			return
 		}
-		_ = c.AddMessage(payload[2:2+n], now)
+		_ = c.addMessage(payload[2:2+n], n, now)
 		payload = payload[2+n:]
 	}
 }
@@ -74,30 +77,42 @@ type addrRec struct {
 // AddMessage parses one DNS message and learns its A and AAAA answers: each
 // address maps to its owner name and every name on the CNAME chain leading to
 // it (the asked name among them). Queries, error answers and messages without
-// addresses teach nothing and are counted as ignored.
+// addresses teach nothing and are counted as ignored. The message lands in
+// exactly one of the outcomes Stats lists.
 func (c *Cache) AddMessage(msg []byte, now int64) error {
+	return c.addMessage(msg, len(msg), now)
+}
+
+// addMessage is AddMessage for msg, the first bytes of a message origLen
+// long: cut when origLen > len(msg).
+func (c *Cache) addMessage(msg []byte, origLen int, now int64) error {
+	cut := origLen > len(msg)
 	var p dnsmessage.Parser
 	h, err := p.Start(msg)
 	if err != nil {
-		c.malformed.Add(1)
+		c.fail(cut, 0, 0, origLen)
 		return fmt.Errorf("%w: header: %v", ErrMalformed, err)
 	}
 	if !h.Response || h.RCode != dnsmessage.RCodeSuccess {
 		c.ign.Add(1)
 		return nil
 	}
+	announced := int(binary.BigEndian.Uint16(msg[6:]))
 	if err := p.SkipAllQuestions(); err != nil {
-		c.malformed.Add(1)
+		c.fail(cut, announced, 0, origLen)
 		return fmt.Errorf("%w: question: %v", ErrMalformed, err)
 	}
 	var (
 		cnames  []cname
 		addrs   []addrRec
 		perr    error
-		scratch [maxRecords]addrRec
+		read    int
+		scratch [128]addrRec // a 2047-byte copy holds at most 127 A records
+		last    dnsmessage.Name
+		lastStr string
 	)
 	addrs = scratch[:0]
-	for i := 0; i < maxRecords; i++ {
+	for {
 		rh, err := p.AnswerHeader()
 		if errors.Is(err, dnsmessage.ErrSectionDone) {
 			break
@@ -106,11 +121,27 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 			perr = err
 			break
 		}
-		a, cn, err := readAnswer(&p, rh)
+		// Only the names of records we learn from must be clean. Answers
+		// repeat their owner: normalize it once.
+		owner := lastStr
+		switch rh.Type {
+		case dnsmessage.TypeA, dnsmessage.TypeAAAA, dnsmessage.TypeCNAME:
+			if rh.Name.Length != last.Length || rh.Name.Data != last.Data {
+				if owner, err = normalize(rh.Name); err != nil {
+					perr = err
+				}
+				last, lastStr = rh.Name, owner
+			}
+		}
+		if perr != nil {
+			break
+		}
+		a, cn, err := readAnswer(&p, rh, owner)
 		if err != nil {
 			perr = err
 			break
 		}
+		read++
 		switch rh.Type {
 		case dnsmessage.TypeA, dnsmessage.TypeAAAA:
 			addrs = append(addrs, a)
@@ -119,15 +150,15 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 		}
 	}
 	// What was parsed before a cut or a bad record is still good to learn.
-	for _, a := range addrs {
-		if a.owner == "" {
-			continue
-		}
-		c.learn(a, cnames, now)
-	}
+	c.learnAll(addrs, cnames, now)
 	c.records.Add(uint64(len(addrs)))
 	if perr != nil {
-		c.malformed.Add(1)
+		if len(addrs) > 0 {
+			c.partial.Add(1)
+			c.dropped(cut, announced, read, origLen)
+		} else {
+			c.fail(cut, announced, read, origLen)
+		}
 		return fmt.Errorf("%w: answer: %v", ErrMalformed, perr)
 	}
 	if len(addrs) == 0 {
@@ -138,33 +169,82 @@ func (c *Cache) AddMessage(msg []byte, now int64) error {
 	return nil
 }
 
-// learn adds a's owner and every alias that leads to it.
-func (c *Cache) learn(a addrRec, cnames []cname, now int64) {
-	ttl := a.ttl
-	c.Add(a.addr, a.owner, ttlDur(ttl), now)
-	cur := a.owner
-	for hop := 0; hop < maxChain; hop++ {
-		next := ""
-		for _, cn := range cnames {
-			if cn.target == cur && cn.alias != cur {
-				next = cn.alias
-				ttl = min(ttl, cn.ttl)
-				break
+// fail counts a message of which nothing was learned.
+func (c *Cache) fail(cut bool, announced, read, origLen int) {
+	if cut {
+		c.truncated.Add(1)
+	} else {
+		c.malformed.Add(1)
+	}
+	c.dropped(cut, announced, read, origLen)
+}
+
+// dropped counts the answer records not read: those the header announced,
+// but no more than the message's length could hold, so that a forged count
+// cannot inflate the counter.
+func (c *Cache) dropped(cut bool, announced, read, origLen int) {
+	n := min(announced, (origLen-headerLen)/minRecord) - read
+	if n <= 0 {
+		return
+	}
+	if cut {
+		c.droppedCut.Add(uint64(n))
+	} else {
+		c.droppedMalformed.Add(uint64(n))
+	}
+}
+
+// learnAll adds every address with its owner and every alias leading to it.
+// Owners repeat (many addresses for one name): each chain is walked once.
+func (c *Cache) learnAll(addrs []addrRec, cnames []cname, now int64) {
+	if len(addrs) == 0 {
+		return
+	}
+	// By target, to find a name's alias by binary search; among aliases of
+	// one target the first in the message wins.
+	slices.SortStableFunc(cnames, func(a, b cname) int { return cmp.Compare(a.target, b.target) })
+	var (
+		names    []string
+		ttls     []uint32
+		lastName string
+		chainN   [maxChain + 1]string
+		chainT   [maxChain + 1]uint32 // the least TTL from the owner down to this hop
+	)
+	chain, chainTTL := chainN[:0], chainT[:0]
+	for i, a := range addrs {
+		if i == 0 || a.owner != lastName {
+			lastName = a.owner
+			chain, chainTTL = chainN[:0], chainT[:0]
+			chain, chainTTL = append(chain, a.owner), append(chainTTL, ^uint32(0))
+			cur := a.owner
+			for hop := 0; hop < maxChain; hop++ {
+				j, ok := slices.BinarySearchFunc(cnames, cur, func(cn cname, t string) int { return cmp.Compare(cn.target, t) })
+				for ok && j < len(cnames) && cnames[j].target == cur && cnames[j].alias == cur {
+					j++ // a name aliased to itself leads nowhere
+				}
+				if !ok || j >= len(cnames) || cnames[j].target != cur || cnames[j].alias == "" || slices.Contains(chain, cnames[j].alias) {
+					break
+				}
+				cur = cnames[j].alias
+				chain = append(chain, cur)
+				chainTTL = append(chainTTL, min(chainTTL[len(chainTTL)-1], cnames[j].ttl))
 			}
 		}
-		if next == "" || next == a.owner {
-			return
+		names, ttls = names[:0], ttls[:0]
+		for k, nm := range chain {
+			names = append(names, nm)
+			ttls = append(ttls, min(a.ttl, chainTTL[k]))
 		}
-		c.Add(a.addr, next, ttlDur(ttl), now)
-		cur = next
+		c.addNames(a.addr, names, ttls, now)
 	}
 }
 
 func ttlDur(s uint32) time.Duration { return time.Duration(s) * time.Second }
 
-// readAnswer reads the body of the answer rh heads: an address record (A,
-// AAAA), an alias (CNAME), or neither for the types that name nothing.
-func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader) (addrRec, cname, error) {
+// readAnswer reads the body of the answer rh heads, owned by owner (rh.Name
+// normalized): an address record (A, AAAA), an alias (CNAME), or neither
+// for the types that name nothing.
+func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader, owner string) (addrRec, cname, error) {
 	var ip netip.Addr
 	// The parser reads 4 or 16 bytes whatever RDLENGTH says: a wrong length
 	// would learn the bytes of the next record.
@@ -192,17 +272,16 @@ func readAnswer(p *dnsmessage.Parser, rh dnsmessage.ResourceHeader) (addrRec, cn
 		if err != nil {
 			return addrRec{}, cname{}, err
 		}
-		alias, err := normalize(rh.Name)
-		if err != nil {
-			return addrRec{}, cname{}, err
-		}
 		target, err := normalize(r.CNAME)
-		return addrRec{}, cname{alias, target, rh.TTL}, err
+		return addrRec{}, cname{owner, target, rh.TTL}, err
 	default:
 		return addrRec{}, cname{}, p.SkipAnswer()
 	}
-	owner, err := normalize(rh.Name)
-	return addrRec{owner, ip, rh.TTL}, cname{}, err
+	if owner == "" {
+		// The root names nothing; such a record is broken or hostile.
+		return addrRec{}, cname{}, errors.New("address record owned by the root")
+	}
+	return addrRec{owner, ip, rh.TTL}, cname{}, nil
 }
 
 // normalize returns a name lowercase and without the trailing dot. A name

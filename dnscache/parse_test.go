@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -318,8 +319,8 @@ func TestParseTruncation(t *testing.T) {
 				if !errors.Is(err, ErrMalformed) {
 					t.Fatalf("cut at %d/%d: err %v, want ErrMalformed", n, len(full), err)
 				}
-				if st := c.Stats(); st.Malformed != 1 {
-					t.Fatalf("cut at %d: Malformed %d, want 1", n, st.Malformed)
+				if st := c.Stats(); st.Malformed+st.Partial != 1 || outcomes(st) != 1 {
+					t.Fatalf("cut at %d: stats %+v, want one outcome: malformed or partial", n, st)
 				}
 				for a, names := range learned(c, t0) {
 					for _, nm := range names {
@@ -331,25 +332,118 @@ func TestParseTruncation(t *testing.T) {
 				// The same cut as a UDP payload the kernel truncated.
 				c = New(Config{})
 				c.AddPayload(ProtoUDP, cut, len(full), t0)
-				if st := c.Stats(); st.Truncated != 1 || st.Malformed != 1 {
-					t.Fatalf("UDP cut at %d: stats %+v", n, st)
+				st := c.Stats()
+				if st.Truncated+st.Partial != 1 || outcomes(st) != 1 {
+					t.Fatalf("UDP cut at %d: stats %+v, want one outcome: truncated or partial", n, st)
+				}
+				if n >= headerLen && st.DroppedCut == 0 {
+					t.Fatalf("UDP cut at %d: no record counted as dropped: %+v", n, st)
 				}
 			}
 		})
 	}
 }
 
-func TestParseTooManyRecords(t *testing.T) {
-	var ans []rr
-	for i := range 200 {
-		ans = append(ans, rr{"big.example.", 60, &dnsmessage.AResource{A: addrN(i).As4()}})
+// outcomes is how many outcomes the messages fed to a cache landed in.
+func outcomes(st Stats) uint64 {
+	return st.Answers + st.Partial + st.Truncated + st.Malformed + st.Ignored
+}
+
+// An EDNS answer of 120 A records (1,962 bytes on the wire, as measured in
+// the field) and one of 4,000 (a TCP-sized message) are learned whole.
+func TestParseAllRecords(t *testing.T) {
+	for _, n := range []int{120, 4000} {
+		var ans []rr
+		for i := range n {
+			ans = append(ans, rr{"big.example.", 60, &dnsmessage.AResource{A: addrN(i).As4()}})
+		}
+		msg := buildMsg(t, respHeader(), "big.example.", dnsmessage.TypeA, ans...)
+		if n == 120 && len(msg) > 2047 {
+			t.Fatalf("%d-record answer is %d bytes, more than the kernel copies", n, len(msg))
+		}
+		c := New(Config{MaxEntries: 2 * n})
+		if err := c.AddMessage(msg, t0); err != nil {
+			t.Fatal(err)
+		}
+		st := c.Stats()
+		if st.Records != uint64(n) || st.Entries != n || st.Answers != 1 || outcomes(st) != 1 || st.DroppedCut+st.DroppedMalformed != 0 {
+			t.Fatalf("%d records: stats %+v", n, st)
+		}
+		for i := range n {
+			wantNames(t, c, addrN(i), t0, "big.example")
+		}
+		checkInvariants(t, c)
 	}
-	c := New(Config{MaxEntries: 1000})
-	if err := c.AddMessage(buildMsg(t, respHeader(), "big.example.", dnsmessage.TypeA, ans...), t0); err != nil {
+}
+
+// longName is a name of exactly n characters (n >= 3), in labels of at most 63.
+func longName(n int, tag string) string {
+	s := tag
+	for len(s) < n {
+		if rem := n - len(s) - 1; rem > 0 {
+			s += "." + strings.Repeat("a", min(63, rem))
+		} else {
+			s = "x" + s
+		}
+	}
+	return s
+}
+
+// Names of 253 characters (255 bytes on the wire, the most DNS allows), as
+// owner and along a CNAME chain, are learned in full.
+func TestParseLongNames(t *testing.T) {
+	owner := longName(253, "o1")
+	alias := longName(253, "a1")
+	if len(owner) != 253 {
+		t.Fatalf("owner %d chars", len(owner))
+	}
+	msg := buildMsg(t, respHeader(), alias+".", dnsmessage.TypeA,
+		cnameRR(alias+".", owner+".", 60), aRR(owner+".", 60, "192.0.2.7"), aRR(owner+".", 60, "192.0.2.8"))
+	c := New(Config{})
+	if err := c.AddMessage(msg, t0); err != nil {
 		t.Fatal(err)
 	}
-	if st := c.Stats(); st.Records != maxRecords || st.Entries != maxRecords {
-		t.Fatalf("stats %+v, want %d records", st, maxRecords)
+	wantNames(t, c, netip.MustParseAddr("192.0.2.7"), t0, owner, alias)
+	wantNames(t, c, netip.MustParseAddr("192.0.2.8"), t0, owner, alias)
+	if st := c.Stats(); st.Answers != 1 || outcomes(st) != 1 || st.Names != 2 {
+		t.Fatalf("stats %+v", st)
+	}
+	checkInvariants(t, c)
+}
+
+// An answer the kernel cut mid-record: the addresses before the cut are
+// learned, the message is counted once (partial), and the records past the
+// cut are counted as dropped.
+func TestParseCutInKernel(t *testing.T) {
+	var ans []rr
+	for i := range 120 {
+		ans = append(ans, rr{"cut.example.", 60, &dnsmessage.AResource{A: addrN(i).As4()}})
+	}
+	full := buildMsg(t, respHeader(), "cut.example.", dnsmessage.TypeA, ans...)
+	// Question: 12 header + 11 name + 4; records of 16 bytes after it.
+	const first = 12 + 13 + 4
+	cut := full[:first+41*16+7] // 41 records whole, the 42nd cut
+	c := New(Config{})
+	c.AddPayload(ProtoUDP, cut, len(full), t0)
+	st := c.Stats()
+	if st.Partial != 1 || outcomes(st) != 1 || st.Records != 41 || st.DroppedCut != 120-41 || st.DroppedMalformed != 0 {
+		t.Fatalf("stats %+v, want one partial answer, 41 records learned, 79 dropped as cut", st)
+	}
+	wantNames(t, c, addrN(40), t0, "cut.example")
+	wantNames(t, c, addrN(41), t0)
+
+	// Cut before the first record: truncated, all 120 dropped.
+	c = New(Config{})
+	c.AddPayload(ProtoUDP, full[:first+5], len(full), t0)
+	if st := c.Stats(); st.Truncated != 1 || outcomes(st) != 1 || st.Records != 0 || st.DroppedCut != 120 {
+		t.Fatalf("stats %+v, want one truncated answer, 120 records dropped as cut", st)
+	}
+
+	// The same bytes, not cut: a broken message, counted as such.
+	c = New(Config{})
+	c.AddPayload(ProtoUDP, cut, len(cut), t0)
+	if st := c.Stats(); st.Partial != 1 || outcomes(st) != 1 || st.Records != 41 || st.DroppedCut != 0 || st.DroppedMalformed == 0 {
+		t.Fatalf("stats %+v, want one partial answer, records dropped as malformed", st)
 	}
 }
 
@@ -427,12 +521,14 @@ func TestParseHostile(t *testing.T) {
 			}
 			st := c.Stats()
 			switch {
+			case outcomes(st) != 200:
+				t.Fatalf("200 messages landed in %d outcomes: %+v", outcomes(st), st)
 			case err != nil:
 				if !errors.Is(err, ErrMalformed) {
 					t.Fatalf("err %v does not wrap ErrMalformed", err)
 				}
-				if st.Malformed != 200 {
-					t.Fatalf("Malformed %d, want 200", st.Malformed)
+				if st.Malformed+st.Partial != 200 {
+					t.Fatalf("Malformed %d, Partial %d, want 200 in all", st.Malformed, st.Partial)
 				}
 			case st.Ignored != 200 && st.Entries != 0:
 				t.Fatalf("accepted: stats %+v", st)
@@ -496,7 +592,7 @@ func TestPayloadTCP(t *testing.T) {
 			t.Fatalf("stats %+v", st)
 		}
 	})
-	t.Run("bounded messages per segment", func(t *testing.T) {
+	t.Run("every message of a segment", func(t *testing.T) {
 		c := New(Config{})
 		var msgs [][]byte
 		for i := range 100 {
@@ -505,8 +601,8 @@ func TestPayloadTCP(t *testing.T) {
 		}
 		seg := frame(msgs...)
 		c.AddPayload(ProtoTCP, seg, len(seg), t0)
-		if st := c.Stats(); st.Answers != maxTCPMsgs {
-			t.Fatalf("Answers %d, want %d", st.Answers, maxTCPMsgs)
+		if st := c.Stats(); st.Answers != 100 || outcomes(st) != 100 || st.Entries != 100 {
+			t.Fatalf("stats %+v, want 100 answers learned", st)
 		}
 	})
 }
@@ -528,10 +624,10 @@ func TestPayloadUDP(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 
-	// Cut by the kernel and unparsable: Truncated (and Malformed).
+	// Cut by the kernel in its only address record: Truncated, only.
 	c = New(Config{})
 	c.AddPayload(ProtoUDP, full[:len(full)-3], len(full), t0)
-	if st := c.Stats(); st.Truncated != 1 || st.Malformed != 1 {
+	if st := c.Stats(); st.Truncated != 1 || outcomes(st) != 1 || st.DroppedCut != 1 {
 		t.Fatalf("stats %+v", st)
 	}
 
