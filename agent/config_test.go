@@ -24,7 +24,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if cfg.NATSURL != "" || cfg.EmbeddedListen != "127.0.0.1:4222" || cfg.SubjectPrefix != "flows" || cfg.Stream != "FLOWS" ||
 		cfg.MetricsAddr != "127.0.0.1:9464" || cfg.BatchLinger != 100*time.Millisecond || cfg.EmbeddedStoreDir == "" ||
-		cfg.DNSCacheBytes != 16<<20 {
+		cfg.DNSCacheBytes != 8<<20 {
 		t.Errorf("defaults: %+v", cfg)
 	}
 	if cfg.Host == "" || strings.ContainsAny(cfg.Host, ". ABCDEFGHIJKLMNOPQRSTUVWXYZ") {

@@ -121,6 +121,7 @@ func BenchmarkMemoryPerEntry(b *testing.B) {
 func BenchmarkFlood(b *testing.B) {
 	const msgs = 8192
 	var heap, accounted float64
+	rssBefore := procKiB("VmRSS")
 	for b.Loop() {
 		b.StopTimer()
 		before := heapAlloc()
@@ -139,5 +140,7 @@ func BenchmarkFlood(b *testing.B) {
 	b.ReportMetric(float64(msgs*b.N)/b.Elapsed().Seconds(), "answers/s")
 	b.ReportMetric(heap, "heap-MiB")
 	b.ReportMetric(accounted, "accounted-MiB")
-	b.ReportMetric(float64(rssKiB())/1024, "rss-MiB")
+	b.ReportMetric(float64(rssBefore)/1024, "rss-before-MiB")
+	b.ReportMetric(float64(procKiB("VmRSS"))/1024, "rss-MiB")
+	b.ReportMetric(float64(procKiB("VmHWM"))/1024, "rss-peak-MiB")
 }

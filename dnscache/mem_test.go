@@ -47,14 +47,15 @@ func heapAlloc() uint64 {
 	return m.HeapAlloc
 }
 
-// rssKiB is this process's resident set, from /proc (0 where there is none).
-func rssKiB() int {
+// procKiB is a size of this process from /proc/self/status: field VmRSS
+// (resident now) or VmHWM (resident at most); 0 where there is none.
+func procKiB(field string) int {
 	b, err := os.ReadFile("/proc/self/status")
 	if err != nil {
 		return 0
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
 			var n int
 			fmt.Sscan(v, &n)
 			return n
