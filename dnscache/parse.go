@@ -204,11 +204,10 @@ func (c *Cache) learnAll(addrs []addrRec, cnames []cname, now int64) {
 	// one target the first in the message wins.
 	slices.SortStableFunc(cnames, func(a, b cname) int { return cmp.Compare(a.target, b.target) })
 	var (
-		names    []string
-		ttls     []uint32
 		lastName string
 		chainN   [maxChain + 1]string
 		chainT   [maxChain + 1]uint32 // the least TTL from the owner down to this hop
+		ttlsN    [maxChain + 1]uint32
 	)
 	chain, chainTTL := chainN[:0], chainT[:0]
 	for i, a := range addrs {
@@ -230,12 +229,11 @@ func (c *Cache) learnAll(addrs []addrRec, cnames []cname, now int64) {
 				chainTTL = append(chainTTL, min(chainTTL[len(chainTTL)-1], cnames[j].ttl))
 			}
 		}
-		names, ttls = names[:0], ttls[:0]
-		for k, nm := range chain {
-			names = append(names, nm)
-			ttls = append(ttls, min(a.ttl, chainTTL[k]))
+		ttls := ttlsN[:len(chain)]
+		for k := range chain {
+			ttls[k] = min(a.ttl, chainTTL[k])
 		}
-		c.addNames(a.addr, names, ttls, now)
+		c.addNames(a.addr, chain, ttls, now)
 	}
 }
 
