@@ -264,6 +264,9 @@ func TestNamesPerAddrBound(t *testing.T) {
 	}
 	wantNames(t, c, cdn, t0, want...)
 	checkInvariants(t, c)
+	if st := c.Stats(); st.Displaced != 20-max || st.Names != max {
+		t.Fatalf("stats %+v, want %d names displaced, %d held", st, 20-max, max)
+	}
 
 	// Names learned at different times: the soonest-expiring goes.
 	c = New(Config{MaxNamesPerAddr: 3, MinTTL: time.Second, MaxTTL: time.Hour})
@@ -282,6 +285,9 @@ func TestNamesPerAddrBound(t *testing.T) {
 	c.Add(cdn, "mid", 500*time.Second, t0+sec(4))
 	wantNames(t, c, cdn, t0+sec(4), "long", "mid", "newest")
 	checkInvariants(t, c)
+	if st := c.Stats(); st.Displaced != 2 || st.Names != 3 {
+		t.Fatalf("stats %+v, want 2 names displaced (short, new), 3 held", st)
+	}
 }
 
 func TestViewImmutable(t *testing.T) {

@@ -569,6 +569,23 @@ func TestPayloadTCP(t *testing.T) {
 			t.Fatalf("stats %+v", st)
 		}
 	})
+	t.Run("message past the segment", func(t *testing.T) {
+		// The addresses in this segment are learned; the records in the
+		// next one are counted as cut.
+		var ans []rr
+		for i := range 10 {
+			ans = append(ans, rr{"span.example.", 60, &dnsmessage.AResource{A: addrN(i).As4()}})
+		}
+		seg := frame(buildMsg(t, respHeader(), "span.example.", dnsmessage.TypeA, ans...))
+		seg = seg[:len(seg)-16*4-3] // 5 records whole, the 6th cut
+		c := New(Config{})
+		c.AddPayload(ProtoTCP, seg, len(seg), t0)
+		wantNames(t, c, addrN(4), t0, "span.example")
+		wantNames(t, c, addrN(5), t0)
+		if st := c.Stats(); st.Partial != 1 || outcomes(st) != 1 || st.Records != 5 || st.DroppedCut != 5 {
+			t.Fatalf("stats %+v, want one partial answer, 5 records learned, 5 dropped as cut", st)
+		}
+	})
 	t.Run("lone length byte", func(t *testing.T) {
 		c := New(Config{})
 		seg := append(frame(m1), 0)
