@@ -116,7 +116,7 @@ const (
 	nameSize     = int64(unsafe.Sizeof(name{}))
 	viewSize     = int64(unsafe.Sizeof(""))
 	entryMapCost = 2 * (int64(unsafe.Sizeof(netip.Addr{})) + 8 + 1)
-	nameMapCost  = 2 * (int64(unsafe.Sizeof("")) + int64(unsafe.Sizeof(interned{})) + 1)
+	nameMapCost  = 2*(int64(unsafe.Sizeof(""))+8+1) + int64(unsafe.Sizeof(interned{}))
 )
 
 // sizeClass rounds an allocation up as Go's allocator does for small
@@ -144,7 +144,7 @@ type Cache struct {
 
 	mu         sync.Mutex
 	m          map[netip.Addr]*entry
-	names      map[string]interned
+	names      map[string]*interned
 	head, tail *entry
 	bytes      int64
 
@@ -156,7 +156,7 @@ type Cache struct {
 // New returns an empty cache.
 func New(cfg Config) *Cache {
 	cfg.fill()
-	return &Cache{cfg: cfg, m: make(map[netip.Addr]*entry), names: make(map[string]interned)}
+	return &Cache{cfg: cfg, m: make(map[netip.Addr]*entry), names: make(map[string]*interned)}
 }
 
 // Lookup returns the names that map to addr at time now (unix ns), or nil.
@@ -264,26 +264,23 @@ func (c *Cache) settle(e *entry) {
 
 // intern returns the cache's copy of s, counting one more holder.
 func (c *Cache) intern(s string) string {
-	in, ok := c.names[s]
-	if !ok {
-		in.s = s
+	in := c.names[s]
+	if in == nil {
+		in = &interned{s: s}
+		c.names[s] = in
 		c.bytes += nameCost(s)
 	}
 	in.refs++
-	c.names[in.s] = in
 	return in.s
 }
 
 // release drops one holder of the interned s, and s when it was the last.
 func (c *Cache) release(s string) {
 	in := c.names[s]
-	if in.refs <= 1 {
+	if in.refs--; in.refs == 0 {
 		delete(c.names, s)
 		c.bytes -= nameCost(s)
-		return
 	}
-	in.refs--
-	c.names[s] = in
 }
 
 // expire drops e's names that are no longer valid and rebuilds its view.
