@@ -448,6 +448,7 @@ type Snapshot struct {
 	Kernel       bpf.Counters
 	Publisher    publisher.Stats
 	DNS          dnscache.Stats
+	DNSMatch     enrich.MatchStats
 	DNSRecords   uint64
 	StreamReady  bool
 	Connected    bool
@@ -464,6 +465,7 @@ func (a *Agent) Snapshot() Snapshot {
 		Kernel:       k,
 		Publisher:    a.pub.Stats(),
 		DNS:          e.DNS,
+		DNSMatch:     e.Match,
 		DNSRecords:   a.capture.DNSRecords(),
 		StreamReady:  a.streamReady.Load(),
 		Connected:    a.nc.IsConnected(),

@@ -21,6 +21,7 @@ type agentCollector struct {
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
+	dnsQueries, dnsPending                                                                  *prometheus.Desc
 	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                  *prometheus.Desc
 	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                            *prometheus.Desc
 }
@@ -48,7 +49,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 		spooled:      d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
 		spoolCorrupt: d("spool_corrupt_files", "Spool files found unreadable at start and set aside as *.corrupt: their events are lost, in a number the file no longer tells."),
 		dnsLookups:   d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
-		dnsAnswers:   d("dns_messages_total", "DNS messages seen, each in one outcome: learned (every answer record read, its addresses learned), partial (cut or broken after some addresses, which were learned), truncated (cut before any address), malformed (not a parsable DNS message), ignored (nothing to learn), lost (ring buffer full).", "outcome"),
+		dnsAnswers:   d("dns_messages_total", "DNS messages seen, each in one outcome: learned (every answer record read, its addresses learned), partial (cut or broken after some addresses, which were learned), truncated (cut before any address), malformed (not a parsable DNS message), ignored (nothing to learn), lost (ring buffer full), unsolicited (answers no query a watched socket sent; never learned).", "outcome"),
 		dnsEvictions: d("dns_cache_evictions_total", "Addresses removed from the DNS cache, by reason: entries (FLOWBUS_DNS_CACHE_ENTRIES), bytes (FLOWBUS_DNS_CACHE_BYTES), ttl (all its names expired).", "reason"),
 		dnsBytes:     d("dns_cache_bytes", "Memory the DNS cache holds, as it accounts it against FLOWBUS_DNS_CACHE_BYTES."),
 		dnsNames:     d("dns_cache_names", "Distinct names held in the DNS cache (each stored once however many addresses share it)."),
@@ -57,10 +58,14 @@ func newAgentCollector(a *Agent) *agentCollector {
 		dnsDropped:   d("dns_records_dropped_total", "Answer records not read, by reason: cut (past the end of what the kernel copied or of a TCP segment), malformed (unparsable, or after one that was).", "reason"),
 		dnsKernelCut: d("dns_cut_in_kernel_total", "DNS messages longer than the 2047 bytes the kernel copies, passed on in part (each also counted in dns_messages_total)."),
 		dnsExpired:   d("dns_cache_expired_total", "Names dropped from the DNS cache when their TTL ran out."),
+		dnsQueries:   d("dns_queries_total", "DNS queries the watched sockets sent, by outcome: answered (an answer with its id and question came), expired (none came in time), evicted (pushed out by the bound on outstanding queries), malformed (no single question: not tracked), lost (ring buffer full).", "outcome"),
+		dnsPending:   d("dns_queries_outstanding", "DNS queries waiting for their answer."),
 	}
 }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.dnsQueries
+	ch <- c.dnsPending
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
 		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
 		ch <- d
@@ -118,6 +123,15 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.dnsDropped, s.DNS.DroppedCut, "cut")
 	counter(c.dnsDropped, s.DNS.DroppedMalformed, "malformed")
 	counter(c.dnsExpired, s.DNS.Expired)
+	// Unsolicited: dropped in the kernel (no query of that socket, ends and
+	// id) or here (not the query's question); never learned.
+	counter(c.dnsAnswers, s.Kernel.DNSUnsolicited+s.DNSMatch.Unsolicited, "unsolicited")
+	counter(c.dnsQueries, s.DNSMatch.Answered, "answered")
+	counter(c.dnsQueries, s.DNSMatch.Expired, "expired")
+	counter(c.dnsQueries, s.DNSMatch.Evicted, "evicted")
+	counter(c.dnsQueries, s.DNSMatch.Malformed, "malformed")
+	counter(c.dnsQueries, s.Kernel.DNSQueryFull, "lost")
+	gauge(c.dnsPending, float64(s.DNSMatch.Outstanding))
 	r := 0.0
 	if s.Connected && s.StreamReady {
 		r = 1

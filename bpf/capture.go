@@ -35,6 +35,12 @@ type Options struct {
 	SeenEntries int
 	// PollInterval is how often the reader drains the ring without a wakeup.
 	PollInterval time.Duration
+	// QueryEntries bounds the kernel's table of outstanding DNS queries (and
+	// TCP connections to port 53); the least recently asked goes first.
+	QueryEntries int
+	// QueryTimeout is how long a DNS query waits for its answer: a later
+	// answer is unsolicited.
+	QueryTimeout time.Duration
 }
 
 // Defaults for Options.
@@ -42,6 +48,8 @@ const (
 	DefaultRingBytes    = 4 << 20
 	DefaultSeenEntries  = 65536
 	DefaultPollInterval = 20 * time.Millisecond
+	DefaultQueryEntries = 16384
+	DefaultQueryTimeout = 30 * time.Second
 )
 
 func (o *Options) fill() {
@@ -57,6 +65,12 @@ func (o *Options) fill() {
 	if o.PollInterval == 0 {
 		o.PollInterval = DefaultPollInterval
 	}
+	if o.QueryEntries == 0 {
+		o.QueryEntries = DefaultQueryEntries
+	}
+	if o.QueryTimeout == 0 {
+		o.QueryTimeout = DefaultQueryTimeout
+	}
 }
 
 // Counters are the kernel's own tallies, summed over CPUs since load.
@@ -66,16 +80,23 @@ type Counters struct {
 	Duplicates  uint64 // retransmitted SYN-ACKs suppressed
 	DNSFull     uint64 // DNS answers lost because the ring buffer was full
 	DNSCut      uint64 // DNS answers longer than the kernel copies, passed on in part
+	// DNSUnsolicited counts packets from port 53 that answer no query a
+	// watched socket sent (or came after its timeout): dropped in the kernel.
+	DNSUnsolicited uint64
+	DNSQueryFull   uint64 // DNS queries lost because the ring buffer was full
 }
 
 // Capture is a loaded and attached pair of cgroup skb programs.
 type Capture struct {
 	CgroupPath string
 
-	opts   Options
-	objs   flowbusObjects
-	links  []link.Link
-	reader *ringbuf.Reader
+	opts Options
+	objs flowbusObjects
+	// anySocket lets answers reach other sockets than the asking one: for
+	// tests that run packets without sockets.
+	anySocket bool
+	links     []link.Link
+	reader    *ringbuf.Reader
 
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
@@ -156,8 +177,17 @@ func (c *Capture) load() error {
 	}
 	spec.Maps[flowbusMapEvents].MaxEntries = uint32(c.opts.RingBytes)
 	spec.Maps[flowbusMapSeen].MaxEntries = uint32(c.opts.SeenEntries)
+	spec.Maps[flowbusMapDnsq].MaxEntries = uint32(c.opts.QueryEntries)
+	if err := spec.Variables[flowbusVarQueryTtlNs].Set(uint64(c.opts.QueryTimeout)); err != nil {
+		return fmt.Errorf("setting query_ttl_ns: %w", err)
+	}
 	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(c.opts.WakeupBytes)); err != nil {
 		return fmt.Errorf("setting wakeup_bytes: %w", err)
+	}
+	if c.anySocket {
+		if err := spec.Variables[flowbusVarMatchSocket].Set(uint8(0)); err != nil {
+			return fmt.Errorf("setting match_socket: %w", err)
+		}
 	}
 	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
@@ -209,7 +239,7 @@ func (c *Capture) Detach() error {
 // Counters reads the kernel counters.
 func (c *Capture) Counters() (Counters, error) {
 	var out Counters
-	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut} {
+	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)
@@ -224,7 +254,7 @@ func (c *Capture) Counters() (Counters, error) {
 // BadRecords counts ring buffer records that could not be decoded.
 func (c *Capture) BadRecords() uint64 { return c.badRecords.Load() }
 
-// DNSRecords counts DNS answers handed to the handler.
+// DNSRecords counts DNS answers handed to the handler (queries not included).
 func (c *Capture) DNSRecords() uint64 { return c.dnsRecords.Load() }
 
 // Events counts events handed to the handler.
@@ -237,9 +267,15 @@ func (c *Capture) Events() uint64 { return c.events.Load() }
 // they return.
 type Handler interface {
 	Flow(ev *schema.Event)
-	// DNS gets the payload of an answer from port 53: proto is 17 (UDP) or 6
-	// (a TCP segment); origLen > len(payload) means it was cut in the kernel.
-	DNS(ts int64, proto uint8, payload []byte, origLen int)
+	// DNSQuery gets the start of a query a watched socket (cookie) sent from
+	// client to server port 53: proto is 17 (UDP) or 6 (a TCP segment).
+	DNSQuery(ts int64, proto uint8, cookie uint64, client, server netip.AddrPort, payload []byte)
+	// DNSAnswer gets the payload of an answer from server port 53 to the
+	// watched socket, which the kernel let through because it found the
+	// query (for TCP: a connection the socket opened to port 53); whether
+	// it answers that query's question is for the handler to check.
+	// origLen > len(payload) means the kernel cut it.
+	DNSAnswer(ts int64, proto uint8, cookie uint64, client, server netip.AddrPort, payload []byte, origLen int)
 }
 
 // Run reads records until ctx is done or the capture is closed, passing each
@@ -270,15 +306,19 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				}
 				return fmt.Errorf("reading the ring buffer: %w", err)
 			}
-			if b := rec.RawSample; len(b) == dnsRecSize && b[offDNSKind] == recKindDNS {
-				n := int(binary.NativeEndian.Uint16(b[offDNSLen:]))
-				if n > dnsRecSize-offDNSData {
+			if b := rec.RawSample; len(b) != recSize {
+				var d dnsRec
+				if !decodeDNS(b, &d) {
 					c.badRecords.Add(1)
 					continue
 				}
+				ts := clock.wall(binary.NativeEndian.Uint64(b[offTs:]))
+				if d.query {
+					h.DNSQuery(ts, d.proto, d.cookie, d.client, d.server, d.data)
+					continue
+				}
 				c.dnsRecords.Add(1)
-				h.DNS(clock.wall(binary.NativeEndian.Uint64(b[offTs:])), b[offDNSProto], b[offDNSData:offDNSData+n],
-					int(binary.NativeEndian.Uint32(b[offDNSOrig:])))
+				h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
 				continue
 			}
 			if !decodeFlow(rec.RawSample, &ev, clock) {
@@ -308,15 +348,71 @@ const (
 	offDirection = 54
 	recKindFlow  = 1
 
-	// struct dns_event
-	dnsRecSize  = 16 + 2048
-	offDNSKind  = 8
-	offDNSProto = 9
-	offDNSLen   = 10
-	offDNSOrig  = 12
-	offDNSData  = 16
-	recKindDNS  = 2
+	// struct dns_event and struct dnsq_event: struct dns_hdr, then data
+	offDNSKind    = 8
+	offDNSProto   = 9
+	offDNSLen     = 10
+	offDNSOrig    = 12
+	offDNSCookie  = 16
+	offDNSClient  = 24
+	offDNSServer  = 40
+	offDNSCPort   = 56
+	offDNSFamily  = 58
+	offDNSData    = 64
+	dnsRecSize    = offDNSData + 2048
+	dnsqRecSize   = offDNSData + 512
+	recKindDNS    = 2
+	recKindDNSQry = 3
+	dnsServerPort = 53
 )
+
+// dnsRec is a decoded DNS record; data aliases the ring buffer sample.
+type dnsRec struct {
+	query          bool
+	proto          uint8
+	cookie         uint64
+	client, server netip.AddrPort
+	data           []byte
+	origLen        int
+}
+
+// decodeDNS fills d from a DNS answer or query record without allocating.
+func decodeDNS(b []byte, d *dnsRec) bool {
+	switch {
+	case len(b) == dnsRecSize && b[offDNSKind] == recKindDNS:
+		d.query = false
+	case len(b) == dnsqRecSize && b[offDNSKind] == recKindDNSQry:
+		d.query = true
+	default:
+		return false
+	}
+	ne := binary.NativeEndian
+	n := int(ne.Uint16(b[offDNSLen:]))
+	if n > len(b)-offDNSData {
+		return false
+	}
+	var client, server netip.Addr
+	switch b[offDNSFamily] {
+	case 4:
+		client = netip.AddrFrom4([4]byte(b[offDNSClient : offDNSClient+4]))
+		server = netip.AddrFrom4([4]byte(b[offDNSServer : offDNSServer+4]))
+	case 6:
+		client = netip.AddrFrom16([16]byte(b[offDNSClient : offDNSClient+16])).Unmap()
+		server = netip.AddrFrom16([16]byte(b[offDNSServer : offDNSServer+16])).Unmap()
+	default:
+		return false
+	}
+	d.proto = b[offDNSProto]
+	if d.proto != 6 && d.proto != 17 {
+		return false
+	}
+	d.cookie = ne.Uint64(b[offDNSCookie:])
+	d.client = netip.AddrPortFrom(client, ne.Uint16(b[offDNSCPort:]))
+	d.server = netip.AddrPortFrom(server, dnsServerPort)
+	d.data = b[offDNSData : offDNSData+n]
+	d.origLen = int(ne.Uint32(b[offDNSOrig:]))
+	return true
+}
 
 // decodeFlow fills ev from a ring buffer record without allocating.
 func decodeFlow(b []byte, ev *schema.Event, clock *wallClock) bool {

@@ -192,12 +192,6 @@ func udpHdr(sport, dport uint16, payload []byte) []byte {
 	return append(h, payload...)
 }
 
-type dnsRec struct {
-	proto   uint8
-	payload []byte
-	orig    int
-}
-
 // runPacketDNS feeds one packet and returns the DNS records it produced
 // (failing on any flow record).
 func runPacketDNS(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []dnsRec {
@@ -216,62 +210,123 @@ func runPacketDNS(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []dn
 		if err != nil {
 			t.Fatal(err)
 		}
-		b := rec.RawSample
-		if len(b) != dnsRecSize || b[offDNSKind] != recKindDNS {
-			t.Fatalf("unexpected record of %d bytes", len(b))
+		var d dnsRec
+		if !decodeDNS(rec.RawSample, &d) {
+			t.Fatalf("unexpected record of %d bytes", len(rec.RawSample))
 		}
-		n := int(binary.NativeEndian.Uint16(b[offDNSLen:]))
-		out = append(out, dnsRec{b[offDNSProto], append([]byte(nil), b[offDNSData:offDNSData+n]...), int(binary.NativeEndian.Uint32(b[offDNSOrig:]))})
+		d.data = append([]byte(nil), d.data...)
+		out = append(out, d)
 	}
 }
 
+// dnsMsg is a DNS header with the given id and flags, then text.
+func dnsMsg(id uint16, flags uint16, text string) []byte {
+	b := make([]byte, 12, 12+len(text))
+	binary.BigEndian.PutUint16(b, id)
+	binary.BigEndian.PutUint16(b[2:], flags)
+	return append(b, text...)
+}
+
+// TestKernelDNSCapture feeds queries and answers in order: an answer passes
+// only when the same socket (test runs make one per packet, so the test
+// turns that check off: cookie 0) sent its query
+// from the same client address and port to the same server, with the same
+// id (UDP) or on a connection it opened to port 53 (TCP), within the
+// timeout. Everything else from port 53 is counted and never reaches the
+// ring buffer.
 func TestKernelDNSCapture(t *testing.T) {
-	c := loadForTest(t)
+	cgrouptest.RequirePrivileged(t)
+	c := &Capture{opts: Options{PollInterval: time.Millisecond, QueryTimeout: 300 * time.Millisecond}, anySocket: true}
+	c.opts.fill()
+	if err := c.load(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
 	in, eg := c.objs.FlowbusIngress, c.objs.FlowbusEgress
-	payload := []byte("\x12\x34\x81\x80 a DNS answer, opaque to the kernel")
-	big := make([]byte, 3000)
-	for i := range big {
+	const cli, srv, cli6, srv6 = "10.0.0.1", "10.0.0.53", "2001:db8::1", "2001:db8::53"
+	query := dnsMsg(0x1234, 0x0100, " a query")
+	ans := dnsMsg(0x1234, 0x8180, " a DNS answer, opaque to the kernel")
+	other := dnsMsg(0x9999, 0x8180, " a forged answer")
+	big := append(dnsMsg(0x1234, 0x8180, ""), make([]byte, 3000)...)
+	for i := 12; i < len(big); i++ {
 		big[i] = byte(i)
 	}
-	tcpDNS := append(tcpHdr(53, 40000, 1, fPSH|fACK), append([]byte{0, byte(len(payload))}, payload...)...)
-	cases := []struct {
-		name    string
-		prog    *ebpf.Program
-		pkt     []byte
-		want    int
+	framed := func(m []byte) []byte { return append([]byte{byte(len(m) >> 8), byte(len(m))}, m...) }
+	seg := func(sport, dport uint16, flags byte, data []byte) []byte {
+		return append(tcpHdr(sport, dport, 1, flags), data...)
+	}
+	type want struct {
+		query   bool
 		proto   uint8
+		client  string
 		payload []byte
 		orig    int
-	}{
-		{"udp from 53 on ingress", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, payload)), 1, 17, payload, len(payload)},
-		{"udp6 from 53 on ingress", in, ipv6("2001:db8::53", "2001:db8::1", nil, 17, udpHdr(53, 33333, payload)), 1, 17, payload, len(payload)},
-		{"udp from 53 on egress (a local server's answer)", eg, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, payload)), 0, 0, nil, 0},
-		{"udp query to 53", in, ipv4("10.0.0.1", "10.0.0.53", 17, 0, udpHdr(33333, 53, payload)), 0, 0, nil, 0},
-		{"udp from another port", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(5353, 33333, payload)), 0, 0, nil, 0},
-		{"tcp segment from 53", in, ipv4("10.0.0.53", "10.0.0.1", 6, 0, tcpDNS), 1, 6, append([]byte{0, byte(len(payload))}, payload...), len(payload) + 2},
-		{"tcp ack from 53 without data", in, ipv4("10.0.0.53", "10.0.0.1", 6, 0, tcpHdr(53, 40000, 1, fACK)), 0, 0, nil, 0},
-		{"answer longer than the kernel copies", in, ipv4("10.0.0.53", "10.0.0.1", 17, 0, udpHdr(53, 33333, big)), 1, 17, big[:2047], len(big)},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			recs := runPacketDNS(t, c, tc.prog, tc.pkt)
-			if len(recs) != tc.want {
-				t.Fatalf("got %d DNS records, want %d", len(recs), tc.want)
+	steps := []struct {
+		name        string
+		prog        *ebpf.Program
+		pkt         []byte
+		want        []want
+		unsolicited uint64 // the kernel's count after the step
+		sleep       time.Duration
+	}{
+		{"answer before any query", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, ans)), nil, 1, 0},
+		{"udp query", eg, ipv4(cli, srv, 17, 0, udpHdr(33333, 53, query)), []want{{true, 17, cli + ":33333", query, len(query)}}, 1, 0},
+		{"its answer", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, ans)), []want{{false, 17, cli + ":33333", ans, len(ans)}}, 1, 0},
+		{"another id", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, other)), nil, 2, 0},
+		{"another server", in, ipv4("10.0.0.54", cli, 17, 0, udpHdr(53, 33333, ans)), nil, 3, 0},
+		{"another client port", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33334, ans)), nil, 4, 0},
+		{"another client address", in, ipv4(srv, "10.0.0.2", 17, 0, udpHdr(53, 33333, ans)), nil, 5, 0},
+		{"over tcp", in, ipv4(srv, cli, 6, 0, seg(53, 33333, fPSH|fACK, framed(ans))), nil, 6, 0},
+		{"shorter than a DNS header", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, ans[:11])), nil, 7, 0},
+		{"udp from another port", in, ipv4(srv, cli, 17, 0, udpHdr(5353, 33333, ans)), nil, 7, 0},
+		{"udp from 53 on egress (a local server's answer)", eg, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, ans)), nil, 7, 0},
+		{"answer longer than the kernel copies", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, big)), []want{{false, 17, cli + ":33333", big[:2047], len(big)}}, 7, 0},
+		{"udp6 query", eg, ipv6(cli6, srv6, nil, 17, udpHdr(40001, 53, query)), []want{{true, 17, "[" + cli6 + "]:40001", query, len(query)}}, 7, 0},
+		{"udp6 answer", in, ipv6(srv6, cli6, nil, 17, udpHdr(53, 40001, ans)), []want{{false, 17, "[" + cli6 + "]:40001", ans, len(ans)}}, 7, 0},
+		{"udp6 answer with another id", in, ipv6(srv6, cli6, nil, 17, udpHdr(53, 40001, other)), nil, 8, 0},
+		// Kind 4 of issue 14: data from port 53 without our SYN.
+		{"tcp segment from 53 on no connection of ours", in, ipv4(srv, cli, 6, 0, seg(53, 40000, fPSH|fACK, framed(ans))), nil, 9, 0},
+		{"tcp syn to 53", eg, ipv4(cli, srv, 6, 0, seg(40000, 53, fSYN, nil)), nil, 9, 0},
+		{"tcp query", eg, ipv4(cli, srv, 6, 0, seg(40000, 53, fPSH|fACK, framed(query))), []want{{true, 6, cli + ":40000", framed(query), len(query) + 2}}, 9, 0},
+		{"tcp answer", in, ipv4(srv, cli, 6, 0, seg(53, 40000, fPSH|fACK, framed(ans))), []want{{false, 6, cli + ":40000", framed(ans), len(ans) + 2}}, 9, 0},
+		{"tcp ack from 53 without data", in, ipv4(srv, cli, 6, 0, seg(53, 40000, fACK, nil)), nil, 9, 0},
+		// Kind 3: a peer connects from port 53 to a service of ours; what
+		// the service sends back is no query, what the peer sends no answer.
+		{"service reply to a peer's port 53", eg, ipv4(cli, "10.0.0.66", 6, 0, seg(8080, 53, fPSH|fACK, framed(query))), nil, 9, 0},
+		{"peer data from port 53 to a service", in, ipv4("10.0.0.66", cli, 6, 0, seg(53, 8080, fPSH|fACK, framed(ans))), nil, 10, 0},
+		{"tcp6 syn to 53", eg, ipv6(cli6, srv6, nil, 6, seg(40002, 53, fSYN, nil)), nil, 10, 0},
+		{"tcp6 answer", in, ipv6(srv6, cli6, nil, 6, seg(53, 40002, fPSH|fACK, framed(ans))), []want{{false, 6, "[" + cli6 + "]:40002", framed(ans), len(ans) + 2}}, 10, 0},
+		{"tcp6 answer to another port", in, ipv6(srv6, cli6, nil, 6, seg(53, 40003, fPSH|fACK, framed(ans))), nil, 11, 0},
+		{"udp answer after the timeout", in, ipv4(srv, cli, 17, 0, udpHdr(53, 33333, ans)), nil, 12, 400 * time.Millisecond},
+	}
+	for _, st := range steps {
+		time.Sleep(st.sleep)
+		recs := runPacketDNS(t, c, st.prog, st.pkt)
+		if len(recs) != len(st.want) {
+			t.Fatalf("%s: got %d DNS records, want %d", st.name, len(recs), len(st.want))
+		}
+		for i, w := range st.want {
+			r := recs[i]
+			if r.query != w.query || r.proto != w.proto || r.client.String() != w.client || r.server.Port() != 53 ||
+				string(r.data) != string(w.payload) || r.origLen != w.orig || r.cookie != 0 {
+				t.Errorf("%s: got query %v proto %d %s -> %s cookie %d, %d bytes of %d; want query %v proto %d client %s, %d bytes of %d",
+					st.name, r.query, r.proto, r.client, r.server, r.cookie, len(r.data), r.origLen, w.query, w.proto, w.client, len(w.payload), w.orig)
 			}
-			if tc.want == 0 {
-				return
-			}
-			r := recs[0]
-			if r.proto != tc.proto || string(r.payload) != string(tc.payload) || r.orig != tc.orig {
-				t.Errorf("got proto %d, %d bytes of %d, want proto %d, %d bytes of %d", r.proto, len(r.payload), r.orig, tc.proto, len(tc.payload), tc.orig)
-			}
-		})
+		}
+		k, err := c.Counters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k.DNSUnsolicited != st.unsolicited {
+			t.Errorf("%s: unsolicited count %d, want %d", st.name, k.DNSUnsolicited, st.unsolicited)
+		}
 	}
 	k, err := c.Counters()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.DNSCut != 1 {
-		t.Errorf("answers cut in the kernel: got %d, want 1", k.DNSCut)
+	if k.DNSCut != 1 || k.DNSFull != 0 || k.DNSQueryFull != 0 {
+		t.Errorf("counters %+v: want 1 answer cut, none lost", k)
 	}
 }

@@ -30,7 +30,8 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define DIR_INCOMING 2
 
 #define REC_FLOW 1
-#define REC_DNS 2
+#define REC_DNS 2       // an answer from port 53 to a query we saw leave
+#define REC_DNS_QUERY 3 // a query to port 53 from a watched socket
 
 // DNS payload bytes copied per answer: a power of two so that a mask proves
 // the bound to the verifier. EDNS answers on UDP rarely exceed 1232 bytes
@@ -38,6 +39,11 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define DNS_BUF 2048
 #define DNS_CAP (DNS_BUF - 1)
 #define DNS_PORT 53
+// Query bytes copied: header and question (at most 12 + 255 + 4, plus the
+// TCP length prefix) are all user space matches on.
+#define DNSQ_BUF 512
+#define DNSQ_CAP (DNSQ_BUF - 1)
+#define DNS_HDR_LEN 12
 
 // TCP flag bits in byte 13 of the TCP header.
 #define TH_FIN 0x01
@@ -55,6 +61,8 @@ enum counter {
 	CNT_DUP = 2,          // retransmitted SYN-ACKs suppressed
 	CNT_DNS_FULL = 3,     // DNS answers the ring buffer had no room for
 	CNT_DNS_CUT = 4,      // DNS answers longer than DNS_CAP, copied in part
+	CNT_DNS_UNSOLICITED = 5, // packets from port 53 that answer no query we saw
+	CNT_DNSQ_FULL = 6,    // DNS queries the ring buffer had no room for
 	CNT_MAX = 8,
 };
 
@@ -72,15 +80,48 @@ struct flow_event {
 	__u8 _pad;
 };
 
-// dns_event carries the payload of a DNS answer (UDP, or a TCP segment)
-// from port 53 to user space, which parses it.
-struct dns_event {
+// dns_hdr heads the DNS records: who asked whom, on which socket. The
+// client is the watched side, the server the peer on port 53.
+struct dns_hdr {
 	__u64 ts_ns;
-	__u8 kind;  // REC_DNS
+	__u8 kind;  // REC_DNS or REC_DNS_QUERY
 	__u8 proto; // IPPROTO_UDP or IPPROTO_TCP
 	__u16 len;  // bytes in data
 	__u32 orig_len; // payload length on the wire
+	__u64 cookie;   // socket cookie of the watched socket
+	__u8 client[16]; // IPv4 in the first 4 bytes
+	__u8 server[16];
+	__u16 client_port; // host byte order
+	__u8 family;       // 4 or 6
+	__u8 _pad[5];
+};
+
+// dns_event carries the payload of a DNS answer (UDP, or a TCP segment)
+// from port 53 to user space, which parses it.
+struct dns_event {
+	struct dns_hdr h;
 	__u8 data[DNS_BUF];
+};
+
+// dnsq_event carries the start of a query, for user space to match the
+// answer's id and question against.
+struct dnsq_event {
+	struct dns_hdr h;
+	__u8 data[DNSQ_BUF];
+};
+
+// dns_key names an outstanding query: for UDP one transaction, for TCP a
+// connection the watched socket opened to port 53 (txid 0). The socket
+// cookie ties the answer to the very socket that asked, whatever network
+// namespace it lives in.
+struct dns_key {
+	__u64 cookie;
+	__u8 client[16];
+	__u8 server[16];
+	__u16 client_port; // host byte order
+	__u16 txid;        // as on the wire
+	__u8 proto;
+	__u8 _pad[3];
 };
 
 // flow_key identifies one connection end for SYN-ACK retransmit suppression.
@@ -96,6 +137,11 @@ struct flow_key {
 
 // Set by the loader before the programs are loaded.
 volatile const __u64 wakeup_bytes = 256 * 1024;
+// How long a query waits for its answer; later answers are unsolicited.
+volatile const __u64 query_ttl_ns = 30ULL * 1000000000ULL;
+// Whether the answer must reach the socket that asked. Only tests clear it:
+// a test run gives every packet a socket of its own.
+volatile const __u8 match_socket = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -119,9 +165,21 @@ struct {
 	__type(value, __u32);
 } seen SEC(".maps");
 
+// dnsq holds the outstanding queries (value: when last asked). Answers are
+// let through only when they find their query here, so forged ones never
+// reach the ring buffer that carries flow records.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct dns_key);
+	__type(value, __u64);
+} dnsq SEC(".maps");
+
 // Keep the struct in the BTF so bpf2go generates a Go type for it.
 const struct flow_event *unused_flow_event __attribute__((unused));
 const struct dns_event *unused_dns_event __attribute__((unused));
+const struct dnsq_event *unused_dnsq_event __attribute__((unused));
+const struct dns_key *unused_dns_key __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -156,6 +214,16 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 	return 1;
 }
 
+// submit hands a record to the reader without waking it, unless the ring
+// has filled past wakeup_bytes.
+static __always_inline void submit(void *e)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
 static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
 {
 	if (!first_synack(skb, k, seq)) {
@@ -179,14 +247,26 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	e->direction = k->direction;
 	e->_pad = 0;
 
-	__u64 flags = BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes)
-		flags = BPF_RB_FORCE_WAKEUP;
-	bpf_ringbuf_submit(e, flags);
+	submit(e);
 }
 
-// emit_dns copies a DNS payload that starts at off into the ring buffer.
-static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, __u8 proto)
+// fill_hdr sets the DNS record header from the key.
+static __always_inline void fill_hdr(struct dns_hdr *h, struct dns_key *k, __u8 kind, __u8 family, __u32 orig)
+{
+	h->ts_ns = bpf_ktime_get_ns();
+	h->kind = kind;
+	h->proto = k->proto;
+	h->orig_len = orig;
+	h->cookie = k->cookie;
+	__builtin_memcpy(h->client, k->client, 16);
+	__builtin_memcpy(h->server, k->server, 16);
+	h->client_port = k->client_port;
+	h->family = family;
+	__builtin_memset(h->_pad, 0, sizeof(h->_pad));
+}
+
+// emit_dns copies a DNS answer's payload that starts at off into the ring buffer.
+static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, struct dns_key *k, __u8 family)
 {
 	if (off >= skb->len)
 		return;
@@ -201,10 +281,7 @@ static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, __u8 prot
 		count(CNT_DNS_FULL);
 		return;
 	}
-	e->ts_ns = bpf_ktime_get_ns();
-	e->kind = REC_DNS;
-	e->proto = proto;
-	e->orig_len = orig;
+	fill_hdr(&e->h, k, REC_DNS, family, orig);
 	// A no-op here, but a bound the verifier can see; the empty asm keeps
 	// the compiler from proving it redundant and dropping it.
 	asm volatile("" : "+r"(len));
@@ -213,10 +290,65 @@ static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, __u8 prot
 		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 		return;
 	}
-	e->len = len;
-	// DNS answers precede the connections they name: wake the reader so the
-	// cache is filled early rather than late.
-	bpf_ringbuf_submit(e, 0);
+	e->h.len = len;
+	// No wakeup of its own (that cost 10 to 25 us per answer): the answer is
+	// in the ring before any SYN-ACK that follows it, and the reader takes
+	// the ring in order, so the names are in the cache in time anyway.
+	submit(e);
+}
+
+// emit_query copies the start of a query into the ring buffer, ahead of
+// its answer.
+static __always_inline void emit_query(struct __sk_buff *skb, __u32 off, struct dns_key *k, __u8 family)
+{
+	if (off >= skb->len)
+		return;
+	__u32 orig = skb->len - off;
+	__u32 len = orig;
+	if (len > DNSQ_CAP)
+		len = DNSQ_CAP;
+	struct dnsq_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_DNSQ_FULL);
+		return;
+	}
+	fill_hdr(&e->h, k, REC_DNS_QUERY, family, orig);
+	asm volatile("" : "+r"(len));
+	len &= DNSQ_CAP;
+	if (len == 0 || bpf_skb_load_bytes(skb, off, e->data, len) < 0) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return;
+	}
+	e->h.len = len;
+	submit(e);
+}
+
+// dns_key_init fills the key's socket and addresses; client is the watched
+// side. IPv4 addresses take the first 4 bytes.
+static __always_inline void dns_key_init(struct __sk_buff *skb, struct dns_key *k, __u8 proto, __u8 family,
+					 void *client, void *server, __u16 client_port)
+{
+	if (match_socket)
+		k->cookie = bpf_get_socket_cookie(skb);
+	if (family == 4) {
+		__builtin_memcpy(k->client, client, 4);
+		__builtin_memcpy(k->server, server, 4);
+	} else {
+		__builtin_memcpy(k->client, client, 16);
+		__builtin_memcpy(k->server, server, 16);
+	}
+	k->client_port = client_port;
+	k->proto = proto;
+}
+
+// solicited tells whether an answer finds its query, not yet expired.
+static __always_inline int solicited(struct dns_key *k)
+{
+	__u64 *asked = bpf_map_lookup_elem(&dnsq, k);
+	if (asked && bpf_ktime_get_ns() - *asked <= query_ttl_ns)
+		return 1;
+	count(CNT_DNS_UNSOLICITED);
+	return 0;
 }
 
 // is_synack tells whether the TCP flags byte is a SYN-ACK.
@@ -225,26 +357,76 @@ static __always_inline int is_synack(__u8 flags)
 	return (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == (TH_SYN | TH_ACK);
 }
 
-// handle_udp passes on UDP answers from port 53 (ingress only).
-static __always_inline void handle_udp(struct __sk_buff *skb, void *data, void *end, __u32 off)
+// handle_udp tracks queries to port 53 (egress) and passes on the answers
+// from port 53 that match one (ingress).
+static __always_inline void handle_udp(struct __sk_buff *skb, void *data, void *end, __u32 off, __u8 direction,
+				       __u8 family, void *saddr, void *daddr)
 {
 	if (off > 1024)
 		return;
 	struct udphdr *uh = data + off;
 	if ((void *)(uh + 1) > end)
 		return;
-	if (uh->source != bpf_htons(DNS_PORT))
+	__u32 poff = off + sizeof(*uh);
+	struct dns_key k = {};
+	if (direction == DIR_OUTGOING) {
+		if (uh->source != bpf_htons(DNS_PORT))
+			return;
+		// Too short for a DNS header, or no id to read: answers nothing.
+		if (skb->len < poff + DNS_HDR_LEN || bpf_skb_load_bytes(skb, poff, &k.txid, 2) < 0) {
+			count(CNT_DNS_UNSOLICITED);
+			return;
+		}
+		dns_key_init(skb, &k, IPPROTO_UDP, family, daddr, saddr, bpf_ntohs(uh->dest));
+		if (solicited(&k))
+			emit_dns(skb, poff, &k, family);
 		return;
-	emit_dns(skb, off + sizeof(*uh), IPPROTO_UDP);
+	}
+	if (uh->dest != bpf_htons(DNS_PORT))
+		return;
+	if (skb->len < poff + DNS_HDR_LEN || bpf_skb_load_bytes(skb, poff, &k.txid, 2) < 0)
+		return;
+	dns_key_init(skb, &k, IPPROTO_UDP, family, saddr, daddr, bpf_ntohs(uh->source));
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&dnsq, &k, &now, BPF_ANY);
+	emit_query(skb, poff, &k, family);
 }
 
-// handle_tcp_dns passes on TCP segments from port 53 that carry data.
-static __always_inline void handle_tcp_dns(struct __sk_buff *skb, struct tcphdr *th, __u32 off)
+// handle_tcp_dns deals with a TCP segment that is not a SYN-ACK, to or from
+// port 53. Only connections the watched socket opened count: its SYN to
+// port 53 (egress, so no outsider can make one) enters the connection in
+// dnsq; data it sends on it are queries, data it receives are answers. A
+// segment from port 53 on any other connection is unsolicited.
+static __always_inline void handle_tcp_dns(struct __sk_buff *skb, struct tcphdr *th, __u32 off, __u8 direction,
+					   __u8 family, void *saddr, void *daddr)
 {
+	__u8 flags = ((__u8 *)th)[13];
 	__u32 doff = th->doff * 4;
 	if (doff < sizeof(*th))
 		return;
-	emit_dns(skb, off + doff, IPPROTO_TCP);
+	__u32 poff = off + doff;
+	struct dns_key k = {};
+	if (direction == DIR_OUTGOING) {
+		if (poff >= skb->len)
+			return; // no data: an ACK, a FIN
+		dns_key_init(skb, &k, IPPROTO_TCP, family, daddr, saddr, bpf_ntohs(th->dest));
+		if (solicited(&k))
+			emit_dns(skb, poff, &k, family);
+		return;
+	}
+	dns_key_init(skb, &k, IPPROTO_TCP, family, saddr, daddr, bpf_ntohs(th->source));
+	__u64 now = bpf_ktime_get_ns();
+	if ((flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+		bpf_map_update_elem(&dnsq, &k, &now, BPF_ANY);
+		return;
+	}
+	if (poff >= skb->len)
+		return;
+	__u64 *asked = bpf_map_lookup_elem(&dnsq, &k);
+	if (!asked)
+		return; // not a connection we opened to port 53
+	*asked = now;
+	emit_query(skb, poff, &k, family);
 }
 
 static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end, __u8 direction)
@@ -262,8 +444,7 @@ static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end
 	if (ihl < sizeof(*ip))
 		return;
 	if (proto == IPPROTO_UDP) {
-		if (direction == DIR_OUTGOING)
-			handle_udp(skb, data, end, ihl);
+		handle_udp(skb, data, end, ihl, direction, 4, &ip->saddr, &ip->daddr);
 		return;
 	}
 	struct tcphdr *th = data + ihl;
@@ -272,8 +453,9 @@ static __always_inline void handle4(struct __sk_buff *skb, void *data, void *end
 		return;
 	}
 	if (!is_synack(((__u8 *)th)[13])) {
-		if (direction == DIR_OUTGOING && th->source == bpf_htons(DNS_PORT))
-			handle_tcp_dns(skb, th, ihl);
+		if (th->source == bpf_htons(DNS_PORT) ? direction == DIR_OUTGOING
+						      : (direction == DIR_INCOMING && th->dest == bpf_htons(DNS_PORT)))
+			handle_tcp_dns(skb, th, ihl, direction, 4, &ip->saddr, &ip->daddr);
 		return;
 	}
 
@@ -334,8 +516,7 @@ static __always_inline void handle6(struct __sk_buff *skb, void *data, void *end
 	if (off > 1024)
 		return;
 	if (next == IPPROTO_UDP) {
-		if (direction == DIR_OUTGOING)
-			handle_udp(skb, data, end, off);
+		handle_udp(skb, data, end, off, direction, 6, &ip6->saddr, &ip6->daddr);
 		return;
 	}
 	struct tcphdr *th = data + off;
@@ -344,8 +525,9 @@ static __always_inline void handle6(struct __sk_buff *skb, void *data, void *end
 		return;
 	}
 	if (!is_synack(((__u8 *)th)[13])) {
-		if (direction == DIR_OUTGOING && th->source == bpf_htons(DNS_PORT))
-			handle_tcp_dns(skb, th, off);
+		if (th->source == bpf_htons(DNS_PORT) ? direction == DIR_OUTGOING
+						      : (direction == DIR_INCOMING && th->dest == bpf_htons(DNS_PORT)))
+			handle_tcp_dns(skb, th, off, direction, 6, &ip6->saddr, &ip6->daddr);
 		return;
 	}
 

@@ -14,13 +14,52 @@ import (
 )
 
 type flowbusDnsEvent struct {
-	_       structs.HostLayout
-	TsNs    uint64
-	Kind    uint8
-	Proto   uint8
-	Len     uint16
-	OrigLen uint32
-	Data    [2048]uint8
+	_ structs.HostLayout
+	H struct {
+		_          structs.HostLayout
+		TsNs       uint64
+		Kind       uint8
+		Proto      uint8
+		Len        uint16
+		OrigLen    uint32
+		Cookie     uint64
+		Client     [16]uint8
+		Server     [16]uint8
+		ClientPort uint16
+		Family     uint8
+		Pad        [5]uint8
+	}
+	Data [2048]uint8
+}
+
+type flowbusDnsKey struct {
+	_          structs.HostLayout
+	Cookie     uint64
+	Client     [16]uint8
+	Server     [16]uint8
+	ClientPort uint16
+	Txid       uint16
+	Proto      uint8
+	Pad        [3]uint8
+}
+
+type flowbusDnsqEvent struct {
+	_ structs.HostLayout
+	H struct {
+		_          structs.HostLayout
+		TsNs       uint64
+		Kind       uint8
+		Proto      uint8
+		Len        uint16
+		OrigLen    uint32
+		Cookie     uint64
+		Client     [16]uint8
+		Server     [16]uint8
+		ClientPort uint16
+		Family     uint8
+		Pad        [5]uint8
+	}
+	Data [512]uint8
 }
 
 type flowbusFlowEvent struct {
@@ -53,11 +92,16 @@ type flowbusFlowKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	flowbusMapCounters        = "counters"
+	flowbusMapDnsq            = "dnsq"
 	flowbusMapEvents          = "events"
 	flowbusMapSeen            = "seen"
 	flowbusProgFlowbusEgress  = "flowbus_egress"
 	flowbusProgFlowbusIngress = "flowbus_ingress"
+	flowbusVarMatchSocket     = "match_socket"
+	flowbusVarQueryTtlNs      = "query_ttl_ns"
 	flowbusVarUnusedDnsEvent  = "unused_dns_event"
+	flowbusVarUnusedDnsKey    = "unused_dns_key"
+	flowbusVarUnusedDnsqEvent = "unused_dnsq_event"
 	flowbusVarUnusedFlowEvent = "unused_flow_event"
 	flowbusVarWakeupBytes     = "wakeup_bytes"
 )
@@ -113,6 +157,7 @@ type flowbusProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusMapSpecs struct {
 	Counters *ebpf.MapSpec `ebpf:"counters"`
+	Dnsq     *ebpf.MapSpec `ebpf:"dnsq"`
 	Events   *ebpf.MapSpec `ebpf:"events"`
 	Seen     *ebpf.MapSpec `ebpf:"seen"`
 }
@@ -121,7 +166,11 @@ type flowbusMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
+	MatchSocket     *ebpf.VariableSpec `ebpf:"match_socket"`
+	QueryTtlNs      *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
 	UnusedDnsEvent  *ebpf.VariableSpec `ebpf:"unused_dns_event"`
+	UnusedDnsKey    *ebpf.VariableSpec `ebpf:"unused_dns_key"`
+	UnusedDnsqEvent *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
 	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
@@ -147,6 +196,7 @@ func (o *flowbusObjects) Close() error {
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusMaps struct {
 	Counters *ebpf.Map `ebpf:"counters"`
+	Dnsq     *ebpf.Map `ebpf:"dnsq"`
 	Events   *ebpf.Map `ebpf:"events"`
 	Seen     *ebpf.Map `ebpf:"seen"`
 }
@@ -154,6 +204,7 @@ type flowbusMaps struct {
 func (m *flowbusMaps) Close() error {
 	return _FlowbusClose(
 		m.Counters,
+		m.Dnsq,
 		m.Events,
 		m.Seen,
 	)
@@ -163,7 +214,11 @@ func (m *flowbusMaps) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
+	MatchSocket     *ebpf.Variable `ebpf:"match_socket"`
+	QueryTtlNs      *ebpf.Variable `ebpf:"query_ttl_ns"`
 	UnusedDnsEvent  *ebpf.Variable `ebpf:"unused_dns_event"`
+	UnusedDnsKey    *ebpf.Variable `ebpf:"unused_dns_key"`
+	UnusedDnsqEvent *ebpf.Variable `ebpf:"unused_dnsq_event"`
 	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
 	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
 }

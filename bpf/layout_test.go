@@ -30,11 +30,18 @@ func TestRecordLayout(t *testing.T) {
 		got, want uintptr
 	}{
 		{"dns size", unsafe.Sizeof(d), dnsRecSize},
-		{"dns kind", unsafe.Offsetof(d.Kind), offDNSKind},
-		{"dns proto", unsafe.Offsetof(d.Proto), offDNSProto},
-		{"dns len", unsafe.Offsetof(d.Len), offDNSLen},
-		{"dns orig_len", unsafe.Offsetof(d.OrigLen), offDNSOrig},
+		{"dnsq size", unsafe.Sizeof(flowbusDnsqEvent{}), dnsqRecSize},
+		{"dns kind", unsafe.Offsetof(d.H.Kind), offDNSKind},
+		{"dns proto", unsafe.Offsetof(d.H.Proto), offDNSProto},
+		{"dns len", unsafe.Offsetof(d.H.Len), offDNSLen},
+		{"dns orig_len", unsafe.Offsetof(d.H.OrigLen), offDNSOrig},
+		{"dns cookie", unsafe.Offsetof(d.H.Cookie), offDNSCookie},
+		{"dns client", unsafe.Offsetof(d.H.Client), offDNSClient},
+		{"dns server", unsafe.Offsetof(d.H.Server), offDNSServer},
+		{"dns client_port", unsafe.Offsetof(d.H.ClientPort), offDNSCPort},
+		{"dns family", unsafe.Offsetof(d.H.Family), offDNSFamily},
 		{"dns data", unsafe.Offsetof(d.Data), offDNSData},
+		{"dnsq data", unsafe.Offsetof(flowbusDnsqEvent{}.Data), offDNSData},
 	}...)
 	for _, c := range checks {
 		if c.got != c.want {

@@ -9,6 +9,7 @@
 package enrich
 
 import (
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +34,10 @@ type Config struct {
 	ContainersRefresh time.Duration
 	// DNS bounds the DNS cache.
 	DNS dnscache.Config
+	// MaxQueries bounds the outstanding DNS queries tracked (0: the default).
+	MaxQueries int
+	// QueryTimeout is how long a query waits for its answer (0: the default).
+	QueryTimeout time.Duration
 }
 
 // Enricher is the enrich stage. Flow and DNS run on the capture's reader
@@ -42,6 +47,7 @@ type Enricher struct {
 	self       *SelfFilter
 	containers *Containers
 	dns        *dnscache.Cache
+	match      *matcher
 	sink       Sink
 
 	selfExcluded atomic.Uint64
@@ -51,6 +57,7 @@ type Enricher struct {
 type Stats struct {
 	SelfExcluded uint64 // events of the agent's own connections, not passed on
 	DNS          dnscache.Stats
+	Match        MatchStats
 }
 
 // New starts the stage: events that self does not match go, enriched, to
@@ -60,6 +67,7 @@ func New(cfg Config, self *SelfFilter, sink Sink) *Enricher {
 		self:       self,
 		containers: NewContainers(cfg.CgroupRoot, cfg.ContainersRefresh),
 		dns:        dnscache.New(cfg.DNS),
+		match:      newMatcher(cfg.MaxQueries, cfg.QueryTimeout),
 		sink:       sink,
 	}
 }
@@ -77,15 +85,24 @@ func (e *Enricher) Flow(ev *schema.Event) {
 	e.sink.Add(ev)
 }
 
-// DNS learns from a DNS answer (proto 17 for UDP, 6 for a TCP segment;
-// origLen > len(payload) when the kernel cut it).
-func (e *Enricher) DNS(ts int64, proto uint8, payload []byte, origLen int) {
-	e.dns.AddPayload(proto, payload, origLen, ts)
+// DNSQuery notes a query a watched socket (cookie) sent from client to
+// server (proto 17 for UDP, 6 for a TCP segment), so that its answer can be
+// told from a forged one.
+func (e *Enricher) DNSQuery(ts int64, proto uint8, cookie uint64, client, server netip.AddrPort, payload []byte) {
+	e.match.query(ts, proto, cookie, client, server, payload)
+}
+
+// DNSAnswer learns from a DNS answer from server to the watched socket
+// (origLen > len(payload) when the kernel cut it), but only from the
+// messages that answer an outstanding query of that socket with its id and
+// question; the others are counted as unsolicited and never learned.
+func (e *Enricher) DNSAnswer(ts int64, proto uint8, cookie uint64, client, server netip.AddrPort, payload []byte, origLen int) {
+	e.match.answer(ts, proto, cookie, client, server, payload, origLen, e.dns)
 }
 
 // Stats reads the counters.
 func (e *Enricher) Stats() Stats {
-	return Stats{SelfExcluded: e.selfExcluded.Load(), DNS: e.dns.Stats()}
+	return Stats{SelfExcluded: e.selfExcluded.Load(), DNS: e.dns.Stats(), Match: e.match.stats()}
 }
 
 // Close stops the background walks of the cgroup hierarchy. Flow must not

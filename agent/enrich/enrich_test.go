@@ -96,6 +96,40 @@ func answer(t *testing.T, name string, ttl uint32, addr netip.Addr, chain ...str
 	return b
 }
 
+// The socket that asks in these tests, and the server it asks.
+var (
+	asker    = netip.MustParseAddrPort("192.0.2.7:33333")
+	resolver = netip.MustParseAddrPort("192.0.2.53:53")
+)
+
+const cookie = 77
+
+// queryFor is the query that msg answers: its id and question.
+func queryFor(t *testing.T, msg []byte) []byte {
+	t.Helper()
+	var p dnsmessage.Parser
+	h, err := p.Start(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := p.Question()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := (&dnsmessage.Message{Header: dnsmessage.Header{ID: h.ID, RecursionDesired: true}, Questions: []dnsmessage.Question{q}}).Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// resolve is a query over UDP for what answer answers, then answer.
+func (s *stage) resolve(t *testing.T, ts int64, answer []byte) {
+	t.Helper()
+	s.e.DNSQuery(ts, dnscache.ProtoUDP, cookie, asker, resolver, queryFor(t, answer))
+	s.e.DNSAnswer(ts, dnscache.ProtoUDP, cookie, asker, resolver, answer, len(answer))
+}
+
 func flow(dir schema.Direction, ts int64, src netip.Addr, sport uint16, dst netip.Addr, dport uint16, cgroup uint64) *schema.Event {
 	return &schema.Event{Timestamp: ts, Direction: dir, Src: src, SrcPort: sport, Dst: dst, DstPort: dport, CgroupID: cgroup, PID: 1234, Comm: "curl"}
 }
@@ -104,8 +138,8 @@ func flow(dir schema.Direction, ts int64, src netip.Addr, sport uint16, dst neti
 // and the kernel's fields as they came.
 func TestFlowEnriched(t *testing.T) {
 	s := newStage(t)
-	s.e.DNS(t0, dnscache.ProtoUDP, answer(t, "svc.example.", 300, server, "edge.cdn.example.", "E1.cdn.example."), 0)
-	s.e.DNS(t0, dnscache.ProtoUDP, answer(t, "client.example.", 300, client), 0)
+	s.resolve(t, t0, answer(t, "svc.example.", 300, server, "edge.cdn.example.", "E1.cdn.example."))
+	s.resolve(t, t0, answer(t, "client.example.", 300, client))
 
 	in := flow(schema.Outgoing, t0+int64(time.Millisecond), client, 40000, server, 443, s.cgroup)
 	s.e.Flow(in)
@@ -136,7 +170,7 @@ func TestFlowEnriched(t *testing.T) {
 // for the next, which has no names, no known cgroup and no container.
 func TestFlowReusedEvent(t *testing.T) {
 	s := newStage(t)
-	s.e.DNS(t0, dnscache.ProtoUDP, answer(t, "svc6.example.", 300, server6), 0)
+	s.resolve(t, t0, answer(t, "svc6.example.", 300, server6))
 	ev := flow(schema.Incoming, t0, server6, 50000, server6, 22, s.cgroup)
 	s.e.Flow(ev)
 	*ev = *flow(schema.Incoming, t0, client, 50001, server, 22, 0)
@@ -156,7 +190,7 @@ func TestFlowReusedEvent(t *testing.T) {
 // made before the answer's TTL ran out gets them, one after it none.
 func TestFlowDNSAtEventTime(t *testing.T) {
 	s := newStage(t)
-	s.e.DNS(t0, dnscache.ProtoUDP, answer(t, "svc.example.", 30, server), 0)
+	s.resolve(t, t0, answer(t, "svc.example.", 30, server))
 	s.e.Flow(flow(schema.Outgoing, t0+int64(29*time.Second), client, 40000, server, 443, 0))
 	s.e.Flow(flow(schema.Outgoing, t0+int64(31*time.Second), client, 40001, server, 443, 0))
 	if len(s.sink.evs) != 2 {
@@ -188,17 +222,19 @@ func TestFlowSelfExcluded(t *testing.T) {
 	}
 }
 
-// A malformed or cut answer is counted by the cache and names nothing.
+// A cut answer to a real query is counted by the cache and names nothing;
+// bytes that hold no question answer no query.
 func TestDNSMalformed(t *testing.T) {
 	s := newStage(t)
 	good := answer(t, "svc.example.", 300, server)
-	s.e.DNS(t0, dnscache.ProtoUDP, good[:len(good)-3], len(good))
-	s.e.DNS(t0, dnscache.ProtoUDP, []byte{0xde, 0xad}, 2)
+	s.e.DNSQuery(t0, dnscache.ProtoUDP, cookie, asker, resolver, queryFor(t, good))
+	s.e.DNSAnswer(t0, dnscache.ProtoUDP, cookie, asker, resolver, good[:len(good)-3], len(good))
+	s.e.DNSAnswer(t0, dnscache.ProtoUDP, cookie, asker, resolver, []byte{0xde, 0xad}, 2)
 	s.e.Flow(flow(schema.Outgoing, t0, client, 40000, server, 443, 0))
 	if len(s.sink.evs) != 1 || s.sink.evs[0].DstDNS != nil {
 		t.Fatalf("sink got %+v, want one event without names", s.sink.evs)
 	}
-	if st := s.e.Stats().DNS; st.Answers != 0 || st.Truncated != 1 || st.Malformed < 1 {
-		t.Errorf("DNS stats %+v: want the cut answer counted as truncated, the other as malformed, none learned", st)
+	if st := s.e.Stats(); st.DNS.Answers != 0 || st.DNS.Truncated != 1 || st.Match.Answered != 1 || st.Match.Unsolicited != 1 {
+		t.Errorf("stats %+v: want the cut answer matched and counted as truncated, the other unsolicited, none learned", st)
 	}
 }

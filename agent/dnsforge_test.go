@@ -1,0 +1,614 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/sys/unix"
+
+	"github.com/flowbus/flowbus/bpf/cgrouptest"
+)
+
+func init() {
+	cgrouptest.Register("forge-target", forgeTargetHelper)
+}
+
+// forgeTargetHelper runs inside the watched cgroup: a UDP listener and an
+// echoing TCP service for forgers to aim at, and a listener on the address
+// svc.flowbus.test resolves to. It prints their ports, then obeys lines on
+// stdin, answering each with a JSON line:
+//
+//	query SERVER NAME ID  a query from a new socket, kept open: {"port"}
+//	connect               a connection to the target: {"client","server"}
+//	resolve SERVER        resolve svc.flowbus.test, connect at once
+//	ask SERVER            resolve svc.flowbus.test from a socket kept open
+func forgeTargetHelper([]string) error {
+	udp, err := net.ListenPacket("udp", ":0")
+	if err != nil {
+		return err
+	}
+	svc, err := net.Listen("tcp", ":0")
+	if err != nil {
+		return err
+	}
+	target, err := net.Listen("tcp", "127.1.2.3:0")
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := udp.ReadFrom(buf); err != nil {
+				return
+			}
+		}
+	}()
+	go func() {
+		for {
+			c, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); c.Close() }()
+		}
+	}()
+	go func() {
+		for {
+			c, err := target.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	enc := json.NewEncoder(os.Stdout)
+	targetAddr := target.Addr().String()
+	if err := enc.Encode(map[string]int{"udp": udp.LocalAddr().(*net.UDPAddr).Port, "tcp": svc.Addr().(*net.TCPAddr).Port,
+		"target": target.Addr().(*net.TCPAddr).Port}); err != nil {
+		return err
+	}
+	var kept []net.Conn
+	defer func() {
+		for _, c := range kept {
+			c.Close()
+		}
+	}()
+	connect := func(addr string) error {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return enc.Encode(cgrouptest.Conn{Client: c.LocalAddr().String(), Server: c.RemoteAddr().String()})
+	}
+	// ask sends one query from a socket that stays open and waits a little
+	// for the reply.
+	ask := func(server, name string, id uint16) (int, error) {
+		c, err := net.Dial("udp", server)
+		if err != nil {
+			return 0, err
+		}
+		kept = append(kept, c)
+		q, err := (&dnsmessage.Message{Header: dnsmessage.Header{ID: id, RecursionDesired: true},
+			Questions: []dnsmessage.Question{{Name: dnsmessage.MustNewName(name), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}}}).Pack()
+		if err != nil {
+			return 0, err
+		}
+		if _, err := c.Write(q); err != nil {
+			return 0, err
+		}
+		_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, _ = c.Read(make([]byte, 1500))
+		return c.LocalAddr().(*net.UDPAddr).Port, nil
+	}
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		var err error
+		switch {
+		case len(f) == 4 && f[0] == "query":
+			id, _ := strconv.ParseUint(f[3], 0, 16)
+			var port int
+			if port, err = ask(f[1], f[2], uint16(id)); err == nil {
+				err = enc.Encode(map[string]int{"port": port})
+			}
+		case len(f) == 1 && f[0] == "connect":
+			err = connect(targetAddr)
+		case len(f) == 2 && f[0] == "resolve":
+			r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "udp", f[1])
+			}}
+			var ips []netip.Addr
+			if ips, err = r.LookupNetIP(context.Background(), "ip4", "svc.flowbus.test."); err == nil {
+				err = connect(net.JoinHostPort(ips[0].String(), strconv.Itoa(target.Addr().(*net.TCPAddr).Port)))
+			}
+		case len(f) == 2 && f[0] == "ask":
+			var port int
+			if port, err = ask(f[1], "svc.flowbus.test.", 0x5151); err == nil {
+				err = enc.Encode(map[string]int{"port": port})
+			}
+		default:
+			err = fmt.Errorf("unknown command %q", sc.Text())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return sc.Err()
+}
+
+// forgery is a DNS answer for question (name, A) with id, whose records put
+// the names of chain on addr (a CNAME from name to each hop, an A record
+// for the last), with a 6 h TTL.
+func forgery(t *testing.T, id uint16, name string, addr netip.Addr, chain ...string) []byte {
+	t.Helper()
+	m := dnsmessage.Message{Header: dnsmessage.Header{ID: id, Response: true, Authoritative: true},
+		Questions: []dnsmessage.Question{{Name: dnsmessage.MustNewName(name), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}}}
+	owner := name
+	for _, next := range chain {
+		m.Answers = append(m.Answers, dnsmessage.Resource{Header: dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(owner), Class: dnsmessage.ClassINET, TTL: 6 * 3600},
+			Body: &dnsmessage.CNAMEResource{CNAME: dnsmessage.MustNewName(next)}})
+		owner = next
+	}
+	m.Answers = append(m.Answers, dnsmessage.Resource{Header: dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(owner), Class: dnsmessage.ClassINET, TTL: 6 * 3600},
+		Body: &dnsmessage.AResource{A: addr.As4()}})
+	b, err := m.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// recordingServer is the test zone's DNS server on UDP addr that also
+// remembers where each name's last query came from, so that a test can
+// forge from the very server address and port.
+type recordingServer struct {
+	pc   net.PacketConn
+	mu   sync.Mutex
+	last map[string]struct {
+		from net.Addr
+		id   uint16
+	}
+}
+
+func newRecordingServer(t *testing.T, addr string) *recordingServer {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		t.Fatalf("test DNS server on %s: %v", addr, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	s := &recordingServer{pc: pc, last: map[string]struct {
+		from net.Addr
+		id   uint16
+	}{}}
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			var p dnsmessage.Parser
+			if h, err := p.Start(buf[:n]); err == nil {
+				if q, err := p.Question(); err == nil {
+					s.mu.Lock()
+					s.last[strings.ToLower(q.Name.String())] = struct {
+						from net.Addr
+						id   uint16
+					}{from, h.ID}
+					s.mu.Unlock()
+				}
+			}
+			if resp, err := answer(buf[:n]); err == nil {
+				_, _ = pc.WriteTo(resp, from)
+			}
+		}
+	}()
+	return s
+}
+
+// rawTCP sends one TCP segment with flags and payload from src to dst
+// through a raw socket: no handshake, no socket of the sender.
+func rawTCP(t *testing.T, src, dst netip.AddrPort, flags byte, payload []byte) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+	if err != nil {
+		t.Fatalf("raw socket: %v", err)
+	}
+	defer syscall.Close(fd)
+	tcp := make([]byte, 20, 20+len(payload))
+	binary.BigEndian.PutUint16(tcp[0:], src.Port())
+	binary.BigEndian.PutUint16(tcp[2:], dst.Port())
+	binary.BigEndian.PutUint32(tcp[4:], 0x01020304)
+	binary.BigEndian.PutUint32(tcp[8:], 0x05060708)
+	tcp[12] = 5 << 4
+	tcp[13] = flags
+	binary.BigEndian.PutUint16(tcp[14:], 65535)
+	tcp = append(tcp, payload...)
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	pseudo := append(append(append([]byte{}, s[:]...), d[:]...), 0, syscall.IPPROTO_TCP, byte(len(tcp)>>8), byte(len(tcp)))
+	binary.BigEndian.PutUint16(tcp[16:], checksum(append(pseudo, tcp...)))
+	ip := make([]byte, 20, 20+len(tcp))
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], uint16(20+len(tcp)))
+	ip[8] = 64
+	ip[9] = syscall.IPPROTO_TCP
+	copy(ip[12:], s[:])
+	copy(ip[16:], d[:])
+	binary.BigEndian.PutUint16(ip[10:], checksum(ip))
+	if err := syscall.Sendto(fd, append(ip, tcp...), 0, &syscall.SockaddrInet4{Addr: d}); err != nil {
+		t.Fatalf("raw send: %v", err)
+	}
+}
+
+func checksum(b []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	return ^uint16(sum)
+}
+
+// peerNetns makes a network namespace joined to this one by a veth pair
+// (10.99.N.1 here, 10.99.N.2 there) and returns a UDP socket bound to port
+// 53 inside it.
+func peerNetns(t *testing.T) (net.PacketConn, netip.Addr) {
+	t.Helper()
+	n := os.Getpid()%200 + 20
+	ns, here, there := fmt.Sprintf("fbforge%d", os.Getpid()), fmt.Sprintf("fbf%da", os.Getpid()%100000), fmt.Sprintf("fbf%db", os.Getpid()%100000)
+	local, peer := fmt.Sprintf("10.99.%d.1", n), fmt.Sprintf("10.99.%d.2", n)
+	run := func(args ...string) {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	run("link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
+	run("addr", "add", local+"/24", "dev", here)
+	run("link", "set", here, "up")
+	run("-n", ns, "addr", "add", peer+"/24", "dev", there)
+	run("-n", ns, "link", "set", there, "up")
+
+	// A socket keeps the namespace it was made in.
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	target, err := os.Open("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatalf("entering %s: %v", ns, err)
+	}
+	pc, lerr := net.ListenPacket("udp", peer+":53")
+	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatalf("leaving %s: %v", ns, err) // the thread stays locked: it dies with the test
+	}
+	runtime.UnlockOSThread()
+	if lerr != nil {
+		t.Fatal(lerr)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc, netip.MustParseAddr(local)
+}
+
+// Issue 14's forgeries, from outside the watched cgroup, each putting a
+// name on the address a watched process then connects to: none labels the
+// connection, and each is counted as unsolicited where it was dropped. The
+// real answer from the real server labels the same connection at once,
+// and forgeries after it, from the server's own address and port with the
+// query's id and question, change nothing.
+func TestDNSForgeriesNeverLabel(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs the ip command for the network namespace")
+	}
+	const server = "127.77.0.53:53"
+	srv := newRecordingServer(t, server)
+	cg := cgrouptest.NewChild(t)
+	a := startAgent(t, testConfig(t, cg.Path))
+	target := netip.MustParseAddr("127.1.2.3")
+
+	cmd := cg.Command("forge-target")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	dec := json.NewDecoder(stdout)
+	var ports struct{ UDP, TCP, Target int }
+	if err := dec.Decode(&ports); err != nil {
+		t.Fatalf("helper ports: %v", err)
+	}
+	do := func(line string, out any) {
+		t.Helper()
+		if _, err := fmt.Fprintln(stdin, line); err != nil {
+			t.Fatal(err)
+		}
+		if err := dec.Decode(out); err != nil {
+			t.Fatalf("helper %q: %v", line, err)
+		}
+	}
+	// waitCounts waits for the kernel's and user space's unsolicited counts.
+	waitCounts := func(kind string, kernel, user uint64) {
+		t.Helper()
+		deadline := time.Now().Add(3 * time.Second)
+		for {
+			s := a.Snapshot()
+			if s.Kernel.DNSUnsolicited == kernel && s.DNSMatch.Unsolicited == user {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after %s: unsolicited %d in the kernel, %d in user space; want %d, %d", kind, s.Kernel.DNSUnsolicited, s.DNSMatch.Unsolicited, kernel, user)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	bank := func(id uint16, name string) []byte { return forgery(t, id, name, target, "bank.example.") }
+
+	// 1. Unsolicited UDP from port 53 to a listener that never asked, IPv4 and IPv6.
+	for _, c := range []struct{ from, to string }{{"127.66.0.53:53", "127.0.0.1"}, {"[::1]:53", "::1"}} {
+		pc, err := net.ListenPacket("udp", c.from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pc.WriteTo(bank(0x4242, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(c.to), uint16(ports.UDP)))); err != nil {
+			t.Fatal(err)
+		}
+		pc.Close()
+	}
+	waitCounts("kind 1", 2, 0)
+
+	// 2. A real query (0x1234, shop.example) to a server that answers with
+	// another id, and with the right id but another question.
+	evil, err := net.ListenPacket("udp", "127.66.0.53:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer evil.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		_ = evil.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, from, err := evil.ReadFrom(buf); err == nil {
+			_, _ = evil.WriteTo(bank(0x9999, "bank.example."), from)
+			_, _ = evil.WriteTo(bank(0x1234, "bank.example."), from)
+		}
+	}()
+	var q struct{ Port int }
+	do("query 127.66.0.53:53 shop.example. 0x1234", &q)
+	waitCounts("kind 2", 3, 1)
+
+	// 3. A TCP connection from port 53 into the cgroup's service, carrying
+	// a DNS message, IPv4 and IPv6; the service echoes it back to port 53.
+	for _, c := range []struct{ from, to string }{{"127.66.0.53", "127.0.0.1"}, {"::1", "::1"}} {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(c.from), Port: 53}, Timeout: 5 * time.Second}
+		conn, err := d.Dial("tcp", net.JoinHostPort(c.to, strconv.Itoa(ports.TCP)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := bank(0x4343, "bank.example.")
+		framed := append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...)
+		if _, err := conn.Write(framed); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, make([]byte, len(framed))); err != nil {
+			t.Fatalf("echo: %v", err)
+		}
+		conn.Close()
+	}
+	waitCounts("kind 3", 5, 1)
+
+	// 4. One raw PSH|ACK segment from port 53, no handshake, to the listening port.
+	m := bank(0x4444, "bank.example.")
+	rawTCP(t, netip.MustParseAddrPort("127.66.0.54:53"), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.TCP)),
+		0x18, append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...))
+	waitCounts("kind 4", 6, 1)
+
+	// 5. A peer in another network namespace.
+	peer, local := peerNetns(t)
+	if _, err := peer.WriteTo(bank(0x4545, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(ports.UDP)))); err != nil {
+		t.Fatal(err)
+	}
+	waitCounts("kind 5", 7, 1)
+
+	// None of it labels a connection to the forged address.
+	var forged, real cgrouptest.Conn
+	do("connect", &forged)
+	// The same connection after a real answer from the real server is labelled.
+	do("resolve "+server, &real)
+
+	// 6. Eight forged answers, 6 h TTL, from the real server's address and
+	// port with the id and question of a real query already answered.
+	do("ask "+server, &q)
+	srv.mu.Lock()
+	asked := srv.last["svc.flowbus.test."]
+	srv.mu.Unlock()
+	if asked.from == nil || asked.from.(*net.UDPAddr).Port != q.Port {
+		t.Fatalf("the server saw the query from %v, the helper asked from port %d", asked.from, q.Port)
+	}
+	for i := range 8 {
+		f := forgery(t, asked.id, "svc.flowbus.test.", target, fmt.Sprintf("bank%d.example.", i))
+		if _, err := srv.pc.WriteTo(f, asked.from); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitCounts("kind 6", 7, 9)
+	var after cgrouptest.Conn
+	do("connect", &after)
+
+	realNames := []string{"e1.cdn.flowbus.test", "edge.cdn.flowbus.test", "svc.flowbus.test"}
+	want := map[string][]string{forged.Client: nil, real.Client: realNames, after.Client: realNames}
+	got := readStream(t, a.ClientURL(), "FLOWS", 6, 300*time.Millisecond)
+	seen := 0
+	for _, r := range got {
+		for _, n := range append(slices.Clone(r.Ev.SrcDNS), r.Ev.DstDNS...) {
+			if strings.Contains(n, "example") {
+				t.Errorf("event %s:%d -> %s:%d carries the forged name %q", r.Ev.Src, r.Ev.SrcPort, r.Ev.Dst, r.Ev.DstPort, n)
+			}
+		}
+		if r.Ev.Dst != target {
+			continue
+		}
+		names, ok := want[netip.AddrPortFrom(r.Ev.Src, r.Ev.SrcPort).String()]
+		if !ok {
+			t.Errorf("unexpected event %+v", r.Ev)
+			continue
+		}
+		seen++
+		if dst := slices.Sorted(slices.Values(r.Ev.DstDNS)); !slices.Equal(dst, names) {
+			t.Errorf("%s event %s:%d -> %s: dst_dns %q, want %q", r.Ev.Direction, r.Ev.Src, r.Ev.SrcPort, r.Ev.Dst, dst, names)
+		}
+	}
+	if seen != 6 {
+		t.Errorf("%d events of the three connections to %s, want 6", seen, target)
+	}
+	s := a.Snapshot()
+	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 9 || s.Kernel.DNSUnsolicited != 7 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 9 unsolicited here, 7 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	}
+}
+
+// A flood of forged answers at the rate this test can make, while the
+// watched cgroup makes connections through a ring buffer of the smallest
+// size allowed: the kernel drops every forged answer before the ring, so no
+// connection event is lost, and counts each one.
+func TestDNSFloodCostsNoEvent(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	cg := cgrouptest.NewChild(t)
+	cfg := testConfig(t, cg.Path)
+	cfg.RingbufBytes = 64 << 10 // 32 answer records would fill it
+	a := startAgent(t, cfg)
+
+	cmd := cg.Command("forge-target")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	var ports struct{ UDP int }
+	if err := json.NewDecoder(stdout).Decode(&ports); err != nil {
+		t.Fatalf("helper ports: %v", err)
+	}
+	to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.UDP)))
+	pc, err := net.ListenPacket("udp", "127.66.0.53:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	forged := forgery(t, 0x4646, "bank.example.", netip.MustParseAddr("127.1.2.3"), "bank.example.")
+
+	drops0 := softnetDrops(t)
+	stop := make(chan struct{})
+	sent := make(chan int)
+	start := time.Now()
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				sent <- n
+				return
+			default:
+			}
+			for range 64 {
+				if _, err := pc.WriteTo(forged, to); err == nil {
+					n++
+				}
+			}
+		}
+	}()
+	const rounds, perRound, conns = 10, 200, 10 * 200
+	for range rounds {
+		cg.Traffic(t, "127.0.0.1", perRound, false)
+	}
+	close(stop)
+	n := <-sent
+	elapsed := time.Since(start)
+	dropped := softnetDrops(t) - drops0
+
+	deadline := time.Now().Add(5 * time.Second)
+	var s Snapshot
+	for {
+		s = a.Snapshot()
+		if (s.Captured >= 2*conns && s.Kernel.DNSUnsolicited+dropped >= uint64(n)) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("%d forged answers in %v (%.0f/s), %d dropped by the backlog before the programs; %d connections", n, elapsed, float64(n)/elapsed.Seconds(), dropped, conns)
+	if s.Captured != 2*conns || s.Kernel.RingbufFull != 0 || s.Kernel.DNSFull != 0 {
+		t.Errorf("captured %d events of %d, ring buffer full %d (flow) %d (DNS): want none lost", s.Captured, 2*conns, s.Kernel.RingbufFull, s.Kernel.DNSFull)
+	}
+	if s.Kernel.DNSUnsolicited+dropped != uint64(n) || s.DNSRecords != 0 || s.DNS.Answers != 0 {
+		t.Errorf("unsolicited %d + %d dropped before the kernel's programs, of %d sent; %d answers reached user space, %d learned: want all counted, none passed on",
+			s.Kernel.DNSUnsolicited, dropped, n, s.DNSRecords, s.DNS.Answers)
+	}
+}
+
+// softnetDrops sums the packets the CPUs' input backlogs dropped
+// (/proc/net/softnet_stat, second column): on loopback those never reach
+// a socket, nor the cgroup programs.
+func softnetDrops(t *testing.T) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/softnet_stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum uint64
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, err := strconv.ParseUint(f[1], 16, 64)
+		if err != nil {
+			t.Fatalf("softnet_stat %q: %v", line, err)
+		}
+		sum += v
+	}
+	return sum
+}
