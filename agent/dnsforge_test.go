@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -39,6 +40,8 @@ func init() {
 //	connect               a connection to the target: {"client","server"}
 //	resolve SERVER        resolve svc.flowbus.test, connect at once
 //	ask SERVER            resolve svc.flowbus.test from a socket kept open
+//	resolve-tcp SERVER NAME  resolve NAME over TCP, connect at once to a
+//	                      listener on its address
 func forgeTargetHelper([]string) error {
 	udp, err := net.ListenPacket("udp", ":0")
 	if err != nil {
@@ -140,6 +143,24 @@ func forgeTargetHelper([]string) error {
 			if ips, err = r.LookupNetIP(context.Background(), "ip4", "svc.flowbus.test."); err == nil {
 				err = connect(net.JoinHostPort(ips[0].String(), strconv.Itoa(target.Addr().(*net.TCPAddr).Port)))
 			}
+		case len(f) == 3 && f[0] == "resolve-tcp":
+			r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "tcp", f[1])
+			}}
+			var ips []netip.Addr
+			if ips, err = r.LookupNetIP(context.Background(), "ip4", f[2]); err == nil {
+				var ln net.Listener
+				if ln, err = net.Listen("tcp", net.JoinHostPort(ips[0].String(), "0")); err == nil {
+					go func() {
+						if c, err := ln.Accept(); err == nil {
+							c.Close()
+						}
+						ln.Close()
+					}()
+					err = connect(ln.Addr().String())
+				}
+			}
 		case len(f) == 2 && f[0] == "ask":
 			var port int
 			if port, err = ask(f[1], "svc.flowbus.test.", 0x5151); err == nil {
@@ -153,6 +174,26 @@ func forgeTargetHelper([]string) error {
 		}
 	}
 	return sc.Err()
+}
+
+// forgeServer is the real DNS server of these tests: not TestDNSEnrichment's,
+// so that the two never compete for the port.
+const forgeServer = "127.77.1.53:53"
+
+// lockPort53 serializes the tests that bind port 53 on fixed addresses
+// (the forgers', ::1 among them) with those of any other run of this
+// package on the machine.
+func lockPort53(t *testing.T) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(os.TempDir(), "flowbus-agent-test-port53.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() }) // closing releases the lock
 }
 
 // forgery is a DNS answer for question (name, A) with id, whose records put
@@ -224,6 +265,72 @@ func newRecordingServer(t *testing.T, addr string) *recordingServer {
 		}
 	}()
 	return s
+}
+
+// serveTCP answers the test zone over TCP on the server's address too.
+func (s *recordingServer) serveTCP(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("tcp", s.pc.LocalAddr().String())
+	if err != nil {
+		t.Fatalf("test DNS server over TCP: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				for {
+					var n uint16
+					if err := binary.Read(c, binary.BigEndian, &n); err != nil {
+						return
+					}
+					q := make([]byte, n)
+					if _, err := io.ReadFull(c, q); err != nil {
+						return
+					}
+					resp, err := answer(q)
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(resp))), resp...)); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+// rawTCP6 sends one TCP segment from src to dst over IPv6 through a raw
+// socket; the kernel fills in the checksum.
+func rawTCP6(t *testing.T, src, dst netip.AddrPort, flags byte, payload []byte) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_RAW, syscall.IPPROTO_TCP)
+	if err != nil {
+		t.Fatalf("raw socket: %v", err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IPV6, unix.IPV6_CHECKSUM, 16); err != nil {
+		t.Fatalf("IPV6_CHECKSUM: %v", err)
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrInet6{Addr: src.Addr().As16()}); err != nil {
+		t.Fatalf("raw bind: %v", err)
+	}
+	tcp := make([]byte, 20, 20+len(payload))
+	binary.BigEndian.PutUint16(tcp[0:], src.Port())
+	binary.BigEndian.PutUint16(tcp[2:], dst.Port())
+	binary.BigEndian.PutUint32(tcp[4:], 0x01020304)
+	binary.BigEndian.PutUint32(tcp[8:], 0x05060708)
+	tcp[12] = 5 << 4
+	tcp[13] = flags
+	binary.BigEndian.PutUint16(tcp[14:], 65535)
+	if err := syscall.Sendto(fd, append(tcp, payload...), 0, &syscall.SockaddrInet6{Addr: dst.Addr().As16()}); err != nil {
+		t.Fatalf("raw send: %v", err)
+	}
 }
 
 // rawTCP sends one TCP segment with flags and payload from src to dst
@@ -333,7 +440,8 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("needs the ip command for the network namespace")
 	}
-	const server = "127.77.0.53:53"
+	lockPort53(t)
+	const server = forgeServer
 	srv := newRecordingServer(t, server)
 	cg := cgrouptest.NewChild(t)
 	a := startAgent(t, testConfig(t, cg.Path))
@@ -418,7 +526,15 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	// 3. A TCP connection from port 53 into the cgroup's service, carrying
 	// a DNS message, IPv4 and IPv6; the service echoes it back to port 53.
 	for _, c := range []struct{ from, to string }{{"127.66.0.53", "127.0.0.1"}, {"::1", "::1"}} {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(c.from), Port: 53}, Timeout: 5 * time.Second}
+		// SO_REUSEADDR: the last run's connection from port 53 may be in TIME_WAIT.
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(c.from), Port: 53}, Timeout: 5 * time.Second,
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1) }); err != nil {
+					return err
+				}
+				return serr
+			}}
 		conn, err := d.Dial("tcp", net.JoinHostPort(c.to, strconv.Itoa(ports.TCP)))
 		if err != nil {
 			t.Fatal(err)
@@ -431,22 +547,25 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		if _, err := io.ReadFull(conn, make([]byte, len(framed))); err != nil {
 			t.Fatalf("echo: %v", err)
 		}
+		_ = conn.(*net.TCPConn).SetLinger(0) // a reset, not TIME_WAIT on port 53
 		conn.Close()
 	}
 	waitCounts("kind 3", 5, 1)
 
-	// 4. One raw PSH|ACK segment from port 53, no handshake, to the listening port.
+	// 4. One raw PSH|ACK segment from port 53, no handshake, to the
+	// listening port, IPv4 and IPv6.
 	m := bank(0x4444, "bank.example.")
-	rawTCP(t, netip.MustParseAddrPort("127.66.0.54:53"), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.TCP)),
-		0x18, append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...))
-	waitCounts("kind 4", 6, 1)
+	framedM := append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...)
+	rawTCP(t, netip.MustParseAddrPort("127.66.0.54:53"), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.TCP)), 0x18, framedM)
+	rawTCP6(t, netip.MustParseAddrPort("[::1]:53"), netip.AddrPortFrom(netip.MustParseAddr("::1"), uint16(ports.TCP)), 0x18, framedM)
+	waitCounts("kind 4", 7, 1)
 
 	// 5. A peer in another network namespace.
 	peer, local := peerNetns(t)
 	if _, err := peer.WriteTo(bank(0x4545, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(ports.UDP)))); err != nil {
 		t.Fatal(err)
 	}
-	waitCounts("kind 5", 7, 1)
+	waitCounts("kind 5", 8, 1)
 
 	// None of it labels a connection to the forged address.
 	var forged, real cgrouptest.Conn
@@ -469,7 +588,7 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitCounts("kind 6", 7, 9)
+	waitCounts("kind 6", 8, 9)
 	var after cgrouptest.Conn
 	do("connect", &after)
 
@@ -500,8 +619,62 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		t.Errorf("%d events of the three connections to %s, want 6", seen, target)
 	}
 	s := a.Snapshot()
-	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 9 || s.Kernel.DNSUnsolicited != 7 {
-		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 9 unsolicited here, 7 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 9 || s.Kernel.DNSUnsolicited != 8 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 9 unsolicited here, 8 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	}
+}
+
+// DNS over TCP on a connection the watched process opened to port 53: the
+// real answer passes the kernel and the matcher and labels the connection
+// made at once.
+func TestDNSOverTCPLabels(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	lockPort53(t)
+	const server = forgeServer
+	newRecordingServer(t, server).serveTCP(t)
+	cg := cgrouptest.NewChild(t)
+	a := startAgent(t, testConfig(t, cg.Path))
+	cmd := cg.Command("forge-target")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	dec := json.NewDecoder(stdout)
+	var ports struct{ UDP int }
+	if err := dec.Decode(&ports); err != nil {
+		t.Fatalf("helper ports: %v", err)
+	}
+	if _, err := fmt.Fprintln(stdin, "resolve-tcp", server, "client.flowbus.test."); err != nil {
+		t.Fatal(err)
+	}
+	var conn cgrouptest.Conn
+	if err := dec.Decode(&conn); err != nil {
+		t.Fatalf("helper resolve-tcp: %v", err)
+	}
+	got := readStream(t, a.ClientURL(), "FLOWS", 2, 300*time.Millisecond)
+	n := 0
+	for _, r := range got {
+		if r.Ev.Dst.String() != "127.4.5.6" {
+			continue
+		}
+		n++
+		if !slices.Equal(r.Ev.DstDNS, []string{"client.flowbus.test"}) {
+			t.Errorf("%s event to %s: dst_dns %q, want client.flowbus.test", r.Ev.Direction, r.Ev.Dst, r.Ev.DstDNS)
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d events of the connection to 127.4.5.6, want 2", n)
+	}
+	if s := a.Snapshot(); s.DNSMatch.Answered != 1 || s.DNSMatch.Unsolicited != 0 || s.Kernel.DNSUnsolicited != 0 || s.DNS.Answers != 1 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the one TCP answer matched and learned", s.DNS, s.DNSMatch, s.Kernel)
 	}
 }
 
@@ -511,6 +684,7 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 // connection event is lost, and counts each one.
 func TestDNSFloodCostsNoEvent(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
+	lockPort53(t)
 	cg := cgrouptest.NewChild(t)
 	cfg := testConfig(t, cg.Path)
 	cfg.RingbufBytes = 64 << 10 // 32 answer records would fill it
