@@ -198,6 +198,9 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 			MinTTL:          cfg.DNSMinTTL,
 			MaxTTL:          cfg.DNSMaxTTL,
 		},
+		// The same bounds as the kernel's table of outstanding queries.
+		MaxQueries:   bpf.DefaultQueryEntries,
+		QueryTimeout: bpf.DefaultQueryTimeout,
 	}, a.self, a.pub)
 	if err := a.capture.Attach(); err != nil {
 		return nil, err

@@ -588,7 +588,7 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitCounts("kind 6", 8, 9)
+	waitCounts("kind 6", 16, 1) // the kernel lets one answer through per query
 	var after cgrouptest.Conn
 	do("connect", &after)
 
@@ -619,8 +619,8 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		t.Errorf("%d events of the three connections to %s, want 6", seen, target)
 	}
 	s := a.Snapshot()
-	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 9 || s.Kernel.DNSUnsolicited != 8 {
-		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 9 unsolicited here, 8 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 1 || s.Kernel.DNSUnsolicited != 16 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 1 unsolicited here, 16 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
 	}
 }
 

@@ -378,8 +378,13 @@ static __always_inline void handle_udp(struct __sk_buff *skb, void *data, void *
 			return;
 		}
 		dns_key_init(skb, &k, IPPROTO_UDP, family, daddr, saddr, bpf_ntohs(uh->dest));
-		if (solicited(&k))
-			emit_dns(skb, poff, &k, family);
+		if (!solicited(&k))
+			return;
+		// One answer per query: later ones, repeated or forged, never
+		// reach the ring. Only one who knows the id can answer first, and
+		// such an attacker sees the query anyway.
+		bpf_map_delete_elem(&dnsq, &k);
+		emit_dns(skb, poff, &k, family);
 		return;
 	}
 	if (uh->dest != bpf_htons(DNS_PORT))
