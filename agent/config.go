@@ -56,7 +56,7 @@ type Config struct {
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304" help:"kernel ring buffer size, a power of two"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
-	DNSCacheBytes    int64         `env:"DNS_CACHE_BYTES" envDefault:"8388608" help:"memory the DNS cache may hold (names counted once however many addresses share them); past it the least recently used addresses go"`
+	DNSCacheBytes    int64         `env:"DNS_CACHE_BYTES" envDefault:"8388608" help:"bytes the DNS cache may hold (a shared name counts once); LRU past it"`
 	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8" help:"names kept per address (a CDN address serves many)"`
 	DNSMinTTL        time.Duration `env:"DNS_MIN_TTL" envDefault:"60s" help:"floor of a cached name's life"`
 	DNSMaxTTL        time.Duration `env:"DNS_MAX_TTL" envDefault:"6h" help:"ceiling of a cached name's life"`
