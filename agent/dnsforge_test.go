@@ -505,23 +505,26 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	waitCounts("kind 1", 2, 0)
 
 	// 2. A real query (0x1234, shop.example) to a server that answers with
-	// another id, and with the right id but another question.
-	evil, err := net.ListenPacket("udp", "127.66.0.53:53")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer evil.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		_ = evil.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, from, err := evil.ReadFrom(buf); err == nil {
-			_, _ = evil.WriteTo(bank(0x9999, "bank.example."), from)
-			_, _ = evil.WriteTo(bank(0x1234, "bank.example."), from)
-		}
-	}()
+	// another id (dropped in the kernel), and with the right id but another
+	// question (dropped here), IPv4 and IPv6.
 	var q struct{ Port int }
-	do("query 127.66.0.53:53 shop.example. 0x1234", &q)
-	waitCounts("kind 2", 3, 1)
+	for i, evilAddr := range []string{"127.66.0.53:53", "[::1]:53"} {
+		evil, err := net.ListenPacket("udp", evilAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			buf := make([]byte, 1500)
+			_ = evil.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, from, err := evil.ReadFrom(buf); err == nil {
+				_, _ = evil.WriteTo(bank(0x9999, "bank.example."), from)
+				_, _ = evil.WriteTo(bank(0x1234, "bank.example."), from)
+			}
+		}()
+		do("query "+evilAddr+" shop.example. 0x1234", &q)
+		waitCounts("kind 2 from "+evilAddr, uint64(3+i), uint64(1+i))
+		evil.Close() // [::1]:53 is the real IPv6 server's below
+	}
 
 	// 3. A TCP connection from port 53 into the cgroup's service, carrying
 	// a DNS message, IPv4 and IPv6; the service echoes it back to port 53.
@@ -550,7 +553,7 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		_ = conn.(*net.TCPConn).SetLinger(0) // a reset, not TIME_WAIT on port 53
 		conn.Close()
 	}
-	waitCounts("kind 3", 5, 1)
+	waitCounts("kind 3", 6, 2)
 
 	// 4. One raw PSH|ACK segment from port 53, no handshake, to the
 	// listening port, IPv4 and IPv6.
@@ -558,14 +561,14 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	framedM := append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...)
 	rawTCP(t, netip.MustParseAddrPort("127.66.0.54:53"), netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.TCP)), 0x18, framedM)
 	rawTCP6(t, netip.MustParseAddrPort("[::1]:53"), netip.AddrPortFrom(netip.MustParseAddr("::1"), uint16(ports.TCP)), 0x18, framedM)
-	waitCounts("kind 4", 7, 1)
+	waitCounts("kind 4", 8, 2)
 
 	// 5. A peer in another network namespace.
 	peer, local := peerNetns(t)
 	if _, err := peer.WriteTo(bank(0x4545, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(ports.UDP)))); err != nil {
 		t.Fatal(err)
 	}
-	waitCounts("kind 5", 8, 1)
+	waitCounts("kind 5", 9, 2)
 
 	// None of it labels a connection to the forged address.
 	var forged, real cgrouptest.Conn
@@ -574,21 +577,29 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	do("resolve "+server, &real)
 
 	// 6. Eight forged answers, 6 h TTL, from the real server's address and
-	// port with the id and question of a real query already answered.
-	do("ask "+server, &q)
-	srv.mu.Lock()
-	asked := srv.last["svc.flowbus.test."]
-	srv.mu.Unlock()
-	if asked.from == nil || asked.from.(*net.UDPAddr).Port != q.Port {
-		t.Fatalf("the server saw the query from %v, the helper asked from port %d", asked.from, q.Port)
-	}
-	for i := range 8 {
-		f := forgery(t, asked.id, "svc.flowbus.test.", target, fmt.Sprintf("bank%d.example.", i))
-		if _, err := srv.pc.WriteTo(f, asked.from); err != nil {
-			t.Fatal(err)
+	// port with the id and question of a real query already answered, over
+	// IPv4 and over IPv6 (a real server on [::1]:53 too).
+	srv6 := newRecordingServer(t, "[::1]:53")
+	for i, c := range []struct {
+		addr string
+		srv  *recordingServer
+	}{{server, srv}, {"[::1]:53", srv6}} {
+		do("ask "+c.addr, &q)
+		c.srv.mu.Lock()
+		asked := c.srv.last["svc.flowbus.test."]
+		c.srv.mu.Unlock()
+		if asked.from == nil || asked.from.(*net.UDPAddr).Port != q.Port {
+			t.Fatalf("the server on %s saw the query from %v, the helper asked from port %d", c.addr, asked.from, q.Port)
 		}
+		for i := range 8 {
+			f := forgery(t, asked.id, "svc.flowbus.test.", target, fmt.Sprintf("bank%d.example.", i))
+			if _, err := c.srv.pc.WriteTo(f, asked.from); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// The kernel lets one answer through per query: the real one.
+		waitCounts("kind 6 from "+c.addr, uint64(17+8*i), 2)
 	}
-	waitCounts("kind 6", 16, 1) // the kernel lets one answer through per query
 	var after cgrouptest.Conn
 	do("connect", &after)
 
@@ -619,8 +630,8 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		t.Errorf("%d events of the three connections to %s, want 6", seen, target)
 	}
 	s := a.Snapshot()
-	if s.DNS.Answers != 2 || s.DNSMatch.Answered != 2 || s.DNSMatch.Unsolicited != 1 || s.Kernel.DNSUnsolicited != 16 {
-		t.Errorf("counters %+v %+v, kernel %+v: want the 2 real answers learned, 1 unsolicited here, 16 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	if s.DNS.Answers != 3 || s.DNSMatch.Answered != 3 || s.DNSMatch.Unsolicited != 2 || s.Kernel.DNSUnsolicited != 25 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the 3 real answers learned, 2 unsolicited here, 25 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
 	}
 }
 
