@@ -382,13 +382,15 @@ func checksum(b []byte) uint16 {
 }
 
 // peerNetns makes a network namespace joined to this one by a veth pair
-// (10.99.N.1 here, 10.99.N.2 there) and returns a UDP socket bound to port
-// 53 inside it.
-func peerNetns(t *testing.T) (net.PacketConn, netip.Addr) {
+// (10.99.N.1 and fd00:77:N::1 here, 10.99.N.2 and fd00:77:N::2 there) and
+// returns UDP sockets bound to port 53 inside it, IPv4 and IPv6, with this
+// side's addresses.
+func peerNetns(t *testing.T) (peer4, peer6 net.PacketConn, local4, local6 netip.Addr) {
 	t.Helper()
 	n := os.Getpid()%200 + 20
 	ns, here, there := fmt.Sprintf("fbforge%d", os.Getpid()), fmt.Sprintf("fbf%da", os.Getpid()%100000), fmt.Sprintf("fbf%db", os.Getpid()%100000)
 	local, peer := fmt.Sprintf("10.99.%d.1", n), fmt.Sprintf("10.99.%d.2", n)
+	localV6, peerV6 := fmt.Sprintf("fd00:77:%x::1", n), fmt.Sprintf("fd00:77:%x::2", n)
 	run := func(args ...string) {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
@@ -397,9 +399,15 @@ func peerNetns(t *testing.T) (net.PacketConn, netip.Addr) {
 	run("netns", "add", ns)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
 	run("link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
+	// Deleting the namespace deletes its end, and with it this one; this is
+	// for a test that fails between the two.
+	t.Cleanup(func() { _ = exec.Command("ip", "link", "del", here).Run() })
 	run("addr", "add", local+"/24", "dev", here)
+	// nodad: the addresses are usable at once, not after duplicate address detection.
+	run("addr", "add", localV6+"/64", "dev", here, "nodad")
 	run("link", "set", here, "up")
 	run("-n", ns, "addr", "add", peer+"/24", "dev", there)
+	run("-n", ns, "addr", "add", peerV6+"/64", "dev", there, "nodad")
 	run("-n", ns, "link", "set", there, "up")
 
 	// A socket keeps the namespace it was made in.
@@ -417,16 +425,24 @@ func peerNetns(t *testing.T) (net.PacketConn, netip.Addr) {
 	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
 		t.Fatalf("entering %s: %v", ns, err)
 	}
-	pc, lerr := net.ListenPacket("udp", peer+":53")
+	pc4, lerr4 := net.ListenPacket("udp", peer+":53")
+	pc6, lerr6 := net.ListenPacket("udp", "["+peerV6+"]:53")
 	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
 		t.Fatalf("leaving %s: %v", ns, err) // the thread stays locked: it dies with the test
 	}
 	runtime.UnlockOSThread()
-	if lerr != nil {
-		t.Fatal(lerr)
+	for _, pc := range []net.PacketConn{pc4, pc6} {
+		if pc != nil {
+			t.Cleanup(func() { pc.Close() })
+		}
 	}
-	t.Cleanup(func() { pc.Close() })
-	return pc, netip.MustParseAddr(local)
+	if lerr4 != nil {
+		t.Fatal(lerr4)
+	}
+	if lerr6 != nil {
+		t.Fatal(lerr6)
+	}
+	return pc4, pc6, netip.MustParseAddr(local), netip.MustParseAddr(localV6)
 }
 
 // Issue 14's forgeries, from outside the watched cgroup, each putting a
@@ -563,12 +579,17 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	rawTCP6(t, netip.MustParseAddrPort("[::1]:53"), netip.AddrPortFrom(netip.MustParseAddr("::1"), uint16(ports.TCP)), 0x18, framedM)
 	waitCounts("kind 4", 8, 2)
 
-	// 5. A peer in another network namespace.
-	peer, local := peerNetns(t)
-	if _, err := peer.WriteTo(bank(0x4545, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(ports.UDP)))); err != nil {
-		t.Fatal(err)
+	// 5. A peer in another network namespace, IPv4 and IPv6.
+	peer4, peer6, local4, local6 := peerNetns(t)
+	for _, c := range []struct {
+		from net.PacketConn
+		to   netip.Addr
+	}{{peer4, local4}, {peer6, local6}} {
+		if _, err := c.from.WriteTo(bank(0x4545, "bank.example."), net.UDPAddrFromAddrPort(netip.AddrPortFrom(c.to, uint16(ports.UDP)))); err != nil {
+			t.Fatalf("from the peer namespace to %s: %v", c.to, err)
+		}
 	}
-	waitCounts("kind 5", 9, 2)
+	waitCounts("kind 5", 10, 2)
 
 	// None of it labels a connection to the forged address.
 	var forged, real cgrouptest.Conn
@@ -598,7 +619,7 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 			}
 		}
 		// The kernel lets one answer through per query: the real one.
-		waitCounts("kind 6 from "+c.addr, uint64(17+8*i), 2)
+		waitCounts("kind 6 from "+c.addr, uint64(18+8*i), 2)
 	}
 	var after cgrouptest.Conn
 	do("connect", &after)
@@ -630,8 +651,8 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 		t.Errorf("%d events of the three connections to %s, want 6", seen, target)
 	}
 	s := a.Snapshot()
-	if s.DNS.Answers != 3 || s.DNSMatch.Answered != 3 || s.DNSMatch.Unsolicited != 2 || s.Kernel.DNSUnsolicited != 25 {
-		t.Errorf("counters %+v %+v, kernel %+v: want the 3 real answers learned, 2 unsolicited here, 25 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
+	if s.DNS.Answers != 3 || s.DNSMatch.Answered != 3 || s.DNSMatch.Unsolicited != 2 || s.Kernel.DNSUnsolicited != 26 {
+		t.Errorf("counters %+v %+v, kernel %+v: want the 3 real answers learned, 2 unsolicited here, 26 in the kernel", s.DNS, s.DNSMatch, s.Kernel)
 	}
 }
 
