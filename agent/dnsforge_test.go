@@ -42,6 +42,9 @@ func init() {
 //	ask SERVER            resolve svc.flowbus.test from a socket kept open
 //	resolve-tcp SERVER NAME  resolve NAME over TCP, connect at once to a
 //	                      listener on its address
+//	edns SERVER NAME      ask for NAME's A records with EDNS (4,096-byte
+//	                      UDP), connect at once to listeners on the first
+//	                      and the last address: {"size","addrs","conns"}
 func forgeTargetHelper([]string) error {
 	udp, err := net.ListenPacket("udp", ":0")
 	if err != nil {
@@ -161,6 +164,8 @@ func forgeTargetHelper([]string) error {
 					err = connect(ln.Addr().String())
 				}
 			}
+		case len(f) == 3 && f[0] == "edns":
+			err = ednsConnect(enc, f[1], f[2])
 		case len(f) == 2 && f[0] == "ask":
 			var port int
 			if port, err = ask(f[1], "svc.flowbus.test.", 0x5151); err == nil {
@@ -174,6 +179,75 @@ func forgeTargetHelper([]string) error {
 		}
 	}
 	return sc.Err()
+}
+
+// ednsConnect asks server for name's A records in one EDNS query from a
+// socket of its own, as a resolver that advertises 4,096 bytes does, reads
+// every address of the answer, and connects at once to listeners on the
+// first and the last.
+func ednsConnect(enc *json.Encoder, server, name string) error {
+	c, err := net.Dial("udp", server)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var opt dnsmessage.ResourceHeader
+	if err := opt.SetEDNS0(4096, dnsmessage.RCodeSuccess, false); err != nil {
+		return err
+	}
+	q, err := (&dnsmessage.Message{Header: dnsmessage.Header{ID: 0x6161, RecursionDesired: true},
+		Questions:   []dnsmessage.Question{{Name: dnsmessage.MustNewName(name), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET}},
+		Additionals: []dnsmessage.Resource{{Header: opt, Body: &dnsmessage.OPTResource{}}}}).Pack()
+	if err != nil {
+		return err
+	}
+	if _, err := c.Write(q); err != nil {
+		return err
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	var m dnsmessage.Message
+	if err := m.Unpack(buf[:n]); err != nil {
+		return err
+	}
+	var addrs []netip.Addr
+	for _, r := range m.Answers {
+		if a, ok := r.Body.(*dnsmessage.AResource); ok {
+			addrs = append(addrs, netip.AddrFrom4(a.A))
+		}
+	}
+	if len(addrs) == 0 {
+		return fmt.Errorf("the answer for %s has no A record", name)
+	}
+	var conns []cgrouptest.Conn
+	for _, a := range []netip.Addr{addrs[0], addrs[len(addrs)-1]} {
+		ln, err := net.Listen("tcp", net.JoinHostPort(a.String(), "0"))
+		if err != nil {
+			return err
+		}
+		go func() {
+			if c, err := ln.Accept(); err == nil {
+				c.Close()
+			}
+		}()
+		conn, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		conns = append(conns, cgrouptest.Conn{Client: conn.LocalAddr().String(), Server: conn.RemoteAddr().String()})
+		conn.Close()
+		ln.Close()
+	}
+	return enc.Encode(struct {
+		Size  int
+		Addrs []netip.Addr
+		Conns []cgrouptest.Conn
+	}{n, addrs, conns})
 }
 
 // forgeServer is the real DNS server of these tests: not TestDNSEnrichment's,
@@ -817,4 +891,148 @@ func softnetDrops(t *testing.T) uint64 {
 		sum += v
 	}
 	return sum
+}
+
+// A real EDNS answer of 120 A records (about 1,960 bytes over UDP, under
+// the 2,047 bytes the kernel copies) from a real DNS server to a real
+// query of the watched cgroup: every address is learned, the answer lands
+// in exactly one outcome (learned), and connections to the first and the
+// last address carry the name.
+func TestDNSLargeEDNSAnswerLearnsAll(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	lockPort53(t)
+	const server, name, records = "127.77.3.53:53", "many.flowbus.test.", 120
+	addrs := make([]netip.Addr, records)
+	for i := range addrs {
+		addrs[i] = netip.AddrFrom4([4]byte{127, 88, byte((i + 1) >> 8), byte(i + 1)})
+	}
+	pc, err := net.ListenPacket("udp", server)
+	if err != nil {
+		t.Fatalf("test DNS server on %s: %v", server, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	sizes := make(chan int, 1)
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			resp, err := manyAnswer(buf[:n], name, addrs)
+			if err != nil {
+				t.Errorf("test DNS server: %v", err)
+				return
+			}
+			select {
+			case sizes <- len(resp):
+			default:
+			}
+			_, _ = pc.WriteTo(resp, from)
+		}
+	}()
+
+	cg := cgrouptest.NewChild(t)
+	a := startAgent(t, testConfig(t, cg.Path))
+	cmd := cg.Command("forge-target")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	dec := json.NewDecoder(stdout)
+	var ports struct{ UDP int }
+	if err := dec.Decode(&ports); err != nil {
+		t.Fatalf("helper ports: %v", err)
+	}
+	if _, err := fmt.Fprintln(stdin, "edns", server, name); err != nil {
+		t.Fatal(err)
+	}
+	var res struct {
+		Size  int
+		Addrs []netip.Addr
+		Conns []cgrouptest.Conn
+	}
+	if err := dec.Decode(&res); err != nil {
+		t.Fatalf("helper edns: %v", err)
+	}
+	if sent := <-sizes; res.Size != sent || sent <= 1900 || sent > 2047 {
+		t.Fatalf("the client read %d bytes of a %d-byte answer: want the whole answer, 1,901 to 2,047 bytes", res.Size, sent)
+	}
+	t.Logf("answer of %d A records: %d bytes over UDP", records, res.Size)
+	if !slices.Equal(res.Addrs, addrs) {
+		t.Fatalf("the client read %d addresses %v, want the %d served", len(res.Addrs), res.Addrs, records)
+	}
+
+	first, last := addrs[0], addrs[records-1]
+	got := readStream(t, a.ClientURL(), "FLOWS", 4, 300*time.Millisecond)
+	seen := map[netip.Addr]int{}
+	for _, r := range got {
+		if r.Ev.Dst != first && r.Ev.Dst != last {
+			t.Errorf("unexpected event %+v", r.Ev)
+			continue
+		}
+		seen[r.Ev.Dst]++
+		if !slices.Equal(r.Ev.DstDNS, []string{strings.TrimSuffix(name, ".")}) {
+			t.Errorf("%s event to %s: dst_dns %q, want %s", r.Ev.Direction, r.Ev.Dst, r.Ev.DstDNS, name)
+		}
+	}
+	if seen[first] != 2 || seen[last] != 2 {
+		t.Errorf("events per address %v: want 2 (outgoing and incoming) to each of %s and %s", seen, first, last)
+	}
+	s := a.Snapshot()
+	if s.DNS.Records != records || s.DNS.Entries != records {
+		t.Errorf("%d records learned, %d addresses cached: want %d of each", s.DNS.Records, s.DNS.Entries, records)
+	}
+	if s.DNS.Answers != 1 || s.DNS.Partial != 0 || s.DNS.Truncated != 0 || s.DNS.Malformed != 0 || s.DNS.Ignored != 0 ||
+		s.DNS.DroppedCut != 0 || s.DNS.DroppedMalformed != 0 {
+		t.Errorf("DNS outcomes %+v: want the answer learned once, in no other outcome, no record dropped", s.DNS)
+	}
+	if s.DNSMatch.Answered != 1 || s.DNSMatch.Unsolicited != 0 || s.Kernel.DNSUnsolicited != 0 || s.Kernel.DNSCut != 0 || s.Kernel.DNSFull != 0 {
+		t.Errorf("matcher %+v, kernel %+v: want the one answer matched, none unsolicited, cut or lost", s.DNSMatch, s.Kernel)
+	}
+}
+
+// manyAnswer answers query, which must ask for name's A records, with one
+// A record of name for each of addrs and an EDNS OPT record, compressed as
+// a real server does.
+func manyAnswer(query []byte, name string, addrs []netip.Addr) ([]byte, error) {
+	var p dnsmessage.Parser
+	h, err := p.Start(query)
+	if err != nil {
+		return nil, err
+	}
+	q, err := p.Question()
+	if err != nil {
+		return nil, err
+	}
+	if !strings.EqualFold(q.Name.String(), name) || q.Type != dnsmessage.TypeA {
+		return nil, fmt.Errorf("asked %s %s, serving only %s A", q.Name, q.Type, name)
+	}
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired})
+	b.EnableCompression()
+	_ = b.StartQuestions()
+	_ = b.Question(q)
+	_ = b.StartAnswers()
+	for _, a := range addrs {
+		if err := b.AResource(dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 300}, dnsmessage.AResource{A: a.As4()}); err != nil {
+			return nil, err
+		}
+	}
+	_ = b.StartAdditionals()
+	var opt dnsmessage.ResourceHeader
+	if err := opt.SetEDNS0(4096, dnsmessage.RCodeSuccess, false); err != nil {
+		return nil, err
+	}
+	if err := b.OPTResource(opt, dnsmessage.OPTResource{}); err != nil {
+		return nil, err
+	}
+	return b.Finish()
 }
