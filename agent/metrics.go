@@ -19,11 +19,11 @@ import (
 type agentCollector struct {
 	a *Agent
 
-	events, drops, pending, pendingBytes, batches, bytes, dups, pubErrors, kernelDup, ready *prometheus.Desc
-	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                            *prometheus.Desc
-	dnsQueries, dnsPending                                                                  *prometheus.Desc
-	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                  *prometheus.Desc
-	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                            *prometheus.Desc
+	events, drops, pending, pendingBytes, batches, bytes, dups, collisions, pubErrors, kernelDup, ready *prometheus.Desc
+	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                                        *prometheus.Desc
+	dnsQueries, dnsPending                                                                              *prometheus.Desc
+	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                              *prometheus.Desc
+	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                        *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
@@ -39,6 +39,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 		batches:      d("batches_acked_total", "Batches acknowledged by the stream."),
 		bytes:        d("batch_bytes_acked_total", "Encoded bytes acknowledged by the stream."),
 		dups:         d("duplicate_acks_total", "Batches the stream already held (retries after a lost ack)."),
+		collisions:   d("id_collisions_total", "Duplicate acks for a message another publisher stored under the batch's id (read back and compared); each such batch was republished under a fresh random id."),
 		pubErrors:    d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
 		kernelDup:    d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
 		ready:        d("ready", "1 when connected to NATS and the stream exists."),
@@ -66,7 +67,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.dnsQueries
 	ch <- c.dnsPending
-	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.pubErrors, c.kernelDup, c.ready,
+	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.ready,
 		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
 		ch <- d
 	}
@@ -96,6 +97,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.batches, p.BatchesAcked)
 	counter(c.bytes, p.BytesAcked)
 	counter(c.dups, p.DuplicateAcks)
+	counter(c.collisions, p.IDCollisions)
 	counter(c.pubErrors, p.PublishErrors)
 	counter(c.kernelDup, s.Kernel.Duplicates)
 	gauge(c.dnsEntries, float64(s.DNS.Entries))

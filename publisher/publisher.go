@@ -8,11 +8,15 @@
 package publisher
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -96,6 +100,7 @@ type Stats struct {
 	BatchesAcked    uint64
 	BytesAcked      uint64
 	DuplicateAcks   uint64 // batches the stream already held (a retry after a lost ack)
+	IDCollisions    uint64 // duplicate acks for a message someone else stored under our id; the batch was republished
 	PublishErrors   uint64 // failed attempts, each retried or given up
 	Drops           schema.Drops
 	PendingBatches  int // in memory, sealed, not yet acknowledged
@@ -120,6 +125,7 @@ type batch struct {
 	notBefore time.Time
 	sealedAt  time.Time
 	spoolName string // set when the batch lives in the spool until acked
+	baseID    string // msgID before a collision gave it a fresh one
 }
 
 type dirState struct {
@@ -159,7 +165,7 @@ type Publisher struct {
 	// so steady retry warnings never hide a drop.
 	lastWarn sync.Map
 
-	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors atomic.Uint64
+	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors, collisions atomic.Uint64
 
 	nc *nats.Conn
 	// maxBytes is cfg.MaxBytes, lowered to fit the server's max_payload
@@ -483,12 +489,24 @@ func (p *Publisher) send(b *batch) {
 }
 
 func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
+	if ack != nil && ack.Duplicate {
+		// JetStream dedupes ids across the whole stream: anyone who can
+		// publish to it can claim our next ids first. Only a stored copy of
+		// this very batch makes the duplicate ours.
+		mine, stored, err := p.storedIsOurs(b, ack)
+		if err != nil {
+			p.failed(b, fmt.Errorf("duplicate ack for stored sequence %d could not be verified: %w", ack.Sequence, err))
+			return
+		}
+		if !mine {
+			p.collided(b, ack, stored)
+			return
+		}
+		p.dupAcks.Add(1)
+	}
 	p.eventsAcked.Add(uint64(b.events))
 	p.batchesAcked.Add(1)
 	p.bytesAcked.Add(uint64(len(b.data)))
-	if ack != nil && ack.Duplicate {
-		p.dupAcks.Add(1)
-	}
 	if p.cfg.OnAck != nil {
 		p.cfg.OnAck(b.events, len(b.data), b.sealedAt)
 	}
@@ -504,6 +522,72 @@ func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
 		p.bufs.Put(b.data[:0])
 	}
 	p.signal()
+}
+
+// verifyTimeout bounds the read-back of a message the stream called a duplicate.
+const verifyTimeout = 5 * time.Second
+
+// storedIsOurs reads back the message a duplicate ack names and tells whether
+// it is b (same subject, same bytes). It also returns the stored subject.
+func (p *Publisher) storedIsOurs(b *batch, ack *jetstream.PubAck) (bool, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), min(p.cfg.AckTimeout, verifyTimeout))
+	defer cancel()
+	st, err := p.js.Stream(ctx, ack.Stream)
+	if err != nil {
+		return false, "", err
+	}
+	m, err := st.GetMsg(ctx, ack.Sequence)
+	if err != nil {
+		return false, "", err
+	}
+	return m.Subject == b.subject && bytes.Equal(m.Data, b.data), m.Subject, nil
+}
+
+// collided republishes b at once under a fresh id that nobody can predict,
+// since the stream kept another publisher's message under b's id. The new id
+// stays with b, so its own retries are still deduped.
+func (p *Publisher) collided(b *batch, ack *jetstream.PubAck, stored string) {
+	p.collisions.Add(1)
+	if b.baseID == "" {
+		b.baseID = b.msgID
+	}
+	old := b.msgID
+	b.msgID = freshID(b.baseID)
+	p.warn("message id already used in the stream by another publisher: batch republished under a fresh id",
+		"msg_id", old, "stored_subject", stored, "stored_seq", ack.Sequence, "subject", b.subject, "new_msg_id", b.msgID)
+	p.mu.Lock()
+	p.inflight--
+	if p.stopped() {
+		p.mu.Unlock()
+		return
+	}
+	delete(p.flying, b)
+	b.notBefore = time.Time{}
+	p.requeueLocked(b)
+	p.mu.Unlock()
+	p.signal()
+}
+
+// freshID appends 64 random bits to base: an id no other publisher can claim
+// in advance.
+func freshID(base string) string {
+	var r [8]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		panic("publisher: no system randomness: " + err.Error())
+	}
+	return base + "." + strconv.FormatUint(binary.BigEndian.Uint64(r[:]), 16)
+}
+
+// requeueLocked puts b back in seq order, so that batches go out oldest
+// first after an outage.
+func (p *Publisher) requeueLocked(b *batch) {
+	i := len(p.queue)
+	for i > 0 && p.queue[i-1].sealedAt.After(b.sealedAt) {
+		i--
+	}
+	p.queue = append(p.queue, nil)
+	copy(p.queue[i+1:], p.queue[i:])
+	p.queue[i] = b
 }
 
 func (p *Publisher) unspool(name string) {
@@ -547,14 +631,7 @@ func (p *Publisher) failed(b *batch, err error) {
 		backoff = p.cfg.MaxBackoff
 	}
 	b.notBefore = time.Now().Add(backoff)
-	// Back in seq order, so that batches go out oldest first after an outage.
-	i := len(p.queue)
-	for i > 0 && p.queue[i-1].sealedAt.After(b.sealedAt) {
-		i--
-	}
-	p.queue = append(p.queue, nil)
-	copy(p.queue[i+1:], p.queue[i:])
-	p.queue[i] = b
+	p.requeueLocked(b)
 	seq, attempts := b.seq, b.attempts // b belongs to the send loop again once unlocked
 	pending := len(p.queue) + p.inflight
 	p.mu.Unlock()
@@ -714,6 +791,7 @@ func (p *Publisher) Stats() Stats {
 	s.BatchesAcked = p.batchesAcked.Load()
 	s.BytesAcked = p.bytesAcked.Load()
 	s.DuplicateAcks = p.dupAcks.Load()
+	s.IDCollisions = p.collisions.Load()
 	s.PublishErrors = p.pubErrors.Load()
 	s.Spooled = p.spooled.Load()
 	if sp := p.cfg.Spool; sp != nil {
