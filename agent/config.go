@@ -171,6 +171,8 @@ func (c *Config) validate() []string {
 	}
 	if c.Stream == "" || strings.ContainsAny(c.Stream, ".*> \t") {
 		bad("STREAM", "%q is not a valid stream name (no spaces, dots, * or >): use e.g. FLOWS", c.Stream)
+	} else if err := schema.CheckReserved(c.Stream); err != nil {
+		bad("STREAM", "%v", err)
 	}
 	if c.NATSURL == "" {
 		if _, _, err := net.SplitHostPort(c.EmbeddedListen); err != nil {

@@ -284,3 +284,26 @@ func TestUnknownVariablesKnowsTheRepository(t *testing.T) {
 		t.Errorf("found only %d FLOWBUS_* names in the repository: is the walk broken?", seen)
 	}
 }
+
+// A prefix or stream name that NATS reserves ('$...', _INBOX...) is refused: under _INBOX the stream
+// would store every consumer delivery again, in a loop.
+func TestConfigReservedNames(t *testing.T) {
+	for _, c := range []struct{ v, val string }{
+		{"FLOWBUS_SUBJECT_PREFIX", "_INBOX"},
+		{"FLOWBUS_SUBJECT_PREFIX", "_INBOX.flows"},
+		{"FLOWBUS_SUBJECT_PREFIX", "$JS"},
+		{"FLOWBUS_SUBJECT_PREFIX", "$SYS.flows"},
+		{"FLOWBUS_STREAM", "$G"},
+		{"FLOWBUS_STREAM", "$KV"},
+		{"FLOWBUS_STREAM", "_INBOX"},
+	} {
+		_, err := LoadConfig(map[string]string{c.v: c.val})
+		var ce *ConfigError
+		if !errors.As(err, &ce) || len(ce.Problems) != 1 || !strings.Contains(err.Error(), c.v+":") || !strings.Contains(err.Error(), "reserves") {
+			t.Errorf("%s=%s: %v, want one problem naming it as reserved", c.v, c.val, err)
+		}
+	}
+	if _, err := LoadConfig(map[string]string{"FLOWBUS_SUBJECT_PREFIX": "inbox.flows", "FLOWBUS_STREAM": "INBOX_FLOWS"}); err != nil {
+		t.Errorf("ordinary names refused: %v", err)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -79,11 +80,26 @@ func ValidateHostToken(tok string) error {
 	return nil
 }
 
-// ValidatePrefix checks a subject prefix: one or more dot-separated non-empty tokens of [A-Za-z0-9_-]
+// CheckReserved refuses a subject prefix or stream name that NATS keeps for itself: anything starting
+// with '$' ($JS, $SYS, $KV, $O, $MQTT, $NRG, $G, ...) or with _INBOX (request replies and consumer
+// deliveries). Batches published there would be taken by the server's own APIs, or, under _INBOX,
+// stored again from every delivery in a loop.
+func CheckReserved(s string) error {
+	if strings.HasPrefix(s, "$") || strings.HasPrefix(s, "_INBOX") {
+		return fmt.Errorf("%q starts with a name NATS reserves for itself ('$' or _INBOX, as in $JS, $SYS, $KV, _INBOX): use another name", s)
+	}
+	return nil
+}
+
+// ValidatePrefix checks a subject prefix: it must not be reserved (see CheckReserved), and be one or
+// more dot-separated non-empty tokens of [A-Za-z0-9_-]
 // (so no wildcards '*' '>', no spaces, no leading, trailing or doubled dots).
 func ValidatePrefix(p string) error {
 	if p == "" {
 		return fmt.Errorf("is empty: use %q or dot-separated tokens of A-Z a-z 0-9 _ -", DefaultPrefix)
+	}
+	if err := CheckReserved(p); err != nil {
+		return err
 	}
 	start := 0
 	for i := 0; i <= len(p); i++ {

@@ -57,18 +57,42 @@ func TestValidatePrefix(t *testing.T) {
 		}
 	}
 	for p, want := range map[string]string{
-		"":        "empty",
-		".flows":  "empty token",
-		"flows.":  "empty token",
-		"a..b":    "empty token",
-		"flows.*": "wildcard '*'",
-		"flows>":  "wildcard '>'",
-		"a b":     "character ' '",
-		"é":       "character",
+		"":         "empty",
+		".flows":   "empty token",
+		"flows.":   "empty token",
+		"a..b":     "empty token",
+		"flows.*":  "wildcard '*'",
+		"flows>":   "wildcard '>'",
+		"a b":      "character ' '",
+		"é":        "character",
+		"_INBOX":   "reserves",
+		"_INBOX.x": "reserves",
+		"_INBOXES": "reserves",
+		"$JS":      "reserves",
+		"$SYS.a":   "reserves",
+		"$KV":      "reserves",
+		"$O":       "reserves",
+		"$MQTT":    "reserves",
+		"$NRG":     "reserves",
+		"$G":       "reserves",
+		"$x":       "reserves",
 	} {
 		err := ValidatePrefix(p)
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ValidatePrefix(%q) = %v, want mention of %q", p, err, want)
+		}
+	}
+}
+
+func TestCheckReserved(t *testing.T) {
+	for _, ok := range []string{"flows", "FLOWS", "inbox", "x_INBOX", "a$"} {
+		if err := CheckReserved(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, r := range []string{"$JS", "$SYS", "$KV", "$O", "$MQTT", "$NRG", "$G", "$", "_INBOX", "_INBOX_x"} {
+		if err := CheckReserved(r); err == nil || !strings.Contains(err.Error(), r) {
+			t.Errorf("CheckReserved(%q) = %v, want a refusal naming it", r, err)
 		}
 	}
 }

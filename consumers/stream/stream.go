@@ -2,7 +2,7 @@
 // errors that name the servers (passwords redacted), opening (or waiting for) the stream, the start
 // policy of a new consumer, subject filter checks, and the rule that follows a run's batch chain. It is
 // shared by package tail (flowtail) and package flowstat, so that both connect, refuse a filter and
-// report a gap the same way. It imports the NATS client and no flowbus package.
+// report a gap the same way. Of flowbus it imports only internal/redact and schema (the one rule on reserved names).
 package stream
 
 import (
@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/flowbus/flowbus/schema"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -57,6 +58,9 @@ func (e *StreamError) Unwrap() error { return e.Err }
 func ValidateName(what, s string) error {
 	if s == "" {
 		return fmt.Errorf("%s is empty", what)
+	}
+	if err := schema.CheckReserved(s); err != nil {
+		return fmt.Errorf("%s %w", what, err)
 	}
 	if i := strings.IndexAny(s, ".*> \t\r\n/\\"); i >= 0 {
 		return fmt.Errorf("%s %q contains %q, which JetStream does not allow (use letters, digits, - and _)", what, s, s[i])

@@ -18,6 +18,11 @@ func TestValidateName(t *testing.T) {
 			t.Errorf("%q: %v", s, err)
 		}
 	}
+	for _, s := range []string{"$JS", "$SYS", "$KV", "$G", "_INBOX", "_INBOX_FLOWS"} {
+		if err := ValidateName("stream name", s); err == nil || !strings.Contains(err.Error(), "stream name") || !strings.Contains(err.Error(), "reserves") {
+			t.Errorf("%q: %v, want a refusal as reserved", s, err)
+		}
+	}
 }
 
 func TestOverlap(t *testing.T) {
