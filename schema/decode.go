@@ -34,6 +34,19 @@ const (
 var topKeys = [numTopKeys]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
 	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq}
 
+// Bounds on the strings of a batch, in bytes. A longer string makes the batch malformed: nothing read
+// from the stream may grow a consumer's memory, database or terminal line without limit (schema/FORMAT.md).
+const (
+	MaxHostLen        = 64  // the host token, as in the subject
+	MaxRunIDLen       = 64  // the agent writes 16 hex digits
+	MaxDirectionLen   = 16  // "outgoing" or "incoming"
+	MaxAddrLen        = 64  // IPv6 text (at most 45) with a %zone
+	MaxDNSNameLen     = 253 // the longest DNS name in text form
+	MaxCommLen        = 16  // the kernel's TASK_COMM_LEN
+	MaxContainerIDLen = 64  // 64 hex digits
+	MaxKeyLen         = 64  // any map key, known or not
+)
+
 func malformed(where string, err error) error {
 	return fmt.Errorf("%w: %s: %v", ErrMalformed, where, err)
 }
@@ -61,7 +74,7 @@ func DecodeBatch(data []byte, into *Batch) error {
 		pos[i] = -1
 	}
 	for i := 0; i < n; i++ {
-		kb, err := r.readStr()
+		kb, err := readBounded(&r, MaxKeyLen)
 		if err != nil {
 			return malformed(fmt.Sprintf("top-level key #%d", i), err)
 		}
@@ -117,17 +130,17 @@ func DecodeBatch(data []byte, into *Batch) error {
 		return malformed(keySchemaMinor, fmt.Errorf("invalid minor %d", minor))
 	}
 	into.Minor = int(minor)
-	if into.Host, err = readString(at(tkHost)); err != nil {
+	if into.Host, err = readString(at(tkHost), MaxHostLen); err != nil {
 		return malformed(keyHost, err)
 	}
-	dir, err := at(tkDir).readStr()
+	dir, err := readBounded(at(tkDir), MaxDirectionLen)
 	if err != nil {
 		return malformed(keyConnDirection, err)
 	}
 	if into.Direction, err = ParseDirection(string(dir)); err != nil {
 		return malformed(keyConnDirection, err)
 	}
-	if into.RunID, err = readString(at(tkRunID)); err != nil {
+	if into.RunID, err = readString(at(tkRunID), MaxRunIDLen); err != nil {
 		return malformed(keyRunID, err)
 	}
 	if into.Seq, err = at(tkSeq).readUint(math.MaxUint64); err != nil {
@@ -159,9 +172,18 @@ func DecodeBatch(data []byte, into *Batch) error {
 	return decodeEvents(at(tkEvents), into, t0, eps, ctxs)
 }
 
-func readString(r *reader) (string, error) {
-	b, err := r.readStr()
+func readString(r *reader, bound int) (string, error) {
+	b, err := readBounded(r, bound)
 	return string(b), err
+}
+
+// readBounded reads a string of at most bound bytes.
+func readBounded(r *reader, bound int) ([]byte, error) {
+	b, err := r.readStr()
+	if err == nil && len(b) > bound {
+		return nil, fmt.Errorf("string of %d bytes is longer than the bound of %d", len(b), bound)
+	}
+	return b, err
 }
 
 func decodeDrops(r *reader, d *Drops) error {
@@ -171,7 +193,7 @@ func decodeDrops(r *reader, d *Drops) error {
 	}
 	var seen [len(dropKeys)]bool
 	for i := 0; i < n; i++ {
-		kb, err := r.readStr()
+		kb, err := readBounded(r, MaxKeyLen)
 		if err != nil {
 			return malformed(fmt.Sprintf("drops key #%d", i), err)
 		}
@@ -215,7 +237,7 @@ func decodeEndpoints(r *reader) ([]endpoint, error) {
 		if m < 2 {
 			return nil, malformed(fmt.Sprintf("endpoints[%d]", i), fmt.Errorf("entry has %d elements, need 2 (address, names)", m))
 		}
-		ab, err := r.readStr()
+		ab, err := readBounded(r, MaxAddrLen)
 		if err != nil {
 			return nil, malformed(fmt.Sprintf("endpoints[%d][0] (address)", i), err)
 		}
@@ -232,7 +254,7 @@ func decodeEndpoints(r *reader) ([]endpoint, error) {
 		if k > 0 {
 			ep.names = make([]string, k)
 			for j := range ep.names {
-				if ep.names[j], err = readString(r); err != nil {
+				if ep.names[j], err = readString(r, MaxDNSNameLen); err != nil {
 					return nil, malformed(fmt.Sprintf("endpoints[%d][1][%d] (name)", i, j), err)
 				}
 			}
@@ -261,7 +283,7 @@ func decodeCtxs(r *reader) ([]ctxKey, error) {
 		var c ctxKey
 		var seen [4]bool
 		for j := 0; j < m; j++ {
-			kb, err := r.readStr()
+			kb, err := readBounded(r, MaxKeyLen)
 			if err != nil {
 				return nil, malformed(fmt.Sprintf("ctx[%d] key #%d", i, j), err)
 			}
@@ -299,9 +321,9 @@ func decodeCtxs(r *reader) ([]ctxKey, error) {
 				v, err = r.readUint(math.MaxUint32)
 				c.pid = uint32(v)
 			case 2:
-				c.comm, err = readString(r)
+				c.comm, err = readString(r, MaxCommLen)
 			case 3:
-				c.containerID, err = readString(r)
+				c.containerID, err = readString(r, MaxContainerIDLen)
 			}
 			if err != nil {
 				return nil, malformed(where(), err)

@@ -26,6 +26,20 @@ func FuzzDecodeBatch(f *testing.F) {
 		if err := DecodeBatch(data, &b1); err != nil {
 			return
 		}
+		// Whatever decodes holds only strings within their bounds.
+		if len(b1.Host) > MaxHostLen || len(b1.RunID) > MaxRunIDLen {
+			t.Fatalf("header string past its bound: %d, %d bytes", len(b1.Host), len(b1.RunID))
+		}
+		for _, e := range b1.Events {
+			for _, n := range append(append([]string(nil), e.SrcDNS...), e.DstDNS...) {
+				if len(n) > MaxDNSNameLen {
+					t.Fatalf("name of %d bytes", len(n))
+				}
+			}
+			if len(e.Comm) > MaxCommLen || len(e.ContainerID) > MaxContainerIDLen || len(e.Src.String()) > MaxAddrLen || len(e.Dst.String()) > MaxAddrLen {
+				t.Fatalf("event string past its bound: %+v", e)
+			}
+		}
 		// Whatever decodes must survive a re-encode unchanged.
 		enc := NewBatchEncoder(b1.Host, b1.RunID, b1.Direction)
 		for i := range b1.Events {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"net/netip"
@@ -61,7 +62,7 @@ func TestRoundTripRandom(t *testing.T) {
 }
 
 func TestEmptyBatchAndSizeBound(t *testing.T) {
-	enc := NewBatchEncoder(strings.Repeat("h", 64), strings.Repeat("r", 300), Incoming)
+	enc := NewBatchEncoder(strings.Repeat("h", MaxHostLen), strings.Repeat("r", MaxRunIDLen), Incoming)
 	all := Drops{math.MaxUint64, math.MaxUint64, math.MaxUint64, math.MaxUint64, math.MaxUint64}
 	size := enc.Size()
 	out := enc.Finish(nil, math.MaxUint64, all)
@@ -76,10 +77,10 @@ func TestEmptyBatchAndSizeBound(t *testing.T) {
 	if len(b.Events) != 0 || b.Drops != all || b.Seq != math.MaxUint64 {
 		t.Fatalf("%+v", b)
 	}
-	// A single event with long strings and extreme values.
-	ev := Event{Timestamp: math.MinInt64, Src: netip.MustParseAddr("fe80::1").WithZone(strings.Repeat("z", 300)),
-		Dst: netip.IPv6Unspecified(), SrcDNS: []string{strings.Repeat("n", 70000)}, CgroupID: math.MaxUint64,
-		PID: math.MaxUint32, Comm: strings.Repeat("c", 40), ContainerID: strings.Repeat("x", 300), SrcPort: 65535}
+	// A single event with every string at its bound and extreme values.
+	ev := Event{Timestamp: math.MinInt64, Src: netip.MustParseAddr("fe80::1").WithZone(strings.Repeat("z", MaxAddrLen-len("fe80::1%"))),
+		Dst: netip.IPv6Unspecified(), SrcDNS: []string{strings.Repeat("n", MaxDNSNameLen)}, CgroupID: math.MaxUint64,
+		PID: math.MaxUint32, Comm: strings.Repeat("c", MaxCommLen), ContainerID: strings.Repeat("x", MaxContainerIDLen), SrcPort: 65535}
 	enc.Add(&ev)
 	size = enc.Size()
 	out = enc.Finish(out[:0], 0, all)
@@ -276,6 +277,62 @@ func TestValidAndForwardCompatible(t *testing.T) {
 	ps := with(without(without(base, "drops"), "ctx"), "events", []any{[]any{0, 0, 1, 2, 3, nil}})
 	if err := DecodeBatch(rawBatch(ps...), &b); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Each string of a batch is accepted at its bound and malformed one byte past it.
+func TestStringBounds(t *testing.T) {
+	base := validPairs()
+	zone := func(n int) string { return "fe80::1%" + strings.Repeat("z", n-len("fe80::1%")) }
+	cases := []struct {
+		name, where string
+		bound       int
+		batch       func(n int) []byte
+	}{
+		{"host", "host", MaxHostLen, func(n int) []byte { return rawBatch(with(base, "host", strings.Repeat("h", n))...) }},
+		{"run_id", "run_id", MaxRunIDLen, func(n int) []byte { return rawBatch(with(base, "run_id", strings.Repeat("r", n))...) }},
+		{"address", "endpoints[0][0] (address)", MaxAddrLen, func(n int) []byte {
+			return rawBatch(with(base, "endpoints", []any{[]any{zone(n), []any{}}, []any{"::1", []any{}}})...)
+		}},
+		{"dns name", "endpoints[1][1][0] (name)", MaxDNSNameLen, func(n int) []byte {
+			return rawBatch(with(base, "endpoints", []any{[]any{"10.0.0.1", []any{}}, []any{"::1", []any{strings.Repeat("n", n)}}})...)
+		}},
+		{"comm", `ctx[0]["comm"]`, MaxCommLen, func(n int) []byte {
+			return rawBatch(with(base, "ctx", []any{map[string]any{"comm": strings.Repeat("c", n)}})...)
+		}},
+		{"container_id", `ctx[0]["container_id"]`, MaxContainerIDLen, func(n int) []byte {
+			return rawBatch(with(base, "ctx", []any{map[string]any{"container_id": strings.Repeat("x", n)}})...)
+		}},
+		{"unknown top-level key", "top-level key #12", MaxKeyLen, func(n int) []byte { return rawBatch(append(base, kv(strings.Repeat("k", n), 1))...) }},
+		{"unknown drops key", "drops key #1", MaxKeyLen, func(n int) []byte {
+			return rawBatch(with(base, "drops", map[string]any{"queue": 2, strings.Repeat("k", n): 1})...)
+		}},
+		{"unknown ctx key", "ctx[0] key #", MaxKeyLen, func(n int) []byte {
+			return rawBatch(with(base, "ctx", []any{map[string]any{strings.Repeat("k", n): 1}})...)
+		}},
+	}
+	for _, tc := range cases {
+		var b Batch
+		if err := DecodeBatch(tc.batch(tc.bound), &b); err != nil {
+			t.Errorf("%s of %d bytes (the bound): %v", tc.name, tc.bound, err)
+		}
+		err := DecodeBatch(tc.batch(tc.bound+1), &b)
+		if !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s of %d bytes: got %v, want ErrMalformed", tc.name, tc.bound+1, err)
+			continue
+		}
+		want := fmt.Sprintf("%s: string of %d bytes is longer than the bound of %d", tc.where, tc.bound+1, tc.bound)
+		if tc.where == "ctx[0] key #" {
+			want = fmt.Sprintf("string of %d bytes is longer than the bound of %d", tc.bound+1, tc.bound)
+		}
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: error %q does not say %q", tc.name, err, want)
+		}
+	}
+	// A 900 KB run id, as in the report, is refused without its text in the error.
+	err := DecodeBatch(rawBatch(with(base, "run_id", strings.Repeat("r", 900_000))...), &Batch{})
+	if !errors.Is(err, ErrMalformed) || len(err.Error()) > 200 {
+		t.Fatalf("900 KB run id: %d-byte error %.200q", len(err.Error()), err)
 	}
 }
 
