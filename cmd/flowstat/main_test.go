@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/schema"
 )
 
 // The test binary doubles as flowstat: with asMainEnv=1 it runs main's code on its arguments, so the
@@ -494,5 +496,58 @@ func TestKilledProcessesCountEverythingOnce(t *testing.T) {
 			defer st.Close()
 			flowstattest.Check(t, st, flowstattest.Reference(f.rec.Batches, time.Minute))
 		})
+	}
+}
+
+// A forged batch on a publisher's own subject with escape sequences in a DNS name and in the run id
+// (whose lost batch makes a gap): `top --by name` and `summary` show them escaped, the JSON gives them
+// back exactly, and no ESC byte reaches the terminal or the log.
+func TestHostileStringsEscaped(t *testing.T) {
+	f := newFixture(t)
+	name := "\x1b[2J\x1b[31mbank.example"
+	forger := tailtest.NewAgent("web-01", "run\x1b[31mRED")
+	now := time.Now()
+	evt := schema.Event{Timestamp: now.UnixNano(), Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"),
+		SrcPort: 40000, DstPort: 443, DstDNS: []string{name}}
+	forger.Publish(t, f.srv, "flows", schema.Outgoing, schema.Drops{}, evt)
+	forger.Batch(schema.Outgoing, schema.Drops{}) // lost: a gap of this run
+	forger.Publish(t, f.srv, "flows", schema.Outgoing, schema.Drops{}, evt)
+	db := filepath.Join(t.TempDir(), "flowstat.db")
+	e := map[string]string{"FLOWBUS_NATS_URL": f.srv.URL, "FLOWBUS_DB": db}
+	code, _, stderr := runCLI(t, e, "run", "--once")
+	if code != exitOK {
+		t.Fatalf("run --once: exit %d\n%s", code, stderr)
+	}
+	for _, c := range []struct{ args, want []string }{
+		{[]string{"top", "--by", "name", "--since", "2h"}, []string{`\x1b[2J\x1b[31mbank.example`}},
+		{[]string{"summary"}, []string{`run\x1b[31mRED`, "web-01"}},
+	} {
+		code, out, stderr := runCLI(t, e, c.args...)
+		if code != exitOK {
+			t.Fatalf("%v: exit %d: %s", c.args, code, stderr)
+		}
+		if strings.ContainsRune(out+stderr, 0x1b) {
+			t.Errorf("%v: an ESC byte reached the terminal: %q", c.args, out)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%v lacks %q:\n%s", c.args, w, out)
+			}
+		}
+	}
+	code, out, stderr := runCLI(t, e, "top", "--by", "name", "--since", "2h", "--json")
+	if code != exitOK {
+		t.Fatalf("top --json: exit %d: %s", code, stderr)
+	}
+	var top struct {
+		Names []struct {
+			Key string `json:"key"`
+		} `json:"names"`
+	}
+	if err := json.Unmarshal([]byte(out), &top); err != nil || strings.ContainsRune(out, 0x1b) {
+		t.Fatalf("top --json: %v\n%q", err, out)
+	}
+	if len(top.Names) != 1 || top.Names[0].Key != name {
+		t.Fatalf("top --json names %+v, want exactly %q", top.Names, name)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/stream"
 )
 
 // queries are the commands that read the database: each returns what --json prints and what prints the
@@ -50,6 +51,11 @@ func table[T any](w io.Writer, title, header, empty string, rows []T, cells func
 		for i, c := range cells(r) {
 			if i > 0 {
 				fmt.Fprint(w, "\t")
+			}
+			// A cell can hold what a publisher wrote (a host, a run id, a DNS name): escaped and
+			// bounded, which also keeps a tab in it from breaking the columns.
+			if s, ok := c.(string); ok {
+				c = stream.Escape(s, stream.MaxCell)
 			}
 			fmt.Fprint(w, c)
 		}

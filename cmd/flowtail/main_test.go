@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -714,5 +715,59 @@ func TestVersion(t *testing.T) {
 		if r.code != 0 || r.stdout != buildinfo.Line("flowtail")+"\n" || r.stderr != "" || !strings.HasPrefix(r.stdout, "flowtail ") {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, r.code, r.stdout, r.stderr)
 		}
+	}
+}
+
+// A forged batch on a publisher's own subject, with escape sequences in a DNS name and the run id, and
+// a 1 MB host string: the table and the warnings show them escaped and bounded, the JSON escaped by
+// JSON's own rules, and no ESC byte reaches the terminal.
+func TestHostileStringsEscaped(t *testing.T) {
+	t.Parallel()
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	forger := tailtest.NewAgent("web-01", "run\x1b[31mRED")
+	name := "\x1b[2J\x1b[31mbank.example"
+	forger.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(1, "10.0.0.1", "10.0.0.2", 443, name))
+	forger.Batch(schema.Outgoing, schema.Drops{}) // lost: the gap warning names the run
+	forger.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(2, "10.0.0.1", "10.0.0.2", 443))
+	// 1 MB of host: the decoder refuses it; the warning quoting the subject and error stays short.
+	huge := strings.Repeat("\x1b[31mh", 1_000_000/6)
+	_, b := tailtest.NewAgent(huge, "run2").Batch(schema.Outgoing, schema.Drops{}, ev(3, "10.0.0.1", "10.0.0.2", 443))
+	srv.Publish(t, "flows.web-01.outgoing", b)
+
+	r := runArgs(t, "--nats", srv.URL, "--all", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if strings.ContainsRune(r.stdout+r.stderr, 0x1b) {
+		t.Fatalf("an ESC byte reached the terminal:\nstdout %q\nstderr %.2000q", r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stdout, `\x1b[2J\x1b[31mbank.example`) {
+		t.Errorf("table lacks the escaped name:\n%s", r.stdout)
+	}
+	for _, want := range []string{
+		`gap: host web-01 direction outgoing run run\x1b[31mRED missing batch 2`,
+		"skipping message 3 on flows.web-01.outgoing: not a valid flowbus batch",
+		fmt.Sprintf("host: string of %d bytes is longer than the bound of 64", len(huge)),
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%.3000s", want, r.stderr)
+		}
+	}
+	for _, l := range strings.Split(r.stderr, "\n") {
+		if len(l) > 2*stream.MaxLog {
+			t.Errorf("warning line of %d bytes: %.300q", len(l), l)
+		}
+	}
+
+	r = runArgs(t, "--nats", srv.URL, "--all", "--json", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if strings.ContainsRune(r.stdout, 0x1b) || !strings.Contains(r.stdout, `\u001b[2J\u001b[31mbank.example`) {
+		t.Fatalf("JSON not escaped: %q", r.stdout)
+	}
+	if evs := parseJSON(t, r.stdout); len(evs) != 2 || len(evs[0].DstDNS) != 1 || evs[0].DstDNS[0] != name {
+		t.Fatalf("JSON does not give the name back exactly: %+v", evs)
 	}
 }

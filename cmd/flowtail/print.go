@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -78,8 +79,10 @@ func (p *tablePrinter) event(m *tail.Meta, ev *schema.Event) error {
 	return err
 }
 
+// row writes one line; every cell is escaped and bounded, since it comes from the stream.
 func (p *tablePrinter) row(cols ...string) {
 	for i, c := range cols {
+		c = stream.Escape(c, stream.MaxCell)
 		if i == len(cols)-1 {
 			p.buf = append(p.buf, c...)
 			break

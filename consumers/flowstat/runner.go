@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/internal/redact"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -177,7 +178,7 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 		if r.agg.dups != dups {
 			b := &r.agg.batch
 			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats batch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
-				seq, msg.Subject(), b.Seq, b.Host, b.RunID, b.Direction)
+				seq, stream.Escape(msg.Subject(), stream.MaxLog), b.Seq, stream.Escape(b.Host, stream.MaxLog), stream.Escape(b.RunID, stream.MaxLog), b.Direction)
 		}
 		if derr != nil {
 			reason := deadReason(derr)
@@ -190,11 +191,11 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 				// The message stays in the stream and in the deadletters table; stopping would only
 				// stop everything behind it.
 				fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v) and could not be copied to %s: %v\n",
-					seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject, err)
+					seq, stream.Escape(msg.Subject(), stream.MaxLog), reason, stream.Escape(derr.Error(), stream.MaxLog), r.o.DeadLetterSubject, err)
 			} else {
 				dead.Copied = true
 				fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s is not a valid batch (%s: %v): copied to %s\n",
-					seq, msg.Subject(), reason, derr, r.o.DeadLetterSubject)
+					seq, stream.Escape(msg.Subject(), stream.MaxLog), reason, stream.Escape(derr.Error(), stream.MaxLog), r.o.DeadLetterSubject)
 			}
 			r.agg.d.Dead = append(r.agg.d.Dead, dead)
 		}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 
+	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -32,7 +33,17 @@ func newWarner(out io.Writer) *warner {
 	return &warner{out: out, skips: make(map[skipKey]*skipCount)}
 }
 
+// printf escapes and bounds every string and error argument: they can hold what a publisher wrote
+// (a subject, a host, a run id, a decode error quoting the batch). The format is ours.
 func (w *warner) printf(format string, args ...any) {
+	for i, a := range args {
+		switch v := a.(type) {
+		case string:
+			args[i] = stream.Escape(v, stream.MaxLog)
+		case error:
+			args[i] = stream.Escape(v.Error(), stream.MaxLog)
+		}
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	fmt.Fprintf(w.out, format, args...)
