@@ -65,7 +65,8 @@ var errCrashed = errors.New("simulated crash")
 // connect dials NATS and opens the stream, waiting up to streamWait for a missing one and saying so in
 // log and mon.
 func connect(ctx context.Context, urls []string, name string, timeout, streamWait time.Duration, streamName string, log io.Writer, mon *Monitor) (*nats.Conn, jetstream.JetStream, jetstream.Stream, error) {
-	notify := func(msg string) { fmt.Fprintf(log, "flowstat: %s\n", msg) }
+	// A notice can quote a server's error text: escaped and bounded like everything else in the log.
+	notify := func(msg string) { fmt.Fprintf(log, "flowstat: %s\n", stream.Escape(msg, stream.MaxLog)) }
 	nc, err := stream.Connect(ctx, stream.Dial{URLs: urls, Name: name, Timeout: timeout, Notify: notify,
 		// Asynchronous server errors (a refused publish, a slow consumer) go to the log, not to stderr.
 		AsyncErrors: true})
