@@ -97,6 +97,12 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if err := checkListen("FLOWBUS_METRICS_ADDR", cfg.MetricsAddr); err != nil {
 		return nil, err
 	}
+	if host, _, err := net.SplitHostPort(cfg.MetricsAddr); err == nil && !isLoopback(host) {
+		// Metrics carry no secrets but name the host's cgroups, drop counts
+		// and NATS state; say so rather than expose them silently.
+		log.Warn("metrics are served beyond this host, without authentication: anyone who reaches the address can read /metrics, /healthz and /readyz; set FLOWBUS_METRICS_ADDR=127.0.0.1:9464 to keep them local",
+			"metrics_addr", cfg.MetricsAddr)
+	}
 	if cfg.NATSURL == "" {
 		// The embedded server fails at once too, but cannot say who holds
 		// the port.
@@ -110,19 +116,31 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 
 	if cfg.NATSURL == "" {
 		var srv *server.Server
-		srv, err = embedded.Start(embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir,
-			Monitor: cfg.EmbeddedMonitor, Log: log})
+		eo := embedded.Options{Listen: cfg.EmbeddedListen, StoreDir: cfg.EmbeddedStoreDir,
+			Monitor: cfg.EmbeddedMonitor, Log: log}
+		if cfg.EmbeddedUser != "" {
+			if eo.Password, err = readEmbeddedPassword(cfg.EmbeddedPassFile); err != nil {
+				return nil, fmt.Errorf("FLOWBUS_EMBEDDED_PASS_FILE: %w", err)
+			}
+			eo.User = cfg.EmbeddedUser
+		}
+		srv, err = embedded.Start(eo)
 		if err != nil {
 			return nil, err
 		}
 		a.srv = srv
+		copts := []nats.Option{nats.InProcessServer(srv), nats.Name("flowagent " + cfg.Host)}
+		if eo.User != "" {
+			copts = append(copts, nats.UserInfo(eo.User, eo.Password))
+		}
 		// In-process: the agent's own connection never touches the network.
-		a.nc, err = nats.Connect("", nats.InProcessServer(srv), nats.Name("flowagent "+cfg.Host))
+		a.nc, err = nats.Connect("", copts...)
 		if err != nil {
 			return nil, fmt.Errorf("connecting to the embedded NATS server: %w", err)
 		}
 		attrs := []any{"listen", srv.ClientURL(), "store_dir", cfg.EmbeddedStoreDir,
-			"system_user", embedded.SystemUser, "system_password_file", embedded.SystemPasswordFile(cfg.EmbeddedStoreDir)}
+			"system_user", embedded.SystemUser, "system_password_file", embedded.SystemPasswordFile(cfg.EmbeddedStoreDir),
+			"login_required", eo.User != ""}
 		if m := srv.MonitorAddr(); m != nil {
 			attrs = append(attrs, "monitor", "http://"+m.String())
 		}

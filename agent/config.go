@@ -18,6 +18,7 @@ import (
 
 	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/internal/statedir"
+	"github.com/flowbus/flowbus/publisher/embedded"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -35,6 +36,8 @@ type Config struct {
 	NATSToken        string        `env:"NATS_TOKEN" help:"authentication token"`
 	EmbeddedListen   string        `env:"EMBEDDED_LISTEN" envDefault:"127.0.0.1:4222" help:"where the embedded server listens for consumers (port 0: any free port)"`
 	EmbeddedStoreDir string        `env:"EMBEDDED_STORE_DIR" helpDefault:"<state dir>/jetstream" help:"JetStream storage of the embedded server"`
+	EmbeddedUser     string        `env:"EMBEDDED_USER" helpDefault:"empty: no login (loopback only)" help:"user consumers must log in as (with FLOWBUS_EMBEDDED_PASS_FILE)"`
+	EmbeddedPassFile string        `env:"EMBEDDED_PASS_FILE" helpDefault:"empty" help:"file holding FLOWBUS_EMBEDDED_USER's password"`
 	CgroupPath       string        `env:"CGROUP_PATH" helpDefault:"the cgroup v2 root (whole host)" help:"the cgroup v2 directory to watch, all its descendants included"`
 	Host             string        `env:"HOST" helpDefault:"sanitized host name" help:"host token in subjects and message ids"`
 	SubjectPrefix    string        `env:"SUBJECT_PREFIX" envDefault:"flows" help:"subject prefix: batches go to <prefix>.<host>.<direction>"`
@@ -66,6 +69,54 @@ type Config struct {
 	ShutdownTimeout  time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"10s" help:"on SIGINT or SIGTERM, how long to wait for outstanding acks"`
 	EmbeddedMonitor  string        `env:"EMBEDDED_MONITOR" helpDefault:"empty: off" help:"host:port of the embedded server's HTTP monitoring (/varz, /jsz, ...)"`
 	ReadyFile        string        `env:"READY_FILE" helpDefault:"empty: none" help:"file written once the agent runs (pid, run id, NATS URL), removed at exit"`
+}
+
+// validateEmbeddedAuth reads the embedded server's password and refuses a
+// listen address beyond loopback without one: the embedded server would
+// otherwise let anyone who reaches it read, forge, purge or delete the
+// stream.
+func (c *Config) validateEmbeddedAuth(bad func(v, format string, a ...any)) {
+	switch {
+	case c.EmbeddedUser == "" && c.EmbeddedPassFile != "":
+		bad("EMBEDDED_PASS_FILE", "is set without FLOWBUS_EMBEDDED_USER: set both, or neither")
+	case c.EmbeddedUser != "" && c.EmbeddedPassFile == "":
+		bad("EMBEDDED_USER", "is set without FLOWBUS_EMBEDDED_PASS_FILE: set both, or neither")
+	case c.EmbeddedUser != "":
+		if strings.ContainsAny(c.EmbeddedUser, " \t\r\n") || c.EmbeddedUser == embedded.SystemUser {
+			bad("EMBEDDED_USER", "%q: use a name without spaces, other than %q (the system user)", c.EmbeddedUser, embedded.SystemUser)
+		}
+		if _, err := readEmbeddedPassword(c.EmbeddedPassFile); err != nil {
+			bad("EMBEDDED_PASS_FILE", "%v", err)
+		}
+	}
+	host, _, err := net.SplitHostPort(c.EmbeddedListen)
+	if err == nil && !isLoopback(host) && c.EmbeddedUser == "" {
+		bad("EMBEDDED_LISTEN", "%q is reachable beyond this host, and the embedded server has no login: anyone there could read, forge, purge or delete the stream. Set FLOWBUS_EMBEDDED_USER and FLOWBUS_EMBEDDED_PASS_FILE, or listen on 127.0.0.1", c.EmbeddedListen)
+	}
+}
+
+// readEmbeddedPassword reads FLOWBUS_EMBEDDED_PASS_FILE, trimmed, and
+// refuses a password short enough to guess.
+func readEmbeddedPassword(file string) (string, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("cannot be read: %v", err)
+	}
+	pw := strings.TrimSpace(string(b))
+	if len(pw) < 12 {
+		return "", fmt.Errorf("%s holds a password of %d characters: use at least 12 (e.g. openssl rand -hex 16 > %s)", file, len(pw), file)
+	}
+	return pw, nil
+}
+
+// isLoopback tells whether a listen host is reachable only from this host;
+// an empty host means every interface.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // LoadConfig reads and validates the environment. All problems are reported
@@ -184,6 +235,7 @@ func (c *Config) validate() []string {
 		if c.EmbeddedStoreDir == "" {
 			c.EmbeddedStoreDir = filepath.Join(statedir.Dir(os.Getenv), "jetstream")
 		}
+		c.validateEmbeddedAuth(bad)
 	} else {
 		for _, u := range strings.Split(c.NATSURL, ",") {
 			u = strings.TrimSpace(u)

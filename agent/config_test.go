@@ -307,3 +307,45 @@ func TestConfigReservedNames(t *testing.T) {
 		t.Errorf("ordinary names refused: %v", err)
 	}
 }
+
+// The embedded server listens beyond loopback only with a login: without
+// one, anyone reaching it could read, forge, purge or delete the stream.
+func TestConfigEmbeddedLoginBeyondLoopback(t *testing.T) {
+	for _, l := range []string{"127.0.0.1:4222", "[::1]:4222", "localhost:0"} {
+		if _, err := LoadConfig(map[string]string{"FLOWBUS_EMBEDDED_LISTEN": l}); err != nil {
+			t.Errorf("%s: %v", l, err)
+		}
+	}
+	for _, l := range []string{"0.0.0.0:4222", ":4222", "[::]:4222", "10.1.2.3:0"} {
+		_, err := LoadConfig(map[string]string{"FLOWBUS_EMBEDDED_LISTEN": l})
+		if err == nil || !strings.Contains(err.Error(), "FLOWBUS_EMBEDDED_LISTEN") || !strings.Contains(err.Error(), "FLOWBUS_EMBEDDED_USER and FLOWBUS_EMBEDDED_PASS_FILE") {
+			t.Errorf("%s without a login: %v, want a refusal saying how to set one", l, err)
+		}
+	}
+	pwFile := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(pwFile, []byte("0123456789abcdef\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(map[string]string{"FLOWBUS_EMBEDDED_LISTEN": "0.0.0.0:0", "FLOWBUS_EMBEDDED_USER": "flows", "FLOWBUS_EMBEDDED_PASS_FILE": pwFile})
+	if err != nil || cfg.EmbeddedUser != "flows" {
+		t.Errorf("with a login: %v", err)
+	}
+	short := filepath.Join(t.TempDir(), "short")
+	if err := os.WriteFile(short, []byte("abc\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]struct {
+		env  map[string]string
+		want string
+	}{
+		"user alone":     {map[string]string{"FLOWBUS_EMBEDDED_USER": "flows"}, "FLOWBUS_EMBEDDED_USER: is set without FLOWBUS_EMBEDDED_PASS_FILE"},
+		"file alone":     {map[string]string{"FLOWBUS_EMBEDDED_PASS_FILE": pwFile}, "FLOWBUS_EMBEDDED_PASS_FILE: is set without FLOWBUS_EMBEDDED_USER"},
+		"missing file":   {map[string]string{"FLOWBUS_EMBEDDED_USER": "flows", "FLOWBUS_EMBEDDED_PASS_FILE": pwFile + ".none"}, "FLOWBUS_EMBEDDED_PASS_FILE: cannot be read"},
+		"short password": {map[string]string{"FLOWBUS_EMBEDDED_USER": "flows", "FLOWBUS_EMBEDDED_PASS_FILE": short}, "use at least 12"},
+		"system user":    {map[string]string{"FLOWBUS_EMBEDDED_USER": "sys", "FLOWBUS_EMBEDDED_PASS_FILE": pwFile}, "the system user"},
+	} {
+		if _, err := LoadConfig(c.env); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", name, err, c.want)
+		}
+	}
+}

@@ -34,6 +34,11 @@ type Options struct {
 	// MaxMemory and MaxStore bound JetStream; 0 leaves the server's defaults.
 	MaxMemory int64
 	MaxStore  int64
+	// User and Password, when User is set, are required of every client
+	// but the system user: without them any process that reaches Listen
+	// could read, forge, purge or delete the stream.
+	User     string
+	Password string
 	// Log receives the server's errors and warnings; nil drops them.
 	Log *slog.Logger
 }
@@ -116,6 +121,15 @@ func Start(o Options) (*server.Server, error) {
 		NoSigs:             true,
 		NoLog:              true,
 	}
+	if o.User != "" {
+		// A user of the global account, so the stream stays where it was
+		// without authentication. The server adds its no-credentials user
+		// only when $SYS and $G are the sole accounts; a third, empty
+		// account (no users, nothing can enter it) keeps it from doing so,
+		// and then every client must log in, the agent's own included.
+		opts.Accounts = append(opts.Accounts, server.NewAccount("no-anonymous-login"))
+		opts.Users = append(opts.Users, &server.User{Username: o.User, Password: o.Password})
+	}
 	if o.Monitor != "" {
 		if opts.HTTPHost, opts.HTTPPort, err = parseAddr("FLOWBUS_EMBEDDED_MONITOR", o.Monitor); err != nil {
 			return nil, err
@@ -141,6 +155,16 @@ func Start(o Options) (*server.Server, error) {
 			return nil, startError(o, msg)
 		}
 		return nil, fmt.Errorf("embedded NATS server did not start listening on %s within 10s (set FLOWBUS_EMBEDDED_LISTEN)", o.Listen)
+	}
+	if o.User != "" {
+		// With a third account the server enables JetStream only where
+		// asked: ask for it in the global account, without limits of its
+		// own (MaxMemory and MaxStore still bound the server).
+		unlimited := map[string]server.JetStreamAccountLimits{"": {MaxMemory: -1, MaxStore: -1, MaxStreams: -1, MaxConsumers: -1}}
+		if err := srv.GlobalAccount().EnableJetStream(unlimited, nil); err != nil {
+			srv.Shutdown()
+			return nil, fmt.Errorf("embedded NATS server: enabling JetStream for FLOWBUS_EMBEDDED_USER: %w", err)
+		}
 	}
 	return srv, nil
 }

@@ -174,3 +174,45 @@ func TestPortInUseFailsAtOnce(t *testing.T) {
 		}
 	}
 }
+
+// With a user set, a real client connection without credentials, or with a
+// wrong password, is refused; the right credentials get JetStream in the
+// global account, and the system user still works.
+func TestUserRequired(t *testing.T) {
+	dir := t.TempDir()
+	o := start(t, Options{Listen: "127.0.0.1:0", StoreDir: dir, User: "flows", Password: "s3cret-pass-word"})
+	url := "nats://" + o.Listen
+	for name, opts := range map[string][]nats.Option{
+		"no credentials": nil,
+		"wrong password": {nats.UserInfo("flows", "wrong")},
+	} {
+		nc, err := nats.Connect(url, append(opts, nats.MaxReconnects(0))...)
+		if err == nil {
+			nc.Close()
+			t.Errorf("%s: connected, want a refusal", name)
+		} else if !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+			t.Errorf("%s: %v, want an authorization error", name, err)
+		}
+	}
+	nc, err := nats.Connect(url, nats.UserInfo("flows", "s3cret-pass-word"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.AccountInfo(t.Context()); err != nil {
+		t.Errorf("JetStream with credentials: %v", err)
+	}
+	pw, err := os.ReadFile(SystemPasswordFile(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := nats.Connect(url, nats.UserInfo(SystemUser, strings.TrimSpace(string(pw))))
+	if err != nil {
+		t.Fatalf("system user: %v", err)
+	}
+	sc.Close()
+}
