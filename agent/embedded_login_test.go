@@ -1,14 +1,12 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,25 +14,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/internal/syncbuf"
 )
-
-// lockedBuf is a log sink safe for the agent's goroutines.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // An embedded server on every interface with FLOWBUS_EMBEDDED_USER set: a
 // real client without credentials, or with a wrong password, is refused;
@@ -63,7 +44,7 @@ func TestEmbeddedLoginAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs lockedBuf
+	var logs syncbuf.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	a, err := Start(ctx, cfg, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {

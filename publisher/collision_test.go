@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/flowbus/flowbus/publisher/spool"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -26,7 +27,7 @@ func TestClaimedIDsDoNotSuppressBatches(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var logs lockedBuf
+	var logs syncbuf.Buffer
 	start := time.Now()
 	p, err := New(nc, Config{Host: "web-01", RunID: "run1", MaxEvents: 1, Linger: time.Hour}, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
@@ -47,7 +48,7 @@ func TestClaimedIDsDoNotSuppressBatches(t *testing.T) {
 	}
 	// Logged at most once a second, each line naming where the other
 	// message lies.
-	lines := strings.Split(strings.TrimSpace(logs.take()), "\n")
+	lines := strings.Split(strings.TrimSpace(logs.Take()), "\n")
 	if max := int(time.Since(start)/time.Second) + 1; len(lines) < 1 || len(lines) > max {
 		t.Errorf("%d log lines in %v, want 1 to %d", len(lines), time.Since(start), max)
 	}

@@ -1,39 +1,18 @@
 package publisher
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/flowbus/flowbus/publisher/embedded"
 )
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-// take returns what was logged since the last take.
-func (l *lockedBuf) take() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	s := l.b.String()
-	l.b.Reset()
-	return s
-}
 
 // An update keeps what an operator changed with `nats stream edit` and
 // changes only flowbus's own settings, one log line each with old and new.
@@ -51,7 +30,7 @@ func TestEnsureStreamKeepsOperatorSettings(t *testing.T) {
 	js, _ := jetstream.New(nc)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	var log lockedBuf
+	var log syncbuf.Buffer
 	settings := StreamSettings{
 		Name: "FLOWS", Prefix: "flows", MaxAge: 24 * time.Hour, MaxBytes: 1 << 30, Replicas: 1,
 		Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
@@ -72,7 +51,7 @@ func TestEnsureStreamKeepsOperatorSettings(t *testing.T) {
 	if c := info(); c.MaxMsgSize != settings.MaxMsgSize || c.MaxAge != 24*time.Hour || c.Duplicates != 2*time.Minute {
 		t.Errorf("created with max_msg_size %d max_age %v duplicates %v, want %d 24h 2m", c.MaxMsgSize, c.MaxAge, c.Duplicates, settings.MaxMsgSize)
 	}
-	if l := log.take(); strings.Contains(l, "stream setting changed") {
+	if l := log.Take(); strings.Contains(l, "stream setting changed") {
 		t.Errorf("creating logged changes:\n%s", l)
 	}
 
@@ -99,7 +78,7 @@ func TestEnsureStreamKeepsOperatorSettings(t *testing.T) {
 	if c.MaxAge != 24*time.Hour {
 		t.Errorf("max_age %v, want the configured 24h back", c.MaxAge)
 	}
-	l := log.take()
+	l := log.Take()
 	if n := strings.Count(l, "stream setting changed"); n != 1 || !strings.Contains(l, "setting=max_age old=1h0m0s new=24h0m0s why=FLOWBUS_STREAM_MAX_AGE") {
 		t.Errorf("want exactly one line for max_age with old, new and why; log:\n%s", l)
 	}
@@ -115,7 +94,7 @@ func TestEnsureStreamKeepsOperatorSettings(t *testing.T) {
 	if got := info().MaxMsgSize; got != settings.MaxMsgSize {
 		t.Errorf("max_msg_size %d, want it raised to %d", got, settings.MaxMsgSize)
 	}
-	if l := log.take(); !strings.Contains(l, "setting=max_msg_size old=1000 new=") || strings.Count(l, "stream setting changed") != 1 {
+	if l := log.Take(); !strings.Contains(l, "setting=max_msg_size old=1000 new=") || strings.Count(l, "stream setting changed") != 1 {
 		t.Errorf("want one line for max_msg_size; log:\n%s", l)
 	}
 
@@ -123,7 +102,7 @@ func TestEnsureStreamKeepsOperatorSettings(t *testing.T) {
 	if _, err := EnsureStream(ctx, js, settings); err != nil {
 		t.Fatal(err)
 	}
-	if l := log.take(); l != "" {
+	if l := log.Take(); l != "" {
 		t.Errorf("an unchanged stream logged:\n%s", l)
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/flowbus/flowbus/publisher/spool"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -33,7 +34,7 @@ func TestUnreachableNATSIsNamed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var log lockedBuf
+	var log syncbuf.Buffer
 	p, err := New(nc, fastRetry(Config{Host: "web-01", RunID: "run1", MaxEvents: 2, QueueBytes: 1, Spool: sp,
 		ServerURL: "nats://flow:xxxxx@" + ln.Addr().String()}), slog.New(slog.NewTextHandler(&log, nil)))
 	if err != nil {
@@ -46,7 +47,7 @@ func TestUnreachableNATSIsNamed(t *testing.T) {
 	// is retried and fails while nothing listens.
 	deadline := time.Now().Add(10 * time.Second)
 	var l string
-	for l = log.take(); !strings.Contains(l, "NATS is not reachable"); l += log.take() {
+	for l = log.Take(); !strings.Contains(l, "NATS is not reachable"); l += log.Take() {
 		if time.Now().After(deadline) {
 			t.Fatalf("no line saying NATS is not reachable; log:\n%s", l)
 		}

@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +23,7 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -337,20 +337,9 @@ func TestRunErrorsNameTheFix(t *testing.T) {
 // proc is a flowstat process started from this test binary.
 type proc struct {
 	cmd    *exec.Cmd
-	stderr *lockedBuffer
+	stderr *syncbuf.Buffer
 	marker chan struct{}
 	done   chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func startProc(t *testing.T, extraEnv []string, args ...string) *proc {
@@ -362,16 +351,14 @@ func startProc(t *testing.T, extraEnv []string, args ...string) *proc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, stderr: &lockedBuffer{}, marker: make(chan struct{}), done: make(chan error, 1)}
+	p := &proc{cmd: cmd, stderr: &syncbuf.Buffer{}, marker: make(chan struct{}), done: make(chan error, 1)}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
 		sc := bufio.NewScanner(pipe)
 		for sc.Scan() {
-			p.stderr.mu.Lock()
-			p.stderr.b.WriteString(sc.Text() + "\n")
-			p.stderr.mu.Unlock()
+			p.stderr.Write([]byte(sc.Text() + "\n"))
 			if sc.Text() == stallMarker {
 				close(p.marker)
 			}

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -227,30 +227,12 @@ func TestSinceRFC3339(t *testing.T) {
 	}
 }
 
-// syncBuffer lets the test read output while run is still writing it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestLiveNewOnly checks the default start (new batches only) and that live output is flushed while
 // flowtail keeps running, not held in the buffer until exit.
 func TestLiveNewOnly(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
-	var out, errb syncBuffer
+	var out, errb syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() { done <- run([]string{"--nats", f.srv.URL, "--json", "--idle-exit", "3s"}, &out, &errb) }()
 
@@ -555,7 +537,7 @@ func TestSignalExitsCleanly(t *testing.T) {
 		t.Run(sig.String(), func(t *testing.T) {
 			t.Parallel()
 			f := newFixture(t)
-			var out, errb syncBuffer
+			var out, errb syncbuf.Buffer
 			cmd := exec.Command(os.Args[0], "--nats", f.srv.URL, "--json", "--all")
 			cmd.Env = append(os.Environ(), "FLOWTAIL_TEST_MAIN=1")
 			cmd.Stdout, cmd.Stderr = &out, &errb
@@ -633,7 +615,7 @@ func TestTableLocal(t *testing.T) {
 func TestNoMatchHeaderAndIdleNotice(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
-	var out, errb syncBuffer
+	var out, errb syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run([]string{"--nats", f.srv.URL, "--all", "--host", "web-09", "--idle-exit", "2s"}, &out, &errb)
@@ -691,7 +673,7 @@ func TestStartPastTheEnd(t *testing.T) {
 	}
 
 	// The start is followed by new events: a past-the-end --from-seq shows the next message.
-	var out, errb syncBuffer
+	var out, errb syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run([]string{"--nats", f.srv.URL, "--json", "--from-seq", fmt.Sprint(last + 1), "--count", "1"}, &out, &errb)

@@ -9,30 +9,13 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/flowbus/flowbus/internal/syncbuf"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func start(t *testing.T, o Options) *Options {
 	t.Helper()
@@ -53,7 +36,7 @@ func start(t *testing.T, o Options) *Options {
 // credentials still get JetStream in the global account; the monitoring
 // port serves /varz when asked for.
 func TestSystemAccountAndMonitor(t *testing.T) {
-	var log syncBuf
+	var log syncbuf.Buffer
 	dir := t.TempDir()
 	o := start(t, Options{Listen: "127.0.0.1:0", StoreDir: dir, Monitor: "127.0.0.1:0", Log: slog.New(slog.NewTextHandler(&log, nil))})
 
