@@ -537,33 +537,9 @@ func TestDNSForgeriesNeverLabel(t *testing.T) {
 	a := startAgent(t, testConfig(t, cg.Path))
 	target := netip.MustParseAddr("127.1.2.3")
 
-	cmd := cg.Command("forge-target")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ports struct{ UDP, TCP, Target int }
-	if err := dec.Decode(&ports); err != nil {
-		t.Fatalf("helper ports: %v", err)
-	}
-	do := func(line string, out any) {
-		t.Helper()
-		if _, err := fmt.Fprintln(stdin, line); err != nil {
-			t.Fatal(err)
-		}
-		if err := dec.Decode(out); err != nil {
-			t.Fatalf("helper %q: %v", line, err)
-		}
-	}
+	ft := startForgeTarget(t, cg)
+	ports := ft.ports
+	do := func(line string, out any) { t.Helper(); ft.do(t, line, out) }
 	// waitCounts waits for the kernel's and user space's unsolicited counts.
 	waitCounts := func(kind string, kernel, user uint64) {
 		t.Helper()
@@ -740,31 +716,8 @@ func TestDNSOverTCPLabels(t *testing.T) {
 	newRecordingServer(t, server).serveTCP(t)
 	cg := cgrouptest.NewChild(t)
 	a := startAgent(t, testConfig(t, cg.Path))
-	cmd := cg.Command("forge-target")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ports struct{ UDP int }
-	if err := dec.Decode(&ports); err != nil {
-		t.Fatalf("helper ports: %v", err)
-	}
-	if _, err := fmt.Fprintln(stdin, "resolve-tcp", server, "client.flowbus.test."); err != nil {
-		t.Fatal(err)
-	}
 	var conn cgrouptest.Conn
-	if err := dec.Decode(&conn); err != nil {
-		t.Fatalf("helper resolve-tcp: %v", err)
-	}
+	startForgeTarget(t, cg).do(t, "resolve-tcp "+server+" client.flowbus.test.", &conn)
 	got := readStream(t, a.ClientURL(), "FLOWS", 2, 300*time.Millisecond)
 	n := 0
 	for _, r := range got {
@@ -796,23 +749,7 @@ func TestDNSFloodCostsNoEvent(t *testing.T) {
 	cfg.RingbufBytes = 64 << 10 // 32 answer records would fill it
 	a := startAgent(t, cfg)
 
-	cmd := cg.Command("forge-target")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
-	var ports struct{ UDP int }
-	if err := json.NewDecoder(stdout).Decode(&ports); err != nil {
-		t.Fatalf("helper ports: %v", err)
-	}
+	ports := startForgeTarget(t, cg).ports
 	to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports.UDP)))
 	pc, err := net.ListenPacket("udp", "127.66.0.53:53")
 	if err != nil {
@@ -934,35 +871,12 @@ func TestDNSLargeEDNSAnswerLearnsAll(t *testing.T) {
 
 	cg := cgrouptest.NewChild(t)
 	a := startAgent(t, testConfig(t, cg.Path))
-	cmd := cg.Command("forge-target")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ports struct{ UDP int }
-	if err := dec.Decode(&ports); err != nil {
-		t.Fatalf("helper ports: %v", err)
-	}
-	if _, err := fmt.Fprintln(stdin, "edns", server, name); err != nil {
-		t.Fatal(err)
-	}
 	var res struct {
 		Size  int
 		Addrs []netip.Addr
 		Conns []cgrouptest.Conn
 	}
-	if err := dec.Decode(&res); err != nil {
-		t.Fatalf("helper edns: %v", err)
-	}
+	startForgeTarget(t, cg).do(t, "edns "+server+" "+name, &res)
 	if sent := <-sizes; res.Size != sent || sent <= 1900 || sent > 2047 {
 		t.Fatalf("the client read %d bytes of a %d-byte answer: want the whole answer, 1,901 to 2,047 bytes", res.Size, sent)
 	}
@@ -1035,4 +949,47 @@ func manyAnswer(query []byte, name string, addrs []netip.Addr) ([]byte, error) {
 		return nil, err
 	}
 	return b.Finish()
+}
+
+// forgeTarget is the forge-target helper running inside the watched cgroup:
+// it reports its listening ports, then answers one JSON value per command.
+type forgeTarget struct {
+	stdin io.Writer
+	dec   *json.Decoder
+	ports struct{ UDP, TCP, Target int }
+}
+
+// startForgeTarget starts the helper in cg and reads its ports; it is
+// stopped when the test ends.
+func startForgeTarget(t *testing.T, cg *cgrouptest.Cgroup) *forgeTarget {
+	t.Helper()
+	cmd := cg.Command("forge-target")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	ft := &forgeTarget{stdin: stdin, dec: json.NewDecoder(stdout)}
+	if err := ft.dec.Decode(&ft.ports); err != nil {
+		t.Fatalf("helper ports: %v", err)
+	}
+	return ft
+}
+
+// do sends one command line and decodes its answer into out.
+func (ft *forgeTarget) do(t *testing.T, line string, out any) {
+	t.Helper()
+	if _, err := fmt.Fprintln(ft.stdin, line); err != nil {
+		t.Fatal(err)
+	}
+	if err := ft.dec.Decode(out); err != nil {
+		t.Fatalf("helper %q: %v", line, err)
+	}
 }
