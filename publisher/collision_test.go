@@ -120,29 +120,15 @@ type storedMsg struct {
 // *foreign.
 func fetchAllWithForeign(t *testing.T, js jetstream.JetStream, foreign *int) []storedMsg {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	st, err := js.Stream(ctx, "FLOWS")
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var out []storedMsg
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := st.GetMsg(ctx, seq)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, m := range storedMessages(t, js) {
 		if m.Subject == "flows.other.outgoing" {
 			*foreign++
 			continue
 		}
 		var b schema.Batch
 		if err := schema.DecodeBatch(m.Data, &b); err != nil {
-			t.Fatalf("stream sequence %d on %s: %v", seq, m.Subject, err)
+			t.Fatalf("stream sequence %d on %s: %v", m.Sequence, m.Subject, err)
 		}
 		out = append(out, storedMsg{msg{m.Subject, m.Header.Get(schema.HeaderMsgID), b}, m.Data})
 	}

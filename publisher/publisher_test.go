@@ -61,8 +61,8 @@ type msg struct {
 	batch       schema.Batch
 }
 
-// fetchAll reads every message in the stream.
-func fetchAll(t *testing.T, js jetstream.JetStream) []msg {
+// storedMessages reads every message of stream FLOWS, in stream order.
+func storedMessages(t *testing.T, js jetstream.JetStream) []*jetstream.RawStreamMsg {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -74,12 +74,22 @@ func fetchAll(t *testing.T, js jetstream.JetStream) []msg {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []msg
+	var out []*jetstream.RawStreamMsg
 	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
 		m, err := st.GetMsg(ctx, seq)
 		if err != nil {
 			t.Fatal(err)
 		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// fetchAll reads every message in the stream.
+func fetchAll(t *testing.T, js jetstream.JetStream) []msg {
+	t.Helper()
+	var out []msg
+	for _, m := range storedMessages(t, js) {
 		var b schema.Batch
 		if err := schema.DecodeBatch(m.Data, &b); err != nil {
 			t.Fatal(err)
