@@ -380,3 +380,39 @@ func TestMetricsAddressTaken(t *testing.T) {
 		t.Errorf("exit %d\n%s", code, stderr)
 	}
 }
+
+// A stream name or subject prefix NATS reserves ($JS..., _INBOX...) is refused by every command that
+// takes it, before anything opens, with exit status 2 and a message naming the flag or variable.
+func TestReservedNamesRefused(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "x.db")
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+		want []string
+	}{
+		{[]string{"run", "--stream", "$JS.API", "--prefix", "_INBOX"}, nil,
+			[]string{`--stream: stream name "$JS.API" starts with a name NATS reserves`, `--prefix: "_INBOX" starts with a name NATS reserves`}},
+		{[]string{"replay", "--from", "1h", "--stream", "_INBOX_FLOWS", "--prefix", "$SYS.flows"}, nil,
+			[]string{`--stream: stream name "_INBOX_FLOWS" starts with a name NATS reserves`, `--prefix: "$SYS.flows" starts with a name NATS reserves`}},
+		{[]string{"run"}, map[string]string{"FLOWBUS_STREAM": "$KV_x", "FLOWBUS_SUBJECT_PREFIX": "_INBOX.x"},
+			[]string{`FLOWBUS_STREAM: stream name "$KV_x" starts with a name NATS reserves`, `FLOWBUS_SUBJECT_PREFIX: "_INBOX.x" starts with a name NATS reserves`}},
+		{[]string{"summary", "--stream", "$JS.API"}, nil, []string{`--stream: stream name "$JS.API" starts with a name NATS reserves`}},
+	} {
+		e := map[string]string{"FLOWBUS_DB": db, "FLOWBUS_NATS_URL": "nats://127.0.0.1:1"}
+		for k, v := range c.env {
+			e[k] = v
+		}
+		code, out, stderr := runCLI(t, e, c.args...)
+		if code != exitUsage || out != "" {
+			t.Errorf("%v %v: exit %d, stdout %q; want 2", c.args, c.env, code, out)
+		}
+		for _, w := range append(c.want, "use another name", "Run 'flowstat "+c.args[0]+" --help'") {
+			if !strings.Contains(stderr, w) {
+				t.Errorf("%v %v: stderr lacks %q:\n%s", c.args, c.env, w, stderr)
+			}
+		}
+	}
+	if _, err := os.Stat(db); !os.IsNotExist(err) {
+		t.Errorf("a refused command created the database (%v)", err)
+	}
+}

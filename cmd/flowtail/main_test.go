@@ -753,3 +753,40 @@ func TestHostileStringsEscaped(t *testing.T) {
 		t.Fatalf("JSON does not give the name back exactly: %+v", evs)
 	}
 }
+
+// A stream name or subject prefix NATS reserves ($JS..., _INBOX...) is refused before connecting, with
+// exit status 2 and a message naming the flag or variable it came from.
+func TestReservedNamesRefused(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		env  map[string]string
+		want []string
+	}{
+		{[]string{"--stream", "$JS.API", "--prefix", "_INBOX"}, nil,
+			[]string{`--stream: stream name "$JS.API" starts with a name NATS reserves`, `--prefix: "_INBOX" starts with a name NATS reserves`}},
+		{[]string{"--stream", "_INBOX_FLOWS", "--prefix", "$SYS.flows"}, nil,
+			[]string{`--stream: stream name "_INBOX_FLOWS" starts with a name NATS reserves`, `--prefix: "$SYS.flows" starts with a name NATS reserves`}},
+		{nil, map[string]string{"FLOWBUS_STREAM": "$KV_x", "FLOWBUS_SUBJECT_PREFIX": "_INBOX.x"},
+			[]string{`FLOWBUS_STREAM: stream name "$KV_x" starts with a name NATS reserves`, `FLOWBUS_SUBJECT_PREFIX: "_INBOX.x" starts with a name NATS reserves`}},
+	} {
+		for k, v := range c.env {
+			t.Setenv(k, v)
+		}
+		// Nothing listens there: a refusal after connecting would be exit 1 naming the server.
+		r := runArgs(t, append([]string{"--nats", "nats://127.0.0.1:1"}, c.args...)...)
+		if r.code != exitUsage || r.stdout != "" {
+			t.Errorf("%v %v: exit %d, stdout %q; want 2", c.args, c.env, r.code, r.stdout)
+		}
+		for _, w := range append(c.want, "use another name", "Run 'flowtail --help'") {
+			if !strings.Contains(r.stderr, w) {
+				t.Errorf("%v %v: stderr lacks %q:\n%s", c.args, c.env, w, r.stderr)
+			}
+		}
+		if strings.Contains(r.stderr, "cannot connect") {
+			t.Errorf("%v: connected before refusing:\n%s", c.args, r.stderr)
+		}
+		for k := range c.env {
+			os.Unsetenv(k)
+		}
+	}
+}
