@@ -168,6 +168,14 @@ type Publisher struct {
 	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors, collisions atomic.Uint64
 
 	nc *nats.Conn
+	// stallSince is when the stream last answered (an ack), or the first
+	// send after nothing was pending: how long publishes have waited for
+	// an answer. Zero while nothing is pending. Guarded by mu.
+	stallSince time.Time
+	// onFailure, if set, sees each retryable failure first; true means it
+	// reports the cause itself (once per state) and the warning is not
+	// logged.
+	onFailure atomic.Pointer[func(error) bool]
 	// maxBytes is cfg.MaxBytes, lowered to fit the server's max_payload
 	// (refreshed as the connection moves between servers), so that no
 	// batch is sealed too large to publish. Guarded by mu.
@@ -462,6 +470,9 @@ func (p *Publisher) next() (*batch, time.Duration) {
 func (p *Publisher) send(b *batch) {
 	p.mu.Lock()
 	p.refreshMaxBytesLocked() // the connection may have moved to another server
+	if p.stallSince.IsZero() {
+		p.stallSince = time.Now()
+	}
 	p.mu.Unlock()
 	msg := &nats.Msg{
 		Subject: b.subject,
@@ -514,6 +525,7 @@ func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
 	p.inflight--
 	delete(p.flying, b)
 	p.pendBytes -= len(b.data)
+	p.answeredLocked()
 	p.mu.Unlock()
 	if b.spoolName != "" {
 		p.unspool(b.spoolName)
@@ -564,6 +576,7 @@ func (p *Publisher) collided(b *batch, ack *jetstream.PubAck, stored string) {
 	delete(p.flying, b)
 	b.notBefore = time.Time{}
 	p.requeueLocked(b)
+	p.answeredLocked() // the stream answered, if not with an ack of ours
 	p.mu.Unlock()
 	p.signal()
 }
@@ -597,6 +610,52 @@ func (p *Publisher) unspool(name string) {
 	p.loadedMu.Unlock()
 }
 
+// answeredLocked restarts the wait for an answer: the stream just gave one.
+func (p *Publisher) answeredLocked() {
+	p.stallSince = time.Now()
+	if p.inflight == 0 && len(p.queue) == 0 {
+		p.stallSince = time.Time{}
+	}
+}
+
+// AckStall is how long batches have waited for the stream's answer: the
+// time since the last ack, or since the first publish after the publisher
+// was idle, while batches are in flight or queued; 0 when nothing waits.
+// A server that hangs (stopped, overloaded, partitioned without a TCP
+// reset) shows here long before the client notices the connection is dead.
+func (p *Publisher) AckStall() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stallSince.IsZero() || (p.inflight == 0 && len(p.queue) == 0) {
+		return 0
+	}
+	return time.Since(p.stallSince)
+}
+
+// SetFailureReporter makes f see each retryable publish failure first.
+// When f returns true it has reported the cause (a health check that logs
+// once per state change), and the publisher does not warn about it too.
+func (p *Publisher) SetFailureReporter(f func(err error) bool) {
+	p.onFailure.Store(&f)
+}
+
+// RetryNow sends the queued batches at once, without waiting out their
+// backoff: called when what made them fail (a missing stream) is fixed.
+func (p *Publisher) RetryNow() {
+	p.mu.Lock()
+	for _, b := range p.queue {
+		b.notBefore = time.Time{}
+	}
+	p.mu.Unlock()
+	p.signal()
+}
+
+// NoStream tells a publish error that means no stream took the subject:
+// the stream is missing, or does not hold the subject.
+func NoStream(err error) bool {
+	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
+}
+
 // permanent tells errors that no retry can fix.
 func permanent(err error) bool {
 	return errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject)
@@ -621,6 +680,9 @@ func (p *Publisher) failed(b *batch, err error) {
 		addDrops(&lost, b.drops) // the losses it carried must still be reported
 		addDrops(&p.drops, lost)
 		p.totalDrops.Publish += uint64(b.events)
+		if p.inflight == 0 && len(p.queue) == 0 {
+			p.stallSince = time.Time{}
+		}
 		p.mu.Unlock()
 		p.log.Error("batch given up", "seq", b.seq, "events", b.events, "err", err)
 		p.signal()
@@ -635,6 +697,10 @@ func (p *Publisher) failed(b *batch, err error) {
 	seq, attempts := b.seq, b.attempts // b belongs to the send loop again once unlocked
 	pending := len(p.queue) + p.inflight
 	p.mu.Unlock()
+	if f := p.onFailure.Load(); f != nil && (*f)(err) {
+		p.signal()
+		return
+	}
 	if !p.nc.IsConnected() {
 		// The client's own error says little then ("headers not supported"
 		// before the first connection, a timeout after): say what it is.
