@@ -235,6 +235,30 @@ func TestContainerID(t *testing.T) {
 	}
 }
 
+// A container started after the agent has its container id from its first
+// connection: no walk of the hierarchy is waited for (the agent walks at
+// most every 2 s).
+func TestContainerCreatedAfterStart(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	const id = "9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e3f2a9c0d1e5b4a7c8d"
+	parent := cgrouptest.NewChild(t)
+	a := startAgent(t, testConfig(t, parent.Path))
+	// Let the agent's first walk (at start) finish before the container
+	// exists, so that only a lookup at first sight can name it.
+	time.Sleep(100 * time.Millisecond)
+	cg := parent.Child(t, "cri-containerd-"+id+".scope")
+	cg.Traffic(t, "127.0.0.1", 1, false)
+	got := readStream(t, a.ClientURL(), "FLOWS", 2, 200*time.Millisecond)
+	if len(got) != 2 {
+		t.Fatalf("got %d events, want 2", len(got))
+	}
+	for _, r := range got {
+		if r.Ev.ContainerID != id || r.Ev.CgroupID != cg.ID() {
+			t.Errorf("event %s %s:%d: container %q cgroup %d, want %q %d", r.Ev.Direction, r.Ev.Src, r.Ev.SrcPort, r.Ev.ContainerID, r.Ev.CgroupID, id, cg.ID())
+		}
+	}
+}
+
 // A monitoring address that is no host:port is reported with the other
 // settings, before anything starts.
 func TestEmbeddedMonitorValidated(t *testing.T) {

@@ -1,13 +1,18 @@
 package enrich
 
 import (
+	"encoding/binary"
+	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Containers maps cgroup ids (as the kernel reports them for a socket) to the
@@ -16,11 +21,21 @@ import (
 // directory after the container: docker-<id>.scope, cri-containerd-<id>.scope,
 // crio-<id>.scope, libpod-<id>.scope, or a plain /docker/<id>.
 //
-// Lookups never block and never allocate: an unknown id answers "" at once
-// and asks a background walk of the hierarchy, at most once per MinRefresh.
+// Lookups of known ids never block and never allocate. An id the last walk
+// did not see (a container started since) is resolved at once on a cgroup
+// v2 mount by opening the cgroup by its id (open_by_handle_at: two system
+// calls and a readlink), so that its first connection carries its container
+// id; the answer is kept until the next walk, which a miss also asks for
+// (at most once per MinRefresh). Elsewhere, or without the privilege, an
+// unknown id answers "" until that walk.
 type Containers struct {
 	root       string
 	minRefresh time.Duration
+
+	rootFd  int // the hierarchy's root, for open_by_handle_at; -1 when not cgroup v2
+	extraMu sync.Mutex
+	extra   map[uint64]string // resolved by id since the last walk
+	direct  atomic.Uint64
 
 	ids     atomic.Pointer[map[uint64]string] // replaced whole by each walk
 	wake    chan struct{}
@@ -32,7 +47,13 @@ type Containers struct {
 
 // NewContainers starts a resolver for the hierarchy mounted at root.
 func NewContainers(root string, minRefresh time.Duration) *Containers {
-	c := &Containers{root: root, minRefresh: minRefresh, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	c := &Containers{root: root, minRefresh: minRefresh, rootFd: -1, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	var sfs unix.Statfs_t
+	if unix.Statfs(root, &sfs) == nil && sfs.Type == unix.CGROUP2_SUPER_MAGIC {
+		if fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
+			c.rootFd = fd
+		}
+	}
 	m := c.walk()
 	c.ids.Store(&m)
 	go c.loop()
@@ -51,9 +72,62 @@ func (c *Containers) ContainerID(id uint64) string {
 		case c.wake <- struct{}{}:
 		default:
 		}
+		return c.resolve(id)
 	}
 	return cid
 }
+
+// maxExtra bounds the ids resolved between two walks: past it a miss waits
+// for the walk, as without direct lookups.
+const maxExtra = 4096
+
+// fileidKernfs is the handle type of kernfs (cgroup) file handles: its 8
+// bytes are the cgroup id.
+const fileidKernfs = 0xfe
+
+// resolve finds the container of a cgroup the last walk did not see by
+// opening it by id.
+func (c *Containers) resolve(id uint64) string {
+	if c.rootFd < 0 {
+		return ""
+	}
+	c.extraMu.Lock()
+	defer c.extraMu.Unlock()
+	if cid, ok := c.extra[id]; ok {
+		return cid
+	}
+	if c.extra == nil {
+		c.extra = make(map[uint64]string)
+	}
+	if len(c.extra) >= maxExtra {
+		return ""
+	}
+	c.direct.Add(1)
+	cid := ""
+	if path, err := cgroupPathByID(c.rootFd, id); err == nil {
+		cid = ContainerIDFromPath(path)
+	}
+	// A failure (the cgroup is already gone) is kept too: the next walk
+	// decides, and a storm from one cgroup costs one lookup.
+	c.extra[id] = cid
+	return cid
+}
+
+// cgroupPathByID opens the cgroup with id under the hierarchy open at
+// rootFd and returns its path.
+func cgroupPathByID(rootFd int, id uint64) (string, error) {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], id)
+	fd, err := unix.OpenByHandleAt(rootFd, unix.NewFileHandle(fileidKernfs, b[:]), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(fd)
+	return os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+}
+
+// DirectLookups is the number of cgroups resolved by id between walks.
+func (c *Containers) DirectLookups() uint64 { return c.direct.Load() }
 
 // Walks is the number of walks of the hierarchy so far.
 func (c *Containers) Walks() uint64 { return c.walks.Load() }
@@ -63,6 +137,9 @@ func (c *Containers) Close() {
 	c.closeMu.Do(func() {
 		close(c.stop)
 		<-c.done
+		if c.rootFd >= 0 {
+			_ = unix.Close(c.rootFd)
+		}
 	})
 }
 
@@ -84,6 +161,10 @@ func (c *Containers) loop() {
 		}
 		m := c.walk()
 		c.ids.Store(&m)
+		// The walk saw everything resolved before it started.
+		c.extraMu.Lock()
+		c.extra = nil
+		c.extraMu.Unlock()
 		last = time.Now()
 	}
 }

@@ -77,3 +77,62 @@ func TestContainersResolveNewCgroup(t *testing.T) {
 		t.Errorf("lookup allocates %v times", n)
 	}
 }
+
+// A container cgroup created after the resolver started is known on its
+// first lookup, without waiting for a walk (here: none for an hour), and a
+// plain cgroup created beside it stays without a container.
+func TestContainersResolveAtFirstSight(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("FLOWBUS_REQUIRE_PRIVILEGED") == "1" {
+			t.Fatal("privileged test: needs root to create a cgroup")
+		}
+		t.Skip("privileged test: needs root to create a cgroup")
+	}
+	root, err := cgroupv2.DetectRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent, err := os.MkdirTemp(root, "flowbus-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(parent)
+	c := NewContainers(parent, time.Hour)
+	defer c.Close()
+	walks := c.Walks()
+
+	dir := filepath.Join(parent, "cri-containerd-"+hex64+".scope")
+	plain := filepath.Join(parent, "plain.service")
+	for _, d := range []string{dir, plain} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(d)
+	}
+	ino := func(p string) uint64 {
+		var st syscall.Stat_t
+		if err := syscall.Stat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Ino
+	}
+	if got := c.ContainerID(ino(dir)); got != hex64 {
+		t.Errorf("first lookup of a new container cgroup: %q, want %q", got, hex64)
+	}
+	if got := c.ContainerID(ino(plain)); got != "" {
+		t.Errorf("a plain cgroup resolved to %q", got)
+	}
+	if got := c.ContainerID(ino(dir)); got != hex64 {
+		t.Errorf("second lookup: %q", got)
+	}
+	if n := c.DirectLookups(); n != 2 {
+		t.Errorf("%d lookups by id, want 2 (one per new cgroup, then kept)", n)
+	}
+	if c.Walks() != walks {
+		t.Errorf("a walk ran (%d, was %d): the lookup should not need one", c.Walks(), walks)
+	}
+	// An id no cgroup has is "", not an error, and costs one lookup.
+	if got := c.ContainerID(1 << 62); got != "" {
+		t.Errorf("unknown id resolved to %q", got)
+	}
+}

@@ -70,6 +70,17 @@ func NewChildNamed(t testing.TB, name string) *Cgroup {
 	return open(t, path)
 }
 
+// Child creates a child named name inside c (as a container runtime
+// would, at any time); it is removed when the test ends, before c.
+func (c *Cgroup) Child(t testing.TB, name string) *Cgroup {
+	t.Helper()
+	path := filepath.Join(c.Path, name)
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return open(t, path)
+}
+
 // ID is the cgroup's id: the inode of its directory on cgroup v2.
 func (c *Cgroup) ID() uint64 {
 	var st syscall.Stat_t
