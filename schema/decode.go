@@ -29,10 +29,11 @@ const (
 	tkCtx
 	tkEvents
 	tkPrevSeq
+	tkPrevRun
 )
 
 var topKeys = [numTopKeys]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
-	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq}
+	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq, keyPrevRun}
 
 // Bounds on the strings of a batch, in bytes. A longer string makes the batch malformed: nothing read
 // from the stream may grow a consumer's memory, database or terminal line without limit (schema/FORMAT.md).
@@ -102,7 +103,7 @@ func DecodeBatch(data []byte, into *Batch) error {
 			}
 			continue
 		}
-		if err := r.skip(1); err != nil {
+		if err := r.skipValue(1, k < 0); err != nil { // known values: pass 2 checks them closer
 			where := "value of unknown key " + fmt.Sprintf("%q", kb)
 			if k >= 0 {
 				where = topKeys[k]
@@ -148,6 +149,15 @@ func DecodeBatch(data []byte, into *Batch) error {
 	}
 	if into.PrevSeq, err = at(tkPrevSeq).readUint(math.MaxUint64); err != nil {
 		return malformed(keyPrevSeq, err)
+	}
+	into.PrevRun = nil
+	if pos[tkPrevRun] >= 0 && !at(tkPrevRun).isNil() { // nil: absent
+		if into.PrevSeq != 0 {
+			return malformed(keyPrevRun, fmt.Errorf("on a batch with prev_seq %d: only the first batch of a direction (prev_seq 0) carries it", into.PrevSeq))
+		}
+		if into.PrevRun, err = decodeRunLink(at(tkPrevRun)); err != nil {
+			return err
+		}
 	}
 	t0, err := at(tkT0).readInt()
 	if err != nil {
@@ -407,7 +417,8 @@ type Batch struct {
 	Direction    Direction
 	RunID        string
 	Seq          uint64
-	PrevSeq      uint64 // seq of the previous batch of this direction from this run, 0 for the first
+	PrevSeq      uint64   // seq of the previous batch of this direction from this run, 0 for the first
+	PrevRun      *RunLink // the previous run of this host (schema 1.1, first batches only); nil when absent
 	Drops        Drops
 	Events       []Event // each has Direction set from the batch
 }

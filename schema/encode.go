@@ -20,7 +20,7 @@ const (
 	keyEndpoints     = "endpoints"
 	keyCtx           = "ctx"
 	keyEvents        = "events"
-	numTopKeys       = 12
+	numTopKeys       = 13 // prev_run included: only the first batch of a direction may carry it
 )
 
 // Elements of an event row, in order; rows may carry more (minor versions), decoders ignore them.
@@ -43,8 +43,11 @@ type ctxKey struct {
 // BatchEncoder builds one batch for one host and direction. Zero allocations per Add in steady state:
 // buffers and dictionaries keep their capacity across Reset. Not safe for concurrent use.
 type BatchEncoder struct {
-	head []byte // fixed start of every batch: map header .. run_id value
+	head []byte // fixed start of every batch after the map header: schema_major .. run_id value
 	dir  Direction
+
+	// prevRun is the encoded prev_run value, written into the next batch with prev_seq 0.
+	prevRun []byte
 
 	n  int
 	t0 int64
@@ -127,8 +130,7 @@ func NewBatchEncoder(host, runID string, dir Direction) *BatchEncoder {
 		epCache:  new([epCacheSize]epCacheEntry),
 		ctxCache: new([ctxCacheSize]ctxCacheEntry),
 	}
-	h := appendMapHeader(nil, numTopKeys)
-	h = appendStr(h, keySchemaMajor)
+	h := appendStr(nil, keySchemaMajor)
 	h = appendInt(h, Major)
 	h = appendStr(h, keySchemaMinor)
 	h = appendInt(h, Minor)
@@ -154,7 +156,25 @@ var tailMax = len(keySeq) + len(keyPrevSeq) + 1 + maxUintLen + len(keyT0) + len(
 // Size is an upper bound of the encoded size of the batch so far, header included, so the caller can
 // cut batches at a byte limit before encoding them.
 func (b *BatchEncoder) Size() int {
-	return len(b.head) + tailMax + len(b.epBuf) + len(b.ctxBuf) + len(b.rows)
+	n := 1 + len(b.head) + tailMax + len(b.epBuf) + len(b.ctxBuf) + len(b.rows)
+	if b.lastSeq == 0 && b.prevRun != nil {
+		n += runLinkMax
+	}
+	return n
+}
+
+// SetPrevRun makes the next batch with prev_seq 0 (the first this encoder finishes) carry l as
+// prev_run; nil carries none. It fails, changing nothing, when l cannot be written (Validate).
+func (b *BatchEncoder) SetPrevRun(l *RunLink) error {
+	if l == nil {
+		b.prevRun = nil
+		return nil
+	}
+	if err := l.Validate(); err != nil {
+		return err
+	}
+	b.prevRun = appendRunLink(nil, l)
+	return nil
 }
 
 // Add appends one event. The batch keeps references to ev's DNS slices (not copies) until Reset, so
@@ -295,11 +315,22 @@ func appendCtx(c []byte, k *ctxKey) []byte {
 // Finish appends the whole batch, with sequence number seq and the drops since the previous batch, to
 // dst and returns it; then it Resets the encoder. A batch with no events is valid (it may carry drops).
 func (b *BatchEncoder) Finish(dst []byte, seq uint64, drops Drops) []byte {
+	link := b.lastSeq == 0 && b.prevRun != nil
+	if link {
+		dst = appendMapHeader(dst, numTopKeys)
+	} else {
+		dst = appendMapHeader(dst, numTopKeys-1)
+	}
 	dst = append(dst, b.head...)
 	dst = appendStr(dst, keySeq)
 	dst = appendUint(dst, seq)
 	dst = appendStr(dst, keyPrevSeq)
 	dst = appendUint(dst, b.lastSeq)
+	if link {
+		dst = appendStr(dst, keyPrevRun)
+		dst = append(dst, b.prevRun...)
+		b.prevRun = nil
+	}
 	b.lastSeq = seq
 	dst = appendStr(dst, keyT0)
 	dst = appendInt(dst, b.t0)

@@ -41,7 +41,13 @@ func FuzzDecodeBatch(f *testing.F) {
 			}
 		}
 		// Whatever decodes must survive a re-encode unchanged.
+		if l := b1.PrevRun; l != nil && (len(l.RunID) > MaxRunIDLen || len(l.End) > MaxRunEndLen || b1.PrevSeq != 0) {
+			t.Fatalf("prev_run past its bounds or on a later batch: %+v (prev_seq %d)", l, b1.PrevSeq)
+		}
 		enc := NewBatchEncoder(b1.Host, b1.RunID, b1.Direction)
+		if err := enc.SetPrevRun(b1.PrevRun); err != nil {
+			t.Fatalf("decoded prev_run cannot be re-encoded: %v", err)
+		}
 		for i := range b1.Events {
 			enc.Add(&b1.Events[i])
 		}
@@ -49,6 +55,9 @@ func FuzzDecodeBatch(f *testing.F) {
 		var b2 Batch
 		if err := DecodeBatch(out, &b2); err != nil {
 			t.Fatalf("re-encoded batch does not decode: %v", err)
+		}
+		if (b1.PrevRun == nil) != (b2.PrevRun == nil) || b1.PrevRun != nil && *b1.PrevRun != *b2.PrevRun {
+			t.Fatalf("prev_run changed: %+v vs %+v", b1.PrevRun, b2.PrevRun)
 		}
 		if b2.Host != b1.Host || b2.RunID != b1.RunID || b2.Direction != b1.Direction || b2.Seq != b1.Seq || b2.Drops != b1.Drops {
 			t.Fatalf("header changed: %+v vs %+v", b1, b2)

@@ -55,6 +55,35 @@ func goldenCases() []goldenCase {
 			}
 			return encodeEvents("db_2", "r", Incoming, 65536, Drops{Reader: 1, Queue: 2, Spool: 70000}, evs)
 		}, true},
+		{"first_of_run", func() []byte { // schema 1.1: the first batch of a run names the previous one
+			enc := NewBatchEncoder("web-01", "5be0a7c4d93f1e28", Outgoing)
+			if err := enc.SetPrevRun(goldenLink()); err != nil {
+				panic(err)
+			}
+			evs := goldenEvents()[:2]
+			for i := range evs {
+				enc.Add(&evs[i])
+			}
+			return enc.Finish(nil, 1, Drops{})
+		}, true},
+		{"prev_run_future", func() []byte { // a later minor's prev_run: extra keys, another order
+			enc := msgpack.GetEncoder()
+			defer msgpack.PutEncoder(enc)
+			var buf bytes.Buffer
+			enc.Reset(&buf)
+			enc.SetSortMapKeys(true)
+			enc.UseCompactInts(true)
+			err := enc.Encode(map[string]any{
+				"schema_major": 1, "schema_minor": 4, "host": "db_2", "conn_direction": "incoming",
+				"run_id": "r3", "seq": 2, "prev_seq": 0, "t0": 0, "endpoints": []any{}, "events": []any{},
+				"prev_run": map[string]any{"end": "stopped", "start_ns": 1763990000500000000, "last_ns": 1763990000400000000,
+					"events": 0, "batches": 0, "last_seq": 0, "run_id": "r2", "signal": "TERM", "spool": map[string]any{"batches": 3}},
+			})
+			if err != nil {
+				panic(err)
+			}
+			return buf.Bytes()
+		}, false},
 		{"future_minor", func() []byte { // what a v1.3 producer might send: must decode the same
 			enc := msgpack.GetEncoder()
 			defer msgpack.PutEncoder(enc)
@@ -91,6 +120,15 @@ func batchJSON(b *Batch) []byte {
 	out = appendJSONString(out, b.RunID)
 	out = append(out, `,"seq":`+strconv.FormatUint(b.Seq, 10)...)
 	out = append(out, `,"prev_seq":`+strconv.FormatUint(b.PrevSeq, 10)...)
+	if l := b.PrevRun; l != nil {
+		out = append(out, `,"prev_run":{"run_id":`...)
+		out = appendJSONString(out, l.RunID)
+		out = append(out, `,"last_seq":`+strconv.FormatUint(l.LastSeq, 10)+`,"batches":`+strconv.FormatUint(l.Batches, 10)+
+			`,"events":`+strconv.FormatUint(l.Events, 10)+`,"last_ns":`+strconv.FormatInt(l.LastNs, 10)+
+			`,"start_ns":`+strconv.FormatInt(l.StartNs, 10)+`,"end":`...)
+		out = appendJSONString(out, l.End)
+		out = append(out, '}')
+	}
 	d := b.Drops
 	out = append(out, `,"drops":{"kernel":`+strconv.FormatUint(d.Kernel, 10)+`,"reader":`+strconv.FormatUint(d.Reader, 10)+
 		`,"queue":`+strconv.FormatUint(d.Queue, 10)+`,"spool":`+strconv.FormatUint(d.Spool, 10)+

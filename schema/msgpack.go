@@ -280,8 +280,15 @@ func (r *reader) readLen(isMap bool) (int, error) {
 	return int(n), nil
 }
 
-// skip passes over one value of any type, nested at most maxSkipDepth deep.
-func (r *reader) skip(depth int) error {
+func isStrByte(c byte) bool { return c >= 0xa0 && c <= 0xbf || c >= 0xd9 && c <= 0xdb }
+
+// skip passes over one value of any type, nested at most maxSkipDepth deep. The string keys of the
+// maps in it are bounded by MaxKeyLen, like every map key.
+func (r *reader) skip(depth int) error { return r.skipValue(depth, true) }
+
+// skipValue is skip; boundKeys false leaves the key bounds to a later, closer look at the value (the
+// decoder's first pass over the values of known keys, which its second pass decodes).
+func (r *reader) skipValue(depth int, boundKeys bool) error {
 	if depth > maxSkipDepth {
 		return fmt.Errorf("values nested deeper than %d at offset %d", maxSkipDepth, r.p)
 	}
@@ -301,7 +308,14 @@ func (r *reader) skip(depth int) error {
 			return err
 		}
 		for i := 0; i < 2*m; i++ {
-			if err := r.skip(depth + 1); err != nil {
+			if boundKeys && i%2 == 0 && r.p < len(r.b) && isStrByte(r.b[r.p]) {
+				// A key of an unknown map is bounded like every map key.
+				if _, err := readBounded(r, MaxKeyLen); err != nil {
+					return fmt.Errorf("map key: %v", err)
+				}
+				continue
+			}
+			if err := r.skipValue(depth+1, boundKeys); err != nil {
 				return err
 			}
 		}
@@ -312,7 +326,7 @@ func (r *reader) skip(depth int) error {
 			return err
 		}
 		for i := 0; i < m; i++ {
-			if err := r.skip(depth + 1); err != nil {
+			if err := r.skipValue(depth+1, boundKeys); err != nil {
 				return err
 			}
 		}

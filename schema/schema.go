@@ -13,7 +13,7 @@ import (
 // change); a higher Minor only adds fields that older consumers ignore.
 const (
 	Major = 1
-	Minor = 0
+	Minor = 1
 )
 
 // Direction says who initiated a connection, seen from the reporting host.

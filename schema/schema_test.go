@@ -51,7 +51,7 @@ func TestRoundTripRandom(t *testing.T) {
 		if err := DecodeBatch(dst, &got); err != nil {
 			t.Fatalf("iter %d: %v", iter, err)
 		}
-		if got.Major != 1 || got.Minor != 0 || got.Host != "web-01" || got.RunID != "run1" || got.Seq != uint64(iter) ||
+		if got.Major != Major || got.Minor != Minor || got.Host != "web-01" || got.RunID != "run1" || got.Seq != uint64(iter) ||
 			got.Direction != dir || got.Drops != drops {
 			t.Fatalf("header mismatch: %+v", got)
 		}

@@ -27,7 +27,7 @@ const (
 	HeaderSchema = "Flowbus-Schema"
 )
 
-// SchemaHeaderValue is the value of HeaderSchema: "<Major>.<Minor>", e.g. "1.0".
+// SchemaHeaderValue is the value of HeaderSchema: "<Major>.<Minor>", e.g. "1.1".
 func SchemaHeaderValue() string { return strconv.Itoa(Major) + "." + strconv.Itoa(Minor) }
 
 func hostTokenByte(c byte) bool {
