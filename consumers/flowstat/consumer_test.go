@@ -14,6 +14,7 @@ import (
 
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
+	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
@@ -529,6 +530,96 @@ func TestDuplicateBatchCountedOnce(t *testing.T) {
 		flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
 		if rs.Duplicates != 6 {
 			t.Errorf("replay: stats %+v, want 6 duplicates skipped", rs)
+		}
+	})
+}
+
+// A database written by a flowstat from before the string bounds may hold chain state (run_state,
+// holes) with hosts and run ids of any length. Those rows are never loaded: Run deletes them first, with
+// one log line counting them, and continues the chains whose ids are within the bounds (64 characters,
+// also when they take more bytes).
+func TestOverlongChainStateNotLoaded(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		e := newEnv(t)
+		st := open(t, dsn)
+		db := st.DB()
+		ins := func(q string, args ...any) {
+			t.Helper()
+			if st.Kind() == store.Postgres {
+				for i := 1; strings.Contains(q, "?"); i++ {
+					q = strings.Replace(q, "?", "$"+strconv.Itoa(i), 1)
+				}
+			}
+			if _, err := db.Exec(q, args...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// 1 MB ids in SQLite; PostgreSQL's primary-key index refuses rows beyond about 2.7 KB, so no
+		// PostgreSQL database can hold longer ones.
+		size := 1 << 20
+		if st.Kind() == store.Postgres {
+			size = 2000
+		}
+		huge := strings.Repeat("r", size)
+		for i := range 6 {
+			ins(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES (?, ?, 'outgoing', 5)`, "web-07", huge+strconv.Itoa(i))
+		}
+		ins(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES (?, 'r1', 'outgoing', 5)`, strings.Repeat("h", size))
+		ins(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES ('web-07', ?, 'incoming', 5)`, strings.Repeat("x", 65))
+		for i := range 3 {
+			ins(`INSERT INTO holes (host, run_id, direction, from_seq, to_seq) VALUES ('web-07', ?, 'outgoing', 1, 2)`, huge+strconv.Itoa(i))
+		}
+		// At the bound: 64 characters of 2 bytes each, as a cleaned run id can be.
+		atBound := strings.Repeat("é", 64)
+		ins(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES ('web-07', ?, 'outgoing', 3)`, atBound)
+		// The chain a publisher continues: its batch 1 was counted before.
+		ins(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES ('web-07', 'run-ok', 'outgoing', 1)`)
+		ins(`INSERT INTO holes (host, run_id, direction, from_seq, to_seq) VALUES ('web-07', 'run-ok', 'incoming', 7, 9)`)
+
+		runs, err := st.RunStates(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		holes, err := st.Holes(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(runs) != 2 || runs[store.RunKey{Host: "web-07", RunID: atBound, Dir: schema.Outgoing}] != 3 || len(holes) != 1 {
+			t.Fatalf("loaded %d chains, %d hole lists; want only the 2 chains and 1 hole list within the bounds", len(runs), len(holes))
+		}
+
+		a := tailtest.NewAgent("web-07", "run-ok")
+		gen := flowstattest.NewGen(12, 10)
+		e.rec.Encode(a, schema.Outgoing, schema.Drops{}, nil) // batch 1, counted before
+		p, data := e.rec.Encode(a, schema.Outgoing, schema.Drops{}, gen.Events(5, schema.Outgoing, mustAddr("192.0.2.7"), e.fleet.T0, time.Minute))
+		e.rec.PublishEncoded(t, p, data)
+		var log bytes.Buffer
+		o := e.opts()
+		o.Log = &log
+		stats := run(t, st, o)
+		if stats.Gaps != 0 || stats.Events != 5 {
+			t.Errorf("stats %+v: want batch 2 to continue the chain of run-ok (no gap), 5 events", stats)
+		}
+		if n := strings.Count(log.String(), "chain-state rows"); n != 1 || !strings.Contains(log.String(), "flowstat: removed 11 chain-state rows whose host or run id is longer than the bounds (host 64, run id 64 characters)") {
+			t.Errorf("want one line counting 11 rows, got %d:\n%s", n, log.String())
+		}
+		for _, tb := range []string{"run_state", "holes"} {
+			var n, long int
+			if err := db.QueryRow(`SELECT COUNT(*), COALESCE(SUM(CASE WHEN length(run_id) > 64 OR length(host) > 64 THEN 1 ELSE 0 END), 0) FROM `+tb).Scan(&n, &long); err != nil {
+				t.Fatal(err)
+			}
+			if long != 0 {
+				t.Errorf("%s keeps %d over-long rows", tb, long)
+			}
+			if want := map[string]int{"run_state": 2, "holes": 1}[tb]; n != want {
+				t.Errorf("%s has %d rows, want %d", tb, n, want)
+			}
+		}
+		// A second start finds nothing to remove and says nothing.
+		log.Reset()
+		run(t, st, o)
+		if strings.Contains(log.String(), "chain-state rows") {
+			t.Errorf("second start:\n%s", log.String())
 		}
 	})
 }

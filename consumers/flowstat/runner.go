@@ -9,6 +9,7 @@ import (
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/stream"
 	"github.com/flowbus/flowbus/internal/redact"
+	"github.com/flowbus/flowbus/schema"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -39,6 +40,12 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	cons, cp, err := ensureCheckpointAndConsumer(ctx, st, stream, &o, dbID)
 	if err != nil {
 		return Stats{}, err
+	}
+	if n, err := st.PurgeOverlongChains(ctx); err != nil {
+		return Stats{}, fmt.Errorf("remove over-long chain state from database %s: %w", st.Where(), err)
+	} else if n > 0 {
+		fmt.Fprintf(o.Log, "flowstat: removed %d chain-state rows whose host or run id is longer than the bounds (host %d, run id %d characters), written by a flowstat from before them: their batches are refused now, so only the gap detection of those runs is lost; nothing to do\n",
+			n, schema.MaxHostLen, schema.MaxRunIDLen)
 	}
 	runs, err := st.RunStates(ctx)
 	if err != nil {

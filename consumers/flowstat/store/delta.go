@@ -469,9 +469,48 @@ func (s *Store) RecordLoss(ctx context.Context, consumer, stream string, from, t
 	return err
 }
 
-// RunStates loads the last seq of every batch chain, to continue gap detection after a restart.
+// overlong is the SQL condition on a row's host and run_id columns for ids beyond the bounds the
+// decoder enforces (schema.MaxHostLen, schema.MaxRunIDLen). Counted in characters: the consumer stores a
+// run id after replacing each run of invalid UTF-8 bytes with one U+FFFD, so a valid one may take up to
+// three bytes a character. SQLite's length() stops at a NUL, so there the bytes are bounded too (four
+// bytes a character at most). Only a flowstat from before the bounds wrote longer ids.
+func (s *Store) overlong() string {
+	c := fmt.Sprintf(`(length(host) > %d OR length(run_id) > %d`, schema.MaxHostLen, schema.MaxRunIDLen)
+	if s.kind == SQLite {
+		c += fmt.Sprintf(` OR length(CAST(host AS BLOB)) > %d OR length(CAST(run_id AS BLOB)) > %d`, 4*schema.MaxHostLen, 4*schema.MaxRunIDLen)
+	}
+	return c + `)`
+}
+
+// chainTables hold one row per batch chain (host, run id, direction), loaded into memory when a
+// consumer starts.
+var chainTables = []string{"run_state", "holes"}
+
+// PurgeOverlongChains deletes the chain-state rows whose host or run id exceed the decoder's bounds,
+// without reading them, and returns how many it deleted. A flowstat from before the bounds stored
+// whatever a publisher sent: loading 900 KB run ids took a restart 1 GB of memory. Such a chain cannot
+// continue anyway (its batches are refused now), so only its gap detection is lost.
+func (s *Store) PurgeOverlongChains(ctx context.Context) (int64, error) {
+	var total int64
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		total = 0
+		for _, t := range chainTables {
+			res, err := tx.ExecContext(ctx, `DELETE FROM `+t+` WHERE `+s.overlong())
+			if err != nil {
+				return fmt.Errorf("%s: %w", t, err)
+			}
+			n, _ := res.RowsAffected()
+			total += n
+		}
+		return nil
+	})
+	return total, err
+}
+
+// RunStates loads the last seq of every batch chain, to continue gap detection after a restart. Rows
+// with ids beyond the bounds are never read (see PurgeOverlongChains).
 func (s *Store) RunStates(ctx context.Context) (map[RunKey]uint64, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, last_seq FROM run_state`)
+	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, last_seq FROM run_state WHERE NOT `+s.overlong())
 	if err != nil {
 		return nil, err
 	}
@@ -491,8 +530,9 @@ func (s *Store) RunStates(ctx context.Context) (map[RunKey]uint64, error) {
 }
 
 // Holes loads the missing seq ranges of every chain, sorted by From, to tell a late batch from a copy.
+// Rows with ids beyond the bounds are never read (see PurgeOverlongChains).
 func (s *Store) Holes(ctx context.Context) (map[RunKey][]Hole, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, from_seq, to_seq FROM holes ORDER BY host, run_id, direction, from_seq`)
+	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, from_seq, to_seq FROM holes WHERE NOT `+s.overlong()+` ORDER BY host, run_id, direction, from_seq`)
 	if err != nil {
 		return nil, err
 	}
