@@ -1,14 +1,60 @@
 // Decodes one flowbus batch (schema 1.x) exactly, as schema/FORMAT.md ("Decoding in JavaScript")
 // describes. 64-bit quantities (t0, each timestamp, seq, prev_seq, drops, cgroup_id) come back as
 // bigint, everything that fits 32 bits (ports, pid, refs, versions) as number, so every value is exact
-// and its type does not depend on its size.
-import { decode } from "@msgpack/msgpack";
+// and its type does not depend on its size. Every string is bounded in bytes as on the wire, like the Go
+// decoder (FORMAT.md, decoding rule 4).
+import { Decoder } from "@msgpack/msgpack";
 
 /** The schema major this decoder reads. */
 export const SUPPORTED_MAJOR = 1;
 
+/** Bounds on the strings of a batch, in bytes on the wire (schema.MaxHostLen, ... in Go). */
+export const BOUNDS = Object.freeze({
+  host: 64,
+  run_id: 64,
+  direction: 16,
+  addr: 64,
+  dns_name: 253,
+  comm: 16,
+  container_id: 64,
+  run_end: 16, // prev_run.end
+  key: 64, // every map key, at any level
+});
+
 function malformed(where, what) {
   return new Error(`malformed flowbus batch: ${where} ${what}`);
+}
+
+// WireStr is a msgpack string with its length in bytes as encoded: the bounds are in bytes, and the
+// JavaScript text of invalid UTF-8 does not tell how many bytes it came from.
+class WireStr {
+  constructor(text, bytes) {
+    this.text = text;
+    this.bytes = bytes;
+  }
+}
+
+// BoundedDecoder refuses a map key past its bound before decoding it, and returns every other string as
+// a WireStr. A msgpack bin stays a Uint8Array, so it can never pass for a string.
+class BoundedDecoder extends Decoder {
+  decodeString(byteLength, headerOffset) {
+    if (this.stateIsMapKey()) {
+      if (byteLength > BOUNDS.key) {
+        throw malformed("map key", `is a string of ${byteLength} bytes, longer than the bound of ${BOUNDS.key}`);
+      }
+      return super.decodeString(byteLength, headerOffset);
+    }
+    return new WireStr(super.decodeString(byteLength, headerOffset), byteLength);
+  }
+}
+
+const decoder = new BoundedDecoder({ useBigInt64: true });
+
+function kind(v) {
+  if (v === null) return "nil";
+  if (v instanceof WireStr) return "a string";
+  if (v instanceof Uint8Array) return "bin";
+  return typeof v;
 }
 
 // With useBigInt64 a msgpack int64/uint64 decodes to bigint and a smaller encoding to number, so the
@@ -16,7 +62,7 @@ function malformed(where, what) {
 function big(v, where) {
   if (typeof v === "bigint") return v;
   if (Number.isInteger(v)) return BigInt(v); // exact: numbers only come from encodings of <= 32 bits
-  throw malformed(where, `is ${v === null ? "nil" : typeof v}, want an integer`);
+  throw malformed(where, `is ${kind(v)}, want an integer`);
 }
 
 function int64(v, where) {
@@ -37,9 +83,10 @@ function uintMax(v, max, where) {
   return Number(b);
 }
 
-function str(v, where) {
-  if (typeof v !== "string") throw malformed(where, `is ${v === null ? "nil" : typeof v}, want a string`);
-  return v;
+function str(v, bound, where) {
+  if (!(v instanceof WireStr)) throw malformed(where, `is ${kind(v)}, want a string`);
+  if (v.bytes > bound) throw malformed(where, `is a string of ${v.bytes} bytes, longer than the bound of ${bound}`);
+  return v.text;
 }
 
 function arr(v, where) {
@@ -48,29 +95,59 @@ function arr(v, where) {
 }
 
 function map(v, where) {
-  if (v === null || typeof v !== "object" || Array.isArray(v) || v instanceof Uint8Array) {
+  if (v === null || typeof v !== "object" || Array.isArray(v) || v instanceof Uint8Array || v instanceof WireStr) {
     throw malformed(where, "is not a map");
   }
   return v;
+}
+
+const RUN_LINK_KEYS = ["run_id", "last_seq", "batches", "events", "last_ns", "start_ns", "end"];
+
+// runLink decodes prev_run (schema 1.1): every key required, unknown keys ignored.
+function runLink(v) {
+  const m = map(v, "prev_run");
+  for (const k of RUN_LINK_KEYS) {
+    if (!(k in m)) throw malformed(`prev_run.${k}`, "is missing");
+  }
+  const runID = str(m.run_id, BOUNDS.run_id, "prev_run.run_id");
+  if (runID === "") throw malformed("prev_run.run_id", "is empty");
+  return {
+    run_id: runID,
+    last_seq: uint64(m.last_seq, "prev_run.last_seq"),
+    batches: uint64(m.batches, "prev_run.batches"),
+    events: uint64(m.events, "prev_run.events"),
+    last_ns: int64(m.last_ns, "prev_run.last_ns"),
+    start_ns: int64(m.start_ns, "prev_run.start_ns"),
+    end: str(m.end, BOUNDS.run_end, "prev_run.end"),
+  };
 }
 
 /**
  * decodeBatch decodes the body of one flowbus batch message.
  * @param {Uint8Array} data the message body
  * @returns the batch: header fields and events in the shape of SPEC section 1, with bigint
- *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id.
+ *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id, and prev_run (null when absent) with bigint
+ *   last_seq, batches, events, last_ns and start_ns.
  */
 export function decodeBatch(data) {
-  const b = map(decode(data, { useBigInt64: true }), "top level");
+  const b = map(decoder.decode(data), "top level");
   const major = Number(int64(b.schema_major, "schema_major"));
   if (major !== SUPPORTED_MAJOR) {
     throw new Error(`flowbus batch schema major ${major} is not supported by this consumer ` +
       `(supports ${SUPPORTED_MAJOR}): upgrade the consumer`);
   }
-  const host = str(b.host, "host");
-  const dir = str(b.conn_direction, "conn_direction");
+  const host = str(b.host, BOUNDS.host, "host");
+  const dir = str(b.conn_direction, BOUNDS.direction, "conn_direction");
   if (dir !== "incoming" && dir !== "outgoing") throw malformed("conn_direction", `is ${JSON.stringify(dir)}`);
   const t0 = int64(b.t0, "t0");
+  const prevSeq = uint64(b.prev_seq, "prev_seq");
+  let prevRun = null;
+  if (b.prev_run != null) {
+    if (prevSeq !== 0n) {
+      throw malformed("prev_run", `is on a batch with prev_seq ${prevSeq}: only the first batch of a direction (prev_seq 0) carries it`);
+    }
+    prevRun = runLink(b.prev_run);
+  }
 
   const drops = { kernel: 0n, reader: 0n, queue: 0n, spool: 0n, publish: 0n };
   for (const [k, v] of Object.entries(map(b.drops ?? {}, "drops"))) {
@@ -80,8 +157,8 @@ export function decodeBatch(data) {
   const endpoints = arr(b.endpoints, "endpoints").map((e, i) => {
     arr(e, `endpoints[${i}]`);
     return {
-      addr: str(e[0], `endpoints[${i}][0]`),
-      names: arr(e[1], `endpoints[${i}][1]`).map((n, j) => str(n, `endpoints[${i}][1][${j}]`)),
+      addr: str(e[0], BOUNDS.addr, `endpoints[${i}][0]`),
+      names: arr(e[1], `endpoints[${i}][1]`).map((n, j) => str(n, BOUNDS.dns_name, `endpoints[${i}][1][${j}]`)),
     };
   });
   const ctx = arr(b.ctx ?? [], "ctx").map((c, i) => {
@@ -89,8 +166,8 @@ export function decodeBatch(data) {
     const out = {};
     if (c.cgroup_id != null) out.cgroup_id = uint64(c.cgroup_id, `ctx[${i}].cgroup_id`);
     if (c.pid != null) out.pid = uintMax(c.pid, 0xffffffff, `ctx[${i}].pid`);
-    if (c.comm != null) out.comm = str(c.comm, `ctx[${i}].comm`);
-    if (c.container_id != null) out.container_id = str(c.container_id, `ctx[${i}].container_id`);
+    if (c.comm != null) out.comm = str(c.comm, BOUNDS.comm, `ctx[${i}].comm`);
+    if (c.container_id != null) out.container_id = str(c.container_id, BOUNDS.container_id, `ctx[${i}].container_id`);
     return out;
   });
   const ref = (v, dict, where) => {
@@ -126,9 +203,10 @@ export function decodeBatch(data) {
     schema_minor: Number(int64(b.schema_minor, "schema_minor")),
     host,
     conn_direction: dir,
-    run_id: str(b.run_id, "run_id"),
+    run_id: str(b.run_id, BOUNDS.run_id, "run_id"),
     seq: uint64(b.seq, "seq"),
-    prev_seq: uint64(b.prev_seq, "prev_seq"),
+    prev_seq: prevSeq,
+    prev_run: prevRun,
     t0,
     drops,
     events,

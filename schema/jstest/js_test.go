@@ -81,9 +81,20 @@ type jsDecoded struct {
 	RunID         string            `json:"run_id"`
 	Seq           string            `json:"seq"`
 	PrevSeq       string            `json:"prev_seq"`
+	PrevRun       *jsRunLink        `json:"prev_run"`
 	T0            string            `json:"t0"`
 	Drops         map[string]string `json:"drops"`
 	Events        []jsEvent         `json:"events"`
+}
+
+type jsRunLink struct {
+	RunID   string `json:"run_id"`
+	LastSeq string `json:"last_seq"`
+	Batches string `json:"batches"`
+	Events  string `json:"events"`
+	LastNs  string `json:"last_ns"`
+	StartNs string `json:"start_ns"`
+	End     string `json:"end"`
 }
 
 type jsEvent struct {
@@ -278,11 +289,20 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	if mixErrors == 0 {
 		t.Error("no batch had a bigint t0 with a number dt_ns under useBigInt64: the mixing pitfall is not exercised")
 	}
+	links := 0
+	for _, p := range pubs {
+		if p.batch.PrevRun != nil {
+			links++
+		}
+	}
+	if links == 0 {
+		t.Error("no batch carries prev_run: the schema 1.1 link is not exercised")
+	}
 	if t.Failed() {
 		return
 	}
-	t.Logf("%d batches: every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
-		len(pubs), rounded, mixErrors)
+	t.Logf("%d batches (%d with prev_run): every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
+		len(pubs), links, rounded, mixErrors)
 }
 
 func checkBatch(t *testing.T, p *published, js *jsBatch) {
@@ -307,6 +327,18 @@ func checkBatch(t *testing.T, p *published, js *jsBatch) {
 	eq("seq", b.Seq, strconv.FormatUint(g.Seq, 10))
 	eq("prev_seq", b.PrevSeq, strconv.FormatUint(g.PrevSeq, 10))
 	eq("t0", b.T0, strconv.FormatInt(p.t0, 10))
+	switch jl, gl := b.PrevRun, g.PrevRun; {
+	case (jl == nil) != (gl == nil):
+		t.Errorf("prev_run: JavaScript %+v, Go %+v", jl, gl)
+	case gl != nil:
+		eq("prev_run.run_id", jl.RunID, gl.RunID)
+		eq("prev_run.last_seq", jl.LastSeq, strconv.FormatUint(gl.LastSeq, 10))
+		eq("prev_run.batches", jl.Batches, strconv.FormatUint(gl.Batches, 10))
+		eq("prev_run.events", jl.Events, strconv.FormatUint(gl.Events, 10))
+		eq("prev_run.last_ns", jl.LastNs, strconv.FormatInt(gl.LastNs, 10))
+		eq("prev_run.start_ns", jl.StartNs, strconv.FormatInt(gl.StartNs, 10))
+		eq("prev_run.end", jl.End, gl.End)
+	}
 	for k, v := range map[string]uint64{"kernel": g.Drops.Kernel, "reader": g.Drops.Reader, "queue": g.Drops.Queue,
 		"spool": g.Drops.Spool, "publish": g.Drops.Publish} {
 		eq("drops."+k, b.Drops[k], strconv.FormatUint(v, 10))
@@ -417,5 +449,36 @@ func TestJavaScriptClientRejectsUnknownMajor(t *testing.T) {
 	const want = "flowbus batch schema major 2 is not supported by this consumer (supports 1): upgrade the consumer"
 	if !strings.Contains(string(out), want) {
 		t.Fatalf("decode.mjs on a schema major 2 batch: %v\n%s\nwant the message %q", err, out, want)
+	}
+}
+
+// flowbus.mjs enforces the string bounds of FORMAT.md decoding rule 4 in bytes, as the Go decoder does,
+// and decodes prev_run: bounds.test.mjs checks each bound at its value and one past it.
+func TestJavaScriptDecoderBounds(t *testing.T) {
+	node := requireNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, node, "--test", "bounds.test.mjs").CombinedOutput()
+	if err != nil {
+		t.Fatalf("node --test bounds.test.mjs: %v\n%s", err, out)
+	}
+	// The bounds the JavaScript test checks are the Go decoder's.
+	want := map[string]int{"host": schema.MaxHostLen, "run_id": schema.MaxRunIDLen, "direction": schema.MaxDirectionLen,
+		"addr": schema.MaxAddrLen, "dns_name": schema.MaxDNSNameLen, "comm": schema.MaxCommLen,
+		"container_id": schema.MaxContainerIDLen, "run_end": schema.MaxRunEndLen, "key": schema.MaxKeyLen}
+	script := `import { BOUNDS } from "./flowbus.mjs"; process.stdout.write(JSON.stringify(BOUNDS));`
+	b, err := exec.CommandContext(ctx, node, "--input-type=module", "-e", script).Output()
+	if err != nil {
+		t.Fatalf("reading BOUNDS from flowbus.mjs: %v", err)
+	}
+	var got map[string]int
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("flowbus.mjs BOUNDS %v, Go decoder %v", got, want)
+	}
+	if n := strings.Count(string(out), "\nok "); n < 19 {
+		t.Fatalf("only %d JavaScript tests passed:\n%s", n, out)
 	}
 }
