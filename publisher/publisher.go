@@ -55,6 +55,17 @@ type Config struct {
 	// ServerURL names the NATS server in log messages (credentials already
 	// redacted); empty uses the connection's own redacted URL.
 	ServerURL string
+
+	// PrevRun, if set, is asked (under the publisher's lock, once per
+	// direction) at the first seal of each direction for the link to the
+	// previous run of this host that this batch carries (schema prev_run);
+	// nil: no link.
+	PrevRun func(dir schema.Direction) *schema.RunLink
+
+	// OnSeal, if set, is called under the publisher's lock for every batch
+	// sealed with a seq, before it is queued, spooled or published: a
+	// write-ahead record of what this run sealed. It must be quick.
+	OnSeal func(dir schema.Direction, seq uint64, events int)
 }
 
 // Defaults chosen near the bus's sweet spot: batches of tens of KiB.
@@ -134,6 +145,7 @@ type dirState struct {
 	subject string
 	timer   *time.Timer
 	started time.Time
+	linked  bool // PrevRun was asked for this direction
 }
 
 // Publisher batches and publishes events. Create it with New.
@@ -336,6 +348,12 @@ func (p *Publisher) sealLocked(d *dirState) {
 		p.warn("publish queue full and no spool: batch dropped; NATS is slow or unreachable", "events", n, "pending_bytes", p.pendBytes, "bound", p.cfg.QueueBytes)
 		return
 	}
+	if !d.linked && p.cfg.PrevRun != nil {
+		d.linked = true
+		if err := d.enc.SetPrevRun(p.cfg.PrevRun(d.dir)); err != nil {
+			p.log.Warn("link to the previous run left out of the first batch", "direction", d.dir.String(), "err", err)
+		}
+	}
 	p.seq++
 	buf, _ := p.bufs.Get().([]byte)
 	b := &batch{
@@ -349,6 +367,9 @@ func (p *Publisher) sealLocked(d *dirState) {
 	}
 	b.data = d.enc.Finish(buf[:0], p.seq, p.drops)
 	p.drops = schema.Drops{}
+	if p.cfg.OnSeal != nil {
+		p.cfg.OnSeal(d.dir, p.seq, n)
+	}
 	if toSpool {
 		err := sp.Put(b.sealedAt.UnixNano(), b.msgID, b.subject, n, b.data)
 		//lint:ignore SA6002 a slice header per batch costs less than boxing a pointer to it
