@@ -4,8 +4,8 @@
 # the tests also PostgreSQL (flowstat's tests start a server of their own on
 # loopback), docker-compose (validates docker-compose.yml; no engine needed)
 # systemd (systemd-analyze verifies the units), prometheus (its promtool tests
-# the alert rules), staticcheck (pinned; `make
-# check`) and Node.js with schema/jstest's npm packages (the JavaScript
+# the alert rules), tcpdump (the tests compare event times with its packet
+# times), staticcheck (pinned; `make check`) and Node.js with schema/jstest's npm packages (the JavaScript
 # decoding test).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
 # (`make generate`); pass --generate to install them too. --bench adds
@@ -31,7 +31,7 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus)
+pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus tcpdump)
 for a in "$@"; do
 	case $a in
 	--generate) pkgs+=(clang llvm libbpf-dev) ;;
