@@ -56,6 +56,7 @@ type Config struct {
 	AckTimeout       time.Duration `env:"ACK_TIMEOUT" envDefault:"5s" help:"an unacknowledged publish is retried after this, with the same message id"`
 	SpoolDir         string        `env:"SPOOL_DIR" helpDefault:"<state dir>/spool" help:"on-disk spool for batches NATS has not taken (off: drop them instead)"`
 	SpoolBytes       int64         `env:"SPOOL_BYTES" envDefault:"268435456" help:"bound of the spool on disk; past it whole batches are dropped and counted"`
+	RunStateFile     string        `env:"RUN_STATE_FILE" helpDefault:"<state dir>/run-<host>.state" help:"what this run sealed, for the next run's link to it (off: no link)"`
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304" help:"kernel ring buffer size, a power of two"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
@@ -252,6 +253,15 @@ func (c *Config) validate() []string {
 	default:
 		if !filepath.IsAbs(c.SpoolDir) {
 			bad("SPOOL_DIR", "%q must be an absolute path (or \"off\")", c.SpoolDir)
+		}
+	}
+	switch c.RunStateFile {
+	case "":
+		c.RunStateFile = filepath.Join(statedir.Dir(os.Getenv), "run-"+c.Host+".state")
+	case "off":
+	default:
+		if !filepath.IsAbs(c.RunStateFile) {
+			bad("RUN_STATE_FILE", "%q must be an absolute path (or \"off\")", c.RunStateFile)
 		}
 	}
 	if c.SpoolBytes < 1<<20 {

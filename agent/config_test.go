@@ -349,3 +349,23 @@ func TestConfigEmbeddedLoginBeyondLoopback(t *testing.T) {
 		}
 	}
 }
+
+func TestConfigRunStateFile(t *testing.T) {
+	t.Setenv("STATE_DIRECTORY", "/var/lib/fb")
+	cfg, err := LoadConfig(map[string]string{"FLOWBUS_HOST": "web-01"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.RunStateFile != "/var/lib/fb/run-web-01.state" {
+		t.Errorf("default run state file %q, want /var/lib/fb/run-web-01.state (the host token in its name)", cfg.RunStateFile)
+	}
+	for v, ok := range map[string]bool{"off": true, "/tmp/x.state": true, "run.state": false} {
+		cfg, err := LoadConfig(map[string]string{"FLOWBUS_RUN_STATE_FILE": v})
+		if ok && (err != nil || cfg.RunStateFile != v) {
+			t.Errorf("FLOWBUS_RUN_STATE_FILE=%s: %v, %q", v, err, cfg.RunStateFile)
+		}
+		if !ok && (err == nil || !strings.Contains(err.Error(), "FLOWBUS_RUN_STATE_FILE: \"run.state\" must be an absolute path")) {
+			t.Errorf("FLOWBUS_RUN_STATE_FILE=%s: %v, want refused", v, err)
+		}
+	}
+}
