@@ -199,13 +199,16 @@ type Publisher struct {
 const payloadHeadroom = 1024
 
 // refreshMaxBytesLocked lowers the batch bound to what the server accepts.
-func (p *Publisher) refreshMaxBytesLocked() {
+func (p *Publisher) refreshMaxBytesLocked() { p.setMaxBytesLocked(p.nc.MaxPayload()) }
+
+// setMaxBytesLocked lowers the batch bound to fit a server's max_payload.
+func (p *Publisher) setMaxBytesLocked(maxPayload int64) {
 	mb := p.cfg.MaxBytes
-	if mp := int(p.nc.MaxPayload()); mp > 0 && mp-payloadHeadroom < mb {
+	if mp := int(maxPayload); mp > 0 && mp-payloadHeadroom < mb {
 		mb = max(mp-payloadHeadroom, 512)
 	}
 	if mb != p.maxBytes && p.maxBytes != 0 {
-		p.log.Warn("batch size bound changed to fit the server's max_payload", "max_bytes", mb, "configured", p.cfg.MaxBytes, "max_payload", p.nc.MaxPayload())
+		p.log.Warn("batch size bound changed to fit the server's max_payload", "max_bytes", mb, "configured", p.cfg.MaxBytes, "max_payload", maxPayload)
 	}
 	p.maxBytes = mb
 }
@@ -489,8 +492,11 @@ func (p *Publisher) next() (*batch, time.Duration) {
 }
 
 func (p *Publisher) send(b *batch) {
+	// Asked before taking mu: the client's lock can be held for as long as
+	// a write to a hung server blocks, and Add must never wait for that.
+	mp := p.nc.MaxPayload()
 	p.mu.Lock()
-	p.refreshMaxBytesLocked() // the connection may have moved to another server
+	p.setMaxBytesLocked(mp) // the connection may have moved to another server
 	if p.stallSince.IsZero() {
 		p.stallSince = time.Now()
 	}
