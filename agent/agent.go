@@ -50,10 +50,11 @@ type Agent struct {
 
 	batchMetrics *batchMetrics
 	locks        agentLocks
-	chain        *runChain // the record of this run for the next (runchain.go)
 
-	kernelSeen  bpf.Counters // kernel counters already reported
-	streamReady atomic.Bool
+	kernelSeen bpf.Counters // kernel counters already reported
+	health     *health
+	// streamCreated: ensureStream succeeded at least once in this run.
+	streamCreated atomic.Bool
 }
 
 // NewRunID returns a fresh random agent run id (16 lowercase hex digits).
@@ -87,16 +88,21 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 				a.enrich.Close()
 			}
 			a.shutdownNATS()
-			a.chain.close()
 			a.locks.release()
 		}
 	}()
+	// A spool that cannot be written would be found out at the first
+	// outage, by dropping what it was meant to keep: refuse now.
+	if cfg.SpoolDir != "off" {
+		if err := spool.CheckWritable(cfg.SpoolDir); err != nil {
+			return nil, err
+		}
+	}
 	// Before anything is shared: a second agent on the same capture, store
 	// or spool would double every event or corrupt the store.
 	if a.locks, err = takeLocks(cfg, a.capture.CgroupPath, a.runID); err != nil {
 		return nil, err
 	}
-	a.chain = openRunChain(cfg.RunStateFile, cfg.Host, a.runID, log)
 	if err := checkListen("FLOWBUS_METRICS_ADDR", cfg.MetricsAddr); err != nil {
 		return nil, err
 	}
@@ -156,6 +162,17 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		if a.nc, err = ConnectNATS(cfg, opts); err != nil {
 			return nil, err
 		}
+		// After an outage the stream may be gone (deleted meanwhile, or
+		// lost with a server's storage): look at once.
+		logReconnect := a.nc.Opts.ReconnectedCB
+		a.nc.SetReconnectHandler(func(nc *nats.Conn) {
+			if logReconnect != nil {
+				logReconnect(nc)
+			}
+			if a.health != nil {
+				a.health.kick()
+			}
+		})
 		if !a.nc.IsConnected() {
 			log.Warn("NATS not reachable yet; starting anyway, batches are kept until it is", "url", redact.List(cfg.NATSURL))
 		}
@@ -174,9 +191,13 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	a.batchMetrics = newBatchMetrics()
+	a.health = newHealth(a)
 	a.pub, err = publisher.New(a.nc, publisher.Config{
-		Spool:       sp,
-		OnAck:       a.batchMetrics.observe,
+		Spool: sp,
+		OnAck: func(events, bytes int, sealedAt time.Time) {
+			a.health.acked()
+			a.batchMetrics.observe(events, bytes, sealedAt)
+		},
 		Prefix:      cfg.SubjectPrefix,
 		Host:        cfg.Host,
 		RunID:       a.runID,
@@ -187,28 +208,26 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		QueueBytes:  cfg.QueueBytes,
 		AckTimeout:  cfg.AckTimeout,
 		ServerURL:   a.natsURL(),
-		PrevRun:     a.chain.prevRun,
-		OnSeal:      a.chain.sealed,
 	}, log)
 	if err != nil {
 		return nil, err
 	}
+	a.pub.SetFailureReporter(a.health.publishFailed)
 
 	if cfg.ManageStream {
 		if a.srv == nil && !a.nc.IsConnected() {
 			// Asking a server that is not there would hold up the capture for
-			// the request's whole timeout; events are spooled meanwhile.
-			go a.ensureStreamLoop(ctx)
+			// the request's whole timeout; events are spooled meanwhile, and
+			// the health watcher creates the stream once NATS answers.
+			a.health.setQuiet(checkStream, fmt.Sprintf("stream %s not created yet: NATS is not reachable", cfg.Stream))
 		} else if err := a.ensureStream(ctx); err != nil {
 			if a.srv != nil {
 				return nil, err
 			}
 			// A remote server may come later: keep trying while batches queue.
 			log.Warn("stream not ready yet, retrying in the background", "stream", cfg.Stream, "err", err)
-			go a.ensureStreamLoop(ctx)
+			a.health.setQuiet(checkStream, fmt.Sprintf("stream %s not created yet: %v", cfg.Stream, err))
 		}
-	} else {
-		a.streamReady.Store(true)
 	}
 
 	a.enrich = enrich.New(enrich.Config{
@@ -228,10 +247,10 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if err := a.capture.Attach(); err != nil {
 		return nil, err
 	}
-	a.chain.attached(time.Now())
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
 		"stream", cfg.Stream)
+	a.health.start(ctx)
 	ok = true
 	return a, nil
 }
@@ -259,24 +278,9 @@ func (a *Agent) ensureStream(ctx context.Context) error {
 		Log:        a.log,
 	})
 	if err == nil {
-		a.streamReady.Store(true)
+		a.streamCreated.Store(true)
 	}
 	return err
-}
-
-func (a *Agent) ensureStreamLoop(ctx context.Context) {
-	// A short ceiling: the stream should exist soon after NATS is back.
-	for wait := time.Second; ; wait = min(wait*2, 5*time.Second) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-		if err := a.ensureStream(ctx); err == nil {
-			a.log.Info("stream ready", "stream", a.cfg.Stream)
-			return
-		}
-	}
 }
 
 // ClientURL is where consumers reach the embedded server ("" when remote).
@@ -409,11 +413,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	runErr := a.writeReadyFile()
 	if runErr == nil {
 		runErr = a.capture.Run(ctx, a.enrich)
-		a.chain.detached()
 		if a.cfg.ReadyFile != "" {
 			_ = os.Remove(a.cfg.ReadyFile)
 		}
 	}
+	// The watcher re-attaches and moves the capture lock: it stops first.
+	a.health.close()
 	stopPoll()
 	<-pollDone
 	a.reportKernelDrops()
@@ -422,7 +427,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
 	pubErr := a.pub.Close(sctx)
-	a.chain.stopped() // after the close: nothing is sealed after it
 	st := a.pub.Stats()
 	// Acked and spooled apart: an outage must not read as "nothing sent".
 	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches_acked", st.BatchesAcked,
@@ -481,12 +485,20 @@ type Snapshot struct {
 	DNSRecords   uint64
 	StreamReady  bool
 	Connected    bool
+	// Checks are the readiness checks; Ready is true when all pass.
+	Checks []Check
+	Ready  bool
 }
 
 // Snapshot reads the counters.
 func (a *Agent) Snapshot() Snapshot {
 	k, _ := a.capture.Counters()
 	e := a.enrich.Stats()
+	checks := a.health.checks()
+	ready := true
+	for _, c := range checks {
+		ready = ready && c.OK
+	}
 	return Snapshot{
 		Captured:     a.capture.Events(),
 		SelfExcluded: e.SelfExcluded,
@@ -496,7 +508,9 @@ func (a *Agent) Snapshot() Snapshot {
 		DNS:          e.DNS,
 		DNSMatch:     e.Match,
 		DNSRecords:   a.capture.DNSRecords(),
-		StreamReady:  a.streamReady.Load(),
-		Connected:    a.nc.IsConnected(),
+		StreamReady:  !a.health.isFailing(checkStream),
+		Connected:    !a.health.isFailing(checkNATS), // the client's lock may be held for long
+		Checks:       checks,
+		Ready:        ready,
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -21,7 +22,7 @@ type agentCollector struct {
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, collisions, pubErrors, kernelDup, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                                        *prometheus.Desc
-	dnsQueries, dnsPending                                                                              *prometheus.Desc
+	dnsQueries, dnsPending, checkOK                                                                     *prometheus.Desc
 	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                              *prometheus.Desc
 	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                        *prometheus.Desc
 }
@@ -42,7 +43,8 @@ func newAgentCollector(a *Agent) *agentCollector {
 		collisions:   d("id_collisions_total", "Duplicate acks for a message another publisher stored under the batch's id (read back and compared); each such batch was republished under a fresh random id."),
 		pubErrors:    d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
 		kernelDup:    d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
-		ready:        d("ready", "1 when connected to NATS and the stream exists."),
+		ready:        d("ready", "1 when every readiness check passes (flowbus_agent_check_ok); /readyz names the ones that fail."),
+		checkOK:      d("check_ok", "1 when the readiness check passes: nats (connected), stream (exists and takes the agent's subjects), acks (the stream answered within FLOWBUS_ACK_TIMEOUT), cgroup (the watched cgroup exists and the programs are attached to it).", "check"),
 		dnsEntries:   d("dns_cache_entries", "Addresses held in the DNS cache."),
 		spoolBatches: d("spool_batches", "Batches waiting in the on-disk spool."),
 		spoolBytes:   d("spool_bytes", "Disk space used by the spool."),
@@ -67,6 +69,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.dnsQueries
 	ch <- c.dnsPending
+	ch <- c.checkOK
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.ready,
 		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
 		ch <- d
@@ -135,10 +138,17 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.dnsQueries, s.Kernel.DNSQueryFull, "lost")
 	gauge(c.dnsPending, float64(s.DNSMatch.Outstanding))
 	r := 0.0
-	if s.Connected && s.StreamReady {
+	if s.Ready {
 		r = 1
 	}
 	gauge(c.ready, r)
+	for _, ck := range s.Checks {
+		v := 0.0
+		if ck.OK {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.checkOK, prometheus.GaugeValue, v, ck.Name)
+	}
 }
 
 // batchMetrics are observed once per acknowledged batch.
@@ -211,9 +221,8 @@ func ServeMetrics(ctx context.Context, addr string, a *Agent, build Build, log *
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		s := a.Snapshot()
-		if !s.Connected || !s.StreamReady {
-			http.Error(w, "not ready: NATS connected="+boolStr(s.Connected)+" stream ready="+boolStr(s.StreamReady), http.StatusServiceUnavailable)
+		if body, ok := readyzBody(a.health.checks()); !ok {
+			http.Error(w, body, http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))
@@ -237,9 +246,17 @@ func ServeMetrics(ctx context.Context, addr string, a *Agent, build Build, log *
 	return ln.Addr(), nil
 }
 
-func boolStr(b bool) string {
-	if b {
-		return "true"
+// readyzBody is "ready", or "not ready" and one line per failing check
+// with its cause and fix.
+func readyzBody(checks []Check) (string, bool) {
+	var b strings.Builder
+	for _, c := range checks {
+		if !c.OK {
+			b.WriteString(c.Name + ": " + c.Cause + "\n")
+		}
 	}
-	return "false"
+	if b.Len() == 0 {
+		return "ready", true
+	}
+	return "not ready:\n" + strings.TrimSuffix(b.String(), "\n"), false
 }

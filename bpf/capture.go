@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -95,8 +96,14 @@ type Capture struct {
 	// anySocket lets answers reach other sockets than the asking one: for
 	// tests that run packets without sockets.
 	anySocket bool
-	links     []link.Link
 	reader    *ringbuf.Reader
+
+	// linksMu guards the attachment, which Reattach changes while Run
+	// reads.
+	linksMu    sync.Mutex
+	links      []link.Link
+	attachedID uint64 // inode (cgroup id) of the directory attached to
+	draining   bool   // Run is draining: no attaching any more
 
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
@@ -152,6 +159,33 @@ func Load(opts Options) (*Capture, error) {
 
 // Attach attaches the loaded programs to the cgroup: events start here.
 func (c *Capture) Attach() error {
+	c.linksMu.Lock()
+	defer c.linksMu.Unlock()
+	links, id, err := c.attach()
+	if err != nil {
+		return err
+	}
+	closeLinks(c.links)
+	c.links, c.attachedID = links, id
+	return nil
+}
+
+// attach attaches both programs to the directory at c.CgroupPath now, and
+// returns the links and that directory's inode.
+func (c *Capture) attach() ([]link.Link, uint64, error) {
+	// The directory is opened once: the id and the attachment are of the
+	// same cgroup even if the path is replaced meanwhile.
+	dir, err := os.Open(c.CgroupPath)
+	if err != nil {
+		return nil, 0, fmt.Errorf("attaching to cgroup %s: %w", c.CgroupPath, err)
+	}
+	defer dir.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
+		return nil, 0, fmt.Errorf("attaching to cgroup %s: %w", c.CgroupPath, err)
+	}
+	fdPath := fmt.Sprintf("/proc/self/fd/%d", dir.Fd())
+	var links []link.Link
 	for _, a := range []struct {
 		prog *ebpf.Program
 		typ  ebpf.AttachType
@@ -159,13 +193,49 @@ func (c *Capture) Attach() error {
 		{c.objs.FlowbusIngress, ebpf.AttachCGroupInetIngress},
 		{c.objs.FlowbusEgress, ebpf.AttachCGroupInetEgress},
 	} {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: c.CgroupPath, Attach: a.typ, Program: a.prog})
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: fdPath, Attach: a.typ, Program: a.prog})
 		if err != nil {
-			_ = c.Detach()
-			return privErr(fmt.Errorf("attaching to cgroup %s: %w", c.CgroupPath, err))
+			closeLinks(links)
+			return nil, 0, privErr(fmt.Errorf("attaching to cgroup %s: %w", c.CgroupPath, err))
 		}
-		c.links = append(c.links, l)
+		links = append(links, l)
 	}
+	return links, st.Ino, nil
+}
+
+func closeLinks(ls []link.Link) error {
+	var errs []error
+	for _, l := range ls {
+		errs = append(errs, l.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// AttachedID is the id (directory inode) of the cgroup the programs are
+// attached to, 0 when detached. A different inode at CgroupPath means the
+// cgroup was removed and another one made under the same path.
+func (c *Capture) AttachedID() uint64 {
+	c.linksMu.Lock()
+	defer c.linksMu.Unlock()
+	return c.attachedID
+}
+
+// Reattach attaches the programs to the cgroup now at CgroupPath and
+// detaches them from the one before (removed, or replaced under the same
+// path). The maps and the ring buffer stay: nothing read or counted is
+// lost, and Run goes on reading. It fails once Run is draining.
+func (c *Capture) Reattach() error {
+	c.linksMu.Lock()
+	defer c.linksMu.Unlock()
+	if c.draining {
+		return errors.New("capture is stopping")
+	}
+	links, id, err := c.attach()
+	if err != nil {
+		return err
+	}
+	_ = closeLinks(c.links) // the old cgroup is gone: nothing to drain there
+	c.links, c.attachedID = links, id
 	return nil
 }
 
@@ -213,11 +283,10 @@ func privErr(err error) error {
 
 // Close detaches the programs and frees the kernel objects. It interrupts Run.
 func (c *Capture) Close() error {
-	var errs []error
-	for _, l := range c.links {
-		errs = append(errs, l.Close())
-	}
-	c.links = nil
+	c.linksMu.Lock()
+	errs := []error{closeLinks(c.links)}
+	c.links, c.attachedID, c.draining = nil, 0, true
+	c.linksMu.Unlock()
 	if c.reader != nil {
 		errs = append(errs, c.reader.Close())
 	}
@@ -228,12 +297,11 @@ func (c *Capture) Close() error {
 // Detach stops new events at the kernel while the reader can still drain
 // what is already in the ring.
 func (c *Capture) Detach() error {
-	var errs []error
-	for _, l := range c.links {
-		errs = append(errs, l.Close())
-	}
-	c.links = nil
-	return errors.Join(errs...)
+	c.linksMu.Lock()
+	defer c.linksMu.Unlock()
+	err := closeLinks(c.links)
+	c.links, c.attachedID = nil, 0
+	return err
 }
 
 // Counters reads the kernel counters.
@@ -289,6 +357,9 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 		draining := ctx.Err() != nil
 		if draining {
 			// No new events from here on; read what the ring holds, then stop.
+			c.linksMu.Lock()
+			c.draining = true
+			c.linksMu.Unlock()
 			_ = c.Detach()
 			c.reader.SetDeadline(time.Now())
 		} else {

@@ -81,6 +81,17 @@ func (c *Cgroup) Child(t testing.TB, name string) *Cgroup {
 	return open(t, path)
 }
 
+// NewChildAt creates a cgroup at path (one a test removed, made again as a
+// restarted service or container would be); it is removed when the test
+// ends.
+func NewChildAt(t testing.TB, path string) *Cgroup {
+	t.Helper()
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return open(t, path)
+}
+
 // ID is the cgroup's id: the inode of its directory on cgroup v2.
 func (c *Cgroup) ID() uint64 {
 	var st syscall.Stat_t

@@ -56,8 +56,8 @@ type Spool struct {
 // Open opens (creating it if needed) a spool directory bounded to maxBytes,
 // and indexes the batches a previous run left there.
 func Open(dir string, maxBytes int64) (*Spool, error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return nil, fmt.Errorf("creating spool directory %s (set FLOWBUS_SPOOL_DIR): %w", dir, err)
+	if err := CheckWritable(dir); err != nil {
+		return nil, err
 	}
 	s := &Spool{dir: dir, maxBytes: maxBytes}
 	des, err := os.ReadDir(dir)
@@ -84,6 +84,30 @@ func Open(dir string, maxBytes int64) (*Spool, error) {
 	}
 	slices.SortFunc(s.entries, func(a, b *Entry) int { return strings.Compare(a.Name, b.Name) })
 	return s, nil
+}
+
+// CheckWritable creates dir if needed and writes and removes a probe file
+// in it: a spool that cannot be written would otherwise be found out only
+// at the first outage, by dropping the batches it was meant to keep.
+func CheckWritable(dir string) error {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("FLOWBUS_SPOOL_DIR %s: cannot create the spool directory: %w: create it writable by the agent's user, or set FLOWBUS_SPOOL_DIR=off to drop batches NATS has not taken instead of spooling them", dir, err)
+	}
+	f, err := os.CreateTemp(dir, tmpPref+"probe-")
+	if err == nil {
+		name := f.Name()
+		_, err = f.Write([]byte(magic))
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if rerr := os.Remove(name); err == nil {
+			err = rerr
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("FLOWBUS_SPOOL_DIR %s is not writable: %w: make it writable by the agent's user, or set FLOWBUS_SPOOL_DIR=off to drop batches NATS has not taken instead of spooling them", dir, err)
+	}
+	return nil
 }
 
 // Corrupt is the number of unreadable files found at Open (renamed *.corrupt).

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestPutPeekRemoveAndReopen(t *testing.T) {
@@ -91,4 +94,40 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("decode/encode mismatch")
 		}
 	})
+}
+
+// A directory the agent cannot write is refused at Open, naming the
+// variable and both fixes, instead of being found out at the first outage.
+func TestUnwritableDirRefused(t *testing.T) {
+	dir := t.TempDir()
+	if os.Geteuid() == 0 {
+		// Root writes through mode bits: a read-only mount is what stops it.
+		if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_RDONLY, "size=64k"); err != nil {
+			t.Skipf("mounting a read-only tmpfs: %v", err)
+		}
+		t.Cleanup(func() { _ = unix.Unmount(dir, 0) })
+	} else {
+		if err := os.Chmod(dir, 0o555); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.Chmod(dir, 0o755) })
+	}
+	_, err := Open(dir, 1<<20)
+	if err == nil {
+		t.Fatal("Open of a read-only directory succeeded")
+	}
+	for _, want := range []string{"FLOWBUS_SPOOL_DIR " + dir + " is not writable", "make it writable", "FLOWBUS_SPOOL_DIR=off"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	t.Logf("read-only spool directory: %v", err)
+	// A writable one leaves no probe behind.
+	ok := t.TempDir()
+	if _, err := Open(ok, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if des, _ := os.ReadDir(ok); len(des) != 0 {
+		t.Errorf("Open left %d files in an empty spool directory", len(des))
+	}
 }
