@@ -53,8 +53,9 @@ Flags:
 
 The table's header is printed as soon as the stream is open; its times are RFC3339, in UTC ("Z") unless
 --local, so one can be given back to --since. Messages that are not valid flowbus batches are skipped
-with a warning on stderr; agent drop counters and missing batches are reported on stderr too, as are a
-start past the end of the stream and an --idle-exit without any event.
+with a warning on stderr; agent drop counters, missing batches and agent restarts (how many batches of
+the previous run never arrived, how long capture was down) are reported on stderr too (also with
+--json), as are a start past the end of the stream and an --idle-exit without any event.
 
 Exit status:
   0  stopped normally: --count reached, --idle-exit elapsed, or interrupted (SIGINT/SIGTERM)

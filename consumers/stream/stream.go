@@ -1,8 +1,9 @@
 // Package stream is what every flowbus consumer needs before it reads a batch: connecting to NATS with
 // errors that name the servers (passwords redacted), opening (or waiting for) the stream, the start
-// policy of a new consumer, subject filter checks, and the rule that follows a run's batch chain. It is
-// shared by package tail (flowtail) and package flowstat, so that both connect, refuse a filter and
-// report a gap the same way. Of flowbus it imports only internal/redact and schema (the one rule on reserved names).
+// policy of a new consumer, subject filter checks, the rule that follows a run's batch chain, and the
+// accounting of run links (prev_run: how many batches of a host's previous run never arrived, how long
+// capture was down). It is shared by package tail (flowtail) and package flowstat, so that both
+// connect, refuse a filter and report a gap or a restart the same way. Of flowbus it imports only internal/redact and schema (the one rule on reserved names).
 package stream
 
 import (

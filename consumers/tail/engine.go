@@ -12,21 +12,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// seqKey identifies one batch chain: a run's batches of one direction, linked by PrevSeq.
-type seqKey struct {
-	host, run string
-	dir       schema.Direction
-}
-
-// maxSeqKeys bounds the gap tracker; agent restarts create new run ids forever.
-const maxSeqKeys = 4096
-
 type reader struct {
 	o     *Options
 	h     Handler
 	w     *warner
 	st    *Stats
-	seqs  map[seqKey]uint64
+	seqs  *stream.Chains
 	batch schema.Batch
 	meta  Meta
 }
@@ -110,7 +101,7 @@ func (r *reader) handle(msg jetstream.Msg) error {
 	}
 	r.st.Batches++
 	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
-	r.checkSeq(m, b.PrevSeq)
+	r.checkSeq(m, b)
 	if n := b.Drops.Total(); n > 0 {
 		r.st.Dropped += n
 		d := b.Drops
@@ -130,23 +121,24 @@ func (r *reader) handle(msg jetstream.Msg) error {
 }
 
 // checkSeq reports holes in the batch chain of a (host, run, direction), following it through PrevSeq
-// (stream.Follow). The range printed is where the missing batches lie (it may include seqs of the other
-// direction). The first batch seen of a run is not a gap: the reader may have started mid-stream, or old
-// batches may have aged out.
-func (r *reader) checkSeq(m *Meta, prev uint64) {
-	k := seqKey{m.Host, m.RunID, m.Direction}
-	last, seen := r.seqs[k]
-	switch stream.Follow(seen, last, m.Seq, prev) {
-	case stream.LinkFirst:
-		if len(r.seqs) >= maxSeqKeys {
-			clear(r.seqs)
-		}
+// (stream.Chains), and the run links: a batch naming the previous run of its host (how that run ended,
+// how many of its batches never arrived, how long capture was down), and each late batch of such a run.
+// The range printed is where the missing batches lie (it may include seqs of the other direction). The
+// first batch seen of a run is not a gap: the reader may have started mid-stream, or old batches may
+// have aged out.
+func (r *reader) checkSeq(m *Meta, b *schema.Batch) {
+	o := r.seqs.Observe(b)
+	last, prev := o.Last, b.PrevSeq
+	switch o.Link {
 	case stream.LinkBehind:
-		// Not a loss, but worth knowing: a duplicate the stream's dedupe window did not catch.
-		r.w.printf("warning: host %s direction %s run %s batch %d arrived after batch %d (duplicate or reordered)\n",
-			m.Host, m.Direction, m.RunID, m.Seq, last)
-		return
-	case stream.LinkNext:
+		if o.Late {
+			r.w.printf("warning: host %s direction %s run %s batch %d arrived late, after batch %d: it fills a gap reported before\n",
+				m.Host, m.Direction, m.RunID, m.Seq, last)
+		} else {
+			// Not a loss, but worth knowing: a duplicate the stream's dedupe window did not catch.
+			r.w.printf("warning: host %s direction %s run %s batch %d arrived after batch %d (duplicate or reordered)\n",
+				m.Host, m.Direction, m.RunID, m.Seq, last)
+		}
 	case stream.LinkGap:
 		r.st.Gaps++
 		if prev == last+1 {
@@ -159,5 +151,15 @@ func (r *reader) checkSeq(m *Meta, prev uint64) {
 		r.w.printf("warning: gap: host %s direction %s run %s batch %d says its predecessor is %d, but %d was seen last\n",
 			m.Host, m.Direction, m.RunID, m.Seq, prev, last)
 	}
-	r.seqs[k] = m.Seq
+	if o.Recovered != nil {
+		r.st.Recovered++
+		r.w.line("warning: " + o.Recovered.RecoveredText(b.Seq))
+	}
+	if o.Restart != nil {
+		r.st.Restarts++
+		if k, known := o.Restart.Missing(); known {
+			r.st.NeverArrived += k
+		}
+		r.w.line("warning: " + o.Restart.Text())
+	}
 }

@@ -3,8 +3,10 @@
 // consumer that wants a live or replayed view without durable state.
 //
 // Messages that are not valid batches are skipped with a warning, never fatal: the stream is shared and a
-// foreign publisher or a newer agent must not stop a reader. Drop counters carried by batches and holes in
-// the batch sequence of a (host, run, direction) are reported as warnings, so a reader sees what it misses.
+// foreign publisher or a newer agent must not stop a reader. Drop counters carried by batches, holes in
+// the batch sequence of a (host, run, direction) and agent restarts (run links: how many batches of the
+// previous run never arrived, how long capture was down) are reported as warnings, so a reader sees what
+// it misses.
 //
 // Connecting, opening the stream, start policies and filter checks are package stream's; tail.go holds
 // the options and Run, engine.go the read loop, warner.go the warnings.
@@ -106,9 +108,13 @@ type Stats struct {
 	Mismatched uint64
 	Gaps       uint64 // breaks detected in batch chains (each may be several batches)
 	Dropped    uint64 // events the agents reported as dropped
-	Reason     string // why Run stopped: "count", "idle", "canceled", or "" on error
-	Filter     string // the subject filter read (schema.FilterSubject of the options)
-	LastSeq    uint64 // stream sequence of the last message seen
+	// Restarts counts run links seen: first batches of a direction naming the previous run of their
+	// host. NeverArrived sums their K where it could be told (the previous run seen from its start), as
+	// it was when the link arrived; Recovered counts late batches of such runs that arrived after it.
+	Restarts, NeverArrived, Recovered uint64
+	Reason                            string // why Run stopped: "count", "idle", "canceled", or "" on error
+	Filter                            string // the subject filter read (schema.FilterSubject of the options)
+	LastSeq                           uint64 // stream sequence of the last message seen
 }
 
 // Run connects, opens the stream, and delivers events to h until ctx is done (returns nil, Reason
@@ -188,7 +194,7 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	}
 	defer it.Stop()
 
-	r := reader{o: &o, h: h, w: w, st: &st, seqs: make(map[seqKey]uint64)}
+	r := reader{o: &o, h: h, w: w, st: &st, seqs: stream.NewChains()}
 	err = r.loop(ctx, it)
 	w.summary()
 	return st, err

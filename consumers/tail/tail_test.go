@@ -212,3 +212,60 @@ func TestRunSubjectMismatchSkipped(t *testing.T) {
 		}
 	}
 }
+
+// An agent run sealed 10 outgoing batches and 3 never arrived (one in the middle, the last two: it was
+// killed); the next run's first batch names it (prev_run). The tail warns once with K = 3 and the
+// capture downtime; a late batch of the old run (republished from its spool) then lowers K to 2. A link
+// to a run the tail never saw (it started later) says so and claims no K; a clean stop with every batch
+// seen still names the downtime.
+func TestRunLinks(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	old := tailtest.NewAgent("web-01", "run-old")
+	var lost [][]byte
+	for i := 1; i <= 10; i++ {
+		_, data := old.Batch(schema.Outgoing, schema.Drops{}, ev(uint16(i)))
+		if i == 5 || i >= 9 {
+			lost = append(lost, data)
+			continue
+		}
+		srv.Publish(t, "flows.web-01.outgoing", data)
+	}
+	t1 := time.Date(2026, 12, 2, 12, 0, 1, 234_000_000, time.UTC).UnixNano()
+	t2 := t1 + 2_072_000_000
+	neu := tailtest.NewAgent("web-01", "run-new")
+	neu.SetPrevRun(schema.Outgoing, &schema.RunLink{RunID: "run-old", LastSeq: 10, Batches: 10, Events: 10, LastNs: t1, StartNs: t2, End: "unknown"})
+	neu.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(11))
+	srv.Publish(t, "flows.web-01.outgoing", lost[1]) // batch 9 of run-old, from the new run's spool replay
+	// A run the tail never saw, and a clean stop whose batches all arrived.
+	db := tailtest.NewAgent("db-02", "run-c")
+	db.SetPrevRun(schema.Incoming, &schema.RunLink{RunID: "run-unseen", LastSeq: 40, Batches: 20, LastNs: t1, StartNs: t1 + 500_000_000, End: "unknown"})
+	db.Publish(t, srv, "flows", schema.Incoming, schema.Drops{}, ev(12))
+	db2 := tailtest.NewAgent("db-02", "run-d")
+	db2.SetPrevRun(schema.Incoming, &schema.RunLink{RunID: "run-c", LastSeq: 1, Batches: 1, LastNs: t2, StartNs: t2 + 1_000_000, End: "stopped"})
+	db2.Publish(t, srv, "flows", schema.Incoming, schema.Drops{}, ev(13))
+
+	var warn strings.Builder
+	out, st, err := collect(t, context.Background(), tail.Options{URLs: []string{srv.URL}, Start: stream.StartAll, IdleExit: 700 * time.Millisecond, Warnings: &warn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := warn.String()
+	if len(out) != 11 || st.Restarts != 3 || st.NeverArrived != 3 || st.Recovered != 1 {
+		t.Fatalf("%d events, stats %+v; want 11 events, 3 restarts, 3 batches never arrived, 1 recovered\n%s", len(out), st, w)
+	}
+	for _, want := range []string{
+		"warning: host web-01 direction outgoing restarted as run run-new: run run-old ended (unknown) after seq 10; 3 batches (of 10) never arrived; capture stopped 2026-12-02T12:00:01.234Z → 2026-12-02T12:00:03.306Z (2.072 s)\n",
+		"warning: host web-01 direction outgoing: batch 9 of previous run run-old arrived late (recovered); 2 batches (of 10) still missing\n",
+		"warning: host db-02 direction incoming restarted as run run-c: run run-unseen ended (unknown) after seq 40; it sealed 20 batches; previous run not seen by this consumer, so how many never arrived is unknown; capture stopped 2026-12-02T12:00:01.234Z → 2026-12-02T12:00:01.734Z (0.500 s)\n",
+		"warning: host db-02 direction incoming restarted as run run-d: run run-c ended (stopped) after seq 1; its one batch arrived; capture stopped 2026-12-02T12:00:03.306Z → 2026-12-02T12:00:03.307Z (0.001 s)\n",
+		"warning: gap: host web-01 direction outgoing run run-old missing batch 5\n",
+	} {
+		if !strings.Contains(w, want) {
+			t.Errorf("warnings lack %q:\n%s", want, w)
+		}
+	}
+	if strings.Count(w, "restarted") != 3 || strings.Contains(w, "duplicate") {
+		t.Errorf("want one line per link and no duplicate:\n%s", w)
+	}
+}

@@ -49,6 +49,13 @@ func (w *warner) printf(format string, args ...any) {
 	fmt.Fprintf(w.out, format, args...)
 }
 
+// line writes one line that is escaped already (stream.Restart's texts), adding the newline.
+func (w *warner) line(s string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	fmt.Fprintln(w.out, s)
+}
+
 // skipReason classifies a decode error into a short, stable reason; the full error text can contain
 // offsets that differ per message, so it is shown once but not used as the key.
 func skipReason(err error) string {

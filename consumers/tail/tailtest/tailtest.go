@@ -101,13 +101,26 @@ func NewAgent(host, runID string) *Agent {
 	return &Agent{Host: host, RunID: runID, enc: make(map[schema.Direction]*schema.BatchEncoder)}
 }
 
-// Batch encodes the next batch of direction dir; discard the result to simulate a lost batch.
-func (a *Agent) Batch(dir schema.Direction, drops schema.Drops, evs ...schema.Event) (seq uint64, data []byte) {
+func (a *Agent) encoder(dir schema.Direction) *schema.BatchEncoder {
 	enc := a.enc[dir]
 	if enc == nil {
 		enc = schema.NewBatchEncoder(a.Host, a.RunID, dir)
 		a.enc[dir] = enc
 	}
+	return enc
+}
+
+// SetPrevRun makes the first batch of direction dir carry l as prev_run (the previous run of the host),
+// as the agent writes it after a restart. It panics on a link the encoder refuses.
+func (a *Agent) SetPrevRun(dir schema.Direction, l *schema.RunLink) {
+	if err := a.encoder(dir).SetPrevRun(l); err != nil {
+		panic(err)
+	}
+}
+
+// Batch encodes the next batch of direction dir; discard the result to simulate a lost batch.
+func (a *Agent) Batch(dir schema.Direction, drops schema.Drops, evs ...schema.Event) (seq uint64, data []byte) {
+	enc := a.encoder(dir)
 	for i := range evs {
 		enc.Add(&evs[i])
 	}
