@@ -50,6 +50,7 @@ type Agent struct {
 
 	batchMetrics *batchMetrics
 	locks        agentLocks
+	chain        *runChain // the record of this run for the next (runchain.go)
 
 	kernelSeen bpf.Counters // kernel counters already reported
 	health     *health
@@ -88,6 +89,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 				a.enrich.Close()
 			}
 			a.shutdownNATS()
+			a.chain.close()
 			a.locks.release()
 		}
 	}()
@@ -103,6 +105,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if a.locks, err = takeLocks(cfg, a.capture.CgroupPath, a.runID); err != nil {
 		return nil, err
 	}
+	a.chain = openRunChain(cfg.RunStateFile, cfg.Host, a.runID, log)
 	if err := checkListen("FLOWBUS_METRICS_ADDR", cfg.MetricsAddr); err != nil {
 		return nil, err
 	}
@@ -208,6 +211,8 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		QueueBytes:  cfg.QueueBytes,
 		AckTimeout:  cfg.AckTimeout,
 		ServerURL:   a.natsURL(),
+		PrevRun:     a.chain.prevRun,
+		OnSeal:      a.chain.sealed,
 	}, log)
 	if err != nil {
 		return nil, err
@@ -247,6 +252,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if err := a.capture.Attach(); err != nil {
 		return nil, err
 	}
+	a.chain.attached(time.Now())
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
 		"stream", cfg.Stream)
@@ -413,6 +419,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	runErr := a.writeReadyFile()
 	if runErr == nil {
 		runErr = a.capture.Run(ctx, a.enrich)
+		a.chain.detached()
 		if a.cfg.ReadyFile != "" {
 			_ = os.Remove(a.cfg.ReadyFile)
 		}
@@ -427,6 +434,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
 	pubErr := a.pub.Close(sctx)
+	a.chain.stopped() // after the close: nothing is sealed after it
 	st := a.pub.Stats()
 	// Acked and spooled apart: an outage must not read as "nothing sent".
 	a.log.Info("flowagent stopped", "events", st.EventsIn, "acked", st.EventsAcked, "batches_acked", st.BatchesAcked,
