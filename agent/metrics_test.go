@@ -108,6 +108,10 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		`flowbus_agent_dns_messages_total{outcome="learned"}`:          0,
 		`flowbus_agent_dns_cache_lookups_total{result="hit"}`:          0,
 		"flowbus_agent_batch_events_sum":                               2 * n,
+		`flowbus_agent_check_ok{check="nats"}`:                         1,
+		`flowbus_agent_check_ok{check="stream"}`:                       1,
+		`flowbus_agent_check_ok{check="acks"}`:                         1,
+		`flowbus_agent_check_ok{check="cgroup"}`:                       1,
 	} {
 		if got := metric(t, page, sample); got != want {
 			t.Errorf("%s = %v, want %v", sample, got, want)
@@ -148,5 +152,17 @@ func TestMetricBuildInfo(t *testing.T) {
 	}
 	if !strings.Contains(page, "# TYPE flowbus_build_info gauge") {
 		t.Errorf("flowbus_build_info is not a gauge:\n%s", page)
+	}
+}
+
+// /readyz lists every failing check, one line each with its cause, and
+// says ready only when none fails.
+func TestReadyzBody(t *testing.T) {
+	if body, ok := readyzBody([]Check{{Name: "nats", OK: true}, {Name: "cgroup", OK: true}}); !ok || body != "ready" {
+		t.Errorf("all checks pass: %q, %v", body, ok)
+	}
+	body, ok := readyzBody([]Check{{Name: "nats", OK: true}, {Name: "stream", Cause: "no stream: create it"}, {Name: "acks", OK: true}, {Name: "cgroup", Cause: "gone: recreate it"}})
+	if want := "not ready:\nstream: no stream: create it\ncgroup: gone: recreate it"; ok || body != want {
+		t.Errorf("two checks fail: %q, %v; want %q", body, ok, want)
 	}
 }
