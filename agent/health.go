@@ -43,6 +43,9 @@ const (
 	healthTick      = time.Second
 	streamIdleProbe = 5 * time.Second
 	streamProbeWait = 5 * time.Second
+	// streamMinProbeGap bounds the requests a flood of failed publishes
+	// can cause.
+	streamMinProbeGap = 250 * time.Millisecond
 )
 
 // health watches what readiness depends on. The cheap checks and the
@@ -61,8 +64,9 @@ type health struct {
 
 	lastAck      atomic.Int64 // unix ns of the last ack
 	lastNoStream atomic.Int64 // unix ns of the last publish no stream answered
-	lastProbe    time.Time    // stream goroutine only
-	probeAck     int64        // lastAck at lastProbe; stream goroutine only
+	lastProbe    time.Time    // last request about the stream; stream goroutine only
+	lastKnown    time.Time    // last time the stream was known to exist (probe or ack)
+	probeAck     int64        // lastAck when lastKnown was set; stream goroutine only
 
 	kickStream chan struct{}
 	stop       chan struct{}
@@ -345,11 +349,15 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 		return
 	}
 	failing := h.isFailing(checkStream)
-	proved := lastAck > h.probeAck && !noStream
-	if !failing && !noStream && !kicked && (proved || time.Since(h.lastProbe) < streamIdleProbe) {
-		if proved {
-			h.lastProbe, h.probeAck = time.Now(), lastAck
-		}
+	if time.Since(h.lastProbe) < streamMinProbeGap {
+		// Failed publishes kick at their own pace; one look per gap is
+		// enough, and the next tick comes anyway.
+		return
+	}
+	if proved := lastAck > h.probeAck && !noStream; proved {
+		h.lastKnown, h.probeAck = time.Now(), lastAck
+	}
+	if !failing && !noStream && !kicked && time.Since(h.lastKnown) < streamIdleProbe {
 		return
 	}
 	h.lastProbe, h.probeAck = time.Now(), lastAck
@@ -364,6 +372,9 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 	if err != nil && !missing {
 		return // no answer (the acks check tells a hung server) or a transient error
 	}
+	if !missing {
+		h.lastKnown = time.Now()
+	}
 	if !missing && !noStream {
 		if failing {
 			h.set(checkStream, "", fmt.Sprintf("stream %s exists", a.cfg.Stream), "stream", a.cfg.Stream)
@@ -371,6 +382,7 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 		return
 	}
 	// Missing, or it no longer takes the agent's subjects: make it so.
+	created := a.streamCreated.Load() // before this run's first creation?
 	if err := a.ensureStream(ctx); err != nil {
 		h.set(checkStream, fmt.Sprintf("stream %s is missing and could not be created: %v; batches are kept (memory, then spool); check the account's JetStream limits and this agent's permissions, or create it (nats stream add %s --subjects '%s.>')",
 			a.cfg.Stream, err, a.cfg.Stream, a.cfg.SubjectPrefix), "", "stream", a.cfg.Stream)
@@ -378,7 +390,7 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 	}
 	h.lastNoStream.Store(0)
 	switch {
-	case failing && !a.streamCreated.Load():
+	case failing && !created:
 		h.set(checkStream, "", fmt.Sprintf("stream %s ready", a.cfg.Stream), "stream", a.cfg.Stream)
 	case failing && missing:
 		h.set(checkStream, "", fmt.Sprintf("stream %s recreated", a.cfg.Stream), "stream", a.cfg.Stream)
