@@ -85,6 +85,10 @@ type Counters struct {
 	// watched socket sent (or came after its timeout): dropped in the kernel.
 	DNSUnsolicited uint64
 	DNSQueryFull   uint64 // DNS queries lost because the ring buffer was full
+	// BeginsAtEstablished counts incoming begins emitted when the handshake
+	// completed instead of at the SYN-ACK, which the egress program never
+	// saw: SYN cookies, and handshakes under way when the programs attached.
+	BeginsAtEstablished uint64
 }
 
 // Capture is a loaded and attached pair of cgroup skb programs.
@@ -102,6 +106,8 @@ type Capture struct {
 	// reads.
 	linksMu    sync.Mutex
 	links      []link.Link
+
+	zones zoneNames // interface names for link-local zones
 	attachedID uint64 // inode (cgroup id) of the directory attached to
 	draining   bool   // Run is draining: no attaching any more
 
@@ -170,7 +176,7 @@ func (c *Capture) Attach() error {
 	return nil
 }
 
-// attach attaches both programs to the directory at c.CgroupPath now, and
+// attach attaches the programs to the directory at c.CgroupPath now, and
 // returns the links and that directory's inode.
 func (c *Capture) attach() ([]link.Link, uint64, error) {
 	// The directory is opened once: the id and the attachment are of the
@@ -190,6 +196,9 @@ func (c *Capture) attach() ([]link.Link, uint64, error) {
 		prog *ebpf.Program
 		typ  ebpf.AttachType
 	}{
+		// sock_ops first: every handshake whose SYN-ACK egress sees then
+		// completes where sock_ops runs, so none falls between the two.
+		{c.objs.FlowbusSockops, ebpf.AttachCGroupSockOps},
 		{c.objs.FlowbusIngress, ebpf.AttachCGroupInetIngress},
 		{c.objs.FlowbusEgress, ebpf.AttachCGroupInetEgress},
 	} {
@@ -307,7 +316,7 @@ func (c *Capture) Detach() error {
 // Counters reads the kernel counters.
 func (c *Capture) Counters() (Counters, error) {
 	var out Counters
-	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull} {
+	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull, &out.BeginsAtEstablished} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)
@@ -396,6 +405,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				c.badRecords.Add(1)
 				continue
 			}
+			c.zones.apply(&ev, rec.RawSample)
 			c.events.Add(1)
 			h.Flow(&ev)
 		}
@@ -407,7 +417,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 
 // Record layout of struct flow_event (bpf/flowbus.c), native byte order.
 const (
-	recSize      = 56
+	recSize      = 72
 	offTs        = 0
 	offCgroup    = 8
 	offSrc       = 16
@@ -417,6 +427,9 @@ const (
 	offKind      = 52
 	offFamily    = 53
 	offDirection = 54
+	offOrigin    = 55
+	offIfindex   = 56
+	offNetns     = 64
 	recKindFlow  = 1
 
 	// struct dns_event and struct dnsq_event: struct dns_hdr, then data

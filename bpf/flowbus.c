@@ -14,6 +14,12 @@
 // price of this design is paid in how events leave the kernel, so records are
 // submitted without a wakeup and user space polls on a timer; a wakeup is only
 // forced once the ring holds more than wakeup_bytes.
+//
+// One SYN-ACK the egress program never sees: a SYN cookie's, which the kernel
+// sends without a socket. A sock_ops program on the same cgroup therefore
+// looks at every passive connection when its handshake completes and emits
+// the incoming begin there when the egress program did not (see
+// flowbus_sockops).
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -23,6 +29,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -30,6 +37,13 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define DIR_INCOMING 2
 
 #define REC_FLOW 1
+
+// Where a flow record's begin was taken.
+#define ORIGIN_SYNACK 0      // the SYN-ACK, on ingress or egress
+#define ORIGIN_ESTABLISHED 1 // the end of a passive handshake whose SYN-ACK egress did not see
+
+#define FAMILY_INET 2   // AF_INET
+#define FAMILY_INET6 10 // AF_INET6
 #define REC_DNS 2       // an answer from port 53 to a query we saw leave
 #define REC_DNS_QUERY 3 // a query to port 53 from a watched socket
 
@@ -63,6 +77,7 @@ enum counter {
 	CNT_DNS_CUT = 4,      // DNS answers longer than DNS_CAP, copied in part
 	CNT_DNS_UNSOLICITED = 5, // packets from port 53 that answer no query we saw
 	CNT_DNSQ_FULL = 6,    // DNS queries the ring buffer had no room for
+	CNT_AT_ESTABLISHED = 7, // incoming begins emitted at the handshake's end (SYN cookies, older handshakes)
 	CNT_MAX = 8,
 };
 
@@ -77,7 +92,13 @@ struct flow_event {
 	__u8 kind; // REC_FLOW
 	__u8 family; // 4 or 6
 	__u8 direction;
-	__u8 _pad;
+	__u8 origin; // ORIGIN_SYNACK or ORIGIN_ESTABLISHED
+	// For a link-local IPv6 address (its zone): the interface the packet
+	// used and the cookie of the network namespace that index belongs to.
+	// 0 for other addresses, and when unknown.
+	__u32 ifindex;
+	__u32 _pad;
+	__u64 netns_cookie;
 };
 
 // dns_hdr heads the DNS records: who asked whom, on which socket. The
@@ -214,6 +235,15 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 	return 1;
 }
 
+// scoped tells whether either address is link-local IPv6 (fe80::/10), the
+// only scoped unicast addresses: they mean nothing without their interface.
+static __always_inline int scoped(const struct flow_key *k)
+{
+	if (k->family != 6)
+		return 0;
+	return (k->src[0] == 0xfe && (k->src[1] & 0xc0) == 0x80) || (k->dst[0] == 0xfe && (k->dst[1] & 0xc0) == 0x80);
+}
+
 // submit hands a record to the reader without waking it, unless the ring
 // has filled past wakeup_bytes.
 static __always_inline void submit(void *e)
@@ -245,7 +275,14 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	e->kind = REC_FLOW;
 	e->family = k->family;
 	e->direction = k->direction;
+	e->origin = ORIGIN_SYNACK;
 	e->_pad = 0;
+	e->ifindex = 0;
+	e->netns_cookie = 0;
+	if (scoped(k)) {
+		e->ifindex = skb->ifindex;
+		e->netns_cookie = bpf_get_netns_cookie(skb);
+	}
 
 	submit(e);
 }
@@ -572,4 +609,138 @@ SEC("cgroup_skb/egress")
 int flowbus_egress(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_INCOMING);
+}
+
+// Only the kernel fields read below, matched by name against the running
+// kernel's BTF when the program is loaded (CO-RE): the socket's cgroup.
+struct kernfs_node___flowbus {
+	__u64 id;
+} __attribute__((preserve_access_index));
+struct cgroup___flowbus {
+	struct kernfs_node___flowbus *kn;
+} __attribute__((preserve_access_index));
+struct sock_cgroup_data___flowbus {
+	struct cgroup___flowbus *cgroup;
+} __attribute__((preserve_access_index));
+struct sock___flowbus {
+	struct sock_cgroup_data___flowbus sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+// sk_cgroup_id is the cgroup v2 id of a full socket (what bpf_skb_cgroup_id
+// gives the skb programs, which sock_ops programs cannot call); 0 where the
+// kernel's layout has no such field.
+static __always_inline __u64 sk_cgroup_id(struct bpf_sock *bsk)
+{
+	struct sock___flowbus *sk = (void *)bpf_skc_to_tcp_sock(bsk);
+	if (!sk || !bpf_core_field_exists(sk->sk_cgrp_data.cgroup))
+		return 0;
+	return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+}
+
+// flowbus_sockops runs on the sock_ops callbacks of the watched cgroup's TCP
+// sockets. It acts on one: BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, which the
+// kernel calls once for every passive connection when the ACK that ends its
+// handshake arrives, whether a request socket or a SYN cookie answered the
+// SYN. It asks for no further callbacks (no cb flags): all others return at
+// the first compare.
+//
+// The connection's SYN-ACK carried its initial sequence number, which the
+// child socket holds as snd_una - 1 here (the ACK acknowledged exactly the
+// SYN). If the egress program stored that number in seen, the begin left at
+// the SYN-ACK and nothing is done but forgetting the entry: the handshake is
+// over, no SYN-ACK of it can follow (the request socket's retransmit timer
+// is stopped, synchronously, before the child gets this far). Otherwise the
+// egress program never saw this SYN-ACK: a SYN cookie's (sent without a
+// socket) or one sent before the programs were attached. Then the begin is
+// emitted here, timestamped now: one round trip after the SYN-ACK.
+//
+// Forgetting the entry keeps seen for handshakes under way only. A second
+// begin for one connection needs its entry to be evicted between its
+// SYN-ACK and its ACK: by more than the map's size (less the LRU's per-CPU
+// free lists, 128 entries per CPU) other SYN-ACKs whose handshakes have not
+// completed, or never will (a SYN flood before cookies take over).
+SEC("sockops")
+int flowbus_sockops(struct bpf_sock_ops *ctx)
+{
+	if (ctx->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	// TCP Fast Open makes the child at the SYN, before its SYN-ACK leaves
+	// (from the child, so egress sees it): that one is the begin.
+	if (ctx->skb_tcp_flags & TH_SYN)
+		return 1;
+
+	struct flow_key k = {};
+	__u32 family = ctx->family;
+	if (family == FAMILY_INET) {
+		__u32 r = ctx->remote_ip4, l = ctx->local_ip4;
+		__builtin_memcpy(k.src, &r, 4);
+		__builtin_memcpy(k.dst, &l, 4);
+		k.family = 4;
+	} else if (family == FAMILY_INET6) {
+		__u32 r[4], l[4];
+		// One 4-byte load per word: the verifier refuses wider context
+		// reads, which the compiler would merge these into.
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			r[i] = *(volatile __u32 *)&ctx->remote_ip6[i];
+			l[i] = *(volatile __u32 *)&ctx->local_ip6[i];
+		}
+		if (r[0] == 0 && r[1] == 0 && r[2] == bpf_htonl(0xffff)) {
+			// IPv4 on a dual-stack socket: its packets, and so the
+			// egress program's key, are IPv4.
+			__builtin_memcpy(k.src, &r[3], 4);
+			__builtin_memcpy(k.dst, &l[3], 4);
+			k.family = 4;
+		} else {
+			__builtin_memcpy(k.src, r, 16);
+			__builtin_memcpy(k.dst, l, 16);
+			k.family = 6;
+		}
+	} else {
+		return 1;
+	}
+	// remote_port is the network-order port in the upper half on little
+	// endian, the lower on big: ntohl gives the port on both.
+	k.src_port = bpf_ntohl(ctx->remote_port);
+	k.dst_port = ctx->local_port;
+	k.direction = DIR_INCOMING;
+
+	__u32 iss = bpf_htonl(ctx->snd_una - 1); // as the egress program stored th->seq
+	__u32 *old = bpf_map_lookup_elem(&seen, &k);
+	if (old) {
+		int had = *old == iss;
+		bpf_map_delete_elem(&seen, &k);
+		if (had)
+			return 1;
+	}
+
+	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RINGBUF_FULL);
+		return 1;
+	}
+	count(CNT_AT_ESTABLISHED);
+	struct bpf_sock *sk = ctx->sk;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = sk ? sk_cgroup_id(sk) : 0;
+	__builtin_memcpy(e->src, k.src, 16);
+	__builtin_memcpy(e->dst, k.dst, 16);
+	e->src_port = k.src_port;
+	e->dst_port = k.dst_port;
+	e->kind = REC_FLOW;
+	e->family = k.family;
+	e->direction = DIR_INCOMING;
+	e->origin = ORIGIN_ESTABLISHED;
+	e->_pad = 0;
+	e->ifindex = 0;
+	e->netns_cookie = 0;
+	// A child for a link-local peer is bound to the interface its ACK
+	// came in on (the kernel sets it so that the address has a meaning):
+	// that is the zone.
+	if (sk && scoped(&k)) {
+		e->ifindex = sk->bound_dev_if;
+		e->netns_cookie = bpf_get_netns_cookie(ctx);
+	}
+	submit(e);
+	return 1;
 }

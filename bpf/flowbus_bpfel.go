@@ -63,17 +63,20 @@ type flowbusDnsqEvent struct {
 }
 
 type flowbusFlowEvent struct {
-	_         structs.HostLayout
-	TsNs      uint64
-	CgroupId  uint64
-	Src       [16]uint8
-	Dst       [16]uint8
-	SrcPort   uint16
-	DstPort   uint16
-	Kind      uint8
-	Family    uint8
-	Direction uint8
-	Pad       uint8
+	_           structs.HostLayout
+	TsNs        uint64
+	CgroupId    uint64
+	Src         [16]uint8
+	Dst         [16]uint8
+	SrcPort     uint16
+	DstPort     uint16
+	Kind        uint8
+	Family      uint8
+	Direction   uint8
+	Origin      uint8
+	Ifindex     uint32
+	Pad         uint32
+	NetnsCookie uint64
 }
 
 type flowbusFlowKey struct {
@@ -97,6 +100,7 @@ const (
 	flowbusMapSeen            = "seen"
 	flowbusProgFlowbusEgress  = "flowbus_egress"
 	flowbusProgFlowbusIngress = "flowbus_ingress"
+	flowbusProgFlowbusSockops = "flowbus_sockops"
 	flowbusVarMatchSocket     = "match_socket"
 	flowbusVarQueryTtlNs      = "query_ttl_ns"
 	flowbusVarUnusedDnsEvent  = "unused_dns_event"
@@ -150,6 +154,7 @@ type flowbusSpecs struct {
 type flowbusProgramSpecs struct {
 	FlowbusEgress  *ebpf.ProgramSpec `ebpf:"flowbus_egress"`
 	FlowbusIngress *ebpf.ProgramSpec `ebpf:"flowbus_ingress"`
+	FlowbusSockops *ebpf.ProgramSpec `ebpf:"flowbus_sockops"`
 }
 
 // flowbusMapSpecs contains maps before they are loaded into the kernel.
@@ -229,12 +234,14 @@ type flowbusVariables struct {
 type flowbusPrograms struct {
 	FlowbusEgress  *ebpf.Program `ebpf:"flowbus_egress"`
 	FlowbusIngress *ebpf.Program `ebpf:"flowbus_ingress"`
+	FlowbusSockops *ebpf.Program `ebpf:"flowbus_sockops"`
 }
 
 func (p *flowbusPrograms) Close() error {
 	return _FlowbusClose(
 		p.FlowbusEgress,
 		p.FlowbusIngress,
+		p.FlowbusSockops,
 	)
 }
 

@@ -23,6 +23,9 @@ func TestRecordLayout(t *testing.T) {
 		{"kind", unsafe.Offsetof(e.Kind), offKind},
 		{"family", unsafe.Offsetof(e.Family), offFamily},
 		{"direction", unsafe.Offsetof(e.Direction), offDirection},
+		{"origin", unsafe.Offsetof(e.Origin), offOrigin},
+		{"ifindex", unsafe.Offsetof(e.Ifindex), offIfindex},
+		{"netns_cookie", unsafe.Offsetof(e.NetnsCookie), offNetns},
 	}
 	var d flowbusDnsEvent
 	checks = append(checks, []struct {
