@@ -106,10 +106,10 @@ type Capture struct {
 	// reads.
 	linksMu    sync.Mutex
 	links      []link.Link
-
-	zones zoneNames // interface names for link-local zones
 	attachedID uint64 // inode (cgroup id) of the directory attached to
 	draining   bool   // Run is draining: no attaching any more
+
+	zones zoneNames // interface names for link-local zones
 
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
