@@ -153,8 +153,8 @@ func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stderr, "flowstat: stopped (%s) at stream sequence %d: %d events, %d batches, %d dead letters, %d gaps, %d duplicates\n",
-			stats.Reason, stats.LastSeq, stats.Events, stats.Messages, stats.DeadLetters, stats.Gaps, stats.Duplicates)
+		fmt.Fprintf(stderr, "flowstat: stopped (%s) at stream sequence %d: %d events, %d batches, %d dead letters, %d gaps, %d duplicates, %d agent restarts\n",
+			stats.Reason, stats.LastSeq, stats.Events, stats.Messages, stats.DeadLetters, stats.Gaps, stats.Duplicates, stats.Restarts)
 		return nil
 	case "replay":
 		o := cfg.replay

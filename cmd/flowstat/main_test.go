@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -536,5 +537,72 @@ func TestHostileStringsEscaped(t *testing.T) {
 	}
 	if len(top.Names) != 1 || top.Names[0].Key != name {
 		t.Fatalf("top --json names %+v, want exactly %q", top.Names, name)
+	}
+}
+
+// Agent restarts in `flowstat run`'s log and in `summary`, as a table and as JSON: a killed run with 3
+// of its 10 batches missing (K = 3 and the 2.072 s downtime), and a link to a run this database never
+// saw (K untold), whose id holds an escape sequence: escaped in the log and the table.
+func TestSummaryShowsRestarts(t *testing.T) {
+	f := newFixture(t)
+	old := tailtest.NewAgent("web-01", "run-old")
+	for i := 1; i <= 10; i++ {
+		if i == 5 || i >= 9 {
+			old.Batch(schema.Outgoing, schema.Drops{}) // never arrives
+			continue
+		}
+		old.Publish(t, f.srv, "flows", schema.Outgoing, schema.Drops{})
+	}
+	t1 := time.Date(2026, 12, 2, 12, 0, 1, 234_000_000, time.UTC).UnixNano()
+	neu := tailtest.NewAgent("web-01", "run-new")
+	neu.SetPrevRun(schema.Outgoing, &schema.RunLink{RunID: "run-old", LastSeq: 10, Batches: 10, LastNs: t1, StartNs: t1 + 2_072_000_000, End: "unknown"})
+	neu.Publish(t, f.srv, "flows", schema.Outgoing, schema.Drops{})
+	db2 := tailtest.NewAgent("db-02", "run-c")
+	db2.SetPrevRun(schema.Incoming, &schema.RunLink{RunID: "gone\x1b[31m", LastSeq: 4, Batches: 2, LastNs: t1, StartNs: t1 + 1e9, End: "stopped"})
+	db2.Publish(t, f.srv, "flows", schema.Incoming, schema.Drops{})
+
+	db := filepath.Join(t.TempDir(), "flowstat.db")
+	e := map[string]string{"FLOWBUS_NATS_URL": f.srv.URL, "FLOWBUS_DB": db}
+	code, _, stderr := runCLI(t, e, "run", "--once")
+	if code != exitOK || !strings.Contains(stderr, ", 2 agent restarts\n") ||
+		!strings.Contains(stderr, "flowstat: host web-01 direction outgoing restarted as run run-new: run run-old ended (unknown) after seq 10; 3 batches (of 10) never arrived; capture stopped 2026-12-02T12:00:01.234Z → 2026-12-02T12:00:03.306Z (2.072 s)\n") ||
+		!strings.Contains(stderr, `run gone\x1b[31m ended (stopped)`) || strings.ContainsRune(stderr, 0x1b) {
+		t.Fatalf("run --once: exit %d\n%s", code, stderr)
+	}
+	code, out, stderr := runCLI(t, e, "summary")
+	if code != exitOK || strings.ContainsRune(out, 0x1b) {
+		t.Fatalf("summary: exit %d %s\n%q", code, stderr, out)
+	}
+	lines := strings.Split(out, "\n")
+	find := func(parts ...string) string {
+		for _, l := range lines {
+			if f := strings.Fields(l); len(f) >= len(parts) && slices.Equal(f[:len(parts)], parts) {
+				return l
+			}
+		}
+		t.Errorf("summary has no line starting %q:\n%s", parts, out)
+		return ""
+	}
+	find("HOST", "DIRECTION", "CONNECTIONS", "BATCHES", "DROPPED", "GAPS", "RESTARTS")
+	if f := strings.Fields(find("web-01", "outgoing")); len(f) < 7 || f[5] != "1" || f[6] != "1" {
+		t.Errorf("web-01 outgoing: gaps and restarts %v, want 1 and 1", f)
+	}
+	if !strings.Contains(out, "\nAgent restarts (2 runs, 2 links): capture down 3.072 s in total, 3 batches of previous runs never arrived, 1 link untold; newest first:\n") {
+		t.Errorf("summary lacks the restart totals:\n%s", out)
+	}
+	for _, w := range [][]string{
+		{"web-01", "outgoing", "run-new", "run-old", "unknown", "10", "3", "of", "10", "2026-12-02T12:00:01.234Z", "2026-12-02T12:00:03.306Z", "2.072", "s"},
+		{"db-02", "incoming", "run-c", `gone\x1b[31m`, "stopped", "4", "unknown", "of", "2:", "previous", "run", "not", "seen", "by", "this", "database"},
+	} {
+		find(w...)
+	}
+	code, out, _ = runCLI(t, e, "summary", "--json")
+	var sum store.Summary
+	if code != exitOK || json.Unmarshal([]byte(out), &sum) != nil {
+		t.Fatalf("summary --json: exit %d\n%s", code, out)
+	}
+	if len(sum.Restarts) != 2 || sum.Restarts[1].Missing != 3 || sum.Restarts[1].DownNs != 2_072_000_000 || sum.Restarts[0].PrevRunID != "gone\x1b[31m" ||
+		sum.Restarts[0].Missing != -1 || sum.RestartTotals.Missing != 3 {
+		t.Errorf("summary --json restarts %+v, totals %+v", sum.Restarts, sum.RestartTotals)
 	}
 }

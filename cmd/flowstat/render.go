@@ -75,6 +75,37 @@ func (cfg *config) fmtTime(t time.Time) string {
 	return t.UTC().Format(timeLayout)
 }
 
+// fmtTimeMs is fmtTime with milliseconds, for capture downtimes of a second or two.
+func (cfg *config) fmtTimeMs(t time.Time) string {
+	const ms = "2006-01-02T15:04:05.000Z07:00"
+	if cfg.local {
+		return t.Local().Format(ms)
+	}
+	return t.UTC().Format(ms)
+}
+
+// neverArrived is the NEVER ARRIVED cell of a restart: K of the previous run's batches, or why it is
+// not told.
+func neverArrived(r store.RestartRow) string {
+	switch {
+	case r.Missing >= 0:
+		return fmt.Sprintf("%d of %d", r.Missing, r.PrevBatches)
+	case r.PrevSeen == "partial":
+		return fmt.Sprintf("unknown of %d: not counted from its first batch", r.PrevBatches)
+	}
+	return fmt.Sprintf("unknown of %d: previous run not seen by this database", r.PrevBatches)
+}
+
+func plural(n int64, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// seconds formats ns as seconds with milliseconds, e.g. "2.072 s".
+func seconds(ns int64) string { return strconv.FormatFloat(float64(ns)/1e9, 'f', 3, 64) + " s" }
+
 func (cfg *config) rangeText() string {
 	f := cfg.filter
 	s := "since " + cfg.fmtTime(f.Since)
@@ -201,8 +232,8 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(io.Wr
 	}
 	return s, func(w io.Writer) {
 		fmt.Fprintf(w, "Database %s (schema %d, buckets of %v)\n\n", s.Database, s.SchemaVersion, time.Duration(s.BucketSeconds)*time.Second)
-		table(w, "", "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tFIRST BATCH\tLAST BATCH", "(no data yet)", s.Hosts, func(h store.HostTotal) []any {
-			return []any{h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, cfg.fmtTime(h.First), cfg.fmtTime(h.Last)}
+		table(w, "", "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tRESTARTS\tFIRST BATCH\tLAST BATCH", "(no data yet)", s.Hosts, func(h store.HostTotal) []any {
+			return []any{h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, h.Restarts, cfg.fmtTime(h.First), cfg.fmtTime(h.Last)}
 		})
 		if s.GapCount > 0 {
 			table(w, fmt.Sprintf("\nMissing batches (%d gaps, newest first):", s.GapCount), "HOST\tRUN\tDIRECTION\tWHAT\tSTREAM SEQ\tSTORED", "", s.Gaps, func(g store.GapRow) []any {
@@ -211,6 +242,18 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(io.Wr
 					missing = fmt.Sprintf("run first seen at batch %d (follows %d): its earlier batches were never read", g.Seq, g.PrevSeq)
 				}
 				return []any{g.Host, g.RunID, g.Direction, missing, g.StreamSeq, cfg.fmtTime(g.Stored)}
+			})
+		}
+		if rt := s.RestartTotals; rt.Links > 0 {
+			untold := ""
+			if rt.Untold > 0 {
+				untold = fmt.Sprintf(", %d %s untold", rt.Untold, plural(rt.Untold, "link", "links"))
+			}
+			title := fmt.Sprintf("\nAgent restarts (%d %s, %d %s): capture down %s in total, %d %s of previous runs never arrived%s; newest first:",
+				rt.Runs, plural(rt.Runs, "run", "runs"), rt.Links, plural(rt.Links, "link", "links"), seconds(rt.DownNs),
+				rt.Missing, plural(rt.Missing, "batch", "batches"), untold)
+			table(w, title, "HOST\tDIRECTION\tRUN\tPREVIOUS RUN\tENDED\tLAST SEQ\tNEVER ARRIVED\tCAPTURE STOPPED\tRESUMED\tDOWN", "", s.Restarts, func(r store.RestartRow) []any {
+				return []any{r.Host, r.Direction, r.RunID, r.PrevRunID, r.PrevEnd, r.PrevLastSeq, neverArrived(r), cfg.fmtTimeMs(r.DownFrom), cfg.fmtTimeMs(r.DownTo), seconds(r.DownNs)}
 			})
 		}
 		for _, l := range s.Losses {

@@ -3,6 +3,7 @@ package flowstat
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -19,7 +20,7 @@ import (
 type aggregator struct {
 	bucketS int64
 	prefix  string // subject prefix: a batch must arrive on <prefix>.<its host>.<its direction>
-	runs    map[store.RunKey]uint64
+	runs    map[store.RunKey]store.ChainState
 	d       *store.Delta
 	batch   schema.Batch
 	late    uint64 // batches below the last one seen of their chain that filled a hole (counted)
@@ -29,6 +30,10 @@ type aggregator struct {
 	stream string // for the duplicates' records
 	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
 	dupSeqs map[uint64]bool
+	// restarts are the run links of the batches added since the caller last took them (to log them);
+	// recovered counts late batches of linked runs.
+	restarts  []stream.Restart
+	recovered uint64
 
 	// replay restricts counting to buckets [fromS, toS) and skips the per-message facts (gaps, chain
 	// state, dead letters) that the live consumer already recorded exactly once.
@@ -36,9 +41,9 @@ type aggregator struct {
 	fromS, toS int64
 }
 
-func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]uint64, holes map[store.RunKey][]store.Hole) *aggregator {
+func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]store.ChainState, holes map[store.RunKey][]store.Hole) *aggregator {
 	if runs == nil {
-		runs = map[store.RunKey]uint64{}
+		runs = map[store.RunKey]store.ChainState{}
 	}
 	if holes == nil {
 		holes = map[store.RunKey][]store.Hole{}
@@ -142,10 +147,15 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 // message id after its duplicates window). A late batch lies in a hole: it is counted, shrinks the hole,
 // records no gap and does not move the chain back. Anything else is a duplicate: recorded, not counted.
 // Only late batches need the hole lookup, so the common path costs one map read.
+//
+// A counted batch adds to its chain's count of batches, which run links need: a batch carrying prev_run
+// records a restart with K told from the previous run's count (link), and a counted batch of a run a
+// link named lowers that link's K.
 func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 	b := &a.batch
 	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
-	last, seen := a.runs[rk]
+	cs, seen := a.runs[rk]
+	last := cs.Last
 	link := stream.Follow(seen, last, b.Seq, b.PrevSeq)
 	if link == stream.LinkBehind {
 		if !a.fillHole(rk, b.Seq) {
@@ -154,6 +164,7 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 			return false
 		}
 		a.late++
+		a.count(rk, cs)
 		return true
 	}
 	// Unlike a tail's warnings, a run first seen past its first batch is recorded as a gap: the
@@ -167,9 +178,51 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 			a.d.Holes[rk] = a.holes[rk]
 		}
 	}
-	a.runs[rk] = b.Seq
-	a.d.Runs[rk] = b.Seq
+	// A chain only a link named so far (Last 0) begins with this batch.
+	if !seen || cs.Last == 0 && cs.Seen == 0 {
+		cs.FromStart = b.PrevSeq == 0
+	}
+	cs.Last = b.Seq
+	a.count(rk, cs)
+	if b.PrevRun != nil {
+		a.link(rk, streamSeq, stored)
+	}
 	return true
+}
+
+// count adds one counted batch to chain rk, whose state was cs, and to the K of a link that named it.
+func (a *aggregator) count(rk store.RunKey, cs store.ChainState) {
+	cs.Seen++
+	a.runs[rk] = cs
+	a.d.Runs[rk] = cs
+	if cs.Linked {
+		a.d.Recovered[rk]++
+		a.recovered++
+	}
+}
+
+// link records the run link of the batch (chain rk), accounted against what this database counted of
+// the previous run's chain, and marks that chain linked. A chain never seen gets a state row (Last 0),
+// so its batches arriving later are counted for the link too.
+func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) {
+	b := &a.batch
+	l := *b.PrevRun
+	l.RunID, l.End = cleanText(l.RunID), cleanText(l.End)
+	pk := store.RunKey{Host: b.Host, RunID: l.RunID, Dir: b.Direction}
+	pcs, ok := a.runs[pk]
+	prev := stream.PrevChain{Known: ok && (pcs.Seen > 0 || pcs.Last > 0), FromStart: pcs.FromStart, Seen: pcs.Seen}
+	r := stream.NewRestart(b.Host, b.RunID, b.Direction, &l, prev)
+	pcs.Linked = true
+	a.runs[pk] = pcs
+	a.d.Runs[pk] = pcs
+	missing := int64(-1)
+	if k, told := r.Missing(); told {
+		missing = int64(min(k, math.MaxInt64))
+	}
+	a.d.Restarts = append(a.d.Restarts, store.Restart{RunKey: rk, PrevRunID: l.RunID, PrevEnd: r.End(),
+		PrevLastSeq: min(l.LastSeq, math.MaxInt64), PrevBatches: min(l.Batches, math.MaxInt64), PrevEvents: min(l.Events, math.MaxInt64),
+		PrevSeen: r.Prev.String(), Seen: r.Seen, Missing: missing, DownFrom: l.LastNs, DownTo: l.StartNs, StreamSeq: streamSeq, Stored: stored})
+	a.restarts = append(a.restarts, r)
 }
 
 // fillHole removes seq from the holes of chain rk and reports whether it was in one.

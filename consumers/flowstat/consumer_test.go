@@ -584,7 +584,7 @@ func TestOverlongChainStateNotLoaded(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(runs) != 2 || runs[store.RunKey{Host: "web-07", RunID: atBound, Dir: schema.Outgoing}] != 3 || len(holes) != 1 {
+		if len(runs) != 2 || runs[store.RunKey{Host: "web-07", RunID: atBound, Dir: schema.Outgoing}].Last != 3 || len(holes) != 1 {
 			t.Fatalf("loaded %d chains, %d hole lists; want only the 2 chains and 1 hole list within the bounds", len(runs), len(holes))
 		}
 

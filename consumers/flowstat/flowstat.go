@@ -53,6 +53,8 @@ type Stats struct {
 	Gaps        uint64 // breaks in batch chains recorded
 	Late        uint64 // batches that arrived after a later batch of their chain
 	Duplicates  uint64 // messages repeating a batch already counted (not counted again)
+	Restarts    uint64 // run links recorded: first batches naming the previous run of their host
+	Recovered   uint64 // batches of a previous run counted after a link named it (each lowered its K)
 	Skipped     uint64 // redeliveries at or below the checkpoint
 	Commits     uint64
 	LastSeq     uint64 // committed checkpoint

@@ -187,6 +187,10 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats batch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
 				seq, stream.Escape(msg.Subject(), stream.MaxLog), b.Seq, stream.Escape(b.Host, stream.MaxLog), stream.Escape(b.RunID, stream.MaxLog), b.Direction)
 		}
+		for _, rs := range r.agg.restarts {
+			fmt.Fprintf(r.o.Log, "flowstat: %s\n", rs.Text())
+		}
+		r.agg.restarts = r.agg.restarts[:0]
 		if derr != nil {
 			reason := deadReason(derr)
 			dead := store.DeadLetter{Stream: r.o.Stream, StreamSeq: seq, Subject: cleanText(msg.Subject()), Reason: reason,
@@ -244,6 +248,8 @@ func (r *runner) commit() error {
 			}
 		}
 		r.stats.Late = r.agg.late
+		r.stats.Restarts += uint64(len(d.Restarts))
+		r.stats.Recovered = r.agg.recovered
 		r.stats.Duplicates += uint64(len(d.Dups))
 		r.committed, r.stats.LastSeq = r.last, r.last
 		d.Reset()

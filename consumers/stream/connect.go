@@ -69,6 +69,10 @@ func Connect(ctx context.Context, d Dial) (*nats.Conn, error) {
 	}()
 	select {
 	case r := <-done:
+		// A dial that fails at once races an interrupt that came first: the interrupt wins.
+		if r.err != nil && ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 		if r.err != nil {
 			return nil, &ConnectError{URL: redact.URLs(urls), Err: r.err}
 		}

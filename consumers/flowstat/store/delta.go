@@ -72,6 +72,33 @@ type RunKey struct {
 	Dir         schema.Direction
 }
 
+// ChainState is what a consumer keeps of one batch chain (a row of run_state).
+type ChainState struct {
+	Last uint64 // the highest seq seen
+	// Seen counts the distinct batches counted; FromStart says the first was the chain's first
+	// (prev_seq 0), so Seen is every batch that arrived (false for chains counted before migration 3).
+	Seen      uint64
+	FromStart bool
+	// Linked: a run link (prev_run) named this chain; its batches counted since lower that link's K.
+	Linked bool
+}
+
+// Restart is one run link (a row of restarts): the first batch of direction Dir of run RunID of Host
+// named the previous run of the host.
+type Restart struct {
+	RunKey
+	PrevRunID, PrevEnd string
+	PrevLastSeq        uint64
+	PrevBatches        uint64
+	PrevEvents         uint64
+	PrevSeen           string // all, partial or unseen (stream.PrevSeen)
+	Seen               uint64 // batches of the previous run (this direction) counted
+	Missing            int64  // K; -1 when it cannot be told
+	DownFrom, DownTo   int64  // unix ns
+	StreamSeq          uint64
+	Stored             time.Time
+}
+
 // Gap is a batch that did not follow the last one seen of its chain.
 type Gap struct {
 	RunKey
@@ -107,9 +134,13 @@ type Delta struct {
 	Conns   map[ConnKey]uint64
 	Seen    map[SeenKey]Span
 	Batches map[BatchKey]*BatchAgg
-	Runs    map[RunKey]uint64
+	Runs    map[RunKey]ChainState
 	Gaps    []Gap
-	Dead    []DeadLetter
+	// Restarts are new run links; Recovered counts, per previous run's chain, the batches counted after
+	// a link named it, applied to that link after Restarts.
+	Restarts  []Restart
+	Recovered map[RunKey]uint64
+	Dead      []DeadLetter
 	// Holes holds the complete new hole list of every chain whose holes changed (empty: none left).
 	Holes map[RunKey][]Hole
 	Dups  []Duplicate
@@ -119,7 +150,8 @@ type Delta struct {
 
 // NewDelta returns an empty Delta.
 func NewDelta() *Delta {
-	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]uint64{}, Holes: map[RunKey][]Hole{}}
+	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]ChainState{}, Holes: map[RunKey][]Hole{},
+		Recovered: map[RunKey]uint64{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -129,7 +161,8 @@ func (d *Delta) Reset() {
 	clear(d.Batches)
 	clear(d.Runs)
 	clear(d.Holes)
-	d.Gaps, d.Dead, d.Dups = d.Gaps[:0], d.Dead[:0], d.Dups[:0]
+	clear(d.Recovered)
+	d.Gaps, d.Dead, d.Dups, d.Restarts = d.Gaps[:0], d.Dead[:0], d.Dups[:0], d.Restarts[:0]
 	d.Events, d.Messages = 0, 0
 }
 
@@ -278,6 +311,13 @@ func (u *upserter) close() {
 
 func dirText(d schema.Direction) string { return d.String() }
 
+func boolInt(b bool) int64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 func mapKeys[K comparable, V any](m map[K]V) []K {
 	ks := make([]K, 0, len(m))
 	for k := range m {
@@ -378,12 +418,13 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		return fmt.Errorf("batch_agg: %w", err)
 	}
 
-	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq) VALUES `,
-		`ON CONFLICT (host, run_id, direction) DO UPDATE SET last_seq = excluded.last_seq`, 4)
+	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq, seen_batches, from_start, linked) VALUES `,
+		`ON CONFLICT (host, run_id, direction) DO UPDATE SET last_seq = excluded.last_seq, seen_batches = excluded.seen_batches,
+			from_start = excluded.from_start, linked = excluded.linked`, 7)
 	defer u4.close()
 	for _, k := range order(mapKeys(d.Runs), cmpRunKey) {
-		seq := d.Runs[k]
-		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(seq)); err != nil {
+		c := d.Runs[k]
+		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(c.Last), int64(c.Seen), boolInt(c.FromStart), boolInt(c.Linked)); err != nil {
 			return fmt.Errorf("run_state: %w", err)
 		}
 	}
@@ -408,6 +449,24 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 				k.Host, k.RunID, dirText(k.Dir), int64(h.From), int64(h.To)); err != nil {
 				return fmt.Errorf("holes: %w", err)
 			}
+		}
+	}
+	for _, r := range d.Restarts {
+		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO restarts (host, run_id, direction, prev_run_id, prev_end, prev_last_seq,
+			prev_batches, prev_events, prev_seen, seen_batches, missing_batches, down_from, down_to, stream_seq, stored_ns)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, run_id, direction) DO NOTHING`),
+			r.Host, r.RunID, dirText(r.Dir), r.PrevRunID, r.PrevEnd, int64(r.PrevLastSeq), int64(r.PrevBatches), int64(r.PrevEvents),
+			r.PrevSeen, int64(r.Seen), r.Missing, r.DownFrom, r.DownTo, int64(r.StreamSeq), r.Stored.UnixNano()); err != nil {
+			return fmt.Errorf("restarts: %w", err)
+		}
+	}
+	// Late batches of a linked run lower its K (only where K is told: prev_seen all).
+	for _, k := range order(mapKeys(d.Recovered), cmpRunKey) {
+		n := int64(d.Recovered[k])
+		if _, err := tx.ExecContext(ctx, s.rebind(`UPDATE restarts SET seen_batches = seen_batches + ?,
+			missing_batches = CASE WHEN prev_seen <> 'all' THEN -1 WHEN prev_batches > seen_batches + ? THEN prev_batches - seen_batches - ? ELSE 0 END
+			WHERE host = ? AND prev_run_id = ? AND direction = ?`), n, n, n, k.Host, k.RunID, dirText(k.Dir)); err != nil {
+			return fmt.Errorf("restarts: %w", err)
 		}
 	}
 	for _, du := range d.Dups {
@@ -507,24 +566,24 @@ func (s *Store) PurgeOverlongChains(ctx context.Context) (int64, error) {
 	return total, err
 }
 
-// RunStates loads the last seq of every batch chain, to continue gap detection after a restart. Rows
-// with ids beyond the bounds are never read (see PurgeOverlongChains).
-func (s *Store) RunStates(ctx context.Context) (map[RunKey]uint64, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, last_seq FROM run_state WHERE NOT `+s.overlong())
+// RunStates loads the state of every batch chain, to continue gap detection and run-link accounting
+// after a restart. Rows with ids beyond the bounds are never read (see PurgeOverlongChains).
+func (s *Store) RunStates(ctx context.Context) (map[RunKey]ChainState, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked FROM run_state WHERE NOT `+s.overlong())
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	m := map[RunKey]uint64{}
+	m := map[RunKey]ChainState{}
 	for rows.Next() {
 		var k RunKey
 		var dir string
-		var seq int64
-		if err := rows.Scan(&k.Host, &k.RunID, &dir, &seq); err != nil {
+		var seq, seen, fromStart, linked int64
+		if err := rows.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked); err != nil {
 			return nil, err
 		}
 		k.Dir, _ = schema.ParseDirection(dir)
-		m[k] = uint64(seq)
+		m[k] = ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0}
 	}
 	return m, rows.Err()
 }

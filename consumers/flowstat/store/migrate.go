@@ -92,6 +92,28 @@ var migrations = []struct {
 			stored_ns BIGINT NOT NULL,
 			PRIMARY KEY (stream, stream_seq))`,
 	}},
+	{3, []string{
+		// What a run link (prev_run) needs of the chain it names: the distinct batches counted, whether
+		// they were counted from the chain's first batch (else K cannot be told), and whether a link
+		// named it (its late batches then lower that link's missing_batches). Chains counted before this
+		// migration have no count: from_start 0 says so.
+		`ALTER TABLE run_state ADD COLUMN seen_batches BIGINT NOT NULL DEFAULT 0`,
+		`ALTER TABLE run_state ADD COLUMN from_start INTEGER NOT NULL DEFAULT 0`,
+		`ALTER TABLE run_state ADD COLUMN linked INTEGER NOT NULL DEFAULT 0`,
+		// One row per run link: the first batch of a direction of run_id named the previous run of the
+		// host. prev_seen is how much of it this database counted (all, partial, unseen); seen_batches
+		// grows as its late batches arrive; missing_batches = prev_batches - seen_batches (K), -1 when
+		// it cannot be told (prev_seen not all). down_from .. down_to (unix ns) is the capture downtime.
+		`CREATE TABLE restarts (
+			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL,
+			prev_run_id TEXT NOT NULL, prev_end TEXT NOT NULL, prev_last_seq BIGINT NOT NULL,
+			prev_batches BIGINT NOT NULL, prev_events BIGINT NOT NULL, prev_seen TEXT NOT NULL,
+			seen_batches BIGINT NOT NULL, missing_batches BIGINT NOT NULL,
+			down_from BIGINT NOT NULL, down_to BIGINT NOT NULL,
+			stream_seq BIGINT NOT NULL, stored_ns BIGINT NOT NULL,
+			PRIMARY KEY (host, run_id, direction))`,
+		`CREATE INDEX restarts_prev ON restarts (host, prev_run_id, direction)`,
+	}},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

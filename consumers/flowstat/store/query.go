@@ -79,6 +79,11 @@ type HostTotal struct {
 	Spool     int64  `json:"drops_spool"`
 	Publish   int64  `json:"drops_publish"`
 	Gaps      int64  `json:"gaps"`
+	// Restarts counts the run links of this host and direction (first batches naming the previous
+	// run); NeverArrived sums their K where it is told; DownNs sums their capture downtime.
+	Restarts     int64 `json:"restarts"`
+	NeverArrived int64 `json:"restart_missing_batches"`
+	DownNs       int64 `json:"restart_downtime_ns"`
 	// First and Last are the first and last bucket holding batches of this host and direction.
 	First time.Time `json:"first_bucket"`
 	Last  time.Time `json:"last_bucket"`
@@ -95,6 +100,40 @@ type GapRow struct {
 	PrevSeq   int64     `json:"prev_seq"`
 	StreamSeq int64     `json:"stream_seq"`
 	Stored    time.Time `json:"stored"`
+}
+
+// RestartRow is one run link: run RunID of Host began, in direction Direction, after run PrevRunID
+// ended (PrevEnd: stopped or unknown) having sealed PrevBatches batches up to seq PrevLastSeq, of which
+// Missing never arrived (-1: not told, PrevSeen is partial or unseen); capture was down from DownFrom
+// to DownTo.
+type RestartRow struct {
+	Host        string    `json:"host"`
+	RunID       string    `json:"run_id"`
+	Direction   string    `json:"direction"`
+	PrevRunID   string    `json:"prev_run_id"`
+	PrevEnd     string    `json:"prev_end"`
+	PrevLastSeq int64     `json:"prev_last_seq"`
+	PrevBatches int64     `json:"prev_batches"`
+	PrevEvents  int64     `json:"prev_events"`
+	PrevSeen    string    `json:"prev_seen"`
+	Seen        int64     `json:"seen_batches"`
+	Missing     int64     `json:"missing_batches"`
+	DownFrom    time.Time `json:"down_from"`
+	DownTo      time.Time `json:"down_to"`
+	DownNs      int64     `json:"down_ns"`
+	StreamSeq   int64     `json:"stream_seq"`
+	Stored      time.Time `json:"stored"`
+}
+
+// RestartTotals sums the run links: Links rows, Runs distinct new runs (a run links once per
+// direction), DownNs their capture downtime (each run's once), Missing the batches that never arrived
+// where told, Untold the links whose K is not told.
+type RestartTotals struct {
+	Links   int64 `json:"links"`
+	Runs    int64 `json:"runs"`
+	DownNs  int64 `json:"downtime_ns"`
+	Missing int64 `json:"missing_batches"`
+	Untold  int64 `json:"links_missing_unknown"`
 }
 
 // CheckpointRow is one consumer position.
@@ -128,15 +167,17 @@ type Summary struct {
 	NotCopied     int64           `json:"dead_letters_not_copied"`
 	Losses        []LossRow       `json:"stream_losses"`
 	Duplicates    int64           `json:"duplicate_batches"` // messages repeating a counted batch, counted once
+	RestartTotals RestartTotals   `json:"restart_totals"`
+	Restarts      []RestartRow    `json:"restarts"` // the newest (at most maxRows)
 	Checkpoints   []CheckpointRow `json:"checkpoints"`
 	Unfinished    int64           `json:"unfinished_replays"`
 }
 
-// Summary totals per host and direction, the newest gaps (at most maxGaps), dead letters, stream losses
-// and checkpoints.
+// Summary totals per host and direction, the newest gaps and restarts (at most maxGaps each), dead
+// letters, stream losses and checkpoints.
 func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	sum := &Summary{Database: string(s.kind) + ":" + s.where, DeadByReason: map[string]int{},
-		Hosts: []HostTotal{}, Gaps: []GapRow{}, Losses: []LossRow{}, Checkpoints: []CheckpointRow{}}
+		Hosts: []HostTotal{}, Gaps: []GapRow{}, Losses: []LossRow{}, Checkpoints: []CheckpointRow{}, Restarts: []RestartRow{}}
 	var err error
 	if sum.SchemaVersion, err = s.SchemaVersion(ctx); err != nil {
 		return nil, err
@@ -201,6 +242,20 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	if err != nil {
 		return nil, err
 	}
+	err = s.each(ctx, `SELECT host, direction, COUNT(*), CAST(SUM(CASE WHEN missing_batches > 0 THEN missing_batches ELSE 0 END) AS BIGINT),
+		CAST(SUM(down_to - down_from) AS BIGINT) FROM restarts GROUP BY host, direction`, nil, func(sc scanner) error {
+		var h, d string
+		var n, missing, down int64
+		if err := sc.Scan(&h, &d, &n, &missing, &down); err != nil {
+			return err
+		}
+		t := get(h, d)
+		t.Restarts, t.NeverArrived, t.DownNs = n, missing, down
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
 	for _, t := range totals {
 		sum.Hosts = append(sum.Hosts, *t)
 	}
@@ -219,6 +274,34 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 				}
 				g.Stored = time.Unix(0, ns).UTC()
 				sum.Gaps = append(sum.Gaps, g)
+				return nil
+			})
+		if err != nil {
+			return nil, err
+		}
+	}
+	rt := &sum.RestartTotals
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*), COALESCE(CAST(SUM(CASE WHEN missing_batches > 0 THEN missing_batches ELSE 0 END) AS BIGINT), 0),
+		COALESCE(CAST(SUM(CASE WHEN missing_batches < 0 THEN 1 ELSE 0 END) AS BIGINT), 0) FROM restarts`).Scan(&rt.Links, &rt.Missing, &rt.Untold); err != nil {
+		return nil, err
+	}
+	// A run links once per direction, with the same downtime: count each run's once.
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*), COALESCE(CAST(SUM(d) AS BIGINT), 0) FROM
+		(SELECT MAX(down_to - down_from) AS d FROM restarts GROUP BY host, run_id) per_run`).Scan(&rt.Runs, &rt.DownNs); err != nil {
+		return nil, err
+	}
+	if maxGaps > 0 {
+		err = s.each(ctx, `SELECT host, run_id, direction, prev_run_id, prev_end, prev_last_seq, prev_batches, prev_events, prev_seen,
+			seen_batches, missing_batches, down_from, down_to, stream_seq, stored_ns FROM restarts ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
+			[]any{maxGaps}, func(sc scanner) error {
+				var r RestartRow
+				var from, to, ns int64
+				if err := sc.Scan(&r.Host, &r.RunID, &r.Direction, &r.PrevRunID, &r.PrevEnd, &r.PrevLastSeq, &r.PrevBatches, &r.PrevEvents, &r.PrevSeen,
+					&r.Seen, &r.Missing, &from, &to, &r.StreamSeq, &ns); err != nil {
+					return err
+				}
+				r.DownFrom, r.DownTo, r.DownNs, r.Stored = time.Unix(0, from).UTC(), time.Unix(0, to).UTC(), to-from, time.Unix(0, ns).UTC()
+				sum.Restarts = append(sum.Restarts, r)
 				return nil
 			})
 		if err != nil {

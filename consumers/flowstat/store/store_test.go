@@ -342,3 +342,47 @@ func TestDatabaseID(t *testing.T) {
 		}
 	})
 }
+
+// A database of schema 2 (before run links) migrates to 3: its chains keep their last seq and are marked
+// as not counted from their first batch (so a link to them tells no K), and restarts can be recorded.
+func TestMigrationToRunLinks(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		ctx := context.Background()
+		restore := store.LimitMigrations(2)
+		old, err := store.Open(ctx, dsn)
+		restore()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := old.DB().Exec(`INSERT INTO run_state (host, run_id, direction, last_seq) VALUES ('web-01', 'r1', 'outgoing', 7)`); err != nil {
+			t.Fatal(err)
+		}
+		old.Close()
+		st := open(t, dsn)
+		if v, err := st.SchemaVersion(ctx); err != nil || v != 3 {
+			t.Fatalf("schema version %d (%v), want 3", v, err)
+		}
+		runs, err := st.RunStates(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c := runs[store.RunKey{Host: "web-01", RunID: "r1", Dir: schema.Outgoing}]; len(runs) != 1 || c.Last != 7 || c.Seen != 0 || c.FromStart || c.Linked {
+			t.Errorf("migrated chain state %+v", runs)
+		}
+		d := store.NewDelta()
+		rk := store.RunKey{Host: "web-01", RunID: "r2", Dir: schema.Outgoing}
+		d.Restarts = append(d.Restarts, store.Restart{RunKey: rk, PrevRunID: "r1", PrevEnd: "unknown", PrevLastSeq: 9, PrevBatches: 5,
+			PrevSeen: "partial", Seen: 3, Missing: -1, DownFrom: 1e18, DownTo: 1e18 + 5e8, StreamSeq: 4, Stored: time.Unix(1, 0)})
+		d.Recovered[store.RunKey{Host: "web-01", RunID: "r1", Dir: schema.Outgoing}] = 1
+		if err := st.ApplyReplay(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		sum, err := st.Summary(ctx, 5)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(sum.Restarts) != 1 || sum.Restarts[0].Seen != 4 || sum.Restarts[0].Missing != -1 || sum.RestartTotals.Untold != 1 || sum.RestartTotals.DownNs != 5e8 {
+			t.Errorf("restarts %+v, totals %+v", sum.Restarts, sum.RestartTotals)
+		}
+	})
+}
