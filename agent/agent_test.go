@@ -33,6 +33,7 @@ func testConfig(t *testing.T, cgroupPath string) Config {
 		"FLOWBUS_EMBEDDED_LISTEN":    "127.0.0.1:0",
 		"FLOWBUS_EMBEDDED_STORE_DIR": t.TempDir(),
 		"FLOWBUS_SPOOL_DIR":          t.TempDir(),
+		"FLOWBUS_RUN_STATE_FILE":     t.TempDir() + "/run.state",
 		"FLOWBUS_CGROUP_PATH":        cgroupPath,
 		"FLOWBUS_HOST":               "test-host",
 		"FLOWBUS_BATCH_LINGER":       "20ms",
