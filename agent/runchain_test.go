@@ -190,3 +190,16 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// The cost of the write-ahead record, paid under the publisher's lock at
+// every seal: go test ./agent -run '^$' -bench RunChainSealed
+func BenchmarkRunChainSealed(b *testing.B) {
+	log, _ := chainLog()
+	c := openRunChain(filepath.Join(b.TempDir(), "run.state"), "h", "r", log)
+	defer c.close()
+	c.attached(time.Now())
+	defer c.detached()
+	for i := 0; i < b.N; i++ {
+		c.sealed(schema.Outgoing, uint64(i+1), 100)
+	}
+}
