@@ -790,3 +790,36 @@ func TestReservedNamesRefused(t *testing.T) {
 		}
 	}
 }
+
+// With --json, stdout stays one JSON event per line and an agent restart is warned about on stderr, as
+// every other warning: K = 3 of 10 batches and the downtime, the previous run's id escaped.
+func TestRestartWarnedWithJSON(t *testing.T) {
+	t.Parallel()
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	prev := "old\x1b[31m"
+	old := tailtest.NewAgent("web-01", prev)
+	for i := 1; i <= 10; i++ {
+		if i == 5 || i >= 9 {
+			old.Batch(schema.Outgoing, schema.Drops{}) // never arrives
+			continue
+		}
+		old.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(uint16(i), "10.0.0.1", "10.0.0.2", 443))
+	}
+	t1 := time.Date(2026, 12, 2, 12, 0, 1, 234_000_000, time.UTC).UnixNano()
+	neu := tailtest.NewAgent("web-01", "run-new")
+	neu.SetPrevRun(schema.Outgoing, &schema.RunLink{RunID: prev, LastSeq: 10, Batches: 10, LastNs: t1, StartNs: t1 + 2_072_000_000, End: "unknown"})
+	neu.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{}, ev(11, "10.0.0.1", "10.0.0.2", 443))
+
+	r := runArgs(t, "--nats", srv.URL, "--all", "--json", "--idle-exit", "700ms")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	if evs := parseJSON(t, r.stdout); len(evs) != 8 {
+		t.Errorf("%d JSON events, want 8", len(evs))
+	}
+	want := `warning: host web-01 direction outgoing restarted as run run-new: run old\x1b[31m ended (unknown) after seq 10; 3 batches (of 10) never arrived; capture stopped 2026-12-02T12:00:01.234Z → 2026-12-02T12:00:03.306Z (2.072 s)` + "\n"
+	if !strings.Contains(r.stderr, want) || strings.ContainsRune(r.stderr, 0x1b) {
+		t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+	}
+}
