@@ -529,22 +529,3 @@ func decodeFlow(b []byte, ev *schema.Event, clock *wallClock) bool {
 	}
 	return true
 }
-
-// wallClock converts the kernel's CLOCK_MONOTONIC to wall-clock time. The
-// offset is refreshed on every poll so that clock steps are followed.
-type wallClock struct{ offset int64 }
-
-func newWallClock() *wallClock {
-	w := &wallClock{}
-	w.refresh()
-	return w
-}
-
-func (w *wallClock) refresh() {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	now := time.Now().UnixNano()
-	w.offset = now - ts.Nano()
-}
-
-func (w *wallClock) wall(mono uint64) int64 { return int64(mono) + w.offset }
