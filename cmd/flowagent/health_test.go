@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -134,6 +135,48 @@ func TestFaultStreamDeleted(t *testing.T) {
 		}
 		if n := len(logLines(a, "no response from stream")); n != 0 {
 			t.Errorf("%d per-publish warnings about the missing stream; the state is named once", n)
+		}
+		a.Stop()
+	})
+
+	// The server comes back from an outage without its storage (a new
+	// node, a lost volume): the agent looks at the stream after it
+	// reconnects, recreates it, and what was made during the outage
+	// arrives.
+	t.Run("lost with the server", func(t *testing.T) {
+		store := t.TempDir()
+		srv := newNATS(t, proctest.NATSOptions{Extra: fmt.Sprintf("jetstream {\n  store_dir: %q\n}\n", store)})
+		srv.Start()
+		cg := cgrouptest.NewChild(t)
+		a := startAgentProc(t, "agent", agentEnv(cg.Path, srv.URL(), "host-lost", t.TempDir()))
+		a.waitReadyz(20*time.Second, "ready", isReady)
+		first := cg.Traffic(t, "127.0.0.1", 5, false)
+		a.WaitMetrics(20*time.Second, "the first connections acknowledged", func(m map[string]float64) bool {
+			return drained(m) && m[mPublished] == float64(2*len(first.Conns))
+		})
+
+		srv.Stop(syscall.SIGTERM)
+		down := time.Now()
+		a.waitReadyz(10*time.Second, "failing on the connection", notReadyFor("nats"))
+		during := newMultiset()
+		during.addConns(cg.Traffic(t, "127.0.0.1", 20, false).Conns)
+		if err := os.RemoveAll(store); err != nil {
+			t.Fatal(err)
+		}
+		srv.Start()
+		back := time.Now()
+		if !a.WaitLog(20*time.Second, "stream FLOWS was deleted (or lost with the server's storage): recreated it") {
+			t.Fatalf("no line saying the stream was recreated after the outage:\n%s", proctest.Tail(a.LogPath, 15))
+		}
+		m := a.WaitMetrics(30*time.Second, "the outage's connections acknowledged", func(m map[string]float64) bool {
+			return drained(m) && m[mPublished] == float64(2*len(first.Conns)+during.n)
+		})
+		got := waitStream(t, srv.URL(), "FLOWS", during.n, 30*time.Second)
+		t.Logf("server down %v, back without its store: stream recreated and all %d events of the outage acknowledged %v after the restart; %g publish attempts failed",
+			back.Sub(down).Round(time.Millisecond), during.n, time.Since(back).Round(time.Millisecond), m[mPubErrors])
+		checkExact(t, "made during the outage", got, during)
+		if n := len(logLines(a, "was deleted")); n != 1 {
+			t.Errorf("%d lines about the lost stream, want one", n)
 		}
 		a.Stop()
 	})
