@@ -31,6 +31,7 @@ type Monitor struct {
 
 	reg                                                   *prometheus.Registry
 	events, batches, commits, dead, notCopied, gaps, dups prometheus.Counter
+	restarts, restartMissing                              prometheus.Counter
 	committedSeq, pending                                 prometheus.Gauge
 }
 
@@ -53,6 +54,8 @@ func NewMonitor() *Monitor {
 	m.dead = counter("dead_letters_total", "Messages that were not valid batches (dead letters), committed.")
 	m.notCopied = counter("dead_letters_not_copied_total", "Dead letters whose copy to the dead-letter subject failed.")
 	m.gaps = counter("gaps_total", "Breaks in batch chains recorded (missing batches).")
+	m.restarts = counter("restarts_total", "Agent restarts recorded: first batches of a direction naming the previous run of their host.")
+	m.restartMissing = counter("restart_missing_batches_total", "Batches of previous runs that had not arrived when the next run named them (where told); later arrivals lower the summary, not this.")
 	m.dups = counter("duplicate_batches_total", "Messages repeating a batch already counted (not counted again).")
 	m.committedSeq = gauge("committed_sequence", "Stream sequence up to which everything is committed (the checkpoint).")
 	m.pending = gauge("pending_messages", "Messages in the stream after the last one read (the consumer's lag), as of that message.")
@@ -153,6 +156,12 @@ func (m *Monitor) committed(d *store.Delta, seq uint64) {
 	m.batches.Add(float64(d.Messages))
 	m.gaps.Add(float64(len(d.Gaps)))
 	m.dups.Add(float64(len(d.Dups)))
+	m.restarts.Add(float64(len(d.Restarts)))
+	for _, r := range d.Restarts {
+		if r.Missing > 0 {
+			m.restartMissing.Add(float64(r.Missing))
+		}
+	}
 	m.dead.Add(float64(len(d.Dead)))
 	for _, dl := range d.Dead {
 		if !dl.Copied {

@@ -3,10 +3,12 @@ package flowstat_test
 import (
 	"bytes"
 	"context"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
@@ -53,7 +55,16 @@ func TestRestartsRecorded(t *testing.T) {
 		var log bytes.Buffer
 		o := e.opts()
 		o.Log = &log
+		o.Monitor = flowstat.NewMonitor()
 		stats := run(t, st, o)
+		rec := httptest.NewRecorder()
+		o.Monitor.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		for _, m := range []string{"flowbus_flowstat_restarts_total 2\n", "flowbus_flowstat_restart_missing_batches_total 3\n"} {
+			if !strings.Contains(rec.Body.String(), m) {
+				t.Errorf("metrics lack %q", m)
+			}
+		}
+		o.Monitor = nil
 		flowstattest.Check(t, st, flowstattest.Reference(e.rec.Batches, time.Minute))
 		if stats.Restarts != 2 || stats.Recovered != 0 {
 			t.Errorf("stats %+v, want 2 restarts", stats)
