@@ -148,8 +148,8 @@ func (h *health) publishFailed(err error) bool {
 }
 
 // set records the state of a check and logs a change: the failure with
-// its cause (at level warn, or error when the agent captures nothing), or
-// the recovery with what it was (recovered: extra words).
+// its cause (a new cause is a new state), or the recovery with what it was
+// (recovered: the words to say it).
 func (h *health) set(check string, cause string, recovered string, attrs ...any) {
 	h.mu.Lock()
 	old, was := h.failing[check]
@@ -161,7 +161,8 @@ func (h *health) set(check string, cause string, recovered string, attrs ...any)
 	h.mu.Unlock()
 	log := h.a.log
 	switch {
-	case cause != "" && !was:
+	case cause != "" && (!was || cause != old):
+		// A new state: failing, or failing for another cause.
 		log.Warn("not ready: "+cause, append([]any{"check", check}, attrs...)...)
 	case cause == "" && was:
 		msg := "ready again: check " + check + " passes"

@@ -376,6 +376,13 @@ func TestFaultNATSHangReadiness(t *testing.T) {
 	if n := len(logLines(a, "ready again: the stream acknowledges")); n != 1 {
 		t.Errorf("%d lines saying acks are back, want one", n)
 	}
+	// Before the acks check names the hang the publisher warns about
+	// timeouts (at most once a second); after, the check's line is all.
+	perPublish := len(logLines(a, "publish failed"))
+	t.Logf("per-publish warnings over the %v hang: %d", hang, perPublish)
+	if limit := int((ackTimeout+2*time.Second)/time.Second) + 1; perPublish > limit {
+		t.Errorf("%d per-publish warnings during the hang, want at most %d: the acks check names it once", perPublish, limit)
+	}
 	a.Stop()
 }
 
