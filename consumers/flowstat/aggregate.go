@@ -210,7 +210,7 @@ func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) {
 	l.RunID, l.End = cleanText(l.RunID), cleanText(l.End)
 	pk := store.RunKey{Host: b.Host, RunID: l.RunID, Dir: b.Direction}
 	pcs, ok := a.runs[pk]
-	prev := stream.PrevChain{Known: ok && (pcs.Seen > 0 || pcs.Last > 0), FromStart: pcs.FromStart, Seen: pcs.Seen}
+	prev := stream.PrevChain{Known: ok && (pcs.Seen > 0 || pcs.Last > 0), FromStart: pcs.FromStart, Seen: pcs.Seen, Last: pcs.Last}
 	r := stream.NewRestart(b.Host, b.RunID, b.Direction, &l, prev)
 	pcs.Linked = true
 	a.runs[pk] = pcs

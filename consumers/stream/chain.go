@@ -57,8 +57,9 @@ type PrevChain struct {
 	// every batch that reached it. Without it the consumer began reading after the run began (or the
 	// stream lost the run's first batches), and how many never arrived cannot be told.
 	FromStart bool
-	// Seen counts the distinct batches of the chain it saw (duplicates not counted).
-	Seen uint64
+	// Seen counts the distinct batches of the chain it saw (duplicates not counted); Last is the
+	// highest seq among them.
+	Seen, Last uint64
 }
 
 // PrevSeen says how much of the previous run a consumer saw, which decides whether K can be told.
@@ -107,13 +108,15 @@ type Restart struct {
 	Link  schema.RunLink
 	Prev  PrevSeen
 	Seen  uint64
+	// PrevLast is the highest seq of the previous run (this direction) the consumer had seen at the link.
+	PrevLast uint64
 }
 
 // NewRestart accounts link, carried by the first batch of direction dir of run runID of host, against
 // what the consumer knows of the chain it names. A previous run that sealed no batch of this direction
 // has nothing to miss, whatever the consumer saw.
 func NewRestart(host, runID string, dir schema.Direction, link *schema.RunLink, prev PrevChain) Restart {
-	r := Restart{Host: host, Dir: dir, RunID: runID, Link: *link, Seen: prev.Seen}
+	r := Restart{Host: host, Dir: dir, RunID: runID, Link: *link, Seen: prev.Seen, PrevLast: prev.Last}
 	switch {
 	case link.Batches == 0 || prev.Known && prev.FromStart:
 		r.Prev = PrevAll
@@ -167,7 +170,13 @@ func (r *Restart) Text() string {
 	case known:
 		fmt.Fprintf(&b, "; all %d batches arrived", r.Link.Batches)
 	case r.Prev == PrevPartial:
-		fmt.Fprintf(&b, "; it sealed %d batches, of which this consumer saw %d but not the first (it began reading later), so how many never arrived is unknown", r.Link.Batches, r.Seen)
+		// The end of the chain still tells something: what came after the last batch seen.
+		end := "its last"
+		if r.PrevLast < r.Link.LastSeq {
+			end = fmt.Sprintf("so its batches after that one, up to seq %d, have not arrived", r.Link.LastSeq)
+		}
+		fmt.Fprintf(&b, "; it sealed %d batches, of which this consumer saw %d, not from the first, the last at seq %d (%s); how many never arrived before that is unknown",
+			r.Link.Batches, r.Seen, r.PrevLast, end)
 	default:
 		fmt.Fprintf(&b, "; it sealed %d batches; previous run not seen by this consumer, so how many never arrived is unknown", r.Link.Batches)
 	}
@@ -323,7 +332,7 @@ func (c *Chains) Observe(b *schema.Batch) Observed {
 		pk := ChainKey{b.Host, b.PrevRun.RunID, b.Direction}
 		var prev PrevChain
 		if ps := c.chains[pk]; ps != nil {
-			prev = PrevChain{Known: true, FromStart: ps.fromStart, Seen: ps.seen}
+			prev = PrevChain{Known: true, FromStart: ps.fromStart, Seen: ps.seen, Last: ps.last}
 		}
 		r := NewRestart(b.Host, b.RunID, b.Direction, b.PrevRun, prev)
 		if len(c.links) >= MaxChains {

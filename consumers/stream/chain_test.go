@@ -2,6 +2,7 @@ package stream_test
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,7 +71,7 @@ func TestChainsRunLinks(t *testing.T) {
 	mid.Batch(schema.Outgoing, schema.Drops{}) // never published: the consumer sees run-m from batch 2
 	_, data := mid.Batch(schema.Outgoing, schema.Drops{})
 	pub("db-02", data)
-	link(tailtest.NewAgent("db-02", "run-n"), "run-m", 2)
+	link(tailtest.NewAgent("db-02", "run-n"), "run-m", 3) // its batch 3 never came
 	link(tailtest.NewAgent("db-03", "run-x"), "never-seen", 7)
 	link(tailtest.NewAgent("db-04", "run-y"), "nothing-here", 0)
 
@@ -103,6 +104,12 @@ func TestChainsRunLinks(t *testing.T) {
 	// K was 3 at the link, then each late batch lowered it; the copy did not.
 	if atLink[0] != 3 || len(recovered) != 2 || recovered[0] != 2 || recovered[1] != 1 {
 		t.Errorf("K at the link %d, after each recovered batch %v; want 3, [2 1]", atLink[0], recovered)
+	}
+	if got, want := restarts[1].Text(), "host db-02 direction outgoing restarted as run run-n: run run-m ended (unknown) after seq 3; it sealed 3 batches, of which this consumer saw 1, not from the first, the last at seq 2 (so its batches after that one, up to seq 3, have not arrived); how many never arrived before that is unknown; capture stopped 2001-09-09T01:46:40.000Z → 2001-09-09T01:46:42.072Z (2.072 s)"; got != want {
+		t.Errorf("partial link:\n%s\nwant\n%s", got, want)
+	}
+	if got := restarts[2].Text(); !strings.Contains(got, "; it sealed 7 batches; previous run not seen by this consumer, so how many never arrived is unknown;") {
+		t.Errorf("unseen link: %s", got)
 	}
 	for i, want := range []stream.PrevSeen{stream.PrevPartial, stream.PrevUnseen, stream.PrevAll} {
 		r := restarts[i+1]
