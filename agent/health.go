@@ -42,7 +42,6 @@ type Check struct {
 const (
 	healthTick      = time.Second
 	streamIdleProbe = 5 * time.Second
-	streamProbeWait = 5 * time.Second
 	// streamMinProbeGap bounds the requests a flood of failed publishes
 	// can cause.
 	streamMinProbeGap = 250 * time.Millisecond
@@ -62,7 +61,11 @@ type health struct {
 	// check at the moment it ends.
 	okSince time.Time
 
-	lastAck      atomic.Int64 // unix ns of the last ack
+	lastAck atomic.Int64 // unix ns of the last ack
+	// unanswered is when a request about the stream was sent that got no
+	// answer within FLOWBUS_ACK_TIMEOUT (unix ns, 0: none): an idle agent
+	// has no publish waiting to tell a hung server.
+	unanswered   atomic.Int64
 	lastNoStream atomic.Int64 // unix ns of the last publish no stream answered
 	lastProbe    time.Time    // last request about the stream; stream goroutine only
 	lastKnown    time.Time    // last time the stream was known to exist (probe or ack)
@@ -243,7 +246,15 @@ func (h *health) checkAcks() {
 	if h.okSince.IsZero() {
 		h.okSince = time.Now()
 	}
-	stall := min(h.a.pub.AckStall(), time.Since(h.okSince))
+	stall := h.a.pub.AckStall()
+	if u := h.unanswered.Load(); u != 0 {
+		if h.lastAck.Load() > u {
+			h.unanswered.CompareAndSwap(u, 0) // answered since, by an ack
+		} else {
+			stall = max(stall, time.Since(time.Unix(0, u)))
+		}
+	}
+	stall = min(stall, time.Since(h.okSince))
 	_, was := h.failing[checkAcks]
 	h.mu.Unlock()
 	limit := h.a.cfg.AckTimeout
@@ -361,8 +372,9 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 	if !failing && !noStream && !kicked && time.Since(h.lastKnown) < streamIdleProbe {
 		return
 	}
-	h.lastProbe, h.probeAck = time.Now(), lastAck
-	pctx, cancel := context.WithTimeout(ctx, streamProbeWait)
+	sent := time.Now()
+	h.lastProbe, h.probeAck = sent, lastAck
+	pctx, cancel := context.WithTimeout(ctx, max(a.cfg.AckTimeout, time.Second))
 	defer cancel()
 	js, err := jetstream.New(a.nc)
 	if err != nil {
@@ -370,9 +382,15 @@ func (h *health) checkStream(ctx context.Context, kicked bool) {
 	}
 	_, err = js.Stream(pctx, a.cfg.Stream)
 	missing := errors.Is(err, jetstream.ErrStreamNotFound)
-	if err != nil && !missing {
-		return // no answer (the acks check tells a hung server) or a transient error
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
+		// No answer: the acks check names it (once), as for a publish.
+		h.unanswered.CompareAndSwap(0, sent.UnixNano())
+		return
 	}
+	if err != nil && !missing {
+		return // a transient error
+	}
+	h.unanswered.Store(0)
 	if !missing {
 		h.lastKnown = time.Now()
 	}

@@ -323,7 +323,7 @@ func TestFaultNATSHangReadiness(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
 		ackTimeout = time.Second
-		hang       = 6 * time.Second
+		hang       = 4 * time.Second
 	)
 	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
@@ -333,7 +333,7 @@ func TestFaultNATSHangReadiness(t *testing.T) {
 	a := startAgentProc(t, "agent", env)
 	a.waitReadyz(20*time.Second, "ready", isReady)
 
-	st := startStorm(t, cg, 2, hang+6*time.Second, 100, 1_000_000)
+	st := startStorm(t, cg, 2, hang+4*time.Second, 100, 1_000_000)
 	time.Sleep(2 * time.Second)
 	if err := syscall.Kill(srv.Pid(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -382,6 +382,25 @@ func TestFaultNATSHangReadiness(t *testing.T) {
 	t.Logf("per-publish warnings over the %v hang: %d", hang, perPublish)
 	if limit := int((ackTimeout+2*time.Second)/time.Second) + 1; perPublish > limit {
 		t.Errorf("%d per-publish warnings during the hang, want at most %d: the acks check names it once", perPublish, limit)
+	}
+
+	// Idle, nothing waits for an ack: the agent's own look at the stream
+	// (5 s after the last ack, on a 1 s tick) goes unanswered for
+	// FLOWBUS_ACK_TIMEOUT and, at the next 1 s tick, names the hang too.
+	if err := syscall.Kill(srv.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	continued = false
+	took, body = a.waitReadyz(15*time.Second, "failing on the acks while idle", notReadyFor("acks"))
+	t.Logf("idle agent, nats-server stopped: /readyz 503 after %v: %q", took.Round(time.Millisecond), body)
+	if limit := 5*time.Second + ackTimeout + 3*time.Second; took > limit {
+		t.Errorf("idle: /readyz took %v to name the hung server, want at most %v", took, limit)
+	}
+	cont()
+	took, _ = a.waitReadyz(15*time.Second, "ready again", isReady)
+	t.Logf("idle: ready %v after SIGCONT", took.Round(time.Millisecond))
+	if n := len(logLines(a, "not ready: no answer from the stream")); n != 2 {
+		t.Errorf("%d lines naming the missing answers over two hangs, want two", n)
 	}
 	a.Stop()
 }
