@@ -83,9 +83,9 @@ $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint`},
 		{"step", "DURATION", "interval per line, a multiple of the bucket (default one bucket)"},
 		jsonFlag, localFlag, queryNatsFlag, queryStream,
 	}},
-	{"summary", "totals per host and direction, gaps, drops, dead letters, checkpoints", []flagDoc{
+	{"summary", "totals per host and direction, gaps, drops, agent restarts, dead letters, checkpoints", []flagDoc{
 		dbFlag,
-		{"gaps", "N", "newest gaps to list (default 20)"},
+		{"gaps", "N", "newest gaps and agent restarts to list (default 20 each)"},
 		jsonFlag, localFlag, queryNatsFlag,
 		{"stream", "NAME", "only that stream's checkpoints and stream losses (it must have a checkpoint)"},
 	}},
