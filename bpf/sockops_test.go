@@ -1,0 +1,494 @@
+package bpf
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/bpf/netnstest"
+	"github.com/flowbus/flowbus/schema"
+)
+
+func TestMain(m *testing.M) {
+	cgrouptest.Register("ns-server", nsServerHelper)
+	cgrouptest.Register("ns-clients", nsClientsHelper)
+	cgrouptest.MaybeRunHelper()
+	os.Exit(m.Run())
+}
+
+// nsServerHelper: args backlog. A dual-stack listener on [::]:0 with the
+// given backlog; prints its port, then serves connections (one byte echoed
+// each) until stdin closes, and prints the accepted connections as JSON.
+func nsServerHelper(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("want backlog, got %q", args)
+	}
+	backlog, _ := strconv.Atoi(args[0])
+	// net.Listen takes the system's backlog; a small one is what makes the
+	// kernel answer with SYN cookies under a burst.
+	fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IPV6, syscall.IPV6_V6ONLY, 0); err != nil {
+		return err
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrInet6{}); err != nil {
+		return err
+	}
+	if err := syscall.Listen(fd, backlog); err != nil {
+		return err
+	}
+	fmt.Println(sockaddrPort(fd))
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		// Wakes the blocked accept below (EINVAL from then on).
+		_ = syscall.Shutdown(fd, syscall.SHUT_RD)
+	}()
+	// A blocking accept on a thread of its own: woken by the kernel the
+	// moment a child is queued, not by the poller and a goroutine switch,
+	// so that the accept queue stays as short as it can.
+	runtime.LockOSThread()
+	var wg sync.WaitGroup
+	var conns []cgrouptest.Conn
+	for {
+		nfd, sa, err := syscall.Accept4(fd, syscall.SOCK_CLOEXEC)
+		if err != nil {
+			if err == syscall.EINTR || err == syscall.ECONNABORTED {
+				continue
+			}
+			break
+		}
+		lsa, _ := syscall.Getsockname(nfd)
+		conns = append(conns, cgrouptest.Conn{Client: sockaddrString(sa), Server: sockaddrString(lsa)})
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer syscall.Close(nfd)
+			tv := syscall.Timeval{Sec: 5}
+			_ = syscall.SetsockoptTimeval(nfd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+			var b [1]byte
+			if n, _ := syscall.Read(nfd, b[:]); n == 1 {
+				_, _ = syscall.Write(nfd, b[:])
+			}
+		}()
+	}
+	wg.Wait()
+	return json.NewEncoder(os.Stdout).Encode(conns)
+}
+
+func sockaddrPort(fd int) int {
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		return 0
+	}
+	if s6, ok := sa.(*syscall.SockaddrInet6); ok {
+		return s6.Port
+	}
+	return 0
+}
+
+// sockaddrString is ip:port as net.Conn addresses print it (IPv4 unmapped).
+func sockaddrString(sa syscall.Sockaddr) string {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port)).String()
+	case *syscall.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)).String()
+	}
+	return ""
+}
+
+// clientsResult is what the client helper reports.
+type clientsResult struct {
+	Conns  []cgrouptest.Conn `json:"conns"`  // got their byte back
+	Failed int               `json:"failed"` // did not, within the timeouts
+	Err    string            `json:"err,omitempty"`
+}
+
+// nsClientsHelper: args n addr... . n connections to each address, all at
+// once (a burst), each sending a byte and reading it back; prints a
+// clientsResult. Timeouts are short: under a burst on a small backlog the
+// kernel drops some handshakes for good.
+func nsClientsHelper(args []string) error {
+	if len(args) < 2 {
+		return fmt.Errorf("want n addr..., got %q", args)
+	}
+	n, _ := strconv.Atoi(args[0])
+	var mu sync.Mutex
+	var res clientsResult
+	var wg sync.WaitGroup
+	for _, addr := range args[1:] {
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := func() error {
+					c, err := net.DialTimeout("tcp", addr, 4*time.Second)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+					if _, err := c.Write([]byte{'x'}); err != nil {
+						return err
+					}
+					var b [1]byte
+					if _, err := io.ReadFull(c, b[:]); err != nil {
+						return err
+					}
+					mu.Lock()
+					res.Conns = append(res.Conns, cgrouptest.Conn{Client: c.LocalAddr().String(), Server: c.RemoteAddr().String()})
+					mu.Unlock()
+					return nil
+				}()
+				if err != nil {
+					mu.Lock()
+					res.Failed++
+					if res.Err == "" {
+						res.Err = err.Error()
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// collector keeps every flow event a running capture hands over.
+type collector struct {
+	mu  sync.Mutex
+	evs []schema.Event
+}
+
+func (c *collector) Flow(ev *schema.Event) {
+	c.mu.Lock()
+	c.evs = append(c.evs, *ev)
+	c.mu.Unlock()
+}
+func (c *collector) DNSQuery(int64, uint8, uint64, netip.AddrPort, netip.AddrPort, []byte) {}
+func (c *collector) DNSAnswer(int64, uint8, uint64, netip.AddrPort, netip.AddrPort, []byte, int) {
+}
+
+// wait returns the events once at least n have arrived and then quiet
+// passed without another (so that extra events are seen too), or at the
+// deadline.
+func (c *collector) wait(n int, quiet time.Duration) []schema.Event {
+	deadline := time.Now().Add(10 * time.Second)
+	last, lastChange := -1, time.Now()
+	for time.Now().Before(deadline) {
+		c.mu.Lock()
+		got := len(c.evs)
+		c.mu.Unlock()
+		if got != last {
+			last, lastChange = got, time.Now()
+		}
+		if got >= n && time.Since(lastChange) >= quiet {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]schema.Event(nil), c.evs...)
+}
+
+// runCapture opens a capture on cg and runs it until the test ends.
+func runCapture(t *testing.T, cg *cgrouptest.Cgroup) (*Capture, *collector) {
+	t.Helper()
+	c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := &collector{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, col) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		c.Close()
+	})
+	return c, col
+}
+
+// nsServer starts the server helper in cgroup cg and namespace ns and
+// returns its port and a function that stops it and returns the
+// connections it accepted.
+func nsServer(t *testing.T, cg *cgrouptest.Cgroup, ns string, backlog int) (int, func() []cgrouptest.Conn) {
+	t.Helper()
+	cmd := netnstest.Wrap(cg.Command("ns-server", strconv.Itoa(backlog)), ns)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	br := bufio.NewReader(out)
+	line, err := br.ReadString('\n')
+	port, perr := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil || perr != nil {
+		t.Fatalf("server helper printed no port: %q %v", line, err)
+	}
+	return port, func() []cgrouptest.Conn {
+		t.Helper()
+		stdin.Close()
+		var conns []cgrouptest.Conn
+		if err := json.NewDecoder(br).Decode(&conns); err != nil {
+			t.Fatalf("server helper's connections: %v", err)
+		}
+		return conns
+	}
+}
+
+// nsClients runs the client helper in cgroup cg and namespace ns.
+func nsClients(t *testing.T, cg *cgrouptest.Cgroup, ns string, n int, addrs ...string) clientsResult {
+	t.Helper()
+	cmd := netnstest.Wrap(cg.Command("ns-clients", append([]string{strconv.Itoa(n)}, addrs...)...), ns)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("clients in %s: %v", ns, err)
+	}
+	var res clientsResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("clients output %q: %v", out, err)
+	}
+	return res
+}
+
+type flowTuple struct {
+	dir      schema.Direction
+	src, dst netip.AddrPort
+}
+
+func tupleOf(ev schema.Event) flowTuple {
+	return flowTuple{ev.Direction, netip.AddrPortFrom(ev.Src, ev.SrcPort), netip.AddrPortFrom(ev.Dst, ev.DstPort)}
+}
+
+var cookieCounters = []string{"TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpExtSyncookiesFailed", "TcpExtListenOverflows", "TcpExtListenDrops", "TcpPassiveOpens"}
+
+// cookieRun is what synCookieRun saw.
+type cookieRun struct {
+	kernel   map[string]uint64 // the change of the TCP counters in A
+	capture  Counters
+	clients  clientsResult
+	accepted int
+	events   int
+}
+
+// synCookieRun makes n connections per address family, all at once, from
+// namespace B (not watched) to a server in the watched cgroup in namespace
+// A, with the given syncookies setting and backlog; with pace, B's end of
+// the link sends at 1 Mbit/s, which spreads the burst out. It checks that
+// every connection the kernel completed in A (TcpPassiveOpens) has exactly
+// one incoming event with its 4-tuple, every accepted one included.
+func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool) cookieRun {
+	cgrouptest.RequirePrivileged(t)
+	pair := netnstest.New(t)
+	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", syncookies)
+	if pace {
+		netnstest.Pace(t, pair.B, pair.IfB, "1mbit")
+	}
+	watched := cgrouptest.NewChild(t)
+	other := cgrouptest.NewChild(t)
+	c, col := runCapture(t, watched)
+
+	before := netnstest.Netstat(t, pair.A)
+	port, stop := nsServer(t, watched, pair.A, backlog)
+	p := strconv.Itoa(port)
+	res := nsClients(t, other, pair.B, n, net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	accepted := stop()
+	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), cookieCounters...)
+	completed := int(d["TcpPassiveOpens"])
+	evs := col.wait(completed, 300*time.Millisecond)
+	k, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	key := func(cn cgrouptest.Conn) flowTuple {
+		return flowTuple{schema.Incoming, netip.MustParseAddrPort(cn.Client), netip.MustParseAddrPort(cn.Server)}
+	}
+	got := map[flowTuple]int{}
+	for _, ev := range evs {
+		tu := tupleOf(ev)
+		got[tu]++
+		if ev.CgroupID != watched.ID() {
+			t.Errorf("%v: cgroup id %d, want the server's %d", tu, ev.CgroupID, watched.ID())
+		}
+		if ev.Direction != schema.Incoming || ev.DstPort != uint16(port) ||
+			!(ev.Src == pair.B4 && ev.Dst == pair.A4 || ev.Src == pair.B6 && ev.Dst == pair.A6) {
+			t.Errorf("event %s:%d -> %s:%d %v is none of the test's connections", ev.Src, ev.SrcPort, ev.Dst, ev.DstPort, ev.Direction)
+		}
+	}
+	for tu, c := range got {
+		if c != 1 {
+			t.Errorf("%d events for %v", c, tu)
+		}
+	}
+	missing := 0
+	for _, cn := range append(append([]cgrouptest.Conn(nil), accepted...), res.Conns...) {
+		if got[key(cn)] == 0 {
+			if missing++; missing <= 3 {
+				t.Errorf("no event for %v", key(cn))
+			}
+		}
+	}
+	if len(evs) != completed {
+		t.Errorf("%d events, the kernel completed %d passive connections in A: want one each", len(evs), completed)
+	}
+	if k.RingbufFull != 0 {
+		t.Errorf("%d events lost to a full ring buffer", k.RingbufFull)
+	}
+	t.Logf("syncookies=%s backlog %d pace %v: clients %d echoed, %d failed (%s); server accepted %d; %d events (%d missing); kernel in A: %s; capture: begins at established %d, at the SYN-ACK %d, duplicate SYN-ACKs %d",
+		syncookies, backlog, pace, len(res.Conns), res.Failed, res.Err, len(accepted), len(evs), missing,
+		netnstest.String(d, cookieCounters...), k.BeginsAtEstablished, uint64(len(evs))-k.BeginsAtEstablished, k.Duplicates)
+	return cookieRun{kernel: d, capture: k, clients: res, accepted: len(accepted), events: len(evs)}
+}
+
+// TestSynCookiesOnly: with tcp_syncookies=2 every SYN is answered with a
+// cookie, whose SYN-ACK the egress program never sees. Every connection
+// still has its one incoming event, each taken when the handshake completed,
+// and the count of those equals the kernel's own count of cookies sent and
+// validated.
+func TestSynCookiesOnly(t *testing.T) {
+	const n = 100 // per family
+	r := synCookieRun(t, "2", 128, n, false)
+	if len(r.clients.Conns) != 2*n || r.accepted != 2*n || r.events != 2*n {
+		t.Errorf("%d connections echoed, %d accepted, %d events: want %d each", len(r.clients.Conns), r.accepted, r.events, 2*n)
+	}
+	if r.kernel["TcpExtSyncookiesSent"] != 2*n || r.kernel["TcpExtSyncookiesRecv"] != 2*n {
+		t.Errorf("kernel sent %d cookies and validated %d, want one each per connection (%d): the test did not make what it meant to",
+			r.kernel["TcpExtSyncookiesSent"], r.kernel["TcpExtSyncookiesRecv"], 2*n)
+	}
+	if r.capture.BeginsAtEstablished != r.kernel["TcpExtSyncookiesRecv"] {
+		t.Errorf("begins at established %d, kernel's cookies validated %d: want equal", r.capture.BeginsAtEstablished, r.kernel["TcpExtSyncookiesRecv"])
+	}
+}
+
+// TestSynCookiesMixed: the default setting (cookies once the SYN queue of a
+// backlog of 16 is full) and a burst of 200 connections, spread out by a
+// paced link so that the accept queue keeps up (its ACKs queue behind the
+// burst's SYNs, so the SYN queue fills): request sockets for some,
+// cookies for the others, every handshake completes. Each connection has
+// exactly one incoming event, and the begins taken at the handshake's end
+// are exactly the cookies the kernel validated.
+func TestSynCookiesMixed(t *testing.T) {
+	const n = 100
+	r := synCookieRun(t, "1", 16, n, true)
+	if r.clients.Failed != 0 || r.kernel["TcpExtListenOverflows"] != 0 {
+		t.Errorf("%d connections failed, %d accept queue overflows: the pacing did not keep the accept queue free", r.clients.Failed, r.kernel["TcpExtListenOverflows"])
+	}
+	if r.capture.BeginsAtEstablished != r.kernel["TcpExtSyncookiesRecv"] {
+		t.Errorf("begins at established %d, kernel's cookies validated %d: want equal", r.capture.BeginsAtEstablished, r.kernel["TcpExtSyncookiesRecv"])
+	}
+	if r.kernel["TcpExtSyncookiesRecv"] == 0 || r.capture.BeginsAtEstablished == uint64(r.events) {
+		t.Errorf("cookies validated %d, begins at established %d of %d: want a mix of cookies and request sockets", r.kernel["TcpExtSyncookiesRecv"], r.capture.BeginsAtEstablished, r.events)
+	}
+}
+
+// TestSynCookiesBurstOverflow: the same burst unpaced, as in issue 16: the
+// accept queue overflows too, the kernel validates some cookies more than
+// once (each ACK or data segment retried against a full queue) and drops
+// some handshakes for good. Still exactly one event per connection it
+// completed; a cookie validated again is no second begin.
+func TestSynCookiesBurstOverflow(t *testing.T) {
+	const n = 100
+	r := synCookieRun(t, "1", 5, n, false)
+	sent, recv, over := r.kernel["TcpExtSyncookiesSent"], r.kernel["TcpExtSyncookiesRecv"], r.kernel["TcpExtListenOverflows"]
+	at := r.capture.BeginsAtEstablished
+	if at > sent || at > recv || recv-at > over {
+		t.Errorf("begins at established %d; kernel: cookies sent %d, validated %d, accept queue overflows %d: want at <= sent, at <= validated, validated - at <= overflows", at, sent, recv, over)
+	}
+	if over == 0 && at != recv {
+		t.Errorf("no overflow, and begins at established %d != cookies validated %d", at, recv)
+	}
+}
+
+// TestLinkLocalZone: connections over link-local addresses between two
+// namespaces, both ends in the watched cgroup. Every address of every event
+// carries the zone of the interface the packet used, named as in the
+// namespace the packet was in: the incoming side (A) names A's end of the
+// veth pair, the outgoing side (B) B's end. With syncookies=2 the incoming
+// begin comes from the sock_ops program, whose zone is the child socket's
+// bound device.
+func TestLinkLocalZone(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	for _, cookies := range []string{"1", "2"} {
+		t.Run("syncookies="+cookies, func(t *testing.T) {
+			pair := netnstest.New(t)
+			netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", cookies)
+			watched := cgrouptest.NewChild(t)
+			c, col := runCapture(t, watched)
+			const n = 3
+			port, stop := nsServer(t, watched, pair.A, 128)
+			addr := net.JoinHostPort(pair.LLA.WithZone(pair.IfB).String(), strconv.Itoa(port))
+			res := nsClients(t, watched, pair.B, n, addr)
+			stop()
+			conns := res.Conns
+			if len(conns) != n {
+				t.Fatalf("%d connections (%d failed: %s), want %d", len(conns), res.Failed, res.Err, n)
+			}
+			want := map[flowTuple]bool{}
+			for _, cn := range conns {
+				cl, sv := netip.MustParseAddrPort(cn.Client), netip.MustParseAddrPort(cn.Server)
+				if cl.Addr().WithZone("") != pair.LLB {
+					t.Fatalf("client address %v, want %v", cl, pair.LLB)
+				}
+				in := func(a netip.AddrPort, zone string) netip.AddrPort {
+					return netip.AddrPortFrom(a.Addr().WithZone(zone), a.Port())
+				}
+				want[flowTuple{schema.Incoming, in(cl, pair.IfA), in(sv, pair.IfA)}] = true
+				want[flowTuple{schema.Outgoing, in(cl, pair.IfB), in(sv, pair.IfB)}] = true
+			}
+			evs := col.wait(len(want), 300*time.Millisecond)
+			got := map[flowTuple]int{}
+			for _, ev := range evs {
+				got[tupleOf(ev)]++
+			}
+			for tu := range want {
+				if got[tu] != 1 {
+					t.Errorf("%d events for %v", got[tu], tu)
+				}
+			}
+			for tu := range got {
+				if !want[tu] {
+					t.Errorf("unexpected event %v (%s -> %s)", tu, tu.src, tu.dst)
+				}
+			}
+			k, _ := c.Counters()
+			t.Logf("%d events, begins at established %d", len(evs), k.BeginsAtEstablished)
+			if cookies == "2" && k.BeginsAtEstablished != n {
+				t.Errorf("begins at established %d, want %d", k.BeginsAtEstablished, n)
+			}
+		})
+	}
+}
+
