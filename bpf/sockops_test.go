@@ -491,4 +491,3 @@ func TestLinkLocalZone(t *testing.T) {
 		})
 	}
 }
-
