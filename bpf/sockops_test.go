@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
 	"github.com/flowbus/flowbus/bpf/netnstest"
 	"github.com/flowbus/flowbus/schema"
@@ -29,12 +31,12 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// nsServerHelper: args backlog. A dual-stack listener on [::]:0 with the
-// given backlog; prints its port, then serves connections (one byte echoed
+// nsServerHelper: args backlog [fastopen]. A dual-stack listener on [::]:0
+// with the given backlog (and TCP Fast Open, with "fastopen"); prints its port, then serves connections (one byte echoed
 // each) until stdin closes, and prints the accepted connections as JSON.
 func nsServerHelper(args []string) error {
-	if len(args) != 1 {
-		return fmt.Errorf("want backlog, got %q", args)
+	if len(args) != 1 && len(args) != 2 {
+		return fmt.Errorf("want backlog [fastopen], got %q", args)
 	}
 	backlog, _ := strconv.Atoi(args[0])
 	// net.Listen takes the system's backlog; a small one is what makes the
@@ -48,6 +50,15 @@ func nsServerHelper(args []string) error {
 	}
 	if err := syscall.Bind(fd, &syscall.SockaddrInet6{}); err != nil {
 		return err
+	}
+	if len(args) == 2 && args[1] == "fastopen" {
+		if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, unix.TCP_FASTOPEN, 64); err != nil {
+			return err
+		}
+		// Data in the SYN taken without a cookie.
+		if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, unix.TCP_FASTOPEN_NO_COOKIE, 1); err != nil {
+			return err
+		}
 	}
 	if err := syscall.Listen(fd, backlog); err != nil {
 		return err
@@ -127,7 +138,21 @@ func nsClientsHelper(args []string) error {
 	if len(args) < 2 {
 		return fmt.Errorf("want n addr..., got %q", args)
 	}
-	n, _ := strconv.Atoi(args[0])
+	// "fo:n": connect with TCP Fast Open, the byte going out in the SYN.
+	fastopen := strings.HasPrefix(args[0], "fo:")
+	n, _ := strconv.Atoi(strings.TrimPrefix(args[0], "fo:"))
+	d := net.Dialer{Timeout: 4 * time.Second}
+	if fastopen {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, unix.TCP_FASTOPEN_CONNECT, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
 	var mu sync.Mutex
 	var res clientsResult
 	var wg sync.WaitGroup
@@ -137,7 +162,7 @@ func nsClientsHelper(args []string) error {
 			go func() {
 				defer wg.Done()
 				err := func() error {
-					c, err := net.DialTimeout("tcp", addr, 4*time.Second)
+					c, err := d.Dial("tcp", addr)
 					if err != nil {
 						return err
 					}
@@ -232,9 +257,9 @@ func runCapture(t *testing.T, cg *cgrouptest.Cgroup) (*Capture, *collector) {
 // nsServer starts the server helper in cgroup cg and namespace ns and
 // returns its port and a function that stops it and returns the
 // connections it accepted.
-func nsServer(t *testing.T, cg *cgrouptest.Cgroup, ns string, backlog int) (int, func() []cgrouptest.Conn) {
+func nsServer(t *testing.T, cg *cgrouptest.Cgroup, ns string, backlog int, extra ...string) (int, func() []cgrouptest.Conn) {
 	t.Helper()
-	cmd := netnstest.Wrap(cg.Command("ns-server", strconv.Itoa(backlog)), ns)
+	cmd := netnstest.Wrap(cg.Command("ns-server", append([]string{strconv.Itoa(backlog)}, extra...)...), ns)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -269,9 +294,9 @@ func nsServer(t *testing.T, cg *cgrouptest.Cgroup, ns string, backlog int) (int,
 }
 
 // nsClients runs the client helper in cgroup cg and namespace ns.
-func nsClients(t *testing.T, cg *cgrouptest.Cgroup, ns string, n int, addrs ...string) clientsResult {
+func nsClients(t *testing.T, cg *cgrouptest.Cgroup, ns string, n string, addrs ...string) clientsResult {
 	t.Helper()
-	cmd := netnstest.Wrap(cg.Command("ns-clients", append([]string{strconv.Itoa(n)}, addrs...)...), ns)
+	cmd := netnstest.Wrap(cg.Command("ns-clients", append([]string{n}, addrs...)...), ns)
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("clients in %s: %v", ns, err)
@@ -287,6 +312,8 @@ type flowTuple struct {
 	dir      schema.Direction
 	src, dst netip.AddrPort
 }
+
+func (f flowTuple) String() string { return fmt.Sprintf("%v %s -> %s", f.dir, f.src, f.dst) }
 
 func tupleOf(ev schema.Event) flowTuple {
 	return flowTuple{ev.Direction, netip.AddrPortFrom(ev.Src, ev.SrcPort), netip.AddrPortFrom(ev.Dst, ev.DstPort)}
@@ -323,7 +350,7 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool) co
 	before := netnstest.Netstat(t, pair.A)
 	port, stop := nsServer(t, watched, pair.A, backlog)
 	p := strconv.Itoa(port)
-	res := nsClients(t, other, pair.B, n, net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	res := nsClients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
 	accepted := stop()
 	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), cookieCounters...)
 	completed := int(d["TcpPassiveOpens"])
@@ -450,7 +477,7 @@ func TestLinkLocalZone(t *testing.T) {
 			const n = 3
 			port, stop := nsServer(t, watched, pair.A, 128)
 			addr := net.JoinHostPort(pair.LLA.WithZone(pair.IfB).String(), strconv.Itoa(port))
-			res := nsClients(t, watched, pair.B, n, addr)
+			res := nsClients(t, watched, pair.B, strconv.Itoa(n), addr)
 			stop()
 			conns := res.Conns
 			if len(conns) != n {
@@ -489,5 +516,51 @@ func TestLinkLocalZone(t *testing.T) {
 				t.Errorf("begins at established %d, want %d", k.BeginsAtEstablished, n)
 			}
 		})
+	}
+}
+
+// TestFastOpenOneBegin: with TCP Fast Open the kernel makes the child at the
+// SYN and calls PASSIVE_ESTABLISHED_CB then, before the SYN-ACK leaves (from
+// the child, so the egress program sees it). The sock_ops program must leave
+// that begin to the SYN-ACK: one event per connection, none at established.
+func TestFastOpenOneBegin(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	pair := netnstest.New(t)
+	// Server and client enabled (the listener takes data without a cookie);
+	// client: enabled, data sent in the SYN without a cookie (0x4).
+	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_fastopen", "3")
+	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_fastopen", strconv.Itoa(0x5))
+	watched := cgrouptest.NewChild(t)
+	other := cgrouptest.NewChild(t)
+	c, col := runCapture(t, watched)
+	before := netnstest.Netstat(t, pair.A)
+	port, stop := nsServer(t, watched, pair.A, 128, "fastopen")
+	p := strconv.Itoa(port)
+	const n = 20
+	res := nsClients(t, other, pair.B, "fo:"+strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	accepted := stop()
+	names := []string{"TcpExtTCPFastOpenPassive", "TcpExtTCPFastOpenPassiveFail", "TcpExtTCPFastOpenCookieReqd", "TcpPassiveOpens"}
+	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), names...)
+	bn := []string{"TcpExtTCPFastOpenActive", "TcpExtTCPFastOpenActiveFail", "TcpActiveOpens"}
+	t.Logf("kernel in B: %s", netnstest.String(netnstest.Netstat(t, pair.B), bn...))
+	evs := col.wait(2*n, 300*time.Millisecond)
+	k, _ := c.Counters()
+	t.Logf("%d echoed, %d failed (%s), %d accepted, %d events; kernel in A: %s; begins at established %d, duplicate SYN-ACKs %d",
+		len(res.Conns), res.Failed, res.Err, len(accepted), len(evs), netnstest.String(d, names...), k.BeginsAtEstablished, k.Duplicates)
+	if d["TcpExtTCPFastOpenPassive"] != 2*n {
+		t.Fatalf("kernel took %d connections by Fast Open, want %d: the test did not make what it meant to", d["TcpExtTCPFastOpenPassive"], 2*n)
+	}
+	got := map[flowTuple]int{}
+	for _, ev := range evs {
+		got[tupleOf(ev)]++
+	}
+	for _, cn := range accepted {
+		tu := flowTuple{schema.Incoming, netip.MustParseAddrPort(cn.Client), netip.MustParseAddrPort(cn.Server)}
+		if got[tu] != 1 {
+			t.Errorf("%d events for %v, want 1", got[tu], tu)
+		}
+	}
+	if len(evs) != 2*n || k.BeginsAtEstablished != 0 {
+		t.Errorf("%d events, %d at established: want %d, all at the SYN-ACK", len(evs), k.BeginsAtEstablished, 2*n)
 	}
 }
