@@ -22,7 +22,17 @@ import (
 
 func TestMain(m *testing.M) {
 	cgrouptest.MaybeRunHelper()
-	os.Exit(m.Run())
+	// The agents these tests start keep their state (run records) in a
+	// directory of this test run, never in the host's state directory: a
+	// test must neither leave files there nor link to an earlier run's.
+	dir, err := os.MkdirTemp("", "flowbus-test-state-")
+	if err != nil {
+		panic(err)
+	}
+	os.Setenv("STATE_DIRECTORY", dir)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }
 
 // testConfig is a valid configuration for an agent watching cgroup path with

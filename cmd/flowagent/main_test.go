@@ -17,7 +17,17 @@ import (
 
 func TestMain(m *testing.M) {
 	cgrouptest.MaybeRunHelper()
-	os.Exit(m.Run())
+	// The agents these tests start keep their state (run records) in a
+	// directory of this test run, never in the host's state directory: a
+	// test must neither leave files there nor link to an earlier run's.
+	dir, err := os.MkdirTemp("", "flowbus-test-state-")
+	if err != nil {
+		panic(err)
+	}
+	os.Setenv("STATE_DIRECTORY", dir)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }
 
 // runFlowagent runs the program's main logic with args and env.
