@@ -244,10 +244,23 @@ func TestFaultStreamDeleted(t *testing.T) {
 	})
 }
 
+// removeCgroup removes an empty cgroup: the traffic helper has exited, but
+// the kernel may take a moment to let go of it.
+func removeCgroup(t *testing.T, path string) {
+	t.Helper()
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if err = os.Remove(path); err == nil {
+			return
+		}
+	}
+	t.Fatalf("removing the cgroup: %v", err)
+}
+
 // 2. The watched cgroup is removed (its service stopped): /readyz names it
 // and one line says so; a cgroup made again at the same path (the service
 // restarted) is attached to, with the capture lock, and its connections
-// arrive.
+// arrive; so are those of a cgroup that replaced it between two looks.
 func TestFaultCgroupRemoved(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	srv := newNATS(t, proctest.NATSOptions{})
@@ -262,16 +275,7 @@ func TestFaultCgroupRemoved(t *testing.T) {
 		return drained(m) && m[mPublished] == float64(want.n)
 	})
 
-	// The traffic helper has exited; the kernel may take a moment to let go.
-	var err error
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if err = os.Remove(cg.Path); err == nil {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatalf("removing the cgroup: %v", err)
-	}
+	removeCgroup(t, cg.Path)
 	took, body := a.waitReadyz(5*time.Second, "failing on the cgroup", notReadyFor("cgroup"))
 	t.Logf("cgroup removed: /readyz 503 after %v: %q", took.Round(time.Millisecond), body)
 	if !strings.Contains(body, cg.Path) || !strings.Contains(body, "FLOWBUS_CGROUP_PATH") {
@@ -295,11 +299,24 @@ func TestFaultCgroupRemoved(t *testing.T) {
 		t.Errorf("%d lines saying the agent attached to the new cgroup, want one", len(back))
 	}
 	want.addConns(cg2.Traffic(t, "127.0.0.1", 5, false).Conns)
-	m := a.WaitMetrics(20*time.Second, "the new cgroup's connections acknowledged", func(m map[string]float64) bool {
+	a.WaitMetrics(20*time.Second, "the new cgroup's connections acknowledged", func(m map[string]float64) bool {
+		return drained(m) && m[mPublished] == float64(want.n)
+	})
+
+	// Removed and made again between two looks (a quick restart): never
+	// seen gone, but the agent follows to the new cgroup and says so.
+	removeCgroup(t, cg2.Path)
+	cg3 := cgrouptest.NewChildAt(t, cg.Path)
+	if !a.WaitLog(5*time.Second, "replaced by a new one at the same path") {
+		t.Fatalf("no line saying the cgroup was replaced:\n%s", proctest.Tail(a.LogPath, 10))
+	}
+	t.Logf("cgroup replaced at once (id %d): %q", cg3.ID(), logLines(a, "replaced by a new one"))
+	want.addConns(cg3.Traffic(t, "127.0.0.1", 5, false).Conns)
+	m := a.WaitMetrics(20*time.Second, "the replacement's connections acknowledged", func(m map[string]float64) bool {
 		return drained(m) && m[mPublished] == float64(want.n)
 	})
 	got := waitStream(t, srv.URL(), "FLOWS", want.n, 30*time.Second)
-	checkExact(t, "before the removal and after the new cgroup", got, want)
+	checkExact(t, "before the removal, after the new cgroup and after its replacement", got, want)
 	if m[mCheck("cgroup")] != 1 {
 		t.Errorf("check_ok{cgroup} %g after the re-attach, want 1", m[mCheck("cgroup")])
 	}
