@@ -34,11 +34,10 @@ type Check struct {
 	Cause string // why it fails, and what to do; empty when OK
 }
 
-// Timings of the watcher: the cheap checks (connection, acks, cgroup) run
-// every second; the stream is asked about only when the publishes give no
-// proof (no ack since the last look) and then at most every
-// streamIdleProbe, or at once on a sign that it is gone (a publish no
-// stream answered, a reconnect).
+// Timings of the watcher: every check runs every second, but the stream is
+// asked about only when the publishes give no proof of it (no ack for
+// streamIdleProbe), at once on a sign that it is gone (a publish no stream
+// answered, a reconnect), and every second while it fails.
 const (
 	healthTick      = time.Second
 	streamIdleProbe = 5 * time.Second
