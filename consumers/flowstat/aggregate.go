@@ -14,19 +14,22 @@ import (
 	"github.com/flowbus/flowbus/schema"
 )
 
-// aggregator folds decoded batches into a store.Delta. One aggregator lives for one Run or Replay; its
-// chain state (runs) is the committed run_state plus what the pending delta adds, so a failed commit
-// must end the Run (the caller reloads everything on restart).
+// aggregator folds decoded batches into a store.Delta. One aggregator lives for one Run or Replay.
+// The state of a chain is, newest first: its entry in chains (bounded), the pending delta's, the
+// database's (read by load). Whatever chains evicts is in one of the other two, so a failed commit must
+// end the Run, whose successor reads the committed state again.
 type aggregator struct {
 	bucketS int64
 	prefix  string // subject prefix: a batch must arrive on <prefix>.<its host>.<its direction>
-	runs    map[store.RunKey]store.ChainState
-	d       *store.Delta
-	batch   schema.Batch
-	late    uint64 // batches below the last one seen of their chain that filled a hole (counted)
-	dups    uint64 // batches that repeated a counted one (not counted)
-	// holes are the committed hole lists plus the pending delta's, per chain, sorted by From.
-	holes  map[store.RunKey][]store.Hole
+	chains  *chainCache
+	// load reads a chain's committed state and holes by key (nil: no database, nothing committed);
+	// loads counts its calls.
+	load  func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
+	loads uint64
+	d     *store.Delta
+	batch schema.Batch
+	late  uint64 // batches below the last one seen of their chain that filled a hole (counted)
+	dups  uint64 // batches that repeated a counted one (not counted)
 	stream string // for the duplicates' records
 	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
 	dupSeqs map[uint64]bool
@@ -41,14 +44,48 @@ type aggregator struct {
 	fromS, toS int64
 }
 
-func newAggregator(bucket time.Duration, prefix string, runs map[store.RunKey]store.ChainState, holes map[store.RunKey][]store.Hole) *aggregator {
-	if runs == nil {
-		runs = map[store.RunKey]store.ChainState{}
+// newAggregator returns an aggregator keeping chains in a cache of at most maxChains (DefaultMaxChains
+// when 0), with nothing committed (set load to read a database).
+func newAggregator(bucket time.Duration, prefix string, maxChains int) *aggregator {
+	if maxChains <= 0 {
+		maxChains = DefaultMaxChains
 	}
-	if holes == nil {
-		holes = map[store.RunKey][]store.Hole{}
+	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), prefix: prefix, chains: newChainCache(maxChains), d: store.NewDelta()}
+}
+
+// storeError is a database failure while reading chain state: not the message's fault, so it ends the
+// Run instead of dead-lettering the message.
+type storeError struct{ err error }
+
+func (e *storeError) Error() string {
+	return "read chain state: " + e.err.Error()
+}
+func (e *storeError) Unwrap() error { return e.err }
+
+// lookup returns chain rk's state and holes and whether any batch or link made it known: from the
+// cache, else the pending delta (changes since the last commit of a chain evicted meanwhile), else the
+// database. The delta holds a chain's complete state, and its complete hole list when that changed.
+func (a *aggregator) lookup(rk store.RunKey) (chainEntry, bool, error) {
+	if e, ok := a.chains.get(rk); ok {
+		return e, true, nil
 	}
-	return &aggregator{bucketS: max(int64(bucket/time.Second), 1), prefix: prefix, runs: runs, holes: holes, d: store.NewDelta()}
+	cs, inDelta := a.d.Runs[rk]
+	hs, holesInDelta := a.d.Holes[rk]
+	if inDelta && holesInDelta || a.load == nil {
+		return chainEntry{cs: cs, holes: hs}, inDelta, nil
+	}
+	a.loads++
+	dcs, dhs, found, err := a.load(rk)
+	if err != nil {
+		return chainEntry{}, false, &storeError{err}
+	}
+	if inDelta {
+		dcs, found = cs, true
+	}
+	if holesInDelta {
+		dhs = hs
+	}
+	return chainEntry{cs: dcs, holes: dhs}, found, nil
 }
 
 // bucketOf is the start (unix seconds) of the bucket holding unix-ns timestamp ns, flooring correctly
@@ -92,7 +129,8 @@ func deadReason(err error) string {
 
 // add folds one stream message, stored on subject, in. It returns the decode error when the message is
 // not a valid batch, or is not on its own host's and direction's subject; the caller dead-letters it and
-// nothing of it is counted.
+// nothing of it is counted. A *storeError (chain state unreadable) is no fault of the message: the
+// caller stops without committing.
 func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored time.Time) error {
 	b := &a.batch
 	if err := schema.DecodeBatch(data, b); err != nil {
@@ -115,8 +153,8 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 			a.dups++
 			return nil
 		}
-	} else if !a.chain(streamSeq, stored) {
-		return nil
+	} else if counted, err := a.chain(streamSeq, stored); err != nil || !counted {
+		return err
 	}
 	a.d.Messages++
 	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
@@ -140,32 +178,40 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 
 // chain follows the batch's prev_seq link (stream.Follow: per host, run and direction) and records a
 // gap, and the hole of seqs it reveals, when it does not point at the last batch seen. It returns false
-// when the batch must not be counted.
+// when the batch must not be counted, and a *storeError when the chain's state could not be read.
 //
 // A batch at or below the last seq seen either arrived late (a publish retried after a later batch was
 // stored) or repeats a counted batch (a retry the stream stored twice, having forgotten the first copy's
 // message id after its duplicates window). A late batch lies in a hole: it is counted, shrinks the hole,
 // records no gap and does not move the chain back. Anything else is a duplicate: recorded, not counted.
-// Only late batches need the hole lookup, so the common path costs one map read.
+// Only late batches search the holes, so the common path costs one map read (the chain in memory).
 //
 // A counted batch adds to its chain's count of batches, which run links need: a batch carrying prev_run
 // records a restart with K told from the previous run's count (link), and a counted batch of a run a
 // link named lowers that link's K.
-func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
+func (a *aggregator) chain(streamSeq uint64, stored time.Time) (bool, error) {
 	b := &a.batch
 	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
-	cs, seen := a.runs[rk]
+	e, seen, err := a.lookup(rk)
+	if err != nil {
+		return false, err
+	}
+	cs := e.cs
 	last := cs.Last
 	link := stream.Follow(seen, last, b.Seq, b.PrevSeq)
 	if link == stream.LinkBehind {
-		if !a.fillHole(rk, b.Seq) {
+		hs, filled := fillHole(e.holes, b.Seq)
+		if !filled {
+			a.chains.put(rk, e) // unchanged: kept so that further copies need no lookup
 			a.dups++
 			a.d.Dups = append(a.d.Dups, store.Duplicate{RunKey: rk, Seq: b.Seq, Stream: a.stream, StreamSeq: streamSeq, Stored: stored})
-			return false
+			return false, nil
 		}
+		e.holes = hs
+		a.d.Holes[rk] = hs
 		a.late++
-		a.count(rk, cs)
-		return true
+		a.count(rk, e, stored)
+		return true, nil
 	}
 	// Unlike a tail's warnings, a run first seen past its first batch is recorded as a gap: the
 	// summary shows that its earlier batches were never read.
@@ -174,8 +220,9 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 		// The missing batches lie after the last one seen, up to the named predecessor (never at or
 		// beyond this batch, whatever a broken agent says).
 		if hi := min(b.PrevSeq, b.Seq-1); hi > last {
-			a.holes[rk] = append(a.holes[rk], store.Hole{From: last + 1, To: hi})
-			a.d.Holes[rk] = a.holes[rk]
+			// A new array: the pending delta or a loaded list may share the old one.
+			e.holes = append(slices.Clip(e.holes), store.Hole{From: last + 1, To: hi})
+			a.d.Holes[rk] = e.holes
 		}
 	}
 	// A chain only a link named so far (Last 0) begins with this batch.
@@ -183,19 +230,24 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) bool {
 		cs.FromStart = b.PrevSeq == 0
 	}
 	cs.Last = b.Seq
-	a.count(rk, cs)
+	e.cs = cs
+	a.count(rk, e, stored)
 	if b.PrevRun != nil {
-		a.link(rk, streamSeq, stored)
+		if err := a.link(rk, streamSeq, stored); err != nil {
+			return false, err
+		}
 	}
-	return true
+	return true, nil
 }
 
-// count adds one counted batch to chain rk, whose state was cs, and to the K of a link that named it.
-func (a *aggregator) count(rk store.RunKey, cs store.ChainState) {
-	cs.Seen++
-	a.runs[rk] = cs
-	a.d.Runs[rk] = cs
-	if cs.Linked {
+// count adds one counted batch, stored at stored, to chain rk (entry e), and to the K of a link that
+// named it.
+func (a *aggregator) count(rk store.RunKey, e chainEntry, stored time.Time) {
+	e.cs.Seen++
+	e.cs.Stored = max(e.cs.Stored, stored.UnixNano())
+	a.chains.put(rk, e)
+	a.d.Runs[rk] = e.cs
+	if e.cs.Linked {
 		a.d.Recovered[rk]++
 		a.recovered++
 	}
@@ -204,16 +256,22 @@ func (a *aggregator) count(rk store.RunKey, cs store.ChainState) {
 // link records the run link of the batch (chain rk), accounted against what this database counted of
 // the previous run's chain, and marks that chain linked. A chain never seen gets a state row (Last 0),
 // so its batches arriving later are counted for the link too.
-func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) {
+func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) error {
 	b := &a.batch
 	l := *b.PrevRun
 	l.RunID, l.End = cleanText(l.RunID), cleanText(l.End)
 	pk := store.RunKey{Host: b.Host, RunID: l.RunID, Dir: b.Direction}
-	pcs, ok := a.runs[pk]
+	pe, ok, err := a.lookup(pk)
+	if err != nil {
+		return err
+	}
+	pcs := pe.cs
 	prev := stream.PrevChain{Known: ok && (pcs.Seen > 0 || pcs.Last > 0), FromStart: pcs.FromStart, Seen: pcs.Seen, Last: pcs.Last}
 	r := stream.NewRestart(b.Host, b.RunID, b.Direction, &l, prev)
-	pcs.Linked = true
-	a.runs[pk] = pcs
+	// The link makes the previous run's chain active again: its spooled batches may follow.
+	pcs.Linked, pcs.Stored = true, max(pcs.Stored, stored.UnixNano())
+	pe.cs = pcs
+	a.chains.put(pk, pe)
 	a.d.Runs[pk] = pcs
 	missing := int64(-1)
 	if k, told := r.Missing(); told {
@@ -223,14 +281,14 @@ func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) {
 		PrevLastSeq: min(l.LastSeq, math.MaxInt64), PrevBatches: min(l.Batches, math.MaxInt64), PrevEvents: min(l.Events, math.MaxInt64),
 		PrevSeen: r.Prev.String(), Seen: r.Seen, Missing: missing, DownFrom: l.LastNs, DownTo: l.StartNs, StreamSeq: streamSeq, Stored: stored})
 	a.restarts = append(a.restarts, r)
+	return nil
 }
 
-// fillHole removes seq from the holes of chain rk and reports whether it was in one.
-func (a *aggregator) fillHole(rk store.RunKey, seq uint64) bool {
-	hs := a.holes[rk]
+// fillHole returns hole list hs without seq, and whether seq was in a hole.
+func fillHole(hs []store.Hole, seq uint64) ([]store.Hole, bool) {
 	i := slices.IndexFunc(hs, func(h store.Hole) bool { return h.From <= seq && seq <= h.To })
 	if i < 0 {
-		return false
+		return hs, false
 	}
 	h := hs[i]
 	var parts []store.Hole
@@ -241,10 +299,7 @@ func (a *aggregator) fillHole(rk store.RunKey, seq uint64) bool {
 		parts = append(parts, store.Hole{From: seq + 1, To: h.To})
 	}
 	// A new slice: the pending delta may share the old one's array.
-	hs = slices.Concat(hs[:i], parts, hs[i+1:])
-	a.holes[rk] = hs
-	a.d.Holes[rk] = hs
-	return true
+	return slices.Concat(hs[:i], parts, hs[i+1:]), true
 }
 
 // fold counts the batch's events. The peer is the other end of the connection: the responder of an

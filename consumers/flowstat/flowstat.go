@@ -56,6 +56,10 @@ type Stats struct {
 	Restarts    uint64 // run links recorded: first batches naming the previous run of their host
 	Recovered   uint64 // batches of a previous run counted after a link named it (each lowered its K)
 	Skipped     uint64 // redeliveries at or below the checkpoint
+	// ChainsLoaded counts the chains loaded at start (at most Options.MaxChains); ChainLookups the
+	// chains read from the database since, each for a batch or link of a chain not in memory.
+	ChainsLoaded uint64
+	ChainLookups uint64
 	Commits     uint64
 	LastSeq     uint64 // committed checkpoint
 	Reason      string // "idle", "caught-up", "canceled", "crash" or "done"

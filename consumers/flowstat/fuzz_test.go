@@ -45,7 +45,7 @@ func FuzzFold(f *testing.F) {
 		var b schema.Batch
 		derr := schema.DecodeBatch(data, &b)
 		// Published where its own host and direction say, as an agent does.
-		a := newAggregator(time.Minute, "", nil, nil)
+		a := newAggregator(time.Minute, "", 0)
 		err := a.add(data, schema.Subject(schema.DefaultPrefix, b.Host, b.Direction), 1, time.Unix(1_800_000_000, 0))
 		// The aggregator rejects what the decoder rejects, and also a batch whose host is not a valid
 		// subject token.

@@ -6,7 +6,7 @@ import (
 )
 
 func TestBucketOf(t *testing.T) {
-	a := newAggregator(time.Minute, "", nil, nil)
+	a := newAggregator(time.Minute, "", 0)
 	for _, c := range []struct{ ns, want int64 }{
 		{0, 0}, {59_999_999_999, 0}, {60e9, 60}, {-1, -60}, {-60e9, -60}, {-60e9 - 1, -120}, {1_800_000_030e9, 1_800_000_000},
 	} {

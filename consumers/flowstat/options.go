@@ -18,6 +18,12 @@ const (
 	DefaultDurable           = "flowstat"
 	DefaultBucket            = time.Minute
 	DefaultDeadLetterSubject = "flowbus.deadletter"
+	// DefaultMaxChains bounds the chains (one per host, agent run and direction) kept in memory: about
+	// 10 MB with 64-character ids, far above the chains a fleet keeps active at once.
+	DefaultMaxChains = 65536
+	// DefaultChainRetention is how long the state of a chain without any new batch is kept in the
+	// database: longer than any agent run stays silent in a direction, or a stream keeps its backlog.
+	DefaultChainRetention = 30 * 24 * time.Hour
 )
 
 // DefaultFilter is the subject filter used when neither filters nor a prefix are given: every subject
@@ -62,6 +68,15 @@ type Options struct {
 	MaxChunkMessages int
 	MaxChunkAge      time.Duration
 
+	// MaxChains bounds the batch chains kept in memory (0 means DefaultMaxChains): at start the most
+	// recently active ones are loaded; a batch of another chain reads that chain's state from the
+	// database by key. Gap detection, late batches and run links are exact either way.
+	MaxChains int
+	// ChainRetention: the state of a chain (run_state, holes) inactive for longer, measured against
+	// the newest stored time of any chain, is deleted at start and hourly; 0 means
+	// DefaultChainRetention, negative keeps it forever.
+	ChainRetention time.Duration
+
 	// Monitor, if set, follows the run for health probes and metrics.
 	Monitor *Monitor
 
@@ -73,6 +88,9 @@ type Options struct {
 	// crashAfter makes Run return errCrashed right after folding that many messages in, without
 	// committing the pending chunk, as if the process died; 0 disables. Tests set it (export_test.go).
 	crashAfter int
+	// chainsObserved, if set, is called with the number of chains in memory after every message
+	// (tests, export_test.go).
+	chainsObserved func(int)
 }
 
 func (o *Options) defaults() {
@@ -109,6 +127,12 @@ func (o *Options) defaults() {
 	}
 	if o.MaxChunkAge <= 0 {
 		o.MaxChunkAge = 2 * time.Second
+	}
+	if o.MaxChains <= 0 {
+		o.MaxChains = DefaultMaxChains
+	}
+	if o.ChainRetention == 0 {
+		o.ChainRetention = DefaultChainRetention
 	}
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = time.Minute

@@ -68,7 +68,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 	if width == 0 {
 		return stats, fmt.Errorf("database %s holds no aggregates yet: run `flowstat run` first", st.Where())
 	}
-	agg := newAggregator(width, ro.Prefix, nil, nil)
+	agg := newAggregator(width, ro.Prefix, 1) // a replay follows no chain
 	agg.replay = true
 	agg.fromS = agg.bucketOf(o.From.UnixNano())
 	agg.toS = agg.bucketOf(o.To.UnixNano())

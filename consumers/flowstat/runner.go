@@ -47,13 +47,32 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 		fmt.Fprintf(o.Log, "flowstat: removed %d chain-state rows whose host or run id is longer than the bounds (host %d, run id %d characters), written by a flowstat from before them: their batches are refused now, so only the gap detection of those runs is lost; nothing to do\n",
 			n, schema.MaxHostLen, schema.MaxRunIDLen)
 	}
-	runs, err := st.RunStates(ctx)
-	if err != nil {
+	if _, err := pruneChains(ctx, st, &o); err != nil {
 		return Stats{}, err
 	}
-	holes, err := st.Holes(ctx)
+	// Memory for chains is bounded whatever the database holds: the most recent ones are loaded, the
+	// others read by key when a batch of theirs arrives.
+	agg := newAggregator(o.Bucket, o.Prefix, o.MaxChains)
+	recent, err := st.RecentChains(ctx, o.MaxChains)
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, fmt.Errorf("load chain state from database %s: %w", st.Where(), err)
+	}
+	for _, c := range recent {
+		agg.chains.put(c.Key, chainEntry{cs: c.State, holes: c.Holes})
+	}
+	if o.chainsObserved != nil {
+		o.chainsObserved(agg.chains.len())
+	}
+	reader, err := st.ChainReader(ctx)
+	if err != nil {
+		return Stats{}, fmt.Errorf("prepare chain-state lookups in database %s: %w", st.Where(), err)
+	}
+	defer reader.Close()
+	dbCtx := context.WithoutCancel(ctx)
+	agg.load = func(k store.RunKey) (store.ChainState, []store.Hole, bool, error) {
+		lctx, cancel := context.WithTimeout(dbCtx, time.Minute)
+		defer cancel()
+		return reader.Chain(lctx, k)
 	}
 	// Bounded by bytes, not messages: batches vary in size and memory must stay bounded. 16 MiB is
 	// above any sane max_payload, so a single large message is always deliverable.
@@ -65,15 +84,19 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 
 	r := &runner{
 		o: &o, st: st, nc: nc, cons: cons,
-		dbCtx:     context.WithoutCancel(ctx),
+		dbCtx:     dbCtx,
 		dl:        newDeadLetterer(ctx, nc, js, o.DeadLetterSubject, o.Stream, o.ConnectTimeout),
-		agg:       newAggregator(o.Bucket, o.Prefix, runs, holes),
+		agg:       agg,
 		committed: cp,
 		last:      cp,
 		lastLog:   time.Now(),
+		lastPrune: time.Now(),
 	}
 	r.agg.stream = o.Stream
 	r.stats.LastSeq = cp
+	r.stats.ChainsLoaded = uint64(len(recent))
+	fmt.Fprintf(o.Log, "flowstat: loaded the state of the %d most recently active chains (at most %d kept in memory; the others are read from the database when a batch of theirs arrives)\n",
+		len(recent), o.MaxChains)
 	o.Monitor.setCheckpoint(cp)
 	o.Monitor.bound(nc, st)
 	fmt.Fprintf(o.Log, "flowstat: consuming %s as %q with filters %v from stream sequence %d into %s:%s (buckets of %v)\n",
@@ -102,6 +125,27 @@ type runner struct {
 	pending    uint64 // messages left in the stream after the last one read
 	lastLog    time.Time
 	logged     Stats
+	lastPrune  time.Time
+}
+
+// chainPruneEvery is how often a running consumer prunes inactive chain state (it also does at start).
+const chainPruneEvery = time.Hour
+
+// pruneChains deletes the state of chains inactive for longer than o.ChainRetention, with one log line
+// when it deleted any.
+func pruneChains(ctx context.Context, st *store.Store, o *Options) (store.Pruned, error) {
+	if o.ChainRetention < 0 {
+		return store.Pruned{}, nil
+	}
+	p, err := st.PruneChains(ctx, o.ChainRetention)
+	if err != nil {
+		return p, fmt.Errorf("prune the state of chains inactive for more than %v in database %s: %w", o.ChainRetention, st.Where(), err)
+	}
+	if p.Chains+p.Holes > 0 {
+		fmt.Fprintf(o.Log, "flowstat: pruned the state of %d chains (and %d hole rows) inactive for more than %v, with no batch stored since %s: a batch continuing one of them would be recorded as a run first seen mid-way; nothing to do\n",
+			p.Chains, p.Holes, o.ChainRetention, time.Unix(0, p.Before).UTC().Format(time.RFC3339))
+	}
+	return p, nil
 }
 
 func (r *runner) loop(ctx context.Context, it jetstream.MessagesContext) (Stats, error) {
@@ -182,6 +226,14 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 		// also covers the dead-letter subject: copying it again would loop forever
 		dups := r.agg.dups
 		derr := r.agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp)
+		if r.o.chainsObserved != nil {
+			r.o.chainsObserved(r.agg.chains.len())
+		}
+		var se *storeError
+		if errors.As(derr, &se) {
+			// Nothing of this chunk is committed; the next Run reads it again.
+			return fmt.Errorf("stream sequence %d: %w (database %s)", seq, derr, r.st.Where())
+		}
 		if r.agg.dups != dups {
 			b := &r.agg.batch
 			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats batch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
@@ -251,8 +303,12 @@ func (r *runner) commit() error {
 		r.stats.Restarts += uint64(len(d.Restarts))
 		r.stats.Recovered = r.agg.recovered
 		r.stats.Duplicates += uint64(len(d.Dups))
+		r.stats.ChainLookups = r.agg.loads
 		r.committed, r.stats.LastSeq = r.last, r.last
 		d.Reset()
+		if time.Since(r.lastPrune) >= chainPruneEvery {
+			r.prune()
+		}
 	}
 	if r.toAck != nil {
 		// A lost ack only means a redelivery, which the checkpoint filters out.
@@ -261,6 +317,23 @@ func (r *runner) commit() error {
 	}
 	r.chunkStart = time.Time{}
 	return nil
+}
+
+// prune deletes inactive chain state between chunks (the delta is empty, so every chain's state is
+// committed) and forgets those chains in memory too. A failure is logged and retried later: it must not
+// stop the consumption.
+func (r *runner) prune() {
+	r.lastPrune = time.Now()
+	ctx, cancel := context.WithTimeout(r.dbCtx, 5*time.Minute)
+	defer cancel()
+	p, err := pruneChains(ctx, r.st, r.o)
+	if err != nil {
+		fmt.Fprintf(r.o.Log, "flowstat: %v; trying again in %v\n", err, chainPruneEvery)
+		return
+	}
+	if p.Before > 0 {
+		r.agg.chains.dropBefore(p.Before)
+	}
 }
 
 // finish commits the pending chunk and flushes the acks before the connection closes.

@@ -81,6 +81,10 @@ type ChainState struct {
 	FromStart bool
 	// Linked: a run link (prev_run) named this chain; its batches counted since lower that link's K.
 	Linked bool
+	// Stored is when the chain was last active: the stored time (unix ns) of the newest batch that
+	// changed it (a batch of it, or a run link naming it). Retention and the chains kept in memory
+	// at start go by it.
+	Stored int64
 }
 
 // Restart is one run link (a row of restarts): the first batch of direction Dir of run RunID of Host
@@ -418,13 +422,13 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		return fmt.Errorf("batch_agg: %w", err)
 	}
 
-	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq, seen_batches, from_start, linked) VALUES `,
+	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns) VALUES `,
 		`ON CONFLICT (host, run_id, direction) DO UPDATE SET last_seq = excluded.last_seq, seen_batches = excluded.seen_batches,
-			from_start = excluded.from_start, linked = excluded.linked`, 7)
+			from_start = excluded.from_start, linked = excluded.linked, stored_ns = excluded.stored_ns`, 8)
 	defer u4.close()
 	for _, k := range order(mapKeys(d.Runs), cmpRunKey) {
 		c := d.Runs[k]
-		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(c.Last), int64(c.Seen), boolInt(c.FromStart), boolInt(c.Linked)); err != nil {
+		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(c.Last), int64(c.Seen), boolInt(c.FromStart), boolInt(c.Linked), c.Stored); err != nil {
 			return fmt.Errorf("run_state: %w", err)
 		}
 	}
@@ -541,8 +545,8 @@ func (s *Store) overlong() string {
 	return c + `)`
 }
 
-// chainTables hold one row per batch chain (host, run id, direction), loaded into memory when a
-// consumer starts.
+// chainTables hold the state of the batch chains (host, run id, direction), of which a consumer keeps
+// the most recent in memory.
 var chainTables = []string{"run_state", "holes"}
 
 // PurgeOverlongChains deletes the chain-state rows whose host or run id exceed the decoder's bounds,
@@ -566,26 +570,31 @@ func (s *Store) PurgeOverlongChains(ctx context.Context) (int64, error) {
 	return total, err
 }
 
-// RunStates loads the state of every batch chain, to continue gap detection and run-link accounting
-// after a restart. Rows with ids beyond the bounds are never read (see PurgeOverlongChains).
+// RunStates loads the state of every batch chain; the consumer loads only the most recent ones
+// (RecentChains) and the others by key (ChainReader). Rows with ids beyond the bounds are never read
+// (see PurgeOverlongChains).
 func (s *Store) RunStates(ctx context.Context) (map[RunKey]ChainState, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked FROM run_state WHERE NOT `+s.overlong())
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
 	m := map[RunKey]ChainState{}
-	for rows.Next() {
-		var k RunKey
-		var dir string
-		var seq, seen, fromStart, linked int64
-		if err := rows.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked); err != nil {
-			return nil, err
-		}
-		k.Dir, _ = schema.ParseDirection(dir)
-		m[k] = ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0}
+	err := s.each(ctx, `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT `+s.overlong(), nil,
+		func(sc scanner) error {
+			k, c, err := scanChain(sc)
+			m[k] = c
+			return err
+		})
+	return m, err
+}
+
+// scanChain reads the columns host, run_id, direction, last_seq, seen_batches, from_start, linked,
+// stored_ns.
+func scanChain(sc scanner) (RunKey, ChainState, error) {
+	var k RunKey
+	var dir string
+	var seq, seen, fromStart, linked, stored int64
+	if err := sc.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked, &stored); err != nil {
+		return k, ChainState{}, err
 	}
-	return m, rows.Err()
+	k.Dir, _ = schema.ParseDirection(dir)
+	return k, ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0, Stored: stored}, nil
 }
 
 // Holes loads the missing seq ranges of every chain, sorted by From, to tell a late batch from a copy.

@@ -114,6 +114,15 @@ var migrations = []struct {
 			PRIMARY KEY (host, run_id, direction))`,
 		`CREATE INDEX restarts_prev ON restarts (host, prev_run_id, direction)`,
 	}},
+	{4, []string{
+		// When each chain was last active: the stored time (unix ns) of the newest batch that changed
+		// it. The consumer keeps only the most recent chains in memory and loads the others by key; the
+		// retention prunes chains inactive for longer. Chains from before this migration count as
+		// active at the newest bucket of stored time the database holds, so none is pruned early.
+		`ALTER TABLE run_state ADD COLUMN stored_ns BIGINT NOT NULL DEFAULT 0`,
+		`UPDATE run_state SET stored_ns = COALESCE((SELECT MAX(bucket) FROM batch_agg), 0) * 1000000000`,
+		`CREATE INDEX run_state_stored ON run_state (stored_ns)`,
+	}},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

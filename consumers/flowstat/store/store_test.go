@@ -359,8 +359,8 @@ func TestMigrationToRunLinks(t *testing.T) {
 		}
 		old.Close()
 		st := open(t, dsn)
-		if v, err := st.SchemaVersion(ctx); err != nil || v != 3 {
-			t.Fatalf("schema version %d (%v), want 3", v, err)
+		if v, err := st.SchemaVersion(ctx); err != nil || v != store.Version() {
+			t.Fatalf("schema version %d (%v), want %d", v, err, store.Version())
 		}
 		runs, err := st.RunStates(ctx)
 		if err != nil {

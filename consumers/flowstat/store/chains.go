@@ -1,0 +1,152 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/flowbus/flowbus/schema"
+)
+
+// Chain is one batch chain's state with its holes (sorted by From).
+type Chain struct {
+	Key   RunKey
+	State ChainState
+	Holes []Hole
+}
+
+// RecentChains loads the n most recently active chains (by ChainState.Stored, newest first) with their
+// holes: what a consumer keeps in memory at start. The others are read by key when a batch of theirs
+// arrives (ChainReader), so a start reads at most n chains whatever the database holds. Rows with ids
+// beyond the bounds are never read (see PurgeOverlongChains).
+func (s *Store) RecentChains(ctx context.Context, n int) ([]Chain, error) {
+	if n <= 0 {
+		return nil, nil
+	}
+	// The same order in both queries (ties broken by the key) picks the same chains.
+	recent := `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT ` + s.overlong() +
+		` ORDER BY stored_ns DESC, host, run_id, direction LIMIT ?`
+	var out []Chain
+	at := map[RunKey]int{}
+	err := s.each(ctx, recent, []any{n}, func(sc scanner) error {
+		k, c, err := scanChain(sc)
+		at[k] = len(out)
+		out = append(out, Chain{Key: k, State: c})
+		return err
+	})
+	if err != nil || len(out) == 0 {
+		return out, err
+	}
+	err = s.each(ctx, `SELECT h.host, h.run_id, h.direction, h.from_seq, h.to_seq FROM holes h JOIN (SELECT host, run_id, direction FROM run_state WHERE NOT `+s.overlong()+
+		` ORDER BY stored_ns DESC, host, run_id, direction LIMIT ?) r ON h.host = r.host AND h.run_id = r.run_id AND h.direction = r.direction
+		ORDER BY h.host, h.run_id, h.direction, h.from_seq`, []any{n}, func(sc scanner) error {
+		var k RunKey
+		var dir string
+		var from, to int64
+		if err := sc.Scan(&k.Host, &k.RunID, &dir, &from, &to); err != nil {
+			return err
+		}
+		k.Dir, _ = schema.ParseDirection(dir)
+		if i, ok := at[k]; ok {
+			out[i].Holes = append(out[i].Holes, Hole{From: uint64(from), To: uint64(to)})
+		}
+		return nil
+	})
+	return out, err
+}
+
+// ChainReader reads one chain's state and holes by key (primary-key lookups, statements prepared once).
+type ChainReader struct {
+	state, holes *sql.Stmt
+}
+
+// ChainReader prepares the lookups of Chain; Close releases them.
+func (s *Store) ChainReader(ctx context.Context) (*ChainReader, error) {
+	st, err := s.db.PrepareContext(ctx, s.rebind(`SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns
+		FROM run_state WHERE host = ? AND run_id = ? AND direction = ?`))
+	if err != nil {
+		return nil, err
+	}
+	hs, err := s.db.PrepareContext(ctx, s.rebind(`SELECT from_seq, to_seq FROM holes WHERE host = ? AND run_id = ? AND direction = ? ORDER BY from_seq`))
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	return &ChainReader{state: st, holes: hs}, nil
+}
+
+// Chain returns the committed state and holes of chain k; found is false when the database holds no
+// state of it (a chain never seen, or pruned).
+func (r *ChainReader) Chain(ctx context.Context, k RunKey) (c ChainState, holes []Hole, found bool, err error) {
+	_, c, err = scanChain(r.state.QueryRowContext(ctx, k.Host, k.RunID, dirText(k.Dir)))
+	if errors.Is(err, sql.ErrNoRows) {
+		// Holes are only ever written with their chain's run_state row, and removed with it: a chain
+		// without one has none, and the common miss (a new run) costs one lookup.
+		return ChainState{}, nil, false, nil
+	}
+	if err != nil {
+		return c, nil, false, err
+	}
+	rows, err := r.holes.QueryContext(ctx, k.Host, k.RunID, dirText(k.Dir))
+	if err != nil {
+		return c, nil, false, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var from, to int64
+		if err := rows.Scan(&from, &to); err != nil {
+			return c, nil, false, err
+		}
+		holes = append(holes, Hole{From: uint64(from), To: uint64(to)})
+	}
+	return c, holes, true, rows.Err()
+}
+
+// Close releases the prepared statements.
+func (r *ChainReader) Close() {
+	r.state.Close()
+	r.holes.Close()
+}
+
+// Pruned is what PruneChains deleted: Chains run_state rows and Holes holes rows of the chains last
+// active before Before (unix ns).
+type Pruned struct {
+	Chains, Holes int64
+	Before        int64
+}
+
+// PruneChains deletes, in one transaction, the state (run_state and holes rows) of the chains inactive
+// for longer than retention: last active before the newest chain's activity minus retention. Measured
+// against the newest activity the database holds rather than the clock, so a consumer that was stopped
+// for longer than the retention prunes nothing of the chains its backlog continues. A chain pruned and
+// then continued is seen as a run first seen after its start (one gap with after_seq 0), and a link to
+// it tells no K.
+func (s *Store) PruneChains(ctx context.Context, retention time.Duration) (Pruned, error) {
+	var p Pruned
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		p = Pruned{}
+		var newest int64
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(stored_ns), 0) FROM run_state`).Scan(&newest); err != nil {
+			return fmt.Errorf("run_state: %w", err)
+		}
+		if newest <= 0 || retention <= 0 || newest-int64(retention) <= 0 {
+			return nil
+		}
+		p.Before = newest - int64(retention)
+		res, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM holes WHERE EXISTS (SELECT 1 FROM run_state r
+			WHERE r.host = holes.host AND r.run_id = holes.run_id AND r.direction = holes.direction AND r.stored_ns < ?)`), p.Before)
+		if err != nil {
+			return fmt.Errorf("holes: %w", err)
+		}
+		p.Holes, _ = res.RowsAffected()
+		res, err = tx.ExecContext(ctx, s.rebind(`DELETE FROM run_state WHERE stored_ns < ?`), p.Before)
+		if err != nil {
+			return fmt.Errorf("run_state: %w", err)
+		}
+		p.Chains, _ = res.RowsAffected()
+		return nil
+	})
+	return p, err
+}
