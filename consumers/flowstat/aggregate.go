@@ -24,12 +24,12 @@ type aggregator struct {
 	chains  *chainCache
 	// load reads a chain's committed state and holes by key (nil: no database, nothing committed);
 	// loads counts its calls.
-	load  func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
-	loads uint64
-	d     *store.Delta
-	batch schema.Batch
-	late  uint64 // batches below the last one seen of their chain that filled a hole (counted)
-	dups  uint64 // batches that repeated a counted one (not counted)
+	load   func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
+	loads  uint64
+	d      *store.Delta
+	batch  schema.Batch
+	late   uint64 // batches below the last one seen of their chain that filled a hole (counted)
+	dups   uint64 // batches that repeated a counted one (not counted)
 	stream string // for the duplicates' records
 	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
 	dupSeqs map[uint64]bool

@@ -60,9 +60,9 @@ type Stats struct {
 	// chains read from the database since, each for a batch or link of a chain not in memory.
 	ChainsLoaded uint64
 	ChainLookups uint64
-	Commits     uint64
-	LastSeq     uint64 // committed checkpoint
-	Reason      string // "idle", "caught-up", "canceled", "crash" or "done"
+	Commits      uint64
+	LastSeq      uint64 // committed checkpoint
+	Reason       string // "idle", "caught-up", "canceled", "crash" or "done"
 }
 
 // errCrashed is returned by Run when Options.crashAfter triggers.
