@@ -336,3 +336,86 @@ func TestFastOpenOneBegin(t *testing.T) {
 		t.Errorf("%d events, %d at established: want %d, all at the SYN-ACK", len(evs), k.BeginsAtEstablished, 2*n)
 	}
 }
+
+// TestHandshakesUnderWayAtAttach: handshakes whose SYN-ACK left before the
+// programs were attached and whose ACK arrives after have their begin at
+// established; none is lost or doubled. B's end of the link is paced, so
+// that the burst's ACKs queue behind its SYNs: the capture attaches while
+// the SYN-ACKs of the first SYNs are out and no ACK has come back.
+func TestHandshakesUnderWayAtAttach(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	pair := netnstest.New(t)
+	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", "0")
+	netnstest.Pace(t, pair.B, pair.IfB, "1mbit")
+	watched := cgrouptest.NewChild(t)
+	other := cgrouptest.NewChild(t)
+	c, err := Load(Options{CgroupPath: watched.Path, PollInterval: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := &collector{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, col) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		c.Close()
+	})
+
+	port, stop := netnstest.Server(t, watched, pair.A, 1024)
+	p := strconv.Itoa(port)
+	const n = 100
+	clients := make(chan netnstest.ClientsResult, 1)
+	go func() {
+		clients <- netnstest.Clients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	}()
+	names := []string{"TcpPassiveOpens", "TcpExtSyncookiesSent"}
+	before := netnstest.Netstat(t, pair.A)
+	// The 200 SYNs take some 130 ms through B's 1 Mbit/s; the helper
+	// starts in a few ms. Attach in the middle, reading how many
+	// handshakes had completed just before and just after.
+	time.Sleep(60 * time.Millisecond)
+	preAttach := netnstest.Netstat(t, pair.A)
+	if err := c.Attach(); err != nil {
+		t.Fatal(err)
+	}
+	postAttach := netnstest.Netstat(t, pair.A)
+	res := <-clients
+	accepted := stop()
+	after := netnstest.Netstat(t, pair.A)
+	evs := col.wait(1, 300*time.Millisecond)
+	k, _ := c.Counters()
+	total := netnstest.Delta(before, after, names...)["TcpPassiveOpens"]
+	lo := netnstest.Delta(before, preAttach, names...)["TcpPassiveOpens"]
+	hi := netnstest.Delta(before, postAttach, names...)["TcpPassiveOpens"]
+	t.Logf("%d echoed (%d failed), %d accepted, %d events, begins at established %d; kernel in A: %d handshakes completed, %d to %d of them before the attach, %d cookies",
+		len(res.Conns), res.Failed, len(accepted), len(evs), k.BeginsAtEstablished, total, lo, hi, netnstest.Delta(before, after, names...)["TcpExtSyncookiesSent"])
+	if len(accepted) != 2*n || total != 2*n {
+		t.Fatalf("%d accepted, %d completed of %d", len(accepted), total, 2*n)
+	}
+	// Every handshake that completed after the attach has its event, and
+	// only those: some had sent their SYN-ACK before it.
+	if e := uint64(len(evs)); e < total-hi || e > total-lo {
+		t.Errorf("%d events; want one for each of the %d to %d handshakes that completed after the attach", e, total-hi, total-lo)
+	}
+	if k.BeginsAtEstablished == 0 {
+		t.Errorf("no begin at established: no SYN-ACK left before the attach, the test did not make what it meant to")
+	}
+	got := map[flowTuple]int{}
+	for _, ev := range evs {
+		tu := tupleOf(ev)
+		if got[tu]++; got[tu] > 1 {
+			t.Errorf("%d events for %v", got[tu], tu)
+		}
+	}
+	tuples := map[flowTuple]bool{}
+	for _, cn := range accepted {
+		tuples[flowTuple{schema.Incoming, netip.MustParseAddrPort(cn.Client), netip.MustParseAddrPort(cn.Server)}] = true
+	}
+	for tu := range got {
+		if !tuples[tu] {
+			t.Errorf("event %v for no accepted connection", tu)
+		}
+	}
+}

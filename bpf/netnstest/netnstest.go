@@ -11,8 +11,17 @@ import (
 	"net/netip"
 	"os/exec"
 	"strconv"
+	"os"
 	"strings"
+	"sync"
 	"testing"
+)
+
+// holders are processes that sit in a namespace so that its counters can be
+// read from /proc/<pid>/net at once, without starting a process each time.
+var (
+	holdersMu sync.Mutex
+	holders   = map[string]int{}
 )
 
 // Pair is two namespaces, A and B, and the veth pair between them.
@@ -73,6 +82,22 @@ func New(t testing.TB) *Pair {
 		run("-n", s.ns, "link", "set", "lo", "up")
 		run("-n", s.ns, "link", "set", s.dev, "up")
 	}
+	for _, ns := range []string{p.A, p.B} {
+		hold := exec.Command("ip", "netns", "exec", ns, "sleep", "3600")
+		if err := hold.Start(); err != nil {
+			t.Fatalf("starting a process in %s: %v", ns, err)
+		}
+		holdersMu.Lock()
+		holders[ns] = hold.Process.Pid
+		holdersMu.Unlock()
+		t.Cleanup(func() {
+			holdersMu.Lock()
+			delete(holders, ns)
+			holdersMu.Unlock()
+			_ = hold.Process.Kill()
+			_ = hold.Wait()
+		})
+	}
 	return p
 }
 
@@ -90,7 +115,22 @@ func Sysctl(t testing.TB, ns, key, value string) {
 // "TcpExtSyncookiesSent", "TcpPassiveOpens", ...
 func Netstat(t testing.TB, ns string) map[string]uint64 {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/netstat", "/proc/net/snmp").Output()
+	holdersMu.Lock()
+	pid, ok := holders[ns]
+	holdersMu.Unlock()
+	var out []byte
+	var err error
+	if ok {
+		// ip netns exec execs sleep in place: the pid is in the namespace.
+		var a, b []byte
+		a, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/netstat", pid))
+		if err == nil {
+			b, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/snmp", pid))
+		}
+		out = append(a, b...)
+	} else {
+		out, err = exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/netstat", "/proc/net/snmp").Output()
+	}
 	if err != nil {
 		t.Fatalf("reading the TCP counters of %s: %v", ns, err)
 	}
