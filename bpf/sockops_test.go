@@ -108,7 +108,7 @@ type cookieRun struct {
 // the link sends at 1 Mbit/s, which spreads the burst out. It checks that
 // every connection the kernel completed in A (TcpPassiveOpens) has exactly
 // one incoming event with its 4-tuple, every accepted one included.
-func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool) cookieRun {
+func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, serverOpt ...string) cookieRun {
 	cgrouptest.RequirePrivileged(t)
 	pair := netnstest.New(t)
 	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", syncookies)
@@ -120,9 +120,13 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool) co
 	c, col := runCapture(t, watched)
 
 	before := netnstest.Netstat(t, pair.A)
-	port, stop := netnstest.Server(t, watched, pair.A, backlog)
+	port, stop := netnstest.Server(t, watched, pair.A, backlog, serverOpt...)
 	p := strconv.Itoa(port)
-	res := netnstest.Clients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	addrs := []string{net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p)}
+	if len(serverOpt) > 0 && serverOpt[0] == "inet4" {
+		addrs = []string{addrs[0], addrs[0]} // n twice: the same count of connections
+	}
+	res := netnstest.Clients(t, other, pair.B, strconv.Itoa(n), addrs...)
 	accepted := stop()
 	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), cookieCounters...)
 	completed := int(d["TcpPassiveOpens"])
@@ -179,7 +183,7 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool) co
 // validated.
 func TestSynCookiesOnly(t *testing.T) {
 	const n = 100 // per family
-	r := synCookieRun(t, "2", 128, n, false)
+	r := synCookieRun(t, "2", 1024, n, false)
 	if len(r.clients.Conns) != 2*n || r.accepted != 2*n || r.events != 2*n {
 		t.Errorf("%d connections echoed, %d accepted, %d events: want %d each", len(r.clients.Conns), r.accepted, r.events, 2*n)
 	}
@@ -189,6 +193,16 @@ func TestSynCookiesOnly(t *testing.T) {
 	}
 	if r.capture.BeginsAtEstablished != r.kernel["TcpExtSyncookiesRecv"] {
 		t.Errorf("begins at established %d, kernel's cookies validated %d: want equal", r.capture.BeginsAtEstablished, r.kernel["TcpExtSyncookiesRecv"])
+	}
+}
+
+// TestSynCookiesIPv4Socket: the same with an IPv4-only listener (an
+// AF_INET child, where the dual-stack one gives IPv4-mapped addresses).
+func TestSynCookiesIPv4Socket(t *testing.T) {
+	const n = 100
+	r := synCookieRun(t, "2", 1024, n, false, "inet4")
+	if r.accepted != 2*n || r.events != 2*n || r.capture.BeginsAtEstablished != r.kernel["TcpExtSyncookiesRecv"] || r.kernel["TcpExtSyncookiesRecv"] != 2*n {
+		t.Errorf("%d accepted, %d events, begins at established %d, cookies validated %d: want %d each", r.accepted, r.events, r.capture.BeginsAtEstablished, r.kernel["TcpExtSyncookiesRecv"], 2*n)
 	}
 }
 

@@ -29,8 +29,9 @@ func init() {
 	cgrouptest.Register("netns-clients", clientsHelper)
 }
 
-// serverHelper: args backlog [fastopen]. A dual-stack listener on [::]:0
-// with the given backlog (and TCP Fast Open, with "fastopen"); prints its port, then serves connections (one byte echoed
+// serverHelper: args backlog [fastopen|inet4]. A dual-stack listener on
+// [::]:0 with the given backlog (with TCP Fast Open; or an IPv4-only one on
+// 0.0.0.0:0); prints its port, then serves connections (one byte echoed
 // each) until stdin closes, and prints the accepted connections as JSON.
 func serverHelper(args []string) error {
 	if len(args) != 1 && len(args) != 2 {
@@ -39,17 +40,30 @@ func serverHelper(args []string) error {
 	backlog, _ := strconv.Atoi(args[0])
 	// net.Listen takes the system's backlog; a small one is what makes the
 	// kernel answer with SYN cookies under a burst.
-	fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	opt := ""
+	if len(args) == 2 {
+		opt = args[1]
+	}
+	family := syscall.AF_INET6
+	if opt == "inet4" {
+		family = syscall.AF_INET // an IPv4-only socket, not dual-stack
+	}
+	fd, err := syscall.Socket(family, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
-	if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IPV6, syscall.IPV6_V6ONLY, 0); err != nil {
+	if family == syscall.AF_INET6 {
+		if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IPV6, syscall.IPV6_V6ONLY, 0); err != nil {
+			return err
+		}
+		err = syscall.Bind(fd, &syscall.SockaddrInet6{})
+	} else {
+		err = syscall.Bind(fd, &syscall.SockaddrInet4{})
+	}
+	if err != nil {
 		return err
 	}
-	if err := syscall.Bind(fd, &syscall.SockaddrInet6{}); err != nil {
-		return err
-	}
-	if len(args) == 2 && args[1] == "fastopen" {
+	if opt == "fastopen" {
 		if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, unix.TCP_FASTOPEN, 64); err != nil {
 			return err
 		}
@@ -104,8 +118,11 @@ func sockaddrPort(fd int) int {
 	if err != nil {
 		return 0
 	}
-	if s6, ok := sa.(*syscall.SockaddrInet6); ok {
-		return s6.Port
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet6:
+		return a.Port
+	case *syscall.SockaddrInet4:
+		return a.Port
 	}
 	return 0
 }
