@@ -138,6 +138,8 @@ type runChain struct {
 	rec  runRecord
 	buf  [slotSize]byte
 	prev *runRecord // the previous run of this host, nil when unknown
+	// firstRun: the file was empty (no run recorded yet), said at attach
+	firstRun bool
 	// link per direction, set once capture attached
 	links    [2]*schema.RunLink
 	writeErr bool // a write failed: warned once
@@ -183,7 +185,7 @@ func openRunChain(path, host, runID string, log *slog.Logger) *runChain {
 	prev, ok := parseRunState(data)
 	switch {
 	case n == 0:
-		log.Info("no previous run of this host recorded: this is its first run with run chaining", "file", path, "host", host)
+		c.firstRun = true // said at attach: a start that fails says only why
 	case !ok:
 		log.Warn("run state file corrupt: this run's first batches name no previous run (it is rewritten for the next run); nothing to fix unless it recurs, then check the disk",
 			"file", path, "bytes", n)
@@ -224,6 +226,8 @@ func (c *runChain) attached(start time.Time) {
 			p.runID, p.host, end, max(o.lastSeq, in.lastSeq), o.lastSeq, o.batches, o.events, in.lastSeq, in.batches, in.events,
 			t1.UTC().Format(time.RFC3339Nano), t2.UTC().Format(time.RFC3339Nano), t2.Sub(t1).Round(time.Millisecond)),
 			"prev_run_id", p.runID, "end", end, "down_ms", t2.Sub(t1).Milliseconds())
+	} else if c.firstRun {
+		c.log.Info("no previous run of this host recorded: this is its first run with run chaining", "file", c.path, "host", c.rec.host)
 	}
 	c.writeLocked()
 	c.mu.Unlock()
