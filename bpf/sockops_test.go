@@ -386,10 +386,15 @@ func TestHandshakesUnderWayAtAttach(t *testing.T) {
 	}()
 	names := []string{"TcpPassiveOpens", "TcpExtSyncookiesSent"}
 	before := netnstest.Netstat(t, pair.A)
-	// The 200 SYNs take some 130 ms through B's 1 Mbit/s; the helper
-	// starts in a few ms. Attach in the middle, reading how many
-	// handshakes had completed just before and just after.
-	time.Sleep(60 * time.Millisecond)
+	// The 200 SYNs take some 130 ms through B's 1 Mbit/s, their ACKs queue
+	// behind them. Attach once 40 SYN-ACKs are out (A sends nothing else
+	// meanwhile), reading how many handshakes had completed just before and
+	// just after.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if netnstest.Delta(before, netnstest.Netstat(t, pair.A), "TcpOutSegs")["TcpOutSegs"] >= 40 {
+			break
+		}
+	}
 	preAttach := netnstest.Netstat(t, pair.A)
 	if err := c.Attach(); err != nil {
 		t.Fatal(err)
