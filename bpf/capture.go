@@ -263,6 +263,9 @@ func (c *Capture) load() error {
 	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(c.opts.WakeupBytes)); err != nil {
 		return fmt.Errorf("setting wakeup_bytes: %w", err)
 	}
+	if err := setNetnsCookieFlags(spec); err != nil {
+		return err
+	}
 	if c.anySocket {
 		if err := spec.Variables[flowbusVarMatchSocket].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting match_socket: %w", err)

@@ -160,6 +160,13 @@ struct flow_key {
 volatile const __u64 wakeup_bytes = 256 * 1024;
 // How long a query waits for its answer; later answers are unsolicited.
 volatile const __u64 query_ttl_ns = 30ULL * 1000000000ULL;
+// Whether bpf_get_netns_cookie may be called from the skb and the sock_ops
+// programs: the loader probes the kernel (cgroup skb programs got it only
+// recently). A branch on a constant 0 is dead code to the verifier, so a
+// kernel without the helper still loads the programs; the records then say
+// 0, "namespace unknown".
+volatile const __u8 skb_netns_cookie = 0;
+volatile const __u8 sockops_netns_cookie = 0;
 // Whether the answer must reach the socket that asked. Only tests clear it:
 // a test run gives every packet a socket of its own.
 volatile const __u8 match_socket = 1;
@@ -281,7 +288,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	e->netns_cookie = 0;
 	if (scoped(k)) {
 		e->ifindex = skb->ifindex;
-		e->netns_cookie = bpf_get_netns_cookie(skb);
+		if (skb_netns_cookie)
+			e->netns_cookie = bpf_get_netns_cookie(skb);
 	}
 
 	submit(e);
@@ -739,7 +747,8 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	// that is the zone.
 	if (sk && scoped(&k)) {
 		e->ifindex = sk->bound_dev_if;
-		e->netns_cookie = bpf_get_netns_cookie(ctx);
+		if (sockops_netns_cookie)
+			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
 	submit(e);
 	return 1;

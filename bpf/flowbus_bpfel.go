@@ -94,20 +94,22 @@ type flowbusFlowKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	flowbusMapCounters        = "counters"
-	flowbusMapDnsq            = "dnsq"
-	flowbusMapEvents          = "events"
-	flowbusMapSeen            = "seen"
-	flowbusProgFlowbusEgress  = "flowbus_egress"
-	flowbusProgFlowbusIngress = "flowbus_ingress"
-	flowbusProgFlowbusSockops = "flowbus_sockops"
-	flowbusVarMatchSocket     = "match_socket"
-	flowbusVarQueryTtlNs      = "query_ttl_ns"
-	flowbusVarUnusedDnsEvent  = "unused_dns_event"
-	flowbusVarUnusedDnsKey    = "unused_dns_key"
-	flowbusVarUnusedDnsqEvent = "unused_dnsq_event"
-	flowbusVarUnusedFlowEvent = "unused_flow_event"
-	flowbusVarWakeupBytes     = "wakeup_bytes"
+	flowbusMapCounters           = "counters"
+	flowbusMapDnsq               = "dnsq"
+	flowbusMapEvents             = "events"
+	flowbusMapSeen               = "seen"
+	flowbusProgFlowbusEgress     = "flowbus_egress"
+	flowbusProgFlowbusIngress    = "flowbus_ingress"
+	flowbusProgFlowbusSockops    = "flowbus_sockops"
+	flowbusVarMatchSocket        = "match_socket"
+	flowbusVarQueryTtlNs         = "query_ttl_ns"
+	flowbusVarSkbNetnsCookie     = "skb_netns_cookie"
+	flowbusVarSockopsNetnsCookie = "sockops_netns_cookie"
+	flowbusVarUnusedDnsEvent     = "unused_dns_event"
+	flowbusVarUnusedDnsKey       = "unused_dns_key"
+	flowbusVarUnusedDnsqEvent    = "unused_dnsq_event"
+	flowbusVarUnusedFlowEvent    = "unused_flow_event"
+	flowbusVarWakeupBytes        = "wakeup_bytes"
 )
 
 // loadFlowbus returns the embedded CollectionSpec for flowbus.
@@ -171,13 +173,15 @@ type flowbusMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
-	MatchSocket     *ebpf.VariableSpec `ebpf:"match_socket"`
-	QueryTtlNs      *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
-	UnusedDnsEvent  *ebpf.VariableSpec `ebpf:"unused_dns_event"`
-	UnusedDnsKey    *ebpf.VariableSpec `ebpf:"unused_dns_key"`
-	UnusedDnsqEvent *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
-	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
-	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	MatchSocket        *ebpf.VariableSpec `ebpf:"match_socket"`
+	QueryTtlNs         *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
+	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
+	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
+	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
+	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
+	UnusedDnsqEvent    *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
+	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	WakeupBytes        *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // flowbusObjects contains all objects after they have been loaded into the kernel.
@@ -219,13 +223,15 @@ func (m *flowbusMaps) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
-	MatchSocket     *ebpf.Variable `ebpf:"match_socket"`
-	QueryTtlNs      *ebpf.Variable `ebpf:"query_ttl_ns"`
-	UnusedDnsEvent  *ebpf.Variable `ebpf:"unused_dns_event"`
-	UnusedDnsKey    *ebpf.Variable `ebpf:"unused_dns_key"`
-	UnusedDnsqEvent *ebpf.Variable `ebpf:"unused_dnsq_event"`
-	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
-	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	MatchSocket        *ebpf.Variable `ebpf:"match_socket"`
+	QueryTtlNs         *ebpf.Variable `ebpf:"query_ttl_ns"`
+	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`
+	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
+	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
+	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
+	UnusedDnsqEvent    *ebpf.Variable `ebpf:"unused_dnsq_event"`
+	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
+	WakeupBytes        *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // flowbusPrograms contains all programs after they have been loaded into the kernel.

@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,6 +10,9 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowbus/flowbus/schema"
@@ -19,7 +23,10 @@ import (
 // belongs to, and the reader names it. The name is that of the interface in
 // the namespace the packet was in (a container's eth0, not the host's end of
 // its veth pair). An index no namespace we can find knows any more is given
-// as the number, which RFC 4007 allows as a zone too.
+// as the number, which RFC 4007 allows as a zone too; so is every index when
+// the kernel cannot tell the namespace (bpf_get_netns_cookie is missing for
+// the program, or SO_NETNS_COOKIE for us): the index is not guessed to be
+// ours.
 
 const (
 	// zoneCacheMax bounds the names kept; past it the cache starts over.
@@ -80,10 +87,12 @@ func (z *zoneNames) name(netns uint64, idx uint32) string {
 	}
 	var name string
 	var ok bool
-	if netns == 0 || netns == z.own || z.own == 0 {
-		// Ours, or cookies unknown to this kernel: the namespace we run in.
+	switch {
+	case netns == 0 || z.own == 0:
+		// Namespace unknown: the number.
+	case netns == z.own:
 		name, ok = ifName(idx)
-	} else {
+	default:
 		name, ok = ifNameInNetns(netns, idx)
 	}
 	if !ok {
@@ -181,4 +190,22 @@ func inNetns(path string, cookie uint64, idx uint32) (name string, found, ok boo
 	}()
 	<-done
 	return name, found, ok
+}
+
+// setNetnsCookieFlags tells the programs whether this kernel lets them call
+// bpf_get_netns_cookie (see skb_netns_cookie in flowbus.c).
+func setNetnsCookieFlags(spec *ebpf.CollectionSpec) error {
+	for _, f := range []struct {
+		name string
+		typ  ebpf.ProgramType
+	}{{flowbusVarSkbNetnsCookie, ebpf.CGroupSKB}, {flowbusVarSockopsNetnsCookie, ebpf.SockOps}} {
+		var on uint8
+		if features.HaveProgramHelper(f.typ, asm.FnGetNetnsCookie) == nil {
+			on = 1
+		}
+		if err := spec.Variables[f.name].Set(on); err != nil {
+			return fmt.Errorf("setting %s: %w", f.name, err)
+		}
+	}
+	return nil
 }

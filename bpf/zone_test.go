@@ -35,6 +35,7 @@ func TestZoneNames(t *testing.T) {
 		{"link-local both ends, our namespace", ll, netip.MustParseAddr("fe80::2"), 1, own, "fe80::1%lo", "fe80::2%lo"},
 		{"only the link-local end gets a zone", gl, ll, 1, own, "2001:db8::1", "fe80::1%lo"},
 		{"no index: no zone", ll, ll, 0, own, "fe80::1", "fe80::1"},
+		{"namespace unknown: the number, not our interface", ll, ll, 1, 0, "fe80::1%1", "fe80::1%1"},
 		{"global addresses: none", gl, gl, 1, own, "2001:db8::1", "2001:db8::1"},
 		{"ipv4: none", netip.MustParseAddr("169.254.0.1"), netip.MustParseAddr("169.254.0.2"), 1, own, "169.254.0.1", "169.254.0.2"},
 		{"an index nobody has: the number", ll, ll, 1 << 30, own, "fe80::1%1073741824", "fe80::1%1073741824"},
