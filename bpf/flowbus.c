@@ -146,6 +146,8 @@ struct dns_key {
 };
 
 // flow_key identifies one connection end for SYN-ACK retransmit suppression.
+// For incoming connections the key is the peer's address and port and the
+// listening socket's port, with no local address (see incoming_key).
 struct flow_key {
 	__u8 src[16];
 	__u8 dst[16];
@@ -185,7 +187,8 @@ struct {
 
 // seen maps a connection end to the sequence number of its SYN-ACK: a
 // retransmission carries the same number, a new connection on a reused
-// 4-tuple a fresh one. Used on egress (see first_synack).
+// 4-tuple a fresh one. Used on egress (see first_synack), where the entry
+// lives until the sock_ops program sees the handshake complete.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -261,9 +264,31 @@ static __always_inline void submit(void *e)
 	bpf_ringbuf_submit(e, flags);
 }
 
+// incoming_key turns an egress SYN-ACK's key into what the sock_ops program
+// can build from the child socket alone: the peer's address and port (the
+// packet's destination) and the local port of the socket the program runs
+// for (the listener, or a Fast Open child), which is the child's local port.
+// The local address is left out, and the local port is not the packet's: a
+// translation between the socket and this hook (the reverse of a redirect or
+// a DNAT to a local listener, done in POSTROUTING, as transparent proxies and
+// service mesh sidecars have it) changes the packet's source, not the socket.
+// Two connections from one peer address and port to two local addresses on
+// one port, at the same time, share a key: the second SYN-ACK then takes
+// the entry, and each gets a second begin at established.
+static __always_inline void incoming_key(struct __sk_buff *skb, struct flow_key *key)
+{
+	__builtin_memset(key->dst, 0, sizeof(key->dst));
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		key->dst_port = sk->src_port;
+}
+
 static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
 {
-	if (!first_synack(skb, k, seq)) {
+	struct flow_key key = *k;
+	if (k->direction == DIR_INCOMING)
+		incoming_key(skb, &key);
+	if (!first_synack(skb, &key, seq)) {
 		count(CNT_DUP);
 		return;
 	}
@@ -677,7 +702,7 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	if (ctx->skb_tcp_flags & TH_SYN)
 		return 1;
 
-	struct flow_key k = {};
+	struct flow_key k = {}; // the event's addresses; the key leaves out the local one
 	__u32 family = ctx->family;
 	if (family == FAMILY_INET) {
 		__u32 r = ctx->remote_ip4, l = ctx->local_ip4;
@@ -713,11 +738,13 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	k.dst_port = ctx->local_port;
 	k.direction = DIR_INCOMING;
 
+	struct flow_key key = k;
+	__builtin_memset(key.dst, 0, sizeof(key.dst)); // as incoming_key
 	__u32 iss = bpf_htonl(ctx->snd_una - 1); // as the egress program stored th->seq
-	__u32 *old = bpf_map_lookup_elem(&seen, &k);
+	__u32 *old = bpf_map_lookup_elem(&seen, &key);
 	if (old) {
 		int had = *old == iss;
-		bpf_map_delete_elem(&seen, &k);
+		bpf_map_delete_elem(&seen, &key);
 		if (had)
 			return 1;
 	}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strconv"
 	"sync"
 	"testing"
@@ -436,5 +437,61 @@ func TestHandshakesUnderWayAtAttach(t *testing.T) {
 		if !tuples[tu] {
 			t.Errorf("event %v for no accepted connection", tu)
 		}
+	}
+}
+
+// TestRedirectedListener: incoming connections to port 80 redirected (nft
+// redirect, as a transparent proxy or a service mesh sidecar does) to the
+// listener's port. The egress program sees the SYN-ACK after the reverse
+// translation (from port 80), the sock_ops program the socket (its own
+// port): the two must still agree that it is one connection. Events of the
+// SYN-ACK carry what the wire shows (port 80); those of cookies only the
+// socket's view (the listener's port).
+func TestRedirectedListener(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft (nftables) to redirect")
+	}
+	for _, cookies := range []string{"1", "2"} {
+		t.Run("syncookies="+cookies, func(t *testing.T) {
+			pair := netnstest.New(t)
+			netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", cookies)
+			watched := cgrouptest.NewChild(t)
+			other := cgrouptest.NewChild(t)
+			c, col := runCapture(t, watched)
+			port, stop := netnstest.Server(t, watched, pair.A, 1024)
+			netnstest.Nft(t, pair.A, "add", "table", "inet", "fb")
+			netnstest.Nft(t, pair.A, "add", "chain", "inet", "fb", "pre", "{ type nat hook prerouting priority -100; }")
+			netnstest.Nft(t, pair.A, "add", "rule", "inet", "fb", "pre", "tcp", "dport", "80", "redirect", "to", ":"+strconv.Itoa(port))
+			const n = 20
+			res := netnstest.Clients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), "80"), net.JoinHostPort(pair.A6.String(), "80"))
+			accepted := stop()
+			if len(accepted) != 2*n {
+				t.Fatalf("%d accepted (%d failed: %s), want %d", len(accepted), res.Failed, res.Err, 2*n)
+			}
+			evs := col.wait(2*n, 300*time.Millisecond)
+			k, _ := c.Counters()
+			wantPort := uint16(80)
+			if cookies == "2" {
+				wantPort = uint16(port)
+			}
+			got := map[netip.AddrPort]int{}
+			for _, ev := range evs {
+				got[netip.AddrPortFrom(ev.Src, ev.SrcPort)]++
+				if ev.DstPort != wantPort {
+					t.Errorf("event %s:%d -> %s:%d: want dst port %d", ev.Src, ev.SrcPort, ev.Dst, ev.DstPort, wantPort)
+				}
+			}
+			for _, cn := range accepted {
+				cl := netip.MustParseAddrPort(cn.Client)
+				if got[cl] != 1 {
+					t.Errorf("%d events for the connection from %v, want 1", got[cl], cl)
+				}
+			}
+			t.Logf("%d connections, %d events, begins at established %d", len(accepted), len(evs), k.BeginsAtEstablished)
+			if len(evs) != 2*n {
+				t.Errorf("%d events, want %d", len(evs), 2*n)
+			}
+		})
 	}
 }

@@ -202,3 +202,12 @@ func Pace(t testing.TB, ns, dev, rate string) {
 		t.Fatalf("tc tbf on %s in %s: %v: %s", dev, ns, err, out)
 	}
 }
+
+// Nft runs nft with args inside namespace ns (its tables go with the
+// namespace).
+func Nft(t testing.TB, ns string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", append([]string{"netns", "exec", ns, "nft"}, args...)...).CombinedOutput(); err != nil {
+		t.Fatalf("nft %s in %s: %v: %s", strings.Join(args, " "), ns, err, out)
+	}
+}
