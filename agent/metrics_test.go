@@ -82,6 +82,7 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		`flowbus_agent_pending_batches`:                                0,
 		`flowbus_agent_dns_cache_lookups_total{result="miss"}`:         4 * n,
 		`flowbus_agent_synack_retransmits_suppressed_total`:            0,
+		`flowbus_agent_begins_at_established_total`:                    0,
 		`flowbus_agent_dropped_events_total{stage="kernel_truncated"}`: 0,
 		`flowbus_agent_dns_messages_total{outcome="malformed"}`:        0,
 		`flowbus_agent_dns_cache_entries`:                              0,

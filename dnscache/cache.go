@@ -162,7 +162,9 @@ func New(cfg Config) *Cache {
 // Lookup returns the names that map to addr at time now (unix ns), or nil.
 // The slice must not be modified; it stays valid after later updates.
 func (c *Cache) Lookup(addr netip.Addr, now int64) []string {
-	addr = addr.Unmap() // Add stores IPv4-mapped addresses unmapped
+	// Add stores IPv4-mapped addresses unmapped, and DNS answers carry no
+	// zone: a link-local address from a packet (fe80::1%eth0) has its names.
+	addr = addr.Unmap().WithZone("")
 	c.mu.Lock()
 	e := c.m[addr]
 	if e == nil {

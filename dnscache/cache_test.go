@@ -194,6 +194,15 @@ func TestMappedAddresses(t *testing.T) {
 	}
 }
 
+// A link-local address from a packet carries its zone; the answer that
+// named it did not. The names are found either way.
+func TestZonedAddresses(t *testing.T) {
+	c := New(Config{})
+	c.Add(netip.MustParseAddr("fe80::1"), "router.example", time.Minute, t0)
+	wantNames(t, c, netip.MustParseAddr("fe80::1%eth0"), t0, "router.example")
+	wantNames(t, c, netip.MustParseAddr("fe80::1"), t0, "router.example")
+}
+
 func TestLRUBound(t *testing.T) {
 	c := New(Config{MaxEntries: 3, MinTTL: time.Minute, MaxTTL: time.Hour})
 	c.Add(addrA, "a", time.Minute, t0)
