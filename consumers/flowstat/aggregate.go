@@ -69,6 +69,9 @@ func (a *aggregator) lookup(rk store.RunKey) (chainEntry, bool, error) {
 	if e, ok := a.chains.get(rk); ok {
 		return e, true, nil
 	}
+	if a.chains.complete {
+		return chainEntry{}, false, nil
+	}
 	cs, inDelta := a.d.Runs[rk]
 	hs, holesInDelta := a.d.Holes[rk]
 	if inDelta && holesInDelta || a.load == nil {

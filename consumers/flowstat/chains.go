@@ -27,6 +27,9 @@ type chainCache struct {
 	ring      []chainSlot
 	hand      int
 	evictions uint64
+	// complete: the cache holds every chain the database and the delta hold (it was loaded whole at
+	// start and never evicted since), so a miss is a chain never seen, with no lookup.
+	complete bool
 }
 
 func newChainCache(max int) *chainCache {
@@ -70,11 +73,13 @@ func (c *chainCache) put(k store.RunKey, e chainEntry) {
 		c.at[k] = c.hand
 		c.hand = (c.hand + 1) % len(c.ring)
 		c.evictions++
+		c.complete = false
 		return
 	}
 }
 
-// dropBefore removes the chains last active before ns (unix), as the database's retention pruned them.
+// dropBefore removes the chains last active before ns (unix), as the database's retention pruned them
+// (so a complete cache stays complete).
 func (c *chainCache) dropBefore(ns int64) {
 	kept := c.ring[:0]
 	for _, s := range c.ring {

@@ -1,5 +1,7 @@
 package flowstat
 
+import "time"
+
 // ErrCrashed is returned by Run when SetCrashAfter triggers.
 var ErrCrashed = errCrashed
 
@@ -9,3 +11,11 @@ func SetCrashAfter(o *Options, n int) { o.crashAfter = n }
 
 // ObserveChains makes Run call f with the number of chains in memory at start and after every message.
 func ObserveChains(o *Options, f func(inMemory int)) { o.chainsObserved = f }
+
+// SetChainPruneEvery makes a running consumer prune inactive chain state every d (after a commit) until
+// restore is called.
+func SetChainPruneEvery(d time.Duration) (restore func()) {
+	old := chainPruneEvery
+	chainPruneEvery = d
+	return func() { chainPruneEvery = old }
+}

@@ -60,6 +60,8 @@ func Run(ctx context.Context, st *store.Store, o Options) (Stats, error) {
 	for _, c := range recent {
 		agg.chains.put(c.Key, chainEntry{cs: c.State, holes: c.Holes})
 	}
+	// Fewer than asked for: that is every chain of the database.
+	agg.chains.complete = len(recent) < o.MaxChains
 	if o.chainsObserved != nil {
 		o.chainsObserved(agg.chains.len())
 	}
@@ -128,8 +130,9 @@ type runner struct {
 	lastPrune  time.Time
 }
 
-// chainPruneEvery is how often a running consumer prunes inactive chain state (it also does at start).
-const chainPruneEvery = time.Hour
+// chainPruneEvery is how often a running consumer prunes inactive chain state (it also does at start);
+// a variable for the tests.
+var chainPruneEvery = time.Hour
 
 // pruneChains deletes the state of chains inactive for longer than o.ChainRetention, with one log line
 // when it deleted any.
@@ -142,8 +145,8 @@ func pruneChains(ctx context.Context, st *store.Store, o *Options) (store.Pruned
 		return p, fmt.Errorf("prune the state of chains inactive for more than %v in database %s: %w", o.ChainRetention, st.Where(), err)
 	}
 	if p.Chains+p.Holes > 0 {
-		fmt.Fprintf(o.Log, "flowstat: pruned the state of %d chains (and %d hole rows) inactive for more than %v, with no batch stored since %s: a batch continuing one of them would be recorded as a run first seen mid-way; nothing to do\n",
-			p.Chains, p.Holes, o.ChainRetention, time.Unix(0, p.Before).UTC().Format(time.RFC3339))
+		fmt.Fprintf(o.Log, "flowstat: pruned the state of chains inactive for more than %v (no batch stored since %s): %d run_state and %d holes rows; a batch continuing one of them would be recorded as a run first seen mid-way; nothing to do\n",
+			o.ChainRetention, time.Unix(0, p.Before).UTC().Format(time.RFC3339), p.Chains, p.Holes)
 	}
 	return p, nil
 }

@@ -25,32 +25,29 @@ func (s *Store) RecentChains(ctx context.Context, n int) ([]Chain, error) {
 	if n <= 0 {
 		return nil, nil
 	}
-	// The same order in both queries (ties broken by the key) picks the same chains.
-	recent := `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT ` + s.overlong() +
-		` ORDER BY stored_ns DESC, host, run_id, direction LIMIT ?`
+	// One query, so the chains and their holes are read from one set: the index on stored_ns yields
+	// the n newest without reading the others.
+	q := `SELECT r.host, r.run_id, r.direction, r.last_seq, r.seen_batches, r.from_start, r.linked, r.stored_ns, h.from_seq, h.to_seq
+		FROM (SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT ` + s.overlong() + `
+			ORDER BY stored_ns DESC LIMIT ?) r
+		LEFT JOIN holes h ON h.host = r.host AND h.run_id = r.run_id AND h.direction = r.direction
+		ORDER BY r.stored_ns DESC, r.host, r.run_id, r.direction, h.from_seq`
 	var out []Chain
-	at := map[RunKey]int{}
-	err := s.each(ctx, recent, []any{n}, func(sc scanner) error {
-		k, c, err := scanChain(sc)
-		at[k] = len(out)
-		out = append(out, Chain{Key: k, State: c})
-		return err
-	})
-	if err != nil || len(out) == 0 {
-		return out, err
-	}
-	err = s.each(ctx, `SELECT h.host, h.run_id, h.direction, h.from_seq, h.to_seq FROM holes h JOIN (SELECT host, run_id, direction FROM run_state WHERE NOT `+s.overlong()+
-		` ORDER BY stored_ns DESC, host, run_id, direction LIMIT ?) r ON h.host = r.host AND h.run_id = r.run_id AND h.direction = r.direction
-		ORDER BY h.host, h.run_id, h.direction, h.from_seq`, []any{n}, func(sc scanner) error {
+	err := s.each(ctx, q, []any{n}, func(sc scanner) error {
 		var k RunKey
 		var dir string
-		var from, to int64
-		if err := sc.Scan(&k.Host, &k.RunID, &dir, &from, &to); err != nil {
+		var seq, seen, fromStart, linked, stored int64
+		var from, to sql.NullInt64
+		if err := sc.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked, &stored, &from, &to); err != nil {
 			return err
 		}
 		k.Dir, _ = schema.ParseDirection(dir)
-		if i, ok := at[k]; ok {
-			out[i].Holes = append(out[i].Holes, Hole{From: uint64(from), To: uint64(to)})
+		if len(out) == 0 || out[len(out)-1].Key != k {
+			out = append(out, Chain{Key: k, State: ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0, Stored: stored}})
+		}
+		if from.Valid {
+			c := &out[len(out)-1]
+			c.Holes = append(c.Holes, Hole{From: uint64(from.Int64), To: uint64(to.Int64)})
 		}
 		return nil
 	})
