@@ -30,10 +30,11 @@ const (
 	tkEvents
 	tkPrevSeq
 	tkPrevRun
+	tkEvent // end batches only
 )
 
-var topKeys = [numTopKeys]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
-	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq, keyPrevRun}
+var topKeys = [numTopKeys + 1]string{keySchemaMajor, keySchemaMinor, keyHost, keyConnDirection, keyRunID,
+	keySeq, keyT0, keyDrops, keyEndpoints, keyCtx, keyEvents, keyPrevSeq, keyPrevRun, keyEvent}
 
 // Bounds on the strings of a batch, in bytes. A longer string makes the batch malformed: nothing read
 // from the stream may grow a consumer's memory, database or terminal line without limit (schema/FORMAT.md).
@@ -60,17 +61,48 @@ type endpoint struct {
 // DecodeBatch decodes one batch message into into, reusing the capacity of into.Events (whose previous
 // contents are overwritten). Keys may come in any order; unknown top-level keys, unknown ctx and drops
 // keys, and extra trailing row elements are ignored (that is how minor versions add fields). A major
-// other than Major fails with ErrUnsupportedMajor; every structural problem fails with ErrMalformed.
+// other than Major fails with ErrUnsupportedMajor (an end batch, major EndMajor, says so: it is read
+// with DecodeEndBatch); every structural problem fails with ErrMalformed.
 // DNS name slices are shared by the events of one batch that have the same endpoint. On error, into
 // holds partial results.
 func DecodeBatch(data []byte, into *Batch) error {
+	var h head
+	if err := decodeHead(data, KindBegin, &h); err != nil {
+		return err
+	}
+	into.Major, into.Minor, into.Host, into.Direction, into.RunID = Major, h.minor, h.host, h.dir, h.runID
+	into.Seq, into.PrevSeq, into.PrevRun, into.Drops = h.seq, h.prevSeq, h.prevRun, h.drops
+	return decodeEvents(&h.events, into, h.t0, h.eps, h.ctxs)
+}
+
+// head is what batches of both kinds share: the decoded top level, and a reader at the events.
+type head struct {
+	minor        int
+	host, runID  string
+	dir          Direction
+	seq, prevSeq uint64
+	t0           int64
+	prevRun      *RunLink
+	drops        Drops
+	eps          []endpoint
+	ctxs         []ctxKey
+	events       reader
+}
+
+// decodeHead decodes the top level of a batch of kind, all but the event rows.
+func decodeHead(data []byte, kind Kind, h *head) error {
+	keys := topKeys[:numTopKeys] // a begin batch's event key is an unknown key, as it was in 1.0
+	want := Major
+	if kind == KindEnd {
+		keys, want = topKeys[:], EndMajor
+	}
 	r := reader{b: data}
 	n, err := r.readLen(true)
 	if err != nil {
 		return malformed("batch", err)
 	}
 	// Pass 1: find every known key's value, so keys may come in any order, and check the major first.
-	var pos [numTopKeys]int
+	var pos [numTopKeys + 1]int
 	for i := range pos {
 		pos[i] = -1
 	}
@@ -80,7 +112,7 @@ func DecodeBatch(data []byte, into *Batch) error {
 			return malformed(fmt.Sprintf("top-level key #%d", i), err)
 		}
 		k := -1
-		for j, name := range topKeys {
+		for j, name := range keys {
 			if string(kb) == name {
 				k = j
 				break
@@ -97,9 +129,8 @@ func DecodeBatch(data []byte, into *Batch) error {
 			if err != nil {
 				return malformed(keySchemaMajor, err)
 			}
-			if major != Major {
-				return fmt.Errorf("%w: flowbus batch schema major %d is not supported by this consumer (supports %d): upgrade the consumer",
-					ErrUnsupportedMajor, major, Major)
+			if major != int64(want) {
+				return majorError(kind, major)
 			}
 			continue
 		}
@@ -114,7 +145,11 @@ func DecodeBatch(data []byte, into *Batch) error {
 	if r.rem() != 0 {
 		return malformed("batch", fmt.Errorf("%d trailing bytes after the top-level map", r.rem()))
 	}
-	for _, k := range []int{tkMajor, tkMinor, tkHost, tkDir, tkRunID, tkSeq, tkPrevSeq, tkT0, tkEndpoints, tkEvents} {
+	required := []int{tkMajor, tkMinor, tkHost, tkDir, tkRunID, tkSeq, tkPrevSeq, tkT0, tkEndpoints, tkEvents}
+	if kind == KindEnd {
+		required = append(required, tkEvent)
+	}
+	for _, k := range required {
 		if pos[k] < 0 {
 			return malformed(topKeys[k], errors.New("missing key"))
 		}
@@ -122,7 +157,15 @@ func DecodeBatch(data []byte, into *Batch) error {
 
 	// Pass 2: decode the known values in dependency order.
 	at := func(k int) *reader { return &reader{b: data, p: pos[k]} }
-	into.Major = Major
+	if kind == KindEnd {
+		ev, err := readBounded(at(tkEvent), MaxEventLen)
+		if err == nil && string(ev) != EndEventName {
+			err = fmt.Errorf("event %q in a schema major %d batch, want %q", ev, EndMajor, EndEventName)
+		}
+		if err != nil {
+			return malformed(keyEvent, err)
+		}
+	}
 	minor, err := at(tkMinor).readInt()
 	if err != nil {
 		return malformed(keySchemaMinor, err)
@@ -130,32 +173,32 @@ func DecodeBatch(data []byte, into *Batch) error {
 	if minor < 0 || minor > math.MaxInt32 {
 		return malformed(keySchemaMinor, fmt.Errorf("invalid minor %d", minor))
 	}
-	into.Minor = int(minor)
-	if into.Host, err = readString(at(tkHost), MaxHostLen); err != nil {
+	h.minor = int(minor)
+	if h.host, err = readString(at(tkHost), MaxHostLen); err != nil {
 		return malformed(keyHost, err)
 	}
 	dir, err := readBounded(at(tkDir), MaxDirectionLen)
 	if err != nil {
 		return malformed(keyConnDirection, err)
 	}
-	if into.Direction, err = ParseDirection(string(dir)); err != nil {
+	if h.dir, err = ParseDirection(string(dir)); err != nil {
 		return malformed(keyConnDirection, err)
 	}
-	if into.RunID, err = readString(at(tkRunID), MaxRunIDLen); err != nil {
+	if h.runID, err = readString(at(tkRunID), MaxRunIDLen); err != nil {
 		return malformed(keyRunID, err)
 	}
-	if into.Seq, err = at(tkSeq).readUint(math.MaxUint64); err != nil {
+	if h.seq, err = at(tkSeq).readUint(math.MaxUint64); err != nil {
 		return malformed(keySeq, err)
 	}
-	if into.PrevSeq, err = at(tkPrevSeq).readUint(math.MaxUint64); err != nil {
+	if h.prevSeq, err = at(tkPrevSeq).readUint(math.MaxUint64); err != nil {
 		return malformed(keyPrevSeq, err)
 	}
-	into.PrevRun = nil
+	h.prevRun = nil
 	if pos[tkPrevRun] >= 0 && !at(tkPrevRun).isNil() { // nil: absent
-		if into.PrevSeq != 0 {
-			return malformed(keyPrevRun, fmt.Errorf("on a batch with prev_seq %d: only the first batch of a direction (prev_seq 0) carries it", into.PrevSeq))
+		if h.prevSeq != 0 {
+			return malformed(keyPrevRun, fmt.Errorf("on a batch with prev_seq %d: only the first batch of a direction (prev_seq 0) carries it", h.prevSeq))
 		}
-		if into.PrevRun, err = decodeRunLink(at(tkPrevRun)); err != nil {
+		if h.prevRun, err = decodeRunLink(at(tkPrevRun)); err != nil {
 			return err
 		}
 	}
@@ -163,23 +206,43 @@ func DecodeBatch(data []byte, into *Batch) error {
 	if err != nil {
 		return malformed(keyT0, err)
 	}
-	into.Drops = Drops{}
+	h.t0 = t0
+	h.drops = Drops{}
 	if pos[tkDrops] >= 0 {
-		if err := decodeDrops(at(tkDrops), &into.Drops); err != nil {
+		if err := decodeDrops(at(tkDrops), &h.drops); err != nil {
 			return err
 		}
 	}
-	eps, err := decodeEndpoints(at(tkEndpoints))
-	if err != nil {
+	if h.eps, err = decodeEndpoints(at(tkEndpoints)); err != nil {
 		return err
 	}
-	var ctxs []ctxKey
 	if pos[tkCtx] >= 0 {
-		if ctxs, err = decodeCtxs(at(tkCtx)); err != nil {
+		if h.ctxs, err = decodeCtxs(at(tkCtx)); err != nil {
 			return err
 		}
 	}
-	return decodeEvents(at(tkEvents), into, t0, eps, ctxs)
+	h.events = *at(tkEvents)
+	return nil
+}
+
+// majorError is the refusal of a batch whose major the decoder of kind does not read. Both name the
+// major seen and the one supported, and where the batch belongs: an end batch (major 2) read as a
+// begin batch says a newer flowbus reads it (DecodeEndBatch); anything else says to upgrade.
+func majorError(kind Kind, major int64) error {
+	if kind == KindBegin && major == EndMajor {
+		return fmt.Errorf("%w: flowbus batch schema major %d is not supported by this consumer (supports %d): it is a %s batch, read by a newer flowbus consumer (schema.DecodeEndBatch, subjects <prefix>.<host>.<direction>.end): upgrade the consumer, or subscribe to begin subjects only",
+			ErrUnsupportedMajor, major, Major, EndEventName)
+	}
+	if kind == KindEnd {
+		if major == Major {
+			return fmt.Errorf("%w: flowbus batch schema major %d is a net_flow_tcp_begin batch, not an end batch (this decoder reads major %d): decode it with schema.DecodeBatch",
+				ErrUnsupportedMajor, major, EndMajor)
+		}
+		return fmt.Errorf("%w: flowbus end batch schema major %d is not supported by this consumer (supports %d): upgrade the consumer",
+			ErrUnsupportedMajor, major, EndMajor)
+	}
+	return fmt.Errorf("%w: flowbus batch schema major %d is not supported by this consumer (supports %d): upgrade the consumer",
+		ErrUnsupportedMajor, major, Major)
 }
 
 func readString(r *reader, bound int) (string, error) {
@@ -351,59 +414,89 @@ func decodeEvents(r *reader, into *Batch, t0 int64, eps []endpoint, ctxs []ctxKe
 	}
 	into.Events = slices.Grow(into.Events[:0], min(n, r.rem()/minRowSize))
 	for i := 0; i < n; i++ {
-		m, err := r.readLen(false)
-		if err != nil {
-			return malformed(fmt.Sprintf("events[%d]", i), err)
-		}
-		if m < rowLen {
-			return malformed(fmt.Sprintf("events[%d]", i), fmt.Errorf("row has %d elements, need %d", m, rowLen))
-		}
-		var v [4]uint64
-		for j, lim := range [4]uint64{uint64(len(eps)), uint64(len(eps)), math.MaxUint16 + 1, math.MaxUint16 + 1} {
-			if v[j], err = r.readUint(math.MaxUint64); err == nil && v[j] >= lim {
-				if j < 2 {
-					err = fmt.Errorf("reference %d out of range (%d endpoints)", v[j], len(eps))
-				} else {
-					err = fmt.Errorf("port %d out of range", v[j])
-				}
-			}
-			if err != nil {
-				return malformed(fmt.Sprintf("events[%d][%d] (%s)", i, j, rowFields[j]), err)
-			}
-		}
-		dt, err := r.readInt()
-		if err != nil {
-			return malformed(fmt.Sprintf("events[%d][4] (dt_ns)", i), err)
+		var rs rowStart
+		if err := readRowStart(r, i, rowLen, eps, ctxs, &rs); err != nil {
+			return err
 		}
 		ev := Event{
-			Timestamp: t0 + dt,
+			Timestamp: t0 + rs.dt,
 			Direction: into.Direction,
-			Src:       eps[v[0]].addr,
-			Dst:       eps[v[1]].addr,
-			SrcPort:   uint16(v[2]),
-			DstPort:   uint16(v[3]),
-			SrcDNS:    eps[v[0]].names,
-			DstDNS:    eps[v[1]].names,
+			Src:       rs.src.addr,
+			Dst:       rs.dst.addr,
+			SrcPort:   rs.sport,
+			DstPort:   rs.dport,
+			SrcDNS:    rs.src.names,
+			DstDNS:    rs.dst.names,
 		}
-		if r.isNil() {
-			r.p++
-		} else {
-			c, err := r.readUint(math.MaxUint64)
-			if err == nil && c >= uint64(len(ctxs)) {
-				err = fmt.Errorf("reference %d out of range (%d ctx entries)", c, len(ctxs))
-			}
-			if err != nil {
-				return malformed(fmt.Sprintf("events[%d][5] (ctx_ref)", i), err)
-			}
-			k := &ctxs[c]
+		if k := rs.ctx; k != nil {
 			ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID = k.cgroupID, k.pid, k.comm, k.containerID
 		}
-		for j := rowLen; j < m; j++ {
-			if err := r.skip(2); err != nil {
-				return malformed(fmt.Sprintf("events[%d][%d]", i, j), err)
-			}
+		if err := skipRowRest(r, i, rowLen, rs.n); err != nil {
+			return err
 		}
 		into.Events = append(into.Events, ev)
+	}
+	return nil
+}
+
+// rowStart is the six elements every row starts with, begin or end.
+type rowStart struct {
+	src, dst     *endpoint
+	sport, dport uint16
+	dt           int64
+	ctx          *ctxKey // nil: unknown
+	n            int     // elements in the row
+}
+
+// readRowStart reads the header of row i, which must have at least need elements, and its first six.
+func readRowStart(r *reader, i, need int, eps []endpoint, ctxs []ctxKey, rs *rowStart) error {
+	m, err := r.readLen(false)
+	if err != nil {
+		return malformed(fmt.Sprintf("events[%d]", i), err)
+	}
+	if m < need {
+		return malformed(fmt.Sprintf("events[%d]", i), fmt.Errorf("row has %d elements, need %d", m, need))
+	}
+	rs.n = m
+	var v [4]uint64
+	for j, lim := range [4]uint64{uint64(len(eps)), uint64(len(eps)), math.MaxUint16 + 1, math.MaxUint16 + 1} {
+		if v[j], err = r.readUint(math.MaxUint64); err == nil && v[j] >= lim {
+			if j < 2 {
+				err = fmt.Errorf("reference %d out of range (%d endpoints)", v[j], len(eps))
+			} else {
+				err = fmt.Errorf("port %d out of range", v[j])
+			}
+		}
+		if err != nil {
+			return malformed(fmt.Sprintf("events[%d][%d] (%s)", i, j, rowFields[j]), err)
+		}
+	}
+	rs.src, rs.dst, rs.sport, rs.dport = &eps[v[0]], &eps[v[1]], uint16(v[2]), uint16(v[3])
+	if rs.dt, err = r.readInt(); err != nil {
+		return malformed(fmt.Sprintf("events[%d][4] (dt_ns)", i), err)
+	}
+	rs.ctx = nil
+	if r.isNil() {
+		r.p++
+		return nil
+	}
+	c, err := r.readUint(math.MaxUint64)
+	if err == nil && c >= uint64(len(ctxs)) {
+		err = fmt.Errorf("reference %d out of range (%d ctx entries)", c, len(ctxs))
+	}
+	if err != nil {
+		return malformed(fmt.Sprintf("events[%d][5] (ctx_ref)", i), err)
+	}
+	rs.ctx = &ctxs[c]
+	return nil
+}
+
+// skipRowRest skips the elements of row i past the known ones (a later minor's).
+func skipRowRest(r *reader, i, from, m int) error {
+	for j := from; j < m; j++ {
+		if err := r.skip(2); err != nil {
+			return malformed(fmt.Sprintf("events[%d][%d]", i, j), err)
+		}
 	}
 	return nil
 }

@@ -43,8 +43,9 @@ type ctxKey struct {
 // BatchEncoder builds one batch for one host and direction. Zero allocations per Add in steady state:
 // buffers and dictionaries keep their capacity across Reset. Not safe for concurrent use.
 type BatchEncoder struct {
-	head []byte // fixed start of every batch after the map header: schema_major .. run_id value
-	dir  Direction
+	head  []byte // fixed start of every batch after the map header: schema_major .. run_id value
+	dir   Direction
+	nKeys int // top-level keys with prev_run: numTopKeys, one more for an end batch's event
 
 	// prevRun is the encoded prev_run value, written into the next batch with prev_seq 0.
 	prevRun []byte
@@ -118,11 +119,18 @@ func namesPtr(names []string) *string {
 // NewBatchEncoder returns an encoder for batches of host (a validated subject token), agent run runID and
 // direction dir. It panics on an invalid direction: such batches could never be decoded.
 func NewBatchEncoder(host, runID string, dir Direction) *BatchEncoder {
+	return newEncoder(host, runID, dir, KindBegin)
+}
+
+// newEncoder returns the encoder of batches of kind: the same dictionaries, header and tail for both
+// kinds; an end batch has schema_major EndMajor and one more key, event, right after the version.
+func newEncoder(host, runID string, dir Direction, kind Kind) *BatchEncoder {
 	if dir != Outgoing && dir != Incoming {
 		panic(fmt.Sprintf("schema.NewBatchEncoder: invalid direction %d", dir))
 	}
 	b := &BatchEncoder{
 		dir:      dir,
+		nKeys:    numTopKeys,
 		epIndex:  make(map[netip.Addr]int32),
 		ctxIndex: make(map[ctxKey]int32),
 		addrText: make([]byte, 0, 64),
@@ -130,10 +138,19 @@ func NewBatchEncoder(host, runID string, dir Direction) *BatchEncoder {
 		epCache:  new([epCacheSize]epCacheEntry),
 		ctxCache: new([ctxCacheSize]ctxCacheEntry),
 	}
+	major, minor := Major, Minor
+	if kind == KindEnd {
+		major, minor = EndMajor, EndMinor
+	}
 	h := appendStr(nil, keySchemaMajor)
-	h = appendInt(h, Major)
+	h = appendInt(h, int64(major))
 	h = appendStr(h, keySchemaMinor)
-	h = appendInt(h, Minor)
+	h = appendInt(h, int64(minor))
+	if kind == KindEnd {
+		b.nKeys++
+		h = appendStr(h, keyEvent)
+		h = appendStr(h, EndEventName)
+	}
 	h = appendStr(h, keyHost)
 	h = appendStr(h, host)
 	h = appendStr(h, keyConnDirection)
@@ -193,7 +210,7 @@ func (b *BatchEncoder) Add(ev *Event) {
 	r = appendUint(r, uint64(ev.DstPort))
 	r = appendInt(r, ev.Timestamp-b.t0) // wraps for absurd inputs; the decoder's t0+dt wraps back
 	if ev.hasContext() {
-		r = appendUint(r, uint64(b.context(ev)))
+		r = appendUint(r, uint64(b.context(ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID)))
 	} else {
 		r = append(r, mpNil)
 	}
@@ -259,15 +276,15 @@ func (b *BatchEncoder) endpointSlow(addr netip.Addr, names []string) int32 {
 	return ref
 }
 
-// context returns the ctx dictionary ref of ev's process context (which must be known).
-func (b *BatchEncoder) context(ev *Event) int32 {
-	h := (ev.CgroupID*0x9E3779B97F4A7C15 ^ uint64(ev.PID)) * 0xBF58476D1CE4E5B9
+// context returns the ctx dictionary ref of a process context (which must be known).
+func (b *BatchEncoder) context(cgroupID uint64, pid uint32, comm, containerID string) int32 {
+	h := (cgroupID*0x9E3779B97F4A7C15 ^ uint64(pid)) * 0xBF58476D1CE4E5B9
 	c := &b.ctxCache[h>>(64-ctxCacheBits)]
-	if c.gen == b.gen && c.key.cgroupID == ev.CgroupID && c.key.pid == ev.PID &&
-		c.key.comm == ev.Comm && c.key.containerID == ev.ContainerID {
+	if c.gen == b.gen && c.key.cgroupID == cgroupID && c.key.pid == pid &&
+		c.key.comm == comm && c.key.containerID == containerID {
 		return c.ref
 	}
-	k := ctxKey{ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID}
+	k := ctxKey{cgroupID, pid, comm, containerID}
 	ref, ok := b.ctxIndex[k]
 	if !ok {
 		ref = int32(len(b.ctxIndex))
@@ -317,9 +334,9 @@ func appendCtx(c []byte, k *ctxKey) []byte {
 func (b *BatchEncoder) Finish(dst []byte, seq uint64, drops Drops) []byte {
 	link := b.lastSeq == 0 && b.prevRun != nil
 	if link {
-		dst = appendMapHeader(dst, numTopKeys)
+		dst = appendMapHeader(dst, b.nKeys)
 	} else {
-		dst = appendMapHeader(dst, numTopKeys-1)
+		dst = appendMapHeader(dst, b.nKeys-1)
 	}
 	dst = append(dst, b.head...)
 	dst = appendStr(dst, keySeq)

@@ -119,3 +119,65 @@ func appendJSONString(dst []byte, s string) []byte {
 	dst = append(dst, s[start:]...)
 	return append(dst, '"')
 }
+
+// AppendJSON appends e as one JSON object and returns dst (no newline). It starts with
+// "event":"net_flow_tcp_end", so no reader of begin objects can take it for one, then the begin's
+// fields under their SPEC section 1 names (conn_direction, src, dst, src_port, dst_port, src_dns,
+// dst_dns), begin_ns, end_ns, duration_ns, src_bytes, dst_bytes, src_segs, dst_segs, retrans, srtt_us,
+// reason (EndReason.String), host, then cgroup_id, pid, comm and container_id only when known. There
+// is no timestamp key: a begin reader that requires one fails instead of misreading (FORMAT.md).
+func (e *EndEvent) AppendJSON(dst []byte, host string) []byte {
+	dst = append(dst, `{"event":"`+EndEventName+`","conn_direction":"`...)
+	dst = append(dst, e.Direction.String()...)
+	dst = append(dst, `","src":`...)
+	dst = appendJSONAddr(dst, e.Src)
+	dst = append(dst, `,"dst":`...)
+	dst = appendJSONAddr(dst, e.Dst)
+	dst = append(dst, `,"src_port":`...)
+	dst = strconv.AppendUint(dst, uint64(e.SrcPort), 10)
+	dst = append(dst, `,"dst_port":`...)
+	dst = strconv.AppendUint(dst, uint64(e.DstPort), 10)
+	dst = append(dst, `,"src_dns":`...)
+	dst = appendJSONStrings(dst, e.SrcDNS)
+	dst = append(dst, `,"dst_dns":`...)
+	dst = appendJSONStrings(dst, e.DstDNS)
+	dst = append(dst, `,"begin_ns":`...)
+	dst = strconv.AppendInt(dst, e.BeginNs, 10)
+	dst = append(dst, `,"end_ns":`...)
+	dst = strconv.AppendInt(dst, e.EndNs, 10)
+	dst = append(dst, `,"duration_ns":`...)
+	dst = strconv.AppendInt(dst, e.Duration(), 10)
+	dst = append(dst, `,"src_bytes":`...)
+	dst = strconv.AppendUint(dst, e.SrcBytes, 10)
+	dst = append(dst, `,"dst_bytes":`...)
+	dst = strconv.AppendUint(dst, e.DstBytes, 10)
+	dst = append(dst, `,"src_segs":`...)
+	dst = strconv.AppendUint(dst, e.SrcSegs, 10)
+	dst = append(dst, `,"dst_segs":`...)
+	dst = strconv.AppendUint(dst, e.DstSegs, 10)
+	dst = append(dst, `,"retrans":`...)
+	dst = strconv.AppendUint(dst, e.Retrans, 10)
+	dst = append(dst, `,"srtt_us":`...)
+	dst = strconv.AppendUint(dst, uint64(e.SRTTus), 10)
+	dst = append(dst, `,"reason":"`...)
+	dst = append(dst, e.Reason.String()...)
+	dst = append(dst, `","host":`...)
+	dst = appendJSONString(dst, host)
+	if e.CgroupID != 0 {
+		dst = append(dst, `,"cgroup_id":`...)
+		dst = strconv.AppendUint(dst, e.CgroupID, 10)
+	}
+	if e.PID != 0 {
+		dst = append(dst, `,"pid":`...)
+		dst = strconv.AppendUint(dst, uint64(e.PID), 10)
+	}
+	if e.Comm != "" {
+		dst = append(dst, `,"comm":`...)
+		dst = appendJSONString(dst, e.Comm)
+	}
+	if e.ContainerID != "" {
+		dst = append(dst, `,"container_id":`...)
+		dst = appendJSONString(dst, e.ContainerID)
+	}
+	return append(dst, '}')
+}
