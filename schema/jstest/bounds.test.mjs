@@ -1,11 +1,11 @@
 // Tests of flowbus.mjs on its own (node --test): every string bound of FORMAT.md decoding rule 4, at
 // the bound and one past it, in bytes as on the wire; prev_run (schema 1.1); bin never passes for a
-// string. schema/jstest's Go test runs this file.
+// string; end batches (schema 2.0): read by decodeEndBatch with the same bounds, refused by decodeBatch. schema/jstest's Go test runs this file.
 import { strict as assert } from "node:assert";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { test } from "node:test";
 import { encode } from "@msgpack/msgpack";
-import { BOUNDS, decodeBatch } from "./flowbus.mjs";
+import { BOUNDS, decodeBatch, decodeEndBatch } from "./flowbus.mjs";
 
 function base() {
   return {
@@ -124,4 +124,79 @@ test("prev_run errors: later batch, missing key, empty run id, wrong types", () 
   const notMap = base();
   notMap.prev_run = [1];
   assert.throws(() => decodeBatch(encode(notMap)), /prev_run is not a map/);
+});
+
+function endBase() {
+  const b = base();
+  b.schema_major = 2;
+  b.schema_minor = 0;
+  b.event = "net_flow_tcp_end";
+  b.events = [[1, 0, 40000, 443, -5, 0, 100, 10, 20, 1, 2, 0, 250, 1]];
+  return b;
+}
+
+const testdata = new URL("../testdata/", import.meta.url);
+const endVectors = readdirSync(testdata).filter((f) => f.startsWith("end_") && f.endsWith(".msgpack"));
+
+test("end vectors: decodeEndBatch reads them, decodeBatch (a 1.x decoder) refuses each as major 2", () => {
+  assert.ok(endVectors.length >= 4, `only ${endVectors.length} end vectors`);
+  for (const f of endVectors) {
+    const data = readFileSync(new URL(f, testdata));
+    const b = decodeEndBatch(data);
+    assert.equal(b.event, "net_flow_tcp_end", f);
+    assert.ok(b.events.every((e) => e.event === "net_flow_tcp_end" && !("timestamp" in e)), f);
+    assert.throws(() => decodeBatch(data), /flowbus batch schema major 2 is not supported by this consumer \(supports 1\): upgrade the consumer/, f);
+  }
+  assert.throws(() => decodeEndBatch(readFileSync(new URL("outgoing_mixed.msgpack", testdata))), /major 1 is a net_flow_tcp_begin batch/);
+});
+
+test("end_mixed decodes exactly: bigint counters, begin_ns = end_ns - duration_ns, reason names", () => {
+  const b = decodeEndBatch(readFileSync(new URL("end_mixed.msgpack", testdata)));
+  const e = b.events[2];
+  assert.equal(e.dst_bytes, 18446744073709551615n);
+  assert.equal(e.srtt_us, 4294967295);
+  assert.equal(e.reason, "timeout");
+  assert.equal(e.end_ns - e.duration_ns, e.begin_ns);
+  assert.equal(b.events[0].begin_ns, 1763990000123456789n);
+  assert.deepEqual(b.events.map((x) => x.reason), ["fin", "rst_received", "timeout", "rst_sent", "never_established"]);
+  const fut = decodeEndBatch(readFileSync(new URL("end_future_minor.msgpack", testdata)));
+  assert.equal(fut.events[0].reason, "unknown"); // code 9: a later minor's
+});
+
+for (const c of cases) {
+  test(`end batch ${c.name}: ${c.bound} bytes pass, ${c.bound + 1} are malformed`, () => {
+    const make = (n) => { const b = endBase(); c.set(b, s(n)); return encode(b); };
+    if (!c.atBoundInvalid) decodeEndBatch(make(c.bound));
+    assert.throws(() => decodeEndBatch(make(c.bound + 1)), tooLong(c.bound, c.where));
+  });
+}
+
+test(`end batch event: ${BOUNDS.event} bytes are checked for the value, ${BOUNDS.event + 1} are malformed`, () => {
+  const b = endBase();
+  b.event = s(BOUNDS.event);
+  assert.throws(() => decodeEndBatch(encode(b)), /event is "x{32}", want "net_flow_tcp_end"/);
+  b.event = s(BOUNDS.event + 1);
+  assert.throws(() => decodeEndBatch(encode(b)), tooLong(BOUNDS.event, "event"));
+  delete b.event;
+  assert.throws(() => decodeEndBatch(encode(b)), /event is undefined, want a string/);
+});
+
+test("end rows: length, ranges and types", () => {
+  for (const [i, v, re] of [
+    [13, 256, /events\[0\]\[13\] \(reason\) is 256, more than 255/],
+    [12, 2 ** 32, /events\[0\]\[12\] \(srtt_us\) is 4294967296, more than 4294967295/],
+    [7, -1, /events\[0\]\[7\] \(src_bytes\) is -1, want a non-negative integer/],
+    [6, "1s", /events\[0\]\[6\] \(duration_ns\) is a string, want an integer/],
+  ]) {
+    const b = endBase();
+    b.events[0][i] = v;
+    assert.throws(() => decodeEndBatch(encode(b)), re);
+  }
+  const short = endBase();
+  short.events[0].pop();
+  assert.throws(() => decodeEndBatch(encode(short)), /events\[0\] has 13 elements, want at least 14/);
+  const extra = endBase();
+  extra.events[0].push("future", { k: 1 });
+  extra.future = { a: 1 };
+  assert.equal(decodeEndBatch(encode(extra)).events.length, 1);
 });

@@ -2,13 +2,14 @@
 //
 // Reads every message of a flowbus stream through JetStream with the official NATS JavaScript client
 // (an ordered consumer), decodes each batch with flowbus.mjs, and prints one JSON document:
-// {"batches":[{subject, stream_seq, headers, batch, default_decode}]}. Every 64-bit integer is printed
+// {"batches":[{subject, stream_seq, headers, batch or end_batch, default_decode}]}: a message on an end
+// subject (<prefix>.<host>.<direction>.end) is decoded with decodeEndBatch, any other with decodeBatch. Every 64-bit integer is printed
 // as an exact decimal string. default_decode records what a default msgpack decode yields, so the Go
 // test can check the pitfall FORMAT.md describes.
 import { decode } from "@msgpack/msgpack";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import { decodeBatch } from "./flowbus.mjs";
+import { decodeBatch, decodeEndBatch } from "./flowbus.mjs";
 
 const HEADERS = ["Nats-Msg-Id", "Content-Type", "Flowbus-Schema"];
 
@@ -62,13 +63,11 @@ async function main(argv) {
       }
       const headers = {};
       for (const h of HEADERS) headers[h] = m.headers?.get(h) ?? "";
-      batches.push({
-        subject: m.subject,
-        stream_seq: m.seq,
-        headers,
-        batch: decodeBatch(m.data),
-        default_decode: defaultDecode(m.data),
-      });
+      const entry = { subject: m.subject, stream_seq: m.seq, headers };
+      if (m.subject.endsWith(".end")) entry.end_batch = decodeEndBatch(m.data);
+      else entry.batch = decodeBatch(m.data);
+      entry.default_decode = defaultDecode(m.data);
+      batches.push(entry);
     }
     process.stdout.write(JSON.stringify({ batches }, (_, v) => (typeof v === "bigint" ? v.toString() : v)) + "\n");
   } finally {

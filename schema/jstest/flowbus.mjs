@@ -1,12 +1,21 @@
-// Decodes one flowbus batch (schema 1.x) exactly, as schema/FORMAT.md ("Decoding in JavaScript")
+// Decodes one flowbus batch (schema 1.x: net_flow_tcp_begin; schema 2.x: net_flow_tcp_end) exactly, as schema/FORMAT.md ("Decoding in JavaScript")
 // describes. 64-bit quantities (t0, each timestamp, seq, prev_seq, drops, cgroup_id) come back as
 // bigint, everything that fits 32 bits (ports, pid, refs, versions) as number, so every value is exact
 // and its type does not depend on its size. Every string is bounded in bytes as on the wire, like the Go
 // decoder (FORMAT.md, decoding rule 4).
 import { Decoder } from "@msgpack/msgpack";
 
-/** The schema major this decoder reads. */
+/** The schema major decodeBatch reads (begin batches). */
 export const SUPPORTED_MAJOR = 1;
+
+/** The schema major decodeEndBatch reads (end batches, event net_flow_tcp_end). */
+export const END_MAJOR = 2;
+
+/** The event an end batch names. */
+export const END_EVENT = "net_flow_tcp_end";
+
+/** End reason names by wire code; a code past them (a later minor) is "unknown". */
+export const END_REASONS = Object.freeze(["unknown", "fin", "rst_sent", "rst_received", "timeout", "never_established"]);
 
 /** Bounds on the strings of a batch, in bytes on the wire (schema.MaxHostLen, ... in Go). */
 export const BOUNDS = Object.freeze({
@@ -19,6 +28,7 @@ export const BOUNDS = Object.freeze({
   container_id: 64,
   run_end: 16, // prev_run.end
   key: 64, // every map key, at any level
+  event: 32, // an end batch's event
 });
 
 function malformed(where, what) {
@@ -122,20 +132,9 @@ function runLink(v) {
   };
 }
 
-/**
- * decodeBatch decodes the body of one flowbus batch message.
- * @param {Uint8Array} data the message body
- * @returns the batch: header fields and events in the shape of SPEC section 1, with bigint
- *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id, and prev_run (null when absent) with bigint
- *   last_seq, batches, events, last_ns and start_ns.
- */
-export function decodeBatch(data) {
-  const b = map(decoder.decode(data), "top level");
-  const major = Number(int64(b.schema_major, "schema_major"));
-  if (major !== SUPPORTED_MAJOR) {
-    throw new Error(`flowbus batch schema major ${major} is not supported by this consumer ` +
-      `(supports ${SUPPORTED_MAJOR}): upgrade the consumer`);
-  }
+// header decodes the top level both kinds share: everything but the rows, and a function that reads
+// the six elements every row starts with.
+function header(b) {
   const host = str(b.host, BOUNDS.host, "host");
   const dir = str(b.conn_direction, BOUNDS.direction, "conn_direction");
   if (dir !== "incoming" && dir !== "outgoing") throw malformed("conn_direction", `is ${JSON.stringify(dir)}`);
@@ -175,40 +174,112 @@ export function decodeBatch(data) {
     if (r >= dict.length) throw malformed(where, `is ${r}, outside its dictionary of ${dict.length}`);
     return dict[r];
   };
-
-  const events = arr(b.events, "events").map((row, i) => {
+  // rowStart returns the row's first six elements as an event (with time: t0 + dt_ns in 64-bit two's
+  // complement, as the Go decoder computes it) and its process context, if any.
+  const rowStart = (row, i, need) => {
     arr(row, `events[${i}]`);
-    if (row.length < 6) throw malformed(`events[${i}]`, `has ${row.length} elements, want at least 6`);
+    if (row.length < need) throw malformed(`events[${i}]`, `has ${row.length} elements, want at least ${need}`);
     const src = ref(row[0], endpoints, `events[${i}][0] (src_ref)`);
     const dst = ref(row[1], endpoints, `events[${i}][1] (dst_ref)`);
-    const ev = {
-      conn_direction: dir,
-      src: src.addr,
-      dst: dst.addr,
-      src_port: uintMax(row[2], 65535, `events[${i}][2] (src_port)`),
-      dst_port: uintMax(row[3], 65535, `events[${i}][3] (dst_port)`),
-      src_dns: src.names,
-      dst_dns: dst.names,
-      // t0 + dt_ns in 64-bit two's complement, as the Go decoder computes it. Both are bigint here:
-      // t0 + row[4] alone throws (bigint + number) or, with a default decode, rounds.
-      timestamp: BigInt.asIntN(64, t0 + int64(row[4], `events[${i}][4] (dt_ns)`)),
-      host,
+    return {
+      ev: {
+        conn_direction: dir,
+        src: src.addr,
+        dst: dst.addr,
+        src_port: uintMax(row[2], 65535, `events[${i}][2] (src_port)`),
+        dst_port: uintMax(row[3], 65535, `events[${i}][3] (dst_port)`),
+        src_dns: src.names,
+        dst_dns: dst.names,
+      },
+      // Both are bigint here: t0 + row[4] alone throws (bigint + number) or, with a default decode, rounds.
+      time: BigInt.asIntN(64, t0 + int64(row[4], `events[${i}][4] (dt_ns)`)),
+      ctx: row[5] != null ? ref(row[5], ctx, `events[${i}][5] (ctx_ref)`) : null,
     };
-    if (row[5] != null) Object.assign(ev, ref(row[5], ctx, `events[${i}][5] (ctx_ref)`));
+  };
+  return {
+    top: {
+      schema_major: Number(int64(b.schema_major, "schema_major")),
+      schema_minor: Number(int64(b.schema_minor, "schema_minor")),
+      host,
+      conn_direction: dir,
+      run_id: str(b.run_id, BOUNDS.run_id, "run_id"),
+      seq: uint64(b.seq, "seq"),
+      prev_seq: prevSeq,
+      prev_run: prevRun,
+      t0,
+      drops,
+    },
+    rowStart,
+  };
+}
+
+/**
+ * decodeBatch decodes the body of one flowbus begin batch message (schema 1.x).
+ * @param {Uint8Array} data the message body
+ * @returns the batch: header fields and events in the shape of SPEC section 1, with bigint
+ *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id, and prev_run (null when absent) with bigint
+ *   last_seq, batches, events, last_ns and start_ns. An end batch (major 2) is refused, never read.
+ */
+export function decodeBatch(data) {
+  const b = map(decoder.decode(data), "top level");
+  const major = Number(int64(b.schema_major, "schema_major"));
+  if (major !== SUPPORTED_MAJOR) {
+    const end = major === END_MAJOR ? ` (major ${END_MAJOR} is a ${END_EVENT} batch: decodeEndBatch reads it)` : "";
+    throw new Error(`flowbus batch schema major ${major} is not supported by this consumer ` +
+      `(supports ${SUPPORTED_MAJOR}): upgrade the consumer${end}`);
+  }
+  const { top, rowStart } = header(b);
+  const events = arr(b.events, "events").map((row, i) => {
+    const { ev, time, ctx } = rowStart(row, i, 6);
+    ev.timestamp = time;
+    ev.host = top.host;
+    if (ctx) Object.assign(ev, ctx);
     return ev;
   });
+  return { ...top, events };
+}
 
-  return {
-    schema_major: major,
-    schema_minor: Number(int64(b.schema_minor, "schema_minor")),
-    host,
-    conn_direction: dir,
-    run_id: str(b.run_id, BOUNDS.run_id, "run_id"),
-    seq: uint64(b.seq, "seq"),
-    prev_seq: prevSeq,
-    prev_run: prevRun,
-    t0,
-    drops,
-    events,
-  };
+/**
+ * decodeEndBatch decodes the body of one flowbus end batch message (schema 2.x, event
+ * net_flow_tcp_end), with the same checks and bounds as decodeBatch.
+ * @param {Uint8Array} data the message body
+ * @returns the batch: header fields (with event) and events in the shape of FORMAT.md "End batches":
+ *   bigint begin_ns, end_ns, duration_ns, src_bytes, dst_bytes, src_segs, dst_segs, retrans; number
+ *   srtt_us; reason as its name.
+ */
+export function decodeEndBatch(data) {
+  const b = map(decoder.decode(data), "top level");
+  const major = Number(int64(b.schema_major, "schema_major"));
+  if (major !== END_MAJOR) {
+    throw new Error(major === SUPPORTED_MAJOR
+      ? `flowbus batch schema major ${major} is a net_flow_tcp_begin batch, not an end batch: decodeBatch reads it`
+      : `flowbus end batch schema major ${major} is not supported by this consumer (supports ${END_MAJOR}): upgrade the consumer`);
+  }
+  const event = str(b.event, BOUNDS.event, "event");
+  if (event !== END_EVENT) throw malformed("event", `is ${JSON.stringify(event)}, want ${JSON.stringify(END_EVENT)}`);
+  const { top, rowStart } = header(b);
+  const events = arr(b.events, "events").map((row, i) => {
+    const { ev, time, ctx } = rowStart(row, i, 14);
+    const w = (j, name) => `events[${i}][${j}] (${name})`;
+    const duration = int64(row[6], w(6, "duration_ns"));
+    const reason = uintMax(row[13], 255, w(13, "reason"));
+    const out = {
+      event: END_EVENT,
+      ...ev,
+      begin_ns: BigInt.asIntN(64, time - duration),
+      end_ns: time,
+      duration_ns: duration,
+      src_bytes: uint64(row[7], w(7, "src_bytes")),
+      dst_bytes: uint64(row[8], w(8, "dst_bytes")),
+      src_segs: uint64(row[9], w(9, "src_segs")),
+      dst_segs: uint64(row[10], w(10, "dst_segs")),
+      retrans: uint64(row[11], w(11, "retrans")),
+      srtt_us: uintMax(row[12], 0xffffffff, w(12, "srtt_us")),
+      reason: END_REASONS[reason] ?? "unknown",
+      host: top.host,
+    };
+    if (ctx) Object.assign(out, ctx);
+    return out;
+  });
+  return { ...top, event, events };
 }

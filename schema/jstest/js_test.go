@@ -69,7 +69,8 @@ type jsBatch struct {
 	Subject       string            `json:"subject"`
 	StreamSeq     uint64            `json:"stream_seq"`
 	Headers       map[string]string `json:"headers"`
-	Batch         jsDecoded         `json:"batch"`
+	Batch         *jsDecoded        `json:"batch"`
+	EndBatch      *jsEndDecoded     `json:"end_batch"`
 	DefaultDecode jsDefault         `json:"default_decode"`
 }
 
@@ -85,6 +86,47 @@ type jsDecoded struct {
 	T0            string            `json:"t0"`
 	Drops         map[string]string `json:"drops"`
 	Events        []jsEvent         `json:"events"`
+}
+
+type jsEndDecoded struct {
+	SchemaMajor   int               `json:"schema_major"`
+	SchemaMinor   int               `json:"schema_minor"`
+	Event         string            `json:"event"`
+	Host          string            `json:"host"`
+	ConnDirection string            `json:"conn_direction"`
+	RunID         string            `json:"run_id"`
+	Seq           string            `json:"seq"`
+	PrevSeq       string            `json:"prev_seq"`
+	PrevRun       *jsRunLink        `json:"prev_run"`
+	T0            string            `json:"t0"`
+	Drops         map[string]string `json:"drops"`
+	Events        []jsEndEvent      `json:"events"`
+}
+
+type jsEndEvent struct {
+	Event         string   `json:"event"`
+	ConnDirection string   `json:"conn_direction"`
+	Src           string   `json:"src"`
+	Dst           string   `json:"dst"`
+	SrcPort       uint16   `json:"src_port"`
+	DstPort       uint16   `json:"dst_port"`
+	SrcDNS        []string `json:"src_dns"`
+	DstDNS        []string `json:"dst_dns"`
+	BeginNs       string   `json:"begin_ns"`
+	EndNs         string   `json:"end_ns"`
+	DurationNs    string   `json:"duration_ns"`
+	SrcBytes      string   `json:"src_bytes"`
+	DstBytes      string   `json:"dst_bytes"`
+	SrcSegs       string   `json:"src_segs"`
+	DstSegs       string   `json:"dst_segs"`
+	Retrans       string   `json:"retrans"`
+	SRTTus        uint32   `json:"srtt_us"`
+	Reason        string   `json:"reason"`
+	Host          string   `json:"host"`
+	CgroupID      *string  `json:"cgroup_id"`
+	PID           *uint32  `json:"pid"`
+	Comm          *string  `json:"comm"`
+	ContainerID   *string  `json:"container_id"`
 }
 
 type jsRunLink struct {
@@ -132,7 +174,8 @@ type published struct {
 	msgID     string
 	streamSeq uint64
 	batch     schema.Batch
-	t0        int64 // from a generic Go msgpack decode, independent of schema.DecodeBatch
+	end       *schema.EndBatch // set for an end batch (testdata/end_*), batch then unused
+	t0        int64            // from a generic Go msgpack decode, independent of schema.DecodeBatch
 	dts       []int64
 }
 
@@ -229,17 +272,28 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	var pubs []*published
 	for _, name := range names {
 		p := &published{name: name, data: all[name]}
-		if err := schema.DecodeBatch(p.data, &p.batch); err != nil {
-			t.Fatalf("%s: %v", name, err)
+		version := schema.SchemaHeaderValue()
+		if strings.HasPrefix(name, "end_") {
+			p.end = new(schema.EndBatch)
+			if err := schema.DecodeEndBatch(p.data, p.end); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			p.subject = schema.EndSubject(schema.DefaultPrefix, p.end.Host, p.end.Direction)
+			p.msgID = schema.MsgID(p.end.Host, p.end.RunID, p.end.Seq)
+			version = schema.EndSchemaHeaderValue()
+		} else {
+			if err := schema.DecodeBatch(p.data, &p.batch); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			p.subject = schema.Subject(schema.DefaultPrefix, p.batch.Host, p.batch.Direction)
+			p.msgID = schema.MsgID(p.batch.Host, p.batch.RunID, p.batch.Seq)
 		}
 		p.t0, p.dts = rawTimes(t, p.data)
-		p.subject = schema.Subject(schema.DefaultPrefix, p.batch.Host, p.batch.Direction)
-		p.msgID = schema.MsgID(p.batch.Host, p.batch.RunID, p.batch.Seq)
 		// The headers flowagent's publisher sets on every batch.
 		ack, err := srv.JS.PublishMsg(ctx, &nats.Msg{Subject: p.subject, Data: p.data, Header: nats.Header{
 			schema.HeaderMsgID:       {p.msgID},
 			schema.HeaderContentType: {schema.ContentType},
-			schema.HeaderSchema:      {schema.SchemaHeaderValue()},
+			schema.HeaderSchema:      {version},
 		}})
 		if err != nil {
 			t.Fatalf("publish %s: %v", name, err)
@@ -271,6 +325,13 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	for i, p := range pubs {
 		js := out.Batches[i]
 		t.Run(p.name, func(t *testing.T) {
+			if p.end != nil {
+				checkEndBatch(t, p, &js)
+				return
+			}
+			if js.Batch == nil {
+				t.Fatalf("decode.mjs gave no begin batch for %s", p.subject)
+			}
 			checkBatch(t, p, &js)
 		})
 		for j, ev := range p.batch.Events {
@@ -289,11 +350,17 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	if mixErrors == 0 {
 		t.Error("no batch had a bigint t0 with a number dt_ns under useBigInt64: the mixing pitfall is not exercised")
 	}
-	links := 0
+	links, ends := 0, 0
 	for _, p := range pubs {
-		if p.batch.PrevRun != nil {
+		if p.batch.PrevRun != nil || p.end != nil && p.end.PrevRun != nil {
 			links++
 		}
+		if p.end != nil {
+			ends++
+		}
+	}
+	if ends < 4 {
+		t.Errorf("only %d end batches: the end vectors (testdata/end_*) are not exercised", ends)
 	}
 	if links == 0 {
 		t.Error("no batch carries prev_run: the schema 1.1 link is not exercised")
@@ -301,8 +368,8 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	t.Logf("%d batches (%d with prev_run): every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
-		len(pubs), links, rounded, mixErrors)
+	t.Logf("%d batches (%d end batches, %d with prev_run): every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
+		len(pubs), ends, links, rounded, mixErrors)
 }
 
 func checkBatch(t *testing.T, p *published, js *jsBatch) {
@@ -318,7 +385,7 @@ func checkBatch(t *testing.T, p *published, js *jsBatch) {
 	eq("header "+schema.HeaderContentType, js.Headers[schema.HeaderContentType], schema.ContentType)
 	eq("header "+schema.HeaderSchema, js.Headers[schema.HeaderSchema], schema.SchemaHeaderValue())
 
-	b, g := &js.Batch, &p.batch
+	b, g := js.Batch, &p.batch
 	eq("schema_major", strconv.Itoa(b.SchemaMajor), strconv.Itoa(g.Major))
 	eq("schema_minor", strconv.Itoa(b.SchemaMinor), strconv.Itoa(g.Minor))
 	eq("host", b.Host, g.Host)
@@ -393,8 +460,18 @@ func checkBatch(t *testing.T, p *published, js *jsBatch) {
 		eq(f("pid"), gotPID, wantPID)
 	}
 
-	// The pitfall, as FORMAT.md states it: a default decode yields every 64-bit integer as the nearest
-	// double, and t0 + dt_ns is then a double addition.
+	checkDefaultDecode(t, p, js)
+}
+
+// checkDefaultDecode checks the pitfall, as FORMAT.md states it: a default decode yields every 64-bit
+// integer as the nearest double, and t0 + dt_ns is then a double addition.
+func checkDefaultDecode(t *testing.T, p *published, js *jsBatch) {
+	eq := func(what, got, want string) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s: JavaScript %q, Go %q", what, got, want)
+		}
+	}
 	d := &js.DefaultDecode
 	eq("default decode t0", d.T0, float(float64(p.t0)))
 	if len(d.Timestamps) != len(p.dts) {
@@ -465,7 +542,8 @@ func TestJavaScriptDecoderBounds(t *testing.T) {
 	// The bounds the JavaScript test checks are the Go decoder's.
 	want := map[string]int{"host": schema.MaxHostLen, "run_id": schema.MaxRunIDLen, "direction": schema.MaxDirectionLen,
 		"addr": schema.MaxAddrLen, "dns_name": schema.MaxDNSNameLen, "comm": schema.MaxCommLen,
-		"container_id": schema.MaxContainerIDLen, "run_end": schema.MaxRunEndLen, "key": schema.MaxKeyLen}
+		"container_id": schema.MaxContainerIDLen, "run_end": schema.MaxRunEndLen, "key": schema.MaxKeyLen,
+		"event": schema.MaxEventLen}
 	script := `import { BOUNDS } from "./flowbus.mjs"; process.stdout.write(JSON.stringify(BOUNDS));`
 	b, err := exec.CommandContext(ctx, node, "--input-type=module", "-e", script).Output()
 	if err != nil {
@@ -478,7 +556,101 @@ func TestJavaScriptDecoderBounds(t *testing.T) {
 	if !maps.Equal(got, want) {
 		t.Fatalf("flowbus.mjs BOUNDS %v, Go decoder %v", got, want)
 	}
-	if n := strings.Count(string(out), "\nok "); n < 19 {
+	if n := strings.Count(string(out), "\nok "); n < 32 {
 		t.Fatalf("only %d JavaScript tests passed:\n%s", n, out)
 	}
+}
+
+// checkEndBatch is checkBatch for an end batch: decodeEndBatch in JavaScript against DecodeEndBatch.
+func checkEndBatch(t *testing.T, p *published, js *jsBatch) {
+	eq := func(what, got, want string) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s: JavaScript %q, Go %q", what, got, want)
+		}
+	}
+	if js.EndBatch == nil || js.Batch != nil {
+		t.Fatalf("decode.mjs did not read %s as an end batch", p.subject)
+	}
+	eq("subject", js.Subject, p.subject)
+	eq("header "+schema.HeaderMsgID, js.Headers[schema.HeaderMsgID], p.msgID)
+	eq("header "+schema.HeaderSchema, js.Headers[schema.HeaderSchema], schema.EndSchemaHeaderValue())
+	b, g := js.EndBatch, p.end
+	u := func(v uint64) string { return strconv.FormatUint(v, 10) }
+	i64 := func(v int64) string { return strconv.FormatInt(v, 10) }
+	eq("schema_major", strconv.Itoa(b.SchemaMajor), strconv.Itoa(g.Major))
+	eq("schema_minor", strconv.Itoa(b.SchemaMinor), strconv.Itoa(g.Minor))
+	eq("event", b.Event, schema.EndEventName)
+	eq("host", b.Host, g.Host)
+	eq("conn_direction", b.ConnDirection, g.Direction.String())
+	eq("run_id", b.RunID, g.RunID)
+	eq("seq", b.Seq, u(g.Seq))
+	eq("prev_seq", b.PrevSeq, u(g.PrevSeq))
+	eq("t0", b.T0, i64(p.t0))
+	switch jl, gl := b.PrevRun, g.PrevRun; {
+	case (jl == nil) != (gl == nil):
+		t.Errorf("prev_run: JavaScript %+v, Go %+v", jl, gl)
+	case gl != nil:
+		eq("prev_run", fmt.Sprint(*jl), fmt.Sprint(jsRunLink{gl.RunID, u(gl.LastSeq), u(gl.Batches), u(gl.Events), i64(gl.LastNs), i64(gl.StartNs), gl.End}))
+	}
+	for k, v := range map[string]uint64{"kernel": g.Drops.Kernel, "reader": g.Drops.Reader, "queue": g.Drops.Queue,
+		"spool": g.Drops.Spool, "publish": g.Drops.Publish} {
+		eq("drops."+k, b.Drops[k], u(v))
+	}
+	if len(b.Events) != len(g.Events) {
+		t.Fatalf("JavaScript decoded %d events, Go %d", len(b.Events), len(g.Events))
+	}
+	opt := func(s *string) string {
+		if s == nil {
+			return "(absent)"
+		}
+		return *s
+	}
+	for i := range g.Events {
+		je, ge := &b.Events[i], &g.Events[i]
+		f := func(name string) string { return fmt.Sprintf("events[%d].%s", i, name) }
+		eq(f("event"), je.Event, schema.EndEventName)
+		eq(f("conn_direction"), je.ConnDirection, ge.Direction.String())
+		eq(f("src"), je.Src, addrText(ge.Src))
+		eq(f("dst"), je.Dst, addrText(ge.Dst))
+		eq(f("src_port"), strconv.Itoa(int(je.SrcPort)), strconv.Itoa(int(ge.SrcPort)))
+		eq(f("dst_port"), strconv.Itoa(int(je.DstPort)), strconv.Itoa(int(ge.DstPort)))
+		eq(f("src_dns"), strings.Join(je.SrcDNS, ","), strings.Join(ge.SrcDNS, ","))
+		eq(f("dst_dns"), strings.Join(je.DstDNS, ","), strings.Join(ge.DstDNS, ","))
+		if je.SrcDNS == nil || je.DstDNS == nil {
+			t.Errorf("%s: src_dns/dst_dns must be arrays, got %v %v", f("dns"), je.SrcDNS, je.DstDNS)
+		}
+		eq(f("begin_ns"), je.BeginNs, i64(ge.BeginNs))
+		eq(f("end_ns"), je.EndNs, i64(ge.EndNs))
+		eq(f("duration_ns"), je.DurationNs, i64(ge.Duration()))
+		eq(f("src_bytes"), je.SrcBytes, u(ge.SrcBytes))
+		eq(f("dst_bytes"), je.DstBytes, u(ge.DstBytes))
+		eq(f("src_segs"), je.SrcSegs, u(ge.SrcSegs))
+		eq(f("dst_segs"), je.DstSegs, u(ge.DstSegs))
+		eq(f("retrans"), je.Retrans, u(ge.Retrans))
+		eq(f("srtt_us"), u(uint64(je.SRTTus)), u(uint64(ge.SRTTus)))
+		eq(f("reason"), je.Reason, ge.Reason.String())
+		eq(f("host"), je.Host, g.Host)
+		wantCg, wantComm, wantCid, wantPID, gotPID := "(absent)", "(absent)", "(absent)", "(absent)", "(absent)"
+		if ge.CgroupID != 0 {
+			wantCg = u(ge.CgroupID)
+		}
+		if ge.Comm != "" {
+			wantComm = ge.Comm
+		}
+		if ge.ContainerID != "" {
+			wantCid = ge.ContainerID
+		}
+		if ge.PID != 0 {
+			wantPID = u(uint64(ge.PID))
+		}
+		if je.PID != nil {
+			gotPID = u(uint64(*je.PID))
+		}
+		eq(f("cgroup_id"), opt(je.CgroupID), wantCg)
+		eq(f("comm"), opt(je.Comm), wantComm)
+		eq(f("container_id"), opt(je.ContainerID), wantCid)
+		eq(f("pid"), gotPID, wantPID)
+	}
+	checkDefaultDecode(t, p, js)
 }
