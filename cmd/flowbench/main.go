@@ -1,6 +1,8 @@
 // Command flowbench runs flowbus's benchmark protocol (bench/PROTOCOL.md,
 // `make bench`): B4 (encoding), B1 (kernel-side cost: connection storm and
-// bulk stream, with ÷ without the agent), B1p (the same against libbpf-tools
+// bulk stream, with ÷ without the agent), B1k (the same cost from the
+// kernel's own counters: ns per connection of the agent's programs ÷ noop
+// programs on the same hooks), B1p (the same against libbpf-tools
 // tcpstates), B2 (completeness under load), B3 (publish pipeline vs nats
 // bench), B5 (agent footprint), B6 (consumer) and B7 (latency). It prints one
 // table with the machine, versions and parameters, and writes the same
@@ -51,6 +53,8 @@ type Params struct {
 	B7Seconds    float64  `json:"b7_seconds"`
 	B7Rate       float64  `json:"b7_conns_per_s"`
 	B6Events     int      `json:"b6_events"`
+	B1kSeconds   float64  `json:"b1k_storm_seconds"`
+	Verbose      bool     `json:"verbose"`
 }
 
 // Machine describes where the figures were taken.
@@ -100,7 +104,7 @@ func main() {
 
 func run() int {
 	quick := flag.Bool("quick", false, "short run (fewer pairs, shorter storms)")
-	only := flag.String("only", "B4,B1,B1p,B2,B3,B5,B6,B7", "comma-separated benchmarks to run")
+	only := flag.String("only", "B4,B1,B1k,B1p,B2,B3,B5,B6,B7", "comma-separated benchmarks to run")
 	out := flag.String("out", "", "where to write the JSON results (default: bench/results.json in the module)")
 	pairs := flag.Int("pairs", 0, "A/B pairs for ratios (default 7, --quick 5; at least 5 is the protocol)")
 	workers := flag.Int("workers", 4, "storm workers")
@@ -111,6 +115,8 @@ func run() int {
 	b3Sec := flag.Float64("b3-seconds", 0, "B3 length of each leg in seconds (default 5, --quick 2)")
 	b5Sec := flag.Float64("b5-seconds", 0, "B5 paced storm length in seconds (default 30, --quick 10)")
 	b7Sec := flag.Float64("b7-seconds", 0, "B7 paced storm length in seconds (default 20, --quick 8)")
+	b1kSec := flag.Float64("b1k-seconds", 0, "B1k storm length in seconds (default 4, --quick 2)")
+	verbose := flag.Bool("v", false, "verbose: per-program figures of every B1k pair")
 	agentBin := flag.String("agent", "", "flowagent binary to measure (default: build ./cmd/flowagent from this tree into a temp dir, so it matches the decoder B2 uses)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of this process (B3's publishing side, B4's parent) to this file")
 	flag.Parse()
@@ -127,15 +133,17 @@ func run() int {
 	}
 
 	p := Params{Quick: *quick, Pairs: 7, Workers: *workers, StormSeconds: 3, B2Seconds: 20, BulkBytes: 2048 << 20, BenchCount: 5, BenchTime: "1s", Agent: *agentBin,
-		B3Pairs: 5, B3Seconds: 5, B5Seconds: 30, B5Rate: 25_000, B7Seconds: 20, B7Rate: 500, B6Events: 5_000_000}
+		B3Pairs: 5, B3Seconds: 5, B5Seconds: 30, B5Rate: 25_000, B7Seconds: 20, B7Rate: 500, B6Events: 5_000_000,
+		B1kSeconds: 4, Verbose: *verbose}
 	if *quick {
 		p.Pairs, p.StormSeconds, p.B2Seconds, p.BenchTime, p.BulkBytes = 5, 2, 5, "300ms", 1024<<20
 		p.B3Pairs, p.B3Seconds, p.B5Seconds, p.B7Seconds = 3, 2, 10, 8
+		p.B1kSeconds = 2
 	}
 	for _, o := range []struct {
 		dst *float64
 		v   float64
-	}{{&p.B3Seconds, *b3Sec}, {&p.B5Seconds, *b5Sec}, {&p.B7Seconds, *b7Sec}} {
+	}{{&p.B3Seconds, *b3Sec}, {&p.B5Seconds, *b5Sec}, {&p.B1kSeconds, *b1kSec}, {&p.B7Seconds, *b7Sec}} {
 		if o.v > 0 {
 			*o.dst = o.v
 		}
@@ -181,14 +189,15 @@ func run() int {
 	}
 	defer os.RemoveAll(tmp)
 
-	needAgent := false
+	needAgent, needRoot := false, false
 	for _, b := range benchmarks {
-		needAgent = needAgent || (b.needsRoot && want[strings.ToUpper(b.id)])
+		needRoot = needRoot || (b.needsRoot && want[strings.ToUpper(b.id)])
+		needAgent = needAgent || (b.needsRoot && !b.ownLoader && want[strings.ToUpper(b.id)])
 	}
 	root := os.Geteuid() == 0
 	exit := 0
-	if needAgent && !root {
-		fmt.Fprintln(os.Stderr, "flowbench: B1, B1p, B2, B5 and B7 need root (they load eBPF programs and create cgroups): skipped; run as root for the full protocol")
+	if needRoot && !root {
+		fmt.Fprintln(os.Stderr, "flowbench: B1, B1k, B1p, B2, B5 and B7 need root (they load eBPF programs and create cgroups): skipped; run as root for the full protocol")
 		exit = 2
 	}
 	if needAgent && root {
@@ -367,9 +376,9 @@ func printHeader(m Machine, p Params) {
 	fmt.Printf("versions:  %s, nats-server %s, nats.go %s, flowbus %s\n", m.Go, m.NATSServer, m.NATSGo, orDash(m.Revision))
 	fmt.Printf("params:    quick=%v only=%s pairs=%d workers=%d storm=%gs bulk=%d MiB b2=%gs b4: -count %d -benchtime %s\n",
 		p.Quick, strings.Join(p.Only, ","), p.Pairs, p.Workers, p.StormSeconds, p.BulkBytes>>20, p.B2Seconds, p.BenchCount, p.BenchTime)
-	fmt.Printf("           b3: %d pairs x %gs legs; b5: %g conn/s for %gs; b6: %d events; b7: %g conn/s for %gs\n",
-		p.B3Pairs, p.B3Seconds, p.B5Rate, p.B5Seconds, p.B6Events, p.B7Rate, p.B7Seconds)
-	fmt.Printf("agent:     %s\n", p.Agent)
+	fmt.Printf("           b1k: %d pairs x %gs storms; b3: %d pairs x %gs legs; b5: %g conn/s for %gs; b6: %d events; b7: %g conn/s for %gs\n",
+		p.Pairs, p.B1kSeconds, p.B3Pairs, p.B3Seconds, p.B5Rate, p.B5Seconds, p.B6Events, p.B7Rate, p.B7Seconds)
+	fmt.Printf("agent:     %s\n", orDash(p.Agent))
 	fmt.Println("all traffic on loopback from a worker process in a child cgroup; ratios: A B A B alternating, median of pairs")
 	fmt.Println()
 }
@@ -446,6 +455,7 @@ type benchEnv struct {
 type benchmark struct {
 	id        string
 	needsRoot bool      // loads eBPF programs or creates cgroups
+	ownLoader bool      // loads the programs in-process: no agent binary
 	skipped   []rowStub // the rows shown instead when not root
 	run       func(e *benchEnv) []Row
 }
@@ -456,6 +466,8 @@ var benchmarks = []benchmark{
 	{id: "B4", run: func(e *benchEnv) []Row { return runB4(e.ctx, e.modRoot, e.p, e.progress) }},
 	{id: "B1", needsRoot: true, skipped: []rowStub{{"conn-rate ratio", ">= 0.97"}, {"bulk ratio", ">= 0.99"}},
 		run: func(e *benchEnv) []Row { return runB1(e.ctx, e.tmp, e.p, e.progress) }},
+	{id: "B1k", needsRoot: true, ownLoader: true, skipped: []rowStub{{"kernel ns/conn, agent's programs ÷ noop floor", "<= 3.0 x floor (begins only: <= 2.0)"}},
+		run: func(e *benchEnv) []Row { return runB1k(e.ctx, e.p, e.progress) }},
 	{id: "B1p", needsRoot: true, skipped: []rowStub{{"tcpstates conn-rate ratio", "ours >= peer's"}},
 		run: func(e *benchEnv) []Row { return runB1p(e.ctx, e.p, e.rows, e.progress) }},
 	{id: "B2", needsRoot: true, skipped: []rowStub{{"completeness under load", "0 lost, 0 dup, 0 kernel drops"}},
