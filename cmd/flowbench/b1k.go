@@ -190,6 +190,7 @@ func (discard) Flow(*schema.Event)                                              
 func (discard) DNSQuery(int64, uint8, uint64, netip.AddrPort, netip.AddrPort, []byte) {}
 func (discard) DNSAnswer(int64, uint8, uint64, netip.AddrPort, netip.AddrPort, []byte, int) {
 }
+func (discard) End(*schema.EndEvent) {}
 
 // agentSide loads the agent's programs as the agent does (bpf.Load with the
 // agent's defaults) and runs a reader that discards, for as long as ctx
@@ -309,7 +310,10 @@ type b1kResult struct {
 	NoopNsPerRun     float64             `json:"median_noop_ns_per_run"`
 	AgentPrograms    map[string]progCost `json:"median_agent_programs"`
 	NoopPrograms     map[string]progCost `json:"median_noop_programs"`
-	KernelDrops      uint64              `json:"kernel_drops"` // summed over the agent storms
+	// ProgramRatios is, per hook, the median over pairs of the agent
+	// program's ns/conn ÷ its noop stand-in's: where the excess is.
+	ProgramRatios map[string]float64 `json:"median_program_ratios"`
+	KernelDrops   uint64             `json:"kernel_drops"` // summed over the agent storms
 }
 
 // measureB1k alternates the agent's programs and the noop programs on cg,
@@ -382,6 +386,15 @@ func (r *b1kResult) summarize() {
 	}
 	r.AgentPrograms = progMedians(func(p b1kPair) b1kStorm { return p.Agent })
 	r.NoopPrograms = progMedians(func(p b1kPair) b1kStorm { return p.Noop })
+	r.ProgramRatios = map[string]float64{}
+	for name := range r.AgentPrograms {
+		r.ProgramRatios[name] = col(func(p b1kPair) float64 {
+			if n := p.Noop.Programs[name].NsPerConn; n > 0 {
+				return p.Agent.Programs[name].NsPerConn / n
+			}
+			return 0
+		})
+	}
 	r.KernelDrops = 0
 	for _, p := range r.Pairs {
 		r.KernelDrops += p.Agent.KernelDrops
@@ -400,6 +413,20 @@ func progBreakdown(ps map[string]progCost) string {
 	for _, n := range names {
 		c := ps[n]
 		parts = append(parts, fmt.Sprintf("%s %.0f ns (%.2f runs x %.0f ns)", n, c.NsPerConn, c.RunsPerConn, c.NsPerRun))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// ratioList prints "egress 5.4x, ingress 2.2x" in name order.
+func ratioList(rs map[string]float64) string {
+	names := make([]string, 0, len(rs))
+	for n := range rs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	parts := make([]string, len(names))
+	for i, n := range names {
+		parts[i] = fmt.Sprintf("%s %.2fx", n, rs[n])
 	}
 	return strings.Join(parts, ", ")
 }
@@ -430,9 +457,10 @@ func runB1k(ctx context.Context, p Params, progress func(string, ...any)) []Row 
 	for i, pr := range res.Pairs {
 		ratios[i] = pr.Ratio
 	}
-	row.Figures = fmt.Sprintf("%.2fx (%d pairs, min %.2f max %.2f): agent %.0f ns/conn, %.2f runs x %.0f ns [%s]; floor %.0f ns/conn, %.2f runs x %.0f ns; kernel drops %d",
+	row.Figures = fmt.Sprintf("%.2fx (%d pairs, min %.2f max %.2f): agent %.0f ns/conn, %.2f runs x %.0f ns [%s]; floor %.0f ns/conn, %.2f runs x %.0f ns [%s]; per hook %s; kernel drops %d",
 		res.Ratio, len(res.Pairs), minOf(ratios), maxOf(ratios), res.AgentNsPerConn, res.AgentRunsPerConn, res.AgentNsPerRun,
-		progBreakdown(res.AgentPrograms), res.NoopNsPerConn, res.NoopRunsPerConn, res.NoopNsPerRun, res.KernelDrops)
+		progBreakdown(res.AgentPrograms), res.NoopNsPerConn, res.NoopRunsPerConn, res.NoopNsPerRun, progBreakdown(res.NoopPrograms),
+		ratioList(res.ProgramRatios), res.KernelDrops)
 	row.Met = metStr(res.Ratio <= b1kTarget)
 	row.Data = map[string]any{"result": res, "storm_seconds": p.B1kSeconds, "workers": p.Workers}
 	switch {

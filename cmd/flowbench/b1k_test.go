@@ -147,6 +147,11 @@ func TestB1kMeasuresBothSides(t *testing.T) {
 	if res.Ratio <= 0 || res.AgentNsPerConn <= 0 || res.NoopNsPerConn <= 0 {
 		t.Errorf("medians not filled: %+v", res)
 	}
+	for _, name := range []string{"ingress", "egress", "sockops"} {
+		if res.ProgramRatios[name] <= 0 || res.AgentPrograms[name].NsPerConn <= 0 {
+			t.Errorf("no per-program median for %s: %v %+v", name, res.ProgramRatios, res.AgentPrograms)
+		}
+	}
 	if got := readSysctl(t); got != orig {
 		t.Errorf("kernel.bpf_stats_enabled is %s after the run, was %s", got, orig)
 	}
