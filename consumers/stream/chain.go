@@ -104,7 +104,8 @@ func ParsePrevSeen(s string) PrevSeen {
 type Restart struct {
 	Host  string
 	Dir   schema.Direction
-	RunID string // the new run
+	Kind  schema.Kind // the chain's kind: begin batches, or end batches (their own chain)
+	RunID string      // the new run
 	Link  schema.RunLink
 	Prev  PrevSeen
 	Seen  uint64
@@ -158,8 +159,8 @@ const timeLayout = "2006-01-02T15:04:05.000Z07:00"
 // string from the stream in it is escaped and bounded (Escape).
 func (r *Restart) Text() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "host %s direction %s restarted as run %s: run %s ended (%s) after seq %d", Escape(r.Host, MaxCell), r.Dir,
-		Escape(r.RunID, MaxCell), Escape(r.Link.RunID, MaxCell), r.End(), r.Link.LastSeq)
+	fmt.Fprintf(&b, "host %s direction %s%s restarted as run %s: run %s ended (%s) after seq %d", Escape(r.Host, MaxCell), r.Dir,
+		kindNote(r.Kind), Escape(r.RunID, MaxCell), Escape(r.Link.RunID, MaxCell), r.End(), r.Link.LastSeq)
 	switch k, known := r.Missing(); {
 	case known && k > 0:
 		fmt.Fprintf(&b, "; %d %s (of %d) never arrived", k, plural(k, "batch", "batches"), r.Link.Batches)
@@ -193,8 +194,16 @@ func (r *Restart) RecoveredText(seq uint64) string {
 	if k == 0 {
 		rest = "none is missing now"
 	}
-	return fmt.Sprintf("host %s direction %s: batch %d of previous run %s arrived late (recovered); %s",
-		Escape(r.Host, MaxCell), r.Dir, seq, Escape(r.Link.RunID, MaxCell), rest)
+	return fmt.Sprintf("host %s direction %s%s: batch %d of previous run %s arrived late (recovered); %s",
+		Escape(r.Host, MaxCell), r.Dir, kindNote(r.Kind), seq, Escape(r.Link.RunID, MaxCell), rest)
+}
+
+// kindNote names the end chain in a line: "" for begins (as before end events), " (end events)".
+func kindNote(k schema.Kind) string {
+	if k == schema.KindEnd {
+		return " (end events)"
+	}
+	return ""
 }
 
 func plural(n uint64, one, many string) string {
@@ -209,10 +218,13 @@ func seconds(d time.Duration) string {
 	return strconv.FormatFloat(d.Seconds(), 'f', 3, 64) + " s"
 }
 
-// ChainKey identifies a batch chain: one direction of one run of a host.
+// ChainKey identifies a batch chain: one direction of one run of a host, for one kind of batch. Begin
+// and end batches of a direction chain separately (each names in prev_seq the previous batch of its
+// own kind), while their seqs come from the run's one counter.
 type ChainKey struct {
 	Host, RunID string
 	Dir         schema.Direction
+	Kind        schema.Kind // zero: begin batches
 }
 
 // Hole is a range of seqs [From, To] of a chain that a gap showed missing and no batch filled yet.
@@ -267,9 +279,22 @@ type Observed struct {
 // Counted reports whether the batch is new to its chain (not a duplicate).
 func (o *Observed) Counted() bool { return o.Link != LinkBehind || o.Late }
 
-// Observe follows batch b in its chain and accounts its run link, if any.
+// Observe follows begin batch b in its chain and accounts its run link, if any.
 func (c *Chains) Observe(b *schema.Batch) Observed {
-	k := ChainKey{b.Host, b.RunID, b.Direction}
+	return c.observe(ChainKey{b.Host, b.RunID, b.Direction, schema.KindBegin}, b.Seq, b.PrevSeq, b.PrevRun)
+}
+
+// ObserveEnd follows end batch b in its chain (the end batches of its host, run and direction) and
+// accounts its run link, which names the previous run's end chain.
+func (c *Chains) ObserveEnd(b *schema.EndBatch) Observed {
+	return c.observe(ChainKey{b.Host, b.RunID, b.Direction, schema.KindEnd}, b.Seq, b.PrevSeq, b.PrevRun)
+}
+
+// batchRef is what observe needs of a batch of either kind.
+type batchRef struct{ Seq, PrevSeq uint64 }
+
+func (c *Chains) observe(k ChainKey, seq, prevSeq uint64, prevRun *schema.RunLink) Observed {
+	b := batchRef{seq, prevSeq}
 	st := c.chains[k]
 	var o Observed
 	if st == nil {
@@ -328,13 +353,14 @@ func (c *Chains) Observe(b *schema.Batch) Observed {
 		}
 		r.Seen++
 	}
-	if b.PrevRun != nil {
-		pk := ChainKey{b.Host, b.PrevRun.RunID, b.Direction}
+	if prevRun != nil {
+		pk := ChainKey{k.Host, prevRun.RunID, k.Dir, k.Kind}
 		var prev PrevChain
 		if ps := c.chains[pk]; ps != nil {
 			prev = PrevChain{Known: true, FromStart: ps.fromStart, Seen: ps.seen, Last: ps.last}
 		}
-		r := NewRestart(b.Host, b.RunID, b.Direction, b.PrevRun, prev)
+		r := NewRestart(k.Host, k.RunID, k.Dir, prevRun, prev)
+		r.Kind = k.Kind
 		if len(c.links) >= MaxChains {
 			clear(c.links)
 		}

@@ -23,7 +23,7 @@ func TestChainsBounded(t *testing.T) {
 	for i := range 10 * MaxHoles {
 		b.PrevSeq, b.Seq = b.Seq+1, b.Seq+3 // each batch skips one: a new hole
 		c.Observe(&b)
-		if n := len(c.chains[ChainKey{"h", "gappy", schema.Outgoing}].holes); n > MaxHoles {
+		if n := len(c.chains[ChainKey{"h", "gappy", schema.Outgoing, schema.KindBegin}].holes); n > MaxHoles {
 			t.Fatalf("after %d gaps: %d holes", i+1, n)
 		}
 	}

@@ -2,6 +2,7 @@ package stream_test
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -117,5 +118,78 @@ func TestChainsRunLinks(t *testing.T) {
 		if r.Prev != want || known != (want == stream.PrevAll) || k != 0 {
 			t.Errorf("link %d (%s): prev %v, K %d known %v; want %v", i+1, r.Link.RunID, r.Prev, k, known, want)
 		}
+	}
+}
+
+// End batches chain on their own through a real stream: one run interleaves begin and end batches of
+// a direction (seqs from one counter), an end batch is lost. The end chain shows the gap, the begin
+// chain none: keyed without the kind, every batch would look like a broken chain. An end batch's run
+// link names the previous run's end chain, and its text says so.
+func TestChainsKeepKindsApart(t *testing.T) {
+	srv := tailtest.Start(t)
+	srv.CreateStream(t, "FLOWS", "flows.>")
+	a := tailtest.NewAgent("web-01", "run-a")
+	for i := 1; i <= 6; i++ {
+		a.Publish(t, srv, "flows", schema.Outgoing, schema.Drops{})
+		if _, data := a.EndBatch(schema.Outgoing, schema.Drops{}); i != 3 { // the third end batch (seq 6) is lost
+			srv.Publish(t, schema.EndSubject("flows", a.Host, schema.Outgoing), data)
+		}
+	}
+	b := tailtest.NewAgent("web-01", "run-b")
+	b.SetEndPrevRun(schema.Outgoing, &schema.RunLink{RunID: "run-a", LastSeq: 12, Batches: 6, LastNs: 1e18, StartNs: 1e18 + 1e9, End: "stopped"})
+	b.PublishEnd(t, srv, "flows", schema.Outgoing, schema.Drops{})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := srv.JS.Stream(ctx, "FLOWS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := stream.NewChains()
+	var beginLinks, endLinks []stream.Link
+	var restart *stream.Restart
+	for range 12 {
+		msg, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if schema.SubjectKind(msg.Subject(), "flows") == schema.KindEnd {
+			var e schema.EndBatch
+			if err := schema.DecodeEndBatch(msg.Data(), &e); err != nil {
+				t.Fatal(err)
+			}
+			o := c.ObserveEnd(&e)
+			endLinks = append(endLinks, o.Link)
+			if o.Restart != nil {
+				restart = o.Restart
+			}
+			continue
+		}
+		var bb schema.Batch
+		if err := schema.DecodeBatch(msg.Data(), &bb); err != nil {
+			t.Fatal(err)
+		}
+		beginLinks = append(beginLinks, c.Observe(&bb).Link)
+	}
+	want := []stream.Link{stream.LinkFirst, stream.LinkNext, stream.LinkNext, stream.LinkNext, stream.LinkNext, stream.LinkNext}
+	if !slices.Equal(beginLinks, want) {
+		t.Errorf("begin chain %v, want %v", beginLinks, want)
+	}
+	wantEnd := []stream.Link{stream.LinkFirst, stream.LinkNext, stream.LinkGap, stream.LinkNext, stream.LinkNext, stream.LinkFirst}
+	if !slices.Equal(endLinks, wantEnd) {
+		t.Errorf("end chain %v, want %v", endLinks, wantEnd)
+	}
+	if restart == nil {
+		t.Fatal("the end batch's run link was not accounted")
+	}
+	if k, known := restart.Missing(); !known || k != 1 || restart.Seen != 5 || restart.Kind != schema.KindEnd {
+		t.Errorf("end chain link: K %d known %v seen %d kind %v; want K 1 of 6 (5 seen)", k, known, restart.Seen, restart.Kind)
+	}
+	if txt := restart.Text(); !strings.HasPrefix(txt, "host web-01 direction outgoing (end events) restarted as run run-b") {
+		t.Errorf("text %q", txt)
 	}
 }

@@ -88,17 +88,56 @@ func (s *Server) Publish(t testing.TB, subject string, data []byte) uint64 {
 	return ack.Sequence
 }
 
-// Agent produces batches as one run of flowagent does: one encoder per direction (each remembers the seq
-// it last finished, written as prev_seq) and one batch seq counter shared by both directions.
+// Agent produces batches as one run of flowagent does: one encoder per direction and kind (each
+// remembers the seq it last finished, written as prev_seq) and one batch seq counter shared by both
+// directions and both kinds.
 type Agent struct {
 	Host, RunID string
 	seq         uint64
 	enc         map[schema.Direction]*schema.BatchEncoder
+	endEnc      map[schema.Direction]*schema.EndBatchEncoder
 }
 
 // NewAgent returns an agent run of host with run id runID; its first batch has seq 1.
 func NewAgent(host, runID string) *Agent {
-	return &Agent{Host: host, RunID: runID, enc: make(map[schema.Direction]*schema.BatchEncoder)}
+	return &Agent{Host: host, RunID: runID, enc: make(map[schema.Direction]*schema.BatchEncoder),
+		endEnc: make(map[schema.Direction]*schema.EndBatchEncoder)}
+}
+
+func (a *Agent) endEncoder(dir schema.Direction) *schema.EndBatchEncoder {
+	enc := a.endEnc[dir]
+	if enc == nil {
+		enc = schema.NewEndBatchEncoder(a.Host, a.RunID, dir)
+		a.endEnc[dir] = enc
+	}
+	return enc
+}
+
+// SetEndPrevRun makes the first end batch of direction dir carry l as prev_run. It panics on a link
+// the encoder refuses.
+func (a *Agent) SetEndPrevRun(dir schema.Direction, l *schema.RunLink) {
+	if err := a.endEncoder(dir).SetPrevRun(l); err != nil {
+		panic(err)
+	}
+}
+
+// EndBatch encodes the next end batch of direction dir, its seq from the run's one counter; discard
+// the result to simulate a lost batch.
+func (a *Agent) EndBatch(dir schema.Direction, drops schema.Drops, evs ...schema.EndEvent) (seq uint64, data []byte) {
+	enc := a.endEncoder(dir)
+	for i := range evs {
+		enc.AddEnd(&evs[i])
+	}
+	a.seq++
+	return a.seq, enc.Finish(nil, a.seq, drops)
+}
+
+// PublishEnd encodes the next end batch of dir and publishes it on its end subject under prefix,
+// returning its stream sequence.
+func (a *Agent) PublishEnd(t testing.TB, s *Server, prefix string, dir schema.Direction, drops schema.Drops, evs ...schema.EndEvent) uint64 {
+	t.Helper()
+	_, data := a.EndBatch(dir, drops, evs...)
+	return s.Publish(t, schema.EndSubject(prefix, a.Host, dir), data)
 }
 
 func (a *Agent) encoder(dir schema.Direction) *schema.BatchEncoder {
