@@ -19,6 +19,7 @@ type reader struct {
 	st    *Stats
 	seqs  *stream.Chains
 	batch schema.Batch
+	end   schema.EndBatch
 	meta  Meta
 }
 
@@ -87,6 +88,15 @@ func (r *reader) handle(msg jetstream.Msg) error {
 		m.Stored = md.Timestamp
 		r.st.LastSeq = m.StreamSeq
 	}
+	if schema.SubjectKind(subject, r.o.Prefix) == schema.KindEnd {
+		if !r.o.Events.ends() {
+			r.st.IgnoredEnds++
+			return nil
+		}
+		return r.handleEnd(m, msg.Data())
+	}
+	// Only the begin decoder reads a begin subject: an end batch published there is refused by it as
+	// major 2 (skipped with a warning), never shown as a begin.
 	if err := schema.DecodeBatch(msg.Data(), &r.batch); err != nil {
 		r.st.Skipped++
 		r.w.skip(subject, m.StreamSeq, err)
@@ -101,23 +111,76 @@ func (r *reader) handle(msg jetstream.Msg) error {
 	}
 	r.st.Batches++
 	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
-	r.checkSeq(m, b)
-	if n := b.Drops.Total(); n > 0 {
-		r.st.Dropped += n
-		d := b.Drops
-		r.w.printf("warning: drops: host %s direction %s lost %d events before batch %d (kernel=%d reader=%d queue=%d spool=%d publish=%d)\n",
-			b.Host, b.Direction, n, b.Seq, d.Kernel, d.Reader, d.Queue, d.Spool, d.Publish)
-	}
+	r.checkSeq(m, r.seqs.Observe(b))
+	r.drops(m)
 	for i := range b.Events {
 		if err := r.h(m, &b.Events[i]); err != nil {
 			return err
 		}
-		r.st.Events++
-		if r.o.Count > 0 && r.st.Events >= uint64(r.o.Count) {
-			return errDone
+		if err := r.counted(); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// handleEnd is handle for a message on an end subject: the end decoder, the end subject check, the
+// end chain of (host, run, direction).
+func (r *reader) handleEnd(m *Meta, data []byte) error {
+	m.Kind = schema.KindEnd
+	if err := schema.DecodeEndBatch(data, &r.end); err != nil {
+		r.st.Skipped++
+		r.w.skip(m.Subject, m.StreamSeq, err)
+		return nil
+	}
+	b := &r.end
+	if err := schema.CheckEndSubject(m.Subject, r.o.Prefix, b.Host, b.Direction); err != nil {
+		r.st.Skipped++
+		r.st.Mismatched++
+		r.w.skip(m.Subject, m.StreamSeq, err)
+		return nil
+	}
+	r.st.Batches++
+	m.Host, m.Direction, m.RunID, m.Seq, m.PrevSeq, m.Drops = b.Host, b.Direction, b.RunID, b.Seq, b.PrevSeq, b.Drops
+	r.checkSeq(m, r.seqs.ObserveEnd(b))
+	r.drops(m)
+	for i := range b.Events {
+		if err := r.o.OnEnd(m, &b.Events[i]); err != nil {
+			return err
+		}
+		r.st.Ends++
+		if err := r.counted(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// counted counts one delivered event and says when Count is reached.
+func (r *reader) counted() error {
+	r.st.Events++
+	if r.o.Count > 0 && r.st.Events >= uint64(r.o.Count) {
+		return errDone
+	}
+	return nil
+}
+
+// drops warns of the events the agent lost before the batch.
+func (r *reader) drops(m *Meta) {
+	if n := m.Drops.Total(); n > 0 {
+		r.st.Dropped += n
+		d := m.Drops
+		r.w.printf("warning: drops: host %s direction %s lost %d events before batch %d (kernel=%d reader=%d queue=%d spool=%d publish=%d)\n",
+			m.Host, dirText(m), n, m.Seq, d.Kernel, d.Reader, d.Queue, d.Spool, d.Publish)
+	}
+}
+
+// dirText is the direction as warnings name it; an end batch's chain is its own: "outgoing (end events)".
+func dirText(m *Meta) string {
+	if m.Kind == schema.KindEnd {
+		return m.Direction.String() + " (end events)"
+	}
+	return m.Direction.String()
 }
 
 // checkSeq reports holes in the batch chain of a (host, run, direction), following it through PrevSeq
@@ -126,34 +189,33 @@ func (r *reader) handle(msg jetstream.Msg) error {
 // The range printed is where the missing batches lie (it may include seqs of the other direction). The
 // first batch seen of a run is not a gap: the reader may have started mid-stream, or old batches may
 // have aged out.
-func (r *reader) checkSeq(m *Meta, b *schema.Batch) {
-	o := r.seqs.Observe(b)
-	last, prev := o.Last, b.PrevSeq
+func (r *reader) checkSeq(m *Meta, o stream.Observed) {
+	last, prev := o.Last, m.PrevSeq
 	switch o.Link {
 	case stream.LinkBehind:
 		if o.Late {
 			r.w.printf("warning: host %s direction %s run %s batch %d arrived late, after batch %d: it fills a gap reported before\n",
-				m.Host, m.Direction, m.RunID, m.Seq, last)
+				m.Host, dirText(m), m.RunID, m.Seq, last)
 		} else {
 			// Not a loss, but worth knowing: a duplicate the stream's dedupe window did not catch.
 			r.w.printf("warning: host %s direction %s run %s batch %d arrived after batch %d (duplicate or reordered)\n",
-				m.Host, m.Direction, m.RunID, m.Seq, last)
+				m.Host, dirText(m), m.RunID, m.Seq, last)
 		}
 	case stream.LinkGap:
 		r.st.Gaps++
 		if prev == last+1 {
-			r.w.printf("warning: gap: host %s direction %s run %s missing batch %d\n", m.Host, m.Direction, m.RunID, prev)
+			r.w.printf("warning: gap: host %s direction %s run %s missing batch %d\n", m.Host, dirText(m), m.RunID, prev)
 		} else {
-			r.w.printf("warning: gap: host %s direction %s run %s missing batches %d..%d\n", m.Host, m.Direction, m.RunID, last+1, prev)
+			r.w.printf("warning: gap: host %s direction %s run %s missing batches %d..%d\n", m.Host, dirText(m), m.RunID, last+1, prev)
 		}
 	case stream.LinkBroken:
 		r.st.Gaps++
 		r.w.printf("warning: gap: host %s direction %s run %s batch %d says its predecessor is %d, but %d was seen last\n",
-			m.Host, m.Direction, m.RunID, m.Seq, prev, last)
+			m.Host, dirText(m), m.RunID, m.Seq, prev, last)
 	}
 	if o.Recovered != nil {
 		r.st.Recovered++
-		r.w.line("warning: " + o.Recovered.RecoveredText(b.Seq))
+		r.w.line("warning: " + o.Recovered.RecoveredText(m.Seq))
 	}
 	if o.Restart != nil {
 		r.st.Restarts++

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/stream"
@@ -37,6 +38,12 @@ type Options struct {
 	Host string
 	// Direction restricts to one direction; 0 means both.
 	Direction schema.Direction
+	// Events chooses which events are read: EventsBegin (the zero value, what Run read before end
+	// events existed), EventsEnd or EventsBoth (interleaved in stream order).
+	Events Events
+	// OnEnd is called once per end event, as the handler of Run is per begin; required when Events
+	// includes ends.
+	OnEnd EndHandler
 
 	// Start, Since and FromSeq choose the first batch delivered; stream.StartDefault is stream.StartNew
 	// (live tail).
@@ -67,10 +74,55 @@ type Options struct {
 	ClientName string
 }
 
+// Events is a choice of event kinds.
+type Events int
+
+const (
+	// EventsBegin reads net_flow_tcp_begin batches only, from <prefix>.<host>.<direction>.
+	EventsBegin Events = iota
+	// EventsEnd reads net_flow_tcp_end batches only, from <prefix>.<host>.<direction>.end.
+	EventsEnd
+	// EventsBoth reads both, interleaved in stream order.
+	EventsBoth
+)
+
+// String is the spelling ParseEvents accepts.
+func (e Events) String() string {
+	switch e {
+	case EventsBegin:
+		return "begin"
+	case EventsEnd:
+		return "end"
+	case EventsBoth:
+		return "both"
+	}
+	return "events(" + fmt.Sprint(int(e)) + ")"
+}
+
+// ParseEvents parses begin, end or both.
+func ParseEvents(s string) (Events, error) {
+	switch s {
+	case "begin":
+		return EventsBegin, nil
+	case "end":
+		return EventsEnd, nil
+	case "both":
+		return EventsBoth, nil
+	}
+	return 0, fmt.Errorf("%q is not an event choice: want begin, end or both", s)
+}
+
+func (e Events) begins() bool { return e == EventsBegin || e == EventsBoth }
+func (e Events) ends() bool   { return e == EventsEnd || e == EventsBoth }
+
+// EndHandler is called once per end event; ev and m are reused (copy what must outlive the call). A
+// non-nil error stops Run.
+type EndHandler func(m *Meta, ev *schema.EndEvent) error
+
 // Ready describes what Run reads, as it starts reading.
 type Ready struct {
 	Stream string
-	Filter string // the subject filter of the consumer (schema.FilterSubject)
+	Filter string // the subject filters of the consumer (schema.FilterSubjects), space-separated
 	// State of the stream when it was opened: FirstSeq and LastSeq are its first and last sequences,
 	// LastTime when the last message was stored (zero when it is empty).
 	Msgs, FirstSeq, LastSeq uint64
@@ -80,12 +132,13 @@ type Ready struct {
 // Meta describes the batch an event came from. The handler must not keep it past its return.
 type Meta struct {
 	Subject   string
+	Kind      schema.Kind // begin or end batch
 	Host      string
 	Direction schema.Direction
 	RunID     string
 	// Seq is the batch sequence number within (Host, RunID), shared by both directions.
 	Seq uint64
-	// PrevSeq is the Seq of the previous batch of the same direction, 0 for the first.
+	// PrevSeq is the Seq of the previous batch of the same direction and kind, 0 for the first.
 	PrevSeq uint64
 	// StreamSeq is the JetStream stream sequence of the message.
 	StreamSeq uint64
@@ -101,9 +154,13 @@ type Handler func(m *Meta, ev *schema.Event) error
 
 // Stats summarises what Run saw.
 type Stats struct {
-	Events  uint64 // events handed to the handler
-	Batches uint64 // valid batches decoded
-	Skipped uint64 // messages that were not valid batches, or not on their batch's subject
+	Events uint64 // events handed to the handlers, begins and ends
+	Ends   uint64 // of which end events
+	// IgnoredEnds counts end batches skipped unread because only begins were chosen (a <prefix>.>
+	// filter selects them too).
+	IgnoredEnds uint64
+	Batches     uint64 // valid batches decoded
+	Skipped     uint64 // messages that were not valid batches, or not on their batch's subject
 	// Mismatched counts the skipped batches whose host or direction disagreed with their subject.
 	Mismatched uint64
 	Gaps       uint64 // breaks detected in batch chains (each may be several batches)
@@ -113,7 +170,7 @@ type Stats struct {
 	// it was when the link arrived; Recovered counts late batches of such runs that arrived after it.
 	Restarts, NeverArrived, Recovered uint64
 	Reason                            string // why Run stopped: "count", "idle", "canceled", or "" on error
-	Filter                            string // the subject filter read (schema.FilterSubject of the options)
+	Filter                            string // the subject filters read (schema.FilterSubjects of the options), space-separated
 	LastSeq                           uint64 // stream sequence of the last message seen
 }
 
@@ -124,8 +181,11 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	o.defaults()
 	var st Stats
 	err := o.validate()
-	if h == nil {
+	if h == nil && o.Events.begins() {
 		err = errors.Join(err, errors.New("nil handler"))
+	}
+	if o.OnEnd == nil && o.Events.ends() {
+		err = errors.Join(err, errors.New("nil OnEnd handler with end events chosen"))
 	}
 	if err != nil {
 		return st, err
@@ -157,14 +217,17 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 		return st, err
 	}
 
-	filter := schema.FilterSubject(o.Prefix, o.Host, o.Direction)
+	filters := o.filters()
+	filter := strings.Join(filters, " ")
 	st.Filter = filter
 	// A wrong --prefix must fail loudly rather than look like a quiet stream.
-	if err := stream.CheckFilter(o.Stream, filter, s.CachedInfo().Config.Subjects); err != nil {
-		return st, &stream.StreamError{Stream: o.Stream, URL: urlText, Err: err}
+	for _, f := range filters {
+		if err := stream.CheckFilter(o.Stream, f, s.CachedInfo().Config.Subjects); err != nil {
+			return st, &stream.StreamError{Stream: o.Stream, URL: urlText, Err: err}
+		}
 	}
 	cfg := jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{filter},
+		FilterSubjects: filters,
 		// Short so an abandoned ephemeral consumer does not linger on the server after a crash.
 		InactiveThreshold: 30 * time.Second,
 	}
@@ -200,6 +263,22 @@ func Run(ctx context.Context, o Options, h Handler) (Stats, error) {
 	return st, err
 }
 
+// filters are the consumer's subject filters. Begins keep the filter of before end events
+// (schema.FilterSubject: <prefix>.> reads foreign subjects too, which are then reported), so a reader of
+// begins sees what it saw; the end batches such a filter also selects are skipped unread and counted
+// (Stats.IgnoredEnds). Ends add <prefix>.<host>.<direction>.end where that filter lacks them.
+func (o *Options) filters() []string {
+	begin := schema.FilterSubject(o.Prefix, o.Host, o.Direction)
+	end := schema.FilterSubjects(o.Prefix, o.Host, o.Direction, false, true)[0]
+	switch {
+	case o.Events == EventsEnd:
+		return []string{end}
+	case o.Events == EventsBoth && !strings.HasSuffix(begin, ">"):
+		return []string{begin, end}
+	}
+	return []string{begin}
+}
+
 func (o *Options) defaults() {
 	if len(o.URLs) == 0 {
 		o.URLs = []string{stream.DefaultURL}
@@ -231,6 +310,9 @@ func (o *Options) validate() error {
 		if err := schema.ValidateHostToken(o.Host); err != nil {
 			errs = append(errs, fmt.Errorf("host %w", err))
 		}
+	}
+	if o.Events < EventsBegin || o.Events > EventsBoth {
+		errs = append(errs, fmt.Errorf("invalid event choice %d", o.Events))
 	}
 	if o.Direction != 0 && o.Direction != schema.Incoming && o.Direction != schema.Outgoing {
 		errs = append(errs, fmt.Errorf("invalid direction %d", o.Direction))

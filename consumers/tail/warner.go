@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 
 	"github.com/flowbus/flowbus/consumers/stream"
@@ -85,7 +86,8 @@ func (w *warner) skip(subject string, streamSeq uint64, err error) {
 		w.order = append(w.order, k)
 	}
 	hint := ""
-	if k.reason == "unsupported schema version" {
+	// The end and begin decoders' refusals say themselves what to do.
+	if k.reason == "unsupported schema version" && !strings.Contains(err.Error(), "upgrade") && !strings.Contains(err.Error(), "decode it with") {
 		hint = " (upgrade this consumer)"
 	}
 	w.printf("warning: skipping message %d on %s: %s: %v%s; further such messages on this subject are counted\n",
