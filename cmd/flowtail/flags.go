@@ -11,6 +11,7 @@ import (
 
 	"github.com/flowbus/flowbus/cmd/internal/cli"
 	"github.com/flowbus/flowbus/consumers/stream"
+	"github.com/flowbus/flowbus/consumers/tail"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -26,6 +27,7 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 	var (
 		host     = fs.String("host", "", "")
 		dir      = fs.String("direction", "", "")
+		event    = fs.String("event", "", "")
 		since    = fs.String("since", "", "")
 		fromSeq  = fs.String("from-seq", "", "")
 		all      = fs.Bool("all", false, "")
@@ -77,6 +79,14 @@ func parseArgs(args []string, getenv func(string) string, now time.Time) (*confi
 			errs = append(errs, fmt.Errorf("--direction: %w", err))
 		}
 		o.Direction = d
+	}
+
+	if v.Set("event") {
+		e, err := tail.ParseEvents(*event)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--event: %w", err))
+		}
+		o.Events = e
 	}
 
 	var starts []string

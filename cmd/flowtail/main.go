@@ -1,5 +1,5 @@
-// Command flowtail prints net_flow_tcp_begin events from the flowbus JetStream stream, live or replayed,
-// as an aligned table or as JSON lines.
+// Command flowtail prints net_flow_tcp_begin events (and, with --event, net_flow_tcp_end events) from
+// the flowbus JetStream stream, live or replayed, as an aligned table or as JSON lines.
 package main
 
 import (
@@ -29,37 +29,52 @@ const (
 
 const usageText = `Usage: flowtail [flags]
 
-Prints net_flow_tcp_begin events from the flowbus JetStream stream. By default it follows new events
-only (like tail -f); --all, --since or --from-seq replay stored events first, then keep following.
+Prints net_flow_tcp_begin events from the flowbus JetStream stream, and with
+--event the net_flow_tcp_end events of connections that ended. By default it
+follows new events only (like tail -f); --all, --since or --from-seq replay
+stored events first, then keep following.
 
 Flags:
   --nats URL            NATS server URL(s), comma-separated
                         (default $FLOWBUS_NATS_URL, else nats://127.0.0.1:4222)
   --stream NAME         JetStream stream (default $FLOWBUS_STREAM, else FLOWS)
-  --prefix PREFIX       subject prefix (default $FLOWBUS_SUBJECT_PREFIX, else flows)
+  --prefix PREFIX       subject prefix
+                        (default $FLOWBUS_SUBJECT_PREFIX, else flows)
   --host H              only events of host token H
   --direction DIR       only incoming or outgoing events
-  --since WHEN          start with events stored since WHEN: a duration back from now (5m, 2h)
-                        or an RFC3339 time (2026-11-24T10:00:00Z)
+  --event KIND          begin, end or both (default begin: begins only, as
+                        before end events existed); both: in stream order
+  --since WHEN          start with events stored since WHEN: a duration back
+                        from now (5m, 2h) or an RFC3339 time
+                        (2026-11-24T10:00:00Z)
   --from-seq N          start at stream sequence N
   --all                 replay the whole stream
                         (--since, --from-seq and --all are mutually exclusive)
-  --json                one JSON object per event and line instead of a table
+  --json                one JSON object per event and line instead of a table;
+                        an end object has "event":"net_flow_tcp_end"
   --local               table times in the local time zone (default UTC)
-  --count N             exit after N events
+  --count N             exit after N events (begins and ends)
   --idle-exit DURATION  exit when no message arrives for DURATION (e.g. 2s)
   --version             print the version and exit
   -h, --help            show this help
 
-The table's header is printed as soon as the stream is open; its times are RFC3339, in UTC ("Z") unless
---local, so one can be given back to --since. Messages that are not valid flowbus batches are skipped
-with a warning on stderr; agent drop counters, missing batches and agent restarts (how many batches of
-the previous run never arrived, how long capture was down) are reported on stderr too (also with
---json), as are a start past the end of the stream and an --idle-exit without any event.
+The table's header is printed as soon as the stream is open; its times are
+RFC3339, in UTC ("Z") unless --local, so one can be given back to --since. End
+rows: TIME is when the connection ended, DURATION how long it lasted, BYTES
+what src sent / what dst sent, REASON fin, rst_sent, rst_received, timeout,
+never_established or unknown; with --event both, EVENT says begin or end.
+
+Messages that are not valid flowbus batches are skipped with a warning on
+stderr; agent drop counters, missing batches and agent restarts (how many
+batches of the previous run never arrived, how long capture was down) are
+reported on stderr too (also with --json), as are a start past the end of the
+stream and an --idle-exit without any event.
 
 Exit status:
-  0  stopped normally: --count reached, --idle-exit elapsed, or interrupted (SIGINT/SIGTERM)
-  1  runtime failure: cannot connect, stream missing, connection lost, output not writable
+  0  stopped normally: --count reached, --idle-exit elapsed, or interrupted
+     (SIGINT/SIGTERM)
+  1  runtime failure: cannot connect, stream missing, connection lost, output
+     not writable
   2  invalid flags
 `
 
@@ -102,12 +117,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if cfg.json {
 		p = &jsonPrinter{w: bw}
 	} else {
-		table = newTablePrinter(bw, cfg.local)
+		table = newTablePrinter(bw, cfg.local, cfg.opts.Events)
 		p = table
 	}
 	cfg.opts.Warnings = stderr
 	cfg.opts.ClientName = "flowtail"
 	cfg.opts.OnIdle = bw.Flush
+	cfg.opts.OnEnd = p.end
 	cfg.opts.OnReady = func(r tail.Ready) error {
 		if msg := pastEnd(&cfg.opts, r); msg != "" {
 			fmt.Fprintf(stderr, "flowtail: %s: only new events will show\n", msg)
