@@ -1,5 +1,5 @@
-// Package schema defines the flowbus event (net_flow_tcp_begin), its msgpack batch wire format, its JSON
-// shape, and the NATS subjects and message ids. It is the contract between the agent and every consumer,
+// Package schema defines the flowbus events (net_flow_tcp_begin, and net_flow_tcp_end in end.go), their
+// msgpack batch wire formats, their JSON shapes, and the NATS subjects and message ids. It is the contract between the agent and every consumer,
 // so it depends on nothing but the standard library. FORMAT.md documents the wire format field by field.
 package schema
 
