@@ -81,6 +81,8 @@ func parseArgs(cmd string, args []string, getenv func(string) string, now time.T
 		o := &cfg.replay
 		o.URLs, o.Stream, o.Durable, o.Prefix = urls, streamName, consumer, prefix
 		p.replay(o)
+	case "serve":
+		p.serve(cfg, urls, streamName, prefix)
 	case "top", "new", "hosts":
 		p.query(cfg)
 	case "summary":

@@ -71,6 +71,7 @@ type config struct {
 
 	run    flowstat.Options
 	replay flowstat.ReplayOptions
+	serve  serveConfig
 
 	filter  store.Filter
 	by      string
@@ -126,6 +127,9 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 
 // execute runs a validated command.
 func execute(ctx context.Context, cfg *config, stdout, stderr io.Writer) error {
+	if cfg.cmd == "serve" {
+		return serveView(ctx, cfg, stderr)
+	}
 	var mon *flowstat.Monitor
 	if cfg.cmd == "run" && cfg.metricsAddr != "" {
 		// Before the database opens, so a probe sees the process alive (and not ready) from the start.
