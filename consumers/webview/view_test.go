@@ -131,7 +131,9 @@ func TestBrowserShowsFlows(t *testing.T) {
 	defer cancel()
 	go view.Run(ctx)
 	srv := httptest.NewServer(view.Handler())
-	defer srv.Close()
+	// A cleanup, not a defer: it must run after the browser's (cleanups run last first), which closes
+	// the page's open event stream that Close waits for.
+	t.Cleanup(srv.Close)
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		if _, n, _ := view.feed.state(); n >= 16 {
 			break

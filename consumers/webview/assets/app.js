@@ -20,6 +20,7 @@
   if (params.get('process')) $('process-note').hidden = false;
   const since = params.get('since') || '1h';
   const by = params.get('by') || 'peer';
+  const sinceSeconds = (() => { const m = /^(\d+)([mh])$/.exec(since); return m ? Number(m[1]) * (m[2] === 'h' ? 3600 : 60) : 3600; })();
   $('top-by').textContent = by;
 
   function mark(name) {
@@ -147,7 +148,8 @@
     for (const p of pts) ys[hosts.indexOf(p.host)][idx.get(Date.parse(p.start) / 1000)] = p.connections;
     draw(el, {
       width: chartWidth(el), height: 220,
-      scales: { x: { time: true } },
+      // The whole range asked for, so that a single bucket is not stretched over years.
+      scales: { x: { time: true, range: () => { const now = Date.now() / 1000; return [now - sinceSeconds, now]; } }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
       series: [{}].concat(hosts.map((h, i) => ({ label: h, stroke: palette[i % palette.length], width: 2, points: { show: xs.length < 3 } }))),
       axes: [{}, { label: 'connections', size: 60 }],
     }, [xs].concat(ys));
@@ -170,7 +172,7 @@
     const labels = rows.map((r) => r.name ? r.name : r.key);
     draw(el, {
       width: chartWidth(el), height: 220,
-      scales: { x: { time: false, range: [-0.5, rows.length - 0.5] } },
+      scales: { x: { time: false, range: [-0.5, rows.length - 0.5] }, y: { range: (u, lo, hi) => [0, Math.max(1, hi * 1.1)] } },
       series: [{}, { label: 'connections', fill: '#2563eb88', stroke: '#2563eb', paths: uPlot.paths.bars({ size: [0.7, 60] }), points: { show: false } }],
       axes: [{ splits: () => rows.map((_, i) => i), values: (u, splits) => splits.map((i) => { const l = labels[i] || ''; return l.length > 16 ? l.slice(0, 15) + '…' : l; }), rotate: 0 },
         { label: 'connections', size: 60 }],
