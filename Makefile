@@ -11,7 +11,7 @@ BIN := bin
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 FUZZTIME ?= 15s
 
-.PHONY: all build generate test check unit validate fuzz run bench compose-up compose-down clean
+.PHONY: all build generate test check unit validate fuzz run bench compose-up compose-down clean webview-assets
 
 all: build
 
@@ -66,6 +66,11 @@ compose-up:
 
 compose-down:
 	$(COMPOSE) -p flowbus down
+
+# Vendor flowstat serve's charting library from npm (package-lock.json) into
+# consumers/webview/assets/vendor, which is committed: go build needs no npm.
+webview-assets:
+	./consumers/webview/web/build.sh
 
 clean:
 	rm -rf $(BIN) bench/results.json

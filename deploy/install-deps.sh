@@ -31,7 +31,7 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus tcpdump)
+pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus tcpdump chromium)
 for a in "$@"; do
 	case $a in
 	--generate) pkgs+=(clang llvm libbpf-dev) ;;
