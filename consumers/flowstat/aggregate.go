@@ -24,13 +24,15 @@ type aggregator struct {
 	chains  *chainCache
 	// load reads a chain's committed state and holes by key (nil: no database, nothing committed);
 	// loads counts its calls.
-	load   func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
-	loads  uint64
-	d      *store.Delta
-	batch  schema.Batch
-	late   uint64 // batches below the last one seen of their chain that filled a hole (counted)
-	dups   uint64 // batches that repeated a counted one (not counted)
-	stream string // for the duplicates' records
+	load  func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
+	loads uint64
+	// ignoredEnds counts end batches skipped (flowstat aggregates begins only).
+	ignoredEnds uint64
+	d           *store.Delta
+	batch       schema.Batch
+	late        uint64 // batches below the last one seen of their chain that filled a hole (counted)
+	dups        uint64 // batches that repeated a counted one (not counted)
+	stream      string // for the duplicates' records
 	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
 	dupSeqs map[uint64]bool
 	// restarts are the run links of the batches added since the caller last took them (to log them);
@@ -136,6 +138,12 @@ func deadReason(err error) string {
 // caller stops without committing.
 func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored time.Time) error {
 	b := &a.batch
+	// End batches (schema 2, <prefix>.<host>.<direction>.end) are not aggregated yet: skipped and
+	// counted, never dead-lettered as an unknown major nor read as begins.
+	if schema.SubjectKind(subject, a.prefix) == schema.KindEnd {
+		a.ignoredEnds++
+		return nil
+	}
 	if err := schema.DecodeBatch(data, b); err != nil {
 		return err
 	}

@@ -1,11 +1,14 @@
 package flowstat
 
 import (
+	"errors"
+	"net/netip"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
+	"github.com/flowbus/flowbus/schema"
 )
 
 func TestBucketOf(t *testing.T) {
@@ -58,5 +61,34 @@ func TestChainCacheClock(t *testing.T) {
 	c.put(key(7), chainEntry{})
 	if c.len() != 2 {
 		t.Errorf("after dropBefore: %d chains", c.len())
+	}
+}
+
+// An end batch on its end subject is skipped and counted: never dead-lettered
+// as an unknown major, never read as begins. A begin batch after it counts.
+func TestEndBatchesSkipped(t *testing.T) {
+	a := newAggregator(time.Minute, "flows", 0)
+	enc := schema.NewEndBatchEncoder("web-01", "run1", schema.Outgoing)
+	enc.AddEnd(&schema.EndEvent{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"),
+		SrcPort: 40000, DstPort: 443, BeginNs: 1e18, EndNs: 1e18 + 5e6, SrcBytes: 10, DstBytes: 20, Reason: schema.EndFIN})
+	end := enc.Finish(nil, 1, schema.Drops{})
+	now := time.Unix(1e9, 0)
+	if err := a.add(end, schema.EndSubject("flows", "web-01", schema.Outgoing), 1, now); err != nil {
+		t.Fatalf("end batch: %v", err)
+	}
+	if a.ignoredEnds != 1 || a.d.Messages != 0 {
+		t.Fatalf("after an end batch: ignored %d, messages %d; want 1, 0", a.ignoredEnds, a.d.Messages)
+	}
+	// The same bytes on a begin subject are refused as major 2 (dead-lettered by the caller).
+	if err := a.add(end, schema.Subject("flows", "web-01", schema.Outgoing), 2, now); !errors.Is(err, schema.ErrUnsupportedMajor) {
+		t.Fatalf("end batch on a begin subject: %v, want ErrUnsupportedMajor", err)
+	}
+	benc := schema.NewBatchEncoder("web-01", "run1", schema.Outgoing)
+	benc.Add(&schema.Event{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), SrcPort: 40001, DstPort: 443, Timestamp: 1e18})
+	if err := a.add(benc.Finish(nil, 3, schema.Drops{}), schema.Subject("flows", "web-01", schema.Outgoing), 3, now); err != nil {
+		t.Fatalf("begin batch: %v", err)
+	}
+	if a.d.Messages != 1 {
+		t.Fatalf("begin batch not counted: messages %d", a.d.Messages)
 	}
 }
