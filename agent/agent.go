@@ -52,8 +52,9 @@ type Agent struct {
 	locks        agentLocks
 	chain        *runChain // the record of this run for the next (runchain.go)
 
-	kernelSeen bpf.Counters // kernel counters already reported
-	health     *health
+	kernelSeen       bpf.Counters // kernel counters already reported
+	halfOpenOverflow uint64       // half-open overflows already reported
+	health           *health
 	// streamCreated: ensureStream succeeded at least once in this run.
 	streamCreated atomic.Bool
 }
@@ -74,9 +75,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	// and only thing the user hears about.
 	var err error
 	a.capture, err = bpf.Load(bpf.Options{
-		CgroupPath:   cfg.CgroupPath,
-		RingBytes:    cfg.RingbufBytes,
-		PollInterval: cfg.PollInterval,
+		CgroupPath:      cfg.CgroupPath,
+		RingBytes:       cfg.RingbufBytes,
+		PollInterval:    cfg.PollInterval,
+		HalfOpenTimeout: cfg.HalfOpenTimeout,
+		NoEnds:          !cfg.EndEvents,
 	})
 	if err != nil {
 		return nil, err
@@ -255,7 +258,8 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	a.chain.attached(time.Now())
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
-		"stream", cfg.Stream)
+		"end_subjects", schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
+		"half_open_timeout", a.capture.HalfOpenTimeout(), "stream", cfg.Stream)
 	a.health.start(ctx)
 	ok = true
 	return a, nil
@@ -463,11 +467,20 @@ func (a *Agent) reportKernelDrops() {
 	}
 	lost := c.RingbufFull - a.kernelSeen.RingbufFull
 	trunc := c.Truncated - a.kernelSeen.Truncated
+	// An end lost in the kernel (ring full, or no socket storage for its
+	// state) is an event lost too.
+	ends := c.EndsLost - a.kernelSeen.EndsLost + c.NoStorage - a.kernelSeen.NoStorage
 	a.kernelSeen = c
-	if lost > 0 || trunc > 0 {
-		a.pub.AddDrops(schema.Drops{Kernel: lost + trunc})
-		a.log.Warn("events lost in the kernel", "ring_buffer_full", lost, "unreadable_headers", trunc,
+	if lost > 0 || trunc > 0 || ends > 0 {
+		a.pub.AddDrops(schema.Drops{Kernel: lost + trunc + ends})
+		a.log.Warn("events lost in the kernel", "ring_buffer_full", lost, "unreadable_headers", trunc, "ends", ends,
 			"fix", "raise FLOWBUS_RINGBUF_BYTES or lower FLOWBUS_POLL_INTERVAL")
+	}
+	ho := a.capture.HalfOpen()
+	if over := ho.Overflow - a.halfOpenOverflow; over > 0 {
+		a.halfOpenOverflow = ho.Overflow
+		a.log.Warn("half-open table full: incoming begins not tracked, they get no never_established end", "begins", over,
+			"fix", "a SYN flood larger than the table; lower FLOWBUS_HALF_OPEN_TIMEOUT to free it sooner")
 	}
 }
 
@@ -485,6 +498,9 @@ func (a *Agent) shutdownNATS() {
 type Snapshot struct {
 	Captured     uint64
 	SelfExcluded uint64
+	Ends         uint64 // ends that left the capture (never_established included)
+	SelfEnds     uint64 // ends of the agent's own connections, not published
+	HalfOpen     bpf.HalfOpenStats
 	BadRecords   uint64
 	Kernel       bpf.Counters
 	Publisher    publisher.Stats
@@ -510,6 +526,9 @@ func (a *Agent) Snapshot() Snapshot {
 	return Snapshot{
 		Captured:     a.capture.Events(),
 		SelfExcluded: e.SelfExcluded,
+		Ends:         a.capture.Ends(),
+		SelfEnds:     e.SelfEnds,
+		HalfOpen:     a.capture.HalfOpen(),
 		BadRecords:   a.capture.BadRecords(),
 		Kernel:       k,
 		Publisher:    a.pub.Stats(),

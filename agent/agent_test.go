@@ -90,6 +90,22 @@ type received struct {
 // arrived and then for quiet more, so that extra events are seen too.
 func readStream(t *testing.T, url, stream string, want int, quiet time.Duration) []received {
 	t.Helper()
+	out, _ := readStreamEnds(t, url, stream, want, 0, quiet)
+	return out
+}
+
+// receivedEnd is one end event as a consumer decodes it.
+type receivedEnd struct {
+	Subject string
+	Host    string
+	Ev      schema.EndEvent
+}
+
+// readStreamEnds reads begins and ends (each decoded by its own decoder,
+// told apart by subject) until at least wantBegins and wantEnds arrived and
+// quiet passed without more, or 15 s.
+func readStreamEnds(t *testing.T, url, stream string, wantBegins, wantEnds int, quiet time.Duration) ([]received, []receivedEnd) {
+	t.Helper()
 	nc, err := nats.Connect(url)
 	if err != nil {
 		t.Fatal(err)
@@ -103,11 +119,14 @@ func readStream(t *testing.T, url, stream string, want int, quiet time.Duration)
 		t.Fatal(err)
 	}
 	var out []received
+	var ends []receivedEnd
 	var b schema.Batch
+	var eb schema.EndBatch
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
+		enough := len(out) >= wantBegins && len(ends) >= wantEnds
 		wait := 200 * time.Millisecond
-		if len(out) >= want {
+		if enough {
 			wait = quiet
 		}
 		msgs, err := cons.Fetch(100, jetstream.FetchMaxWait(wait))
@@ -120,6 +139,15 @@ func readStream(t *testing.T, url, stream string, want int, quiet time.Duration)
 			if got := m.Headers().Get(schema.HeaderMsgID); !strings.HasPrefix(got, "test-host.") {
 				t.Errorf("message id %q does not start with the host", got)
 			}
+			if schema.SubjectKind(m.Subject(), schema.DefaultPrefix) == schema.KindEnd {
+				if err := schema.DecodeEndBatch(m.Data(), &eb); err != nil {
+					t.Fatalf("decoding end batch on %s: %v", m.Subject(), err)
+				}
+				for _, ev := range eb.Events {
+					ends = append(ends, receivedEnd{Subject: m.Subject(), Host: eb.Host, Ev: ev})
+				}
+				continue
+			}
 			if err := schema.DecodeBatch(m.Data(), &b); err != nil {
 				t.Fatalf("decoding batch on %s: %v", m.Subject(), err)
 			}
@@ -127,11 +155,11 @@ func readStream(t *testing.T, url, stream string, want int, quiet time.Duration)
 				out = append(out, received{Subject: m.Subject(), Host: b.Host, Ev: ev})
 			}
 		}
-		if n == 0 && len(out) >= want {
+		if n == 0 && enough {
 			break
 		}
 	}
-	return out
+	return out, ends
 }
 
 type tuple struct {

@@ -59,6 +59,8 @@ type Config struct {
 	RunStateFile     string        `env:"RUN_STATE_FILE" helpDefault:"<state dir>/run-<host>.state" help:"what this run sealed, for the next run's link to it (off: no link)"`
 	RingbufBytes     int           `env:"RINGBUF_BYTES" envDefault:"4194304" help:"kernel ring buffer size, a power of two"`
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
+	EndEvents        bool          `env:"END_EVENTS" envDefault:"true" help:"publish net_flow_tcp_end events (false: begins only)"`
+	HalfOpenTimeout  time.Duration `env:"HALF_OPEN_TIMEOUT" helpDefault:"from tcp_synack_retries" help:"an incoming handshake not done by then ends never_established"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
 	DNSCacheBytes    int64         `env:"DNS_CACHE_BYTES" envDefault:"8388608" help:"bytes the DNS cache may hold (a shared name counts once); LRU past it"`
 	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8" help:"names kept per address (a CDN address serves many)"`
@@ -304,6 +306,9 @@ func (c *Config) validate() []string {
 	}
 	if c.PollInterval < time.Millisecond || c.PollInterval > time.Second {
 		bad("POLL_INTERVAL", "%v: must be 1ms to 1s", c.PollInterval)
+	}
+	if c.HalfOpenTimeout != 0 && (c.HalfOpenTimeout < time.Second || c.HalfOpenTimeout > time.Hour) {
+		bad("HALF_OPEN_TIMEOUT", "%v: must be 1s to 1h (unset: the SYN-ACK retry window of net.ipv4.tcp_synack_retries, plus 2s)", c.HalfOpenTimeout)
 	}
 	if c.DNSCacheEntries < 1 || c.DNSCacheEntries > 1<<24 {
 		bad("DNS_CACHE_ENTRIES", "%d: must be 1 to 16777216", c.DNSCacheEntries)

@@ -25,6 +25,7 @@ type agentCollector struct {
 	dnsQueries, dnsPending, checkOK                                                                                    *prometheus.Desc
 	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                                             *prometheus.Desc
 	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                                       *prometheus.Desc
+	ends, endDrops, halfOpenPending, halfOpenTimeout, confirmsLost                                                     *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
@@ -32,38 +33,43 @@ func newAgentCollector(a *Agent) *agentCollector {
 		return prometheus.NewDesc("flowbus_agent_"+name, help, labels, nil)
 	}
 	return &agentCollector{
-		a:             a,
-		events:        d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections), published (handed to batching), acked (stored by the stream).", "stage"),
-		drops:         d("dropped_events_total", "Events lost, by the stage that lost them.", "stage"),
-		pending:       d("pending_batches", "Batches sealed and not yet acknowledged."),
-		pendingBytes:  d("pending_bytes", "Bytes of batches sealed and not yet acknowledged."),
-		batches:       d("batches_acked_total", "Batches acknowledged by the stream."),
-		bytes:         d("batch_bytes_acked_total", "Encoded bytes acknowledged by the stream."),
-		dups:          d("duplicate_acks_total", "Batches the stream already held (retries after a lost ack)."),
-		collisions:    d("id_collisions_total", "Duplicate acks for a message another publisher stored under the batch's id (read back and compared); each such batch was republished under a fresh random id."),
-		pubErrors:     d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
-		kernelDup:     d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
-		atEstablished: d("begins_at_established_total", "Incoming begins emitted when the handshake completed, because the kernel sent no SYN-ACK the egress program could see: SYN cookies (a SYN flood or an overloaded listener), and handshakes under way when the programs attached."),
-		ready:         d("ready", "1 when every readiness check passes (flowbus_agent_check_ok); /readyz names the ones that fail."),
-		checkOK:       d("check_ok", "1 when the readiness check passes: nats (connected), stream (exists and takes the agent's subjects), acks (the stream answered within FLOWBUS_ACK_TIMEOUT), cgroup (the watched cgroup exists and the programs are attached to it).", "check"),
-		dnsEntries:    d("dns_cache_entries", "Addresses held in the DNS cache."),
-		spoolBatches:  d("spool_batches", "Batches waiting in the on-disk spool."),
-		spoolBytes:    d("spool_bytes", "Disk space used by the spool."),
-		spoolEvents:   d("spool_events", "Events waiting in the on-disk spool."),
-		spooled:       d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
-		spoolCorrupt:  d("spool_corrupt_files", "Spool files found unreadable at start and set aside as *.corrupt: their events are lost, in a number the file no longer tells."),
-		dnsLookups:    d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
-		dnsAnswers:    d("dns_messages_total", "DNS messages seen, each in one outcome: learned (every answer record read, its addresses learned), partial (cut or broken after some addresses, which were learned), truncated (cut before any address), malformed (not a parsable DNS message), ignored (nothing to learn), lost (ring buffer full), unsolicited (answers no query a watched socket sent; never learned).", "outcome"),
-		dnsEvictions:  d("dns_cache_evictions_total", "Addresses removed from the DNS cache, by reason: entries (FLOWBUS_DNS_CACHE_ENTRIES), bytes (FLOWBUS_DNS_CACHE_BYTES), ttl (all its names expired).", "reason"),
-		dnsBytes:      d("dns_cache_bytes", "Memory the DNS cache holds, as it accounts it against FLOWBUS_DNS_CACHE_BYTES."),
-		dnsNames:      d("dns_cache_names", "Distinct names held in the DNS cache (each stored once however many addresses share it)."),
-		dnsDisplaced:  d("dns_cache_names_displaced_total", "Names pushed out of an address that held FLOWBUS_DNS_MAX_NAMES names."),
-		dnsRecords:    d("dns_records_learned_total", "A and AAAA records learned from DNS answers."),
-		dnsDropped:    d("dns_records_dropped_total", "Answer records not read, by reason: cut (past the end of what the kernel copied or of a TCP segment), malformed (unparsable, or after one that was).", "reason"),
-		dnsKernelCut:  d("dns_cut_in_kernel_total", "DNS messages longer than the 2047 bytes the kernel copies, passed on in part (each also counted in dns_messages_total)."),
-		dnsExpired:    d("dns_cache_expired_total", "Names dropped from the DNS cache when their TTL ran out."),
-		dnsQueries:    d("dns_queries_total", "DNS queries the watched sockets sent, by outcome: answered (an answer with its id and question came), expired (none came in time), evicted (pushed out by the bound on outstanding queries), malformed (no single question: not tracked), lost (ring buffer full).", "outcome"),
-		dnsPending:    d("dns_queries_outstanding", "DNS queries waiting for their answer."),
+		a:               a,
+		events:          d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections), published (handed to batching), acked (stored by the stream).", "stage"),
+		drops:           d("dropped_events_total", "Events lost, by the stage that lost them.", "stage"),
+		ends:            d("ends_total", "End events (net_flow_tcp_end) by pipeline stage: captured (left the kernel, or made for a handshake that never completed), self_excluded, published, acked; never_established (those of captured made for an incoming handshake that did not complete within the half-open timeout).", "stage"),
+		endDrops:        d("dropped_ends_total", "Ends lost, by where: kernel_ringbuf (ring buffer full), kernel_storage (no socket storage for the begin), half_open_overflow (an incoming begin the half-open table had no room for), queue, spool, publish (also in dropped_events_total).", "stage"),
+		halfOpenPending: d("half_open_pending", "Incoming begins taken at the SYN-ACK whose handshake has not completed yet (bounded by the half-open table)."),
+		halfOpenTimeout: d("half_open_timeout_seconds", "How long an incoming handshake may take before its begin gets a never_established end (FLOWBUS_HALF_OPEN_TIMEOUT)."),
+		confirmsLost:    d("half_open_confirms_lost_total", "Completed handshakes whose confirmation the ring buffer had no room for: each got a never_established end instead of its real one."),
+		pending:         d("pending_batches", "Batches sealed and not yet acknowledged."),
+		pendingBytes:    d("pending_bytes", "Bytes of batches sealed and not yet acknowledged."),
+		batches:         d("batches_acked_total", "Batches acknowledged by the stream."),
+		bytes:           d("batch_bytes_acked_total", "Encoded bytes acknowledged by the stream."),
+		dups:            d("duplicate_acks_total", "Batches the stream already held (retries after a lost ack)."),
+		collisions:      d("id_collisions_total", "Duplicate acks for a message another publisher stored under the batch's id (read back and compared); each such batch was republished under a fresh random id."),
+		pubErrors:       d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
+		kernelDup:       d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
+		atEstablished:   d("begins_at_established_total", "Incoming begins emitted when the handshake completed, because the kernel sent no SYN-ACK the egress program could see: SYN cookies (a SYN flood or an overloaded listener), and handshakes under way when the programs attached."),
+		ready:           d("ready", "1 when every readiness check passes (flowbus_agent_check_ok); /readyz names the ones that fail."),
+		checkOK:         d("check_ok", "1 when the readiness check passes: nats (connected), stream (exists and takes the agent's subjects), acks (the stream answered within FLOWBUS_ACK_TIMEOUT), cgroup (the watched cgroup exists and the programs are attached to it).", "check"),
+		dnsEntries:      d("dns_cache_entries", "Addresses held in the DNS cache."),
+		spoolBatches:    d("spool_batches", "Batches waiting in the on-disk spool."),
+		spoolBytes:      d("spool_bytes", "Disk space used by the spool."),
+		spoolEvents:     d("spool_events", "Events waiting in the on-disk spool."),
+		spooled:         d("spooled_batches_total", "Batches written to the spool (memory bound reached, or unacknowledged at shutdown)."),
+		spoolCorrupt:    d("spool_corrupt_files", "Spool files found unreadable at start and set aside as *.corrupt: their events are lost, in a number the file no longer tells."),
+		dnsLookups:      d("dns_cache_lookups_total", "DNS cache lookups by result (hit: names found).", "result"),
+		dnsAnswers:      d("dns_messages_total", "DNS messages seen, each in one outcome: learned (every answer record read, its addresses learned), partial (cut or broken after some addresses, which were learned), truncated (cut before any address), malformed (not a parsable DNS message), ignored (nothing to learn), lost (ring buffer full), unsolicited (answers no query a watched socket sent; never learned).", "outcome"),
+		dnsEvictions:    d("dns_cache_evictions_total", "Addresses removed from the DNS cache, by reason: entries (FLOWBUS_DNS_CACHE_ENTRIES), bytes (FLOWBUS_DNS_CACHE_BYTES), ttl (all its names expired).", "reason"),
+		dnsBytes:        d("dns_cache_bytes", "Memory the DNS cache holds, as it accounts it against FLOWBUS_DNS_CACHE_BYTES."),
+		dnsNames:        d("dns_cache_names", "Distinct names held in the DNS cache (each stored once however many addresses share it)."),
+		dnsDisplaced:    d("dns_cache_names_displaced_total", "Names pushed out of an address that held FLOWBUS_DNS_MAX_NAMES names."),
+		dnsRecords:      d("dns_records_learned_total", "A and AAAA records learned from DNS answers."),
+		dnsDropped:      d("dns_records_dropped_total", "Answer records not read, by reason: cut (past the end of what the kernel copied or of a TCP segment), malformed (unparsable, or after one that was).", "reason"),
+		dnsKernelCut:    d("dns_cut_in_kernel_total", "DNS messages longer than the 2047 bytes the kernel copies, passed on in part (each also counted in dns_messages_total)."),
+		dnsExpired:      d("dns_cache_expired_total", "Names dropped from the DNS cache when their TTL ran out."),
+		dnsQueries:      d("dns_queries_total", "DNS queries the watched sockets sent, by outcome: answered (an answer with its id and question came), expired (none came in time), evicted (pushed out by the bound on outstanding queries), malformed (no single question: not tracked), lost (ring buffer full).", "outcome"),
+		dnsPending:      d("dns_queries_outstanding", "DNS queries waiting for their answer."),
 	}
 }
 
@@ -72,7 +78,8 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.dnsPending
 	ch <- c.checkOK
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.atEstablished, c.ready,
-		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt} {
+		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt,
+		c.ends, c.endDrops, c.halfOpenPending, c.halfOpenTimeout, c.confirmsLost} {
 		ch <- d
 	}
 }
@@ -90,6 +97,18 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.events, s.SelfExcluded, "self_excluded")
 	counter(c.events, p.EventsIn, "published")
 	counter(c.events, p.EventsAcked, "acked")
+	counter(c.ends, s.Ends, "captured")
+	counter(c.ends, s.HalfOpen.NeverEstablished, "never_established")
+	counter(c.ends, s.SelfEnds, "self_excluded")
+	counter(c.ends, p.EndsIn, "published")
+	counter(c.ends, p.EndsAcked, "acked")
+	counter(c.endDrops, s.Kernel.EndsLost, "kernel_ringbuf")
+	counter(c.endDrops, s.Kernel.NoStorage, "kernel_storage")
+	counter(c.endDrops, s.HalfOpen.Overflow, "half_open_overflow")
+	counter(c.endDrops, p.EndsDropped, "publisher")
+	gauge(c.halfOpenPending, float64(s.HalfOpen.Pending))
+	gauge(c.halfOpenTimeout, c.a.capture.HalfOpenTimeout().Seconds())
+	counter(c.confirmsLost, s.Kernel.ConfirmsLost)
 	counter(c.drops, s.Kernel.RingbufFull, "kernel_ringbuf")
 	counter(c.drops, s.Kernel.Truncated, "kernel_truncated")
 	counter(c.drops, s.BadRecords, "reader")

@@ -67,7 +67,8 @@ func TestMetricsAfterTraffic(t *testing.T) {
 	const n = 10
 	cg.Traffic(t, "127.0.0.1", n, false)
 	deadline := time.Now().Add(10 * time.Second)
-	for a.Snapshot().Publisher.EventsAcked < 2*n && time.Now().Before(deadline) {
+	// Every connection closed: its two ends follow its two begins.
+	for (a.Snapshot().Publisher.EventsAcked < 2*n || a.Snapshot().Publisher.EndsAcked < 2*n) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	_, page := get(t, base+"/metrics")
@@ -80,7 +81,18 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		`flowbus_agent_dropped_events_total{stage="publish"}`:          0,
 		`flowbus_agent_ready`:                                          1,
 		`flowbus_agent_pending_batches`:                                0,
-		`flowbus_agent_dns_cache_lookups_total{result="miss"}`:         4 * n,
+		`flowbus_agent_dns_cache_lookups_total{result="miss"}`:         8 * n, // begins and ends
+		`flowbus_agent_ends_total{stage="captured"}`:                   2 * n,
+		`flowbus_agent_ends_total{stage="published"}`:                  2 * n,
+		`flowbus_agent_ends_total{stage="acked"}`:                      2 * n,
+		`flowbus_agent_ends_total{stage="never_established"}`:          0,
+		`flowbus_agent_ends_total{stage="self_excluded"}`:              0,
+		`flowbus_agent_dropped_ends_total{stage="kernel_ringbuf"}`:     0,
+		`flowbus_agent_dropped_ends_total{stage="kernel_storage"}`:     0,
+		`flowbus_agent_dropped_ends_total{stage="half_open_overflow"}`: 0,
+		`flowbus_agent_dropped_ends_total{stage="publisher"}`:          0,
+		`flowbus_agent_half_open_pending`:                              0,
+		`flowbus_agent_half_open_confirms_lost_total`:                  0,
 		`flowbus_agent_synack_retransmits_suppressed_total`:            0,
 		`flowbus_agent_begins_at_established_total`:                    0,
 		`flowbus_agent_dropped_events_total{stage="kernel_truncated"}`: 0,
@@ -108,7 +120,7 @@ func TestMetricsAfterTraffic(t *testing.T) {
 		`flowbus_agent_dns_messages_total{outcome="truncated"}`:        0,
 		`flowbus_agent_dns_messages_total{outcome="learned"}`:          0,
 		`flowbus_agent_dns_cache_lookups_total{result="hit"}`:          0,
-		"flowbus_agent_batch_events_sum":                               2 * n,
+		"flowbus_agent_batch_events_sum":                               4 * n, // begin and end batches
 		`flowbus_agent_check_ok{check="nats"}`:                         1,
 		`flowbus_agent_check_ok{check="stream"}`:                       1,
 		`flowbus_agent_check_ok{check="acks"}`:                         1,

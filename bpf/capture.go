@@ -42,6 +42,17 @@ type Options struct {
 	// QueryTimeout is how long a DNS query waits for its answer: a later
 	// answer is unsolicited.
 	QueryTimeout time.Duration
+	// HalfOpenTimeout is how long an incoming begin taken at its SYN-ACK
+	// waits for its handshake to complete before it gets an end with reason
+	// never_established; 0: DefaultHalfOpenTimeout, from this namespace's
+	// net.ipv4.tcp_synack_retries.
+	HalfOpenTimeout time.Duration
+	// HalfOpenEntries bounds the handshakes waiting so; past it a begin is
+	// not tracked (counted in HalfOpenOverflow) and gets no end.
+	HalfOpenEntries int
+	// NoEnds turns end events off: begins only, at the kernel cost of
+	// begins only.
+	NoEnds bool
 }
 
 // Defaults for Options.
@@ -51,6 +62,9 @@ const (
 	DefaultPollInterval = 20 * time.Millisecond
 	DefaultQueryEntries = 16384
 	DefaultQueryTimeout = 30 * time.Second
+	// DefaultHalfOpenEntries is the seen map's size: no more handshakes can
+	// be under way with their begin emitted at the SYN-ACK.
+	DefaultHalfOpenEntries = DefaultSeenEntries
 )
 
 func (o *Options) fill() {
@@ -72,6 +86,12 @@ func (o *Options) fill() {
 	if o.QueryTimeout == 0 {
 		o.QueryTimeout = DefaultQueryTimeout
 	}
+	if o.HalfOpenTimeout == 0 {
+		o.HalfOpenTimeout = DefaultHalfOpenTimeout()
+	}
+	if o.HalfOpenEntries == 0 {
+		o.HalfOpenEntries = o.SeenEntries
+	}
 }
 
 // Counters are the kernel's own tallies, summed over CPUs since load.
@@ -89,6 +109,14 @@ type Counters struct {
 	// completed instead of at the SYN-ACK, which the egress program never
 	// saw: SYN cookies, and handshakes under way when the programs attached.
 	BeginsAtEstablished uint64
+	// EndsLost counts end records lost because the ring buffer was full.
+	EndsLost uint64
+	// ConfirmsLost counts completed handshakes whose confirmation the ring
+	// buffer had no room for: each becomes a never_established end.
+	ConfirmsLost uint64
+	// NoStorage counts begins whose socket storage the kernel refused
+	// (out of memory): they get no end.
+	NoStorage uint64
 }
 
 // Capture is a loaded and attached pair of cgroup skb programs.
@@ -115,6 +143,9 @@ type Capture struct {
 	badRecords atomic.Uint64
 	events     atomic.Uint64
 	dnsRecords atomic.Uint64
+	ends       atomic.Uint64
+	// Copies of the half-open table's counters, for other goroutines.
+	hoPending, hoOverflow, hoExpired atomic.Uint64
 }
 
 // ErrPrivileges is returned when the kernel refuses to load or attach for lack
@@ -266,6 +297,11 @@ func (c *Capture) load() error {
 	if err := setNetnsCookieFlags(spec); err != nil {
 		return err
 	}
+	if c.opts.NoEnds {
+		if err := spec.Variables[flowbusVarEndEvents].Set(uint8(0)); err != nil {
+			return fmt.Errorf("setting end_events: %w", err)
+		}
+	}
 	if c.anySocket {
 		if err := spec.Variables[flowbusVarMatchSocket].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting match_socket: %w", err)
@@ -319,7 +355,8 @@ func (c *Capture) Detach() error {
 // Counters reads the kernel counters.
 func (c *Capture) Counters() (Counters, error) {
 	var out Counters
-	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull, &out.BeginsAtEstablished} {
+	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull, &out.BeginsAtEstablished,
+		&out.EndsLost, &out.ConfirmsLost, &out.NoStorage} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)
@@ -340,6 +377,26 @@ func (c *Capture) DNSRecords() uint64 { return c.dnsRecords.Load() }
 // Events counts events handed to the handler.
 func (c *Capture) Events() uint64 { return c.events.Load() }
 
+// Ends counts end events handed to the handler, never_established included.
+func (c *Capture) Ends() uint64 { return c.ends.Load() }
+
+// HalfOpenStats is the state of the table of incoming handshakes waiting
+// to complete.
+type HalfOpenStats struct {
+	Pending          uint64 // waiting now
+	Overflow         uint64 // begins not tracked, the table being full: they get no end
+	NeverEstablished uint64 // ends with reason never_established made
+}
+
+// HalfOpen reads the half-open table's counters.
+func (c *Capture) HalfOpen() HalfOpenStats {
+	return HalfOpenStats{Pending: c.hoPending.Load(), Overflow: c.hoOverflow.Load(), NeverEstablished: c.hoExpired.Load()}
+}
+
+// HalfOpenTimeout is how long an incoming handshake may take before its
+// begin gets a never_established end.
+func (c *Capture) HalfOpenTimeout() time.Duration { return c.opts.HalfOpenTimeout }
+
 // Handler receives what the kernel hands over, in the order the kernel
 // produced it (one ring buffer for all CPUs), so a DNS answer always reaches
 // DNS before the SYN-ACK of a connection it named reaches Flow. Both run on
@@ -356,6 +413,11 @@ type Handler interface {
 	// it answers that query's question is for the handler to check.
 	// origLen > len(payload) means the kernel cut it.
 	DNSAnswer(ts int64, proto uint8, cookie uint64, client, server netip.AddrPort, payload []byte, origLen int)
+	// End gets a connection's end: once per begin that the programs
+	// emitted, when the socket closes, or with reason never_established
+	// when an incoming handshake did not complete within the half-open
+	// timeout. Begins of sockets older than the programs have none.
+	End(ev *schema.EndEvent)
 }
 
 // Run reads records until ctx is done or the capture is closed, passing each
@@ -364,7 +426,13 @@ type Handler interface {
 func (c *Capture) Run(ctx context.Context, h Handler) error {
 	var rec ringbuf.Record
 	var ev schema.Event
+	var end schema.EndEvent
 	clock := newWallClock()
+	pending := newHalfOpen(c.opts.HalfOpenTimeout, c.opts.HalfOpenEntries)
+	emitEnd := func(e *schema.EndEvent) {
+		c.ends.Add(1)
+		h.End(e)
+	}
 	for {
 		draining := ctx.Err() != nil
 		if draining {
@@ -389,6 +457,15 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				}
 				return fmt.Errorf("reading the ring buffer: %w", err)
 			}
+			if b := rec.RawSample; len(b) == endRecSize {
+				if !decodeEnd(b, &end, clock) {
+					c.badRecords.Add(1)
+					continue
+				}
+				c.zones.applyEnd(&end, b)
+				emitEnd(&end)
+				continue
+			}
 			if b := rec.RawSample; len(b) != recSize {
 				var d dnsRec
 				if !decodeDNS(b, &d) {
@@ -404,6 +481,12 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
 				continue
 			}
+			if b := rec.RawSample; b[offKind] == recKindConfirm {
+				if a, ok := recAddr(b[offFamily], b[offSrc:]); ok {
+					pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offSrcPort:])), binary.NativeEndian.Uint32(b[offSeq:]))
+				}
+				continue
+			}
 			if !decodeFlow(rec.RawSample, &ev, clock) {
 				c.badRecords.Add(1)
 				continue
@@ -411,11 +494,31 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			c.zones.apply(&ev, rec.RawSample)
 			c.events.Add(1)
 			h.Flow(&ev)
+			if ev.Direction == schema.Incoming && rec.RawSample[offOrigin] == originSynAck && !c.opts.NoEnds {
+				pending.add(&ev, binary.NativeEndian.Uint32(rec.RawSample[offSeq:]), time.Now())
+			}
 		}
+		// Handshakes still waiting when the capture stops get no end:
+		// there is no telling how they would have gone.
+		pending.expire(time.Now(), emitEnd)
+		c.hoPending.Store(uint64(pending.len()))
+		c.hoOverflow.Store(pending.overflow)
+		c.hoExpired.Store(pending.expired)
 		if draining {
 			return nil
 		}
 	}
+}
+
+// recAddr reads an address of family 4 or 6 from the start of b.
+func recAddr(family byte, b []byte) (netip.Addr, bool) {
+	switch family {
+	case 4:
+		return netip.AddrFrom4([4]byte(b[:4])), true
+	case 6:
+		return netip.AddrFrom16([16]byte(b[:16])).Unmap(), true
+	}
+	return netip.Addr{}, false
 }
 
 // Record layout of struct flow_event (bpf/flowbus.c), native byte order.
@@ -432,6 +535,7 @@ const (
 	offDirection = 54
 	offOrigin    = 55
 	offIfindex   = 56
+	offSeq       = 60
 	offNetns     = 64
 	recKindFlow  = 1
 

@@ -37,10 +37,13 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define DIR_INCOMING 2
 
 #define REC_FLOW 1
+#define REC_CONFIRM 4 // a passive handshake whose begin left at the SYN-ACK completed
+#define REC_END 5     // a connection with a begin closed
 
 // Where a flow record's begin was taken.
 #define ORIGIN_SYNACK 0      // the SYN-ACK, on ingress or egress
 #define ORIGIN_ESTABLISHED 1 // the end of a passive handshake whose SYN-ACK egress did not see
+#define ORIGIN_FASTOPEN 2    // an egress SYN-ACK from a Fast Open child (a full socket already)
 
 #define FAMILY_INET 2   // AF_INET
 #define FAMILY_INET6 10 // AF_INET6
@@ -78,7 +81,10 @@ enum counter {
 	CNT_DNS_UNSOLICITED = 5, // packets from port 53 that answer no query we saw
 	CNT_DNSQ_FULL = 6,    // DNS queries the ring buffer had no room for
 	CNT_AT_ESTABLISHED = 7, // incoming begins emitted at the handshake's end (SYN cookies, older handshakes)
-	CNT_MAX = 8,
+	CNT_END_FULL = 8,     // end records the ring buffer had no room for
+	CNT_CONFIRM_FULL = 9, // handshake confirmations the ring buffer had no room for
+	CNT_NO_STORAGE = 10,  // begins whose socket state could not be stored: they get no end
+	CNT_MAX = 11,
 };
 
 // flow_event is the record handed to user space; Go mirrors its layout.
@@ -92,13 +98,63 @@ struct flow_event {
 	__u8 kind; // REC_FLOW
 	__u8 family; // 4 or 6
 	__u8 direction;
-	__u8 origin; // ORIGIN_SYNACK or ORIGIN_ESTABLISHED
+	__u8 origin; // ORIGIN_SYNACK, ORIGIN_ESTABLISHED or ORIGIN_FASTOPEN
 	// For a link-local IPv6 address (its zone): the interface the packet
 	// used and the cookie of the network namespace that index belongs to.
 	// 0 for other addresses, and when unknown.
 	__u32 ifindex;
-	__u32 _pad;
+	// The SYN-ACK's sequence number as on the wire (incoming begins at the
+	// SYN-ACK, and REC_CONFIRM): with the peer's address and port it names
+	// the handshake user space waits to see complete.
+	__u32 seq;
 	__u64 netns_cookie;
+};
+
+// end_event is the record of a connection's close (REC_END). The counters
+// are the kernel's own (struct tcp_sock, through bpf_sock_ops), raw: user
+// space takes the SYN and FIN out of the byte counts and names the reason
+// from old_state, sk_err and fin_rcvd.
+struct end_event {
+	__u64 ts_ns;    // CLOCK_MONOTONIC of the close
+	__u64 begin_ns; // the begin record's ts_ns
+	__u64 cgroup_id;
+	__u64 bytes_received;
+	__u64 bytes_acked;
+	__u8 src[16]; // initiator; IPv4 in the first 4 bytes
+	__u8 dst[16]; // responder
+	__u16 src_port;
+	__u16 dst_port;
+	__u8 kind; // REC_END
+	__u8 family;
+	__u8 direction;
+	__u8 old_state; // the TCP state the socket left for TCP_CLOSE
+	__u32 data_segs_in;
+	__u32 data_segs_out;
+	__u32 total_retrans;
+	__u32 srtt_us; // as the kernel keeps it: 8 times the smoothed RTT in us
+	__s32 sk_err;
+	__u8 fin_rcvd; // SOCK_DONE: the peer's FIN was taken
+	__u8 _pad[3];
+	__u32 ifindex;
+	__u32 _pad2;
+	__u64 netns_cookie;
+};
+
+// conn_state is what a connection with a begin keeps until its close
+// (socket local storage, freed with the socket).
+struct conn_state {
+	__u64 begin_ns;
+	__u8 direction;
+	__u8 ended; // the close was handled: never a second end
+	__u8 _pad[6];
+};
+
+// synack is the seen map's value: the SYN-ACK's sequence number, and the
+// begin's time for the end record (0: the begin could not be handed over).
+struct synack {
+	__u32 seq;
+	__u32 _pad;
+	__u64 ts_ns;
 };
 
 // dns_hdr heads the DNS records: who asked whom, on which socket. The
@@ -172,6 +228,9 @@ volatile const __u8 sockops_netns_cookie = 0;
 // Whether the answer must reach the socket that asked. Only tests clear it:
 // a test run gives every packet a socket of its own.
 volatile const __u8 match_socket = 1;
+// Whether connections get end records: 0 spares the socket storage, the
+// state callbacks and the confirmations (begins only).
+volatile const __u8 end_events = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -193,8 +252,17 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
-	__type(value, __u32);
+	__type(value, struct synack);
 } seen SEC(".maps");
+
+// conns holds the state of every connection that had its begin, on its
+// socket: what the close needs to emit the end.
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct conn_state);
+} conns SEC(".maps");
 
 // dnsq holds the outstanding queries (value: when last asked). Answers are
 // let through only when they find their query here, so forged ones never
@@ -211,6 +279,7 @@ const struct flow_event *unused_flow_event __attribute__((unused));
 const struct dns_event *unused_dns_event __attribute__((unused));
 const struct dnsq_event *unused_dnsq_event __attribute__((unused));
 const struct dns_key *unused_dns_key __attribute__((unused));
+const struct end_event *unused_end_event __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -225,7 +294,7 @@ static __always_inline void count(__u32 idx)
 // established. That spares the map, which is most of the cost of an event.
 // On egress the sender is a request socket, which shows nothing of its
 // retransmissions, so the seen map remembers the sequence number.
-static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
+static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *k, __u32 seq, __u64 now)
 {
 	if (k->direction == DIR_OUTGOING) {
 		struct bpf_sock *sk = skb->sk;
@@ -234,15 +303,35 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 		if (sk && sk->protocol == IPPROTO_TCP)
 			return sk->state == BPF_TCP_SYN_SENT;
 	}
-	__u32 *old = bpf_map_lookup_elem(&seen, k);
+	struct synack *old = bpf_map_lookup_elem(&seen, k);
 	if (old) {
-		if (*old == seq)
+		if (old->seq == seq)
 			return 0;
-		*old = seq; // a new connection on a reused 4-tuple: no new map entry
+		// A new connection on a reused 4-tuple: no new map entry.
+		old->seq = seq;
+		old->ts_ns = now;
 		return 1;
 	}
-	bpf_map_update_elem(&seen, k, &seq, BPF_ANY);
+	struct synack v = {.seq = seq, .ts_ns = now};
+	bpf_map_update_elem(&seen, k, &v, BPF_ANY);
 	return 1;
+}
+
+// begin_stored keeps the begin's time on the socket, for its end: on an
+// outgoing socket at its SYN-ACK (the ingress program), on an incoming
+// child at the end of its handshake (sock_ops).
+static __always_inline void begin_stored(struct bpf_sock *sk, __u64 ts, __u8 direction)
+{
+	if (!end_events)
+		return;
+	struct conn_state *st = bpf_sk_storage_get(&conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(CNT_NO_STORAGE);
+		return;
+	}
+	st->begin_ns = ts;
+	st->direction = direction;
+	st->ended = 0;
 }
 
 // scoped tells whether either address is link-local IPv6 (fe80::/10), the
@@ -288,7 +377,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	struct flow_key key = *k;
 	if (k->direction == DIR_INCOMING)
 		incoming_key(skb, &key);
-	if (!first_synack(skb, &key, seq)) {
+	__u64 now = bpf_ktime_get_ns();
+	if (!first_synack(skb, &key, seq, now)) {
 		count(CNT_DUP);
 		return;
 	}
@@ -296,9 +386,15 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RINGBUF_FULL);
+		if (k->direction == DIR_INCOMING) {
+			// No begin: the handshake's end must not take it for one.
+			struct synack *v = bpf_map_lookup_elem(&seen, &key);
+			if (v)
+				v->ts_ns = 0;
+		}
 		return;
 	}
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = now;
 	e->cgroup_id = bpf_skb_cgroup_id(skb);
 	__builtin_memcpy(e->src, k->src, 16);
 	__builtin_memcpy(e->dst, k->dst, 16);
@@ -308,13 +404,24 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	e->family = k->family;
 	e->direction = k->direction;
 	e->origin = ORIGIN_SYNACK;
-	e->_pad = 0;
+	e->seq = seq;
 	e->ifindex = 0;
 	e->netns_cookie = 0;
 	if (scoped(k)) {
 		e->ifindex = skb->ifindex;
 		if (skb_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(skb);
+	}
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	if (k->direction == DIR_OUTGOING) {
+		if (sk)
+			begin_stored(sk, now, DIR_OUTGOING);
+	} else if (sk && sk->state != BPF_TCP_LISTEN) {
+		// The program runs for the listener, but for Fast Open for the
+		// child, which exists since the SYN (it gets no end: see README).
+		e->origin = ORIGIN_FASTOPEN;
 	}
 
 	submit(e);
@@ -645,7 +752,8 @@ int flowbus_egress(struct __sk_buff *skb)
 }
 
 // Only the kernel fields read below, matched by name against the running
-// kernel's BTF when the program is loaded (CO-RE): the socket's cgroup.
+// kernel's BTF when the program is loaded (CO-RE): the socket's cgroup, its
+// error and flags.
 struct kernfs_node___flowbus {
 	__u64 id;
 } __attribute__((preserve_access_index));
@@ -655,9 +763,20 @@ struct cgroup___flowbus {
 struct sock_cgroup_data___flowbus {
 	struct cgroup___flowbus *cgroup;
 } __attribute__((preserve_access_index));
-struct sock___flowbus {
-	struct sock_cgroup_data___flowbus sk_cgrp_data;
+struct sock_common___flowbus {
+	unsigned long skc_flags; // sk_flags
 } __attribute__((preserve_access_index));
+struct sock___flowbus {
+	struct sock_common___flowbus __sk_common;
+	struct sock_cgroup_data___flowbus sk_cgrp_data;
+	int sk_err;
+} __attribute__((preserve_access_index));
+
+// The bit of sk_flags the kernel sets when it takes the peer's FIN
+// (enum sock_flags; its value from the running kernel's BTF).
+enum sock_flags___flowbus {
+	SOCK_DONE___flowbus = 1,
+};
 
 // sk_cgroup_id is the cgroup v2 id of a full socket (what bpf_skb_cgroup_id
 // gives the skb programs, which sock_ops programs cannot call); 0 where the
@@ -670,68 +789,84 @@ static __always_inline __u64 sk_cgroup_id(struct bpf_sock *bsk)
 	return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
 }
 
-// flowbus_sockops runs on the sock_ops callbacks of the watched cgroup's TCP
-// sockets. It acts on one: BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, which the
+// sock_addrs reads the socket's remote and local address as the packets
+// carry them (IPv4 on a dual-stack socket as IPv4). It returns the family
+// (4 or 6), 0 for neither.
+static __always_inline __u8 sock_addrs(struct bpf_sock_ops *ctx, __u8 *remote, __u8 *local)
+{
+	__u32 family = ctx->family;
+	if (family == FAMILY_INET) {
+		__u32 r = ctx->remote_ip4, l = ctx->local_ip4;
+		__builtin_memcpy(remote, &r, 4);
+		__builtin_memcpy(local, &l, 4);
+		return 4;
+	}
+	if (family != FAMILY_INET6)
+		return 0;
+	__u32 r[4], l[4];
+	// One 4-byte load per word: the verifier refuses wider context
+	// reads, which the compiler would merge these into.
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		r[i] = *(volatile __u32 *)&ctx->remote_ip6[i];
+		l[i] = *(volatile __u32 *)&ctx->local_ip6[i];
+	}
+	if (r[0] == 0 && r[1] == 0 && r[2] == bpf_htonl(0xffff)) {
+		// IPv4 on a dual-stack socket: its packets, and so the
+		// egress program's key, are IPv4.
+		__builtin_memcpy(remote, &r[3], 4);
+		__builtin_memcpy(local, &l[3], 4);
+		return 4;
+	}
+	__builtin_memcpy(remote, r, 16);
+	__builtin_memcpy(local, l, 16);
+	return 6;
+}
+
+// want_close asks the kernel for the socket's state changes, keeping the
+// callbacks anyone else asked for.
+static __always_inline void want_close(struct bpf_sock_ops *ctx)
+{
+	if (!end_events)
+		return;
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+// passive_established handles BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, which the
 // kernel calls once for every passive connection when the ACK that ends its
 // handshake arrives, whether a request socket or a SYN cookie answered the
-// SYN. It asks for no further callbacks (no cb flags): all others return at
-// the first compare.
+// SYN.
 //
 // The connection's SYN-ACK carried its initial sequence number, which the
 // child socket holds as snd_una - 1 here (the ACK acknowledged exactly the
 // SYN). If the egress program stored that number in seen, the begin left at
-// the SYN-ACK and nothing is done but forgetting the entry: the handshake is
-// over, no SYN-ACK of it can follow (the request socket's retransmit timer
-// is stopped, synchronously, before the child gets this far). Otherwise the
-// egress program never saw this SYN-ACK: a SYN cookie's (sent without a
+// the SYN-ACK: the entry is forgotten (the handshake is over, no SYN-ACK of
+// it can follow: the request socket's retransmit timer is stopped,
+// synchronously, before the child gets this far) and a small REC_CONFIRM
+// record tells user space that this begin's handshake completed. Otherwise
+// the egress program never saw this SYN-ACK: a SYN cookie's (sent without a
 // socket) or one sent before the programs were attached. Then the begin is
 // emitted here, timestamped now: one round trip after the SYN-ACK.
+//
+// Either way the begin's time goes to the child's storage and the kernel is
+// asked for its state changes, so that its close emits the end.
 //
 // Forgetting the entry keeps seen for handshakes under way only. A second
 // begin for one connection needs its entry to be evicted between its
 // SYN-ACK and its ACK: by more than the map's size (less the LRU's per-CPU
 // free lists, 128 entries per CPU) other SYN-ACKs whose handshakes have not
 // completed, or never will (a SYN flood before cookies take over).
-SEC("sockops")
-int flowbus_sockops(struct bpf_sock_ops *ctx)
+static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 {
-	if (ctx->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
 	// TCP Fast Open makes the child at the SYN, before its SYN-ACK leaves
 	// (from the child, so egress sees it): that one is the begin.
 	if (ctx->skb_tcp_flags & TH_SYN)
-		return 1;
+		return;
 
 	struct flow_key k = {}; // the event's addresses; the key leaves out the local one
-	__u32 family = ctx->family;
-	if (family == FAMILY_INET) {
-		__u32 r = ctx->remote_ip4, l = ctx->local_ip4;
-		__builtin_memcpy(k.src, &r, 4);
-		__builtin_memcpy(k.dst, &l, 4);
-		k.family = 4;
-	} else if (family == FAMILY_INET6) {
-		__u32 r[4], l[4];
-		// One 4-byte load per word: the verifier refuses wider context
-		// reads, which the compiler would merge these into.
-#pragma unroll
-		for (int i = 0; i < 4; i++) {
-			r[i] = *(volatile __u32 *)&ctx->remote_ip6[i];
-			l[i] = *(volatile __u32 *)&ctx->local_ip6[i];
-		}
-		if (r[0] == 0 && r[1] == 0 && r[2] == bpf_htonl(0xffff)) {
-			// IPv4 on a dual-stack socket: its packets, and so the
-			// egress program's key, are IPv4.
-			__builtin_memcpy(k.src, &r[3], 4);
-			__builtin_memcpy(k.dst, &l[3], 4);
-			k.family = 4;
-		} else {
-			__builtin_memcpy(k.src, r, 16);
-			__builtin_memcpy(k.dst, l, 16);
-			k.family = 6;
-		}
-	} else {
-		return 1;
-	}
+	k.family = sock_addrs(ctx, k.src, k.dst);
+	if (!k.family)
+		return;
 	// remote_port is the network-order port in the upper half on little
 	// endian, the lower on big: ntohl gives the port on both.
 	k.src_port = bpf_ntohl(ctx->remote_port);
@@ -741,22 +876,47 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	struct flow_key key = k;
 	__builtin_memset(key.dst, 0, sizeof(key.dst)); // as incoming_key
 	__u32 iss = bpf_htonl(ctx->snd_una - 1); // as the egress program stored th->seq
-	__u32 *old = bpf_map_lookup_elem(&seen, &key);
+	struct bpf_sock *sk = ctx->sk;
+	struct synack *old = bpf_map_lookup_elem(&seen, &key);
 	if (old) {
-		int had = *old == iss;
+		int had = old->seq == iss;
+		__u64 begin = old->ts_ns;
 		bpf_map_delete_elem(&seen, &key);
-		if (had)
-			return 1;
+		if (had) {
+			if (!begin || !end_events)
+				return; // its begin was lost (counted): no end either
+			// Without its confirmation user space ends this begin as
+			// never established: then it must get no second end.
+			struct flow_event *c = bpf_ringbuf_reserve(&events, sizeof(*c), 0);
+			if (!c) {
+				count(CNT_CONFIRM_FULL);
+				return;
+			}
+			if (sk) {
+				begin_stored(sk, begin, DIR_INCOMING);
+				want_close(ctx);
+			}
+			__builtin_memset(c, 0, sizeof(*c));
+			__builtin_memcpy(c->src, k.src, 16);
+			c->src_port = k.src_port;
+			c->dst_port = k.dst_port;
+			c->kind = REC_CONFIRM;
+			c->family = k.family;
+			c->direction = DIR_INCOMING;
+			c->seq = iss;
+			submit(c);
+			return;
+		}
 	}
 
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RINGBUF_FULL);
-		return 1;
+		return;
 	}
 	count(CNT_AT_ESTABLISHED);
-	struct bpf_sock *sk = ctx->sk;
-	e->ts_ns = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_ns();
+	e->ts_ns = now;
 	e->cgroup_id = sk ? sk_cgroup_id(sk) : 0;
 	__builtin_memcpy(e->src, k.src, 16);
 	__builtin_memcpy(e->dst, k.dst, 16);
@@ -766,7 +926,7 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	e->family = k.family;
 	e->direction = DIR_INCOMING;
 	e->origin = ORIGIN_ESTABLISHED;
-	e->_pad = 0;
+	e->seq = 0;
 	e->ifindex = 0;
 	e->netns_cookie = 0;
 	// A child for a link-local peer is bound to the interface its ACK
@@ -778,5 +938,108 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
 	submit(e);
+	if (sk) {
+		begin_stored(sk, now, DIR_INCOMING);
+		want_close(ctx);
+	}
+}
+
+// closed handles BPF_SOCK_OPS_STATE_CB into TCP_CLOSE (args[0] the old
+// state, args[1] the new), which only sockets with a begin asked for: it
+// emits the end record once, from the kernel's own counters. Every way a
+// TCP socket ends passes here (tcp_done, tcp_close, tcp_disconnect, and
+// tcp_time_wait, which hands on to a timewait socket that sends no
+// callbacks).
+static __always_inline void closed(struct bpf_sock_ops *ctx)
+{
+	if (ctx->args[1] != BPF_TCP_CLOSE)
+		return;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct conn_state *st = bpf_sk_storage_get(&conns, sk, 0, 0);
+	if (!st || st->ended)
+		return;
+	st->ended = 1;
+
+	struct end_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_END_FULL);
+		return;
+	}
+	__u8 remote[16] = {}, local[16] = {};
+	__u8 family = sock_addrs(ctx, remote, local);
+	__u16 rport = bpf_ntohl(ctx->remote_port), lport = ctx->local_port;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->begin_ns = st->begin_ns;
+	e->cgroup_id = sk_cgroup_id(sk);
+	e->bytes_received = ctx->bytes_received;
+	e->bytes_acked = ctx->bytes_acked;
+	if (st->direction == DIR_INCOMING) {
+		__builtin_memcpy(e->src, remote, 16);
+		__builtin_memcpy(e->dst, local, 16);
+		e->src_port = rport;
+		e->dst_port = lport;
+	} else {
+		__builtin_memcpy(e->src, local, 16);
+		__builtin_memcpy(e->dst, remote, 16);
+		e->src_port = lport;
+		e->dst_port = rport;
+	}
+	e->kind = REC_END;
+	e->family = family;
+	e->direction = st->direction;
+	e->old_state = ctx->args[0];
+	e->data_segs_in = ctx->data_segs_in;
+	e->data_segs_out = ctx->data_segs_out;
+	e->total_retrans = ctx->total_retrans;
+	e->srtt_us = ctx->srtt_us;
+	e->sk_err = 0;
+	e->fin_rcvd = 0;
+	struct sock___flowbus *ks = (void *)bpf_skc_to_tcp_sock(sk);
+	if (ks) {
+		e->sk_err = BPF_CORE_READ(ks, sk_err);
+		unsigned long flags = BPF_CORE_READ(ks, __sk_common.skc_flags);
+		int done = bpf_core_enum_value_exists(enum sock_flags___flowbus, SOCK_DONE___flowbus)
+				   ? bpf_core_enum_value(enum sock_flags___flowbus, SOCK_DONE___flowbus)
+				   : 1;
+		e->fin_rcvd = (flags >> (done & 63)) & 1;
+	}
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	e->_pad2 = 0;
+	e->ifindex = 0;
+	e->netns_cookie = 0;
+	if (family == 6 && ((remote[0] == 0xfe && (remote[1] & 0xc0) == 0x80) || (local[0] == 0xfe && (local[1] & 0xc0) == 0x80))) {
+		e->ifindex = sk->bound_dev_if;
+		if (sockops_netns_cookie)
+			e->netns_cookie = bpf_get_netns_cookie(ctx);
+	}
+	submit(e);
+}
+
+// flowbus_sockops runs on the sock_ops callbacks of the watched cgroup's TCP
+// sockets. It acts on three: the end of a passive handshake (the incoming
+// begin when egress missed its SYN-ACK, and what the end needs), the end of
+// an active one (ask for the close of a socket whose begin the ingress
+// program stored), and the state change into TCP_CLOSE of those sockets
+// (the end). Only sockets with a begin ask for state callbacks; every other
+// callback returns at the first compares.
+SEC("sockops")
+int flowbus_sockops(struct bpf_sock_ops *ctx)
+{
+	__u32 op = ctx->op;
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		closed(ctx);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		passive_established(ctx);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		struct bpf_sock *sk = ctx->sk;
+		if (sk && bpf_sk_storage_get(&conns, sk, 0, 0))
+			want_close(ctx);
+	}
 	return 1;
 }

@@ -13,6 +13,14 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type flowbusConnState struct {
+	_         structs.HostLayout
+	BeginNs   uint64
+	Direction uint8
+	Ended     uint8
+	Pad       [6]uint8
+}
+
 type flowbusDnsEvent struct {
 	_ structs.HostLayout
 	H struct {
@@ -62,6 +70,33 @@ type flowbusDnsqEvent struct {
 	Data [512]uint8
 }
 
+type flowbusEndEvent struct {
+	_             structs.HostLayout
+	TsNs          uint64
+	BeginNs       uint64
+	CgroupId      uint64
+	BytesReceived uint64
+	BytesAcked    uint64
+	Src           [16]uint8
+	Dst           [16]uint8
+	SrcPort       uint16
+	DstPort       uint16
+	Kind          uint8
+	Family        uint8
+	Direction     uint8
+	OldState      uint8
+	DataSegsIn    uint32
+	DataSegsOut   uint32
+	TotalRetrans  uint32
+	SrttUs        uint32
+	SkErr         int32
+	FinRcvd       uint8
+	Pad           [3]uint8
+	Ifindex       uint32
+	Pad2          uint32
+	NetnsCookie   uint64
+}
+
 type flowbusFlowEvent struct {
 	_           structs.HostLayout
 	TsNs        uint64
@@ -75,7 +110,7 @@ type flowbusFlowEvent struct {
 	Direction   uint8
 	Origin      uint8
 	Ifindex     uint32
-	Pad         uint32
+	Seq         uint32
 	NetnsCookie uint64
 }
 
@@ -90,10 +125,18 @@ type flowbusFlowKey struct {
 	Pad       [2]uint8
 }
 
+type flowbusSynack struct {
+	_    structs.HostLayout
+	Seq  uint32
+	Pad  uint32
+	TsNs uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	flowbusMapConns              = "conns"
 	flowbusMapCounters           = "counters"
 	flowbusMapDnsq               = "dnsq"
 	flowbusMapEvents             = "events"
@@ -101,6 +144,7 @@ const (
 	flowbusProgFlowbusEgress     = "flowbus_egress"
 	flowbusProgFlowbusIngress    = "flowbus_ingress"
 	flowbusProgFlowbusSockops    = "flowbus_sockops"
+	flowbusVarEndEvents          = "end_events"
 	flowbusVarMatchSocket        = "match_socket"
 	flowbusVarQueryTtlNs         = "query_ttl_ns"
 	flowbusVarSkbNetnsCookie     = "skb_netns_cookie"
@@ -108,6 +152,7 @@ const (
 	flowbusVarUnusedDnsEvent     = "unused_dns_event"
 	flowbusVarUnusedDnsKey       = "unused_dns_key"
 	flowbusVarUnusedDnsqEvent    = "unused_dnsq_event"
+	flowbusVarUnusedEndEvent     = "unused_end_event"
 	flowbusVarUnusedFlowEvent    = "unused_flow_event"
 	flowbusVarWakeupBytes        = "wakeup_bytes"
 )
@@ -163,6 +208,7 @@ type flowbusProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusMapSpecs struct {
+	Conns    *ebpf.MapSpec `ebpf:"conns"`
 	Counters *ebpf.MapSpec `ebpf:"counters"`
 	Dnsq     *ebpf.MapSpec `ebpf:"dnsq"`
 	Events   *ebpf.MapSpec `ebpf:"events"`
@@ -173,6 +219,7 @@ type flowbusMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
+	EndEvents          *ebpf.VariableSpec `ebpf:"end_events"`
 	MatchSocket        *ebpf.VariableSpec `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
 	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
@@ -180,6 +227,7 @@ type flowbusVariableSpecs struct {
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
+	UnusedEndEvent     *ebpf.VariableSpec `ebpf:"unused_end_event"`
 	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	WakeupBytes        *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
@@ -204,6 +252,7 @@ func (o *flowbusObjects) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusMaps struct {
+	Conns    *ebpf.Map `ebpf:"conns"`
 	Counters *ebpf.Map `ebpf:"counters"`
 	Dnsq     *ebpf.Map `ebpf:"dnsq"`
 	Events   *ebpf.Map `ebpf:"events"`
@@ -212,6 +261,7 @@ type flowbusMaps struct {
 
 func (m *flowbusMaps) Close() error {
 	return _FlowbusClose(
+		m.Conns,
 		m.Counters,
 		m.Dnsq,
 		m.Events,
@@ -223,6 +273,7 @@ func (m *flowbusMaps) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
+	EndEvents          *ebpf.Variable `ebpf:"end_events"`
 	MatchSocket        *ebpf.Variable `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.Variable `ebpf:"query_ttl_ns"`
 	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`
@@ -230,6 +281,7 @@ type flowbusVariables struct {
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.Variable `ebpf:"unused_dnsq_event"`
+	UnusedEndEvent     *ebpf.Variable `ebpf:"unused_end_event"`
 	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
 	WakeupBytes        *ebpf.Variable `ebpf:"wakeup_bytes"`
 }

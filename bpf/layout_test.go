@@ -25,8 +25,37 @@ func TestRecordLayout(t *testing.T) {
 		{"direction", unsafe.Offsetof(e.Direction), offDirection},
 		{"origin", unsafe.Offsetof(e.Origin), offOrigin},
 		{"ifindex", unsafe.Offsetof(e.Ifindex), offIfindex},
+		{"seq", unsafe.Offsetof(e.Seq), offSeq},
 		{"netns_cookie", unsafe.Offsetof(e.NetnsCookie), offNetns},
 	}
+	var x flowbusEndEvent
+	checks = append(checks, []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"end size", unsafe.Sizeof(x), endRecSize},
+		{"end ts", unsafe.Offsetof(x.TsNs), offEndTs},
+		{"end begin", unsafe.Offsetof(x.BeginNs), offEndBegin},
+		{"end cgroup", unsafe.Offsetof(x.CgroupId), offEndCgroup},
+		{"end bytes_received", unsafe.Offsetof(x.BytesReceived), offEndBytesRcvd},
+		{"end bytes_acked", unsafe.Offsetof(x.BytesAcked), offEndBytesAcked},
+		{"end src", unsafe.Offsetof(x.Src), offEndSrc},
+		{"end dst", unsafe.Offsetof(x.Dst), offEndDst},
+		{"end src_port", unsafe.Offsetof(x.SrcPort), offEndSrcPort},
+		{"end dst_port", unsafe.Offsetof(x.DstPort), offEndDstPort},
+		{"end kind", unsafe.Offsetof(x.Kind), offEndKind},
+		{"end family", unsafe.Offsetof(x.Family), offEndFamily},
+		{"end direction", unsafe.Offsetof(x.Direction), offEndDirection},
+		{"end old_state", unsafe.Offsetof(x.OldState), offEndOldState},
+		{"end segs_in", unsafe.Offsetof(x.DataSegsIn), offEndSegsIn},
+		{"end segs_out", unsafe.Offsetof(x.DataSegsOut), offEndSegsOut},
+		{"end retrans", unsafe.Offsetof(x.TotalRetrans), offEndRetrans},
+		{"end srtt", unsafe.Offsetof(x.SrttUs), offEndSRTT},
+		{"end sk_err", unsafe.Offsetof(x.SkErr), offEndSkErr},
+		{"end fin_rcvd", unsafe.Offsetof(x.FinRcvd), offEndFinRcvd},
+		{"end ifindex", unsafe.Offsetof(x.Ifindex), offEndIfindex},
+		{"end netns", unsafe.Offsetof(x.NetnsCookie), offEndNetns},
+	}...)
 	var d flowbusDnsEvent
 	checks = append(checks, []struct {
 		name      string

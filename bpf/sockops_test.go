@@ -22,10 +22,17 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// collector keeps every flow event a running capture hands over.
+// collector keeps every flow event and end a running capture hands over.
 type collector struct {
-	mu  sync.Mutex
-	evs []schema.Event
+	mu   sync.Mutex
+	evs  []schema.Event
+	ends []schema.EndEvent
+}
+
+func (c *collector) End(ev *schema.EndEvent) {
+	c.mu.Lock()
+	c.ends = append(c.ends, *ev)
+	c.mu.Unlock()
 }
 
 func (c *collector) Flow(ev *schema.Event) {

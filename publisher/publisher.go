@@ -106,8 +106,8 @@ func (c *Config) fill() {
 
 // Stats is a snapshot of the publisher's counters since start.
 type Stats struct {
-	EventsIn        uint64 // events handed to Add
-	EventsAcked     uint64 // events in batches the stream acknowledged
+	EventsIn        uint64 // begins handed to Add
+	EventsAcked     uint64 // begins in batches the stream acknowledged
 	BatchesAcked    uint64
 	BytesAcked      uint64
 	DuplicateAcks   uint64 // batches the stream already held (a retry after a lost ack)
@@ -122,11 +122,15 @@ type Stats struct {
 	SpoolBytes      int64
 	SpoolEvents     int
 	Spooled         uint64 // batches written to the spool since start
+	// EndsIn, EndsAcked and EndsDropped are the ends among EventsIn,
+	// EventsAcked and the events Drops counts.
+	EndsIn, EndsAcked, EndsDropped uint64
 }
 
 type batch struct {
 	seq       uint64
 	dir       schema.Direction
+	kind      schema.Kind // set when sealed here; from the subject for a spooled one
 	subject   string
 	msgID     string
 	data      []byte
@@ -139,9 +143,21 @@ type batch struct {
 	baseID    string // msgID before a collision gave it a fresh one
 }
 
+// encoder is what begin and end batch encoders have in common.
+type encoder interface {
+	Len() int
+	Size() int
+	SetPrevRun(*schema.RunLink) error
+	Finish(dst []byte, seq uint64, drops schema.Drops) []byte
+	Reset()
+}
+
 type dirState struct {
 	dir     schema.Direction
-	enc     *schema.BatchEncoder
+	kind    schema.Kind
+	enc     encoder
+	begins  *schema.BatchEncoder    // enc, for begins
+	ends    *schema.EndBatchEncoder // enc, for ends
 	subject string
 	timer   *time.Timer
 	started time.Time
@@ -155,10 +171,12 @@ type Publisher struct {
 	log *slog.Logger
 
 	mu         sync.Mutex
-	dirs       [3]*dirState // indexed by schema.Direction
+	dirs       [3]*dirState // begins, indexed by schema.Direction
+	endDirs    [3]*dirState // ends, the same
 	seq        uint64
 	drops      schema.Drops // lost since the last sealed batch, reported in the next
 	totalDrops schema.Drops
+	endDrops   uint64   // ends among totalDrops' events
 	queue      []*batch // sealed and waiting to be sent, oldest first
 	pendBytes  int      // queue plus in flight
 	inflight   int
@@ -178,6 +196,7 @@ type Publisher struct {
 	lastWarn sync.Map
 
 	eventsIn, eventsAcked, batchesAcked, bytesAcked, dupAcks, pubErrors, collisions atomic.Uint64
+	endsIn, endsAcked                                                               atomic.Uint64
 
 	nc *nats.Conn
 	// stallSince is when the stream last answered (an ack), or the first
@@ -245,12 +264,27 @@ func New(nc *nats.Conn, cfg Config, log *slog.Logger) (*Publisher, error) {
 	for _, d := range []schema.Direction{schema.Outgoing, schema.Incoming} {
 		ds := &dirState{
 			dir:     d,
-			enc:     schema.NewBatchEncoder(cfg.Host, cfg.RunID, d),
+			begins:  schema.NewBatchEncoder(cfg.Host, cfg.RunID, d),
 			subject: schema.Subject(cfg.Prefix, cfg.Host, d),
 		}
+		ds.enc = ds.begins
 		ds.timer = time.AfterFunc(time.Hour, func() { p.lingerExpired(ds) })
 		ds.timer.Stop()
 		p.dirs[d] = ds
+		// End batches chain on their own (prev_seq per direction and
+		// kind) and carry no link to the previous run: the run record
+		// follows the begins.
+		es := &dirState{
+			dir:     d,
+			kind:    schema.KindEnd,
+			ends:    schema.NewEndBatchEncoder(cfg.Host, cfg.RunID, d),
+			subject: schema.EndSubject(cfg.Prefix, cfg.Host, d),
+			linked:  true,
+		}
+		es.enc = es.ends
+		es.timer = time.AfterFunc(time.Hour, func() { p.lingerExpired(es) })
+		es.timer.Stop()
+		p.endDirs[d] = es
 	}
 	p.mu.Lock()
 	p.refreshMaxBytesLocked()
@@ -272,15 +306,40 @@ func (p *Publisher) Add(ev *schema.Event) {
 		return
 	}
 	d := p.dirs[ev.Direction]
-	d.enc.Add(ev)
+	d.begins.Add(ev)
+	p.addedLocked(d, ev.Timestamp)
+	p.mu.Unlock()
+}
+
+// AddEnd appends an end to its direction's end batch, as Add does a begin.
+// Ends count in EndsIn and EndsAcked (EventsIn and EventsAcked are the
+// begins), their losses in Drops like those of begins, and in EndsDropped.
+func (p *Publisher) AddEnd(ev *schema.EndEvent) {
+	p.endsIn.Add(1)
+	p.mu.Lock()
+	if int(ev.Direction) >= len(p.endDirs) || p.endDirs[ev.Direction] == nil || p.closing {
+		p.drops.Reader++
+		p.totalDrops.Reader++
+		p.endDrops++
+		p.mu.Unlock()
+		return
+	}
+	d := p.endDirs[ev.Direction]
+	d.ends.AddEnd(ev)
+	p.addedLocked(d, ev.EndNs)
+	p.mu.Unlock()
+}
+
+// addedLocked starts the linger of a batch that just got its first event
+// (at evNanos), and seals it once full.
+func (p *Publisher) addedLocked(d *dirState, evNanos int64) {
 	if d.enc.Len() == 1 {
-		d.started = lingerStart(ev.Timestamp, time.Now(), p.cfg.Linger)
+		d.started = lingerStart(evNanos, time.Now(), p.cfg.Linger)
 		d.timer.Reset(p.cfg.Linger - time.Since(d.started))
 	}
 	if d.enc.Len() >= p.cfg.MaxEvents || d.enc.Size() >= p.maxBytes {
 		p.sealLocked(d)
 	}
-	p.mu.Unlock()
 }
 
 // AddDrops records events lost before the publisher (kernel, reader); they
@@ -348,6 +407,7 @@ func (p *Publisher) sealLocked(d *dirState) {
 		d.enc.Reset()
 		p.drops.Queue += uint64(n)
 		p.totalDrops.Queue += uint64(n)
+		p.countEndDropsLocked(d.kind, n)
 		p.warn("publish queue full and no spool: batch dropped; NATS is slow or unreachable", "events", n, "pending_bytes", p.pendBytes, "bound", p.cfg.QueueBytes)
 		return
 	}
@@ -362,6 +422,7 @@ func (p *Publisher) sealLocked(d *dirState) {
 	b := &batch{
 		seq:      p.seq,
 		dir:      d.dir,
+		kind:     d.kind,
 		subject:  d.subject,
 		msgID:    schema.MsgID(p.cfg.Host, p.cfg.RunID, p.seq),
 		events:   n,
@@ -370,7 +431,7 @@ func (p *Publisher) sealLocked(d *dirState) {
 	}
 	b.data = d.enc.Finish(buf[:0], p.seq, p.drops)
 	p.drops = schema.Drops{}
-	if p.cfg.OnSeal != nil {
+	if p.cfg.OnSeal != nil && d.kind == schema.KindBegin {
 		p.cfg.OnSeal(d.dir, p.seq, n)
 	}
 	if toSpool {
@@ -382,6 +443,7 @@ func (p *Publisher) sealLocked(d *dirState) {
 			addDrops(&p.drops, b.drops)
 			p.drops.Spool += uint64(n)
 			p.totalDrops.Spool += uint64(n)
+			p.countEndDropsLocked(d.kind, n)
 			p.warn("spool cannot take the batch: dropped", "events", n, "spool_bytes", sp.Bytes(), "err", err)
 			return
 		}
@@ -482,7 +544,7 @@ func (p *Publisher) next() (*batch, time.Duration) {
 	p.loaded[e.Name] = true
 	p.loadedMu.Unlock()
 	b := &batch{subject: e.Subject, msgID: e.MsgID, data: e.Data, events: e.Events,
-		sealedAt: time.Unix(0, e.SealedAt), spoolName: e.Name}
+		sealedAt: time.Unix(0, e.SealedAt), spoolName: e.Name, kind: schema.SubjectKind(e.Subject, p.cfg.Prefix)}
 	p.mu.Lock()
 	p.inflight++
 	p.pendBytes += len(b.data)
@@ -507,7 +569,7 @@ func (p *Publisher) send(b *batch) {
 		Header: nats.Header{
 			schema.HeaderMsgID:       []string{b.msgID},
 			schema.HeaderContentType: []string{schema.ContentType},
-			schema.HeaderSchema:      []string{schema.SchemaHeaderValue()},
+			schema.HeaderSchema:      []string{schemaHeader(b.kind)},
 		},
 	}
 	b.attempts++
@@ -542,7 +604,11 @@ func (p *Publisher) acked(b *batch, ack *jetstream.PubAck) {
 		}
 		p.dupAcks.Add(1)
 	}
-	p.eventsAcked.Add(uint64(b.events))
+	if b.kind == schema.KindEnd {
+		p.endsAcked.Add(uint64(b.events))
+	} else {
+		p.eventsAcked.Add(uint64(b.events))
+	}
 	p.batchesAcked.Add(1)
 	p.bytesAcked.Add(uint64(len(b.data)))
 	if p.cfg.OnAck != nil {
@@ -707,6 +773,7 @@ func (p *Publisher) failed(b *batch, err error) {
 		addDrops(&lost, b.drops) // the losses it carried must still be reported
 		addDrops(&p.drops, lost)
 		p.totalDrops.Publish += uint64(b.events)
+		p.countEndDropsLocked(b.kind, b.events)
 		if p.inflight == 0 && len(p.queue) == 0 {
 			p.stallSince = time.Time{}
 		}
@@ -783,12 +850,28 @@ func (p *Publisher) signal() {
 // Flush seals the open batches now.
 func (p *Publisher) Flush() {
 	p.mu.Lock()
-	for _, d := range p.dirs {
+	for _, d := range append(p.dirs[:], p.endDirs[:]...) {
 		if d != nil {
 			p.sealLocked(d)
 		}
 	}
 	p.mu.Unlock()
+}
+
+// schemaHeader is the Flowbus-Schema header of a batch of kind k.
+func schemaHeader(k schema.Kind) string {
+	if k == schema.KindEnd {
+		return schema.EndSchemaHeaderValue()
+	}
+	return schema.SchemaHeaderValue()
+}
+
+// countEndDropsLocked adds n lost events of a batch of kind k to the ends
+// dropped.
+func (p *Publisher) countEndDropsLocked(k schema.Kind, n int) {
+	if k == schema.KindEnd {
+		p.endDrops += uint64(n)
+	}
 }
 
 // Close seals the open batches and waits, until ctx ends, for every batch to
@@ -824,7 +907,7 @@ func (p *Publisher) Close(ctx context.Context) error {
 }
 
 func (p *Publisher) stopTimers() {
-	for _, d := range p.dirs {
+	for _, d := range append(p.dirs[:], p.endDirs[:]...) {
 		if d != nil {
 			d.timer.Stop()
 		}
@@ -841,7 +924,7 @@ func (p *Publisher) spoolLeftovers() error {
 	}
 	p.queue = nil
 	p.mu.Unlock()
-	lostB, lostE, kept, onDisk := 0, 0, 0, 0
+	lostB, lostE, lostEnds, kept, onDisk := 0, 0, 0, 0, 0
 	for _, b := range left {
 		if b.spoolName != "" {
 			onDisk++ // still in the spool: the next run sends it
@@ -856,9 +939,13 @@ func (p *Publisher) spoolLeftovers() error {
 		}
 		lostB++
 		lostE += b.events
+		if b.kind == schema.KindEnd {
+			lostEnds += b.events
+		}
 	}
 	p.mu.Lock()
 	p.totalDrops.Publish += uint64(lostE)
+	p.endDrops += uint64(lostEnds)
 	p.mu.Unlock()
 	if lostB > 0 {
 		return fmt.Errorf("shutdown: %d batches (%d events) not acknowledged before the deadline and not spooled", lostB, lostE)
@@ -877,8 +964,11 @@ func (p *Publisher) Stats() Stats {
 		PendingBatches:  len(p.queue) + p.inflight,
 		PendingBytes:    p.pendBytes,
 		InflightBatches: p.inflight,
+		EndsDropped:     p.endDrops,
 	}
 	p.mu.Unlock()
+	s.EndsIn = p.endsIn.Load()
+	s.EndsAcked = p.endsAcked.Load()
 	s.EventsIn = p.eventsIn.Load()
 	s.EventsAcked = p.eventsAcked.Load()
 	s.BatchesAcked = p.batchesAcked.Load()

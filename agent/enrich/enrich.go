@@ -22,6 +22,8 @@ import (
 // keep ev, which is reused after it returns.
 type Sink interface {
 	Add(ev *schema.Event)
+	// AddEnd takes an end the same way.
+	AddEnd(ev *schema.EndEvent)
 }
 
 // Config tunes the stage.
@@ -51,11 +53,13 @@ type Enricher struct {
 	sink       Sink
 
 	selfExcluded atomic.Uint64
+	selfEnds     atomic.Uint64
 }
 
 // Stats are the stage's counters.
 type Stats struct {
 	SelfExcluded uint64 // events of the agent's own connections, not passed on
+	SelfEnds     uint64 // ends of the agent's own connections, not passed on
 	DNS          dnscache.Stats
 	Match        MatchStats
 }
@@ -85,6 +89,20 @@ func (e *Enricher) Flow(ev *schema.Event) {
 	e.sink.Add(ev)
 }
 
+// End enriches an end as Flow does a begin (DNS names at the begin's time,
+// so that both carry the same names) and hands it to the sink; the agent's
+// own connections have no end either.
+func (e *Enricher) End(ev *schema.EndEvent) {
+	if e.self.MatchAddrs(ev.SrcPort, ev.Dst, ev.DstPort) {
+		e.selfEnds.Add(1)
+		return
+	}
+	ev.ContainerID = e.containers.ContainerID(ev.CgroupID)
+	ev.SrcDNS = e.dns.Lookup(ev.Src, ev.BeginNs)
+	ev.DstDNS = e.dns.Lookup(ev.Dst, ev.BeginNs)
+	e.sink.AddEnd(ev)
+}
+
 // DNSQuery notes a query a watched socket (cookie) sent from client to
 // server (proto 17 for UDP, 6 for a TCP segment), so that its answer can be
 // told from a forged one.
@@ -102,7 +120,7 @@ func (e *Enricher) DNSAnswer(ts int64, proto uint8, cookie uint64, client, serve
 
 // Stats reads the counters.
 func (e *Enricher) Stats() Stats {
-	return Stats{SelfExcluded: e.selfExcluded.Load(), DNS: e.dns.Stats(), Match: e.match.stats()}
+	return Stats{SelfExcluded: e.selfExcluded.Load(), SelfEnds: e.selfEnds.Load(), DNS: e.dns.Stats(), Match: e.match.stats()}
 }
 
 // Close stops the background walks of the cgroup hierarchy. Flow must not

@@ -21,9 +21,13 @@ import (
 var _ bpf.Handler = (*enrich.Enricher)(nil)
 
 // sliceSink keeps a copy of every event it is given: the stage reuses ev.
-type sliceSink struct{ evs []schema.Event }
+type sliceSink struct {
+	evs  []schema.Event
+	ends []schema.EndEvent
+}
 
-func (s *sliceSink) Add(ev *schema.Event) { s.evs = append(s.evs, *ev) }
+func (s *sliceSink) Add(ev *schema.Event)       { s.evs = append(s.evs, *ev) }
+func (s *sliceSink) AddEnd(ev *schema.EndEvent) { s.ends = append(s.ends, *ev) }
 
 const containerID = "3f2a9c0d1e5b4a7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e"
 

@@ -26,12 +26,18 @@ func NewSelfFilter() *SelfFilter { return &SelfFilter{conns: map[selfKey]struct{
 
 // Match tells whether ev is one of the agent's own connections.
 func (f *SelfFilter) Match(ev *schema.Event) bool {
+	return f.MatchAddrs(ev.SrcPort, ev.Dst, ev.DstPort)
+}
+
+// MatchAddrs tells whether the connection from local port srcPort to
+// dst:dstPort is one of the agent's own (for begins and ends alike).
+func (f *SelfFilter) MatchAddrs(srcPort uint16, dst netip.Addr, dstPort uint16) bool {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	if len(f.conns) == 0 {
 		return false
 	}
-	_, ok := f.conns[selfKey{ev.SrcPort, netip.AddrPortFrom(ev.Dst, ev.DstPort)}]
+	_, ok := f.conns[selfKey{srcPort, netip.AddrPortFrom(dst, dstPort)}]
 	return ok
 }
 

@@ -169,6 +169,8 @@ func agentEnv(cgroupPath, natsURL, host, spoolDir string) map[string]string {
 		"FLOWBUS_ACK_TIMEOUT":      "1s",
 		"FLOWBUS_SHUTDOWN_TIMEOUT": "3s",
 		"FLOWBUS_LOG_LEVEL":        "info",
+		// These tests account for begin batches only (DecodeBatch).
+		"FLOWBUS_END_EVENTS": "false",
 		// Beside the spool, in the test's directory, never the host's.
 		"FLOWBUS_RUN_STATE_FILE": filepath.Join(filepath.Dir(spoolDir), "run-"+host+".state"),
 	}
