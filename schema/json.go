@@ -30,21 +30,27 @@ func (e *Event) AppendJSON(dst []byte, host string) []byte {
 	dst = strconv.AppendInt(dst, e.Timestamp, 10)
 	dst = append(dst, `,"host":`...)
 	dst = appendJSONString(dst, host)
-	if e.CgroupID != 0 {
+	return appendJSONCtx(dst, e.CgroupID, uint64(e.PID), e.Comm, e.ContainerID)
+}
+
+// appendJSONCtx appends the process context fields that are known and closes
+// the object: the same for begin and end events.
+func appendJSONCtx(dst []byte, cgroupID, pid uint64, comm, containerID string) []byte {
+	if cgroupID != 0 {
 		dst = append(dst, `,"cgroup_id":`...)
-		dst = strconv.AppendUint(dst, e.CgroupID, 10)
+		dst = strconv.AppendUint(dst, cgroupID, 10)
 	}
-	if e.PID != 0 {
+	if pid != 0 {
 		dst = append(dst, `,"pid":`...)
-		dst = strconv.AppendUint(dst, uint64(e.PID), 10)
+		dst = strconv.AppendUint(dst, pid, 10)
 	}
-	if e.Comm != "" {
+	if comm != "" {
 		dst = append(dst, `,"comm":`...)
-		dst = appendJSONString(dst, e.Comm)
+		dst = appendJSONString(dst, comm)
 	}
-	if e.ContainerID != "" {
+	if containerID != "" {
 		dst = append(dst, `,"container_id":`...)
-		dst = appendJSONString(dst, e.ContainerID)
+		dst = appendJSONString(dst, containerID)
 	}
 	return append(dst, '}')
 }
@@ -163,21 +169,5 @@ func (e *EndEvent) AppendJSON(dst []byte, host string) []byte {
 	dst = append(dst, e.Reason.String()...)
 	dst = append(dst, `","host":`...)
 	dst = appendJSONString(dst, host)
-	if e.CgroupID != 0 {
-		dst = append(dst, `,"cgroup_id":`...)
-		dst = strconv.AppendUint(dst, e.CgroupID, 10)
-	}
-	if e.PID != 0 {
-		dst = append(dst, `,"pid":`...)
-		dst = strconv.AppendUint(dst, uint64(e.PID), 10)
-	}
-	if e.Comm != "" {
-		dst = append(dst, `,"comm":`...)
-		dst = appendJSONString(dst, e.Comm)
-	}
-	if e.ContainerID != "" {
-		dst = append(dst, `,"container_id":`...)
-		dst = appendJSONString(dst, e.ContainerID)
-	}
-	return append(dst, '}')
+	return appendJSONCtx(dst, e.CgroupID, uint64(e.PID), e.Comm, e.ContainerID)
 }
