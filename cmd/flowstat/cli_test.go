@@ -337,11 +337,11 @@ func TestHealthAndMetrics(t *testing.T) {
 		return metricValue(page, "flowbus_flowstat_events_total") == float64(rec.Events())
 	})
 	for name, want := range map[string]float64{
-		"flowbus_flowstat_batches_total":      float64(len(rec.Batches)),
-		"flowbus_flowstat_dead_letters_total": 1,
-		"flowbus_flowstat_committed_sequence": float64(rec.Batches[len(rec.Batches)-1].StreamSeq + 1),
-		"flowbus_flowstat_pending_messages":   0,
-		"flowbus_flowstat_ready":              1,
+		"flowbus_flowstat_batches_total":                            float64(len(rec.Batches)),
+		`flowbus_flowstat_dead_letters_total\{reason="malformed"\}`: 1,
+		"flowbus_flowstat_committed_sequence":                       float64(rec.Batches[len(rec.Batches)-1].StreamSeq + 1),
+		"flowbus_flowstat_pending_messages":                         0,
+		"flowbus_flowstat_ready":                                    1,
 	} {
 		if got := metricValue(page, name); got != want {
 			t.Errorf("%s = %v, want %v", name, got, want)

@@ -29,11 +29,21 @@ type Monitor struct {
 	// long transaction and a busy consumer would look unready.
 	committing atomic.Bool
 
-	reg                                                   *prometheus.Registry
-	events, batches, commits, dead, notCopied, gaps, dups prometheus.Counter
-	restarts, restartMissing                              prometheus.Counter
-	committedSeq, pending                                 prometheus.Gauge
+	reg                                             *prometheus.Registry
+	events, batches, commits, notCopied, gaps, dups prometheus.Counter
+	restarts, restartMissing                        prometheus.Counter
+	committedSeq, pending, lastCommit               prometheus.Gauge
+	dead                                            *prometheus.CounterVec
+	commitLatency                                   prometheus.Histogram
+	// commitStart is when the running commit began; only Run's goroutine touches it.
+	commitStart time.Time
+	// everCommitted: lastCommit holds a commit's time, not the time consuming began.
+	everCommitted bool
 }
+
+// DeadLetterReasons are the values of the reason label of flowbus_flowstat_dead_letters_total, each
+// exported from the start so that an increase from 0 is seen.
+var DeadLetterReasons = []string{ReasonMalformed, ReasonTruncated, ReasonUnsupportedMajor, ReasonSubjectMismatch}
 
 // NewMonitor returns a Monitor in the "starting" state, with its metrics registered.
 func NewMonitor() *Monitor {
@@ -51,7 +61,12 @@ func NewMonitor() *Monitor {
 	m.events = counter("events_total", "Events counted into the database (committed).")
 	m.batches = counter("batches_total", "Valid batches counted into the database (committed).")
 	m.commits = counter("commits_total", "Transactions committed (aggregates with the checkpoint).")
-	m.dead = counter("dead_letters_total", "Messages that were not valid batches (dead letters), committed.")
+	m.dead = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flowbus_flowstat_dead_letters_total",
+		Help: "Messages that were not valid batches (dead letters), committed, by reason (the Flowbus-Deadletter-Reason header)."}, []string{"reason"})
+	m.reg.MustRegister(m.dead)
+	for _, r := range DeadLetterReasons {
+		m.dead.WithLabelValues(r)
+	}
 	m.notCopied = counter("dead_letters_not_copied_total", "Dead letters whose copy to the dead-letter subject failed.")
 	m.gaps = counter("gaps_total", "Breaks in batch chains recorded (missing batches).")
 	m.restarts = counter("restarts_total", "Agent restarts recorded: first batches of a direction naming the previous run of their host.")
@@ -59,6 +74,12 @@ func NewMonitor() *Monitor {
 	m.dups = counter("duplicate_batches_total", "Messages repeating a batch already counted (not counted again).")
 	m.committedSeq = gauge("committed_sequence", "Stream sequence up to which everything is committed (the checkpoint).")
 	m.pending = gauge("pending_messages", "Messages in the stream after the last one read (the consumer's lag), as of that message.")
+	m.lastCommit = gauge("last_commit_timestamp_seconds", "Unix time of the last commit; before the first one, of when consuming began (0 before that).")
+	// From a millisecond (a few rows in SQLite) to tens of seconds (a large chunk on a slow PostgreSQL).
+	m.commitLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flowbus_flowstat_commit_latency_seconds",
+		Help:    "Time one commit takes: the transaction writing a chunk's aggregates with the checkpoint.",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 12)})
+	m.reg.MustRegister(m.commitLatency)
 	m.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "flowbus_flowstat_ready", Help: "1 while consuming: connected to NATS with the durable consumer bound."},
 			func() float64 {
@@ -138,12 +159,21 @@ func (m *Monitor) bound(nc *nats.Conn, st *store.Store) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.nc, m.st, m.state = nc, st, ""
+	if !m.everCommitted {
+		// Nothing committed yet: the age of the last commit counts from now, so that a consumer which
+		// never manages its first commit still ages.
+		m.lastCommit.Set(float64(time.Now().UnixNano()) / 1e9)
+	}
 }
 
 func (m *Monitor) setCommitting(b bool) {
-	if m != nil {
-		m.committing.Store(b)
+	if m == nil {
+		return
 	}
+	if b {
+		m.commitStart = time.Now()
+	}
+	m.committing.Store(b)
 }
 
 // committed adds what one commit wrote.
@@ -151,6 +181,15 @@ func (m *Monitor) committed(d *store.Delta, seq uint64) {
 	if m == nil {
 		return
 	}
+	now := time.Now()
+	if !m.commitStart.IsZero() {
+		m.commitLatency.Observe(now.Sub(m.commitStart).Seconds())
+		m.commitStart = time.Time{}
+	}
+	m.mu.Lock()
+	m.everCommitted = true
+	m.mu.Unlock()
+	m.lastCommit.Set(float64(now.UnixNano()) / 1e9)
 	m.commits.Inc()
 	m.events.Add(float64(d.Events))
 	m.batches.Add(float64(d.Messages))
@@ -162,8 +201,8 @@ func (m *Monitor) committed(d *store.Delta, seq uint64) {
 			m.restartMissing.Add(float64(r.Missing))
 		}
 	}
-	m.dead.Add(float64(len(d.Dead)))
 	for _, dl := range d.Dead {
+		m.dead.WithLabelValues(dl.Reason).Inc()
 		if !dl.Copied {
 			m.notCopied.Inc()
 		}
