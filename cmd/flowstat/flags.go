@@ -310,8 +310,8 @@ func (p *parser) query(cfg *config) {
 	}
 	if p.Set("by") {
 		cfg.by = p.Flag("by")
-		if !slices.Contains(store.TopBy, cfg.by) {
-			p.bad("--by", fmt.Errorf("%q: want one of %s", cfg.by, strings.Join(store.TopBy, ", ")))
+		if !slices.Contains(topBy, cfg.by) {
+			p.bad("--by", fmt.Errorf("%q: want one of %s", cfg.by, strings.Join(topBy, ", ")))
 		}
 	}
 	cfg.step = p.duration("step", 0)

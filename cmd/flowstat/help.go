@@ -68,7 +68,10 @@ $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint`},
 	}},
 	{"top", "top peers and service ports (talkers) over a time range", []flagDoc{
 		dbFlag, sinceFlag("1h"), untilFlag, hostFlag, directionFlag,
-		{"by", "WHAT", "peer, port, name or host (default: peers and ports)"},
+		{"by", "WHAT", `peer, port, name or host (connections), bytes (peers and ports by the bytes
+of the connections that ended: ends, bytes sent and received by the host, mean
+and max duration, reasons) or process (connections by comm[pid]; begins taken
+in softirq carry none: "-") (default: peers and ports)`},
 		{"limit", "N", "rows per table (default 10)"},
 		jsonFlag, localFlag, queryNatsFlag, queryStream,
 	}},

@@ -122,6 +122,12 @@ func (cfg *config) rangeText() string {
 }
 
 func top(ctx context.Context, st *store.Store, cfg *config) (any, func(io.Writer), error) {
+	switch cfg.by {
+	case "bytes":
+		return topBytes(ctx, st, cfg)
+	case "process":
+		return topProcesses(ctx, st, cfg)
+	}
 	bys := []string{"peer", "port"}
 	if cfg.by != "" {
 		bys = []string{cfg.by}
@@ -232,8 +238,9 @@ func summary(ctx context.Context, st *store.Store, cfg *config) (any, func(io.Wr
 	}
 	return s, func(w io.Writer) {
 		fmt.Fprintf(w, "Database %s (schema %d, buckets of %v)\n\n", s.Database, s.SchemaVersion, time.Duration(s.BucketSeconds)*time.Second)
-		table(w, "", "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tRESTARTS\tFIRST BATCH\tLAST BATCH", "(no data yet)", s.Hosts, func(h store.HostTotal) []any {
-			return []any{h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, h.Restarts, cfg.fmtTime(h.First), cfg.fmtTime(h.Last)}
+		table(w, "", "HOST\tDIRECTION\tCONNECTIONS\tBATCHES\tDROPPED\tGAPS\tRESTARTS\tENDS\tSENT\tRECEIVED\tMEAN DURATION\tEND BATCHES\tENDS DROPPED\tFIRST BATCH\tLAST BATCH", "(no data yet)", s.Hosts, func(h store.HostTotal) []any {
+			return []any{h.Host, h.Direction, h.Conns, h.Batches, h.Drops, h.Gaps, h.Restarts, h.Ends, h.BytesSent, h.BytesReceived, seconds(h.MeanDuration),
+				h.EndBatches, h.EndDrops, cfg.fmtTime(h.First), cfg.fmtTime(h.Last)}
 		})
 		if s.GapCount > 0 {
 			table(w, fmt.Sprintf("\nMissing batches (%d gaps, newest first):", s.GapCount), "HOST\tRUN\tDIRECTION\tWHAT\tSTREAM SEQ\tSTORED", "", s.Gaps, func(g store.GapRow) []any {

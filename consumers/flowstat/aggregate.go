@@ -24,15 +24,16 @@ type aggregator struct {
 	chains  *chainCache
 	// load reads a chain's committed state and holes by key (nil: no database, nothing committed);
 	// loads counts its calls.
-	load  func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
-	loads uint64
-	// ignoredEnds counts end batches skipped (flowstat aggregates begins only).
-	ignoredEnds uint64
-	d           *store.Delta
-	batch       schema.Batch
-	late        uint64 // batches below the last one seen of their chain that filled a hole (counted)
-	dups        uint64 // batches that repeated a counted one (not counted)
-	stream      string // for the duplicates' records
+	load     func(store.RunKey) (store.ChainState, []store.Hole, bool, error)
+	loads    uint64
+	d        *store.Delta
+	batch    schema.Batch
+	endBatch schema.EndBatch
+	// hdr is the chain header of the batch being added, of either kind.
+	hdr    header
+	late   uint64 // batches below the last one seen of their chain that filled a hole (counted)
+	dups   uint64 // batches that repeated a counted one (not counted)
+	stream string // for the duplicates' records
 	// dupSeqs, in a replay, are the stream sequences the live consumer found to be duplicates.
 	dupSeqs map[uint64]bool
 	// restarts are the run links of the batches added since the caller last took them (to log them);
@@ -132,18 +133,27 @@ func deadReason(err error) string {
 	return ReasonMalformed
 }
 
+// header is what the chain logic needs of a batch of either kind.
+type header struct {
+	host, runID string
+	dir         schema.Direction
+	kind        schema.Kind
+	seq         uint64
+	prevSeq     uint64
+	prevRun     *schema.RunLink
+}
+
 // add folds one stream message, stored on subject, in. It returns the decode error when the message is
 // not a valid batch, or is not on its own host's and direction's subject; the caller dead-letters it and
 // nothing of it is counted. A *storeError (chain state unreadable) is no fault of the message: the
-// caller stops without committing.
+// caller stops without committing. The subject tells the kind: an end subject
+// (<prefix>.<host>.<direction>.end) is read by the end decoder only, any other by the begin decoder
+// only, so a batch of one kind on the other's subject is refused as an unknown major.
 func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored time.Time) error {
-	b := &a.batch
-	// End batches (schema 2, <prefix>.<host>.<direction>.end) are not aggregated yet: skipped and
-	// counted, never dead-lettered as an unknown major nor read as begins.
 	if schema.SubjectKind(subject, a.prefix) == schema.KindEnd {
-		a.ignoredEnds++
-		return nil
+		return a.addEnd(data, subject, streamSeq, stored)
 	}
+	b := &a.batch
 	if err := schema.DecodeBatch(data, b); err != nil {
 		return err
 	}
@@ -159,12 +169,8 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 	}
 	b.RunID = cleanText(b.RunID)
 	clampDrops(&b.Drops)
-	if a.replay {
-		if a.dupSeqs[streamSeq] {
-			a.dups++
-			return nil
-		}
-	} else if counted, err := a.chain(streamSeq, stored); err != nil || !counted {
+	a.hdr = header{host: b.Host, runID: b.RunID, dir: b.Direction, kind: schema.KindBegin, seq: b.Seq, prevSeq: b.PrevSeq, prevRun: b.PrevRun}
+	if counted, err := a.admit(streamSeq, stored); err != nil || !counted {
 		return err
 	}
 	a.d.Messages++
@@ -187,6 +193,19 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 	return nil
 }
 
+// admit decides whether the batch in a.hdr is counted: in a replay, unless the live consumer found it
+// a duplicate; live, by its chain.
+func (a *aggregator) admit(streamSeq uint64, stored time.Time) (bool, error) {
+	if a.replay {
+		if a.dupSeqs[streamSeq] {
+			a.dups++
+			return false, nil
+		}
+		return true, nil
+	}
+	return a.chain(streamSeq, stored)
+}
+
 // chain follows the batch's prev_seq link (stream.Follow: per host, run and direction) and records a
 // gap, and the hole of seqs it reveals, when it does not point at the last batch seen. It returns false
 // when the batch must not be counted, and a *storeError when the chain's state could not be read.
@@ -201,21 +220,21 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 // records a restart with K told from the previous run's count (link), and a counted batch of a run a
 // link named lowers that link's K.
 func (a *aggregator) chain(streamSeq uint64, stored time.Time) (bool, error) {
-	b := &a.batch
-	rk := store.RunKey{Host: b.Host, RunID: b.RunID, Dir: b.Direction}
+	b := &a.hdr
+	rk := store.RunKey{Host: b.host, RunID: b.runID, Dir: b.dir, Kind: b.kind}
 	e, seen, err := a.lookup(rk)
 	if err != nil {
 		return false, err
 	}
 	cs := e.cs
 	last := cs.Last
-	link := stream.Follow(seen, last, b.Seq, b.PrevSeq)
+	link := stream.Follow(seen, last, b.seq, b.prevSeq)
 	if link == stream.LinkBehind {
-		hs, filled := fillHole(e.holes, b.Seq)
+		hs, filled := fillHole(e.holes, b.seq)
 		if !filled {
 			a.chains.put(rk, e) // unchanged: kept so that further copies need no lookup
 			a.dups++
-			a.d.Dups = append(a.d.Dups, store.Duplicate{RunKey: rk, Seq: b.Seq, Stream: a.stream, StreamSeq: streamSeq, Stored: stored})
+			a.d.Dups = append(a.d.Dups, store.Duplicate{RunKey: rk, Seq: b.seq, Stream: a.stream, StreamSeq: streamSeq, Stored: stored})
 			return false, nil
 		}
 		e.holes = hs
@@ -226,11 +245,11 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) (bool, error) {
 	}
 	// Unlike a tail's warnings, a run first seen past its first batch is recorded as a gap: the
 	// summary shows that its earlier batches were never read.
-	if link == stream.LinkGap || link == stream.LinkBroken || link == stream.LinkFirst && b.PrevSeq != 0 {
-		a.d.Gaps = append(a.d.Gaps, store.Gap{RunKey: rk, AfterSeq: last, Seq: b.Seq, PrevSeq: b.PrevSeq, StreamSeq: streamSeq, Stored: stored})
+	if link == stream.LinkGap || link == stream.LinkBroken || link == stream.LinkFirst && b.prevSeq != 0 {
+		a.d.Gaps = append(a.d.Gaps, store.Gap{RunKey: rk, AfterSeq: last, Seq: b.seq, PrevSeq: b.prevSeq, StreamSeq: streamSeq, Stored: stored})
 		// The missing batches lie after the last one seen, up to the named predecessor (never at or
 		// beyond this batch, whatever a broken agent says).
-		if hi := min(b.PrevSeq, b.Seq-1); hi > last {
+		if hi := min(b.prevSeq, b.seq-1); hi > last {
 			// A new array: the pending delta or a loaded list may share the old one.
 			e.holes = append(slices.Clip(e.holes), store.Hole{From: last + 1, To: hi})
 			a.d.Holes[rk] = e.holes
@@ -238,12 +257,12 @@ func (a *aggregator) chain(streamSeq uint64, stored time.Time) (bool, error) {
 	}
 	// A chain only a link named so far (Last 0) begins with this batch.
 	if !seen || cs.Last == 0 && cs.Seen == 0 {
-		cs.FromStart = b.PrevSeq == 0
+		cs.FromStart = b.prevSeq == 0
 	}
-	cs.Last = b.Seq
+	cs.Last = b.seq
 	e.cs = cs
 	a.count(rk, e, stored)
-	if b.PrevRun != nil {
+	if b.prevRun != nil {
 		if err := a.link(rk, streamSeq, stored); err != nil {
 			return false, err
 		}
@@ -268,17 +287,18 @@ func (a *aggregator) count(rk store.RunKey, e chainEntry, stored time.Time) {
 // the previous run's chain, and marks that chain linked. A chain never seen gets a state row (Last 0),
 // so its batches arriving later are counted for the link too.
 func (a *aggregator) link(rk store.RunKey, streamSeq uint64, stored time.Time) error {
-	b := &a.batch
-	l := *b.PrevRun
+	b := &a.hdr
+	l := *b.prevRun
 	l.RunID, l.End = cleanText(l.RunID), cleanText(l.End)
-	pk := store.RunKey{Host: b.Host, RunID: l.RunID, Dir: b.Direction}
+	pk := store.RunKey{Host: b.host, RunID: l.RunID, Dir: b.dir, Kind: b.kind}
 	pe, ok, err := a.lookup(pk)
 	if err != nil {
 		return err
 	}
 	pcs := pe.cs
 	prev := stream.PrevChain{Known: ok && (pcs.Seen > 0 || pcs.Last > 0), FromStart: pcs.FromStart, Seen: pcs.Seen, Last: pcs.Last}
-	r := stream.NewRestart(b.Host, b.RunID, b.Direction, &l, prev)
+	r := stream.NewRestart(b.host, b.runID, b.dir, &l, prev)
+	r.Kind = b.kind
 	// The link makes the previous run's chain active again: its spooled batches may follow.
 	pcs.Linked, pcs.Stored = true, max(pcs.Stored, stored.UnixNano())
 	pe.cs = pcs
@@ -319,6 +339,7 @@ func fillHole(hs []store.Hole, seq uint64) ([]store.Hole, bool) {
 func (a *aggregator) fold(b *schema.Batch) {
 	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
 	sk := store.SeenKey{Host: b.Host, Dir: b.Direction}
+	pk := store.ProcKey{Host: b.Host, Dir: b.Direction}
 	for i := range b.Events {
 		ev := &b.Events[i]
 		bucket := a.bucketOf(ev.Timestamp)
@@ -339,6 +360,8 @@ func (a *aggregator) fold(b *schema.Batch) {
 		a.d.Events++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
 		a.d.Conns[ck]++
+		pk.Bucket, pk.Comm, pk.PID = bucket, cleanText(ev.Comm), ev.PID
+		a.d.Procs[pk]++
 		sk.Peer, sk.Port = peer, ev.DstPort
 		if sp, ok := a.d.Seen[sk]; ok {
 			sp.Merge(ev.Timestamp, name)

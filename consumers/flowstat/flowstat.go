@@ -46,8 +46,9 @@ func (e *ConsumerSharedError) Error() string {
 
 // Stats summarises a Run or Replay.
 type Stats struct {
-	Messages    uint64 // valid batches folded in
-	Events      uint64 // events counted
+	Messages    uint64 // valid batches folded in, of both kinds
+	Events      uint64 // begin events counted
+	Ends        uint64 // end events counted
 	DeadLetters uint64 // messages that were not valid batches
 	NotCopied   uint64 // dead letters whose copy could not be published
 	Gaps        uint64 // breaks in batch chains recorded

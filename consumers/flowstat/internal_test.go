@@ -2,6 +2,7 @@ package flowstat
 
 import (
 	"errors"
+	"math"
 	"net/netip"
 	"strconv"
 	"testing"
@@ -64,20 +65,40 @@ func TestChainCacheClock(t *testing.T) {
 	}
 }
 
-// An end batch on its end subject is skipped and counted: never dead-lettered
-// as an unknown major, never read as begins. A begin batch after it counts.
-func TestEndBatchesSkipped(t *testing.T) {
+// An end batch on its end subject is read by the end decoder and counted in the end aggregates,
+// never as begins; the same bytes on a begin subject are refused as major 2, and a begin batch after
+// it counts as before. Counters near 2^64 and a negative duration are capped, unknown reasons are
+// "other".
+func TestEndBatchesCounted(t *testing.T) {
 	a := newAggregator(time.Minute, "flows", 0)
 	enc := schema.NewEndBatchEncoder("web-01", "run1", schema.Outgoing)
-	enc.AddEnd(&schema.EndEvent{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"),
-		SrcPort: 40000, DstPort: 443, BeginNs: 1e18, EndNs: 1e18 + 5e6, SrcBytes: 10, DstBytes: 20, Reason: schema.EndFIN})
-	end := enc.Finish(nil, 1, schema.Drops{})
+	dst := netip.MustParseAddr("10.0.0.2")
+	enc.AddEnd(&schema.EndEvent{Src: netip.MustParseAddr("10.0.0.1"), Dst: dst, DstDNS: []string{"db.example", "b.example"},
+		SrcPort: 40000, DstPort: 443, BeginNs: 1e18, EndNs: 1e18 + 5e6, SrcBytes: 10, DstBytes: 20, SrcSegs: 1, DstSegs: 2,
+		Retrans: 3, SRTTus: 70, Reason: schema.EndFIN})
+	enc.AddEnd(&schema.EndEvent{Src: netip.MustParseAddr("10.0.0.1"), Dst: dst, DstDNS: []string{"db.example"},
+		SrcPort: 40001, DstPort: 443, BeginNs: 1e18 + 7e6, EndNs: 1e18 + 6e6, SrcBytes: math.MaxUint64, Reason: 9})
+	end := enc.Finish(nil, 1, schema.Drops{Kernel: 4})
 	now := time.Unix(1e9, 0)
 	if err := a.add(end, schema.EndSubject("flows", "web-01", schema.Outgoing), 1, now); err != nil {
 		t.Fatalf("end batch: %v", err)
 	}
-	if a.ignoredEnds != 1 || a.d.Messages != 0 {
-		t.Fatalf("after an end batch: ignored %d, messages %d; want 1, 0", a.ignoredEnds, a.d.Messages)
+	if a.d.Messages != 1 || a.d.Events != 0 || a.d.EndEvents != 2 || len(a.d.Conns) != 0 {
+		t.Fatalf("after an end batch: messages %d, events %d, ends %d, conns %v; want 1, 0, 2, none", a.d.Messages, a.d.Events, a.d.EndEvents, a.d.Conns)
+	}
+	k := store.ConnKey{Bucket: a.bucketOf(1e18), Host: "web-01", Dir: schema.Outgoing, Peer: dst, Name: "db.example", Port: 443}
+	want := store.EndAgg{Ends: 2, SrcBytes: 10 + maxEndCounter, DstBytes: 20, SrcSegs: 1, DstSegs: 2, Retrans: 3, DurationSum: 5e6, DurationMax: 5e6,
+		SRTTSum: 70, SRTTCount: 1}
+	want.Reasons[store.ReasonFin], want.Reasons[store.ReasonOther] = 1, 1
+	if got := a.d.Ends[k]; got == nil || *got != want {
+		t.Fatalf("end aggregate %+v, want %+v (all: %v)", got, want, a.d.Ends)
+	}
+	if ba := a.d.Batches[store.BatchKey{Bucket: a.bucketOf(now.UnixNano()), Host: "web-01", Dir: schema.Outgoing}]; ba == nil ||
+		ba.EndBatches != 1 || ba.EndEvents != 2 || ba.EndDrops.Kernel != 4 || ba.Batches != 0 {
+		t.Fatalf("batch aggregate %+v", ba)
+	}
+	if _, ok := a.chains.get(store.RunKey{Host: "web-01", RunID: "run1", Dir: schema.Outgoing, Kind: schema.KindEnd}); !ok {
+		t.Fatal("the end chain is not followed")
 	}
 	// The same bytes on a begin subject are refused as major 2 (dead-lettered by the caller).
 	if err := a.add(end, schema.Subject("flows", "web-01", schema.Outgoing), 2, now); !errors.Is(err, schema.ErrUnsupportedMajor) {
@@ -85,10 +106,15 @@ func TestEndBatchesSkipped(t *testing.T) {
 	}
 	benc := schema.NewBatchEncoder("web-01", "run1", schema.Outgoing)
 	benc.Add(&schema.Event{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), SrcPort: 40001, DstPort: 443, Timestamp: 1e18})
-	if err := a.add(benc.Finish(nil, 3, schema.Drops{}), schema.Subject("flows", "web-01", schema.Outgoing), 3, now); err != nil {
+	begin := benc.Finish(nil, 3, schema.Drops{})
+	// And a begin batch on an end subject.
+	if err := a.add(begin, schema.EndSubject("flows", "web-01", schema.Outgoing), 3, now); !errors.Is(err, schema.ErrUnsupportedMajor) {
+		t.Fatalf("begin batch on an end subject: %v, want ErrUnsupportedMajor", err)
+	}
+	if err := a.add(begin, schema.Subject("flows", "web-01", schema.Outgoing), 3, now); err != nil {
 		t.Fatalf("begin batch: %v", err)
 	}
-	if a.d.Messages != 1 {
-		t.Fatalf("begin batch not counted: messages %d", a.d.Messages)
+	if a.d.Messages != 2 || a.d.Events != 1 {
+		t.Fatalf("begin batch not counted: messages %d, events %d", a.d.Messages, a.d.Events)
 	}
 }

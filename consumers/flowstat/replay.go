@@ -39,9 +39,10 @@ type ReplayOptions struct {
 // ErrStreamTooShort is returned by Replay when the stream no longer holds the start of the range.
 var ErrStreamTooShort = errors.New("the stream no longer holds every message of the range")
 
-// Replay rebuilds the connection and batch aggregates of the buckets in [From, To) from the stream.
+// Replay rebuilds the connection, end, process and batch aggregates of the buckets in [From, To) from
+// the stream.
 //
-// Semantics: in one transaction the range's conn_agg and batch_agg rows are deleted and the durable
+// Semantics: in one transaction the range's conn_agg, end_agg, proc_agg and batch_agg rows are deleted and the durable
 // consumer's checkpoint C is read. Then the stream is re-read with an ordered consumer under the same
 // filters, from the first message stored at or after From-Margin up to C, and only events (by event
 // time) and batches (by stored time) inside the range are added back, one transaction per chunk.
@@ -130,7 +131,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		filters = ro.Filters
 	}
 	commit := func() error {
-		if agg.d.Messages == 0 && agg.d.Events == 0 {
+		if agg.d.Messages == 0 && agg.d.Events == 0 && agg.d.EndEvents == 0 {
 			return nil
 		}
 		if err := st.ApplyReplay(ctx, agg.d); err != nil {
@@ -139,6 +140,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 		stats.Commits++
 		stats.Messages += agg.d.Messages
 		stats.Events += agg.d.Events
+		stats.Ends += agg.d.EndEvents
 		agg.d.Reset()
 		return nil
 	}
@@ -186,7 +188,7 @@ func Replay(ctx context.Context, st *store.Store, o ReplayOptions) (Stats, error
 			if derr := agg.add(msg.Data(), msg.Subject(), seq, md.Timestamp); derr != nil {
 				stats.DeadLetters++ // already dead-lettered by the live consumer
 			}
-			if agg.d.Events >= uint64(ro.MaxChunkEvents) {
+			if agg.d.Events+agg.d.EndEvents >= uint64(ro.MaxChunkEvents) {
 				if err := commit(); err != nil {
 					return stats, err
 				}

@@ -187,7 +187,7 @@ func (r *runner) loop(ctx context.Context, it jetstream.MessagesContext) (Stats,
 			return r.stats, errCrashed
 		}
 		d := r.agg.d
-		full := d.Events >= uint64(r.o.MaxChunkEvents) || d.Messages+uint64(len(d.Dead)) >= uint64(r.o.MaxChunkMessages)
+		full := d.Events+d.EndEvents >= uint64(r.o.MaxChunkEvents) || d.Messages+uint64(len(d.Dead)) >= uint64(r.o.MaxChunkMessages)
 		if full || r.pending == 0 || (!r.chunkStart.IsZero() && time.Since(r.chunkStart) >= r.o.MaxChunkAge) {
 			if err := r.commit(); err != nil {
 				return r.stats, err
@@ -238,9 +238,13 @@ func (r *runner) handle(ctx context.Context, msg jetstream.Msg) error {
 			return fmt.Errorf("stream sequence %d: %w (database %s)", seq, derr, r.st.Where())
 		}
 		if r.agg.dups != dups {
-			b := &r.agg.batch
-			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats batch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
-				seq, stream.Escape(msg.Subject(), stream.MaxLog), b.Seq, stream.Escape(b.Host, stream.MaxLog), stream.Escape(b.RunID, stream.MaxLog), b.Direction)
+			b := &r.agg.hdr
+			kind := ""
+			if b.kind == schema.KindEnd {
+				kind = "end "
+			}
+			fmt.Fprintf(r.o.Log, "flowstat: stream sequence %d on %s repeats %sbatch %d of host %s run %s %s, already counted: not counted again (a retry stored after the stream's duplicates window)\n",
+				seq, stream.Escape(msg.Subject(), stream.MaxLog), kind, b.seq, stream.Escape(b.host, stream.MaxLog), stream.Escape(b.runID, stream.MaxLog), b.dir)
 		}
 		for _, rs := range r.agg.restarts {
 			fmt.Fprintf(r.o.Log, "flowstat: %s\n", rs.Text())
@@ -295,6 +299,7 @@ func (r *runner) commit() error {
 		r.stats.Commits++
 		r.stats.Messages += d.Messages
 		r.stats.Events += d.Events
+		r.stats.Ends += d.EndEvents
 		r.stats.Gaps += uint64(len(d.Gaps))
 		r.stats.DeadLetters += uint64(len(d.Dead))
 		for _, dl := range d.Dead {

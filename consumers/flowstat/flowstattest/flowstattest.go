@@ -20,14 +20,17 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Published is one valid batch as it was stored in the stream.
+// Published is one valid batch as it was stored in the stream: a begin batch (Events), or with Kind
+// schema.KindEnd an end batch (Ends).
 type Published struct {
 	Host, RunID string
 	Dir         schema.Direction
+	Kind        schema.Kind
 	Seq         uint64
 	PrevSeq     uint64
 	Drops       schema.Drops
 	Events      []schema.Event
+	Ends        []schema.EndEvent
 	StreamSeq   uint64
 	Stored      time.Time
 }
@@ -105,8 +108,9 @@ type Recorder struct {
 }
 
 type chainKey struct {
-	a   *tailtest.Agent
-	dir schema.Direction
+	a    *tailtest.Agent
+	dir  schema.Direction
+	kind schema.Kind
 }
 
 // NewRecorder starts recording publications to s, whose stream is named stream and captures prefix.>.
@@ -126,17 +130,41 @@ func (r *Recorder) Publish(t testing.TB, a *tailtest.Agent, dir schema.Direction
 
 // Encode encodes the next batch of agent a in direction dir without publishing it.
 func (r *Recorder) Encode(a *tailtest.Agent, dir schema.Direction, drops schema.Drops, evs []schema.Event) (Published, []byte) {
-	k := chainKey{a, dir}
+	k := chainKey{a, dir, schema.KindBegin}
 	prev := r.last[k]
 	seq, data := a.Batch(dir, drops, evs...)
 	r.last[k] = seq
 	return Published{Host: a.Host, RunID: a.RunID, Dir: dir, Seq: seq, PrevSeq: prev, Drops: drops, Events: evs}, data
 }
 
-// PublishEncoded publishes a batch made by Encode (in any order) and records it.
+// EncodeEnd encodes the next end batch of agent a in direction dir without publishing it.
+func (r *Recorder) EncodeEnd(a *tailtest.Agent, dir schema.Direction, drops schema.Drops, evs []schema.EndEvent) (Published, []byte) {
+	k := chainKey{a, dir, schema.KindEnd}
+	prev := r.last[k]
+	seq, data := a.EndBatch(dir, drops, evs...)
+	r.last[k] = seq
+	return Published{Host: a.Host, RunID: a.RunID, Dir: dir, Kind: schema.KindEnd, Seq: seq, PrevSeq: prev, Drops: drops, Ends: evs}, data
+}
+
+// PublishEnd encodes the next end batch of agent a in direction dir and publishes it on its end
+// subject; with lose set it is encoded (its seq is used) but not published.
+func (r *Recorder) PublishEnd(t testing.TB, a *tailtest.Agent, dir schema.Direction, drops schema.Drops, lose bool, evs []schema.EndEvent) {
+	t.Helper()
+	p, data := r.EncodeEnd(a, dir, drops, evs)
+	if !lose {
+		r.PublishEncoded(t, p, data)
+	}
+}
+
+// PublishEncoded publishes a batch made by Encode or EncodeEnd (in any order) on its subject and
+// records it.
 func (r *Recorder) PublishEncoded(t testing.TB, p Published, data []byte) {
 	t.Helper()
-	p.StreamSeq = r.S.Publish(t, schema.Subject(r.Prefix, p.Host, p.Dir), data)
+	subject := schema.Subject(r.Prefix, p.Host, p.Dir)
+	if p.Kind == schema.KindEnd {
+		subject = schema.EndSubject(r.Prefix, p.Host, p.Dir)
+	}
+	p.StreamSeq = r.S.Publish(t, subject, data)
 	p.Stored = r.stored(t, p.StreamSeq)
 	r.Batches = append(r.Batches, p)
 }
@@ -162,11 +190,20 @@ func (r *Recorder) stored(t testing.TB, seq uint64) time.Time {
 	return m.Time
 }
 
-// Events is the number of events recorded.
+// Events is the number of begin events recorded.
 func (r *Recorder) Events() int {
 	n := 0
 	for _, b := range r.Batches {
 		n += len(b.Events)
+	}
+	return n
+}
+
+// EndEvents is the number of end events recorded.
+func (r *Recorder) EndEvents() int {
+	n := 0
+	for _, b := range r.Batches {
+		n += len(b.Ends)
 	}
 	return n
 }
@@ -188,10 +225,13 @@ type Snapshot struct {
 	Seen    map[string]string
 	Batches map[string]string
 	Gaps    map[string]string
+	Ends    map[string]string // end_agg
+	Procs   map[string]string // proc_agg
 }
 
 func newSnapshot() *Snapshot {
-	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{}}
+	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{},
+		Ends: map[string]string{}, Procs: map[string]string{}}
 }
 
 func bucketOf(ns int64, width time.Duration) int64 {
@@ -228,8 +268,10 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 		name                string
 	}
 	conns := map[string]int64{}
+	procs := map[string]int64{}
+	ends := map[string]*endRef{}
 	seens := map[string]*seen{}
-	type bagg struct{ n, ev, k, r, q, s, p uint64 }
+	type bagg struct{ n, ev, k, r, q, s, p, en, eev, ed uint64 }
 	baggs := map[string]*bagg{}
 	snap := newSnapshot()
 	last := map[string]uint64{}
@@ -240,17 +282,41 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 			baggs[bk] = &bagg{}
 		}
 		ba := baggs[bk]
-		ba.n++
-		ba.ev += uint64(len(b.Events))
-		ba.k, ba.r, ba.q, ba.s, ba.p = ba.k+b.Drops.Kernel, ba.r+b.Drops.Reader, ba.q+b.Drops.Queue, ba.s+b.Drops.Spool, ba.p+b.Drops.Publish
+		if b.Kind == schema.KindEnd {
+			ba.en++
+			ba.eev += uint64(len(b.Ends))
+			ba.ed += b.Drops.Total()
+		} else {
+			ba.n++
+			ba.ev += uint64(len(b.Events))
+			ba.k, ba.r, ba.q, ba.s, ba.p = ba.k+b.Drops.Kernel, ba.r+b.Drops.Reader, ba.q+b.Drops.Queue, ba.s+b.Drops.Spool, ba.p+b.Drops.Publish
+		}
 
-		ck := b.Host + "|" + b.RunID + "|" + dir
+		ck := b.Host + "|" + b.RunID + "|" + dir + "|" + b.Kind.String()
 		l, ok := last[ck]
 		if !ok || b.Seq > l {
 			if (ok && b.PrevSeq != l) || (!ok && b.PrevSeq != 0) {
-				snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", b.Host, b.RunID, dir, b.Seq)] = fmt.Sprintf("after=%d prev=%d stream=%d", l, b.PrevSeq, b.StreamSeq)
+				snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", b.Host, b.RunID, dir, b.Seq)] = fmt.Sprintf("kind=%s after=%d prev=%d stream=%d", b.Kind, l, b.PrevSeq, b.StreamSeq)
 			}
 			last[ck] = b.Seq
+		}
+		for i := range b.Ends {
+			e := &b.Ends[i]
+			peer, names := e.Dst, e.DstDNS
+			if b.Dir == schema.Incoming {
+				peer, names = e.Src, e.SrcDNS
+			}
+			name := ""
+			if len(names) > 0 {
+				name = names[0]
+			}
+			k := fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.EndNs, width), b.Host, dir, addrText(peer), name, e.DstPort)
+			ea := ends[k]
+			if ea == nil {
+				ea = &endRef{}
+				ends[k] = ea
+			}
+			ea.add(e)
 		}
 		for _, e := range b.Events {
 			peer, names := e.Dst, e.DstDNS
@@ -262,6 +328,7 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 				name = names[0]
 			}
 			conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, addrText(peer), name, e.DstPort)]++
+			procs[fmt.Sprintf("%d|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, e.Comm, e.PID)]++
 			sk := fmt.Sprintf("%s|%s|%s|%d", b.Host, dir, addrText(peer), e.DstPort)
 			s := seens[sk]
 			if s == nil {
@@ -277,11 +344,17 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	for k, n := range conns {
 		snap.Conns[k] = fmt.Sprint(n)
 	}
+	for k, n := range procs {
+		snap.Procs[k] = fmt.Sprint(n)
+	}
+	for k, e := range ends {
+		snap.Ends[k] = e.String()
+	}
 	for k, s := range seens {
 		snap.Seen[k] = fmt.Sprintf("first=%d last=%d name=%q name_ns=%d", s.first, s.last, s.name, s.nameNS)
 	}
 	for k, b := range baggs {
-		snap.Batches[k] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d", b.n, b.ev, b.k, b.r, b.q, b.s, b.p)
+		snap.Batches[k] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d end_batches=%d end_events=%d end_drops=%d", b.n, b.ev, b.k, b.r, b.q, b.s, b.p, b.en, b.eev, b.ed)
 	}
 	return snap
 }
@@ -327,25 +400,54 @@ func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = q(`SELECT bucket, host, direction, batches, events, drops_kernel, drops_reader, drops_queue, drops_spool, drops_publish FROM batch_agg`, func(scan func(...any) error) error {
-		var b, n, ev, k, r, qq, s, p int64
+	err = q(`SELECT bucket, host, direction, batches, events, drops_kernel, drops_reader, drops_queue, drops_spool, drops_publish,
+		end_batches, end_events, end_drops_kernel + end_drops_reader + end_drops_queue + end_drops_spool + end_drops_publish FROM batch_agg`, func(scan func(...any) error) error {
+		var b, n, ev, k, r, qq, s, p, en, eev, ed int64
 		var h, d string
-		if err := scan(&b, &h, &d, &n, &ev, &k, &r, &qq, &s, &p); err != nil {
+		if err := scan(&b, &h, &d, &n, &ev, &k, &r, &qq, &s, &p, &en, &eev, &ed); err != nil {
 			return err
 		}
-		snap.Batches[fmt.Sprintf("%d|%s|%s", b, h, d)] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d", n, ev, k, r, qq, s, p)
+		snap.Batches[fmt.Sprintf("%d|%s|%s", b, h, d)] = fmt.Sprintf("batches=%d events=%d drops=%d/%d/%d/%d/%d end_batches=%d end_events=%d end_drops=%d", n, ev, k, r, qq, s, p, en, eev, ed)
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	err = q(`SELECT host, run_id, direction, seq, after_seq, prev_seq, stream_seq FROM gaps`, func(scan func(...any) error) error {
+	err = q(`SELECT host, run_id, direction, kind, seq, after_seq, prev_seq, stream_seq FROM gaps`, func(scan func(...any) error) error {
 		var seq, after, prev, sseq int64
-		var h, r, d string
-		if err := scan(&h, &r, &d, &seq, &after, &prev, &sseq); err != nil {
+		var h, r, d, kind string
+		if err := scan(&h, &r, &d, &kind, &seq, &after, &prev, &sseq); err != nil {
 			return err
 		}
-		snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", h, r, d, seq)] = fmt.Sprintf("after=%d prev=%d stream=%d", after, prev, sseq)
+		snap.Gaps[fmt.Sprintf("%s|%s|%s|%d", h, r, d, seq)] = fmt.Sprintf("kind=%s after=%d prev=%d stream=%d", kind, after, prev, sseq)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, comm, pid, conns FROM proc_agg`, func(scan func(...any) error) error {
+		var b, pid, n int64
+		var h, d, comm string
+		if err := scan(&b, &h, &d, &comm, &pid, &n); err != nil {
+			return err
+		}
+		snap.Procs[fmt.Sprintf("%d|%s|%s|%s|%d", b, h, d, comm, pid)] = fmt.Sprint(n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, peer, peer_name, port, ends, src_bytes, dst_bytes, src_segs, dst_segs, retrans,
+		duration_sum_ns, duration_max_ns, srtt_sum_us, srtt_count, reason_fin, reason_rst_sent, reason_rst_received, reason_timeout,
+		reason_never_established, reason_other FROM end_agg`, func(scan func(...any) error) error {
+		var b, port int64
+		var h, d, p, name string
+		var e endRef
+		if err := scan(&b, &h, &d, &p, &name, &port, &e.ends, &e.srcBytes, &e.dstBytes, &e.srcSegs, &e.dstSegs, &e.retrans,
+			&e.durSum, &e.durMax, &e.srttSum, &e.srttN, &e.reasons[0], &e.reasons[1], &e.reasons[2], &e.reasons[3], &e.reasons[4], &e.reasons[5]); err != nil {
+			return err
+		}
+		snap.Ends[fmt.Sprintf("%d|%s|%s|%s|%s|%d", b, h, d, p, name, port)] = e.String()
 		return nil
 	})
 	if err != nil {
@@ -381,6 +483,8 @@ func Diff(want, got *Snapshot, max int) []string {
 	cmp("peer_seen", want.Seen, got.Seen)
 	cmp("batch_agg", want.Batches, got.Batches)
 	cmp("gaps", want.Gaps, got.Gaps)
+	cmp("end_agg", want.Ends, got.Ends)
+	cmp("proc_agg", want.Procs, got.Procs)
 	return out
 }
 
@@ -394,8 +498,8 @@ func Check(t testing.TB, st *store.Store, want *Snapshot) {
 		t.Fatalf("load aggregates: %v", err)
 	}
 	if d := Diff(want, got, 10); len(d) > 0 {
-		t.Errorf("aggregates in %s differ from the reference (%d conn rows, %d seen rows, %d batch rows, %d gaps wanted):\n  %s",
-			st.Kind(), len(want.Conns), len(want.Seen), len(want.Batches), len(want.Gaps), strings.Join(d, "\n  "))
+		t.Errorf("aggregates in %s differ from the reference (%d conn rows, %d seen rows, %d batch rows, %d gaps, %d end rows, %d process rows wanted):\n  %s",
+			st.Kind(), len(want.Conns), len(want.Seen), len(want.Batches), len(want.Gaps), len(want.Ends), len(want.Procs), strings.Join(d, "\n  "))
 	}
 }
 
@@ -417,9 +521,12 @@ type Fleet struct {
 	T0       time.Time     // events are timestamped in [T0, T0+Span)
 	Span     time.Duration //
 	PerBatch int           // events per batch, on average
-	agents   []*tailtest.Agent
-	ips      []netip.Addr
-	n        int
+	// Ends makes each batch of begins followed by an end batch of the same connections (EndsFor),
+	// lost now and then on its own (a gap of the end chain).
+	Ends   bool
+	agents []*tailtest.Agent
+	ips    []netip.Addr
+	n      int
 }
 
 // NewFleet returns a fleet whose events fall in [t0, t0+span).
@@ -453,6 +560,67 @@ func (f *Fleet) Publish(t testing.TB, rec *Recorder, n int) {
 		}
 		lose := f.n%13 == 0
 		cnt := f.PerBatch/2 + f.Gen.r.IntN(f.PerBatch+1)
-		rec.Publish(t, f.agents[k], dir, drops, lose, f.Gen.Events(cnt, dir, f.ips[k], f.T0, f.Span))
+		evs := f.Gen.Events(cnt, dir, f.ips[k], f.T0, f.Span)
+		rec.Publish(t, f.agents[k], dir, drops, lose, evs)
+		if f.Ends {
+			var endDrops schema.Drops
+			if f.n%5 == 0 {
+				endDrops.Kernel = 3
+			}
+			rec.PublishEnd(t, f.agents[k], dir, endDrops, f.n%7 == 0, EndsFor(uint64(f.n), dir, evs, 90*time.Second))
+		}
 	}
+}
+
+// endRef is the reference of one end_agg row, computed from the events in plain arithmetic (the
+// scenarios stay far from the caps).
+type endRef struct {
+	ends, srcBytes, dstBytes, srcSegs, dstSegs, retrans, durSum, durMax, srttSum, srttN int64
+	reasons                                                                             [6]int64
+}
+
+func (r *endRef) add(e *schema.EndEvent) {
+	r.ends++
+	r.srcBytes += int64(e.SrcBytes)
+	r.dstBytes += int64(e.DstBytes)
+	r.srcSegs += int64(e.SrcSegs)
+	r.dstSegs += int64(e.DstSegs)
+	r.retrans += int64(e.Retrans)
+	d := max(e.EndNs-e.BeginNs, 0)
+	r.durSum += d
+	r.durMax = max(r.durMax, d)
+	if e.SRTTus > 0 {
+		r.srttSum += int64(e.SRTTus)
+		r.srttN++
+	}
+	// fin, rst_sent, rst_received, timeout, never_established; unknown and later codes are other.
+	switch e.Reason {
+	case schema.EndFIN, schema.EndRSTSent, schema.EndRSTReceived, schema.EndTimeout, schema.EndNeverEstablished:
+		r.reasons[e.Reason-1]++
+	default:
+		r.reasons[5]++
+	}
+}
+
+func (r *endRef) String() string {
+	return fmt.Sprintf("ends=%d bytes=%d/%d segs=%d/%d retrans=%d dur=%d/%d srtt=%d/%d reasons=%v", r.ends, r.srcBytes, r.dstBytes,
+		r.srcSegs, r.dstSegs, r.retrans, r.durSum, r.durMax, r.srttSum, r.srttN, r.reasons)
+}
+
+// EndsFor returns, for every begin event of evs (of direction dir), the end event of its connection:
+// ended between 1 ms and span later, with bytes, segments, retransmits, RTT and reasons drawn from
+// seed (every reason, a future code 9 among them).
+func EndsFor(seed uint64, dir schema.Direction, evs []schema.Event, span time.Duration) []schema.EndEvent {
+	r := rand.New(rand.NewPCG(seed, seed^0x5851f42d4c957f2d))
+	reasons := []schema.EndReason{schema.EndFIN, schema.EndFIN, schema.EndFIN, schema.EndRSTSent, schema.EndRSTReceived, schema.EndTimeout,
+		schema.EndNeverEstablished, schema.EndUnknown, 9}
+	out := make([]schema.EndEvent, len(evs))
+	for i, e := range evs {
+		dur := time.Millisecond + time.Duration(r.Int64N(int64(span)))
+		out[i] = schema.EndEvent{Direction: dir, Src: e.Src, Dst: e.Dst, SrcPort: e.SrcPort, DstPort: e.DstPort, SrcDNS: e.SrcDNS, DstDNS: e.DstDNS,
+			BeginNs: e.Timestamp, EndNs: e.Timestamp + int64(dur), SrcBytes: uint64(r.IntN(5000)), DstBytes: uint64(r.IntN(1 << 20)),
+			SrcSegs: uint64(r.IntN(10)), DstSegs: uint64(r.IntN(800)), Retrans: uint64(r.IntN(3)), SRTTus: uint32(r.IntN(3) * 250),
+			Reason: reasons[r.IntN(len(reasons))], PID: e.PID, Comm: e.Comm}
+	}
+	return out
 }

@@ -27,21 +27,22 @@ func (s *Store) RecentChains(ctx context.Context, n int) ([]Chain, error) {
 	}
 	// One query, so the chains and their holes are read from one set: the index on stored_ns yields
 	// the n newest without reading the others.
-	q := `SELECT r.host, r.run_id, r.direction, r.last_seq, r.seen_batches, r.from_start, r.linked, r.stored_ns, h.from_seq, h.to_seq
-		FROM (SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT ` + s.overlong() + `
+	q := `SELECT r.host, r.run_id, r.direction, r.kind, r.last_seq, r.seen_batches, r.from_start, r.linked, r.stored_ns, h.from_seq, h.to_seq
+		FROM (SELECT host, run_id, direction, kind, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT ` + s.overlong() + `
 			ORDER BY stored_ns DESC LIMIT ?) r
-		LEFT JOIN holes h ON h.host = r.host AND h.run_id = r.run_id AND h.direction = r.direction
-		ORDER BY r.stored_ns DESC, r.host, r.run_id, r.direction, h.from_seq`
+		LEFT JOIN holes h ON h.host = r.host AND h.run_id = r.run_id AND h.direction = r.direction AND h.kind = r.kind
+		ORDER BY r.stored_ns DESC, r.host, r.run_id, r.direction, r.kind, h.from_seq`
 	var out []Chain
 	err := s.each(ctx, q, []any{n}, func(sc scanner) error {
 		var k RunKey
-		var dir string
+		var dir, kind string
 		var seq, seen, fromStart, linked, stored int64
 		var from, to sql.NullInt64
-		if err := sc.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked, &stored, &from, &to); err != nil {
+		if err := sc.Scan(&k.Host, &k.RunID, &dir, &kind, &seq, &seen, &fromStart, &linked, &stored, &from, &to); err != nil {
 			return err
 		}
 		k.Dir, _ = schema.ParseDirection(dir)
+		k.Kind = parseKind(kind)
 		if len(out) == 0 || out[len(out)-1].Key != k {
 			out = append(out, Chain{Key: k, State: ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0, Stored: stored}})
 		}
@@ -61,12 +62,12 @@ type ChainReader struct {
 
 // ChainReader prepares the lookups of Chain; Close releases them.
 func (s *Store) ChainReader(ctx context.Context) (*ChainReader, error) {
-	st, err := s.db.PrepareContext(ctx, s.rebind(`SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns
-		FROM run_state WHERE host = ? AND run_id = ? AND direction = ?`))
+	st, err := s.db.PrepareContext(ctx, s.rebind(`SELECT host, run_id, direction, kind, last_seq, seen_batches, from_start, linked, stored_ns
+		FROM run_state WHERE host = ? AND run_id = ? AND direction = ? AND kind = ?`))
 	if err != nil {
 		return nil, err
 	}
-	hs, err := s.db.PrepareContext(ctx, s.rebind(`SELECT from_seq, to_seq FROM holes WHERE host = ? AND run_id = ? AND direction = ? ORDER BY from_seq`))
+	hs, err := s.db.PrepareContext(ctx, s.rebind(`SELECT from_seq, to_seq FROM holes WHERE host = ? AND run_id = ? AND direction = ? AND kind = ? ORDER BY from_seq`))
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -77,7 +78,7 @@ func (s *Store) ChainReader(ctx context.Context) (*ChainReader, error) {
 // Chain returns the committed state and holes of chain k; found is false when the database holds no
 // state of it (a chain never seen, or pruned).
 func (r *ChainReader) Chain(ctx context.Context, k RunKey) (c ChainState, holes []Hole, found bool, err error) {
-	_, c, err = scanChain(r.state.QueryRowContext(ctx, k.Host, k.RunID, dirText(k.Dir)))
+	_, c, err = scanChain(r.state.QueryRowContext(ctx, k.Host, k.RunID, dirText(k.Dir), k.Kind.String()))
 	if errors.Is(err, sql.ErrNoRows) {
 		// Holes are only ever written with their chain's run_state row, and removed with it: a chain
 		// without one has none, and the common miss (a new run) costs one lookup.
@@ -86,7 +87,7 @@ func (r *ChainReader) Chain(ctx context.Context, k RunKey) (c ChainState, holes 
 	if err != nil {
 		return c, nil, false, err
 	}
-	rows, err := r.holes.QueryContext(ctx, k.Host, k.RunID, dirText(k.Dir))
+	rows, err := r.holes.QueryContext(ctx, k.Host, k.RunID, dirText(k.Dir), k.Kind.String())
 	if err != nil {
 		return c, nil, false, err
 	}
@@ -133,7 +134,7 @@ func (s *Store) PruneChains(ctx context.Context, retention time.Duration) (Prune
 		}
 		p.Before = newest - int64(retention)
 		res, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM holes WHERE EXISTS (SELECT 1 FROM run_state r
-			WHERE r.host = holes.host AND r.run_id = holes.run_id AND r.direction = holes.direction AND r.stored_ns < ?)`), p.Before)
+			WHERE r.host = holes.host AND r.run_id = holes.run_id AND r.direction = holes.direction AND r.kind = holes.kind AND r.stored_ns < ?)`), p.Before)
 		if err != nil {
 			return fmt.Errorf("holes: %w", err)
 		}

@@ -60,16 +60,20 @@ type BatchKey struct {
 	Dir    schema.Direction
 }
 
-// BatchAgg counts batches, events and drops.
+// BatchAgg counts batches, events and drops, of begin batches and of end batches.
 type BatchAgg struct {
-	Batches, Events uint64
-	Drops           schema.Drops
+	Batches, Events       uint64
+	Drops                 schema.Drops
+	EndBatches, EndEvents uint64
+	EndDrops              schema.Drops
 }
 
-// RunKey identifies a batch chain: one direction of one agent run.
+// RunKey identifies a batch chain: one direction of one agent run, for one kind of batch (end batches
+// chain on their own).
 type RunKey struct {
 	Host, RunID string
 	Dir         schema.Direction
+	Kind        schema.Kind
 }
 
 // ChainState is what a consumer keeps of one batch chain (a row of run_state).
@@ -148,14 +152,18 @@ type Delta struct {
 	// Holes holds the complete new hole list of every chain whose holes changed (empty: none left).
 	Holes map[RunKey][]Hole
 	Dups  []Duplicate
-	// Events and Messages count what went into the delta (for stats).
-	Events, Messages uint64
+	// Ends holds the end events per ConnKey (bucket of end time); Procs the connections per process.
+	Ends  map[ConnKey]*EndAgg
+	Procs map[ProcKey]uint64
+	// Events (begins), EndEvents and Messages (valid batches of both kinds) count what went into the
+	// delta (for stats).
+	Events, EndEvents, Messages uint64
 }
 
 // NewDelta returns an empty Delta.
 func NewDelta() *Delta {
 	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]ChainState{}, Holes: map[RunKey][]Hole{},
-		Recovered: map[RunKey]uint64{}}
+		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -166,8 +174,10 @@ func (d *Delta) Reset() {
 	clear(d.Runs)
 	clear(d.Holes)
 	clear(d.Recovered)
+	clear(d.Ends)
+	clear(d.Procs)
 	d.Gaps, d.Dead, d.Dups, d.Restarts = d.Gaps[:0], d.Dead[:0], d.Dups[:0], d.Restarts[:0]
-	d.Events, d.Messages = 0, 0
+	d.Events, d.EndEvents, d.Messages = 0, 0, 0
 }
 
 // Checkpoint names the consumer whose position a Commit advances.
@@ -352,7 +362,7 @@ func cmpBatchKey(a, b BatchKey) int {
 }
 
 func cmpRunKey(a, b RunKey) int {
-	return cmp.Or(strings.Compare(a.Host, b.Host), strings.Compare(a.RunID, b.RunID), cmp.Compare(a.Dir, b.Dir))
+	return cmp.Or(strings.Compare(a.Host, b.Host), strings.Compare(a.RunID, b.RunID), cmp.Compare(a.Dir, b.Dir), cmp.Compare(a.Kind, b.Kind))
 }
 
 // addrText caches the text form of addresses: a chunk has far fewer distinct peers than rows.
@@ -405,16 +415,22 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		return fmt.Errorf("peer_seen: %w", err)
 	}
 
-	u3 := newUpserter(ctx, s, tx, `INSERT INTO batch_agg (bucket, host, direction, batches, events, drops_kernel, drops_reader, drops_queue, drops_spool, drops_publish) VALUES `,
+	u3 := newUpserter(ctx, s, tx, `INSERT INTO batch_agg (bucket, host, direction, batches, events, drops_kernel, drops_reader, drops_queue, drops_spool, drops_publish,
+			end_batches, end_events, end_drops_kernel, end_drops_reader, end_drops_queue, end_drops_spool, end_drops_publish) VALUES `,
 		`ON CONFLICT (bucket, host, direction) DO UPDATE SET batches = batch_agg.batches + excluded.batches,
 			events = batch_agg.events + excluded.events, drops_kernel = batch_agg.drops_kernel + excluded.drops_kernel,
 			drops_reader = batch_agg.drops_reader + excluded.drops_reader, drops_queue = batch_agg.drops_queue + excluded.drops_queue,
-			drops_spool = batch_agg.drops_spool + excluded.drops_spool, drops_publish = batch_agg.drops_publish + excluded.drops_publish`, 10)
+			drops_spool = batch_agg.drops_spool + excluded.drops_spool, drops_publish = batch_agg.drops_publish + excluded.drops_publish,
+			end_batches = batch_agg.end_batches + excluded.end_batches, end_events = batch_agg.end_events + excluded.end_events,
+			end_drops_kernel = batch_agg.end_drops_kernel + excluded.end_drops_kernel, end_drops_reader = batch_agg.end_drops_reader + excluded.end_drops_reader,
+			end_drops_queue = batch_agg.end_drops_queue + excluded.end_drops_queue, end_drops_spool = batch_agg.end_drops_spool + excluded.end_drops_spool,
+			end_drops_publish = batch_agg.end_drops_publish + excluded.end_drops_publish`, 17)
 	defer u3.close()
 	for _, k := range order(mapKeys(d.Batches), cmpBatchKey) {
 		b := d.Batches[k]
 		if err := u3.add(k.Bucket, k.Host, dirText(k.Dir), int64(b.Batches), int64(b.Events), int64(b.Drops.Kernel), int64(b.Drops.Reader),
-			int64(b.Drops.Queue), int64(b.Drops.Spool), int64(b.Drops.Publish)); err != nil {
+			int64(b.Drops.Queue), int64(b.Drops.Spool), int64(b.Drops.Publish), int64(b.EndBatches), int64(b.EndEvents),
+			int64(b.EndDrops.Kernel), int64(b.EndDrops.Reader), int64(b.EndDrops.Queue), int64(b.EndDrops.Spool), int64(b.EndDrops.Publish)); err != nil {
 			return fmt.Errorf("batch_agg: %w", err)
 		}
 	}
@@ -422,13 +438,17 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		return fmt.Errorf("batch_agg: %w", err)
 	}
 
-	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns) VALUES `,
-		`ON CONFLICT (host, run_id, direction) DO UPDATE SET last_seq = excluded.last_seq, seen_batches = excluded.seen_batches,
-			from_start = excluded.from_start, linked = excluded.linked, stored_ns = excluded.stored_ns`, 8)
+	if err := s.applyEnds(ctx, tx, d, at); err != nil {
+		return err
+	}
+
+	u4 := newUpserter(ctx, s, tx, `INSERT INTO run_state (host, run_id, direction, kind, last_seq, seen_batches, from_start, linked, stored_ns) VALUES `,
+		`ON CONFLICT (host, run_id, direction, kind) DO UPDATE SET last_seq = excluded.last_seq, seen_batches = excluded.seen_batches,
+			from_start = excluded.from_start, linked = excluded.linked, stored_ns = excluded.stored_ns`, 9)
 	defer u4.close()
 	for _, k := range order(mapKeys(d.Runs), cmpRunKey) {
 		c := d.Runs[k]
-		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), int64(c.Last), int64(c.Seen), boolInt(c.FromStart), boolInt(c.Linked), c.Stored); err != nil {
+		if err := u4.add(k.Host, k.RunID, dirText(k.Dir), k.Kind.String(), int64(c.Last), int64(c.Seen), boolInt(c.FromStart), boolInt(c.Linked), c.Stored); err != nil {
 			return fmt.Errorf("run_state: %w", err)
 		}
 	}
@@ -438,28 +458,28 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 
 	// Gaps and dead letters are facts keyed by what they describe: DO NOTHING keeps them idempotent.
 	for _, g := range d.Gaps {
-		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO gaps (host, run_id, direction, after_seq, seq, prev_seq, stream_seq, stored_ns)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, run_id, direction, seq) DO NOTHING`),
-			g.Host, g.RunID, dirText(g.Dir), int64(g.AfterSeq), int64(g.Seq), int64(g.PrevSeq), int64(g.StreamSeq), g.Stored.UnixNano()); err != nil {
+		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO gaps (host, run_id, direction, kind, after_seq, seq, prev_seq, stream_seq, stored_ns)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, run_id, direction, seq) DO NOTHING`),
+			g.Host, g.RunID, dirText(g.Dir), g.Kind.String(), int64(g.AfterSeq), int64(g.Seq), int64(g.PrevSeq), int64(g.StreamSeq), g.Stored.UnixNano()); err != nil {
 			return fmt.Errorf("gaps: %w", err)
 		}
 	}
 	for _, k := range order(mapKeys(d.Holes), cmpRunKey) {
-		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM holes WHERE host = ? AND run_id = ? AND direction = ?`), k.Host, k.RunID, dirText(k.Dir)); err != nil {
+		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM holes WHERE host = ? AND run_id = ? AND direction = ? AND kind = ?`), k.Host, k.RunID, dirText(k.Dir), k.Kind.String()); err != nil {
 			return fmt.Errorf("holes: %w", err)
 		}
 		for _, h := range d.Holes[k] {
-			if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO holes (host, run_id, direction, from_seq, to_seq) VALUES (?, ?, ?, ?, ?)`),
-				k.Host, k.RunID, dirText(k.Dir), int64(h.From), int64(h.To)); err != nil {
+			if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO holes (host, run_id, direction, kind, from_seq, to_seq) VALUES (?, ?, ?, ?, ?, ?)`),
+				k.Host, k.RunID, dirText(k.Dir), k.Kind.String(), int64(h.From), int64(h.To)); err != nil {
 				return fmt.Errorf("holes: %w", err)
 			}
 		}
 	}
 	for _, r := range d.Restarts {
-		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO restarts (host, run_id, direction, prev_run_id, prev_end, prev_last_seq,
+		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO restarts (host, run_id, direction, kind, prev_run_id, prev_end, prev_last_seq,
 			prev_batches, prev_events, prev_seen, seen_batches, missing_batches, down_from, down_to, stream_seq, stored_ns)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, run_id, direction) DO NOTHING`),
-			r.Host, r.RunID, dirText(r.Dir), r.PrevRunID, r.PrevEnd, int64(r.PrevLastSeq), int64(r.PrevBatches), int64(r.PrevEvents),
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, run_id, direction, kind) DO NOTHING`),
+			r.Host, r.RunID, dirText(r.Dir), r.Kind.String(), r.PrevRunID, r.PrevEnd, int64(r.PrevLastSeq), int64(r.PrevBatches), int64(r.PrevEvents),
 			r.PrevSeen, int64(r.Seen), r.Missing, r.DownFrom, r.DownTo, int64(r.StreamSeq), r.Stored.UnixNano()); err != nil {
 			return fmt.Errorf("restarts: %w", err)
 		}
@@ -469,14 +489,14 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		n := int64(d.Recovered[k])
 		if _, err := tx.ExecContext(ctx, s.rebind(`UPDATE restarts SET seen_batches = seen_batches + ?,
 			missing_batches = CASE WHEN prev_seen <> 'all' THEN -1 WHEN prev_batches > seen_batches + ? THEN prev_batches - seen_batches - ? ELSE 0 END
-			WHERE host = ? AND prev_run_id = ? AND direction = ?`), n, n, n, k.Host, k.RunID, dirText(k.Dir)); err != nil {
+			WHERE host = ? AND prev_run_id = ? AND direction = ? AND kind = ?`), n, n, n, k.Host, k.RunID, dirText(k.Dir), k.Kind.String()); err != nil {
 			return fmt.Errorf("restarts: %w", err)
 		}
 	}
 	for _, du := range d.Dups {
-		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO duplicate_batches (stream, stream_seq, host, run_id, direction, seq, stored_ns)
-			VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (stream, stream_seq) DO NOTHING`),
-			du.Stream, int64(du.StreamSeq), du.Host, du.RunID, dirText(du.Dir), int64(du.Seq), du.Stored.UnixNano()); err != nil {
+		if _, err := tx.ExecContext(ctx, s.rebind(`INSERT INTO duplicate_batches (stream, stream_seq, host, run_id, direction, kind, seq, stored_ns)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (stream, stream_seq) DO NOTHING`),
+			du.Stream, int64(du.StreamSeq), du.Host, du.RunID, dirText(du.Dir), du.Kind.String(), int64(du.Seq), du.Stored.UnixNano()); err != nil {
 			return fmt.Errorf("duplicate_batches: %w", err)
 		}
 	}
@@ -575,7 +595,7 @@ func (s *Store) PurgeOverlongChains(ctx context.Context) (int64, error) {
 // (see PurgeOverlongChains).
 func (s *Store) RunStates(ctx context.Context) (map[RunKey]ChainState, error) {
 	m := map[RunKey]ChainState{}
-	err := s.each(ctx, `SELECT host, run_id, direction, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT `+s.overlong(), nil,
+	err := s.each(ctx, `SELECT host, run_id, direction, kind, last_seq, seen_batches, from_start, linked, stored_ns FROM run_state WHERE NOT `+s.overlong(), nil,
 		func(sc scanner) error {
 			k, c, err := scanChain(sc)
 			m[k] = c
@@ -584,23 +604,24 @@ func (s *Store) RunStates(ctx context.Context) (map[RunKey]ChainState, error) {
 	return m, err
 }
 
-// scanChain reads the columns host, run_id, direction, last_seq, seen_batches, from_start, linked,
-// stored_ns.
+// scanChain reads the columns host, run_id, direction, kind, last_seq, seen_batches, from_start,
+// linked, stored_ns.
 func scanChain(sc scanner) (RunKey, ChainState, error) {
 	var k RunKey
-	var dir string
+	var dir, kind string
 	var seq, seen, fromStart, linked, stored int64
-	if err := sc.Scan(&k.Host, &k.RunID, &dir, &seq, &seen, &fromStart, &linked, &stored); err != nil {
+	if err := sc.Scan(&k.Host, &k.RunID, &dir, &kind, &seq, &seen, &fromStart, &linked, &stored); err != nil {
 		return k, ChainState{}, err
 	}
 	k.Dir, _ = schema.ParseDirection(dir)
+	k.Kind = parseKind(kind)
 	return k, ChainState{Last: uint64(seq), Seen: uint64(seen), FromStart: fromStart != 0, Linked: linked != 0, Stored: stored}, nil
 }
 
 // Holes loads the missing seq ranges of every chain, sorted by From, to tell a late batch from a copy.
 // Rows with ids beyond the bounds are never read (see PurgeOverlongChains).
 func (s *Store) Holes(ctx context.Context) (map[RunKey][]Hole, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, from_seq, to_seq FROM holes WHERE NOT `+s.overlong()+` ORDER BY host, run_id, direction, from_seq`)
+	rows, err := s.db.QueryContext(ctx, `SELECT host, run_id, direction, kind, from_seq, to_seq FROM holes WHERE NOT `+s.overlong()+` ORDER BY host, run_id, direction, kind, from_seq`)
 	if err != nil {
 		return nil, err
 	}
@@ -608,12 +629,13 @@ func (s *Store) Holes(ctx context.Context) (map[RunKey][]Hole, error) {
 	m := map[RunKey][]Hole{}
 	for rows.Next() {
 		var k RunKey
-		var dir string
+		var dir, kind string
 		var from, to int64
-		if err := rows.Scan(&k.Host, &k.RunID, &dir, &from, &to); err != nil {
+		if err := rows.Scan(&k.Host, &k.RunID, &dir, &kind, &from, &to); err != nil {
 			return nil, err
 		}
 		k.Dir, _ = schema.ParseDirection(dir)
+		k.Kind = parseKind(kind)
 		m[k] = append(m[k], Hole{From: uint64(from), To: uint64(to)})
 	}
 	return m, rows.Err()

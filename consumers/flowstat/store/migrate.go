@@ -123,6 +123,7 @@ var migrations = []struct {
 		`UPDATE run_state SET stored_ns = COALESCE((SELECT MAX(bucket) FROM batch_agg), 0) * 1000000000`,
 		`CREATE INDEX run_state_stored ON run_state (stored_ns)`,
 	}},
+	{5, migration5},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

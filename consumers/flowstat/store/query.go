@@ -10,7 +10,7 @@ import (
 )
 
 // BeginReplay starts the rebuild of buckets [fromS, toS) (unix seconds, bucket aligned): in one
-// transaction it deletes their conn_agg and batch_agg rows, records the replay as unfinished, and reads
+// transaction it deletes their conn_agg, batch_agg, end_agg and proc_agg rows, records the replay as unfinished, and reads
 // the consumer's checkpoint. The caller then re-reads the stream up to that sequence (messages after it
 // are the live consumer's) and adds only what falls in the range with ApplyReplay, then calls
 // FinishReplay. Reading the checkpoint and deleting in one transaction is what keeps a concurrent
@@ -26,7 +26,7 @@ func (s *Store) BeginReplay(ctx context.Context, consumer, stream string, fromS,
 	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT seq, filters FROM checkpoints WHERE consumer = ? AND stream = ?`+s.forUpdate()), consumer, stream).Scan(&seq, &f); err != nil {
 		return 0, 0, nil, fmt.Errorf("no checkpoint of consumer %q on stream %q in %s: run `flowstat run` first (%v)", consumer, stream, s.where, err)
 	}
-	for _, t := range []string{"conn_agg", "batch_agg"} {
+	for _, t := range []string{"conn_agg", "batch_agg", "end_agg", "proc_agg"} {
 		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM `+t+` WHERE bucket >= ? AND bucket < ?`), fromS, toS); err != nil {
 			return 0, 0, nil, err
 		}
@@ -84,6 +84,16 @@ type HostTotal struct {
 	Restarts     int64 `json:"restarts"`
 	NeverArrived int64 `json:"restart_missing_batches"`
 	DownNs       int64 `json:"restart_downtime_ns"`
+	// Ends counts the end events (connections that ended), EndBatches and EndEvents the end batches
+	// and their events, EndDrops the end events the agents reported lost; BytesSent and
+	// BytesReceived are the ends' payload bytes from this host's side, MeanDuration their mean.
+	Ends          int64 `json:"ends"`
+	EndBatches    int64 `json:"end_batches"`
+	EndEvents     int64 `json:"end_events"`
+	EndDrops      int64 `json:"end_drops"`
+	BytesSent     int64 `json:"bytes_sent"`
+	BytesReceived int64 `json:"bytes_received"`
+	MeanDuration  int64 `json:"mean_duration_ns"`
 	// First and Last are the first and last bucket holding batches of this host and direction.
 	First time.Time `json:"first_bucket"`
 	Last  time.Time `json:"last_bucket"`
@@ -95,6 +105,7 @@ type GapRow struct {
 	Host      string    `json:"host"`
 	RunID     string    `json:"run_id"`
 	Direction string    `json:"direction"`
+	Kind      string    `json:"kind"` // begin or end: the chain of begin or of end batches
 	AfterSeq  int64     `json:"after_seq"`
 	Seq       int64     `json:"seq"`
 	PrevSeq   int64     `json:"prev_seq"`
@@ -198,11 +209,12 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	}
 	err = s.each(ctx, `SELECT host, direction, CAST(SUM(batches) AS BIGINT), CAST(SUM(events) AS BIGINT),
 		CAST(SUM(drops_kernel) AS BIGINT), CAST(SUM(drops_reader) AS BIGINT), CAST(SUM(drops_queue) AS BIGINT),
-		CAST(SUM(drops_spool) AS BIGINT), CAST(SUM(drops_publish) AS BIGINT), MIN(bucket), MAX(bucket)
+		CAST(SUM(drops_spool) AS BIGINT), CAST(SUM(drops_publish) AS BIGINT), MIN(bucket), MAX(bucket),
+		CAST(SUM(end_batches) AS BIGINT), CAST(SUM(end_events) AS BIGINT), CAST(SUM(end_drops_kernel + end_drops_reader + end_drops_queue + end_drops_spool + end_drops_publish) AS BIGINT)
 		FROM batch_agg GROUP BY host, direction`, nil, func(sc scanner) error {
 		var h, d string
-		var v [9]int64
-		if err := sc.Scan(&h, &d, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8]); err != nil {
+		var v [12]int64
+		if err := sc.Scan(&h, &d, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]); err != nil {
 			return err
 		}
 		t := get(h, d)
@@ -212,9 +224,13 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		drops := schema.Drops{Kernel: uint64(v[2]), Reader: uint64(v[3]), Queue: uint64(v[4]), Spool: uint64(v[5]), Publish: uint64(v[6])}
 		t.Drops = int64(drops.Total())
 		t.First, t.Last = time.Unix(v[7], 0).UTC(), time.Unix(v[8], 0).UTC()
+		t.EndBatches, t.EndEvents, t.EndDrops = v[9], v[10], v[11]
 		return nil
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.endTotals(ctx, get); err != nil {
 		return nil, err
 	}
 	err = s.each(ctx, `SELECT host, direction, CAST(SUM(conns) AS BIGINT) FROM conn_agg GROUP BY host, direction`, nil, func(sc scanner) error {
@@ -243,7 +259,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		return nil, err
 	}
 	err = s.each(ctx, `SELECT host, direction, COUNT(*), CAST(SUM(CASE WHEN missing_batches > 0 THEN missing_batches ELSE 0 END) AS BIGINT),
-		CAST(SUM(down_to - down_from) AS BIGINT) FROM restarts GROUP BY host, direction`, nil, func(sc scanner) error {
+		CAST(SUM(down_to - down_from) AS BIGINT) FROM restarts WHERE kind = 'begin' GROUP BY host, direction`, nil, func(sc scanner) error {
 		var h, d string
 		var n, missing, down int64
 		if err := sc.Scan(&h, &d, &n, &missing, &down); err != nil {
@@ -265,11 +281,11 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	})
 
 	if maxGaps > 0 {
-		err = s.each(ctx, `SELECT host, run_id, direction, after_seq, seq, prev_seq, stream_seq, stored_ns FROM gaps ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
+		err = s.each(ctx, `SELECT host, run_id, direction, kind, after_seq, seq, prev_seq, stream_seq, stored_ns FROM gaps ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
 			[]any{maxGaps}, func(sc scanner) error {
 				var g GapRow
 				var ns int64
-				if err := sc.Scan(&g.Host, &g.RunID, &g.Direction, &g.AfterSeq, &g.Seq, &g.PrevSeq, &g.StreamSeq, &ns); err != nil {
+				if err := sc.Scan(&g.Host, &g.RunID, &g.Direction, &g.Kind, &g.AfterSeq, &g.Seq, &g.PrevSeq, &g.StreamSeq, &ns); err != nil {
 					return err
 				}
 				g.Stored = time.Unix(0, ns).UTC()
@@ -282,7 +298,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	}
 	rt := &sum.RestartTotals
 	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*), COALESCE(CAST(SUM(CASE WHEN missing_batches > 0 THEN missing_batches ELSE 0 END) AS BIGINT), 0),
-		COALESCE(CAST(SUM(CASE WHEN missing_batches < 0 THEN 1 ELSE 0 END) AS BIGINT), 0) FROM restarts`).Scan(&rt.Links, &rt.Missing, &rt.Untold); err != nil {
+		COALESCE(CAST(SUM(CASE WHEN missing_batches < 0 THEN 1 ELSE 0 END) AS BIGINT), 0) FROM restarts WHERE kind = 'begin'`).Scan(&rt.Links, &rt.Missing, &rt.Untold); err != nil {
 		return nil, err
 	}
 	// A run links once per direction, with the same downtime: count each run's once.
@@ -292,7 +308,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	}
 	if maxGaps > 0 {
 		err = s.each(ctx, `SELECT host, run_id, direction, prev_run_id, prev_end, prev_last_seq, prev_batches, prev_events, prev_seen,
-			seen_batches, missing_batches, down_from, down_to, stream_seq, stored_ns FROM restarts ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
+			seen_batches, missing_batches, down_from, down_to, stream_seq, stored_ns FROM restarts WHERE kind = 'begin' ORDER BY stream_seq DESC, host, run_id, direction LIMIT ?`,
 			[]any{maxGaps}, func(sc scanner) error {
 				var r RestartRow
 				var from, to, ns int64
