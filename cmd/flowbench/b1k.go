@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -85,10 +87,12 @@ type b1kStorm struct {
 	NsPerRun    float64             `json:"ns_per_run"`
 	Programs    map[string]progCost `json:"programs"`
 	// Agent side only: ring buffer drops in the kernel during the storm
-	// (must be 0, or the programs took the cheaper full-ring path) and
-	// events the reader handed over (about 2 per connection).
+	// (must be 0, or the programs took the cheaper full-ring path), the
+	// begins the reader handed over (about 2 per connection) and the ends
+	// (as many with end events on, none without).
 	KernelDrops uint64 `json:"kernel_drops,omitempty"`
 	Events      uint64 `json:"events,omitempty"`
+	Ends        uint64 `json:"ends,omitempty"`
 }
 
 // b1kSide is one set of programs measured on the cgroup.
@@ -96,9 +100,9 @@ type b1kSide struct {
 	progs  map[string]*ebpf.Program
 	attach func() error
 	detach func() error
-	// drops returns the kernel's drop counter and the events read so far
-	// (nil on the noop side).
-	drops func() (drops, events uint64, err error)
+	// drops returns the kernel's drop counters summed, and the begins and
+	// ends read so far (nil on the noop side).
+	drops func() (drops, events, ends uint64, err error)
 }
 
 // measure attaches the side, runs one storm in cg with the kernel's
@@ -123,9 +127,9 @@ func (s *b1kSide) measure(ctx context.Context, cg *cgroup, workers int, seconds 
 			err = rerr
 		}
 	}()
-	var drops0, events0 uint64
+	var drops0, events0, ends0 uint64
 	if s.drops != nil {
-		if drops0, events0, err = s.drops(); err != nil {
+		if drops0, events0, ends0, err = s.drops(); err != nil {
 			return st, err
 		}
 	}
@@ -170,11 +174,11 @@ func (s *b1kSide) measure(ctx context.Context, cg *cgroup, workers int, seconds 
 	if s.drops != nil {
 		// The reader polls: give it a few intervals to hand over the tail.
 		time.Sleep(5 * bpf.DefaultPollInterval)
-		d, e, err := s.drops()
+		d, e, n, err := s.drops()
 		if err != nil {
 			return st, err
 		}
-		st.KernelDrops, st.Events = d-drops0, e-events0
+		st.KernelDrops, st.Events, st.Ends = d-drops0, e-events0, n-ends0
 	}
 	return st, nil
 }
@@ -192,13 +196,19 @@ func (discard) DNSAnswer(int64, uint8, uint64, netip.AddrPort, netip.AddrPort, [
 }
 func (discard) End(*schema.EndEvent) {}
 
-// agentSide loads the agent's programs as the agent does (bpf.Load with the
-// agent's defaults) and runs a reader that discards, for as long as ctx
-// lives. Attach and detach are per storm; close frees everything.
-func agentSide(ctx context.Context, cgPath string) (side *b1kSide, closeFn func() error, err error) {
-	c, err := bpf.Load(bpf.Options{CgroupPath: cgPath, RingBytes: bpf.DefaultRingBytes, PollInterval: bpf.DefaultPollInterval})
+// agentSide loads the agent's programs as the agent does (bpf.Load with
+// the agent's defaults, changed by the variant's options) and runs a reader
+// that discards, for as long as ctx lives. Attach and detach are per storm;
+// close frees everything. Only the programs the variant attaches to the
+// cgroup are measured (and get a noop stand-in): a program of the
+// collection that a variant leaves detached would otherwise give the floor
+// a hook the variant does not pay for.
+func agentSide(ctx context.Context, cgPath string, v b1kVariant) (side *b1kSide, closeFn func() error, err error) {
+	opts := bpf.Options{CgroupPath: cgPath, RingBytes: bpf.DefaultRingBytes, PollInterval: bpf.DefaultPollInterval}
+	v.set(&opts)
+	c, err := bpf.Load(opts)
 	if err != nil {
-		return nil, nil, fmt.Errorf("loading the agent's programs: %w", err)
+		return nil, nil, fmt.Errorf("loading the agent's programs (%s): %w", v.Name, err)
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -209,19 +219,72 @@ func agentSide(ctx context.Context, cgPath string) (side *b1kSide, closeFn func(
 		return errors.Join(runErr, c.Close())
 	}
 	side = &b1kSide{
-		progs:  c.Programs(),
 		attach: c.Attach,
 		detach: c.Detach,
-		drops: func() (uint64, uint64, error) {
+		drops: func() (uint64, uint64, uint64, error) {
 			k, err := c.Counters()
-			return k.RingbufFull + k.DNSFull + k.DNSQueryFull, c.Events(), err
+			return k.RingbufFull + k.DNSFull + k.DNSQueryFull + k.EndsLost + k.ConfirmsLost, c.Events(), c.Ends(), err
 		},
+	}
+	if side.progs, err = attachedPrograms(cgPath, c); err != nil {
+		_ = closeFn()
+		return nil, nil, err
 	}
 	if len(side.progs) == 0 {
 		_ = closeFn()
-		return nil, nil, errors.New("the bpf package exposes no programs")
+		return nil, nil, errors.New("the bpf package exposes no attached programs")
 	}
 	return side, closeFn, nil
+}
+
+// attachedPrograms attaches c once and keeps, of its programs, those the
+// kernel then lists on the cgroup (by program id): what this configuration
+// really runs.
+func attachedPrograms(cgPath string, c *bpf.Capture) (map[string]*ebpf.Program, error) {
+	kinds, err := bpf.ProgramKinds()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Attach(); err != nil {
+		return nil, err
+	}
+	ids := map[ebpf.ProgramID]bool{}
+	qerr := func() error {
+		f, err := os.Open(cgPath)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		done := map[ebpf.AttachType]bool{}
+		for _, k := range kinds {
+			if done[k.AttachType] {
+				continue
+			}
+			done[k.AttachType] = true
+			q, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: k.AttachType})
+			if err != nil {
+				return fmt.Errorf("listing the programs attached to %s at %s: %w", cgPath, k.AttachType, err)
+			}
+			for _, p := range q.Programs {
+				ids[p.ID] = true
+			}
+		}
+		return nil
+	}()
+	if err := errors.Join(qerr, c.Detach()); err != nil {
+		return nil, err
+	}
+	out := map[string]*ebpf.Program{}
+	for name, p := range c.Programs() {
+		info, err := p.Info()
+		if err != nil {
+			return nil, fmt.Errorf("reading the id of %s: %w", name, err)
+		}
+		if id, ok := info.ID(); ok && ids[id] {
+			out[name] = p
+		}
+	}
+	return out, nil
 }
 
 // noopSide loads, for each of the agent's programs, one of the same type
@@ -297,9 +360,69 @@ type b1kPair struct {
 	Ratio float64  `json:"ratio"`
 }
 
-// b1kResult is every pair and the medians.
+// b1kVariant is one configuration of the agent's programs, measured against
+// noop programs on the hooks it attaches.
+type b1kVariant struct {
+	Name string
+	What string
+	// Target is the protocol's bound on the ratio for this variant, 0 for
+	// a figure reported without one.
+	Target float64
+	set    func(*bpf.Options)
+}
+
+// b1kVariants are the configurations flowbench knows, in the order they
+// are measured in a pair.
+var b1kVariants = []b1kVariant{
+	{Name: "begin", What: "begin events only (end events off)", Target: 2.0, set: func(o *bpf.Options) { o.NoEnds = true }},
+	// Every feature the programs have today: begins and ends (DNS is
+	// always on).
+	{Name: "begin+end", What: "begin and end events (the agent's default)", Target: 3.0, set: func(*bpf.Options) {}},
+}
+
+var b1kVariantsFlag = flag.String("b1k-variants", "begin,begin+end", "B1k: comma-separated variants of the agent's programs, each against its own noop floor ("+b1kVariantNames()+")")
+
+func b1kVariantNames() string {
+	names := make([]string, len(b1kVariants))
+	for i, v := range b1kVariants {
+		names[i] = v.Name
+	}
+	return strings.Join(names, ", ")
+}
+
+// parseB1kVariants picks the variants named in s, in b1kVariants' order.
+func parseB1kVariants(s string) ([]b1kVariant, error) {
+	want := map[string]bool{}
+	for _, n := range strings.Split(s, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			want[n] = true
+		}
+	}
+	var out []b1kVariant
+	for _, v := range b1kVariants {
+		if want[v.Name] {
+			out = append(out, v)
+			delete(want, v.Name)
+		}
+	}
+	if len(want) > 0 {
+		var bad []string
+		for n := range want {
+			bad = append(bad, n)
+		}
+		sort.Strings(bad)
+		return nil, fmt.Errorf("unknown B1k variant %s (known: %s)", strings.Join(bad, ", "), b1kVariantNames())
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no B1k variant named (known: %s)", b1kVariantNames())
+	}
+	return out, nil
+}
+
+// b1kResult is every pair of one variant and the medians.
 type b1kResult struct {
-	Pairs []b1kPair `json:"pairs"`
+	Variant string    `json:"variant"`
+	Pairs   []b1kPair `json:"pairs"`
 	// Medians over the pairs.
 	Ratio            float64             `json:"median_ratio"`
 	AgentNsPerConn   float64             `json:"median_agent_ns_per_conn"`
@@ -316,42 +439,73 @@ type b1kResult struct {
 	KernelDrops   uint64             `json:"kernel_drops"` // summed over the agent storms
 }
 
-// measureB1k alternates the agent's programs and the noop programs on cg,
-// pairs times; it returns the pairs done before any error.
-func measureB1k(ctx context.Context, cg *cgroup, pairs, workers int, seconds float64, verbose bool, progress func(string, ...any)) (b1kResult, error) {
-	var res b1kResult
-	agent, closeAgent, err := agentSide(ctx, cg.Path)
-	if err != nil {
-		return res, err
+// b1kRunner is one variant loaded: its agent side and its floor.
+type b1kRunner struct {
+	v           b1kVariant
+	agent, noop *b1kSide
+	res         b1kResult
+}
+
+// measureB1k loads every variant and its noop floor, then runs pairs
+// rounds; in each, every variant's agent storm is followed by its noop
+// storm, the variants taking turns in alternating order so that a drift of
+// the machine does not favour one. It returns, per variant in the order
+// given, the pairs done before any error.
+func measureB1k(ctx context.Context, cg *cgroup, variants []b1kVariant, pairs, workers int, seconds float64, verbose bool, progress func(string, ...any)) ([]b1kResult, error) {
+	runners := make([]*b1kRunner, len(variants))
+	results := func() []b1kResult {
+		out := make([]b1kResult, len(runners))
+		for i, r := range runners {
+			if r != nil {
+				r.res.summarize()
+				out[i] = r.res
+			} else {
+				out[i].Variant = variants[i].Name
+			}
+		}
+		return out
 	}
-	defer closeAgent()
-	noop, closeNoop, err := noopSide(cg.Path, agent.progs)
-	if err != nil {
-		return res, err
+	for i, v := range variants {
+		agent, closeAgent, err := agentSide(ctx, cg.Path, v)
+		if err != nil {
+			return results(), err
+		}
+		defer closeAgent()
+		noop, closeNoop, err := noopSide(cg.Path, agent.progs)
+		if err != nil {
+			return results(), err
+		}
+		defer closeNoop()
+		runners[i] = &b1kRunner{v: v, agent: agent, noop: noop, res: b1kResult{Variant: v.Name}}
 	}
-	defer closeNoop()
 	for i := 0; i < pairs; i++ {
-		var pr b1kPair
-		if pr.Agent, err = agent.measure(ctx, cg, workers, seconds); err != nil {
-			return res, fmt.Errorf("pair %d agent storm: %w", i+1, err)
+		order := append([]*b1kRunner(nil), runners...)
+		if i%2 == 1 {
+			slices.Reverse(order)
 		}
-		if pr.Noop, err = noop.measure(ctx, cg, workers, seconds); err != nil {
-			return res, fmt.Errorf("pair %d noop storm: %w", i+1, err)
-		}
-		if pr.Noop.NsPerConn > 0 {
-			pr.Ratio = pr.Agent.NsPerConn / pr.Noop.NsPerConn
-		}
-		res.Pairs = append(res.Pairs, pr)
-		progress("B1k pair %d/%d: agent %.0f ns/conn (%.2f runs, %.0f ns/run) vs noop %.0f ns/conn (%.2f runs, %.0f ns/run) = %.2fx; %d vs %d conns, kernel drops %d",
-			i+1, pairs, pr.Agent.NsPerConn, pr.Agent.RunsPerConn, pr.Agent.NsPerRun, pr.Noop.NsPerConn, pr.Noop.RunsPerConn, pr.Noop.NsPerRun,
-			pr.Ratio, pr.Agent.Conns, pr.Noop.Conns, pr.Agent.KernelDrops)
-		if verbose {
-			progress("B1k pair %d agent: %s; %d events read", i+1, progBreakdown(pr.Agent.Programs), pr.Agent.Events)
-			progress("B1k pair %d noop:  %s", i+1, progBreakdown(pr.Noop.Programs))
+		for _, r := range order {
+			var pr b1kPair
+			var err error
+			if pr.Agent, err = r.agent.measure(ctx, cg, workers, seconds); err != nil {
+				return results(), fmt.Errorf("%s pair %d agent storm: %w", r.v.Name, i+1, err)
+			}
+			if pr.Noop, err = r.noop.measure(ctx, cg, workers, seconds); err != nil {
+				return results(), fmt.Errorf("%s pair %d noop storm: %w", r.v.Name, i+1, err)
+			}
+			if pr.Noop.NsPerConn > 0 {
+				pr.Ratio = pr.Agent.NsPerConn / pr.Noop.NsPerConn
+			}
+			r.res.Pairs = append(r.res.Pairs, pr)
+			progress("B1k %s pair %d/%d: agent %.0f ns/conn (%.2f runs, %.0f ns/run) vs noop %.0f ns/conn (%.2f runs, %.0f ns/run) = %.2fx; %d vs %d conns, kernel drops %d",
+				r.v.Name, i+1, pairs, pr.Agent.NsPerConn, pr.Agent.RunsPerConn, pr.Agent.NsPerRun, pr.Noop.NsPerConn, pr.Noop.RunsPerConn, pr.Noop.NsPerRun,
+				pr.Ratio, pr.Agent.Conns, pr.Noop.Conns, pr.Agent.KernelDrops)
+			if verbose {
+				progress("B1k %s pair %d agent: %s; %d begins, %d ends read", r.v.Name, i+1, progBreakdown(pr.Agent.Programs), pr.Agent.Events, pr.Agent.Ends)
+				progress("B1k %s pair %d noop:  %s", r.v.Name, i+1, progBreakdown(pr.Noop.Programs))
+			}
 		}
 	}
-	res.summarize()
-	return res, nil
+	return results(), nil
 }
 
 // summarize fills the medians from the pairs.
@@ -431,49 +585,94 @@ func ratioList(rs map[string]float64) string {
 	return strings.Join(parts, ", ")
 }
 
-// b1kTarget is the protocol's bound with every feature on; the agent has no
-// switch to load begin events alone, so the 2.0 bound is not measured here.
-const b1kTarget = 3.0
+// b1kVersus compares two variants pair by pair (the same round): the
+// median of a's agent ns/conn ÷ b's, and of the difference.
+func b1kVersus(a, b b1kResult) (ratio, extraNs float64, n int) {
+	n = min(len(a.Pairs), len(b.Pairs))
+	if n == 0 {
+		return 0, 0, 0
+	}
+	rs, ds := make([]float64, n), make([]float64, n)
+	for i := 0; i < n; i++ {
+		if b.Pairs[i].Agent.NsPerConn > 0 {
+			rs[i] = a.Pairs[i].Agent.NsPerConn / b.Pairs[i].Agent.NsPerConn
+		}
+		ds[i] = a.Pairs[i].Agent.NsPerConn - b.Pairs[i].Agent.NsPerConn
+	}
+	return median(rs), median(ds), n
+}
 
-// runB1k is the B1k row: kernel ns per connection, agent ÷ noop floor.
+// runB1k is the B1k rows, one per variant: kernel ns per connection, the
+// agent's programs ÷ the noop floor on the same hooks.
 func runB1k(ctx context.Context, p Params, progress func(string, ...any)) []Row {
-	row := Row{ID: "B1k", What: "kernel ns/conn, agent's programs ÷ noop floor", Target: "<= 3.0 x floor (begins only: <= 2.0)", Met: "n/a", Figures: "n/a"}
+	variants, err := parseB1kVariants(*b1kVariantsFlag)
+	if err != nil {
+		return []Row{{ID: "B1k", What: "kernel ns/conn, agent's programs ÷ noop floor", Target: "<= 3.0 x floor (begins only: <= 2.0)", Met: "n/a", Figures: "n/a", Note: err.Error()}}
+	}
+	rows := make([]Row, len(variants))
+	for i, v := range variants {
+		rows[i] = Row{ID: "B1k", What: "kernel ns/conn, agent's programs ÷ noop floor: " + v.Name, Target: "(info)", Met: "n/a", Figures: "n/a"}
+		if v.Target > 0 {
+			rows[i].Target = fmt.Sprintf("<= %.1f x floor", v.Target)
+		}
+	}
 	cg, err := newCgroup("k")
 	if err != nil {
-		row.Note = err.Error()
-		return []Row{row}
+		for i := range rows {
+			rows[i].Note = err.Error()
+		}
+		return rows
 	}
 	defer cg.Remove()
-	progress("B1k: %d pairs, storm %g s x %d workers in %s; kernel.bpf_stats_enabled on during each storm only", p.Pairs, p.B1kSeconds, p.Workers, cg.Path)
-	res, err := measureB1k(ctx, cg, p.Pairs, p.Workers, p.B1kSeconds, p.Verbose, progress)
-	if len(res.Pairs) == 0 {
-		if err == nil {
-			err = errors.New("no pairs")
-		}
-		row.Note = err.Error()
-		return []Row{row}
-	}
-	ratios := make([]float64, len(res.Pairs))
-	for i, pr := range res.Pairs {
-		ratios[i] = pr.Ratio
-	}
-	row.Figures = fmt.Sprintf("%.2fx (%d pairs, min %.2f max %.2f): agent %.0f ns/conn, %.2f runs x %.0f ns [%s]; floor %.0f ns/conn, %.2f runs x %.0f ns [%s]; per hook %s; kernel drops %d",
-		res.Ratio, len(res.Pairs), minOf(ratios), maxOf(ratios), res.AgentNsPerConn, res.AgentRunsPerConn, res.AgentNsPerRun,
-		progBreakdown(res.AgentPrograms), res.NoopNsPerConn, res.NoopRunsPerConn, res.NoopNsPerRun, progBreakdown(res.NoopPrograms),
-		ratioList(res.ProgramRatios), res.KernelDrops)
-	row.Met = metStr(res.Ratio <= b1kTarget)
-	row.Data = map[string]any{"result": res, "storm_seconds": p.B1kSeconds, "workers": p.Workers}
-	switch {
-	case err != nil:
-		row.Note = fmt.Sprintf("stopped early: %v", err)
-	case res.KernelDrops > 0:
-		row.Note = "kernel drops > 0: the agent's programs took the full-ring path, figure biased low"
-	}
-	if len(res.Pairs) < 5 {
-		row.Met = "n/a"
-		if row.Note == "" {
-			row.Note = "fewer than 5 pairs"
+	progress("B1k: variants %s; %d pairs each, storm %g s x %d workers in %s; kernel.bpf_stats_enabled on during each storm only",
+		*b1kVariantsFlag, p.Pairs, p.B1kSeconds, p.Workers, cg.Path)
+	results, err := measureB1k(ctx, cg, variants, p.Pairs, p.Workers, p.B1kSeconds, p.Verbose, progress)
+	var begin *b1kResult
+	for i := range results {
+		if results[i].Variant == "begin" && len(results[i].Pairs) > 0 {
+			begin = &results[i]
 		}
 	}
-	return []Row{row}
+	for i, res := range results {
+		row := &rows[i]
+		v := variants[i]
+		if len(res.Pairs) == 0 {
+			row.Note = "no pairs"
+			if err != nil {
+				row.Note = err.Error()
+			}
+			continue
+		}
+		ratios := make([]float64, len(res.Pairs))
+		for j, pr := range res.Pairs {
+			ratios[j] = pr.Ratio
+		}
+		row.Figures = fmt.Sprintf("%.2fx (%d pairs, min %.2f max %.2f): agent %.0f ns/conn, %.2f runs x %.0f ns [%s]; floor %.0f ns/conn, %.2f runs x %.0f ns [%s]; per hook %s; kernel drops %d",
+			res.Ratio, len(res.Pairs), minOf(ratios), maxOf(ratios), res.AgentNsPerConn, res.AgentRunsPerConn, res.AgentNsPerRun,
+			progBreakdown(res.AgentPrograms), res.NoopNsPerConn, res.NoopRunsPerConn, res.NoopNsPerRun, progBreakdown(res.NoopPrograms),
+			ratioList(res.ProgramRatios), res.KernelDrops)
+		data := map[string]any{"result": res, "variant": v.Name, "storm_seconds": p.B1kSeconds, "workers": p.Workers}
+		if begin != nil && v.Name != "begin" {
+			r, d, n := b1kVersus(res, *begin)
+			row.Figures += fmt.Sprintf("; vs begin: %.2fx its ns/conn, %+.0f ns/conn (median of %d pairs)", r, d, n)
+			data["vs_begin_ratio"], data["vs_begin_extra_ns_per_conn"] = r, d
+		}
+		row.Data = data
+		if v.Target > 0 {
+			row.Met = metStr(res.Ratio <= v.Target)
+		}
+		switch {
+		case err != nil:
+			row.Note = fmt.Sprintf("stopped early: %v", err)
+		case res.KernelDrops > 0:
+			row.Note = "kernel drops > 0: the agent's programs took the full-ring path, figure biased low"
+		}
+		if len(res.Pairs) < 5 {
+			row.Met = "n/a"
+			if row.Note == "" {
+				row.Note = "fewer than 5 pairs"
+			}
+		}
+	}
+	return rows
 }

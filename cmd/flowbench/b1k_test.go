@@ -108,49 +108,84 @@ func TestB1kMeasuresBothSides(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	res, err := measureB1k(ctx, cg, 1, 2, 0.5, true, t.Logf)
+	variants, err := parseB1kVariants("begin+end,begin")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Pairs) != 1 {
-		t.Fatalf("%d pairs, want 1", len(res.Pairs))
+	if len(variants) != 2 || variants[0].Name != "begin" || variants[1].Name != "begin+end" {
+		t.Fatalf("variants %+v, want begin then begin+end", variants)
 	}
-	pr := res.Pairs[0]
-	for side, st := range map[string]b1kStorm{"agent": pr.Agent, "noop": pr.Noop} {
-		if st.Conns == 0 {
-			t.Fatalf("%s storm made no connection", side)
+	results, err := measureB1k(ctx, cg, variants, 1, 2, 0.5, true, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(results) != 2 {
+		t.Fatalf("%d results, want one per variant", len(results))
+	}
+	sockopsRuns := map[string]float64{}
+	for _, res := range results {
+		if len(res.Pairs) != 1 {
+			t.Fatalf("%s: %d pairs, want 1", res.Variant, len(res.Pairs))
 		}
-		// Every hook the agent uses, on both sides: the noop side stands in
-		// for each of the agent's programs.
+		pr := res.Pairs[0]
+		for side, st := range map[string]b1kStorm{"agent": pr.Agent, "noop": pr.Noop} {
+			if st.Conns == 0 {
+				t.Fatalf("%s %s storm made no connection", res.Variant, side)
+			}
+			// Every hook the agent uses, on both sides: the noop side
+			// stands in for each program the variant attaches.
+			for _, name := range []string{"ingress", "egress", "sockops"} {
+				c, ok := st.Programs[name]
+				if !ok {
+					t.Fatalf("%s %s side has no %s program: %v", res.Variant, side, name, st.Programs)
+				}
+				// Every loopback connection passes both skb hooks and
+				// several sock_ops callbacks.
+				if c.RunsPerConn < 1 || c.RuntimeNs <= 0 || c.NsPerRun <= 0 {
+					t.Errorf("%s %s %s: %+v, want at least one run per connection and a run time", res.Variant, side, name, c)
+				}
+			}
+			if len(st.Programs) != len(pr.Agent.Programs) {
+				t.Errorf("%s %s side has %d programs, agent side %d", res.Variant, side, len(st.Programs), len(pr.Agent.Programs))
+			}
+			if st.NsPerConn <= 0 || st.RunsPerConn < 3 {
+				t.Errorf("%s %s: %.0f ns and %.2f runs per connection", res.Variant, side, st.NsPerConn, st.RunsPerConn)
+			}
+		}
+		// The reader drained the ring: begins arrived, none dropped, 2 per
+		// connection (both ends are in the cgroup).
+		if pr.Agent.Events < 2*pr.Agent.Conns || pr.Agent.KernelDrops != 0 {
+			t.Errorf("%s agent storm: %d begins read for %d connections, %d kernel drops; want 2 per connection and 0 drops",
+				res.Variant, pr.Agent.Events, pr.Agent.Conns, pr.Agent.KernelDrops)
+		}
+		// Ends only where they are on: the variant is what it says.
+		switch res.Variant {
+		case "begin":
+			if pr.Agent.Ends != 0 {
+				t.Errorf("begin variant: %d ends read, want none", pr.Agent.Ends)
+			}
+		case "begin+end":
+			if pr.Agent.Ends < pr.Agent.Conns {
+				t.Errorf("begin+end variant: %d ends read for %d connections", pr.Agent.Ends, pr.Agent.Conns)
+			}
+		}
+		sockopsRuns[res.Variant] = pr.Agent.Programs["sockops"].RunsPerConn
+		if res.Ratio <= 0 || res.AgentNsPerConn <= 0 || res.NoopNsPerConn <= 0 {
+			t.Errorf("%s: medians not filled: %+v", res.Variant, res)
+		}
 		for _, name := range []string{"ingress", "egress", "sockops"} {
-			c, ok := st.Programs[name]
-			if !ok {
-				t.Fatalf("%s side has no %s program: %v", side, name, st.Programs)
-			}
-			// Every loopback connection passes both skb hooks and
-			// several sock_ops callbacks.
-			if c.RunsPerConn < 1 || c.RuntimeNs <= 0 || c.NsPerRun <= 0 {
-				t.Errorf("%s %s: %+v, want at least one run per connection and a run time", side, name, c)
+			if res.ProgramRatios[name] <= 0 || res.AgentPrograms[name].NsPerConn <= 0 {
+				t.Errorf("%s: no per-program median for %s: %v %+v", res.Variant, name, res.ProgramRatios, res.AgentPrograms)
 			}
 		}
-		if len(st.Programs) != len(pr.Agent.Programs) {
-			t.Errorf("%s side has %d programs, agent side %d", side, len(st.Programs), len(pr.Agent.Programs))
-		}
-		if st.NsPerConn <= 0 || st.RunsPerConn < 3 {
-			t.Errorf("%s: %.0f ns and %.2f runs per connection", side, st.NsPerConn, st.RunsPerConn)
-		}
 	}
-	// The reader drained the ring: events arrived, none dropped.
-	if pr.Agent.Events == 0 || pr.Agent.KernelDrops != 0 {
-		t.Errorf("agent storm: %d events read, %d kernel drops; want events and 0 drops", pr.Agent.Events, pr.Agent.KernelDrops)
+	// With ends off no socket asks for its state changes: fewer sock_ops
+	// runs per connection, counted by the kernel.
+	if sockopsRuns["begin"] >= sockopsRuns["begin+end"] {
+		t.Errorf("sock_ops runs per connection: begin %.2f, begin+end %.2f; want fewer without ends", sockopsRuns["begin"], sockopsRuns["begin+end"])
 	}
-	if res.Ratio <= 0 || res.AgentNsPerConn <= 0 || res.NoopNsPerConn <= 0 {
-		t.Errorf("medians not filled: %+v", res)
-	}
-	for _, name := range []string{"ingress", "egress", "sockops"} {
-		if res.ProgramRatios[name] <= 0 || res.AgentPrograms[name].NsPerConn <= 0 {
-			t.Errorf("no per-program median for %s: %v %+v", name, res.ProgramRatios, res.AgentPrograms)
-		}
+	if r, _, n := b1kVersus(results[1], results[0]); n != 1 || r <= 0 {
+		t.Errorf("begin+end vs begin: ratio %.2f over %d pairs", r, n)
 	}
 	if got := readSysctl(t); got != orig {
 		t.Errorf("kernel.bpf_stats_enabled is %s after the run, was %s", got, orig)
@@ -192,12 +227,14 @@ func TestB1kInterruptedRestores(t *testing.T) {
 		cancel()
 	}()
 	start := time.Now()
-	res, err := measureB1k(ctx, cg, 5, 2, 20, false, t.Logf)
+	results, err := measureB1k(ctx, cg, b1kVariants, 5, 2, 20, false, t.Logf)
 	if err == nil {
 		t.Fatal("an interrupted run returned no error")
 	}
-	if len(res.Pairs) != 0 {
-		t.Errorf("%d pairs from an interrupted first storm", len(res.Pairs))
+	for _, res := range results {
+		if len(res.Pairs) != 0 {
+			t.Errorf("%s: %d pairs from an interrupted first storm", res.Variant, len(res.Pairs))
+		}
 	}
 	if d := time.Since(start); d > 15*time.Second {
 		t.Errorf("interrupted run took %v (storm of 20 s)", d)
@@ -216,4 +253,17 @@ func TestB1kInterruptedRestores(t *testing.T) {
 		}
 	}
 	t.Logf("error (expected): %v", err)
+}
+
+func TestParseB1kVariants(t *testing.T) {
+	vs, err := parseB1kVariants(" begin+end , begin,begin")
+	if err != nil || len(vs) != 2 || vs[0].Name != "begin" || vs[1].Name != "begin+end" {
+		t.Fatalf("got %+v, %v; want begin, begin+end once each in the table's order", vs, err)
+	}
+	if _, err := parseB1kVariants("begin,bogus,other"); err == nil || !strings.Contains(err.Error(), "bogus, other") {
+		t.Errorf("unknown names: %v, want an error naming both", err)
+	}
+	if _, err := parseB1kVariants(" , "); err == nil {
+		t.Error("no names: no error")
+	}
 }
