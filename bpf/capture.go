@@ -138,6 +138,11 @@ type Capture struct {
 	draining   bool   // Run is draining: no attaching any more
 
 	zones zoneNames // interface names for link-local zones
+	procs procNames // comm strings of the records' processes
+
+	// Attribution programs the kernel refused to load or to attach (by
+	// ELF name, with why): their fields stay unknown.
+	procRefused, procUnattached map[string]string
 
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
@@ -240,6 +245,7 @@ func (c *Capture) attach() ([]link.Link, uint64, error) {
 		}
 		links = append(links, l)
 	}
+	links = append(links, c.attachProcHooks(fdPath)...)
 	return links, st.Ino, nil
 }
 
@@ -297,6 +303,9 @@ func (c *Capture) load() error {
 	if err := setNetnsCookieFlags(spec); err != nil {
 		return err
 	}
+	if err := spec.Variables[flowbusVarAgentTgid].Set(uint32(os.Getpid())); err != nil {
+		return fmt.Errorf("setting agent_tgid: %w", err)
+	}
 	if c.opts.NoEnds {
 		if err := spec.Variables[flowbusVarEndEvents].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting end_events: %w", err)
@@ -307,7 +316,7 @@ func (c *Capture) load() error {
 			return fmt.Errorf("setting match_socket: %w", err)
 		}
 	}
-	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+	if err := c.loadObjects(spec); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return fmt.Errorf("the kernel's verifier rejected the flowbus programs (kernel too old or unsupported?): %+v", ve)
@@ -463,6 +472,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 					continue
 				}
 				c.zones.applyEnd(&end, b)
+				c.procs.applyEnd(&end, b)
 				emitEnd(&end)
 				continue
 			}
@@ -492,6 +502,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				continue
 			}
 			c.zones.apply(&ev, rec.RawSample)
+			c.procs.apply(&ev, rec.RawSample)
 			c.events.Add(1)
 			h.Flow(&ev)
 			if ev.Direction == schema.Incoming && rec.RawSample[offOrigin] == originSynAck && !c.opts.NoEnds {
@@ -523,7 +534,7 @@ func recAddr(family byte, b []byte) (netip.Addr, bool) {
 
 // Record layout of struct flow_event (bpf/flowbus.c), native byte order.
 const (
-	recSize      = 72
+	recSize      = 104
 	offTs        = 0
 	offCgroup    = 8
 	offSrc       = 16

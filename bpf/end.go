@@ -13,7 +13,7 @@ import (
 
 // Record layout of struct end_event (bpf/flowbus.c), native byte order.
 const (
-	endRecSize       = 120
+	endRecSize       = 152
 	offEndTs         = 0
 	offEndBegin      = 8
 	offEndCgroup     = 16

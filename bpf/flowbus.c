@@ -87,6 +87,25 @@ enum counter {
 	CNT_MAX = 11,
 };
 
+// Where a socket's process came from (proc_info.source); 0: unknown.
+#define PROC_CREATE 1  // the process that created the socket (cgroup/sock_create)
+#define PROC_BIND 2    // the process that bound it (cgroup/post_bind4/6)
+#define PROC_CONNECT 3 // the process that connected it (cgroup/connect4/6)
+#define PROC_WALK 4    // filled by user space at start, from a process holding it
+
+// proc_info is the process a socket belongs to, as the hooks that run in a
+// process's context saw it: the skb and sock_ops programs run in softirq
+// context, where the current task is whoever the packet interrupted, so
+// they read it from the socket's storage (procs) instead.
+struct proc_info {
+	__u32 tgid;   // thread group id (the pid user space knows), initial pid namespace
+	__u32 uid;    // real uid, initial user namespace
+	char comm[16];
+	__u8 source;  // PROC_*: 0 means unknown (no storage)
+	__u8 self;    // the agent's own socket
+	__u8 _pad[6];
+};
+
 // flow_event is the record handed to user space; Go mirrors its layout.
 struct flow_event {
 	__u64 ts_ns;     // CLOCK_MONOTONIC of the SYN-ACK
@@ -108,6 +127,7 @@ struct flow_event {
 	// the handshake user space waits to see complete.
 	__u32 seq;
 	__u64 netns_cookie;
+	struct proc_info proc; // the socket's process (the listener's for incoming)
 };
 
 // end_event is the record of a connection's close (REC_END). The counters
@@ -138,6 +158,7 @@ struct end_event {
 	__u32 ifindex;
 	__u32 _pad2;
 	__u64 netns_cookie;
+	struct proc_info proc;
 };
 
 // conn_state is what a connection with a begin keeps until its close
@@ -231,6 +252,9 @@ volatile const __u8 match_socket = 1;
 // Whether connections get end records: 0 spares the socket storage, the
 // state callbacks and the confirmations (begins only).
 volatile const __u8 end_events = 1;
+// The agent's own tgid as the kernel counts it: its sockets are marked
+// (proc_info.self) so that they can be told apart early.
+volatile const __u32 agent_tgid = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -264,6 +288,20 @@ struct {
 	__type(value, struct conn_state);
 } conns SEC(".maps");
 
+// procs holds each TCP socket's process, written where the kernel runs in
+// that process's context: at the socket's creation, its bind and its
+// connect, each overwriting the one before (the last process to act on a
+// socket before its handshake is the one that matters: after a fork, an
+// exec or a socket passed on, the connector). BPF_F_CLONE copies a
+// listener's entry into every socket it accepts, so an incoming connection
+// carries the listener's process.
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct proc_info);
+} procs SEC(".maps");
+
 // dnsq holds the outstanding queries (value: when last asked). Answers are
 // let through only when they find their query here, so forged ones never
 // reach the ring buffer that carries flow records.
@@ -280,6 +318,7 @@ const struct dns_event *unused_dns_event __attribute__((unused));
 const struct dnsq_event *unused_dnsq_event __attribute__((unused));
 const struct dns_key *unused_dns_key __attribute__((unused));
 const struct end_event *unused_end_event __attribute__((unused));
+const struct proc_info *unused_proc_info __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -332,6 +371,17 @@ static __always_inline void begin_stored(struct bpf_sock *sk, __u64 ts, __u8 dir
 	st->begin_ns = ts;
 	st->direction = direction;
 	st->ended = 0;
+}
+
+// proc_copy copies the socket's process into a record; all zero (source 0,
+// unknown) when the socket has none.
+static __always_inline void proc_copy(struct proc_info *dst, struct bpf_sock *sk)
+{
+	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	if (p)
+		__builtin_memcpy(dst, p, sizeof(*dst));
+	else
+		__builtin_memset(dst, 0, sizeof(*dst));
 }
 
 // scoped tells whether either address is link-local IPv6 (fe80::/10), the
@@ -415,6 +465,10 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	struct bpf_sock *sk = skb->sk;
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
+	// Outgoing: the connecting socket. Incoming: the listener (egress
+	// runs for it, not for the request socket), or a Fast Open child,
+	// which has the listener's entry by BPF_F_CLONE.
+	proc_copy(&e->proc, sk);
 	if (k->direction == DIR_OUTGOING) {
 		if (sk)
 			begin_stored(sk, now, DIR_OUTGOING);
@@ -937,6 +991,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 		if (sockops_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
+	proc_copy(&e->proc, sk); // the child's, cloned from the listener
 	submit(e);
 	if (sk) {
 		begin_stored(sk, now, DIR_INCOMING);
@@ -1014,6 +1069,7 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 		if (sockops_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
+	proc_copy(&e->proc, sk);
 	submit(e);
 }
 
@@ -1041,5 +1097,69 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 		if (sk && bpf_sk_storage_get(&conns, sk, 0, 0))
 			want_close(ctx);
 	}
+	return 1;
+}
+
+// proc_fill writes the current process into a TCP socket's storage. These
+// hooks run in the context of the process that makes the system call
+// (socket, bind, connect), unlike the skb and sock_ops programs.
+static __always_inline void proc_fill(void *sk, __u8 source)
+{
+	struct proc_info *p = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!p)
+		return; // out of memory: the socket stays unknown
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	p->tgid = tgid;
+	p->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(p->comm, sizeof(p->comm));
+	p->source = source;
+	p->self = agent_tgid && tgid == agent_tgid;
+	__builtin_memset(p->_pad, 0, sizeof(p->_pad));
+}
+
+// The attribution programs only note the process and always allow the
+// operation (return 1). Each is optional: the loader replaces one the
+// kernel refuses and leaves out one it cannot attach, and the fields it
+// would have filled stay unknown.
+
+SEC("cgroup/sock_create")
+int flowbus_sock_create(struct bpf_sock *ctx)
+{
+	if (ctx->protocol == IPPROTO_TCP)
+		proc_fill(ctx, PROC_CREATE);
+	return 1;
+}
+
+SEC("cgroup/post_bind4")
+int flowbus_post_bind4(struct bpf_sock *ctx)
+{
+	if (ctx->protocol == IPPROTO_TCP)
+		proc_fill(ctx, PROC_BIND);
+	return 1;
+}
+
+SEC("cgroup/post_bind6")
+int flowbus_post_bind6(struct bpf_sock *ctx)
+{
+	if (ctx->protocol == IPPROTO_TCP)
+		proc_fill(ctx, PROC_BIND);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int flowbus_connect4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && ctx->protocol == IPPROTO_TCP)
+		proc_fill(sk, PROC_CONNECT);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int flowbus_connect6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && ctx->protocol == IPPROTO_TCP)
+		proc_fill(sk, PROC_CONNECT);
 	return 1;
 }

@@ -95,6 +95,7 @@ type flowbusEndEvent struct {
 	Ifindex       uint32
 	Pad2          uint32
 	NetnsCookie   uint64
+	Proc          flowbusProcInfo
 }
 
 type flowbusFlowEvent struct {
@@ -112,6 +113,7 @@ type flowbusFlowEvent struct {
 	Ifindex     uint32
 	Seq         uint32
 	NetnsCookie uint64
+	Proc        flowbusProcInfo
 }
 
 type flowbusFlowKey struct {
@@ -123,6 +125,16 @@ type flowbusFlowKey struct {
 	Family    uint8
 	Direction uint8
 	Pad       [2]uint8
+}
+
+type flowbusProcInfo struct {
+	_      structs.HostLayout
+	Tgid   uint32
+	Uid    uint32
+	Comm   [16]int8
+	Source uint8
+	Self   uint8
+	Pad    [6]uint8
 }
 
 type flowbusSynack struct {
@@ -140,10 +152,17 @@ const (
 	flowbusMapCounters           = "counters"
 	flowbusMapDnsq               = "dnsq"
 	flowbusMapEvents             = "events"
+	flowbusMapProcs              = "procs"
 	flowbusMapSeen               = "seen"
+	flowbusProgFlowbusConnect4   = "flowbus_connect4"
+	flowbusProgFlowbusConnect6   = "flowbus_connect6"
 	flowbusProgFlowbusEgress     = "flowbus_egress"
 	flowbusProgFlowbusIngress    = "flowbus_ingress"
+	flowbusProgFlowbusPostBind4  = "flowbus_post_bind4"
+	flowbusProgFlowbusPostBind6  = "flowbus_post_bind6"
+	flowbusProgFlowbusSockCreate = "flowbus_sock_create"
 	flowbusProgFlowbusSockops    = "flowbus_sockops"
+	flowbusVarAgentTgid          = "agent_tgid"
 	flowbusVarEndEvents          = "end_events"
 	flowbusVarMatchSocket        = "match_socket"
 	flowbusVarQueryTtlNs         = "query_ttl_ns"
@@ -154,6 +173,7 @@ const (
 	flowbusVarUnusedDnsqEvent    = "unused_dnsq_event"
 	flowbusVarUnusedEndEvent     = "unused_end_event"
 	flowbusVarUnusedFlowEvent    = "unused_flow_event"
+	flowbusVarUnusedProcInfo     = "unused_proc_info"
 	flowbusVarWakeupBytes        = "wakeup_bytes"
 )
 
@@ -199,9 +219,14 @@ type flowbusSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusProgramSpecs struct {
-	FlowbusEgress  *ebpf.ProgramSpec `ebpf:"flowbus_egress"`
-	FlowbusIngress *ebpf.ProgramSpec `ebpf:"flowbus_ingress"`
-	FlowbusSockops *ebpf.ProgramSpec `ebpf:"flowbus_sockops"`
+	FlowbusConnect4   *ebpf.ProgramSpec `ebpf:"flowbus_connect4"`
+	FlowbusConnect6   *ebpf.ProgramSpec `ebpf:"flowbus_connect6"`
+	FlowbusEgress     *ebpf.ProgramSpec `ebpf:"flowbus_egress"`
+	FlowbusIngress    *ebpf.ProgramSpec `ebpf:"flowbus_ingress"`
+	FlowbusPostBind4  *ebpf.ProgramSpec `ebpf:"flowbus_post_bind4"`
+	FlowbusPostBind6  *ebpf.ProgramSpec `ebpf:"flowbus_post_bind6"`
+	FlowbusSockCreate *ebpf.ProgramSpec `ebpf:"flowbus_sock_create"`
+	FlowbusSockops    *ebpf.ProgramSpec `ebpf:"flowbus_sockops"`
 }
 
 // flowbusMapSpecs contains maps before they are loaded into the kernel.
@@ -212,6 +237,7 @@ type flowbusMapSpecs struct {
 	Counters *ebpf.MapSpec `ebpf:"counters"`
 	Dnsq     *ebpf.MapSpec `ebpf:"dnsq"`
 	Events   *ebpf.MapSpec `ebpf:"events"`
+	Procs    *ebpf.MapSpec `ebpf:"procs"`
 	Seen     *ebpf.MapSpec `ebpf:"seen"`
 }
 
@@ -219,6 +245,7 @@ type flowbusMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
+	AgentTgid          *ebpf.VariableSpec `ebpf:"agent_tgid"`
 	EndEvents          *ebpf.VariableSpec `ebpf:"end_events"`
 	MatchSocket        *ebpf.VariableSpec `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
@@ -229,6 +256,7 @@ type flowbusVariableSpecs struct {
 	UnusedDnsqEvent    *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
 	UnusedEndEvent     *ebpf.VariableSpec `ebpf:"unused_end_event"`
 	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedProcInfo     *ebpf.VariableSpec `ebpf:"unused_proc_info"`
 	WakeupBytes        *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
@@ -256,6 +284,7 @@ type flowbusMaps struct {
 	Counters *ebpf.Map `ebpf:"counters"`
 	Dnsq     *ebpf.Map `ebpf:"dnsq"`
 	Events   *ebpf.Map `ebpf:"events"`
+	Procs    *ebpf.Map `ebpf:"procs"`
 	Seen     *ebpf.Map `ebpf:"seen"`
 }
 
@@ -265,6 +294,7 @@ func (m *flowbusMaps) Close() error {
 		m.Counters,
 		m.Dnsq,
 		m.Events,
+		m.Procs,
 		m.Seen,
 	)
 }
@@ -273,6 +303,7 @@ func (m *flowbusMaps) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
+	AgentTgid          *ebpf.Variable `ebpf:"agent_tgid"`
 	EndEvents          *ebpf.Variable `ebpf:"end_events"`
 	MatchSocket        *ebpf.Variable `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.Variable `ebpf:"query_ttl_ns"`
@@ -283,6 +314,7 @@ type flowbusVariables struct {
 	UnusedDnsqEvent    *ebpf.Variable `ebpf:"unused_dnsq_event"`
 	UnusedEndEvent     *ebpf.Variable `ebpf:"unused_end_event"`
 	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedProcInfo     *ebpf.Variable `ebpf:"unused_proc_info"`
 	WakeupBytes        *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
@@ -290,15 +322,25 @@ type flowbusVariables struct {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusPrograms struct {
-	FlowbusEgress  *ebpf.Program `ebpf:"flowbus_egress"`
-	FlowbusIngress *ebpf.Program `ebpf:"flowbus_ingress"`
-	FlowbusSockops *ebpf.Program `ebpf:"flowbus_sockops"`
+	FlowbusConnect4   *ebpf.Program `ebpf:"flowbus_connect4"`
+	FlowbusConnect6   *ebpf.Program `ebpf:"flowbus_connect6"`
+	FlowbusEgress     *ebpf.Program `ebpf:"flowbus_egress"`
+	FlowbusIngress    *ebpf.Program `ebpf:"flowbus_ingress"`
+	FlowbusPostBind4  *ebpf.Program `ebpf:"flowbus_post_bind4"`
+	FlowbusPostBind6  *ebpf.Program `ebpf:"flowbus_post_bind6"`
+	FlowbusSockCreate *ebpf.Program `ebpf:"flowbus_sock_create"`
+	FlowbusSockops    *ebpf.Program `ebpf:"flowbus_sockops"`
 }
 
 func (p *flowbusPrograms) Close() error {
 	return _FlowbusClose(
+		p.FlowbusConnect4,
+		p.FlowbusConnect6,
 		p.FlowbusEgress,
 		p.FlowbusIngress,
+		p.FlowbusPostBind4,
+		p.FlowbusPostBind6,
+		p.FlowbusSockCreate,
 		p.FlowbusSockops,
 	)
 }

@@ -27,6 +27,13 @@ func TestRecordLayout(t *testing.T) {
 		{"ifindex", unsafe.Offsetof(e.Ifindex), offIfindex},
 		{"seq", unsafe.Offsetof(e.Seq), offSeq},
 		{"netns_cookie", unsafe.Offsetof(e.NetnsCookie), offNetns},
+		{"proc", unsafe.Offsetof(e.Proc), offProc},
+		{"proc size", unsafe.Sizeof(e.Proc), procSize},
+		{"proc tgid", unsafe.Offsetof(e.Proc.Tgid), offProcTgid},
+		{"proc uid", unsafe.Offsetof(e.Proc.Uid), offProcUID},
+		{"proc comm", unsafe.Offsetof(e.Proc.Comm), offProcComm},
+		{"proc source", unsafe.Offsetof(e.Proc.Source), offProcSource},
+		{"proc self", unsafe.Offsetof(e.Proc.Self), offProcSelf},
 	}
 	var x flowbusEndEvent
 	checks = append(checks, []struct {
@@ -55,6 +62,7 @@ func TestRecordLayout(t *testing.T) {
 		{"end fin_rcvd", unsafe.Offsetof(x.FinRcvd), offEndFinRcvd},
 		{"end ifindex", unsafe.Offsetof(x.Ifindex), offEndIfindex},
 		{"end netns", unsafe.Offsetof(x.NetnsCookie), offEndNetns},
+		{"end proc", unsafe.Offsetof(x.Proc), offEndProc},
 	}...)
 	var d flowbusDnsEvent
 	checks = append(checks, []struct {

@@ -354,7 +354,7 @@ func decodeCtxs(r *reader) ([]ctxKey, error) {
 			return nil, malformed(fmt.Sprintf("ctx[%d]", i), err)
 		}
 		var c ctxKey
-		var seen [4]bool
+		var seen [5]bool
 		for j := 0; j < m; j++ {
 			kb, err := readBounded(r, MaxKeyLen)
 			if err != nil {
@@ -370,6 +370,8 @@ func decodeCtxs(r *reader) ([]ctxKey, error) {
 				f = 2
 			case "container_id":
 				f = 3
+			case "uid":
+				f = 4
 			}
 			where := func() string { return fmt.Sprintf("ctx[%d][%q]", i, kb) }
 			if f < 0 {
@@ -397,6 +399,9 @@ func decodeCtxs(r *reader) ([]ctxKey, error) {
 				c.comm, err = readString(r, MaxCommLen)
 			case 3:
 				c.containerID, err = readString(r, MaxContainerIDLen)
+			case 4:
+				v, err = r.readUint(math.MaxUint32)
+				c.uid, c.hasUID = uint32(v), err == nil
 			}
 			if err != nil {
 				return nil, malformed(where(), err)
@@ -430,6 +435,7 @@ func decodeEvents(r *reader, into *Batch, t0 int64, eps []endpoint, ctxs []ctxKe
 		}
 		if k := rs.ctx; k != nil {
 			ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID = k.cgroupID, k.pid, k.comm, k.containerID
+			ev.UID, ev.UIDKnown = k.uid, k.hasUID
 		}
 		if err := skipRowRest(r, i, rowLen, rs.n); err != nil {
 			return err

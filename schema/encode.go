@@ -38,6 +38,8 @@ type ctxKey struct {
 	pid         uint32
 	comm        string
 	containerID string
+	uid         uint32
+	hasUID      bool // uid 0 is root: known-ness needs its own bit
 }
 
 // BatchEncoder builds one batch for one host and direction. Zero allocations per Add in steady state:
@@ -210,7 +212,7 @@ func (b *BatchEncoder) Add(ev *Event) {
 	r = appendUint(r, uint64(ev.DstPort))
 	r = appendInt(r, ev.Timestamp-b.t0) // wraps for absurd inputs; the decoder's t0+dt wraps back
 	if ev.hasContext() {
-		r = appendUint(r, uint64(b.context(ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID)))
+		r = appendUint(r, uint64(b.context(ev.ctx())))
 	} else {
 		r = append(r, mpNil)
 	}
@@ -277,14 +279,12 @@ func (b *BatchEncoder) endpointSlow(addr netip.Addr, names []string) int32 {
 }
 
 // context returns the ctx dictionary ref of a process context (which must be known).
-func (b *BatchEncoder) context(cgroupID uint64, pid uint32, comm, containerID string) int32 {
-	h := (cgroupID*0x9E3779B97F4A7C15 ^ uint64(pid)) * 0xBF58476D1CE4E5B9
+func (b *BatchEncoder) context(k ctxKey) int32 {
+	h := (k.cgroupID*0x9E3779B97F4A7C15 ^ uint64(k.pid) ^ uint64(k.uid)<<32) * 0xBF58476D1CE4E5B9
 	c := &b.ctxCache[h>>(64-ctxCacheBits)]
-	if c.gen == b.gen && c.key.cgroupID == cgroupID && c.key.pid == pid &&
-		c.key.comm == comm && c.key.containerID == containerID {
+	if c.gen == b.gen && c.key == k {
 		return c.ref
 	}
-	k := ctxKey{cgroupID, pid, comm, containerID}
 	ref, ok := b.ctxIndex[k]
 	if !ok {
 		ref = int32(len(b.ctxIndex))
@@ -309,6 +309,9 @@ func appendCtx(c []byte, k *ctxKey) []byte {
 	if k.containerID != "" {
 		n++
 	}
+	if k.hasUID {
+		n++
+	}
 	c = appendMapHeader(c, n)
 	if k.cgroupID != 0 {
 		c = appendStr(c, "cgroup_id")
@@ -325,6 +328,10 @@ func appendCtx(c []byte, k *ctxKey) []byte {
 	if k.containerID != "" {
 		c = appendStr(c, "container_id")
 		c = appendStr(c, k.containerID)
+	}
+	if k.hasUID { // schema 1.2
+		c = appendStr(c, "uid")
+		c = appendUint(c, uint64(k.uid))
 	}
 	return c
 }

@@ -11,7 +11,7 @@ import (
 // instead of reading an end as a begin (FORMAT.md, "End batches").
 const (
 	EndMajor = 2
-	EndMinor = 0
+	EndMinor = 1
 )
 
 // EndEventName is the value of an end batch's top-level event key.
@@ -101,13 +101,19 @@ type EndEvent struct {
 	PID         uint32
 	Comm        string
 	ContainerID string
+	UID         uint32
+	UIDKnown    bool
 }
 
 // Duration is EndNs - BeginNs.
 func (e *EndEvent) Duration() int64 { return e.EndNs - e.BeginNs }
 
 func (e *EndEvent) hasContext() bool {
-	return e.CgroupID != 0 || e.PID != 0 || e.Comm != "" || e.ContainerID != ""
+	return e.CgroupID != 0 || e.PID != 0 || e.Comm != "" || e.ContainerID != "" || e.UIDKnown
+}
+
+func (e *EndEvent) ctx() ctxKey {
+	return ctxKey{e.CgroupID, e.PID, e.Comm, e.ContainerID, e.UID, e.UIDKnown}
 }
 
 // Elements of an end row: the begin row's six (dt_ns is the end time's), then these.
@@ -141,7 +147,7 @@ func (e *EndBatchEncoder) AddEnd(ev *EndEvent) {
 	r = appendUint(r, uint64(ev.DstPort))
 	r = appendInt(r, ev.EndNs-b.t0)
 	if ev.hasContext() {
-		r = appendUint(r, uint64(b.context(ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID)))
+		r = appendUint(r, uint64(b.context(ev.ctx())))
 	} else {
 		r = append(r, mpNil)
 	}

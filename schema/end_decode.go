@@ -48,6 +48,7 @@ func DecodeEndBatch(data []byte, into *EndBatch) error {
 		}
 		if k := rs.ctx; k != nil {
 			ev.CgroupID, ev.PID, ev.Comm, ev.ContainerID = k.cgroupID, k.pid, k.comm, k.containerID
+			ev.UID, ev.UIDKnown = k.uid, k.hasUID
 		}
 		where := func(j int) string { return fmt.Sprintf("events[%d][%d] (%s)", i, j, endRowFields[j]) }
 		dur, err := r.readInt()

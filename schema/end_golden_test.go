@@ -160,7 +160,7 @@ func TestEndGoldenExact(t *testing.T) {
 	if ok, why := endsEqual(b.Events, want); !ok {
 		t.Fatal(why)
 	}
-	if b.Seq != 43 || b.Drops != (Drops{Kernel: 2}) || b.Host != "web-01" || b.Major != 2 || b.Minor != 0 {
+	if b.Seq != 43 || b.Drops != (Drops{Kernel: 2}) || b.Host != "web-01" || b.Major != 2 || b.Minor != EndMinor {
 		t.Fatalf("%+v", b)
 	}
 	fut, err := os.ReadFile(filepath.Join("testdata", "end_future_minor.msgpack"))

@@ -72,7 +72,7 @@ func TestEndRoundTrip(t *testing.T) {
 	if ok, why := endsEqual(b.Events, want); !ok {
 		t.Fatal(why)
 	}
-	if b.Major != 2 || b.Minor != 0 || b.Host != "web-01" || b.Seq != 43 || b.Direction != Incoming || b.Drops.Kernel != 1 {
+	if b.Major != 2 || b.Minor != EndMinor || b.Host != "web-01" || b.Seq != 43 || b.Direction != Incoming || b.Drops.Kernel != 1 {
 		t.Fatalf("%+v", b)
 	}
 	// A begin decoder refuses it as an unknown major, naming 2 and who reads it.
@@ -281,7 +281,7 @@ func TestEndSubjects(t *testing.T) {
 			t.Errorf("FilterSubjects(%q, %v, %v, %v) = %q, want %q", c.host, c.d, c.begins, c.ends, got, c.want)
 		}
 	}
-	if EndSchemaHeaderValue() != "2.0" {
+	if EndSchemaHeaderValue() != "2.1" {
 		t.Fatal(EndSchemaHeaderValue())
 	}
 }

@@ -66,6 +66,16 @@ func goldenCases() []goldenCase {
 			}
 			return enc.Finish(nil, 1, Drops{})
 		}, true},
+		{"process", func() []byte { // schema 1.2: uid in ctx, 0 (root) known, and a context without uid
+			const t0 = 1763990000123456789
+			v4a, v4b := netip.MustParseAddr("10.0.3.17"), netip.MustParseAddr("198.51.100.7")
+			return encodeEvents("web-01", "5be0a7c4d93f1e28", Incoming, 3, Drops{}, []Event{
+				{Timestamp: t0, Src: v4b, Dst: v4a, SrcPort: 49152, DstPort: 443, CgroupID: 4711, PID: 311, Comm: "nginx", UID: 33, UIDKnown: true},
+				{Timestamp: t0 + 10, Src: v4b, Dst: v4a, SrcPort: 49153, DstPort: 22, PID: 1, Comm: "systemd", UID: 0, UIDKnown: true},
+				{Timestamp: t0 + 20, Src: v4b, Dst: v4a, SrcPort: 49154, DstPort: 22, PID: 812, Comm: "sshd"},
+				{Timestamp: t0 + 30, Src: v4b, Dst: v4a, SrcPort: 49155, DstPort: 443, CgroupID: 4711, PID: 311, Comm: "nginx", UID: 33, UIDKnown: true},
+			})
+		}, true},
 		{"prev_run_future", func() []byte { // a later minor's prev_run: extra keys, another order
 			enc := msgpack.GetEncoder()
 			defer msgpack.PutEncoder(enc)

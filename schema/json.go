@@ -8,7 +8,7 @@ import (
 
 // AppendJSON appends e as one JSON object in the shape of SPEC section 1 (field names fixed:
 // conn_direction, src, dst, src_port, dst_port, src_dns, dst_dns, timestamp, host, then cgroup_id, pid,
-// comm and container_id only when known) and returns dst. No newline is added. src_dns and dst_dns are
+// comm, container_id and uid only when known) and returns dst. No newline is added. src_dns and dst_dns are
 // always arrays ([] when none); an unknown (zero) address is "". Strings are escaped as encoding/json
 // does (invalid UTF-8 becomes U+FFFD), so the output is always valid JSON.
 func (e *Event) AppendJSON(dst []byte, host string) []byte {
@@ -30,27 +30,31 @@ func (e *Event) AppendJSON(dst []byte, host string) []byte {
 	dst = strconv.AppendInt(dst, e.Timestamp, 10)
 	dst = append(dst, `,"host":`...)
 	dst = appendJSONString(dst, host)
-	return appendJSONCtx(dst, e.CgroupID, uint64(e.PID), e.Comm, e.ContainerID)
+	return appendJSONCtx(dst, e.ctx())
 }
 
 // appendJSONCtx appends the process context fields that are known and closes
 // the object: the same for begin and end events.
-func appendJSONCtx(dst []byte, cgroupID, pid uint64, comm, containerID string) []byte {
-	if cgroupID != 0 {
+func appendJSONCtx(dst []byte, k ctxKey) []byte {
+	if k.cgroupID != 0 {
 		dst = append(dst, `,"cgroup_id":`...)
-		dst = strconv.AppendUint(dst, cgroupID, 10)
+		dst = strconv.AppendUint(dst, k.cgroupID, 10)
 	}
-	if pid != 0 {
+	if k.pid != 0 {
 		dst = append(dst, `,"pid":`...)
-		dst = strconv.AppendUint(dst, pid, 10)
+		dst = strconv.AppendUint(dst, uint64(k.pid), 10)
 	}
-	if comm != "" {
+	if k.comm != "" {
 		dst = append(dst, `,"comm":`...)
-		dst = appendJSONString(dst, comm)
+		dst = appendJSONString(dst, k.comm)
 	}
-	if containerID != "" {
+	if k.containerID != "" {
 		dst = append(dst, `,"container_id":`...)
-		dst = appendJSONString(dst, containerID)
+		dst = appendJSONString(dst, k.containerID)
+	}
+	if k.hasUID {
+		dst = append(dst, `,"uid":`...)
+		dst = strconv.AppendUint(dst, uint64(k.uid), 10)
 	}
 	return append(dst, '}')
 }
@@ -169,5 +173,5 @@ func (e *EndEvent) AppendJSON(dst []byte, host string) []byte {
 	dst = append(dst, e.Reason.String()...)
 	dst = append(dst, `","host":`...)
 	dst = appendJSONString(dst, host)
-	return appendJSONCtx(dst, e.CgroupID, uint64(e.PID), e.Comm, e.ContainerID)
+	return appendJSONCtx(dst, e.ctx())
 }

@@ -37,8 +37,8 @@ func TestPrevRunFirstBatchOnly(t *testing.T) {
 		} else if b.PrevRun != nil {
 			t.Fatalf("batch %d (prev_seq %d) carries prev_run %+v", seq, b.PrevSeq, b.PrevRun)
 		}
-		if b.Minor != 1 {
-			t.Fatalf("minor %d, want 1", b.Minor)
+		if b.Minor != Minor {
+			t.Fatalf("minor %d, want %d", b.Minor, Minor)
 		}
 	}
 	// Extremes of every integer field survive.

@@ -13,7 +13,7 @@ import (
 // change); a higher Minor only adds fields that older consumers ignore.
 const (
 	Major = 1
-	Minor = 1
+	Minor = 2
 )
 
 // Direction says who initiated a connection, seen from the reporting host.
@@ -62,11 +62,19 @@ type Event struct {
 	PID         uint32 // 0 = unknown
 	Comm        string // "" = unknown
 	ContainerID string // "" = unknown
+	// UID is the process's user id, meaningful only with UIDKnown (0 is root, a real value).
+	UID      uint32
+	UIDKnown bool
 }
 
 // hasContext reports whether any process context field is known; an event without it gets a nil ctx_ref.
 func (e *Event) hasContext() bool {
-	return e.CgroupID != 0 || e.PID != 0 || e.Comm != "" || e.ContainerID != ""
+	return e.CgroupID != 0 || e.PID != 0 || e.Comm != "" || e.ContainerID != "" || e.UIDKnown
+}
+
+// ctx is the event's process context as the ctx dictionary keys it.
+func (e *Event) ctx() ctxKey {
+	return ctxKey{e.CgroupID, e.PID, e.Comm, e.ContainerID, e.UID, e.UIDKnown}
 }
 
 // Drops counts events lost since the previous batch, by stage, so a consumer can see gaps.

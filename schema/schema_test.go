@@ -257,7 +257,7 @@ func TestValidAndForwardCompatible(t *testing.T) {
 	rev = with(rev, "schema_minor", 7)
 	rev = with(rev, "events", []any{[]any{1, 0, 40000, 443, -5, 0, "future", map[string]any{"x": deep}}})
 	rev = with(rev, "endpoints", []any{[]any{"10.0.0.1", []any{}, 99}, []any{"2001:db8::1", []any{"x.example"}}})
-	rev = with(rev, "ctx", []any{map[string]any{"pid": 7, "comm": "curl", "uid": 1000, "cgroup_id": nil}})
+	rev = with(rev, "ctx", []any{map[string]any{"pid": 7, "comm": "curl", "future_key": 1000, "cgroup_id": nil}})
 	rev = with(rev, "drops", map[string]any{"queue": 2, "future_stage": "x"})
 	rev = append(rev, kv("zz_future", deep), kv("flags", raw{0xd4, 1, 2}))
 	for name, ps := range map[string][]pair{"canonical": base, "v1.7 shape": rev} {

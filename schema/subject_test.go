@@ -107,7 +107,7 @@ func TestSubjectsAndIDs(t *testing.T) {
 	if s := MsgID("web-01", "01J9ZX", 18446744073709551615); s != "web-01.01J9ZX.18446744073709551615" {
 		t.Error(s)
 	}
-	if v := SchemaHeaderValue(); v != "1.1" {
+	if v := SchemaHeaderValue(); v != "1.2" {
 		t.Error(v)
 	}
 	if HeaderMsgID != "Nats-Msg-Id" || HeaderContentType != "Content-Type" || ContentType != "application/msgpack" || HeaderSchema != "Flowbus-Schema" {
