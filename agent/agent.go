@@ -256,6 +256,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a.chain.attached(time.Now())
+	a.attribute()
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
 		"end_subjects", schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
@@ -540,4 +541,23 @@ func (a *Agent) Snapshot() Snapshot {
 		Checks:       checks,
 		Ready:        ready,
 	}
+}
+
+// attribute logs where the process fields come from on this kernel and
+// gives the sockets opened before the attach their process (a server
+// started before the agent). A failure leaves those sockets unknown; it
+// never stops the capture.
+func (a *Agent) attribute() {
+	a.log.Info("process attribution", "mechanism", a.capture.Attribution().Mechanism())
+	st, err := a.capture.FillExisting()
+	if err != nil {
+		a.log.Warn("sockets opened before the start keep an unknown process", "err", err)
+		return
+	}
+	args := []any{"processes", st.Processes, "sockets", st.Sockets, "already", st.Already,
+		"failed", st.Failed, "mptcp_unknown", st.MPTCP, "took", st.Took}
+	if st.Refused > 0 {
+		args = append(args, "refused", st.Refused, "first_error", st.FirstError)
+	}
+	a.log.Info("sockets opened before the start attributed", args...)
 }

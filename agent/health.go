@@ -333,6 +333,7 @@ func (h *health) reattach(id uint64) error {
 		l.release()
 		return fmt.Errorf("the cgroup at %s changed again while attaching; retrying", a.capture.CgroupPath)
 	}
+	a.attribute()
 	a.swapCaptureLock(l)
 	return nil
 }

@@ -127,7 +127,7 @@ func TestEventChoice(t *testing.T) {
 	}
 }
 
-// The end table: DURATION, BYTES (src/dst) and REASON; both adds EVENT; the begin table is as before.
+// The end table: DURATION, BYTES (src/dst), REASON and PROCESS (comm[pid], "-" when unknown); both adds EVENT; the begin table is as before.
 func TestEndTable(t *testing.T) {
 	t.Parallel()
 	srv := endFixture(t)
@@ -137,11 +137,11 @@ func TestEndTable(t *testing.T) {
 	}
 	t.Logf("table:\n%s", r.stdout)
 	lines := strings.Split(strings.TrimSuffix(r.stdout, "\n"), "\n")
-	if len(lines) != 6 || strings.Join(strings.Fields(lines[0]), " ") != "TIME HOST EVENT DIRECTION SRC DST DURATION BYTES REASON SRC_DNS DST_DNS" {
+	if len(lines) != 6 || strings.Join(strings.Fields(lines[0]), " ") != "TIME HOST EVENT DIRECTION SRC DST DURATION BYTES REASON PROCESS SRC_DNS DST_DNS" {
 		t.Fatalf("header %q, %d lines", lines[0], len(lines))
 	}
 	endTS := time.Unix(0, baseTS+int64(time.Millisecond)).UTC().Format("2006-01-02T15:04:05.000Z")
-	if got := strings.Join(strings.Fields(lines[2]), " "); got != endTS+" web-01 end outgoing 10.0.0.1:40001 93.184.216.34:443 2.5s 517/1234567 fin - example.com" {
+	if got := strings.Join(strings.Fields(lines[2]), " "); got != endTS+" web-01 end outgoing 10.0.0.1:40001 93.184.216.34:443 2.5s 517/1234567 fin curl[1234] - example.com" {
 		t.Errorf("end row %q", got)
 	}
 	if f := strings.Fields(lines[1]); f[2] != "begin" || f[6] != "-" || f[7] != "-" || f[8] != "-" {
@@ -152,11 +152,11 @@ func TestEndTable(t *testing.T) {
 		t.Errorf("misaligned %q (REASON at %d)", lines[4], col)
 	}
 	r = runArgs(t, "--nats", srv.URL, "--all", "--event", "end", "--idle-exit", "700ms")
-	if h := strings.Join(strings.Fields(strings.SplitN(r.stdout, "\n", 2)[0]), " "); r.code != 0 || h != "TIME HOST DIRECTION SRC DST DURATION BYTES REASON SRC_DNS DST_DNS" {
+	if h := strings.Join(strings.Fields(strings.SplitN(r.stdout, "\n", 2)[0]), " "); r.code != 0 || h != "TIME HOST DIRECTION SRC DST DURATION BYTES REASON PROCESS SRC_DNS DST_DNS" {
 		t.Errorf("end table header %q (exit %d)", h, r.code)
 	}
 	r = runArgs(t, "--nats", srv.URL, "--all", "--idle-exit", "700ms")
-	if h := strings.Join(strings.Fields(strings.SplitN(r.stdout, "\n", 2)[0]), " "); r.code != 0 || h != "TIME HOST DIRECTION SRC DST SRC_DNS DST_DNS" || strings.Count(r.stdout, "\n") != 4 {
+	if h := strings.Join(strings.Fields(strings.SplitN(r.stdout, "\n", 2)[0]), " "); r.code != 0 || h != "TIME HOST DIRECTION SRC DST PROCESS SRC_DNS DST_DNS" || strings.Count(r.stdout, "\n") != 4 {
 		t.Errorf("default table changed: %q", r.stdout)
 	}
 }

@@ -49,15 +49,16 @@ const (
 	colDuration
 	colBytes
 	colReason
+	colProcess
 	colSrcDNS
 	colDstDNS
 	numCols
 )
 
-var colNames = [numCols]string{"TIME", "HOST", "EVENT", "DIRECTION", "SRC", "DST", "DURATION", "BYTES", "REASON", "SRC_DNS", "DST_DNS"}
+var colNames = [numCols]string{"TIME", "HOST", "EVENT", "DIRECTION", "SRC", "DST", "DURATION", "BYTES", "REASON", "PROCESS", "SRC_DNS", "DST_DNS"}
 
 // colWidths are the typical widths columns start at (TIME's is set from the layout).
-var colWidths = [numCols]int{0, 10, 5, 8, 21, 21, 8, 13, 17, 12, 0} // REASON: never_established
+var colWidths = [numCols]int{0, 10, 5, 8, 21, 21, 8, 13, 17, 12, 12, 0} // REASON: never_established
 
 // tablePrinter writes aligned columns. A live tail cannot know the widest value in advance, so columns
 // start at typical widths and only ever grow; the header is printed once. The columns depend on the
@@ -85,11 +86,11 @@ func newTablePrinter(w *bufio.Writer, local bool, events tail.Events) *tablePrin
 	p.widths[colTime] = len(p.fmtTime(0))
 	switch events {
 	case tail.EventsBegin:
-		p.cols = []int{colTime, colHost, colDirection, colSrc, colDst, colSrcDNS, colDstDNS}
+		p.cols = []int{colTime, colHost, colDirection, colSrc, colDst, colProcess, colSrcDNS, colDstDNS}
 	case tail.EventsEnd:
-		p.cols = []int{colTime, colHost, colDirection, colSrc, colDst, colDuration, colBytes, colReason, colSrcDNS, colDstDNS}
+		p.cols = []int{colTime, colHost, colDirection, colSrc, colDst, colDuration, colBytes, colReason, colProcess, colSrcDNS, colDstDNS}
 	default:
-		p.cols = []int{colTime, colHost, colEvent, colDirection, colSrc, colDst, colDuration, colBytes, colReason, colSrcDNS, colDstDNS}
+		p.cols = []int{colTime, colHost, colEvent, colDirection, colSrc, colDst, colDuration, colBytes, colReason, colProcess, colSrcDNS, colDstDNS}
 	}
 	return p
 }
@@ -114,6 +115,7 @@ func (p *tablePrinter) event(m *tail.Meta, ev *schema.Event) error {
 	c[colTime], c[colHost], c[colEvent], c[colDirection] = p.fmtTime(ev.Timestamp), m.Host, "begin", ev.Direction.String()
 	c[colSrc], c[colDst] = endpoint(ev.Src, ev.SrcPort), endpoint(ev.Dst, ev.DstPort)
 	c[colDuration], c[colBytes], c[colReason] = "-", "-", "-"
+	c[colProcess] = process(ev.PID, ev.Comm)
 	c[colSrcDNS], c[colDstDNS] = names(ev.SrcDNS), names(ev.DstDNS)
 	return p.flush()
 }
@@ -127,6 +129,7 @@ func (p *tablePrinter) end(m *tail.Meta, ev *schema.EndEvent) error {
 	c[colDuration] = duration(ev.Duration())
 	c[colBytes] = strconv.FormatUint(ev.SrcBytes, 10) + "/" + strconv.FormatUint(ev.DstBytes, 10)
 	c[colReason] = ev.Reason.String()
+	c[colProcess] = process(ev.PID, ev.Comm)
 	c[colSrcDNS], c[colDstDNS] = names(ev.SrcDNS), names(ev.DstDNS)
 	return p.flush()
 }
@@ -181,4 +184,18 @@ func names(n []string) string {
 		return "-"
 	}
 	return strings.Join(n, ",")
+}
+
+// process formats the process that opened the connection (the listener's, for incoming ones) as
+// comm[pid]; "-" when the event has none.
+func process(pid uint32, comm string) string {
+	switch {
+	case pid == 0 && comm == "":
+		return "-"
+	case pid == 0:
+		return comm
+	case comm == "":
+		return "[" + strconv.FormatUint(uint64(pid), 10) + "]"
+	}
+	return comm + "[" + strconv.FormatUint(uint64(pid), 10) + "]"
 }
