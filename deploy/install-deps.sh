@@ -5,7 +5,8 @@
 # loopback), docker-compose (validates docker-compose.yml; no engine needed)
 # systemd (systemd-analyze verifies the units), prometheus (its promtool tests
 # the alert rules), tcpdump (the tests compare event times with its packet
-# times), staticcheck (pinned; `make check`) and Node.js with schema/jstest's npm packages (the JavaScript
+# times), nftables (the end-event tests inject loss with it: no netem here),
+# staticcheck (pinned; `make check`) and Node.js with schema/jstest's npm packages (the JavaScript
 # decoding test).
 # clang and libbpf-dev are only needed to regenerate the eBPF objects
 # (`make generate`); pass --generate to install them too. --bench adds
@@ -31,7 +32,7 @@ apt_install() {
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus tcpdump chromium)
+pkgs=(gcc libc6-dev make git iproute2 ca-certificates postgresql docker-compose systemd prometheus tcpdump nftables chromium)
 for a in "$@"; do
 	case $a in
 	--generate) pkgs+=(clang llvm libbpf-dev) ;;
