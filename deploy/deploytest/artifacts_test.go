@@ -314,6 +314,12 @@ func markdownAnchors(md string) []string {
 // exists, it shows every agent metric, every selector applies the dashboard's
 // variables, and every panel has one unit, the one its queries measure.
 func TestGrafanaDashboard(t *testing.T) {
+	checkDashboard(t, "deploy/grafana/flowbus-agent.json", agentMetrics(t))
+}
+
+// checkDashboard checks one dashboard file against the metrics m it must show.
+func checkDashboard(t *testing.T, file string, m metrics) {
+	t.Helper()
 	var d struct {
 		UID    string `json:"uid"`
 		Title  string `json:"title"`
@@ -344,13 +350,12 @@ func TestGrafanaDashboard(t *testing.T) {
 			} `json:"list"`
 		} `json:"templating"`
 	}
-	if err := json.Unmarshal(read(t, "deploy/grafana/flowbus-agent.json"), &d); err != nil {
-		t.Fatalf("deploy/grafana/flowbus-agent.json: %v", err)
+	if err := json.Unmarshal(read(t, file), &d); err != nil {
+		t.Fatalf("%s: %v", file, err)
 	}
 	if d.UID == "" || d.Title == "" || len(d.Panels) == 0 {
-		t.Fatal("dashboard: uid, title and panels are required")
+		t.Fatalf("%s: uid, title and panels are required", file)
 	}
-	m := agentMetrics(t)
 	vars := map[string]bool{"__rate_interval": true}
 	for _, v := range d.Templating.List {
 		vars[v.Name] = true
@@ -431,7 +436,7 @@ func TestGrafanaDashboard(t *testing.T) {
 	}
 	for _, name := range sortedKeys(m.names) {
 		if !used[name] {
-			t.Errorf("the dashboard does not show %s", name)
+			t.Errorf("%s does not show %s", file, name)
 		}
 	}
 }
@@ -529,7 +534,7 @@ func TestAlertRules(t *testing.T) {
 		t.Fatalf("deploy/prometheus/alerts.yml: %v", err)
 	}
 	ops := strings.ToLower(string(read(t, "deploy/OPERATIONS.md")))
-	m := agentMetrics(t)
+	m := allMetrics(t)
 	var alerts []string
 	bases := map[string]bool{}
 	for _, g := range f.Groups {
