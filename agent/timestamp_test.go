@@ -106,6 +106,9 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 		// the tap against the kernel's CLOCK_MONOTONIC plus the offset the
 		// agent measured), a few microseconds at most.
 		clockSlack = 10 * time.Microsecond
+		// endLateBound is how late one end may be behind the packet that
+		// closed it: the wait in the socket's backlog (see below).
+		endLateBound = 5 * time.Millisecond
 	)
 	pair := netnstest.New(t)
 	cg := cgrouptest.NewChild(t)
@@ -199,7 +202,7 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 		after time.Duration
 	}
 	var diffs []diff
-	check := func(what string, dir schema.Direction, k conn, ts int64, pick func(*seen) time.Time, before bool) {
+	check := func(what string, dir schema.Direction, k conn, ts int64, pick func(*seen) time.Time, before bool, bound time.Duration) {
 		s := side[dir][k]
 		if s == nil || pick(s).IsZero() {
 			t.Errorf("%s %v %s -> %s: its packet is not in the %v side's capture", what, dir, k.client, k.server, dir)
@@ -218,7 +221,7 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 	for _, r := range begins {
 		ev := r.Ev
 		k := conn{netip.AddrPortFrom(ev.Src.Unmap(), ev.SrcPort), netip.AddrPortFrom(ev.Dst.Unmap(), ev.DstPort)}
-		check("begin", ev.Direction, k, ev.Timestamp, func(s *seen) time.Time { return s.synack }, ev.Direction == schema.Incoming)
+		check("begin", ev.Direction, k, ev.Timestamp, func(s *seen) time.Time { return s.synack }, ev.Direction == schema.Incoming, bound)
 	}
 	for _, r := range ends {
 		ev := r.Ev
@@ -234,7 +237,12 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 		if ev.Direction == schema.Outgoing {
 			me = 0
 		}
-		check("end", ev.Direction, k, ev.EndNs, func(s *seen) time.Time { return s.finAcked[me] }, false)
+		// The close is timed when the kernel handles that packet: while the
+		// application still holds the socket's lock the packet waits in the
+		// socket's backlog, so an end may be later than its packet (1.1 ms
+		// seen once in about 1,000 under CI load), never earlier. Each end
+		// is held to causality and endLateBound, the ends' p99 to bound.
+		check("end", ev.Direction, k, ev.EndNs, func(s *seen) time.Time { return s.finAcked[me] }, false, endLateBound)
 	}
 
 	// Figures per kind of event: |diff| median, p99 and max.
@@ -248,6 +256,9 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 			continue
 		}
 		slices.Sort(ds)
+		if p99 := ds[len(ds)*99/100]; strings.HasPrefix(what, "end") && p99 > bound {
+			t.Errorf("%s: p99 %v after the packet, want within %v", what, p99, bound)
+		}
 		t.Logf("%-14s %3d events: |diff| median %v, p99 %v, max %v", what, len(ds), ds[len(ds)/2], ds[len(ds)*99/100], ds[len(ds)-1])
 	}
 }
