@@ -106,8 +106,11 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 		// the tap against the kernel's CLOCK_MONOTONIC plus the offset the
 		// agent measured), a few microseconds at most.
 		clockSlack = 10 * time.Microsecond
-		// endLateBound is how late one end may be behind the packet that
-		// closed it: the wait in the socket's backlog (see below).
+		// endLateBound is how late one event may be behind its packet: an
+		// end waits in the socket's backlog (see below), and any event for
+		// as long as the VM's CPU is taken away between the tap and the
+		// hook (0.4-0.65 ms seen for begins in CI). Each event is held to
+		// causality and this; each kind's p99 to bound.
 		endLateBound = 5 * time.Millisecond
 	)
 	pair := netnstest.New(t)
@@ -221,7 +224,7 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 	for _, r := range begins {
 		ev := r.Ev
 		k := conn{netip.AddrPortFrom(ev.Src.Unmap(), ev.SrcPort), netip.AddrPortFrom(ev.Dst.Unmap(), ev.DstPort)}
-		check("begin", ev.Direction, k, ev.Timestamp, func(s *seen) time.Time { return s.synack }, ev.Direction == schema.Incoming, bound)
+		check("begin", ev.Direction, k, ev.Timestamp, func(s *seen) time.Time { return s.synack }, ev.Direction == schema.Incoming, endLateBound)
 	}
 	for _, r := range ends {
 		ev := r.Ev
@@ -256,7 +259,7 @@ func TestTimestampsMatchTcpdump(t *testing.T) {
 			continue
 		}
 		slices.Sort(ds)
-		if p99 := ds[len(ds)*99/100]; strings.HasPrefix(what, "end") && p99 > bound {
+		if p99 := ds[len(ds)*99/100]; p99 > bound {
 			t.Errorf("%s: p99 %v after the packet, want within %v", what, p99, bound)
 		}
 		t.Logf("%-14s %3d events: |diff| median %v, p99 %v, max %v", what, len(ds), ds[len(ds)/2], ds[len(ds)*99/100], ds[len(ds)-1])
