@@ -346,17 +346,9 @@ func (p *Publisher) addedLocked(d *dirState, evNanos int64) {
 // are reported in the next batch.
 func (p *Publisher) AddDrops(d schema.Drops) {
 	p.mu.Lock()
-	addDrops(&p.drops, d)
-	addDrops(&p.totalDrops, d)
+	p.drops.Add(d)
+	p.totalDrops.Add(d)
 	p.mu.Unlock()
-}
-
-func addDrops(dst *schema.Drops, d schema.Drops) {
-	dst.Kernel += d.Kernel
-	dst.Reader += d.Reader
-	dst.Queue += d.Queue
-	dst.Spool += d.Spool
-	dst.Publish += d.Publish
 }
 
 // lingerStart is when a batch whose first event happened at evNanos (wall
@@ -440,7 +432,7 @@ func (p *Publisher) sealLocked(d *dirState) {
 		p.bufs.Put(b.data[:0])
 		if err != nil {
 			// The batch and the losses it carried are lost; say so in the next one.
-			addDrops(&p.drops, b.drops)
+			p.drops.Add(b.drops)
 			p.drops.Spool += uint64(n)
 			p.totalDrops.Spool += uint64(n)
 			p.countEndDropsLocked(d.kind, n)
@@ -770,8 +762,8 @@ func (p *Publisher) failed(b *batch, err error) {
 			defer p.unspool(b.spoolName)
 		}
 		lost := schema.Drops{Publish: uint64(b.events)}
-		addDrops(&lost, b.drops) // the losses it carried must still be reported
-		addDrops(&p.drops, lost)
+		lost.Add(b.drops) // the losses it carried must still be reported
+		p.drops.Add(lost)
 		p.totalDrops.Publish += uint64(b.events)
 		p.countEndDropsLocked(b.kind, b.events)
 		if p.inflight == 0 && len(p.queue) == 0 {

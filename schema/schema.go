@@ -84,6 +84,15 @@ type Drops struct{ Kernel, Reader, Queue, Spool, Publish uint64 }
 // Total is the sum over all stages.
 func (d Drops) Total() uint64 { return d.Kernel + d.Reader + d.Queue + d.Spool + d.Publish }
 
+// Add adds o's counts to d, stage by stage.
+func (d *Drops) Add(o Drops) {
+	d.Kernel += o.Kernel
+	d.Reader += o.Reader
+	d.Queue += o.Queue
+	d.Spool += o.Spool
+	d.Publish += o.Publish
+}
+
 // ErrUnsupportedMajor is wrapped by DecodeBatch when the batch has a schema major this consumer does not
 // know; the message names the major seen and the supported one, so the operator knows to upgrade.
 var ErrUnsupportedMajor = errors.New("unsupported flowbus batch schema major")

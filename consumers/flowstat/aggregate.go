@@ -174,23 +174,29 @@ func (a *aggregator) add(data []byte, subject string, streamSeq uint64, stored t
 		return err
 	}
 	a.d.Messages++
-	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
-		bk := store.BatchKey{Bucket: sb, Host: b.Host, Dir: b.Direction}
-		ba := a.d.Batches[bk]
-		if ba == nil {
-			ba = &store.BatchAgg{}
-			a.d.Batches[bk] = ba
-		}
+	if ba := a.batchRow(stored); ba != nil {
 		ba.Batches++
 		ba.Events += uint64(len(b.Events))
-		ba.Drops.Kernel += b.Drops.Kernel
-		ba.Drops.Reader += b.Drops.Reader
-		ba.Drops.Queue += b.Drops.Queue
-		ba.Drops.Spool += b.Drops.Spool
-		ba.Drops.Publish += b.Drops.Publish
+		ba.Drops.Add(b.Drops)
 	}
 	a.fold(b)
 	return nil
+}
+
+// batchRow is the batch aggregate of a.hdr's host and direction in the bucket of the stored time, nil
+// when that bucket is outside the range being counted.
+func (a *aggregator) batchRow(stored time.Time) *store.BatchAgg {
+	sb := a.bucketOf(stored.UnixNano())
+	if !a.inRange(sb) {
+		return nil
+	}
+	bk := store.BatchKey{Bucket: sb, Host: a.hdr.host, Dir: a.hdr.dir}
+	ba := a.d.Batches[bk]
+	if ba == nil {
+		ba = &store.BatchAgg{}
+		a.d.Batches[bk] = ba
+	}
+	return ba
 }
 
 // admit decides whether the batch in a.hdr is counted: in a replay, unless the live consumer found it

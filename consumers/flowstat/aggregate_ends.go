@@ -36,20 +36,10 @@ func (a *aggregator) addEnd(data []byte, subject string, streamSeq uint64, store
 		return err
 	}
 	a.d.Messages++
-	if sb := a.bucketOf(stored.UnixNano()); a.inRange(sb) {
-		bk := store.BatchKey{Bucket: sb, Host: b.Host, Dir: b.Direction}
-		ba := a.d.Batches[bk]
-		if ba == nil {
-			ba = &store.BatchAgg{}
-			a.d.Batches[bk] = ba
-		}
+	if ba := a.batchRow(stored); ba != nil {
 		ba.EndBatches++
 		ba.EndEvents += uint64(len(b.Events))
-		ba.EndDrops.Kernel += b.Drops.Kernel
-		ba.EndDrops.Reader += b.Drops.Reader
-		ba.EndDrops.Queue += b.Drops.Queue
-		ba.EndDrops.Spool += b.Drops.Spool
-		ba.EndDrops.Publish += b.Drops.Publish
+		ba.EndDrops.Add(b.Drops)
 	}
 	a.foldEnds(b)
 	return nil
