@@ -363,9 +363,26 @@ func TestFastOpenOneBegin(t *testing.T) {
 // programs were attached and whose ACK arrives after have their begin at
 // established; none is lost or doubled. B's end of the link is paced, so
 // that the burst's ACKs queue behind its SYNs: the capture attaches while
-// the SYN-ACKs of the first SYNs are out and no ACK has come back.
+// the SYN-ACKs of the first SYNs are out and no ACK has come back. Whether
+// that moment came depends on how fast the clients start: on a loaded
+// machine they may trickle, each ACK following its SYN-ACK at once, so an
+// attempt without a begin at established is made again (at most three).
 func TestHandshakesUnderWayAtAttach(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
+	for i := 1; i <= 3; i++ {
+		var atEstablished uint64
+		t.Run(fmt.Sprintf("attempt%d", i), func(t *testing.T) { atEstablished = handshakesUnderWayAtAttach(t) })
+		if t.Failed() || atEstablished > 0 {
+			return
+		}
+		t.Logf("attempt %d: no handshake was half-open at the attach; again", i)
+	}
+	t.Errorf("no begin at established in three attempts: no SYN-ACK left before the attach, the test did not make what it meant to")
+}
+
+// handshakesUnderWayAtAttach makes one attempt of
+// TestHandshakesUnderWayAtAttach and returns its begins at established.
+func handshakesUnderWayAtAttach(t *testing.T) uint64 {
 	pair := netnstest.New(t)
 	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", "0")
 	netnstest.Pace(t, pair.B, pair.IfB, "1mbit")
@@ -388,18 +405,17 @@ func TestHandshakesUnderWayAtAttach(t *testing.T) {
 	port, stop := netnstest.Server(t, watched, pair.A, 1024)
 	p := strconv.Itoa(port)
 	const n = 100
+	names := []string{"TcpPassiveOpens", "TcpExtSyncookiesSent"}
+	before := netnstest.Netstat(t, pair.A)
 	clients := make(chan netnstest.ClientsResult, 1)
 	go func() {
 		clients <- netnstest.Clients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
 	}()
-	names := []string{"TcpPassiveOpens", "TcpExtSyncookiesSent"}
-	before := netnstest.Netstat(t, pair.A)
 	// The 200 SYNs take some 130 ms through B's 1 Mbit/s, their ACKs queue
-	// behind them. Attach once 40 SYN-ACKs are out (A sends nothing else
-	// meanwhile), reading how many handshakes had completed just before and
-	// just after.
+	// behind them. Attach once 10 handshakes wait for their ACK, reading how
+	// many had completed just before and just after.
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		if netnstest.Delta(before, netnstest.Netstat(t, pair.A), "TcpOutSegs")["TcpOutSegs"] >= 40 {
+		if netnstest.HalfOpen(t, pair.A) >= 10 {
 			break
 		}
 	}
@@ -426,9 +442,6 @@ func TestHandshakesUnderWayAtAttach(t *testing.T) {
 	if e := uint64(len(evs)); e < total-hi || e > total-lo {
 		t.Errorf("%d events; want one for each of the %d to %d handshakes that completed after the attach", e, total-hi, total-lo)
 	}
-	if k.BeginsAtEstablished == 0 {
-		t.Errorf("no begin at established: no SYN-ACK left before the attach, the test did not make what it meant to")
-	}
 	got := map[flowTuple]int{}
 	for _, ev := range evs {
 		tu := tupleOf(ev)
@@ -445,6 +458,7 @@ func TestHandshakesUnderWayAtAttach(t *testing.T) {
 			t.Errorf("event %v for no accepted connection", tu)
 		}
 	}
+	return k.BeginsAtEstablished
 }
 
 // TestRedirectedListener: incoming connections to port 80 redirected (nft

@@ -157,6 +157,37 @@ func Netstat(t testing.TB, ns string) map[string]uint64 {
 	return m
 }
 
+// HalfOpen counts the handshakes of namespace ns that wait for their ACK:
+// the request sockets (state 03, SYN_RECV) of /proc/net/tcp and tcp6.
+func HalfOpen(t testing.TB, ns string) int {
+	t.Helper()
+	holdersMu.Lock()
+	pid, ok := holders[ns]
+	holdersMu.Unlock()
+	var out []byte
+	var err error
+	if ok {
+		var a, b []byte
+		a, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", pid))
+		if err == nil {
+			b, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp6", pid))
+		}
+		out = append(a, b...)
+	} else {
+		out, err = exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/tcp", "/proc/net/tcp6").Output()
+	}
+	if err != nil {
+		t.Fatalf("reading the TCP sockets of %s: %v", ns, err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 3 && f[3] == "03" {
+			n++
+		}
+	}
+	return n
+}
+
 // Wrap makes cmd run inside namespace ns, keeping its environment and
 // process attributes (a cgroup given with CLONE_INTO_CGROUP stays: ip netns
 // exec changes the network and mount namespace, not the cgroup).
