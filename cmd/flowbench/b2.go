@@ -24,15 +24,22 @@ type streamCount struct {
 	BadBatches int    `json:"bad_batches"` // messages that did not decode
 	FirstError string `json:"first_error,omitempty"`
 	Drops      uint64 `json:"batch_drops"` // drops the batches themselves announce
-	// obs counts storm events by direction and client port.
-	obs map[schema.Direction][]uint32
+	// EndMessages and EndEvents count the end batches (subjects <prefix>.<host>.<direction>.end) and their
+	// events; EndMatched those of the storm's listener, EndBadOrder ends whose begin_ns is after end_ns.
+	EndMessages int `json:"end_messages"`
+	EndEvents   int `json:"end_events"`
+	EndMatched  int `json:"end_matched"`
+	EndBadOrder int `json:"end_bad_order"`
+	// obs counts storm begins by direction and client port, obsEnd the ends.
+	obs, obsEnd map[schema.Direction][]uint32
 }
 
 // runB2 runs a long storm with the agent attached and checks that every
-// connection reached the stream exactly twice (outgoing and incoming).
+// connection reached the stream exactly twice (outgoing and incoming) as a
+// begin and, with end events on (the agent's default), twice as an end.
 func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...any)) []Row {
 	row := Row{ID: "B2", What: fmt.Sprintf("completeness, %g s storm x %d workers", p.B2Seconds, p.Workers),
-		Target: "0 lost, 0 dup, 0 kernel drops", Met: "n/a", Figures: "n/a"}
+		Target: "0 lost, 0 dup, 0 kernel drops (begins and ends)", Met: "n/a", Figures: "n/a"}
 	fail := func(err error) []Row {
 		row.Note = err.Error()
 		return []Row{row}
@@ -66,29 +73,8 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 		row.Note = err.Error()
 	}
 
-	// Ports are reused during a storm, so compare multisets per (direction,
-	// client port). Events beyond the successful connections are first
-	// explained by failed attempts on that port (connect can fail after the
-	// SYN-ACK passed, which is a begun connection); the rest are duplicates.
-	var lost, dup, expected, fromFailed uint64
-	for _, dir := range []schema.Direction{schema.Outgoing, schema.Incoming} {
-		obs := sc.obs[dir]
-		for port := 0; port < 65536; port++ {
-			want := uint64(st.PortCounts[uint16(port)])
-			maybe := uint64(st.FailedPortCounts[uint16(port)])
-			got := uint64(obs[port])
-			expected += want
-			switch {
-			case got < want:
-				lost += want - got
-			case got-want <= maybe:
-				fromFailed += got - want
-			default:
-				fromFailed += maybe
-				dup += got - want - maybe
-			}
-		}
-	}
+	lost, dup, expected, fromFailed := compareStorm(&st, sc.obs)
+	endLost, endDup, _, endFromFailed := compareStorm(&st, sc.obsEnd)
 	kd := kernelDrops(m)
 	allDrops := proctest.SumPrefix(m, "flowbus_agent_dropped_events_total")
 	row.Figures = fmt.Sprintf("%d conns (%.0f/s); %d events of %d expected: lost %d, dup %d; kernel drops %.0f (all drops %.0f)",
@@ -96,11 +82,27 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	if fromFailed > 0 {
 		row.Figures += fmt.Sprintf("; +%d events of %d failed connects", fromFailed, st.Failed)
 	}
-	row.Met = metStr(lost == 0 && dup == 0 && kd == 0)
+	endsOK := true
+	if sc.EndMessages > 0 {
+		row.Figures += fmt.Sprintf("; ends: %d of %d expected, lost %d, dup %d", sc.EndMatched, expected, endLost, endDup)
+		if endFromFailed > 0 {
+			row.Figures += fmt.Sprintf(", +%d of failed connects", endFromFailed)
+		}
+		if sc.EndBadOrder > 0 {
+			row.Figures += fmt.Sprintf(", %d ending before they began", sc.EndBadOrder)
+		}
+		endsOK = endLost == 0 && endDup == 0 && sc.EndBadOrder == 0
+	} else {
+		row.Figures += "; no end events (FLOWBUS_END_EVENTS=false?)"
+	}
+	row.Met = metStr(lost == 0 && dup == 0 && kd == 0 && endsOK)
 	row.Data = map[string]any{
 		"conns": st.Conns, "failed": st.Failed, "seconds": st.Seconds, "rate": float64(st.Conns) / st.Seconds,
 		"expected_events": expected, "lost": lost, "duplicated": dup, "from_failed_connects": fromFailed, "connect_errors": st.Errors, "kernel_drops": kd, "all_drops": allDrops,
-		"stream": sc, "flush_seconds": settle.Seconds(),
+		"ends_lost": endLost, "ends_duplicated": endDup, "ends_from_failed_connects": endFromFailed,
+		"agent_ends_captured": m[`flowbus_agent_ends_total{stage="captured"}`],
+		"agent_ends_acked":    m[`flowbus_agent_ends_total{stage="acked"}`],
+		"stream":              sc, "flush_seconds": settle.Seconds(),
 		"agent_captured": m[`flowbus_agent_events_total{stage="captured"}`],
 		"agent_acked":    m[`flowbus_agent_events_total{stage="acked"}`],
 	}
@@ -116,6 +118,33 @@ func runB2(ctx context.Context, tmp string, p Params, progress func(string, ...a
 	}
 	progress("B2: %s", row.Figures)
 	return []Row{row}
+}
+
+// compareStorm compares what the stream holds per (direction, client port)
+// with the storm's connections. Ports are reused during a storm, so it
+// compares multisets; events beyond the successful connections are first
+// explained by failed attempts on that port (connect can fail after the
+// SYN-ACK passed, which is a begun connection); the rest are duplicates.
+func compareStorm(st *proctest.LoadStormResult, obs map[schema.Direction][]uint32) (lost, dup, expected, fromFailed uint64) {
+	for _, dir := range []schema.Direction{schema.Outgoing, schema.Incoming} {
+		o := obs[dir]
+		for port := 0; port < 65536; port++ {
+			want := uint64(st.PortCounts[uint16(port)])
+			maybe := uint64(st.FailedPortCounts[uint16(port)])
+			got := uint64(o[port])
+			expected += want
+			switch {
+			case got < want:
+				lost += want - got
+			case got-want <= maybe:
+				fromFailed += got - want
+			default:
+				fromFailed += maybe
+				dup += got - want - maybe
+			}
+		}
+	}
+	return lost, dup, expected, fromFailed
 }
 
 // waitFlushed polls the agent's metrics until nothing is pending and the
@@ -153,9 +182,12 @@ func waitFlushed(ctx context.Context, a *agentProc) (map[string]float64, time.Du
 }
 
 // readStream reads every message of the stream with an ordered consumer and
-// counts the storm's events by direction and client port.
+// counts the storm's begins and ends by direction and client port.
 func readStream(ctx context.Context, addr, stream string, listenPort uint16) (streamCount, error) {
 	sc := streamCount{obs: map[schema.Direction][]uint32{
+		schema.Outgoing: make([]uint32, 65536),
+		schema.Incoming: make([]uint32, 65536),
+	}, obsEnd: map[schema.Direction][]uint32{
 		schema.Outgoing: make([]uint32, 65536),
 		schema.Incoming: make([]uint32, 65536),
 	}}
@@ -185,12 +217,14 @@ func readStream(ctx context.Context, addr, stream string, listenPort uint16) (st
 	}
 	loop := netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	type batchID struct {
-		dir schema.Direction
-		run string
-		seq uint64
+		kind schema.Kind
+		dir  schema.Direction
+		run  string
+		seq  uint64
 	}
 	seen := map[batchID]bool{}
 	var b schema.Batch
+	var eb schema.EndBatch
 	idle := 0
 	for sc.Messages < total && idle < 3 {
 		mb, err := cons.Fetch(1000, jetstream.FetchMaxWait(2*time.Second))
@@ -201,6 +235,36 @@ func readStream(ctx context.Context, addr, stream string, listenPort uint16) (st
 		for msg := range mb.Messages() {
 			n++
 			sc.Messages++
+			if schema.SubjectKind(msg.Subject(), "") == schema.KindEnd {
+				eb.Events = eb.Events[:0]
+				if err := schema.DecodeEndBatch(msg.Data(), &eb); err != nil {
+					if sc.BadBatches == 0 {
+						sc.FirstError = err.Error()
+					}
+					sc.BadBatches++
+					continue
+				}
+				sc.EndMessages++
+				id := batchID{schema.KindEnd, eb.Direction, eb.RunID, eb.Seq}
+				if seen[id] {
+					sc.DupBatches++
+				}
+				seen[id] = true
+				sc.Drops += eb.Drops.Total()
+				for i := range eb.Events {
+					ev := &eb.Events[i]
+					sc.EndEvents++
+					if ev.DstPort != listenPort || ev.Src != loop || ev.Dst != loop || sc.obsEnd[ev.Direction] == nil {
+						continue
+					}
+					sc.EndMatched++
+					sc.obsEnd[ev.Direction][ev.SrcPort]++
+					if ev.BeginNs > ev.EndNs {
+						sc.EndBadOrder++
+					}
+				}
+				continue
+			}
 			b.Events = b.Events[:0]
 			if err := schema.DecodeBatch(msg.Data(), &b); err != nil {
 				if sc.BadBatches == 0 {
@@ -209,7 +273,7 @@ func readStream(ctx context.Context, addr, stream string, listenPort uint16) (st
 				sc.BadBatches++
 				continue
 			}
-			id := batchID{b.Direction, b.RunID, b.Seq}
+			id := batchID{schema.KindBegin, b.Direction, b.RunID, b.Seq}
 			if seen[id] {
 				sc.DupBatches++
 			}
