@@ -341,9 +341,11 @@ func fillHole(hs []store.Hole, seq uint64) ([]store.Hole, bool) {
 
 // fold counts the batch's events. The peer is the other end of the connection: the responder of an
 // outgoing connection, the initiator of an incoming one; the port is always the responder's (the
-// service). The peer's name is the first DNS name the agent attached, "" when none.
+// service). The peer's name in conn_agg and peer_seen is the first DNS name the agent attached, "" when
+// none; conn_names counts the connection under every name (each distinct one once).
 func (a *aggregator) fold(b *schema.Batch) {
 	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
+	nk := store.NameKey{Host: b.Host, Dir: b.Direction}
 	sk := store.SeenKey{Host: b.Host, Dir: b.Direction}
 	pk := store.ProcKey{Host: b.Host, Dir: b.Direction}
 	for i := range b.Events {
@@ -366,6 +368,13 @@ func (a *aggregator) fold(b *schema.Batch) {
 		a.d.Events++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
 		a.d.Conns[ck]++
+		nk.Bucket, nk.Peer, nk.Port = bucket, peer, ev.DstPort
+		for j, n := range names {
+			if n = cleanText(n); n != "" && !repeatsName(names[:j], n) {
+				nk.Name = n
+				a.d.Names[nk]++
+			}
+		}
 		pk.Bucket, pk.Comm, pk.PID = bucket, cleanText(ev.Comm), ev.PID
 		a.d.Procs[pk]++
 		sk.Peer, sk.Port = peer, ev.DstPort
@@ -380,6 +389,18 @@ func (a *aggregator) fold(b *schema.Batch) {
 			a.d.Seen[sk] = sp
 		}
 	}
+}
+
+// repeatsName reports whether name n (cleaned) is among the earlier names of an event, so that an
+// agent listing a name twice does not count the connection twice under it. Events carry a handful of
+// names at most: a scan is cheaper than a set.
+func repeatsName(earlier []string, n string) bool {
+	for _, e := range earlier {
+		if cleanText(e) == n {
+			return true
+		}
+	}
+	return false
 }
 
 // cleanText makes s storable as text in both databases: invalid UTF-8 becomes U+FFFD and NUL, which

@@ -227,11 +227,12 @@ type Snapshot struct {
 	Gaps    map[string]string
 	Ends    map[string]string // end_agg
 	Procs   map[string]string // proc_agg
+	Names   map[string]string // conn_names
 }
 
 func newSnapshot() *Snapshot {
 	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{},
-		Ends: map[string]string{}, Procs: map[string]string{}}
+		Ends: map[string]string{}, Procs: map[string]string{}, Names: map[string]string{}}
 }
 
 func bucketOf(ns int64, width time.Duration) int64 {
@@ -257,7 +258,8 @@ func addrText(a netip.Addr) string {
 // Reference computes, directly from the published batches (in stream order) and the bucket width,
 // what the aggregate tables must hold: connections per bucket of event time by host, direction, peer
 // (the responder of outgoing and the initiator of incoming connections), first DNS name and service
-// port; first and last seen per (host, direction, peer, port) with the earliest name; batches, events
+// port; the same by each distinct DNS name of the peer (conn_names); first and last seen per (host,
+// direction, peer, port) with the earliest name; batches, events
 // and drops per bucket of stored time; and a gap wherever a batch's prev_seq is not the last seq seen of
 // its chain.
 func Reference(batches []Published, width time.Duration) *Snapshot {
@@ -268,6 +270,7 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 		name                string
 	}
 	conns := map[string]int64{}
+	nameConns := map[string]int64{}
 	procs := map[string]int64{}
 	ends := map[string]*endRef{}
 	seens := map[string]*seen{}
@@ -328,6 +331,13 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 				name = names[0]
 			}
 			conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, addrText(peer), name, e.DstPort)]++
+			distinct := map[string]bool{}
+			for _, n := range names {
+				if n != "" && !distinct[n] {
+					distinct[n] = true
+					nameConns[fmt.Sprintf("%d|%s|%s|%s|%d|%s", bucketOf(e.Timestamp, width), b.Host, dir, addrText(peer), e.DstPort, n)]++
+				}
+			}
 			procs[fmt.Sprintf("%d|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, e.Comm, e.PID)]++
 			sk := fmt.Sprintf("%s|%s|%s|%d", b.Host, dir, addrText(peer), e.DstPort)
 			s := seens[sk]
@@ -346,6 +356,9 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	}
 	for k, n := range procs {
 		snap.Procs[k] = fmt.Sprint(n)
+	}
+	for k, n := range nameConns {
+		snap.Names[k] = fmt.Sprint(n)
 	}
 	for k, e := range ends {
 		snap.Ends[k] = e.String()
@@ -383,6 +396,18 @@ func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
 			return err
 		}
 		snap.Conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", b, h, d, p, name, port)] = fmt.Sprint(n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, peer, port, name, conns FROM conn_names`, func(scan func(...any) error) error {
+		var b, port, n int64
+		var h, d, p, name string
+		if err := scan(&b, &h, &d, &p, &port, &name, &n); err != nil {
+			return err
+		}
+		snap.Names[fmt.Sprintf("%d|%s|%s|%s|%d|%s", b, h, d, p, port, name)] = fmt.Sprint(n)
 		return nil
 	})
 	if err != nil {
@@ -485,6 +510,7 @@ func Diff(want, got *Snapshot, max int) []string {
 	cmp("gaps", want.Gaps, got.Gaps)
 	cmp("end_agg", want.Ends, got.Ends)
 	cmp("proc_agg", want.Procs, got.Procs)
+	cmp("conn_names", want.Names, got.Names)
 	return out
 }
 
@@ -498,8 +524,8 @@ func Check(t testing.TB, st *store.Store, want *Snapshot) {
 		t.Fatalf("load aggregates: %v", err)
 	}
 	if d := Diff(want, got, 10); len(d) > 0 {
-		t.Errorf("aggregates in %s differ from the reference (%d conn rows, %d seen rows, %d batch rows, %d gaps, %d end rows, %d process rows wanted):\n  %s",
-			st.Kind(), len(want.Conns), len(want.Seen), len(want.Batches), len(want.Gaps), len(want.Ends), len(want.Procs), strings.Join(d, "\n  "))
+		t.Errorf("aggregates in %s differ from the reference (%d conn rows, %d seen rows, %d batch rows, %d gaps, %d end rows, %d process rows, %d name rows wanted):\n  %s",
+			st.Kind(), len(want.Conns), len(want.Seen), len(want.Batches), len(want.Gaps), len(want.Ends), len(want.Procs), len(want.Names), strings.Join(d, "\n  "))
 	}
 }
 

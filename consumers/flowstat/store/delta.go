@@ -27,6 +27,17 @@ type ConnKey struct {
 	Port   uint16
 }
 
+// NameKey is one row of conn_names: connections of a bucket by host, direction, peer, service port and
+// one DNS name the events carried for the peer (every name, not only the first).
+type NameKey struct {
+	Bucket int64
+	Host   string
+	Dir    schema.Direction
+	Peer   netip.Addr
+	Port   uint16
+	Name   string
+}
+
 // SeenKey is one row of peer_seen.
 type SeenKey struct {
 	Host string
@@ -155,6 +166,8 @@ type Delta struct {
 	// Ends holds the end events per ConnKey (bucket of end time); Procs the connections per process.
 	Ends  map[ConnKey]*EndAgg
 	Procs map[ProcKey]uint64
+	// Names counts the connections per DNS name (conn_names): an event with k names adds to k rows.
+	Names map[NameKey]uint64
 	// Events (begins), EndEvents and Messages (valid batches of both kinds) count what went into the
 	// delta (for stats).
 	Events, EndEvents, Messages uint64
@@ -163,7 +176,7 @@ type Delta struct {
 // NewDelta returns an empty Delta.
 func NewDelta() *Delta {
 	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]ChainState{}, Holes: map[RunKey][]Hole{},
-		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}}
+		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}, Names: map[NameKey]uint64{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -176,6 +189,7 @@ func (d *Delta) Reset() {
 	clear(d.Recovered)
 	clear(d.Ends)
 	clear(d.Procs)
+	clear(d.Names)
 	d.Gaps, d.Dead, d.Dups, d.Restarts = d.Gaps[:0], d.Dead[:0], d.Dups[:0], d.Restarts[:0]
 	d.Events, d.EndEvents, d.Messages = 0, 0, 0
 }
@@ -353,6 +367,11 @@ func cmpConnKey(a, b ConnKey) int {
 		a.Peer.Compare(b.Peer), strings.Compare(a.Name, b.Name), cmp.Compare(a.Port, b.Port))
 }
 
+func cmpNameKey(a, b NameKey) int {
+	return cmp.Or(cmp.Compare(a.Bucket, b.Bucket), strings.Compare(a.Host, b.Host), cmp.Compare(a.Dir, b.Dir),
+		a.Peer.Compare(b.Peer), cmp.Compare(a.Port, b.Port), strings.Compare(a.Name, b.Name))
+}
+
 func cmpSeenKey(a, b SeenKey) int {
 	return cmp.Or(strings.Compare(a.Host, b.Host), cmp.Compare(a.Dir, b.Dir), a.Peer.Compare(b.Peer), cmp.Compare(a.Port, b.Port))
 }
@@ -393,6 +412,20 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 	}
 	if err := u.flush(); err != nil {
 		return fmt.Errorf("conn_agg: %w", err)
+	}
+
+	if len(d.Names) > 0 {
+		un := newUpserter(ctx, s, tx, `INSERT INTO conn_names (bucket, host, direction, peer, port, name, conns) VALUES `,
+			`ON CONFLICT (bucket, host, direction, peer, port, name) DO UPDATE SET conns = conn_names.conns + excluded.conns`, 7)
+		defer un.close()
+		for _, k := range order(mapKeys(d.Names), cmpNameKey) {
+			if err := un.add(k.Bucket, k.Host, dirText(k.Dir), at.get(k.Peer), int64(k.Port), k.Name, int64(d.Names[k])); err != nil {
+				return fmt.Errorf("conn_names: %w", err)
+			}
+		}
+		if err := un.flush(); err != nil {
+			return fmt.Errorf("conn_names: %w", err)
+		}
 	}
 
 	// MIN/MAX as CASE: SQLite's two-argument min() is PostgreSQL's LEAST(); CASE is the same in both.

@@ -12,6 +12,8 @@ import (
 var migrations = []struct {
 	version int
 	stmts   []string
+	// build, when set, makes the statements for the store's kind (dialect-specific migrations).
+	build func(Kind) []string
 }{
 	{1, []string{
 		`CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
@@ -69,7 +71,7 @@ var migrations = []struct {
 			started_ns BIGINT NOT NULL, from_s BIGINT NOT NULL, to_s BIGINT NOT NULL,
 			upto_seq BIGINT NOT NULL, finished_ns BIGINT NOT NULL,
 			PRIMARY KEY (started_ns))`,
-	}},
+	}, nil},
 	{2, []string{
 		// Batch seqs of a chain known to be missing: from a gap's after_seq+1 to the prev_seq its batch
 		// named. A batch at or below its chain's last seq is counted only when it fills a hole (the hole
@@ -91,7 +93,7 @@ var migrations = []struct {
 			host TEXT NOT NULL, run_id TEXT NOT NULL, direction TEXT NOT NULL, seq BIGINT NOT NULL,
 			stored_ns BIGINT NOT NULL,
 			PRIMARY KEY (stream, stream_seq))`,
-	}},
+	}, nil},
 	{3, []string{
 		// What a run link (prev_run) needs of the chain it names: the distinct batches counted, whether
 		// they were counted from the chain's first batch (else K cannot be told), and whether a link
@@ -113,7 +115,7 @@ var migrations = []struct {
 			stream_seq BIGINT NOT NULL, stored_ns BIGINT NOT NULL,
 			PRIMARY KEY (host, run_id, direction))`,
 		`CREATE INDEX restarts_prev ON restarts (host, prev_run_id, direction)`,
-	}},
+	}, nil},
 	{4, []string{
 		// When each chain was last active: the stored time (unix ns) of the newest batch that changed
 		// it. The consumer keeps only the most recent chains in memory and loads the others by key; the
@@ -122,8 +124,9 @@ var migrations = []struct {
 		`ALTER TABLE run_state ADD COLUMN stored_ns BIGINT NOT NULL DEFAULT 0`,
 		`UPDATE run_state SET stored_ns = COALESCE((SELECT MAX(bucket) FROM batch_agg), 0) * 1000000000`,
 		`CREATE INDEX run_state_stored ON run_state (stored_ns)`,
-	}},
-	{5, migration5},
+	}, nil},
+	{5, migration5, nil},
+	{6, nil, migration6},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which
@@ -148,7 +151,11 @@ func (s *Store) migrate(ctx context.Context) error {
 		return err
 	}
 	for _, m := range migrations {
-		if err := s.migrateOne(ctx, m.version, m.stmts); err != nil {
+		stmts := m.stmts
+		if m.build != nil {
+			stmts = m.build(s.kind)
+		}
+		if err := s.migrateOne(ctx, m.version, stmts); err != nil {
 			return fmt.Errorf("migration %d: %w", m.version, err)
 		}
 	}

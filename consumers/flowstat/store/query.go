@@ -10,7 +10,7 @@ import (
 )
 
 // BeginReplay starts the rebuild of buckets [fromS, toS) (unix seconds, bucket aligned): in one
-// transaction it deletes their conn_agg, batch_agg, end_agg and proc_agg rows, records the replay as unfinished, and reads
+// transaction it deletes their conn_agg, conn_names, batch_agg, end_agg and proc_agg rows, records the replay as unfinished, and reads
 // the consumer's checkpoint. The caller then re-reads the stream up to that sequence (messages after it
 // are the live consumer's) and adds only what falls in the range with ApplyReplay, then calls
 // FinishReplay. Reading the checkpoint and deleting in one transaction is what keeps a concurrent
@@ -26,7 +26,7 @@ func (s *Store) BeginReplay(ctx context.Context, consumer, stream string, fromS,
 	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT seq, filters FROM checkpoints WHERE consumer = ? AND stream = ?`+s.forUpdate()), consumer, stream).Scan(&seq, &f); err != nil {
 		return 0, 0, nil, fmt.Errorf("no checkpoint of consumer %q on stream %q in %s: run `flowstat run` first (%v)", consumer, stream, s.where, err)
 	}
-	for _, t := range []string{"conn_agg", "batch_agg", "end_agg", "proc_agg"} {
+	for _, t := range []string{"conn_agg", "conn_names", "batch_agg", "end_agg", "proc_agg"} {
 		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM `+t+` WHERE bucket >= ? AND bucket < ?`), fromS, toS); err != nil {
 			return 0, 0, nil, err
 		}
@@ -207,14 +207,16 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		}
 		return totals[k]
 	}
-	err = s.each(ctx, `SELECT host, direction, CAST(SUM(batches) AS BIGINT), CAST(SUM(events) AS BIGINT),
+	// The analyst views, so flowstat reports what an analyst's SQL on them finds.
+	err = s.each(ctx, `SELECT host, conn_direction, CAST(SUM(batches) AS BIGINT), CAST(SUM(events) AS BIGINT),
 		CAST(SUM(drops_kernel) AS BIGINT), CAST(SUM(drops_reader) AS BIGINT), CAST(SUM(drops_queue) AS BIGINT),
-		CAST(SUM(drops_spool) AS BIGINT), CAST(SUM(drops_publish) AS BIGINT), MIN(bucket), MAX(bucket),
-		CAST(SUM(end_batches) AS BIGINT), CAST(SUM(end_events) AS BIGINT), CAST(SUM(end_drops_kernel + end_drops_reader + end_drops_queue + end_drops_spool + end_drops_publish) AS BIGINT)
-		FROM batch_agg GROUP BY host, direction`, nil, func(sc scanner) error {
+		CAST(SUM(drops_spool) AS BIGINT), CAST(SUM(drops_publish) AS BIGINT), MIN(bucket_start), MAX(bucket_start),
+		CAST(SUM(end_batches) AS BIGINT), CAST(SUM(end_events) AS BIGINT), CAST(SUM(end_drops) AS BIGINT)
+		FROM gaps_and_drops GROUP BY host, conn_direction`, nil, func(sc scanner) error {
 		var h, d string
 		var v [12]int64
-		if err := sc.Scan(&h, &d, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]); err != nil {
+		var first, last dbTime
+		if err := sc.Scan(&h, &d, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &first, &last, &v[9], &v[10], &v[11]); err != nil {
 			return err
 		}
 		t := get(h, d)
@@ -223,7 +225,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 		// Sums of counters that are never negative: the conversions keep them.
 		drops := schema.Drops{Kernel: uint64(v[2]), Reader: uint64(v[3]), Queue: uint64(v[4]), Spool: uint64(v[5]), Publish: uint64(v[6])}
 		t.Drops = int64(drops.Total())
-		t.First, t.Last = time.Unix(v[7], 0).UTC(), time.Unix(v[8], 0).UTC()
+		t.First, t.Last = first.T, last.T
 		t.EndBatches, t.EndEvents, t.EndDrops = v[9], v[10], v[11]
 		return nil
 	})
@@ -233,7 +235,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	if err := s.endTotals(ctx, get); err != nil {
 		return nil, err
 	}
-	err = s.each(ctx, `SELECT host, direction, CAST(SUM(conns) AS BIGINT) FROM conn_agg GROUP BY host, direction`, nil, func(sc scanner) error {
+	err = s.each(ctx, `SELECT host, conn_direction, CAST(SUM(connections) AS BIGINT) FROM connections_per_host GROUP BY host, conn_direction`, nil, func(sc scanner) error {
 		var h, d string
 		var n int64
 		if err := sc.Scan(&h, &d, &n); err != nil {
@@ -245,7 +247,7 @@ func (s *Store) Summary(ctx context.Context, maxGaps int) (*Summary, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = s.each(ctx, `SELECT host, direction, COUNT(*) FROM gaps GROUP BY host, direction`, nil, func(sc scanner) error {
+	err = s.each(ctx, `SELECT host, conn_direction, COUNT(*) FROM batch_gaps GROUP BY host, conn_direction`, nil, func(sc scanner) error {
 		var h, d string
 		var n int64
 		if err := sc.Scan(&h, &d, &n); err != nil {
@@ -406,22 +408,24 @@ type Filter struct {
 // where appends the filter's conditions on conn_agg's bucket, host and direction. A bucket counts when
 // it starts at or after the bucket holding Since (so --since 1h includes the current partial bucket).
 func (f Filter) where(q string, args []any, width time.Duration) (string, []any) {
-	ws := max(int64(width/time.Second), 1)
-	floor := func(t time.Time) int64 {
-		u := t.Unix()
-		b := u / ws * ws
-		if u < 0 && u%ws != 0 {
-			b -= ws
-		}
-		return b
-	}
 	q += ` WHERE bucket >= ?`
-	args = append(args, floor(f.Since))
+	args = append(args, floorBucket(f.Since, width))
 	if !f.Until.IsZero() {
 		q += ` AND bucket < ?`
 		args = append(args, f.Until.Unix())
 	}
 	return f.hostDir(q, args)
+}
+
+// floorBucket is the start (unix seconds) of the bucket of width holding t.
+func floorBucket(t time.Time, width time.Duration) int64 {
+	ws := max(int64(width/time.Second), 1)
+	u := t.Unix()
+	b := u / ws * ws
+	if u < 0 && u%ws != 0 {
+		b -= ws
+	}
+	return b
 }
 
 // hostDir narrows q to f's host and direction, when set.
@@ -449,25 +453,33 @@ type TopRow struct {
 var TopBy = []string{"peer", "port", "name", "host"}
 
 // Top returns the limit groups with the most connections in f, grouped by "peer", "port", "name" or
-// "host". For peers Name is the alphabetically greatest name seen (an address often has several).
+// "host", from the views connections and (by name) connections_by_name. For peers Name is the
+// alphabetically greatest name seen (an address often has several). By name, every DNS name a
+// connection carried counts it: one with two names counts under both.
 func (s *Store) Top(ctx context.Context, by string, f Filter, limit int) ([]TopRow, error) {
-	col := map[string]string{"peer": "peer", "name": "peer_name", "port": "port", "host": "host"}[by]
-	if col == "" {
+	peer := s.peerText()
+	key := map[string]string{"peer": peer, "name": "remote_name", "port": "CAST(responder_port AS TEXT)", "host": "host"}[by]
+	if key == "" {
 		return nil, fmt.Errorf("top by %q: want one of %v", by, TopBy)
 	}
 	width, err := s.BucketWidth(ctx)
 	if err != nil {
 		return nil, err
 	}
-	sel := `SELECT CAST(` + col + ` AS TEXT), '', CAST(SUM(conns) AS BIGINT) AS n FROM conn_agg`
-	if by == "peer" {
-		sel = `SELECT peer, MAX(peer_name), CAST(SUM(conns) AS BIGINT) AS n FROM conn_agg`
+	name, from, group := "''", "connections", key
+	switch by {
+	case "peer":
+		name, group = "COALESCE(MAX(remote_name), '')", "remote_addr, remote_zone"
+	case "name":
+		from = "connections_by_name"
+	case "port":
+		group = "responder_port"
 	}
-	q, args := f.where(sel, nil, width)
+	q, args := s.viewWhere(`SELECT `+key+` AS k, `+name+`, CAST(SUM(connections) AS BIGINT) AS n FROM `+from, f, width)
 	if by == "name" {
-		q += ` AND peer_name <> ''`
+		q += ` AND remote_name IS NOT NULL`
 	}
-	q += ` GROUP BY ` + col + ` ORDER BY n DESC, ` + col + ` LIMIT ?`
+	q += ` GROUP BY ` + group + ` ORDER BY n DESC, k LIMIT ?`
 	args = append(args, limit)
 	out := []TopRow{}
 	err = s.each(ctx, q, args, func(sc scanner) error {
@@ -479,6 +491,74 @@ func (s *Store) Top(ctx context.Context, by string, f Filter, limit int) ([]TopR
 		return nil
 	})
 	return out, err
+}
+
+// peerText is the text form of a view's remote_addr and remote_zone as the base tables store a peer
+// (address%zone, ” for none), so output keys stay what they were.
+func (s *Store) peerText() string {
+	addr := "remote_addr"
+	if s.kind == Postgres {
+		addr = "host(remote_addr)"
+	}
+	return "COALESCE(" + addr + ", '') || COALESCE('%' || remote_zone, '')"
+}
+
+// timeArg is t as a view's time column compares: timestamptz in PostgreSQL, ISO-8601 UTC text in
+// SQLite (whose text orders as the times do for years 1 to 9999).
+func (s *Store) timeArg(t time.Time) any {
+	if s.kind == Postgres {
+		return t.UTC()
+	}
+	return t.UTC().Format("2006-01-02T15:04:05Z")
+}
+
+// viewWhere appends f's conditions on a view's bucket_start, host and conn_direction, with the same
+// bucket rule as where.
+func (s *Store) viewWhere(q string, f Filter, width time.Duration) (string, []any) {
+	q += ` WHERE bucket_start >= ?`
+	args := []any{s.timeArg(time.Unix(floorBucket(f.Since, width), 0))}
+	if !f.Until.IsZero() {
+		q += ` AND bucket_start < ?`
+		args = append(args, s.timeArg(time.Unix(f.Until.Unix(), 0)))
+	}
+	if f.Host != "" {
+		q += ` AND host = ?`
+		args = append(args, f.Host)
+	}
+	if f.Direction != "" {
+		q += ` AND conn_direction = ?`
+		args = append(args, f.Direction)
+	}
+	return q, args
+}
+
+// dbTime scans a view's time column: a time.Time from PostgreSQL, ISO-8601 text from SQLite.
+type dbTime struct{ T time.Time }
+
+// Scan implements sql.Scanner.
+func (d *dbTime) Scan(src any) error {
+	switch v := src.(type) {
+	case time.Time:
+		d.T = v.UTC()
+	case string:
+		return d.parse(v)
+	case []byte:
+		return d.parse(string(v))
+	case nil:
+		d.T = time.Time{}
+	default:
+		return fmt.Errorf("time column of type %T", src)
+	}
+	return nil
+}
+
+func (d *dbTime) parse(v string) error {
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		return fmt.Errorf("time column %q: %v", v, err)
+	}
+	d.T = t.UTC()
+	return nil
 }
 
 // NewDest is a (host, direction, peer, port) first seen in the queried range.

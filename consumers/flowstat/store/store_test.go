@@ -153,6 +153,9 @@ func TestQueries(t *testing.T) {
 		d := store.NewDelta()
 		add := func(min int, host string, dir schema.Direction, peer netip.Addr, name string, port uint16, n uint64) {
 			d.Conns[store.ConnKey{Bucket: b(min), Host: host, Dir: dir, Peer: peer, Name: name, Port: port}] += n
+			if name != "" {
+				d.Names[store.NameKey{Bucket: b(min), Host: host, Dir: dir, Peer: peer, Port: port, Name: name}] += n
+			}
 			k := store.SeenKey{Host: host, Dir: dir, Peer: peer, Port: port}
 			sp, ok := d.Seen[k]
 			if !ok {
@@ -162,6 +165,8 @@ func TestQueries(t *testing.T) {
 			d.Seen[k] = sp
 		}
 		add(0, "web-01", schema.Outgoing, p1, "api.example.com", 443, 50)
+		// Those 50 carried a second name, which only conn_names keeps.
+		d.Names[store.NameKey{Bucket: b(0), Host: "web-01", Dir: schema.Outgoing, Peer: p1, Port: 443, Name: "cdn.example.net"}] += 50
 		add(1, "web-01", schema.Outgoing, p1, "", 443, 5)
 		add(1, "web-01", schema.Outgoing, p2, "", 5432, 20)
 		add(2, "db-02", schema.Incoming, p2, "", 5432, 30)
@@ -194,7 +199,7 @@ func TestQueries(t *testing.T) {
 		}{
 			{"peer", all, "93.184.215.14/api.example.com=55 10.0.0.7/=50 2001:db8::1/www.example.org=8"},
 			{"port", all, "443/=56 5432/=50 80/=7"},
-			{"name", all, "api.example.com/=50 www.example.org/=8"},
+			{"name", all, "api.example.com/=50 cdn.example.net/=50 www.example.org/=8"},
 			{"host", all, "web-01/=83 db-02/=30"},
 			{"peer", store.Filter{Since: base, Host: "web-01", Direction: "outgoing"}, "93.184.215.14/api.example.com=55 10.0.0.7/=20 2001:db8::1/www.example.org=8"},
 			{"port", store.Filter{Since: base.Add(90 * time.Second), Until: base.Add(10 * time.Minute)}, "5432/=50 80/=7 443/=5"},
