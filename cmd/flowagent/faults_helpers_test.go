@@ -169,11 +169,19 @@ func agentEnv(cgroupPath, natsURL, host, spoolDir string) map[string]string {
 		"FLOWBUS_ACK_TIMEOUT":      "1s",
 		"FLOWBUS_SHUTDOWN_TIMEOUT": "3s",
 		"FLOWBUS_LOG_LEVEL":        "info",
-		// These tests account for begin batches only (DecodeBatch).
+		// Off unless a test turns them on (withEnds): the run-link
+		// accounting of TestRestartChainsRuns counts begin seqs only, and
+		// ends would double the work of the tests that do not check them.
 		"FLOWBUS_END_EVENTS": "false",
 		// Beside the spool, in the test's directory, never the host's.
 		"FLOWBUS_RUN_STATE_FILE": filepath.Join(filepath.Dir(spoolDir), "run-"+host+".state"),
 	}
+}
+
+// withEnds turns end events on in env and returns it.
+func withEnds(env map[string]string) map[string]string {
+	env["FLOWBUS_END_EVENTS"] = "true"
+	return env
 }
 
 // startAgentProc runs the flowagent binary with env (plus a free metrics
@@ -255,11 +263,17 @@ const (
 	mDupAcks      = `flowbus_agent_duplicate_acks_total`
 	mPubErrors    = `flowbus_agent_publish_errors_total`
 	mReady        = `flowbus_agent_ready`
+	mEndsCaptured = `flowbus_agent_ends_total{stage="captured"}`
+	mEndsPub      = `flowbus_agent_ends_total{stage="published"}`
+	mEndsAcked    = `flowbus_agent_ends_total{stage="acked"}`
+	mEndDropsPub  = `flowbus_agent_dropped_ends_total{stage="publisher"}`
+	mEndDropsRing = `flowbus_agent_dropped_ends_total{stage="kernel_ringbuf"}`
+	mEndDropsStor = `flowbus_agent_dropped_ends_total{stage="kernel_storage"}`
 )
 
 func metricsSummary(m map[string]float64) string {
 	var parts []string
-	for _, k := range []string{mCaptured, mPublished, mAcked, mPending, mPendingBytes, mSpoolBatches, mSpoolBytes, mDropSpool, mDropQueue, mDropPublish, mDropKernel, mReady} {
+	for _, k := range []string{mCaptured, mPublished, mAcked, mEndsCaptured, mEndsPub, mEndsAcked, mPending, mPendingBytes, mSpoolBatches, mSpoolBytes, mDropSpool, mDropQueue, mDropPublish, mDropKernel, mEndDropsPub, mEndDropsRing, mEndDropsStor, mReady} {
 		if v, ok := m[k]; ok {
 			parts = append(parts, fmt.Sprintf("%s=%g", strings.TrimPrefix(k, "flowbus_agent_"), v))
 		}
@@ -272,6 +286,12 @@ func metricsSummary(m map[string]float64) string {
 func drained(m map[string]float64) bool {
 	dropped := m[mDropSpool] + m[mDropQueue] + m[mDropPublish]
 	return m[mReady] == 1 && m[mPending] == 0 && m[mSpoolBatches] == 0 && m[mPublished] > 0 && m[mAcked]+dropped == m[mPublished]
+}
+
+// endsDrained is drained for begins and ends: every end handed to batching
+// is acknowledged too (or dropped and counted).
+func endsDrained(m map[string]float64) bool {
+	return drained(m) && m[mEndsPub] > 0 && m[mEndsAcked]+m[mEndDropsPub] == m[mEndsPub]
 }
 
 // sampler records the maxima of the agent's pending bytes and RSS.
@@ -448,15 +468,43 @@ type streamBatch struct {
 	B       schema.Batch
 }
 
+// streamEndBatch is one end batch (net_flow_tcp_end) of the stream.
+type streamEndBatch struct {
+	Seq     uint64
+	Subject string
+	MsgID   string
+	B       schema.EndBatch
+}
+
 // streamContent is what a consumer sees in the stream.
 type streamContent struct {
 	Batches   []streamBatch
 	Flows     *multiset
-	Drops     schema.Drops // summed over every batch
+	Drops     schema.Drops // summed over every begin batch
 	DupMsgIDs []string     // message ids held more than once
 	DupRunSeq int          // (run, seq) pairs held more than once
 	BadIDs    []string     // message id not host.run.seq of its batch
 	ChainGaps int          // batches whose prev_seq is not in the stream
+
+	// End batches, accounted on their own. Their seqs come from the run's
+	// one counter (shared with begins, so a run's message ids never
+	// collide), but their prev_seq chain is their own per direction: it
+	// names the previous end batch of the same run and direction.
+	EndBatches    []streamEndBatch
+	Ends          *multiset
+	EndDrops      schema.Drops // summed over every end batch
+	EndDupMsgIDs  []string     // end message ids held more than once
+	EndDupRunSeq  int          // (run, seq) pairs held by more than one end batch
+	EndBadIDs     []string     // message id not host.run.seq of its end batch
+	EndChainGaps  int          // end batches whose prev_seq names no end batch of their run and direction
+	EndChainHeads int          // (run, direction) end chains without exactly one first batch (prev_seq 0)
+	EndBackwards  []string     // ends whose begin_ns is after their end_ns
+	SharedSeqs    int          // (run, seq) held by both a begin and an end batch
+	BadEndSubject []string     // end batches on another subject than EndSubject of their host and direction
+
+	// Timestamps by flow key: of each begin, and the begin_ns of each end,
+	// to pair every end with its own begin.
+	BeginTs, EndBeginTs map[string][]int64
 }
 
 // eventually retries f every 200 ms until it succeeds, failing the test
@@ -475,6 +523,12 @@ func eventually[T any](t *testing.T, ctx context.Context, what string, f func() 
 	}
 }
 
+// runSeq is a batch's (run, seq): unique per run across kinds and directions.
+type runSeq struct {
+	run string
+	seq uint64
+}
+
 // readAll reads the whole stream with an ordered consumer up to its last
 // sequence at the time of the call.
 func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamContent {
@@ -491,7 +545,7 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 	// time out for a moment: retry within the deadline.
 	st := eventually(t, ctx, "stream "+stream, func() (jetstream.Stream, error) { return js.Stream(ctx, stream) })
 	info := eventually(t, ctx, "stream "+stream+" info", func() (*jetstream.StreamInfo, error) { return st.Info(ctx) })
-	c := &streamContent{Flows: newMultiset()}
+	c := &streamContent{Flows: newMultiset(), Ends: newMultiset(), BeginTs: map[string][]int64{}, EndBeginTs: map[string][]int64{}}
 	last := info.State.LastSeq
 	if info.State.Msgs == 0 {
 		return c
@@ -500,11 +554,9 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 		return st.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
 	})
 	ids := map[string]int{}
-	type runSeq struct {
-		run string
-		seq uint64
-	}
 	runSeqs := map[runSeq]int{}
+	endIDs := map[string]int{}
+	endRunSeqs := map[runSeq]int{}
 	var got uint64
 	for got < last {
 		if ctx.Err() != nil {
@@ -521,6 +573,14 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 				t.Fatal(err)
 			}
 			got = md.Sequence.Stream
+			if schema.SubjectKind(m.Subject(), "") == schema.KindEnd {
+				eb := streamEndBatch{Seq: got, Subject: m.Subject(), MsgID: m.Headers().Get(schema.HeaderMsgID)}
+				if err := schema.DecodeEndBatch(m.Data(), &eb.B); err != nil {
+					t.Fatalf("stream seq %d on %s: %v", got, m.Subject(), err)
+				}
+				c.addEnd(&eb, endIDs, endRunSeqs)
+				continue
+			}
 			sb := streamBatch{Seq: got, Subject: m.Subject(), MsgID: m.Headers().Get(schema.HeaderMsgID)}
 			if err := schema.DecodeBatch(m.Data(), &sb.B); err != nil {
 				t.Fatalf("stream seq %d on %s: %v", got, m.Subject(), err)
@@ -538,7 +598,9 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 			d.Spool += sb.B.Drops.Spool
 			d.Publish += sb.B.Drops.Publish
 			for _, ev := range sb.B.Events {
-				c.Flows.add(flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort))
+				k := flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort)
+				c.Flows.add(k)
+				c.BeginTs[k] = append(c.BeginTs[k], ev.Timestamp)
 			}
 		}
 		if err := msgs.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
@@ -561,17 +623,126 @@ func readAll(t *testing.T, url, stream string, opts ...nats.Option) *streamConte
 			c.ChainGaps++
 		}
 	}
+	c.finishEnds(endIDs, endRunSeqs)
+	for rs := range endRunSeqs {
+		if runSeqs[rs] > 0 {
+			c.SharedSeqs++
+		}
+	}
 	return c
+}
+
+// addEnd accounts one end batch: its ids and its events.
+func (c *streamContent) addEnd(eb *streamEndBatch, ids map[string]int, runSeqs map[runSeq]int) {
+	b := &eb.B
+	c.EndBatches = append(c.EndBatches, *eb)
+	ids[eb.MsgID]++
+	runSeqs[runSeq{b.RunID, b.Seq}]++
+	if want := schema.MsgID(b.Host, b.RunID, b.Seq); eb.MsgID != want {
+		c.EndBadIDs = append(c.EndBadIDs, eb.MsgID+" != "+want)
+	}
+	if err := schema.CheckEndSubject(eb.Subject, "", b.Host, b.Direction); err != nil {
+		c.BadEndSubject = append(c.BadEndSubject, eb.Subject)
+	}
+	c.EndDrops.Add(b.Drops)
+	for i := range b.Events {
+		ev := &b.Events[i]
+		k := flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort)
+		c.Ends.add(k)
+		c.EndBeginTs[k] = append(c.EndBeginTs[k], ev.BeginNs)
+		if ev.BeginNs > ev.EndNs {
+			c.EndBackwards = append(c.EndBackwards, fmt.Sprintf("%s begin_ns %d > end_ns %d", k, ev.BeginNs, ev.EndNs))
+		}
+	}
+}
+
+// finishEnds counts the duplicates and the chain breaks of the end batches.
+func (c *streamContent) finishEnds(ids map[string]int, runSeqs map[runSeq]int) {
+	for id, n := range ids {
+		if n > 1 {
+			c.EndDupMsgIDs = append(c.EndDupMsgIDs, id)
+		}
+	}
+	for _, n := range runSeqs {
+		if n > 1 {
+			c.EndDupRunSeq++
+		}
+	}
+	type chainSeq struct {
+		run string
+		dir schema.Direction
+		seq uint64
+	}
+	type chain struct {
+		run string
+		dir schema.Direction
+	}
+	seqs := map[chainSeq]bool{}
+	heads := map[chain]int{}
+	for i := range c.EndBatches {
+		b := &c.EndBatches[i].B
+		seqs[chainSeq{b.RunID, b.Direction, b.Seq}] = true
+		heads[chain{b.RunID, b.Direction}] += 0
+	}
+	for i := range c.EndBatches {
+		b := &c.EndBatches[i].B
+		if b.PrevSeq == 0 {
+			heads[chain{b.RunID, b.Direction}]++
+		} else if !seqs[chainSeq{b.RunID, b.Direction, b.PrevSeq}] {
+			c.EndChainGaps++
+		}
+	}
+	for _, n := range heads {
+		if n != 1 {
+			c.EndChainHeads++
+		}
+	}
+}
+
+// endBeginMismatch counts the ends whose begin_ns is not the timestamp of
+// a begin of their flow key, pairing a key's begins and ends in time order
+// (a storm reuses client ports); keys with as many ends as begins only. The
+// two come from one kernel clock read, converted to wall time by an offset
+// the agent refreshes, hence the tolerance.
+func (c *streamContent) endBeginMismatch(tol time.Duration) (n int, examples []string) {
+	for k, ends := range c.EndBeginTs {
+		begins := c.BeginTs[k]
+		if len(begins) != len(ends) {
+			continue
+		}
+		b := append([]int64(nil), begins...)
+		e := append([]int64(nil), ends...)
+		sort.Slice(b, func(i, j int) bool { return b[i] < b[j] })
+		sort.Slice(e, func(i, j int) bool { return e[i] < e[j] })
+		for i := range b {
+			if d := time.Duration(e[i] - b[i]); d > tol || d < -tol {
+				n++
+				if len(examples) < 3 {
+					examples = append(examples, fmt.Sprintf("%s: begin at %d, its end says begin_ns %d", k, b[i], e[i]))
+				}
+			}
+		}
+	}
+	return n, examples
 }
 
 // waitStream reads the stream until its batches hold at least want events,
 // or d passes, and returns the last reading.
 func waitStream(t *testing.T, url, stream string, want int, d time.Duration, opts ...nats.Option) *streamContent {
 	t.Helper()
+	return waitStreamEnds(t, url, stream, want, 0, d, opts...)
+}
+
+// waitStreamEnds is waitStream for begins and ends: it waits until the
+// stream holds at least want begins and wantEnds ends. An end is published
+// when its connection closes, after its begin, so the begins alone do not
+// say the stream is complete.
+func waitStreamEnds(t *testing.T, url, stream string, want, wantEnds int, d time.Duration, opts ...nats.Option) *streamContent {
+	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
 		c := readAll(t, url, stream, opts...)
-		if c.Flows.n >= want || time.Now().After(deadline) {
+		if (c.Flows.n >= want && c.Ends.n >= wantEnds) || time.Now().After(deadline) {
 			return c
 		}
 		time.Sleep(500 * time.Millisecond)
@@ -592,6 +763,41 @@ func checkExact(t *testing.T, what string, got *streamContent, want *multiset) {
 	}
 	if len(got.BadIDs) > 0 {
 		t.Errorf("%s: message ids not host.run.seq of their batch: %v", what, first(got.BadIDs, 3))
+	}
+}
+
+// checkEnds compares the stream's ends with the expected flows (every
+// connection's two, one per endpoint, as for begins) and checks their
+// accounting: no end batch twice, ids host.run.seq, subjects of their host
+// and direction, no seq shared with a begin batch, each end after its begin
+// and naming its begin's timestamp. With whole, the end chains must also be
+// whole (no gap, one first batch per run and direction).
+func checkEnds(t *testing.T, what string, got *streamContent, want *multiset, whole bool) {
+	t.Helper()
+	missing, extra, ex := got.Ends.diff(want)
+	mism, mex := got.endBeginMismatch(time.Millisecond)
+	t.Logf("%s: expected %d ends (checksum %016x), stream holds %d ends (checksum %016x) in %d end batches; missing %d, extra %d, duplicate msg ids %d, end chain gaps %d, ends not naming their begin %d",
+		what, want.n, want.check, got.Ends.n, got.Ends.check, len(got.EndBatches), missing, extra, len(got.EndDupMsgIDs), got.EndChainGaps, mism)
+	if missing != 0 || extra != 0 || got.Ends.n != want.n || got.Ends.check != want.check {
+		t.Errorf("%s: ends differ from the connections made: %d missing, %d extra:\n  %s", what, missing, extra, strings.Join(ex, "\n  "))
+	}
+	if len(got.EndDupMsgIDs) > 0 || got.EndDupRunSeq > 0 {
+		t.Errorf("%s: end batches stored twice: %d message ids (e.g. %v), %d (run, seq) pairs", what, len(got.EndDupMsgIDs), first(got.EndDupMsgIDs, 3), got.EndDupRunSeq)
+	}
+	if len(got.EndBadIDs) > 0 || len(got.BadEndSubject) > 0 {
+		t.Errorf("%s: end batches with a message id not host.run.seq (%v) or on a subject not theirs (%v)", what, first(got.EndBadIDs, 3), first(got.BadEndSubject, 3))
+	}
+	if got.SharedSeqs > 0 {
+		t.Errorf("%s: %d (run, seq) pairs held by both a begin and an end batch: the kinds must share the run's seq counter", what, got.SharedSeqs)
+	}
+	if len(got.EndBackwards) > 0 {
+		t.Errorf("%s: %d ends with begin_ns after end_ns, e.g. %v", what, len(got.EndBackwards), first(got.EndBackwards, 3))
+	}
+	if mism > 0 {
+		t.Errorf("%s: %d ends whose begin_ns is not their begin's timestamp (within 1 ms), e.g. %v", what, mism, mex)
+	}
+	if whole && (got.EndChainGaps != 0 || got.EndChainHeads != 0) {
+		t.Errorf("%s: end chains broken: %d end batches with a prev_seq the stream does not hold, %d (run, direction) chains without exactly one first batch", what, got.EndChainGaps, got.EndChainHeads)
 	}
 }
 
@@ -713,11 +919,13 @@ func spoolDrained(m map[string]float64) bool {
 
 // spoolContent is what a dead agent left in its spool directory.
 type spoolContent struct {
-	Entries []*spool.Entry
-	Batches []schema.Batch
-	Flows   *multiset
-	Bytes   int64
-	Corrupt int
+	Entries    []*spool.Entry
+	Batches    []schema.Batch
+	Flows      *multiset
+	EndBatches []schema.EndBatch
+	Ends       *multiset
+	Bytes      int64
+	Corrupt    int
 }
 
 // readSpool opens the spool directory as the next run would and decodes
@@ -732,8 +940,22 @@ func readSpool(t *testing.T, dir string) *spoolContent {
 	if err != nil {
 		t.Fatalf("reading the spool: %v", err)
 	}
-	c := &spoolContent{Entries: es, Flows: newMultiset(), Bytes: sp.Bytes(), Corrupt: sp.Corrupt()}
+	c := &spoolContent{Entries: es, Flows: newMultiset(), Ends: newMultiset(), Bytes: sp.Bytes(), Corrupt: sp.Corrupt()}
 	for _, e := range es {
+		if schema.SubjectKind(e.Subject, "") == schema.KindEnd {
+			var b schema.EndBatch
+			if err := schema.DecodeEndBatch(e.Data, &b); err != nil {
+				t.Fatalf("spool file %s (end batch): %v", e.Name, err)
+			}
+			if want := schema.MsgID(b.Host, b.RunID, b.Seq); e.MsgID != want {
+				t.Errorf("spool file %s: message id %s, want %s", e.Name, e.MsgID, want)
+			}
+			for _, ev := range b.Events {
+				c.Ends.add(flowKey(ev.Direction, ev.Src, ev.SrcPort, ev.Dst, ev.DstPort))
+			}
+			c.EndBatches = append(c.EndBatches, b)
+			continue
+		}
 		var b schema.Batch
 		if err := schema.DecodeBatch(e.Data, &b); err != nil {
 			t.Fatalf("spool file %s: %v", e.Name, err)
@@ -772,6 +994,27 @@ func defaultStream(t *testing.T, nc *nats.Conn, replicas int) jetstream.JetStrea
 		}
 		time.Sleep(250 * time.Millisecond) // JetStream may still be electing its leaders
 	}
+}
+
+// endsOutOfOrder is outOfOrder for end batches.
+func endsOutOfOrder(bs []streamEndBatch, skip map[string]bool) int {
+	type key struct {
+		run string
+		dir schema.Direction
+	}
+	last := map[key]uint64{}
+	n := 0
+	for _, b := range bs {
+		if skip[b.MsgID] {
+			continue
+		}
+		k := key{b.B.RunID, b.B.Direction}
+		if b.B.Seq < last[k] {
+			n++
+		}
+		last[k] = max(last[k], b.B.Seq)
+	}
+	return n
 }
 
 // outOfOrder counts, per run and direction, the batches stored after a

@@ -28,8 +28,9 @@ import (
 )
 
 // 1. The server is stopped for 20 s and restarted while a connection storm
-// runs: every connection reaches the stream exactly once, and memory stays
-// within FLOWBUS_QUEUE_BYTES (the rest goes to the spool).
+// runs: every connection reaches the stream exactly once, its two begins and
+// its two ends (end events on), and memory stays within FLOWBUS_QUEUE_BYTES
+// (the rest goes to the spool).
 func TestFaultServerOutageStorm(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
@@ -47,7 +48,7 @@ func TestFaultServerOutageStorm(t *testing.T) {
 	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
 	cg := cgrouptest.NewChild(t)
-	env := agentEnv(cg.Path, srv.URL(), "host-outage", t.TempDir())
+	env := withEnds(agentEnv(cg.Path, srv.URL(), "host-outage", t.TempDir()))
 	env["FLOWBUS_QUEUE_BYTES"] = strconv.Itoa(queueBytes)
 	env["FLOWBUS_BATCH_MAX_BYTES"] = "16384"
 	a := startAgentProc(t, "agent", env)
@@ -70,23 +71,27 @@ func TestFaultServerOutageStorm(t *testing.T) {
 	outageLen := time.Since(down)
 	back := time.Now()
 	res := st.Wait()
-	m := a.WaitMetrics(90*time.Second, "all acknowledged after the outage", drained)
+	want := newMultiset()
+	want.addStorm(res)
+	// Every end captured (they follow their connections' closes), then
+	// every begin and end acknowledged.
+	a.WaitMetrics(30*time.Second, "every end of the storm captured", func(m map[string]float64) bool { return m[mEndsPub] >= float64(want.n) })
+	m := a.WaitMetrics(90*time.Second, "all acknowledged after the outage", endsDrained)
 	drainTime := time.Since(back)
 	smp.Stop()
 	_, hwm, _ := proctest.ProcMem(a.Pid())
 
-	want := newMultiset()
-	want.addStorm(res)
-	got := waitStream(t, srv.URL(), "FLOWS", want.n, 30*time.Second)
+	got := waitStreamEnds(t, srv.URL(), "FLOWS", want.n, want.n, 30*time.Second)
 	t.Logf("storm: %d connections (%d/s over %v), outage %v, drained %v after the restart; agent: %s",
 		len(res.Ports), workers*rate, before+outage+after, outageLen.Round(time.Millisecond), drainTime.Round(time.Millisecond), metricsSummary(m))
 	t.Logf("mid-outage: %s", metricsSummary(mid))
 	checkExact(t, "outage", got, want)
+	checkEnds(t, "outage", got, want, true)
 	if got.ChainGaps != 0 {
 		t.Errorf("%d batches have a prev_seq the stream does not hold: a batch is missing", got.ChainGaps)
 	}
-	if got.Drops.Total() != 0 || m[mDropSpool]+m[mDropQueue]+m[mDropPublish]+m[mDropKernel] != 0 {
-		t.Errorf("drops in a lossless outage: stream %+v, agent %s", got.Drops, metricsSummary(m))
+	if got.Drops.Total()+got.EndDrops.Total() != 0 || m[mDropSpool]+m[mDropQueue]+m[mDropPublish]+m[mDropKernel]+m[mEndDropsPub]+m[mEndDropsRing]+m[mEndDropsStor] != 0 {
+		t.Errorf("drops in a lossless outage: stream %+v (end batches %+v), agent %s", got.Drops, got.EndDrops, metricsSummary(m))
 	}
 	if mid[mSpoolBatches] == 0 && m[mSpooled] == 0 {
 		t.Errorf("the outage never filled FLOWBUS_QUEUE_BYTES=%d (nothing spooled): the test does not exercise the bound", queueBytes)
@@ -109,7 +114,10 @@ func TestFaultServerOutageStorm(t *testing.T) {
 // each batch once: a batch sent again keeps its message id and the stream
 // drops the copy (one copy is put in the stream by the test beforehand, as if
 // an ack had been lost). Only the batches still in memory at the first kill
-// are lost, and a consumer sees that gap in the prev_seq chain.
+// are lost, and a consumer sees that gap in the prev_seq chain. End events
+// are on: end batches take the same path (spool, replay, dedupe), each end
+// of the spool reaches the stream once, and a lost end batch breaks the end
+// chain of its direction.
 func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
@@ -121,7 +129,7 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	cg := cgrouptest.NewChild(t)
 	spoolDir := t.TempDir()
 	env := func() map[string]string {
-		e := agentEnv(cg.Path, srv.URL(), "host-kill", spoolDir)
+		e := withEnds(agentEnv(cg.Path, srv.URL(), "host-kill", spoolDir))
 		// A small memory bound, so that nearly everything goes to the spool,
 		// and small batches, so that the replay takes long enough to be
 		// interrupted.
@@ -142,7 +150,9 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	res := st.Wait()
 	made := newMultiset()
 	made.addStorm(res)
-	a1.WaitMetrics(30*time.Second, "every event of the storm captured", func(m map[string]float64) bool { return m[mPublished] == float64(made.n) })
+	a1.WaitMetrics(30*time.Second, "every begin and end of the storm captured", func(m map[string]float64) bool {
+		return m[mPublished] == float64(made.n) && m[mEndsPub] == float64(made.n)
+	})
 	// Open batches are sealed (and spooled) after FLOWBUS_BATCH_LINGER.
 	m1, ok := a1.pollMetrics(10*time.Second, 100*time.Millisecond, func(m map[string]float64) bool {
 		return m[mSpoolBatches] > 0 && m[mPendingBytes] > 0
@@ -155,8 +165,9 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 
 	sp := readSpool(t, spoolDir)
 	inMemory := made.n - sp.Flows.n
-	t.Logf("run 1: attached %v after its start with NATS down; storm of %d connections; killed with %d batches (%d events, %d bytes) spooled and %d events in memory only",
-		attach.Round(time.Millisecond), len(res.Ports), len(sp.Entries), sp.Flows.n, sp.Bytes, inMemory)
+	endsInMemory := made.n - sp.Ends.n
+	t.Logf("run 1: attached %v after its start with NATS down; storm of %d connections; killed with %d batches (%d begins in %d, %d ends in %d; %d bytes) spooled and %d begins, %d ends in memory only",
+		attach.Round(time.Millisecond), len(res.Ports), len(sp.Entries), sp.Flows.n, len(sp.Batches), sp.Ends.n, len(sp.EndBatches), sp.Bytes, inMemory, endsInMemory)
 	if attach > 5*time.Second {
 		t.Errorf("the agent took %v to attach with NATS down: connections made meanwhile are not seen", attach)
 	}
@@ -164,11 +175,14 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 		t.Errorf("SIGKILL left %d unreadable spool files", sp.Corrupt)
 	}
 	// made.diff(spool): "missing" are spooled events the storm did not make.
-	if notMade, _, ex := made.diff(sp.Flows); notMade != 0 || len(sp.Entries) < 50 {
-		t.Fatalf("spool holds %d batches, %d events the storm did not make: %v", len(sp.Entries), notMade, ex)
+	if notMade, _, ex := made.diff(sp.Flows); notMade != 0 || len(sp.Batches) < 50 {
+		t.Fatalf("spool holds %d begin batches, %d events the storm did not make: %v", len(sp.Batches), notMade, ex)
 	}
-	if inMemory > 16384/4 {
-		t.Errorf("%d events were in memory only: more than FLOWBUS_QUEUE_BYTES can hold", inMemory)
+	if notMade, _, ex := made.diff(sp.Ends); notMade != 0 || len(sp.EndBatches) < 50 {
+		t.Fatalf("spool holds %d end batches, %d ends the storm did not make: %v", len(sp.EndBatches), notMade, ex)
+	}
+	if inMemory+endsInMemory > 16384/4 {
+		t.Errorf("%d begins and %d ends were in memory only: more than FLOWBUS_QUEUE_BYTES can hold", inMemory, endsInMemory)
 	}
 
 	// NATS is back. One spooled batch is already in the stream, as if the
@@ -212,10 +226,13 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	a3 := startAgentProc(t, "run3", env())
 	m3 := a3.WaitMetrics(60*time.Second, "spool replayed", spoolDrained)
 	drain := time.Since(back)
-	got := waitStream(t, srv.URL(), "FLOWS", sp.Flows.n, 30*time.Second)
+	got := waitStreamEnds(t, srv.URL(), "FLOWS", sp.Flows.n, sp.Ends.n, 30*time.Second)
 	t.Logf("run 3: spool empty %v after run 2 started; %g batches already in the stream (duplicate acks); agent: %s",
 		drain.Round(time.Millisecond), m3[mDupAcks], metricsSummary(m3))
 	checkExact(t, "spool replay", got, sp.Flows)
+	// The ends of the spool, each once; the chains are not whole, since the
+	// first batches died in run 1's memory (see below).
+	checkEnds(t, "spool replay", got, sp.Ends, false)
 	injectedLeft := false
 	for _, e := range left.Entries {
 		injectedLeft = injectedLeft || e.MsgID == injected.MsgID
@@ -226,21 +243,25 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 	case m3[mDupAcks] == 0:
 		t.Errorf("run 3 sent %s, which the stream already held, and counted no duplicate ack", injected.MsgID)
 	}
-	if len(got.Batches) != len(sp.Entries) {
-		t.Errorf("stream holds %d batches, the spool held %d", len(got.Batches), len(sp.Entries))
+	if len(got.Batches) != len(sp.Batches) || len(got.EndBatches) != len(sp.EndBatches) {
+		t.Errorf("stream holds %d begin and %d end batches, the spool held %d and %d", len(got.Batches), len(got.EndBatches), len(sp.Batches), len(sp.EndBatches))
 	}
-	if m3[mPublished] != 0 {
-		t.Errorf("run 3 captured %g events: the test cgroup should be quiet", m3[mPublished])
+	if m3[mPublished] != 0 || m3[mEndsPub] != 0 {
+		t.Errorf("run 3 captured %g begins and %g ends: the test cgroup should be quiet", m3[mPublished], m3[mEndsPub])
 	}
-	if inv := outOfOrder(got.Batches, map[string]bool{injected.MsgID: true}); inv != 0 {
-		t.Errorf("%d batches stored out of order (spooled batches must be published oldest first)", inv)
+	skip := map[string]bool{injected.MsgID: true}
+	if inv, endInv := outOfOrder(got.Batches, skip), endsOutOfOrder(got.EndBatches, skip); inv != 0 || endInv != 0 {
+		t.Errorf("%d begin and %d end batches stored out of order (spooled batches must be published oldest first)", inv, endInv)
 	}
 	// The batches lost with run 1's memory show as a break in its prev_seq
 	// chain, so a consumer can tell.
 	if inMemory > 0 && got.ChainGaps == 0 {
 		t.Errorf("%d events lost with run 1's memory, but no prev_seq gap in the stream shows it", inMemory)
 	}
-	t.Logf("prev_seq gaps seen by a consumer: %d", got.ChainGaps)
+	if endsInMemory > 0 && got.EndChainGaps == 0 {
+		t.Errorf("%d ends lost with run 1's memory, but no prev_seq gap in the end chains shows it", endsInMemory)
+	}
+	t.Logf("prev_seq gaps seen by a consumer: %d in the begin chains, %d in the end chains", got.ChainGaps, got.EndChainGaps)
 	a3.Stop()
 }
 
@@ -346,7 +367,8 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 // 4. Three-node cluster, stream with 3 replicas: in the middle of a
 // connection storm the node that both leads the stream and serves the
 // agent's connection is killed (SIGKILL), the worst single node to lose.
-// Every connection reaches the stream exactly once.
+// Every connection reaches the stream exactly once, its two begins and its
+// two ends (end events on).
 func TestFaultClusterNodeKilled(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
@@ -357,7 +379,7 @@ func TestFaultClusterNodeKilled(t *testing.T) {
 	)
 	nodes := newCluster(t, 3)
 	cg := cgrouptest.NewChild(t)
-	env := agentEnv(cg.Path, clusterURL(nodes), "host-cluster", t.TempDir())
+	env := withEnds(agentEnv(cg.Path, clusterURL(nodes), "host-cluster", t.TempDir()))
 	env["FLOWBUS_STREAM_REPLICAS"] = "3"
 	a := startAgentProc(t, "agent", env)
 	a.WaitMetrics(60*time.Second, "ready", func(m map[string]float64) bool { return m[mReady] == 1 })
@@ -409,19 +431,21 @@ func TestFaultClusterNodeKilled(t *testing.T) {
 	election := time.Since(killed)
 
 	res := st.Wait()
-	m := a.WaitMetrics(90*time.Second, "all acknowledged after the node's death", drained)
-	drain := time.Since(killed)
 	want := newMultiset()
 	want.addStorm(res)
-	got := waitStream(t, clusterURL(survivors), "FLOWS", want.n, 30*time.Second)
+	a.WaitMetrics(30*time.Second, "every end of the storm captured", func(m map[string]float64) bool { return m[mEndsPub] >= float64(want.n) })
+	m := a.WaitMetrics(90*time.Second, "all acknowledged after the node's death", endsDrained)
+	drain := time.Since(killed)
+	got := waitStreamEnds(t, clusterURL(survivors), "FLOWS", want.n, want.n, 30*time.Second)
 	reconnected := strings.Count(a.Log(), "reconnected to NATS")
 	t.Logf("storm: %d connections (%d/s over %v); node %s (stream leader and the agent's server) killed at %v with %g events acked, new leader %s seen after %v; agent reconnected %d times; all acknowledged %v after the kill; duplicate acks %g, publish errors %g",
 		len(res.Ports), workers*rate, dur, victim.Name, killAt, before[mAcked], newLeader, election.Round(time.Millisecond),
 		reconnected, drain.Round(time.Millisecond), m[mDupAcks], m[mPubErrors])
 	t.Logf("agent: %s", metricsSummary(m))
 	checkExact(t, "cluster", got, want)
-	if got.ChainGaps != 0 || got.Drops.Total() != 0 {
-		t.Errorf("losses: %d prev_seq gaps, drops %+v", got.ChainGaps, got.Drops)
+	checkEnds(t, "cluster", got, want, true)
+	if got.ChainGaps != 0 || got.Drops.Total() != 0 || got.EndDrops.Total() != 0 {
+		t.Errorf("losses: %d prev_seq gaps, drops %+v (end batches %+v)", got.ChainGaps, got.Drops, got.EndDrops)
 	}
 	if reconnected == 0 {
 		t.Errorf("the agent never reconnected after its server died")
