@@ -8,19 +8,11 @@ package main
 // batch the link counts as never arrived.
 
 import (
-	"bytes"
-	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
-	"os"
-	"os/signal"
 	"path/filepath"
 	"sort"
 	"strconv"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -30,139 +22,31 @@ import (
 	"github.com/flowbus/flowbus/schema"
 )
 
-func init() {
-	cgrouptest.Register("tstorm", timedStormMain)
-}
-
-// timedConn is one connection of the timed storm: client port and the wall
-// clock (unix ns) just before its dial.
-type timedConn struct {
-	Port uint16 `json:"p"`
-	At   int64  `json:"t"`
-}
-
-type timedStormResult struct {
-	Server string      `json:"server"`
-	Conns  []timedConn `json:"conns"`
-	Errors int         `json:"errors"`
-	LastEr string      `json:"last_error,omitempty"`
-}
-
-// timedStormMain is a storm like proctest.StormMain that also records when
-// each connection was made: args addr workers rate (per worker); it runs
-// until SIGTERM (at most a minute) and prints a timedStormResult.
-func timedStormMain(args []string) error {
-	if len(args) != 3 {
-		return fmt.Errorf("want addr workers rate, got %q", args)
-	}
-	workers, err1 := strconv.Atoi(args[1])
-	rate, err2 := strconv.Atoi(args[2])
-	if err := errors.Join(err1, err2); err != nil || rate <= 0 {
-		return fmt.Errorf("workers %q rate %q: %v", args[1], args[2], err)
-	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(args[0], "0"))
-	if err != nil {
-		return err
-	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { // wait for the client's RST, as proctest.StormMain does
-				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-				var b [1]byte
-				_, _ = c.Read(b[:])
-				c.Close()
-			}()
-		}
-	}()
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	go func() {
-		select {
-		case <-stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	var (
-		mu  sync.Mutex
-		res = timedStormResult{Server: ln.Addr().String()}
-		wg  sync.WaitGroup
-	)
-	d := net.Dialer{Timeout: 2 * time.Second}
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var conns []timedConn
-			errs, lastErr := 0, ""
-			next := time.Now()
-			for ctx.Err() == nil {
-				next = next.Add(time.Second / time.Duration(rate))
-				if wait := time.Until(next); wait > 0 {
-					time.Sleep(wait)
-				}
-				at := time.Now().UnixNano()
-				c, err := d.Dial("tcp", ln.Addr().String())
-				if err != nil {
-					errs++
-					lastErr = err.Error()
-					continue
-				}
-				conns = append(conns, timedConn{uint16(c.LocalAddr().(*net.TCPAddr).Port), at})
-				_ = c.(*net.TCPConn).SetLinger(0)
-				c.Close()
-			}
-			mu.Lock()
-			res.Conns = append(res.Conns, conns...)
-			res.Errors += errs
-			if lastErr != "" {
-				res.LastEr = lastErr
-			}
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	ln.Close()
-	return json.NewEncoder(os.Stdout).Encode(res)
-}
-
-// startTimedStorm starts the timed storm in cg; stop it with the returned func.
-func startTimedStorm(t *testing.T, cg *cgrouptest.Cgroup, workers, rate int) func() *timedStormResult {
+// startTimedStorm starts a storm (proctest.StormMain, which records each
+// connection's dial time) in cg that runs until the returned func stops it
+// with SIGTERM (at most a minute) and returns what it made.
+func startTimedStorm(t *testing.T, cg *cgrouptest.Cgroup, workers, rate int) func() *proctest.StormResult {
 	t.Helper()
-	cmd := cg.Command("tstorm", "127.0.0.1", strconv.Itoa(workers), strconv.Itoa(rate))
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	if err := cmd.Start(); err != nil {
+	cmd := cg.Command("storm", proctest.StormArgs("127.0.0.1", workers, time.Minute, rate, 1_000_000_000)...)
+	st, err := proctest.StartStorm(cmd)
+	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { _ = cmd.Process.Kill() })
-	return func() *timedStormResult {
+	t.Cleanup(st.Kill)
+	return func() *proctest.StormResult {
 		t.Helper()
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("storm: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Fatal("storm did not end after SIGTERM")
-		}
-		var r timedStormResult
-		if err := json.Unmarshal(out.Bytes(), &r); err != nil {
-			t.Fatalf("storm output: %v", err)
+		r, err := st.Wait(30 * time.Second)
+		if err != nil {
+			t.Fatalf("storm: %v", err)
 		}
 		if r.Errors > 0 {
 			t.Errorf("storm: %d dials failed (last: %s); the expected set is not exact", r.Errors, r.LastEr)
 		}
-		return &r
+		if len(r.At) != len(r.Ports) {
+			t.Fatalf("storm: %d dial times for %d connections", len(r.At), len(r.Ports))
+		}
+		return r
 	}
 }
 
@@ -431,10 +315,10 @@ func TestRestartChainsRuns(t *testing.T) {
 	// takes the time before its dial, the kernel stamps the handshake).
 	srvAP := netip.MustParseAddrPort(res.Server)
 	made := map[string][]int64{}
-	for _, c := range res.Conns {
+	for i, port := range res.Ports {
 		for _, d := range bothDirs {
-			k := flowKey(d, srvAP.Addr(), c.Port, srvAP.Addr(), srvAP.Port())
-			made[k] = append(made[k], c.At)
+			k := flowKey(d, srvAP.Addr(), port, srvAP.Addr(), srvAP.Port())
+			made[k] = append(made[k], res.At[i])
 		}
 	}
 	seenAt := map[string][]int64{}
@@ -487,10 +371,10 @@ func TestRestartChainsRuns(t *testing.T) {
 	if unmatched != 0 {
 		t.Errorf("the stream holds %d events that match no connection of the storm", unmatched)
 	}
-	extra := got.Flows.n - (2*len(res.Conns) - inWindow - outside)
+	extra := got.Flows.n - (2*len(res.Ports) - inWindow - outside)
 	sort.Slice(outsideAt, func(i, j int) bool { return outsideAt[i] < outsideAt[j] })
 	t.Logf("storm: %d connections (%d events); the stream holds %d events in %d batches; missing: %d began while no agent captured, %d while one did (%d events are in batches counted never arrived)",
-		len(res.Conns), 2*len(res.Conns), got.Flows.n, len(got.Batches), inWindow, outside, lost1)
+		len(res.Ports), 2*len(res.Ports), got.Flows.n, len(got.Batches), inWindow, outside, lost1)
 	if extra != 0 {
 		t.Errorf("the stream holds %d events the storm did not make", extra)
 	}

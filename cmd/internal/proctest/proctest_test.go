@@ -380,6 +380,7 @@ func stormCmd(args []string) *exec.Cmd { return childCmd("storm", args) }
 // A storm bounded by its connection count makes exactly that many, all to
 // the listener it reports; a long one ends when killed.
 func TestStorm(t *testing.T) {
+	began := time.Now()
 	st, err := StartStorm(stormCmd(StormArgs("127.0.0.1", 3, time.Minute, 0, 200)))
 	if err != nil {
 		t.Fatal(err)
@@ -395,9 +396,15 @@ func TestStorm(t *testing.T) {
 	if len(r.Ports) != 200 || r.Errors != 0 {
 		t.Errorf("%d connections, %d errors (last %q): want 200 and none", len(r.Ports), r.Errors, r.LastEr)
 	}
-	for _, p := range r.Ports {
+	for i, p := range r.Ports {
 		if p == 0 || p == srv.Port() {
 			t.Fatalf("client port %d", p)
+		}
+		if len(r.At) != len(r.Ports) {
+			t.Fatalf("%d dial times for %d connections", len(r.At), len(r.Ports))
+		}
+		if r.At[i] < began.UnixNano() || r.At[i] > time.Now().UnixNano() {
+			t.Fatalf("connection %d (port %d): dial time %s not within the test", i, p, time.Unix(0, r.At[i]))
 		}
 	}
 

@@ -25,10 +25,13 @@ func StormArgs(addr string, workers int, dur time.Duration, rate, maxConns int) 
 }
 
 // StormResult is what StormMain prints: the listener the storm connected to
-// and the client port of every connection made.
+// and the client port of every connection made, with the wall clock (unix
+// ns) just before its dial in At (same index), for tests that place each
+// connection in time (a restart's window).
 type StormResult struct {
 	Server string   `json:"server"`
 	Ports  []uint16 `json:"ports"`
+	At     []int64  `json:"at"`
 	Errors int      `json:"errors"`
 	LastEr string   `json:"last_error,omitempty"`
 }
@@ -38,7 +41,7 @@ type StormResult struct {
 // worker dials a listener of this process and closes with SO_LINGER 0 (RST,
 // no TIME_WAIT), paced at rate per second (0: as fast as it can), until
 // duration passes, max connections are made, or SIGTERM comes. It prints the
-// client ports as JSON.
+// client ports and dial times as JSON.
 func StormMain(args []string) error {
 	if len(args) != 5 {
 		return fmt.Errorf("want addr workers duration rate max, got %q", args)
@@ -95,6 +98,7 @@ func StormMain(args []string) error {
 		go func() {
 			defer wg.Done()
 			var ports []uint16
+			var ats []int64
 			errs, lastErr := 0, ""
 			next := time.Now()
 			for ctx.Err() == nil && attempts.Add(1) <= maxConns {
@@ -112,6 +116,7 @@ func StormMain(args []string) error {
 				}
 				// Not the storm's context: a dial cut short could leave a
 				// connection made but not reported.
+				at := time.Now().UnixNano()
 				c, err := d.Dial("tcp", ln.Addr().String())
 				if err != nil {
 					errs++
@@ -119,11 +124,13 @@ func StormMain(args []string) error {
 					continue
 				}
 				ports = append(ports, uint16(c.LocalAddr().(*net.TCPAddr).Port))
+				ats = append(ats, at)
 				_ = c.(*net.TCPConn).SetLinger(0)
 				c.Close()
 			}
 			mu.Lock()
 			res.Ports = append(res.Ports, ports...)
+			res.At = append(res.At, ats...)
 			res.Errors += errs
 			if lastErr != "" {
 				res.LastEr = lastErr
