@@ -1,6 +1,7 @@
 // Tests of flowbus.mjs on its own (node --test): every string bound of FORMAT.md decoding rule 4, at
 // the bound and one past it, in bytes as on the wire; prev_run (schema 1.1); bin never passes for a
-// string; end batches (schema 2.0): read by decodeEndBatch with the same bounds, refused by decodeBatch. schema/jstest's Go test runs this file.
+// string; end batches (schema 2.0): read by decodeEndBatch with the same bounds, refused by decodeBatch;
+// ctx uid (1.2 / 2.1). schema/jstest's Go test runs this file.
 import { strict as assert } from "node:assert";
 import { readdirSync, readFileSync } from "node:fs";
 import { test } from "node:test";
@@ -199,4 +200,29 @@ test("end rows: length, ranges and types", () => {
   extra.events[0].push("future", { k: 1 });
   extra.future = { a: 1 };
   assert.equal(decodeEndBatch(encode(extra)).events.length, 1);
+});
+
+test("ctx uid (schema 1.2 / 2.1): a number, 0 is root and kept, absent or nil is unknown, past 2^32-1 malformed", () => {
+  for (const decode of [(b) => decodeBatch(encode(b)), (b) => decodeEndBatch(encode(Object.assign(endBase(), { ctx: b.ctx })))]) {
+    for (const [uid, want] of [[0, 0], [33, 33], [2 ** 32 - 1, 2 ** 32 - 1]]) {
+      const b = base();
+      b.ctx[0].uid = uid;
+      const ev = decode(b).events[0];
+      assert.equal(ev.uid, want);
+      assert.equal(typeof ev.uid, "number");
+    }
+    for (const absent of [undefined, null]) {
+      const b = base();
+      if (absent === null) b.ctx[0].uid = null;
+      assert.equal("uid" in decode(b).events[0], false);
+    }
+    const big = base();
+    big.ctx[0].uid = 2 ** 32;
+    assert.throws(() => decode(big), /ctx\[0\]\.uid is 4294967296, more than 4294967295/);
+    const neg = base();
+    neg.ctx[0].uid = -1;
+    assert.throws(() => decode(neg), /ctx\[0\]\.uid is -1, want a non-negative integer/);
+  }
+  const golden = decodeBatch(readFileSync(new URL("../testdata/process.msgpack", import.meta.url)));
+  assert.deepEqual(golden.events.map((e) => ("uid" in e ? e.uid : "absent")), [33, 0, "absent", 33]);
 });

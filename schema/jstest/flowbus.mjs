@@ -166,6 +166,8 @@ function header(b) {
     if (c.cgroup_id != null) out.cgroup_id = uint64(c.cgroup_id, `ctx[${i}].cgroup_id`);
     if (c.pid != null) out.pid = uintMax(c.pid, 0xffffffff, `ctx[${i}].pid`);
     if (c.comm != null) out.comm = str(c.comm, BOUNDS.comm, `ctx[${i}].comm`);
+    // Schema 1.2 / 2.1. 0 is root, a value: only an absent (or nil) uid is unknown.
+    if (c.uid != null) out.uid = uintMax(c.uid, 0xffffffff, `ctx[${i}].uid`);
     if (c.container_id != null) out.container_id = str(c.container_id, BOUNDS.container_id, `ctx[${i}].container_id`);
     return out;
   });
@@ -218,7 +220,9 @@ function header(b) {
  * @param {Uint8Array} data the message body
  * @returns the batch: header fields and events in the shape of SPEC section 1, with bigint
  *   timestamps (unix ns), seq, prev_seq, drops and cgroup_id, and prev_run (null when absent) with bigint
- *   last_seq, batches, events, last_ns and start_ns. An end batch (major 2) is refused, never read.
+ *   last_seq, batches, events, last_ns and start_ns. An event's process context (cgroup_id, pid, comm,
+ *   uid as a number, container_id) has only the keys its ctx entry knows: absent means unknown. An end
+ *   batch (major 2) is refused, never read.
  */
 export function decodeBatch(data) {
   const b = map(decoder.decode(data), "top level");
@@ -245,7 +249,7 @@ export function decodeBatch(data) {
  * @param {Uint8Array} data the message body
  * @returns the batch: header fields (with event) and events in the shape of FORMAT.md "End batches":
  *   bigint begin_ns, end_ns, duration_ns, src_bytes, dst_bytes, src_segs, dst_segs, retrans; number
- *   srtt_us; reason as its name.
+ *   srtt_us; reason as its name; the process context as in decodeBatch (uid absent when unknown).
  */
 export function decodeEndBatch(data) {
   const b = map(decoder.decode(data), "top level");

@@ -126,6 +126,7 @@ type jsEndEvent struct {
 	CgroupID      *string  `json:"cgroup_id"`
 	PID           *uint32  `json:"pid"`
 	Comm          *string  `json:"comm"`
+	UID           *uint32  `json:"uid"`
 	ContainerID   *string  `json:"container_id"`
 }
 
@@ -152,6 +153,7 @@ type jsEvent struct {
 	CgroupID      *string  `json:"cgroup_id"`
 	PID           *uint32  `json:"pid"`
 	Comm          *string  `json:"comm"`
+	UID           *uint32  `json:"uid"`
 	ContainerID   *string  `json:"container_id"`
 }
 
@@ -351,13 +353,32 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 		t.Error("no batch had a bigint t0 with a number dt_ns under useBigInt64: the mixing pitfall is not exercised")
 	}
 	links, ends := 0, 0
+	var uids, rootUIDs, endUIDs int // events with a known uid, of them uid 0, and those in end batches
 	for _, p := range pubs {
 		if p.batch.PrevRun != nil || p.end != nil && p.end.PrevRun != nil {
 			links++
 		}
 		if p.end != nil {
 			ends++
+			for _, ev := range p.end.Events {
+				if ev.UIDKnown {
+					uids++
+					endUIDs++
+					rootUIDs += b2i(ev.UID == 0)
+				}
+			}
+			continue
 		}
+		for _, ev := range p.batch.Events {
+			if ev.UIDKnown {
+				uids++
+				rootUIDs += b2i(ev.UID == 0)
+			}
+		}
+	}
+	// The process vector holds uid 0 (root, a value) beside others and events without one.
+	if uids == 0 || rootUIDs == 0 || endUIDs == 0 {
+		t.Errorf("%d events with a uid (%d of them root, %d in end batches): the uid of schema 1.2 / 2.1 is not exercised (testdata/process, end_future_minor)", uids, rootUIDs, endUIDs)
 	}
 	if ends < 4 {
 		t.Errorf("only %d end batches: the end vectors (testdata/end_*) are not exercised", ends)
@@ -368,8 +389,15 @@ func TestJavaScriptClientDecodesExactly(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	t.Logf("%d batches (%d end batches, %d with prev_run): every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
-		len(pubs), ends, links, rounded, mixErrors)
+	t.Logf("%d batches (%d end batches, %d with prev_run, %d events with a uid, %d of them root): every field exact in JavaScript; a default decode rounded %d timestamps; t0 + dt_ns threw in %d batches",
+		len(pubs), ends, links, uids, rootUIDs, rounded, mixErrors)
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func checkBatch(t *testing.T, p *published, js *jsBatch) {
@@ -458,9 +486,26 @@ func checkBatch(t *testing.T, p *published, js *jsBatch) {
 			wantPID = strconv.FormatUint(uint64(ge.PID), 10)
 		}
 		eq(f("pid"), gotPID, wantPID)
+		eq(f("uid"), jsUID(je.UID), goUID(ge.UID, ge.UIDKnown))
 	}
 
 	checkDefaultDecode(t, p, js)
+}
+
+// jsUID and goUID print a uid or "(absent)": unknown in Go (UIDKnown false) must be no key in
+// JavaScript, and uid 0 (root) must be the key with 0.
+func jsUID(u *uint32) string {
+	if u == nil {
+		return "(absent)"
+	}
+	return strconv.FormatUint(uint64(*u), 10)
+}
+
+func goUID(uid uint32, known bool) string {
+	if !known {
+		return "(absent)"
+	}
+	return strconv.FormatUint(uint64(uid), 10)
 }
 
 // checkDefaultDecode checks the pitfall, as FORMAT.md states it: a default decode yields every 64-bit
@@ -651,6 +696,7 @@ func checkEndBatch(t *testing.T, p *published, js *jsBatch) {
 		eq(f("comm"), opt(je.Comm), wantComm)
 		eq(f("container_id"), opt(je.ContainerID), wantCid)
 		eq(f("pid"), gotPID, wantPID)
+		eq(f("uid"), jsUID(je.UID), goUID(ge.UID, ge.UIDKnown))
 	}
 	checkDefaultDecode(t, p, js)
 }
