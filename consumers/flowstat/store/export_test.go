@@ -10,3 +10,9 @@ func LimitMigrations(v int) (restore func()) {
 	migrations = migrations[:v]
 	return func() { migrations = all }
 }
+
+// SchemaMarkdown is SCHEMA.md as schema_docs.go makes it.
+var SchemaMarkdown = schemaMarkdown
+
+// ViewNames lists the analyst views.
+var ViewNames = viewNames

@@ -1,5 +1,7 @@
 package store
 
+import "strings"
+
 // objDoc documents one table or view and each of its columns: PostgreSQL gets them as COMMENT ON
 // (migration 6), SQLite users read them in SCHEMA.md, generated from the same text.
 type objDoc struct {
@@ -160,4 +162,35 @@ var schemaDocs = []objDoc{
 		{"seq", "Seq of the batch after the gap."}, {"prev_seq", "Predecessor it named."},
 		{"missing_from", "First missing seq, NULL when unknown (after_seq NULL)."}, {"missing_to", "Last missing seq, NULL when unknown."},
 		{"stream_seq", docStreamSeq}}},
+}
+
+// schemaMarkdown renders schemaDocs as the body of SCHEMA.md, the SQLite user's copy of the
+// PostgreSQL comments.
+func schemaMarkdown() string {
+	var b strings.Builder
+	b.WriteString("# flowstat database schema\n\n")
+	b.WriteString("Generated from consumers/flowstat/store/schema_docs.go (`go test ./consumers/flowstat/store -run TestSchemaDoc -update`);\n")
+	b.WriteString("PostgreSQL holds the same text as comments (`\\d+ connections` in psql). Schema version 6.\n\n")
+	b.WriteString("Read the views: they name things as the events do (`conn_direction`, `remote_addr`, `responder_port`),\n")
+	b.WriteString("say NULL for unknown, and give times as `timestamptz` in PostgreSQL and as ISO-8601 UTC text in SQLite\n")
+	b.WriteString("(`2026-11-24T10:00:00Z`; `_seen` and `stored_at` columns with milliseconds), which compares and sorts as\n")
+	b.WriteString("the times do. Addresses are `inet` in PostgreSQL (`remote_addr << '10.0.0.0/8'`), text in SQLite. The\n")
+	b.WriteString("tables are what flowstat writes: integer epochs with the unit in the name (`_ns`, `_s`; `bucket` is unix\n")
+	b.WriteString("seconds), text addresses, `''` and `0` for unknown.\n")
+	for _, section := range []struct {
+		title string
+		view  bool
+	}{{"Views", true}, {"Tables", false}} {
+		b.WriteString("\n## " + section.title + "\n")
+		for _, o := range schemaDocs {
+			if o.view != section.view {
+				continue
+			}
+			b.WriteString("\n### " + o.name + "\n\n" + o.comment + "\n\n| column | meaning |\n|---|---|\n")
+			for _, c := range o.cols {
+				b.WriteString("| `" + c.name + "` | " + strings.ReplaceAll(c.comment, "|", "\\|") + " |\n")
+			}
+		}
+	}
+	return b.String()
 }
