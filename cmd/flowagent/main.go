@@ -1,3 +1,10 @@
+// The agent's own listeners (the embedded NATS server, metrics) are plain
+// TCP: Go makes listeners Multipath TCP by default, and the socket of an
+// MPTCP listener opened before the programs attach cannot be attributed
+// (its accepted TCP subflows get no process), so the demo's first incoming
+// rows would say "-".
+//go:debug multipathtcp=0
+
 // Command flowagent is the flowbus host agent: it reports the beginning of
 // every TCP connection on a cgroup to NATS JetStream. Configuration comes
 // from FLOWBUS_* environment variables (see the README); the agent itself

@@ -325,8 +325,10 @@ func demoTree(t *testing.T) string {
 	if err := os.Symlink(agent, filepath.Join(dir, "bin", "flowagent")); err != nil {
 		t.Fatal(err)
 	}
-	if err := proctest.GoBuild(context.Background(), root, "./cmd/flowtail", filepath.Join(dir, "bin", "flowtail")); err != nil {
-		t.Fatal(err)
+	for _, c := range []string{"flowtail", "flowstat"} {
+		if err := proctest.GoBuild(context.Background(), root, "./cmd/"+c, filepath.Join(dir, "bin", c)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return dir
 }
@@ -400,6 +402,11 @@ func TestDemoUsesItsOwnAgent(t *testing.T) {
 			"FLOWBUS_SPOOL_DIR":          t.TempDir(),
 			"FLOWBUS_DEMO_LOG":           filepath.Join(t.TempDir(), "demo.log"),
 			"FLOWBUS_BATCH_LINGER":       "20ms",
+			// The demo's flowstat: its own database and ports.
+			"FLOWBUS_DB":                filepath.Join(t.TempDir(), "flowstat.db"),
+			"FLOWBUS_STAT_METRICS_ADDR": fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+			"FLOWBUS_DEMO_WEB_LISTEN":   fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+			"FLOWBUS_DEMO_STAT_LOG":     filepath.Join(t.TempDir(), "flowstat.log"),
 		}
 	}
 
@@ -430,10 +437,21 @@ func TestDemoUsesItsOwnAgent(t *testing.T) {
 	env["FLOWBUS_EMBEDDED_LISTEN"] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	env["FLOWBUS_METRICS_ADDR"] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	cmd, stdout, stderr := runDemo(t, dir, env, "--all", "--json", "--count", "2")
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr.String(), "flowagent is running"); time.Sleep(50 * time.Millisecond) {
+	webLine := "web view: http://" + env["FLOWBUS_DEMO_WEB_LISTEN"] + "/"
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr.String(), webLine); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the demo did not start in 30s:\n%s", stderr.String())
+			t.Fatalf("the demo did not start with its web view (%q) in 30s:\n%s", webLine, stderr.String())
 		}
+	}
+	// The URL it printed serves the page.
+	resp, err := http.Get("http://" + env["FLOWBUS_DEMO_WEB_LISTEN"] + "/")
+	if err != nil {
+		t.Fatalf("the demo's web view: %v", err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(page), "<html") {
+		t.Errorf("the demo's web view answered %s: %.200s", resp.Status, page)
 	}
 	conn := cg.Traffic(t, "127.0.0.1", 1, false).Conns[0]
 	if err := waitDemo(cmd, 30*time.Second); err != nil {

@@ -58,7 +58,7 @@ const (
 var colNames = [numCols]string{"TIME", "HOST", "EVENT", "DIRECTION", "SRC", "DST", "DURATION", "BYTES", "REASON", "PROCESS", "SRC_DNS", "DST_DNS"}
 
 // colWidths are the typical widths columns start at (TIME's is set from the layout).
-var colWidths = [numCols]int{0, 10, 5, 8, 21, 21, 8, 13, 17, 12, 12, 0} // REASON: never_established
+var colWidths = [numCols]int{0, 10, 5, 8, 21, 21, 8, 13, 17, 20, 12, 0} // REASON: never_established; PROCESS: comm[pid]
 
 // tablePrinter writes aligned columns. A live tail cannot know the widest value in advance, so columns
 // start at typical widths and only ever grow; the header is printed once. The columns depend on the
