@@ -13,6 +13,3 @@ func LimitMigrations(v int) (restore func()) {
 
 // SchemaMarkdown is SCHEMA.md as schema_docs.go makes it.
 var SchemaMarkdown = schemaMarkdown
-
-// ViewNames lists the analyst views.
-var ViewNames = viewNames

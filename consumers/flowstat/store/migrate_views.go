@@ -181,8 +181,8 @@ var views = []view{
 	}},
 }
 
-// viewNames lists the analyst views, for the tests and SCHEMA.md.
-func viewNames() []string {
+// ViewNames lists the analyst views migration 6 creates: what dashboards and ad-hoc SQL should read.
+func ViewNames() []string {
 	var out []string
 	for _, v := range views {
 		out = append(out, v.name)
