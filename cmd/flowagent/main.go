@@ -17,6 +17,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"reflect"
 	"runtime"
 	"strings"
 	"syscall"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/flowbus/flowbus/agent"
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
+	"github.com/flowbus/flowbus/cmd/internal/probe"
 )
 
 func main() {
@@ -74,6 +76,8 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 			case "-version", "--version", "version":
 				fmt.Fprint(stdout, versionText())
 				return 0
+			case "probe":
+				return probeAgent(env, stdout, stderr)
 			}
 		}
 		fmt.Fprintln(stderr, "flowagent:", argsProblem(args))
@@ -120,8 +124,29 @@ func run(args []string, env map[string]string, stdout, stderr io.Writer) int {
 
 // argsProblem explains why args are refused. A flag that names a setting
 // (--batch-linger=1s) gets the variable to set instead.
+// probeAgent is `flowagent probe`, the container's health check: the agent's /readyz at
+// FLOWBUS_METRICS_ADDR (its default when unset), exit 0 when ready.
+func probeAgent(env map[string]string, stdout, stderr io.Writer) int {
+	addr := env[agent.EnvPrefix+"METRICS_ADDR"]
+	if addr == "" {
+		// The default the agent itself takes: Config's tag, one source.
+		f, _ := reflect.TypeOf(agent.Config{}).FieldByName("MetricsAddr")
+		addr = f.Tag.Get("envDefault")
+	}
+	if addr == "off" {
+		fmt.Fprintln(stderr, "flowagent probe: FLOWBUS_METRICS_ADDR=off: the agent serves no /readyz to probe; set it to host:port")
+		return 1
+	}
+	url, err := probe.URL(addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "flowagent probe: FLOWBUS_METRICS_ADDR: %v\n", err)
+		return 2
+	}
+	return probe.Run(url, stdout, stderr)
+}
+
 func argsProblem(args []string) string {
-	msg := fmt.Sprintf("unexpected argument %q: flowagent takes no arguments but --help and --version; "+
+	msg := fmt.Sprintf("unexpected argument %q: flowagent takes no arguments but --help, --version and probe; "+
 		"configure it with FLOWBUS_* environment variables (flowagent --help lists them)", args[0])
 	flag, value, hasValue := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
 	if strings.HasPrefix(args[0], "-") && flag != "" {

@@ -64,14 +64,14 @@ func TestConfigErrorsExitStatus2(t *testing.T) {
 	}
 }
 
-// flowagent takes no arguments but --help and --version; a flag that names
+// flowagent takes no arguments but --help, --version and probe; a flag that names
 // a setting gets the variable to set.
 func TestConfigArguments(t *testing.T) {
 	for _, c := range []struct {
 		args []string
 		want string
 	}{
-		{[]string{"run"}, `unexpected argument "run": flowagent takes no arguments but --help and --version`},
+		{[]string{"run"}, `unexpected argument "run": flowagent takes no arguments but --help, --version and probe`},
 		{[]string{"--help", "extra"}, `unexpected argument "--help"`},
 		{[]string{"--batch-linger=1s"}, "set the environment variable FLOWBUS_BATCH_LINGER=1s instead"},
 		{[]string{"--nats-url", "nats://a:4222"}, "set the environment variable FLOWBUS_NATS_URL=nats://a:4222 instead"},

@@ -6,6 +6,7 @@ package main
 // it, and the embedded server answers `nats server` requests.
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -469,5 +470,25 @@ func TestDemoUsesItsOwnAgent(t *testing.T) {
 		if err := json.Unmarshal([]byte(l), &ev); err != nil || ev.Host != "demo-host" || fmt.Sprintf("127.0.0.1:%d", ev.SrcPort) != conn.Client {
 			t.Errorf("event %s (err %v): want host demo-host, the connection from %s", l, err, conn.Client)
 		}
+	}
+}
+
+// `flowagent probe`, the compose healthcheck: 0 and "ready" from a ready
+// agent at FLOWBUS_METRICS_ADDR, 1 with the reason once it is gone.
+func TestProbe(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	env := embeddedEnv(t, cgrouptest.NewChild(t).Path, "probe-agent")
+	a := startAgentProc(t, "probe", env)
+	waitReady(t, a, env)
+	probeEnv := map[string]string{"FLOWBUS_METRICS_ADDR": env["FLOWBUS_METRICS_ADDR"]}
+	var out, errb bytes.Buffer
+	if code := run([]string{"probe"}, probeEnv, &out, &errb); code != 0 || !strings.Contains(out.String(), "ready") {
+		t.Errorf("probe of a ready agent: exit %d, stdout %q, stderr %q; want 0 and ready", code, out.String(), errb.String())
+	}
+	a.Stop()
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"probe"}, probeEnv, &out, &errb); code != 1 || !strings.Contains(errb.String(), "does not answer") {
+		t.Errorf("probe of a stopped agent: exit %d, stderr %q; want 1 and why", code, errb.String())
 	}
 }

@@ -324,6 +324,16 @@ func TestHealthAndMetrics(t *testing.T) {
 	if code, body := get(t, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, `waiting for stream "FLOWS"`) {
 		t.Errorf("/readyz while the stream is missing: %d %q", code, body)
 	}
+	// `flowstat probe`, the compose healthcheck, says the same in its exit status.
+	probeIt := func(wantCode int, want string) {
+		t.Helper()
+		var out, errb bytes.Buffer
+		code := run([]string{"probe", strings.TrimPrefix(base, "http://")}, &out, &errb, func(string) string { return "" }, time.Now())
+		if code != wantCode || !strings.Contains(out.String()+errb.String(), want) {
+			t.Errorf("flowstat probe: exit %d, stdout %q, stderr %q; want %d and %q", code, out.String(), errb.String(), wantCode, want)
+		}
+	}
+	probeIt(1, `waiting for stream "FLOWS"`)
 
 	flowstattest.CreateStream(t, srv, "FLOWS", "flows.>")
 	rec := flowstattest.NewRecorder(srv, "FLOWS", "flows")
@@ -331,6 +341,7 @@ func TestHealthAndMetrics(t *testing.T) {
 	fleet.Publish(t, rec, 12)
 	rec.PublishRaw(t, "flows.web-01.outgoing", []byte("not a batch"))
 	waitFor(t, "readiness", p, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK })
+	probeIt(0, "ready")
 	var page string
 	waitFor(t, "the events in /metrics", p, func() bool {
 		_, page = get(t, base+"/metrics")
@@ -360,6 +371,7 @@ func TestHealthAndMetrics(t *testing.T) {
 	if code, _ := get(t, base+"/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz without NATS: %d", code)
 	}
+	probeIt(1, "not connected to NATS")
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

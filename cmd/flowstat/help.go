@@ -127,7 +127,9 @@ func usage() string {
 	for _, c := range commands {
 		fmt.Fprintf(&b, "  %-9s %s\n", c.name, c.summary)
 	}
-	b.WriteString(`  version   print the version and exit (also --version)
+	b.WriteString(`  probe     exit 0 when 'flowstat run' here is ready: its /readyz at [HOST:PORT], else
+            $FLOWBUS_STAT_METRICS_ADDR, else 127.0.0.1:9465 (the container's health check)
+  version   print the version and exit (also --version)
   help      this help; 'flowstat help <command>' or 'flowstat <command> --help' lists a command's flags
 
 Every command reads --db (default $FLOWBUS_DB, else flowstat.db in the state directory).

@@ -18,6 +18,7 @@ import (
 
 	"github.com/flowbus/flowbus/cmd/internal/buildinfo"
 	"github.com/flowbus/flowbus/cmd/internal/cli"
+	"github.com/flowbus/flowbus/cmd/internal/probe"
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 )
@@ -102,6 +103,8 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string, no
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, buildinfo.Line("flowstat"))
 		return exitOK
+	case "probe":
+		return probeRun(args[1:], getenv, stdout, stderr)
 	}
 	cfg, err := parseArgs(args[0], args[1:], getenv, now)
 	if errors.Is(err, flag.ErrHelp) {
@@ -188,4 +191,26 @@ func serveMonitor(addr string, mon *flowstat.Monitor, log io.Writer) (stop func(
 		defer cancel()
 		_ = srv.Shutdown(ctx)
 	}, nil
+}
+
+// probeRun is `flowstat probe [HOST:PORT]`, the container's health check: the /readyz of `flowstat run`
+// at HOST:PORT, else $FLOWBUS_STAT_METRICS_ADDR, else its default; exit 0 when ready.
+func probeRun(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	addr := getenv(envMetrics)
+	if addr == "" {
+		addr = defaultMetricsAddr
+	}
+	switch {
+	case len(args) == 1:
+		addr = args[0]
+	case len(args) > 1:
+		fmt.Fprintf(stderr, "flowstat probe: want at most one HOST:PORT (the --metrics-addr of flowstat run), not %q\n", strings.Join(args, " "))
+		return exitUsage
+	}
+	url, err := probe.URL(addr)
+	if err != nil {
+		fmt.Fprintf(stderr, "flowstat probe: %v\n", err)
+		return exitUsage
+	}
+	return probe.Run(url, stdout, stderr)
 }

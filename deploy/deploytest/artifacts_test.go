@@ -112,6 +112,9 @@ func TestCompose(t *testing.T) {
 			Environment map[string]string `json:"environment"`
 			Profiles    []string          `json:"profiles"`
 			Ports       []string          `json:"ports"`
+			Healthcheck *struct {
+				Test []string `json:"test"`
+			} `json:"healthcheck"`
 		} `json:"services"`
 	}
 	if err := yaml.Unmarshal(read(t, "docker-compose.yml"), &c); err != nil {
@@ -150,6 +153,25 @@ func TestCompose(t *testing.T) {
 					t.Errorf("service %s: %v", name, err)
 				}
 			}
+		}
+	}
+	// The long-running services have a health check; the flowbus images are
+	// FROM scratch, so theirs runs the image's own binary: `<it> probe`.
+	for _, name := range []string{"nats", "flowagent", "flowstat"} {
+		h := c.Services[name].Healthcheck
+		if h == nil || len(h.Test) < 2 {
+			t.Errorf("service %s: no healthcheck", name)
+			continue
+		}
+		if name == "nats" {
+			continue
+		}
+		bin := "/usr/local/bin/" + name
+		if want := []string{"CMD", bin, "probe"}; !slices.Equal(h.Test, want) {
+			t.Errorf("service %s: healthcheck %q, want %q (no shell or wget in the image)", name, h.Test, want)
+		}
+		if !regexp.MustCompile(`(?m)^COPY .* ` + regexp.QuoteMeta(bin) + `$`).MatchString(dockerfile) {
+			t.Errorf("service %s: the Dockerfile copies no %s for its healthcheck", name, bin)
 		}
 	}
 	a := c.Services["flowagent"]
