@@ -195,8 +195,8 @@ func newDests(ctx context.Context, st *store.Store, cfg *config) (any, func(io.W
 		return nil, nil, err
 	}
 	return rows, func(w io.Writer) {
-		table(w, "Peers first seen "+cfg.rangeText(), "FIRST SEEN\tLAST SEEN\tHOST\tDIRECTION\tPEER\tPORT\tNAME", "(none)", rows, func(r store.NewDest) []any {
-			return []any{cfg.fmtTime(r.First), cfg.fmtTime(r.Last), r.Host, r.Direction, orDash(r.Peer), r.Port, orDash(r.Name)}
+		table(w, "Peers first seen "+cfg.rangeText(), "FIRST SEEN\tLAST SEEN\tHOST\tDIRECTION\tPEER\tPORT\tNAMES", "(none)", rows, func(r store.NewDest) []any {
+			return []any{cfg.fmtTime(r.First), cfg.fmtTime(r.Last), r.Host, r.Direction, orDash(r.Peer), r.Port, orDash(strings.Join(r.Names, ","))}
 		})
 	}, nil
 }

@@ -116,3 +116,32 @@ func nullText(s sql.NullString) string {
 	}
 	return s.String
 }
+
+// `flowstat new` and `flowstat top --by name` see every DNS name of a peer, not only the first.
+func TestEveryNameInQueries(t *testing.T) {
+	st := sqlScenario(t)
+	ctx := context.Background()
+	f := store.Filter{Since: time.Now().Add(-3 * time.Hour), Host: "web-07"}
+	nd, err := st.NewDestinations(ctx, f, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, d := range nd {
+		got = append(got, fmt.Sprintf("%s:%d=%s", d.Peer, d.Port, strings.Join(d.Names, ",")))
+	}
+	if want := "10.2.0.5:443=registry.npmjs.org,proxy.golang.org 10.9.9.9:5432= 93.184.215.14:443=example.com"; strings.Join(got, " ") != want {
+		t.Errorf("new destinations %s, want %s", strings.Join(got, " "), want)
+	}
+	top, err := st.Top(ctx, "name", f, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, r := range top {
+		got = append(got, fmt.Sprintf("%s=%d", r.Key, r.Conns))
+	}
+	if want := "proxy.golang.org=7 registry.npmjs.org=7 example.com=1"; strings.Join(got, " ") != want {
+		t.Errorf("top by name %s, want %s", strings.Join(got, " "), want)
+	}
+}

@@ -2,8 +2,10 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/flowbus/flowbus/schema"
@@ -563,19 +565,28 @@ func (d *dbTime) parse(v string) error {
 
 // NewDest is a (host, direction, peer, port) first seen in the queried range.
 type NewDest struct {
-	Host      string    `json:"host"`
-	Direction string    `json:"direction"`
-	Peer      string    `json:"peer"`
-	Name      string    `json:"name"`
-	Port      int       `json:"port"`
-	First     time.Time `json:"first_seen"`
-	Last      time.Time `json:"last_seen"`
+	Host      string `json:"host"`
+	Direction string `json:"direction"`
+	Peer      string `json:"peer"`
+	Name      string `json:"name"`
+	// Names is every DNS name seen for it in the buckets still held (conn_names), Name first.
+	Names []string  `json:"names"`
+	Port  int       `json:"port"`
+	First time.Time `json:"first_seen"`
+	Last  time.Time `json:"last_seen"`
 }
 
 // NewDestinations lists (host, direction, peer, port) first seen at or after f.Since (and before
-// f.Until when set), oldest first. These are exact event times, not buckets.
+// f.Until when set), oldest first, with every DNS name seen for it. These are exact event times, not
+// buckets (so peer_seen's index on first_ns, not the view new_destinations, whose text times in SQLite
+// are in milliseconds).
 func (s *Store) NewDestinations(ctx context.Context, f Filter, limit int) ([]NewDest, error) {
-	q := `SELECT host, direction, peer, peer_name, port, first_ns, last_ns FROM peer_seen WHERE first_ns >= ?`
+	names := "group_concat(DISTINCT n.name)"
+	if s.kind == Postgres {
+		names = "string_agg(DISTINCT n.name, ',' ORDER BY n.name)"
+	}
+	q := `SELECT host, direction, peer, peer_name, port, first_ns, last_ns, (SELECT ` + names + ` FROM conn_names n WHERE n.host = peer_seen.host
+		AND n.direction = peer_seen.direction AND n.peer = peer_seen.peer AND n.port = peer_seen.port) FROM peer_seen WHERE first_ns >= ?`
 	args := []any{f.Since.UnixNano()}
 	if !f.Until.IsZero() {
 		q += ` AND first_ns < ?`
@@ -588,8 +599,22 @@ func (s *Store) NewDestinations(ctx context.Context, f Filter, limit int) ([]New
 	err := s.each(ctx, q, args, func(sc scanner) error {
 		var d NewDest
 		var fns, lns int64
-		if err := sc.Scan(&d.Host, &d.Direction, &d.Peer, &d.Name, &d.Port, &fns, &lns); err != nil {
+		var names sql.NullString
+		if err := sc.Scan(&d.Host, &d.Direction, &d.Peer, &d.Name, &d.Port, &fns, &lns, &names); err != nil {
 			return err
+		}
+		d.Names = []string{}
+		if d.Name != "" {
+			d.Names = append(d.Names, d.Name)
+		}
+		if names.Valid {
+			all := strings.Split(names.String, ",")
+			sort.Strings(all)
+			for _, n := range all {
+				if n != d.Name {
+					d.Names = append(d.Names, n)
+				}
+			}
 		}
 		d.First, d.Last = time.Unix(0, fns).UTC(), time.Unix(0, lns).UTC()
 		out = append(out, d)
