@@ -288,10 +288,13 @@ func drained(m map[string]float64) bool {
 	return m[mReady] == 1 && m[mPending] == 0 && m[mSpoolBatches] == 0 && m[mPublished] > 0 && m[mAcked]+dropped == m[mPublished]
 }
 
-// endsDrained is drained for begins and ends: every end handed to batching
-// is acknowledged too (or dropped and counted).
+// endsDrained is drained with end events on: every begin and end handed to
+// batching is acknowledged (or dropped and counted). The drop counters count
+// both kinds, so only the sums compare.
 func endsDrained(m map[string]float64) bool {
-	return drained(m) && m[mEndsPub] > 0 && m[mEndsAcked]+m[mEndDropsPub] == m[mEndsPub]
+	dropped := m[mDropSpool] + m[mDropQueue] + m[mDropPublish]
+	return m[mReady] == 1 && m[mPending] == 0 && m[mSpoolBatches] == 0 && m[mPublished] > 0 && m[mEndsPub] > 0 &&
+		m[mAcked]+m[mEndsAcked]+dropped == m[mPublished]+m[mEndsPub] && m[mEndsAcked]+m[mEndDropsPub] == m[mEndsPub]
 }
 
 // sampler records the maxima of the agent's pending bytes and RSS.

@@ -269,7 +269,10 @@ func TestFaultAgentKilledSpoolReplayed(t *testing.T) {
 // FLOWBUS_SPOOL_BYTES batches are dropped, and the loss is exact. What the
 // storm made is what reached the stream plus the drop counters the stream's
 // batches carry; the agent's metrics say the same, and its log says it, rate
-// limited.
+// limited. End events are on: a batch's drop counters count the events lost
+// since the previous batch of either kind, so begins and ends together are
+// exact against all batches' counters, and the ends lost are exactly the
+// agent's dropped_ends_total.
 func TestFaultSpoolFullDropExact(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
@@ -281,7 +284,7 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 	srv := newNATS(t, proctest.NATSOptions{})
 	srv.Start()
 	cg := cgrouptest.NewChild(t)
-	env := agentEnv(cg.Path, srv.URL(), "host-full", t.TempDir())
+	env := withEnds(agentEnv(cg.Path, srv.URL(), "host-full", t.TempDir()))
 	env["FLOWBUS_SPOOL_BYTES"] = strconv.Itoa(spoolBytes)
 	env["FLOWBUS_QUEUE_BYTES"] = "16384"
 	env["FLOWBUS_BATCH_MAX_BYTES"] = "4096"
@@ -297,8 +300,8 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 	res := startStorm(t, cg, workers, time.Minute, rate, conns).Wait()
 	made := newMultiset()
 	made.addStorm(res)
-	a.WaitMetrics(30*time.Second, "every event of the storm captured and the spool overflowing", func(m map[string]float64) bool {
-		return m[mPublished] == float64(made.n) && m[mDropSpool] > 0
+	a.WaitMetrics(30*time.Second, "every begin and end of the storm captured and the spool overflowing", func(m map[string]float64) bool {
+		return m[mPublished] == float64(made.n) && m[mEndsPub] == float64(made.n) && m[mDropSpool] > 0
 	})
 	time.Sleep(500 * time.Millisecond) // the last batches are sealed after the linger
 	srv.Start()
@@ -312,37 +315,52 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 	tail := cg.Traffic(t, "127.0.0.1", 3, false)
 	made.addConns(tail.Conns)
 	m := a.WaitMetrics(60*time.Second, "all acknowledged after the outage", func(m map[string]float64) bool {
-		return drained(m) && m[mPublished] == float64(made.n)
+		return endsDrained(m) && m[mPublished] == float64(made.n) && m[mEndsPub] == float64(made.n)
 	})
 	drain := time.Since(back)
 	smp.Stop()
-	got := waitStream(t, srv.URL(), "FLOWS", int(m[mAcked]), 30*time.Second)
+	got := waitStreamEnds(t, srv.URL(), "FLOWS", int(m[mAcked]), int(m[mEndsAcked]), 30*time.Second)
 
 	agentDrops := m[mDropSpool] + m[mDropQueue] + m[mDropPublish] + m[mDropKernel]
 	t.Logf("storm: %d connections (%d events) during an outage of %v; spool bound %d bytes, peak %d bytes; drained %v after NATS came back",
 		len(res.Ports), 2*len(res.Ports), outage.Round(time.Millisecond), spoolBytes, smp.maxSpoolBytes.Load(), drain.Round(time.Millisecond))
-	t.Logf("made %d events, stream holds %d in %d batches, drops carried in the stream %+v (total %d), agent counted %g; prev_seq gaps %d",
-		made.n, got.Flows.n, len(got.Batches), got.Drops, got.Drops.Total(), agentDrops, got.ChainGaps)
+	var drops schema.Drops
+	drops.Add(got.Drops)
+	drops.Add(got.EndDrops)
+	t.Logf("made %d begins and %d ends, stream holds %d in %d batches and %d in %d end batches, drops carried in the stream %+v (total %d), agent counted %g (%g ends); prev_seq gaps %d, end chain gaps %d",
+		made.n, made.n, got.Flows.n, len(got.Batches), got.Ends.n, len(got.EndBatches), drops, drops.Total(), agentDrops, m[mEndDropsPub], got.ChainGaps, got.EndChainGaps)
 
 	// Nothing arrived that was not made, nor twice.
 	if notMade, _, ex := made.diff(got.Flows); notMade != 0 {
 		t.Errorf("%d events in the stream that were not made: %v", notMade, ex)
 	}
-	if len(got.DupMsgIDs) > 0 || got.DupRunSeq > 0 {
-		t.Errorf("batches stored twice: %v", first(got.DupMsgIDs, 3))
+	if notMade, _, ex := made.diff(got.Ends); notMade != 0 {
+		t.Errorf("%d ends in the stream that were not made: %v", notMade, ex)
+	}
+	if len(got.DupMsgIDs) > 0 || got.DupRunSeq > 0 || len(got.EndDupMsgIDs) > 0 || got.EndDupRunSeq > 0 || got.SharedSeqs > 0 {
+		t.Errorf("batches stored twice: %v, end batches %v, (run, seq) held by both kinds %d", first(got.DupMsgIDs, 3), first(got.EndDupMsgIDs, 3), got.SharedSeqs)
+	}
+	if len(got.EndBackwards) > 0 {
+		t.Errorf("%d ends with begin_ns after end_ns, e.g. %v", len(got.EndBackwards), first(got.EndBackwards, 3))
+	}
+	if n, ex := got.endBeginMismatch(time.Millisecond); n > 0 {
+		t.Errorf("%d ends whose begin_ns is not their begin's timestamp, e.g. %v", n, ex)
 	}
 	// The drop is exact and visible to a consumer.
-	if lost := uint64(made.n - got.Flows.n); got.Drops.Total() != lost {
-		t.Errorf("made %d events, %d arrived: %d lost, but the stream's batches carry drop counters summing to %d", made.n, got.Flows.n, lost, got.Drops.Total())
+	if lost := uint64(2*made.n - got.Flows.n - got.Ends.n); drops.Total() != lost {
+		t.Errorf("made %d begins and %d ends, %d and %d arrived: %d lost, but the stream's batches carry drop counters summing to %d", made.n, made.n, got.Flows.n, got.Ends.n, lost, drops.Total())
 	}
-	if got.Drops.Spool == 0 || got.Drops.Spool != uint64(m[mDropSpool]) {
-		t.Errorf("spool drops: stream says %d, agent metrics %g; want equal and non-zero", got.Drops.Spool, m[mDropSpool])
+	if endsLost := made.n - got.Ends.n; endsLost == 0 || float64(endsLost) != m[mEndDropsPub] {
+		t.Errorf("%d ends lost, the agent's %s says %g; want equal and non-zero", endsLost, mEndDropsPub, m[mEndDropsPub])
 	}
-	if float64(got.Drops.Total()) != agentDrops {
-		t.Errorf("drops in the stream %d, in the agent's metrics %g", got.Drops.Total(), agentDrops)
+	if drops.Spool == 0 || drops.Spool != uint64(m[mDropSpool]) {
+		t.Errorf("spool drops: stream says %d, agent metrics %g; want equal and non-zero", drops.Spool, m[mDropSpool])
 	}
-	if got.ChainGaps == 0 {
-		t.Errorf("batches were dropped but no prev_seq gap shows it")
+	if float64(drops.Total()) != agentDrops {
+		t.Errorf("drops in the stream %d, in the agent's metrics %g", drops.Total(), agentDrops)
+	}
+	if got.ChainGaps == 0 || got.EndChainGaps == 0 {
+		t.Errorf("batches were dropped but no prev_seq gap shows it: %d in the begin chains, %d in the end chains", got.ChainGaps, got.EndChainGaps)
 	}
 	if peak := smp.maxSpoolBytes.Load(); peak > spoolBytes {
 		t.Errorf("spool reached %d bytes, above its bound %d", peak, spoolBytes)
@@ -353,10 +371,13 @@ func TestFaultSpoolFullDropExact(t *testing.T) {
 	if _, notArrived, _ := tailSet.diff(got.Flows); notArrived != 0 {
 		t.Errorf("%d events of the connections made after the outage are missing", notArrived)
 	}
+	if _, notArrived, _ := tailSet.diff(got.Ends); notArrived != 0 {
+		t.Errorf("%d ends of the connections made after the outage are missing", notArrived)
+	}
 	logged := strings.Count(a.Log(), "spool cannot take the batch")
 	t.Logf("log: %d lines about spool drops over an outage of %v", logged, outage.Round(time.Millisecond))
 	if logged == 0 {
-		t.Errorf("the agent dropped %d events without saying so in its log", got.Drops.Spool)
+		t.Errorf("the agent dropped %d events without saying so in its log", drops.Spool)
 	}
 	if limit := int(outage/time.Second) + 2; logged > limit {
 		t.Errorf("%d log lines about drops in %v: not rate limited (at most one a second)", logged, outage)
