@@ -80,6 +80,7 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		PollInterval:    cfg.PollInterval,
 		HalfOpenTimeout: cfg.HalfOpenTimeout,
 		NoEnds:          !cfg.EndEvents,
+		Filter:          cfg.Filter(),
 	})
 	if err != nil {
 		return nil, err
@@ -257,6 +258,11 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	a.chain.attached(time.Now())
 	a.attribute()
+	// The agent's own outgoing connections are always dropped in the
+	// kernel; the rest is what FLOWBUS_FILTER_* asked for.
+	f := cfg.Filter()
+	f.ExcludeSelf = false
+	log.Info("filters: "+f.String(), "agent_connections", "dropped in the kernel (outgoing); incoming ones to the embedded server in user space")
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
 		"end_subjects", schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),

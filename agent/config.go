@@ -16,6 +16,7 @@ import (
 
 	"github.com/caarlos0/env/v10"
 
+	"github.com/flowbus/flowbus/bpf"
 	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/internal/statedir"
 	"github.com/flowbus/flowbus/publisher/embedded"
@@ -61,6 +62,13 @@ type Config struct {
 	PollInterval     time.Duration `env:"POLL_INTERVAL" envDefault:"20ms" help:"how often the reader drains the ring buffer"`
 	EndEvents        bool          `env:"END_EVENTS" envDefault:"true" help:"publish net_flow_tcp_end events (false: begins only)"`
 	HalfOpenTimeout  time.Duration `env:"HALF_OPEN_TIMEOUT" helpDefault:"from tcp_synack_retries" help:"an incoming handshake not done by then ends never_established"`
+	FilterDirection  string        `env:"FILTER_DIRECTION" envDefault:"both" help:"begins kept, in the kernel: both, incoming or outgoing"`
+	FilterPorts      string        `env:"FILTER_PORTS" helpDefault:"empty: all" help:"responder ports kept, in the kernel (e.g. 80,443,8000-8999)"`
+	FilterSkipPorts  string        `env:"FILTER_SKIP_PORTS" helpDefault:"empty: none" help:"responder ports dropped, in the kernel"`
+	FilterCIDRs      string        `env:"FILTER_CIDRS" helpDefault:"empty: all" help:"remote addresses kept, in the kernel (e.g. 10.0.0.0/8,fd00::/8)"`
+	FilterSkipCIDRs  string        `env:"FILTER_SKIP_CIDRS" helpDefault:"empty: none" help:"remote addresses dropped, in the kernel"`
+	FilterComms      string        `env:"FILTER_COMMS" helpDefault:"empty: all" help:"process command names kept, in the kernel (e.g. nginx,curl)"`
+	FilterSkipComms  string        `env:"FILTER_SKIP_COMMS" helpDefault:"empty: none" help:"command names dropped, in the kernel"`
 	DNSCacheEntries  int           `env:"DNS_CACHE_ENTRIES" envDefault:"65536" help:"addresses the DNS cache keeps (least recently used goes first)"`
 	DNSCacheBytes    int64         `env:"DNS_CACHE_BYTES" envDefault:"8388608" help:"bytes the DNS cache may hold (a shared name counts once); LRU past it"`
 	DNSMaxNames      int           `env:"DNS_MAX_NAMES" envDefault:"8" help:"names kept per address (a CDN address serves many)"`
@@ -310,6 +318,7 @@ func (c *Config) validate() []string {
 	if c.HalfOpenTimeout != 0 && (c.HalfOpenTimeout < time.Second || c.HalfOpenTimeout > time.Hour) {
 		bad("HALF_OPEN_TIMEOUT", "%v: must be 1s to 1h (unset: the SYN-ACK retry window of net.ipv4.tcp_synack_retries, plus 2s)", c.HalfOpenTimeout)
 	}
+	c.validateFilter(bad)
 	if c.DNSCacheEntries < 1 || c.DNSCacheEntries > 1<<24 {
 		bad("DNS_CACHE_ENTRIES", "%d: must be 1 to 16777216", c.DNSCacheEntries)
 	}
@@ -344,6 +353,56 @@ func (c *Config) validate() []string {
 		bad("SHUTDOWN_TIMEOUT", "must be positive")
 	}
 	return p
+}
+
+// validateFilter checks the FLOWBUS_FILTER_* variables, each on its own,
+// so that every bad one is reported.
+func (c *Config) validateFilter(bad func(v, format string, a ...any)) {
+	switch c.FilterDirection {
+	case "both", "incoming", "outgoing":
+	default:
+		bad("FILTER_DIRECTION", "%q: must be both, incoming or outgoing", c.FilterDirection)
+	}
+	for _, v := range []struct{ name, val string }{{"FILTER_PORTS", c.FilterPorts}, {"FILTER_SKIP_PORTS", c.FilterSkipPorts}} {
+		if _, err := bpf.ParsePorts(v.val); err != nil {
+			bad(v.name, "%v", err)
+		}
+	}
+	for _, v := range []struct{ name, val string }{{"FILTER_CIDRS", c.FilterCIDRs}, {"FILTER_SKIP_CIDRS", c.FilterSkipCIDRs}} {
+		if ps, err := bpf.ParseCIDRs(v.val); err != nil {
+			bad(v.name, "%v", err)
+		} else if len(ps) > bpf.MaxFilterCIDRs {
+			bad(v.name, "%d prefixes: at most %d; merge neighbours into shorter prefixes", len(ps), bpf.MaxFilterCIDRs)
+		}
+	}
+	comms := 0
+	for _, v := range []struct{ name, val string }{{"FILTER_COMMS", c.FilterComms}, {"FILTER_SKIP_COMMS", c.FilterSkipComms}} {
+		if cs, err := bpf.ParseComms(v.val); err != nil {
+			bad(v.name, "%v", err)
+		} else {
+			comms += len(cs)
+		}
+	}
+	if comms > bpf.MaxFilterComms {
+		bad("FILTER_COMMS", "%d command names in FLOWBUS_FILTER_COMMS and FLOWBUS_FILTER_SKIP_COMMS: at most %d together", comms, bpf.MaxFilterComms)
+	}
+}
+
+// Filter is the kernel filter the FLOWBUS_FILTER_* variables describe, with
+// the agent's own connections excluded; the configuration must have been
+// validated (LoadConfig).
+func (c *Config) Filter() bpf.Filter {
+	f := bpf.Filter{ExcludeSelf: true}
+	if c.FilterDirection != "both" {
+		f.Direction = c.FilterDirection
+	}
+	f.Ports, _ = bpf.ParsePorts(c.FilterPorts)
+	f.ExcludePorts, _ = bpf.ParsePorts(c.FilterSkipPorts)
+	f.CIDRs, _ = bpf.ParseCIDRs(c.FilterCIDRs)
+	f.ExcludeCIDRs, _ = bpf.ParseCIDRs(c.FilterSkipCIDRs)
+	f.Comms, _ = bpf.ParseComms(c.FilterComms)
+	f.ExcludeComms, _ = bpf.ParseComms(c.FilterSkipComms)
+	return f
 }
 
 // cgroupProblem checks FLOWBUS_CGROUP_PATH with the other settings, so that
@@ -435,6 +494,9 @@ var otherVariables = []string{
 	"FLOWBUS_CONSUMER_PASSWORD_BCRYPT", // deploy/nats: NATS server accounts
 	"FLOWBUS_ADMIN_PASSWORD_BCRYPT",    // deploy/nats: NATS server accounts
 	"FLOWBUS_DEMO_LOG",                 // deploy/run-demo.sh
+	"FLOWBUS_DEMO_WEB",                 // deploy/run-demo.sh: flowstat beside the agent
+	"FLOWBUS_DEMO_WEB_LISTEN",          // deploy/run-demo.sh
+	"FLOWBUS_DEMO_STAT_LOG",            // deploy/run-demo.sh
 	"FLOWBUS_VERSION",                  // docker-compose.yml: the image version to build and tag
 	"FLOWBUS_DEPLOY_STRICT",            // deploy tests
 	"FLOWBUS_REQUIRE_PRIVILEGED",       // tests: fail instead of skip without root

@@ -13,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/flowbus/flowbus/bpf"
 )
 
 // agentCollector reads the agent's counters at scrape time, so the hot path
@@ -26,6 +28,7 @@ type agentCollector struct {
 	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                                             *prometheus.Desc
 	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                                       *prometheus.Desc
 	ends, endDrops, halfOpenPending, halfOpenTimeout, confirmsLost                                                     *prometheus.Desc
+	filtered                                                                                                           *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
@@ -36,6 +39,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 		a:               a,
 		events:          d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections), published (handed to batching), acked (stored by the stream).", "stage"),
 		drops:           d("dropped_events_total", "Events lost, by the stage that lost them.", "stage"),
+		filtered:        d("filtered_events_total", "Begins the kernel's filters dropped before the ring buffer (their connections get no end either), by the first test that failed: self (the agent's own outgoing connections), direction, port, cidr, comm (FLOWBUS_FILTER_*).", "reason"),
 		ends:            d("ends_total", "End events (net_flow_tcp_end) by pipeline stage: captured (left the kernel, or made for a handshake that never completed), self_excluded, published, acked; never_established (those of captured made for an incoming handshake that did not complete within the half-open timeout).", "stage"),
 		endDrops:        d("dropped_ends_total", "Ends lost, by where: kernel_ringbuf (ring buffer full), kernel_storage (no socket storage for the begin), half_open_overflow (an incoming begin the half-open table had no room for), queue, spool, publish (also in dropped_events_total).", "stage"),
 		halfOpenPending: d("half_open_pending", "Incoming begins taken at the SYN-ACK whose handshake has not completed yet (bounded by the half-open table)."),
@@ -79,7 +83,7 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.checkOK
 	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.atEstablished, c.ready,
 		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt,
-		c.ends, c.endDrops, c.halfOpenPending, c.halfOpenTimeout, c.confirmsLost} {
+		c.ends, c.endDrops, c.halfOpenPending, c.halfOpenTimeout, c.confirmsLost, c.filtered} {
 		ch <- d
 	}
 }
@@ -109,6 +113,9 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.halfOpenPending, float64(s.HalfOpen.Pending))
 	gauge(c.halfOpenTimeout, c.a.capture.HalfOpenTimeout().Seconds())
 	counter(c.confirmsLost, s.Kernel.ConfirmsLost)
+	for _, r := range bpf.FilterReasons {
+		counter(c.filtered, s.Kernel.Filtered(r), r)
+	}
 	counter(c.drops, s.Kernel.RingbufFull, "kernel_ringbuf")
 	counter(c.drops, s.Kernel.Truncated, "kernel_truncated")
 	counter(c.drops, s.BadRecords, "reader")

@@ -53,6 +53,9 @@ type Options struct {
 	// NoEnds turns end events off: begins only, at the kernel cost of
 	// begins only.
 	NoEnds bool
+	// Filter drops begins in the kernel (and their ends with them); the
+	// zero value keeps all, at no cost.
+	Filter Filter
 }
 
 // Defaults for Options.
@@ -117,6 +120,27 @@ type Counters struct {
 	// NoStorage counts begins whose socket storage the kernel refused
 	// (out of memory): they get no end.
 	NoStorage uint64
+	// Begins Options.Filter dropped (their connections get no end), by the
+	// first test that failed: see FilterReasons.
+	FilteredDirection, FilteredPort, FilteredCIDR, FilteredComm, FilteredSelf uint64
+}
+
+// Filtered returns the begins dropped by the filters for one of
+// FilterReasons (0 for another name).
+func (k Counters) Filtered(reason string) uint64 {
+	switch reason {
+	case "direction":
+		return k.FilteredDirection
+	case "port":
+		return k.FilteredPort
+	case "cidr":
+		return k.FilteredCIDR
+	case "comm":
+		return k.FilteredComm
+	case "self":
+		return k.FilteredSelf
+	}
+	return 0
 }
 
 // Capture is a loaded and attached pair of cgroup skb programs.
@@ -311,6 +335,12 @@ func (c *Capture) load() error {
 			return fmt.Errorf("setting end_events: %w", err)
 		}
 	}
+	if err := c.opts.Filter.Validate(); err != nil {
+		return fmt.Errorf("filter: %w", err)
+	}
+	if err := setFilterVars(spec, &c.opts.Filter); err != nil {
+		return err
+	}
 	if c.anySocket {
 		if err := spec.Variables[flowbusVarMatchSocket].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting match_socket: %w", err)
@@ -322,6 +352,10 @@ func (c *Capture) load() error {
 			return fmt.Errorf("the kernel's verifier rejected the flowbus programs (kernel too old or unsupported?): %+v", ve)
 		}
 		return privErr(fmt.Errorf("loading eBPF objects: %w", err))
+	}
+	if err := c.fillFilterMaps(); err != nil {
+		c.objs.Close()
+		return err
 	}
 	c.reader, err = ringbuf.NewReader(c.objs.Events)
 	if err != nil {
@@ -365,7 +399,8 @@ func (c *Capture) Detach() error {
 func (c *Capture) Counters() (Counters, error) {
 	var out Counters
 	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull, &out.BeginsAtEstablished,
-		&out.EndsLost, &out.ConfirmsLost, &out.NoStorage} {
+		&out.EndsLost, &out.ConfirmsLost, &out.NoStorage,
+		&out.FilteredDirection, &out.FilteredPort, &out.FilteredCIDR, &out.FilteredComm, &out.FilteredSelf} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)

@@ -84,7 +84,14 @@ enum counter {
 	CNT_END_FULL = 8,     // end records the ring buffer had no room for
 	CNT_CONFIRM_FULL = 9, // handshake confirmations the ring buffer had no room for
 	CNT_NO_STORAGE = 10,  // begins whose socket state could not be stored: they get no end
-	CNT_MAX = 11,
+	// Begins the filters dropped, by the first test that failed (see
+	// filtered); their connections get no end either.
+	CNT_FILTER_DIRECTION = 11,
+	CNT_FILTER_PORT = 12,
+	CNT_FILTER_CIDR = 13,
+	CNT_FILTER_COMM = 14,
+	CNT_FILTER_SELF = 15, // the agent's own outgoing connections
+	CNT_MAX = 16,
 };
 
 // Where a socket's process came from (proc_info.source); 0: unknown.
@@ -256,6 +263,18 @@ volatile const __u8 end_events = 1;
 // (proc_info.self) so that they can be told apart early.
 volatile const __u32 agent_tgid = 0;
 
+// Filters, set by the loader. Each is a constant the verifier knows, so a
+// filter that is off is dead code, removed at load: with none set the
+// programs are the same as without filters.
+volatile const __u8 filter_on = 0;        // any filter below is set
+volatile const __u8 filter_direction = 0; // 0: both; DIR_OUTGOING or DIR_INCOMING: the one kept
+volatile const __u8 filter_ports = 0;     // port_drop holds the responder ports dropped
+volatile const __u8 filter_cidr_incl = 0; // the remote address must be in cidr_incl
+volatile const __u8 filter_cidr_excl = 0; // the remote address must not be in cidr_excl
+volatile const __u8 filter_comm_incl = 0; // the comm must be in comms with COMM_INCL
+volatile const __u8 filter_comm_excl = 0; // the comm must not be in comms with COMM_EXCL
+volatile const __u8 filter_self = 0;      // drop the begins of sockets the agent connected
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 * 1024 * 1024);
@@ -311,6 +330,58 @@ struct {
 	__type(key, struct dns_key);
 	__type(value, __u64);
 } dnsq SEC(".maps");
+
+// port_set is a bit per port: set for a responder port whose begins the
+// filters drop (user space folds the include and exclude lists into it).
+struct port_set {
+	__u64 bits[1024];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_set);
+} port_drop SEC(".maps");
+
+// cidr_key is an LPM trie key: prefixlen counts the family byte too (8 +
+// the prefix's bits), so that an IPv4 prefix never matches an IPv6 address
+// and ::/0 no IPv4 one.
+struct cidr_key {
+	__u32 prefixlen;
+	__u8 family; // 4 or 6
+	__u8 addr[16]; // IPv4 in the first 4 bytes
+} __attribute__((packed));
+
+// cidr_incl and cidr_excl hold the prefixes of FLOWBUS_FILTER_CIDRS and
+// FLOWBUS_FILTER_SKIP_CIDRS (value unused).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidr_incl SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidr_excl SEC(".maps");
+
+#define COMM_INCL 1
+#define COMM_EXCL 2
+
+// comms maps a command name (proc_info.comm, NUL-padded) to whether it is
+// in the include list (COMM_INCL), the exclude list (COMM_EXCL) or both.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, char[16]);
+	__type(value, __u8);
+} comms SEC(".maps");
 
 // Keep the struct in the BTF so bpf2go generates a Go type for it.
 const struct flow_event *unused_flow_event __attribute__((unused));
@@ -373,15 +444,67 @@ static __always_inline void begin_stored(struct bpf_sock *sk, __u64 ts, __u8 dir
 	st->ended = 0;
 }
 
+// proc_put copies a socket's process entry (or zeros, unknown) into a record.
+static __always_inline void proc_put(struct proc_info *dst, const struct proc_info *p)
+{
+	if (p)
+		__builtin_memcpy(dst, p, sizeof(*dst));
+	else
+		__builtin_memset(dst, 0, sizeof(*dst));
+}
+
 // proc_copy copies the socket's process into a record; all zero (source 0,
 // unknown) when the socket has none.
 static __always_inline void proc_copy(struct proc_info *dst, struct bpf_sock *sk)
 {
 	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
-	if (p)
-		__builtin_memcpy(dst, p, sizeof(*dst));
-	else
-		__builtin_memset(dst, 0, sizeof(*dst));
+	proc_put(dst, p);
+}
+
+// filtered tells why the filters drop a begin: a CNT_FILTER_* index, or 0
+// to keep it. The tests run cheapest first and the first that fails names
+// the reason. remote is the peer's address (the responder for outgoing,
+// the initiator for incoming), port the responder's, p the socket's
+// process (0: unknown, which no comm include list matches and no exclude
+// list drops).
+static __always_inline __u32 filtered(__u8 direction, __u8 family, const __u8 *remote, __u16 port, const struct proc_info *p)
+{
+	if (filter_self && direction == DIR_OUTGOING && p && p->self)
+		return CNT_FILTER_SELF;
+	if (filter_direction && direction != filter_direction)
+		return CNT_FILTER_DIRECTION;
+	if (filter_ports) {
+		__u32 zero = 0;
+		struct port_set *s = bpf_map_lookup_elem(&port_drop, &zero);
+		if (s && ((s->bits[(port >> 6) & 1023] >> (port & 63)) & 1))
+			return CNT_FILTER_PORT;
+	}
+	if (filter_cidr_incl || filter_cidr_excl) {
+		struct cidr_key k = {};
+		k.family = family;
+		if (family == 4) {
+			k.prefixlen = 8 + 32;
+			__builtin_memcpy(k.addr, remote, 4);
+		} else {
+			k.prefixlen = 8 + 128;
+			__builtin_memcpy(k.addr, remote, 16);
+		}
+		if (filter_cidr_incl && !bpf_map_lookup_elem(&cidr_incl, &k))
+			return CNT_FILTER_CIDR;
+		if (filter_cidr_excl && bpf_map_lookup_elem(&cidr_excl, &k))
+			return CNT_FILTER_CIDR;
+	}
+	if (filter_comm_incl || filter_comm_excl) {
+		__u8 *v = 0;
+		if (p && p->source)
+			v = bpf_map_lookup_elem(&comms, p->comm);
+		__u8 m = v ? *v : 0;
+		if (filter_comm_incl && !(m & COMM_INCL))
+			return CNT_FILTER_COMM;
+		if (filter_comm_excl && (m & COMM_EXCL))
+			return CNT_FILTER_COMM;
+	}
+	return 0;
 }
 
 // scoped tells whether either address is link-local IPv6 (fe80::/10), the
@@ -422,6 +545,16 @@ static __always_inline void incoming_key(struct __sk_buff *skb, struct flow_key 
 		key->dst_port = sk->src_port;
 }
 
+// no_begin marks an incoming handshake's seen entry as having had no begin
+// (lost, or filtered): its end then must not take it for one, and it gets
+// no confirmation and no end.
+static __always_inline void no_begin(struct flow_key *key)
+{
+	struct synack *v = bpf_map_lookup_elem(&seen, key);
+	if (v)
+		v->ts_ns = 0;
+}
+
 static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
 {
 	struct flow_key key = *k;
@@ -433,15 +566,31 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 		return;
 	}
 
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	// Outgoing: the connecting socket. Incoming: the listener (egress
+	// runs for it, not for the request socket), or a Fast Open child,
+	// which has the listener's entry by BPF_F_CLONE.
+	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	if (filter_on) {
+		// After first_synack, so that a retransmission is not counted
+		// again; before the reservation, so that a dropped begin costs
+		// no ring space.
+		__u32 why = filtered(k->direction, k->family, k->direction == DIR_OUTGOING ? k->dst : k->src, k->dst_port, p);
+		if (why) {
+			count(why);
+			if (k->direction == DIR_INCOMING)
+				no_begin(&key);
+			return;
+		}
+	}
+
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RINGBUF_FULL);
-		if (k->direction == DIR_INCOMING) {
-			// No begin: the handshake's end must not take it for one.
-			struct synack *v = bpf_map_lookup_elem(&seen, &key);
-			if (v)
-				v->ts_ns = 0;
-		}
+		if (k->direction == DIR_INCOMING)
+			no_begin(&key);
 		return;
 	}
 	e->ts_ns = now;
@@ -462,13 +611,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 		if (skb_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(skb);
 	}
-	struct bpf_sock *sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
-	// Outgoing: the connecting socket. Incoming: the listener (egress
-	// runs for it, not for the request socket), or a Fast Open child,
-	// which has the listener's entry by BPF_F_CLONE.
-	proc_copy(&e->proc, sk);
+	proc_put(&e->proc, p);
 	if (k->direction == DIR_OUTGOING) {
 		if (sk)
 			begin_stored(sk, now, DIR_OUTGOING);
@@ -963,6 +1106,17 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 		}
 	}
 
+	// The child's process, cloned from the listener.
+	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	if (filter_on) {
+		// A begin the egress program filtered left its entry with no
+		// time (above); this one egress never saw.
+		__u32 why = filtered(DIR_INCOMING, k.family, k.src, k.dst_port, p);
+		if (why) {
+			count(why);
+			return;
+		}
+	}
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RINGBUF_FULL);
@@ -991,7 +1145,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 		if (sockops_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
-	proc_copy(&e->proc, sk); // the child's, cloned from the listener
+	proc_put(&e->proc, p);
 	submit(e);
 	if (sk) {
 		begin_stored(sk, now, DIR_INCOMING);

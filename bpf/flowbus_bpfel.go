@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type flowbusCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Family    uint8
+	Addr      [16]uint8
+}
+
 type flowbusConnState struct {
 	_         structs.HostLayout
 	BeginNs   uint64
@@ -127,6 +134,11 @@ type flowbusFlowKey struct {
 	Pad       [2]uint8
 }
 
+type flowbusPortSet struct {
+	_    structs.HostLayout
+	Bits [1024]uint64
+}
+
 type flowbusProcInfo struct {
 	_      structs.HostLayout
 	Tgid   uint32
@@ -148,10 +160,14 @@ type flowbusSynack struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	flowbusMapCidrExcl           = "cidr_excl"
+	flowbusMapCidrIncl           = "cidr_incl"
+	flowbusMapComms              = "comms"
 	flowbusMapConns              = "conns"
 	flowbusMapCounters           = "counters"
 	flowbusMapDnsq               = "dnsq"
 	flowbusMapEvents             = "events"
+	flowbusMapPortDrop           = "port_drop"
 	flowbusMapProcs              = "procs"
 	flowbusMapSeen               = "seen"
 	flowbusProgFlowbusConnect4   = "flowbus_connect4"
@@ -164,6 +180,14 @@ const (
 	flowbusProgFlowbusSockops    = "flowbus_sockops"
 	flowbusVarAgentTgid          = "agent_tgid"
 	flowbusVarEndEvents          = "end_events"
+	flowbusVarFilterCidrExcl     = "filter_cidr_excl"
+	flowbusVarFilterCidrIncl     = "filter_cidr_incl"
+	flowbusVarFilterCommExcl     = "filter_comm_excl"
+	flowbusVarFilterCommIncl     = "filter_comm_incl"
+	flowbusVarFilterDirection    = "filter_direction"
+	flowbusVarFilterOn           = "filter_on"
+	flowbusVarFilterPorts        = "filter_ports"
+	flowbusVarFilterSelf         = "filter_self"
 	flowbusVarMatchSocket        = "match_socket"
 	flowbusVarQueryTtlNs         = "query_ttl_ns"
 	flowbusVarSkbNetnsCookie     = "skb_netns_cookie"
@@ -233,10 +257,14 @@ type flowbusProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusMapSpecs struct {
+	CidrExcl *ebpf.MapSpec `ebpf:"cidr_excl"`
+	CidrIncl *ebpf.MapSpec `ebpf:"cidr_incl"`
+	Comms    *ebpf.MapSpec `ebpf:"comms"`
 	Conns    *ebpf.MapSpec `ebpf:"conns"`
 	Counters *ebpf.MapSpec `ebpf:"counters"`
 	Dnsq     *ebpf.MapSpec `ebpf:"dnsq"`
 	Events   *ebpf.MapSpec `ebpf:"events"`
+	PortDrop *ebpf.MapSpec `ebpf:"port_drop"`
 	Procs    *ebpf.MapSpec `ebpf:"procs"`
 	Seen     *ebpf.MapSpec `ebpf:"seen"`
 }
@@ -247,6 +275,14 @@ type flowbusMapSpecs struct {
 type flowbusVariableSpecs struct {
 	AgentTgid          *ebpf.VariableSpec `ebpf:"agent_tgid"`
 	EndEvents          *ebpf.VariableSpec `ebpf:"end_events"`
+	FilterCidrExcl     *ebpf.VariableSpec `ebpf:"filter_cidr_excl"`
+	FilterCidrIncl     *ebpf.VariableSpec `ebpf:"filter_cidr_incl"`
+	FilterCommExcl     *ebpf.VariableSpec `ebpf:"filter_comm_excl"`
+	FilterCommIncl     *ebpf.VariableSpec `ebpf:"filter_comm_incl"`
+	FilterDirection    *ebpf.VariableSpec `ebpf:"filter_direction"`
+	FilterOn           *ebpf.VariableSpec `ebpf:"filter_on"`
+	FilterPorts        *ebpf.VariableSpec `ebpf:"filter_ports"`
+	FilterSelf         *ebpf.VariableSpec `ebpf:"filter_self"`
 	MatchSocket        *ebpf.VariableSpec `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
 	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
@@ -280,20 +316,28 @@ func (o *flowbusObjects) Close() error {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusMaps struct {
+	CidrExcl *ebpf.Map `ebpf:"cidr_excl"`
+	CidrIncl *ebpf.Map `ebpf:"cidr_incl"`
+	Comms    *ebpf.Map `ebpf:"comms"`
 	Conns    *ebpf.Map `ebpf:"conns"`
 	Counters *ebpf.Map `ebpf:"counters"`
 	Dnsq     *ebpf.Map `ebpf:"dnsq"`
 	Events   *ebpf.Map `ebpf:"events"`
+	PortDrop *ebpf.Map `ebpf:"port_drop"`
 	Procs    *ebpf.Map `ebpf:"procs"`
 	Seen     *ebpf.Map `ebpf:"seen"`
 }
 
 func (m *flowbusMaps) Close() error {
 	return _FlowbusClose(
+		m.CidrExcl,
+		m.CidrIncl,
+		m.Comms,
 		m.Conns,
 		m.Counters,
 		m.Dnsq,
 		m.Events,
+		m.PortDrop,
 		m.Procs,
 		m.Seen,
 	)
@@ -305,6 +349,14 @@ func (m *flowbusMaps) Close() error {
 type flowbusVariables struct {
 	AgentTgid          *ebpf.Variable `ebpf:"agent_tgid"`
 	EndEvents          *ebpf.Variable `ebpf:"end_events"`
+	FilterCidrExcl     *ebpf.Variable `ebpf:"filter_cidr_excl"`
+	FilterCidrIncl     *ebpf.Variable `ebpf:"filter_cidr_incl"`
+	FilterCommExcl     *ebpf.Variable `ebpf:"filter_comm_excl"`
+	FilterCommIncl     *ebpf.Variable `ebpf:"filter_comm_incl"`
+	FilterDirection    *ebpf.Variable `ebpf:"filter_direction"`
+	FilterOn           *ebpf.Variable `ebpf:"filter_on"`
+	FilterPorts        *ebpf.Variable `ebpf:"filter_ports"`
+	FilterSelf         *ebpf.Variable `ebpf:"filter_self"`
 	MatchSocket        *ebpf.Variable `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.Variable `ebpf:"query_ttl_ns"`
 	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`

@@ -1,0 +1,275 @@
+package bpf
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/schema"
+)
+
+func init() {
+	cgrouptest.Register("filter-dial", filterDialHelper)
+	cgrouptest.Register("filter-listen", filterListenHelper)
+}
+
+// plainListen listens on addr with plain TCP (Go's listeners default to
+// Multipath TCP, whose subflows the programs do not see as TCP).
+func plainListen(addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp", addr)
+}
+
+// filterDialHelper: addr... Connects to each address in turn, reads the
+// server's byte and closes, then reports the local addresses (comma
+// separated, in order).
+func filterDialHelper(args []string) error {
+	var locals []string
+	for _, a := range args {
+		var d net.Dialer
+		d.SetMultipathTCP(false)
+		c, err := d.Dial("tcp", a)
+		if err != nil {
+			return err
+		}
+		locals = append(locals, c.LocalAddr().String())
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			return err
+		}
+		c.Close()
+	}
+	report(procReport{Pid: os.Getpid(), Local: strings.Join(locals, ",")})
+	waitStdin()
+	return nil
+}
+
+// filterListenHelper listens on 127.0.0.1 and ::1 and reports both
+// addresses (comma separated).
+func filterListenHelper([]string) error {
+	var addrs []string
+	for _, a := range []string{"127.0.0.1:0", "[::1]:0"} {
+		ln, err := plainListen(a)
+		if err != nil {
+			return err
+		}
+		go serveConns(ln)
+		addrs = append(addrs, ln.Addr().String())
+	}
+	report(procReport{Pid: os.Getpid(), Addr: strings.Join(addrs, ",")})
+	waitStdin()
+	return nil
+}
+
+// filterConn is a connection the test made, as the reference sees it.
+type filterConn struct {
+	dir      schema.Direction
+	src, dst netip.AddrPort // initiator, responder
+	comm     string         // the process of the watched socket
+}
+
+func (c filterConn) remote() netip.Addr {
+	if c.dir == schema.Outgoing {
+		return c.dst.Addr()
+	}
+	return c.src.Addr()
+}
+
+// refReason is the reference the kernel's filters are held to, written
+// from the documented rules rather than from the C: "" keeps the begin,
+// else the reason it is dropped for (the first test that fails).
+func refReason(f Filter, c filterConn) string {
+	inPorts := func(rs []PortRange, p uint16) bool {
+		return slices.ContainsFunc(rs, func(r PortRange) bool { return r.First <= p && p <= r.Last })
+	}
+	inCIDRs := func(ps []netip.Prefix, a netip.Addr) bool {
+		return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Contains(a) })
+	}
+	switch {
+	case f.Direction == "outgoing" && c.dir != schema.Outgoing, f.Direction == "incoming" && c.dir != schema.Incoming:
+		return "direction"
+	case len(f.Ports) > 0 && !inPorts(f.Ports, c.dst.Port()), inPorts(f.ExcludePorts, c.dst.Port()):
+		return "port"
+	case len(f.CIDRs) > 0 && !inCIDRs(f.CIDRs, c.remote()), inCIDRs(f.ExcludeCIDRs, c.remote()):
+		return "cidr"
+	case len(f.Comms) > 0 && !slices.Contains(f.Comms, c.comm), slices.Contains(f.ExcludeComms, c.comm):
+		return "comm"
+	}
+	return ""
+}
+
+// Filters drop exactly what the reference says: connections on several
+// ports, over IPv4 (two loopback addresses) and IPv6, outgoing from two
+// programs and incoming to a third, under each filter in turn; the begins
+// and ends that came out are those of the connections kept, and each
+// reason's counter is the number the reference dropped for it.
+func TestFilters(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	exes := helperExes(t, "fbfilt-a", "fbfilt-b", "fbfilt-l")
+
+	// Servers in the test process, outside the watched cgroups: only the
+	// helpers' sockets are watched.
+	var p1, p2, p1b, p1v6, p2v6 string
+	for _, x := range []struct {
+		dst  *string
+		addr string
+	}{{&p1, "127.0.0.1:0"}, {&p2, "127.0.0.1:0"}, {&p1b, "127.0.0.2:0"}, {&p1v6, "[::1]:0"}, {&p2v6, "[::1]:0"}} {
+		ln, err := plainListen(x.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go serveConns(ln)
+		*x.dst = ln.Addr().String()
+	}
+	port := func(a string) uint16 { return netip.MustParseAddrPort(a).Port() }
+	targets := []string{p1, p2, p1b, p1v6, p2v6}
+
+	cases := []struct {
+		name string
+		f    Filter
+	}{
+		{"none", Filter{}},
+		{"incoming only", Filter{Direction: "incoming"}},
+		{"outgoing only", Filter{Direction: "outgoing"}},
+		{"ports", Filter{Ports: []PortRange{{port(p1), port(p1)}, {port(p2v6), port(p2v6)}}}},
+		{"exclude ports", Filter{ExcludePorts: []PortRange{{port(p2), port(p2)}}}},
+		{"cidrs", Filter{CIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/31"), netip.MustParsePrefix("::1/128")},
+			ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}},
+		{"ipv4 only", Filter{CIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}},
+		{"comms", Filter{Comms: []string{"fbfilt-a", "fbfilt-l"}}},
+		{"exclude comms", Filter{ExcludeComms: []string{"fbfilt-b"}}},
+		{"all together", Filter{Direction: "", ExcludePorts: []PortRange{{port(p2), port(p2)}},
+			CIDRs:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::/0")},
+			ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}, ExcludeComms: []string{"fbfilt-b"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cg := cgrouptest.NewChild(t)
+			c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond, Filter: tc.f})
+			if err != nil {
+				t.Fatal(err)
+			}
+			col := &collector{}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- c.Run(ctx, col) }()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("Run: %v", err)
+				}
+				c.Close()
+			}()
+
+			var conns []filterConn
+			for _, comm := range []string{"fbfilt-a", "fbfilt-b"} {
+				h := startHelper(t, cg, exes[comm], -1, "filter-dial", targets...)
+				for i, l := range strings.Split(h.r.Local, ",") {
+					conns = append(conns, filterConn{schema.Outgoing, netip.MustParseAddrPort(l), netip.MustParseAddrPort(targets[i]), comm})
+				}
+			}
+			lh := startHelper(t, cg, exes["fbfilt-l"], -1, "filter-listen")
+			for _, a := range strings.Split(lh.r.Addr, ",") {
+				for range 2 {
+					cn, err := net.Dial("tcp", a)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if _, err := io.ReadFull(cn, make([]byte, 1)); err != nil {
+						t.Fatal(err)
+					}
+					conns = append(conns, filterConn{schema.Incoming, netip.MustParseAddrPort(cn.LocalAddr().String()), netip.MustParseAddrPort(a), "fbfilt-l"})
+					cn.Close()
+				}
+			}
+
+			wantBegins := map[string]bool{}
+			wantDrops := map[string]uint64{}
+			for _, cn := range conns {
+				if r := refReason(tc.f, cn); r != "" {
+					wantDrops[r]++
+				} else {
+					wantBegins[fmt.Sprintf("%v %s -> %s", cn.dir, cn.src, cn.dst)] = true
+				}
+			}
+			if tc.f.Active() && len(wantBegins) == len(conns) {
+				t.Fatalf("filter %s drops nothing of the %d connections: the case tests nothing", tc.f.String(), len(conns))
+			}
+
+			// Every begin, end and drop has happened once the counts add up;
+			// a quiet 300 ms then shows any extra.
+			got := func() (begins, ends map[string]int, k Counters) {
+				col.mu.Lock()
+				defer col.mu.Unlock()
+				begins, ends = map[string]int{}, map[string]int{}
+				for _, ev := range col.evs {
+					begins[tupleOf(ev).String()]++
+				}
+				for _, e := range col.ends {
+					ends[flowTuple{e.Direction, netip.AddrPortFrom(e.Src, e.SrcPort), netip.AddrPortFrom(e.Dst, e.DstPort)}.String()]++
+				}
+				k, err := c.Counters()
+				if err != nil {
+					t.Fatal(err)
+				}
+				return begins, ends, k
+			}
+			dropped := func(k Counters) (n uint64) {
+				for _, r := range FilterReasons {
+					n += k.Filtered(r)
+				}
+				return n
+			}
+			var wantDropped uint64
+			for _, n := range wantDrops {
+				wantDropped += n
+			}
+			deadline := time.Now().Add(15 * time.Second)
+			for {
+				b, e, k := got()
+				if (len(b) >= len(wantBegins) && len(e) >= len(wantBegins) && dropped(k) >= wantDropped) || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			time.Sleep(300 * time.Millisecond)
+			begins, ends, k := got()
+			for tu, n := range begins {
+				if !wantBegins[tu] || n != 1 {
+					t.Errorf("begin %s seen %d times, want %d", tu, n, map[bool]int{true: 1}[wantBegins[tu]])
+				}
+			}
+			for tu, n := range ends {
+				if !wantBegins[tu] || n != 1 {
+					t.Errorf("end %s seen %d times, want %d", tu, n, map[bool]int{true: 1}[wantBegins[tu]])
+				}
+			}
+			for tu := range wantBegins {
+				if begins[tu] == 0 {
+					t.Errorf("no begin for kept connection %s", tu)
+				}
+				if ends[tu] == 0 {
+					t.Errorf("no end for kept connection %s", tu)
+				}
+			}
+			for _, r := range FilterReasons {
+				if k.Filtered(r) != wantDrops[r] {
+					t.Errorf("filtered by %s: kernel counted %d, reference %d", r, k.Filtered(r), wantDrops[r])
+				}
+			}
+			if k.RingbufFull != 0 {
+				t.Errorf("kernel counters %+v: a loss muddles the counts", k)
+			}
+			t.Logf("filter %s: %d connections, %d kept, dropped %v", tc.f.String(), len(conns), len(wantBegins), wantDrops)
+		})
+	}
+}
