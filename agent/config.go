@@ -637,12 +637,15 @@ func editDistance(a, b string) int {
 func HelpText() string {
 	var b strings.Builder
 	b.WriteString(`flowagent reports every TCP connection that begins on a cgroup
-(net_flow_tcp_begin) to NATS JetStream.
+(net_flow_tcp_begin), and its end (net_flow_tcp_end), to NATS JetStream.
 
 Usage:
   flowagent             run the agent
   flowagent --version   print its version and the embedded nats-server's, exit
   flowagent --help      print this help, exit
+  flowagent probe       exit 0 if the agent at FLOWBUS_METRICS_ADDR is ready
+                        (its /readyz), else 1 with the failing check: the
+                        container's health check
 
 It takes no other arguments: every setting is an environment variable. Invalid
 settings are all reported at once, and the agent exits with status 2; a
