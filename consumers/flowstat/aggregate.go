@@ -342,7 +342,8 @@ func fillHole(hs []store.Hole, seq uint64) ([]store.Hole, bool) {
 // fold counts the batch's events. The peer is the other end of the connection: the responder of an
 // outgoing connection, the initiator of an incoming one; the port is always the responder's (the
 // service). The peer's name in conn_agg and peer_seen is the first DNS name the agent attached, "" when
-// none; conn_names counts the connection under every name (each distinct one once).
+// none; conn_more_names counts it under each other name (each distinct one once), so that the view
+// conn_names has it under every name.
 func (a *aggregator) fold(b *schema.Batch) {
 	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
 	nk := store.NameKey{Host: b.Host, Dir: b.Direction}
@@ -369,8 +370,8 @@ func (a *aggregator) fold(b *schema.Batch) {
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
 		a.d.Conns[ck]++
 		nk.Bucket, nk.Peer, nk.Port = bucket, peer, ev.DstPort
-		for j, n := range names {
-			if n = cleanText(n); n != "" && !repeatsName(names[:j], n) {
+		for j := 1; j < len(names); j++ {
+			if n := cleanText(names[j]); n != "" && !repeatsName(names[:j], n) {
 				nk.Name = n
 				a.d.Names[nk]++
 			}

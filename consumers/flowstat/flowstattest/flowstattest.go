@@ -258,7 +258,7 @@ func addrText(a netip.Addr) string {
 // Reference computes, directly from the published batches (in stream order) and the bucket width,
 // what the aggregate tables must hold: connections per bucket of event time by host, direction, peer
 // (the responder of outgoing and the initiator of incoming connections), first DNS name and service
-// port; the same by each distinct DNS name of the peer (conn_names); first and last seen per (host,
+// port; the same by each distinct DNS name of the peer (the view conn_names); first and last seen per (host,
 // direction, peer, port) with the earliest name; batches, events
 // and drops per bucket of stored time; and a gap wherever a batch's prev_seq is not the last seq seen of
 // its chain.
@@ -401,7 +401,7 @@ func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = q(`SELECT bucket, host, direction, peer, port, name, conns FROM conn_names`, func(scan func(...any) error) error {
+	err = q(`SELECT bucket, host, direction, peer, port, name, CAST(SUM(conns) AS BIGINT) FROM conn_names GROUP BY bucket, host, direction, peer, port, name`, func(scan func(...any) error) error {
 		var b, port, n int64
 		var h, d, p, name string
 		if err := scan(&b, &h, &d, &p, &port, &name, &n); err != nil {

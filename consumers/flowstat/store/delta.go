@@ -27,8 +27,8 @@ type ConnKey struct {
 	Port   uint16
 }
 
-// NameKey is one row of conn_names: connections of a bucket by host, direction, peer, service port and
-// one DNS name the events carried for the peer (every name, not only the first).
+// NameKey is one row of conn_more_names: connections of a bucket by host, direction, peer, service
+// port and one DNS name the events carried for the peer after the first (the first is conn_agg's).
 type NameKey struct {
 	Bucket int64
 	Host   string
@@ -166,7 +166,8 @@ type Delta struct {
 	// Ends holds the end events per ConnKey (bucket of end time); Procs the connections per process.
 	Ends  map[ConnKey]*EndAgg
 	Procs map[ProcKey]uint64
-	// Names counts the connections per DNS name (conn_names): an event with k names adds to k rows.
+	// Names counts the connections per DNS name after the first (conn_more_names): an event with k
+	// distinct names adds to k-1 rows.
 	Names map[NameKey]uint64
 	// Events (begins), EndEvents and Messages (valid batches of both kinds) count what went into the
 	// delta (for stats).
@@ -415,16 +416,16 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 	}
 
 	if len(d.Names) > 0 {
-		un := newUpserter(ctx, s, tx, `INSERT INTO conn_names (bucket, host, direction, peer, port, name, conns) VALUES `,
-			`ON CONFLICT (bucket, host, direction, peer, port, name) DO UPDATE SET conns = conn_names.conns + excluded.conns`, 7)
+		un := newUpserter(ctx, s, tx, `INSERT INTO conn_more_names (bucket, host, direction, peer, port, name, conns) VALUES `,
+			`ON CONFLICT (bucket, host, direction, peer, port, name) DO UPDATE SET conns = conn_more_names.conns + excluded.conns`, 7)
 		defer un.close()
 		for _, k := range order(mapKeys(d.Names), cmpNameKey) {
 			if err := un.add(k.Bucket, k.Host, dirText(k.Dir), at.get(k.Peer), int64(k.Port), k.Name, int64(d.Names[k])); err != nil {
-				return fmt.Errorf("conn_names: %w", err)
+				return fmt.Errorf("conn_more_names: %w", err)
 			}
 		}
 		if err := un.flush(); err != nil {
-			return fmt.Errorf("conn_names: %w", err)
+			return fmt.Errorf("conn_more_names: %w", err)
 		}
 	}
 

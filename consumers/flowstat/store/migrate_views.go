@@ -10,14 +10,16 @@ import (
 // fast; on top of them:
 //
 //   - conn_names: connections per bucket by EVERY DNS name the events carried for their remote end
-//     (conn_agg and peer_seen keep only the first). Rows from before this migration are backfilled
-//     from conn_agg's first name, the only one that was kept.
+//     (conn_agg and peer_seen keep only the first), a view of conn_agg's first names and the table
+//     conn_more_names, which the aggregator fills with the names after the first. Storing every
+//     name in a table of its own took BenchmarkConsume (B6) from 530-630k to 230k events/s with the
+//     index below; most events carry one name or none, so the extra names cost little.
 //   - views with the event's names (conn_direction, remote_addr, responder_port, ...), typed times
 //     (timestamptz in PostgreSQL, ISO-8601 UTC text in SQLite), inet addresses in PostgreSQL and NULL
 //     for unknown: connections, connections_by_name, top_talkers_hourly, new_destinations,
 //     connections_per_host, bytes_per_peer, gaps_and_drops, batch_gaps.
-//   - indexes leading with host, on peer_seen.last_ns, and on the views' time expressions so a time
-//     range on a view is an index range.
+//   - indexes leading with host, on peer_seen.last_ns (PostgreSQL only, see below), and on the
+//     views' time expressions so a time range on a view is an index range.
 //   - PostgreSQL: a comment on every table, view and column (schemaDocs; SQLite has none, SCHEMA.md
 //     says the same).
 //
@@ -26,26 +28,32 @@ import (
 func migration6(kind Kind) []string {
 	d := dialects[kind]
 	stmts := []string{
-		`CREATE TABLE conn_names (
+		`CREATE TABLE conn_more_names (
 			bucket BIGINT NOT NULL, host TEXT NOT NULL, direction TEXT NOT NULL,
 			peer TEXT NOT NULL, port INTEGER NOT NULL, name TEXT NOT NULL, conns BIGINT NOT NULL,
 			PRIMARY KEY (bucket, host, direction, peer, port, name))` + withoutRowID,
-		`INSERT INTO conn_names (bucket, host, direction, peer, port, name, conns)
-			SELECT bucket, host, direction, peer, port, peer_name, SUM(conns) FROM conn_agg WHERE peer_name <> ''
-			GROUP BY bucket, host, direction, peer, port, peer_name`,
-		`CREATE INDEX conn_agg_host ON conn_agg (host, bucket)`,
-		`CREATE INDEX conn_names_host ON conn_names (host, bucket)`,
-		`CREATE INDEX end_agg_host ON end_agg (host, bucket)`,
-		`CREATE INDEX batch_agg_host ON batch_agg (host, bucket)`,
-		`CREATE INDEX proc_agg_host ON proc_agg (host, bucket)`,
-		`CREATE INDEX peer_seen_last ON peer_seen (last_ns)`,
 		`CREATE INDEX gaps_stored ON gaps (stored_ns)`,
-		// The views' time columns, indexed as the views compute them: "bucket_start > now() - interval
-		// '1 hour'" then reads a range of the index instead of the whole table.
-		`CREATE INDEX conn_agg_time ON conn_agg (` + d.ts("bucket") + `)`,
-		`CREATE INDEX conn_names_time ON conn_names (` + d.ts("bucket") + `)`,
-		`CREATE INDEX end_agg_time ON end_agg (` + d.ts("bucket") + `)`,
-		`CREATE INDEX peer_seen_first_time ON peer_seen (` + d.tsNS("first_ns") + `)`,
+	}
+	if kind == Postgres {
+		// The analysts' indexes, in PostgreSQL only: leading with host; the views' time columns as the
+		// views compute them, so "bucket_start > now() - interval '1 hour'" reads a range of an index;
+		// peer_seen's last sighting. Each costs the consumer at every insert (peer_seen_last at almost
+		// every update too, last_ns moving). In SQLite, the embedded default, they took flowstat's CPU
+		// per 1M events of B6 (BenchmarkConsume) from 1.4 s to 3.1 s, the every-name table alone to
+		// 2.0 s; there the views carry the integer bucket_start_s, which the primary keys serve.
+		stmts = append(stmts,
+			`CREATE INDEX conn_agg_host ON conn_agg (host, bucket)`,
+			`CREATE INDEX conn_more_names_host ON conn_more_names (host, bucket)`,
+			`CREATE INDEX end_agg_host ON end_agg (host, bucket)`,
+			`CREATE INDEX batch_agg_host ON batch_agg (host, bucket)`,
+			`CREATE INDEX proc_agg_host ON proc_agg (host, bucket)`,
+			`CREATE INDEX conn_agg_time ON conn_agg (`+d.ts("bucket")+`)`,
+			`CREATE INDEX conn_more_names_time ON conn_more_names (`+d.ts("bucket")+`)`,
+			`CREATE INDEX end_agg_time ON end_agg (`+d.ts("bucket")+`)`,
+			`CREATE INDEX batch_agg_time ON batch_agg (`+d.ts("bucket")+`)`,
+			`CREATE INDEX peer_seen_first_time ON peer_seen (`+d.tsNS("first_ns")+`)`,
+			`CREATE INDEX peer_seen_last ON peer_seen (last_ns)`,
+			`CREATE INDEX peer_seen_last_time ON peer_seen (`+d.tsNS("last_ns")+`)`)
 	}
 	for _, v := range views {
 		stmts = append(stmts, "CREATE VIEW "+v.name+" AS "+v.sql(d))
@@ -66,15 +74,19 @@ type dialect struct {
 	addr, zone func(expr string) string
 	// names aggregates DISTINCT name into a list: text[] in PostgreSQL, comma-separated text in SQLite.
 	names func(expr string) string
+	// rawBucket is, in SQLite, the column bucket_start_s (the unix-seconds bucket, which the primary
+	// keys index) after a view's bucket_start; "" in PostgreSQL, whose bucket_start is indexed.
+	rawBucket func(expr string) string
 }
 
 var dialects = map[Kind]dialect{
 	Postgres: {
-		ts:    func(e string) string { return "to_timestamp(" + e + ")" },
-		tsNS:  func(e string) string { return "to_timestamp(" + e + " / 1e9)" },
-		addr:  func(e string) string { return "CAST(NULLIF(split_part(" + e + ", '%', 1), '') AS inet)" },
-		zone:  func(e string) string { return "NULLIF(split_part(" + e + ", '%', 2), '')" },
-		names: func(e string) string { return "array_agg(DISTINCT " + e + " ORDER BY " + e + ")" },
+		ts:        func(e string) string { return "to_timestamp(" + e + ")" },
+		tsNS:      func(e string) string { return "to_timestamp(" + e + " / 1e9)" },
+		addr:      func(e string) string { return "CAST(NULLIF(split_part(" + e + ", '%', 1), '') AS inet)" },
+		zone:      func(e string) string { return "NULLIF(split_part(" + e + ", '%', 2), '')" },
+		names:     func(e string) string { return "array_agg(DISTINCT " + e + " ORDER BY " + e + ")" },
+		rawBucket: func(string) string { return "" },
 	},
 	SQLite: {
 		ts:   func(e string) string { return "strftime('%Y-%m-%dT%H:%M:%SZ', " + e + ", 'unixepoch')" },
@@ -85,7 +97,8 @@ var dialects = map[Kind]dialect{
 		zone: func(e string) string {
 			return fmt.Sprintf("CASE WHEN instr(%[1]s, '%%') > 0 THEN substr(%[1]s, instr(%[1]s, '%%') + 1) END", e)
 		},
-		names: func(e string) string { return "group_concat(DISTINCT " + e + ")" },
+		names:     func(e string) string { return "group_concat(DISTINCT " + e + ")" },
+		rawBucket: func(e string) string { return ", " + e + " AS bucket_start_s" },
 	},
 }
 
@@ -109,8 +122,16 @@ type view struct {
 }
 
 var views = []view{
+	// conn_names keeps the tables' columns: the other views and flowstat's queries read every name
+	// from it.
+	{"conn_names", func(d dialect) string {
+		return `SELECT c.bucket, c.host, c.direction, c.peer, c.port, c.peer_name AS name, c.conns
+			FROM conn_agg c WHERE c.peer_name <> ''
+			UNION ALL
+			SELECT m.bucket, m.host, m.direction, m.peer, m.port, m.name, m.conns FROM conn_more_names m`
+	}},
 	{"connections", func(d dialect) string {
-		return `SELECT ` + d.ts("c.bucket") + ` AS bucket_start, c.host, c.direction AS conn_direction,
+		return `SELECT ` + d.ts("c.bucket") + ` AS bucket_start` + d.rawBucket("c.bucket") + `, c.host, c.direction AS conn_direction,
 			` + d.addr("c.peer") + ` AS remote_addr, ` + d.zone("c.peer") + ` AS remote_zone, NULLIF(c.peer_name, '') AS remote_name,
 			c.port AS responder_port,
 			CASE WHEN c.direction = 'outgoing' THEN c.port END AS remote_port,
@@ -119,12 +140,12 @@ var views = []view{
 			FROM conn_agg c`
 	}},
 	{"connections_by_name", func(d dialect) string {
-		return `SELECT ` + d.ts("n.bucket") + ` AS bucket_start, n.host, n.direction AS conn_direction,
+		return `SELECT ` + d.ts("n.bucket") + ` AS bucket_start` + d.rawBucket("n.bucket") + `, n.host, n.direction AS conn_direction,
 			` + d.addr("n.peer") + ` AS remote_addr, ` + d.zone("n.peer") + ` AS remote_zone, n.name AS remote_name,
 			n.port AS responder_port, n.conns AS connections
 			FROM conn_names n
 			UNION ALL
-			SELECT ` + d.ts("c.bucket") + `, c.host, c.direction, ` + d.addr("c.peer") + `, ` + d.zone("c.peer") + `, NULL,
+			SELECT ` + d.ts("c.bucket") + d.rawBucket("c.bucket") + `, c.host, c.direction, ` + d.addr("c.peer") + `, ` + d.zone("c.peer") + `, NULL,
 			c.port, c.conns
 			FROM conn_agg c WHERE c.peer_name = ''`
 	}},
@@ -146,12 +167,12 @@ var views = []view{
 			FROM peer_seen p`
 	}},
 	{"connections_per_host", func(d dialect) string {
-		return `SELECT ` + d.ts("c.bucket") + ` AS bucket_start, c.host, c.direction AS conn_direction,
+		return `SELECT ` + d.ts("c.bucket") + ` AS bucket_start` + d.rawBucket("c.bucket") + `, c.host, c.direction AS conn_direction,
 			SUM(c.conns) AS connections, COUNT(DISTINCT c.peer) AS remotes
 			FROM conn_agg c GROUP BY c.bucket, c.host, c.direction`
 	}},
 	{"bytes_per_peer", func(d dialect) string {
-		return `SELECT ` + d.ts("e.bucket") + ` AS bucket_start, e.host, e.direction AS conn_direction,
+		return `SELECT ` + d.ts("e.bucket") + ` AS bucket_start` + d.rawBucket("e.bucket") + `, e.host, e.direction AS conn_direction,
 			` + d.addr("e.peer") + ` AS remote_addr, ` + d.zone("e.peer") + ` AS remote_zone, NULLIF(e.peer_name, '') AS remote_name,
 			e.port AS responder_port, e.ends,
 			` + sentCol + ` AS bytes_sent, ` + receivedCol + ` AS bytes_received,
@@ -162,7 +183,7 @@ var views = []view{
 			FROM end_agg e`
 	}},
 	{"gaps_and_drops", func(d dialect) string {
-		return `SELECT ` + d.ts("b.bucket") + ` AS bucket_start, b.host, b.direction AS conn_direction,
+		return `SELECT ` + d.ts("b.bucket") + ` AS bucket_start` + d.rawBucket("b.bucket") + `, b.host, b.direction AS conn_direction,
 			b.batches, b.events, b.drops_kernel + b.drops_reader + b.drops_queue + b.drops_spool + b.drops_publish AS drops,
 			b.drops_kernel, b.drops_reader, b.drops_queue, b.drops_spool, b.drops_publish,
 			b.end_batches, b.end_events,
@@ -201,6 +222,9 @@ func commentStatements() []string {
 		}
 		out = append(out, "COMMENT ON "+kind+" "+o.name+" IS "+q(o.comment))
 		for _, c := range o.cols {
+			if sqliteOnly[c.name] {
+				continue
+			}
 			out = append(out, "COMMENT ON COLUMN "+o.name+"."+c.name+" IS "+q(c.comment))
 		}
 	}

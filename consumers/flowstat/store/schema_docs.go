@@ -13,25 +13,29 @@ type objDoc struct {
 
 type colDoc struct{ name, comment string }
 
+// sqliteOnly are view columns only SQLite's views have (PostgreSQL's typed ones are indexed instead).
+var sqliteOnly = map[string]bool{"bucket_start_s": true}
+
 // Words every view column shares, written once.
 const (
-	docBucketStart = "Start of the time bucket (its width is meta.bucket_seconds): timestamptz in PostgreSQL, ISO-8601 UTC text in SQLite."
-	docHost        = "Host the agent runs on (the subject's host token)."
-	docDirection   = "conn_direction of the events: outgoing (this host connected) or incoming (this host accepted)."
-	docRemoteAddr  = "Remote end's address (the responder of outgoing, the initiator of incoming connections): inet in PostgreSQL, text in SQLite; NULL when the event had none."
-	docRemoteZone  = "IPv6 zone of remote_addr (e.g. eth0 for a link-local peer), NULL when none."
-	docRemoteName  = "First DNS name the events carried for the remote end, NULL when none."
-	docResponder   = "Responder's port (the service port): the remote port of outgoing, the local port of incoming connections."
-	docDirText     = "Direction: outgoing or incoming (the events' conn_direction)."
-	docBucketS     = "Bucket start, unix seconds (views: bucket_start)."
-	docPeer        = "Remote end's address as text with any %zone ('' when none): the responder of outgoing, the initiator of incoming connections."
-	docPeerName    = "First DNS name the event carried for the remote end ('' when none; conn_names holds every name)."
-	docPort        = "Responder's port (the service port) whatever the direction."
-	docRunID       = "Agent run id (one per agent start)."
-	docKind        = "Chain kind: begin (begin batches) or end (end batches chain on their own)."
-	docStoredNS    = "Stream's stored time of the message, unix ns."
-	docStream      = "JetStream stream name."
-	docStreamSeq   = "Stream sequence of the message."
+	docBucketStart  = "Start of the time bucket (its width is meta.bucket_seconds): timestamptz in PostgreSQL, ISO-8601 UTC text in SQLite."
+	docBucketStartS = "SQLite only: bucket_start as unix seconds. Filter on it in SQLite: its primary key serves it, a condition on bucket_start reads the whole table."
+	docHost         = "Host the agent runs on (the subject's host token)."
+	docDirection    = "conn_direction of the events: outgoing (this host connected) or incoming (this host accepted)."
+	docRemoteAddr   = "Remote end's address (the responder of outgoing, the initiator of incoming connections): inet in PostgreSQL, text in SQLite; NULL when the event had none."
+	docRemoteZone   = "IPv6 zone of remote_addr (e.g. eth0 for a link-local peer), NULL when none."
+	docRemoteName   = "First DNS name the events carried for the remote end, NULL when none."
+	docResponder    = "Responder's port (the service port): the remote port of outgoing, the local port of incoming connections."
+	docDirText      = "Direction: outgoing or incoming (the events' conn_direction)."
+	docBucketS      = "Bucket start, unix seconds (views: bucket_start)."
+	docPeer         = "Remote end's address as text with any %zone ('' when none): the responder of outgoing, the initiator of incoming connections."
+	docPeerName     = "First DNS name the event carried for the remote end ('' when none; conn_names holds every name)."
+	docPort         = "Responder's port (the service port) whatever the direction."
+	docRunID        = "Agent run id (one per agent start)."
+	docKind         = "Chain kind: begin (begin batches) or end (end batches chain on their own)."
+	docStoredNS     = "Stream's stored time of the message, unix ns."
+	docStream       = "JetStream stream name."
+	docStreamSeq    = "Stream sequence of the message."
 )
 
 // schemaDocs is every table and view of migration 6 with every column. A test checks PostgreSQL has a
@@ -47,9 +51,9 @@ var schemaDocs = []objDoc{
 	{name: "conn_agg", comment: "Connections (begin events) per bucket of event time, host, direction, remote end, its first DNS name and the responder's port. Analysts: read the views connections and connections_by_name.", cols: []colDoc{
 		{"bucket", docBucketS}, {"host", docHost}, {"direction", docDirText}, {"peer", docPeer}, {"peer_name", docPeerName},
 		{"port", docPort}, {"conns", "Connections (begin events)."}}},
-	{name: "conn_names", comment: "Connections per bucket by EVERY DNS name their events carried for the remote end: a connection with two names counts once under each. Rows from before schema 6 hold only the first name (all that was kept).", cols: []colDoc{
+	{name: "conn_more_names", comment: "Connections per bucket by each DNS name their events carried for the remote end after the first (conn_agg has the first): read the view conn_names, which has every name.", cols: []colDoc{
 		{"bucket", docBucketS}, {"host", docHost}, {"direction", docDirText}, {"peer", docPeer}, {"port", docPort},
-		{"name", "One DNS name of the remote end."}, {"conns", "Connections whose event carried this name."}}},
+		{"name", "A DNS name of the remote end other than the event's first."}, {"conns", "Connections whose event carried this name after the first."}}},
 	{name: "peer_seen", comment: "First and last time each (host, direction, remote end, responder port) was seen, exact event times. Analysts: view new_destinations.", cols: []colDoc{
 		{"host", docHost}, {"direction", docDirText}, {"peer", docPeer}, {"port", docPort},
 		{"first_ns", "Earliest event, unix ns."}, {"last_ns", "Latest event, unix ns."},
@@ -113,14 +117,17 @@ var schemaDocs = []objDoc{
 		{"bucket", docBucketS}, {"host", docHost}, {"direction", docDirText},
 		{"comm", "Process name ('' when the event carried none)."}, {"pid", "Process id (0 when none)."}, {"conns", "Connections."}}},
 
+	{name: "conn_names", view: true, comment: "Connections per bucket by EVERY DNS name their events carried for the remote end (conn_agg's first names and conn_more_names), in the tables' columns: a connection with two names counts once under each. Buckets from before schema 6 have only the first name (all that was kept). The same row key may appear twice (a name first in one event, second in another): sum conns.", cols: []colDoc{
+		{"bucket", docBucketS}, {"host", docHost}, {"direction", docDirText}, {"peer", docPeer}, {"port", docPort},
+		{"name", "One DNS name of the remote end."}, {"conns", "Connections whose event carried this name."}}},
 	{name: "connections", view: true, comment: "Connections per bucket with the event's names and types (conn_agg).", cols: []colDoc{
-		{"bucket_start", docBucketStart}, {"host", docHost}, {"conn_direction", docDirection},
+		{"bucket_start", docBucketStart}, {"bucket_start_s", docBucketStartS}, {"host", docHost}, {"conn_direction", docDirection},
 		{"remote_addr", docRemoteAddr}, {"remote_zone", docRemoteZone}, {"remote_name", docRemoteName},
 		{"responder_port", docResponder}, {"remote_port", "Remote port: the responder's for outgoing, NULL for incoming (the initiator's port is not kept)."},
 		{"local_port", "Local port: the responder's for incoming, NULL for outgoing (the initiator's port is not kept)."},
 		{"connections", "Connections (begin events)."}}},
-	{name: "connections_by_name", view: true, comment: "Connections per bucket by every DNS name of the remote end (conn_names), and those without any name (remote_name NULL). A connection with k names is k rows: sum per name, not across names.", cols: []colDoc{
-		{"bucket_start", docBucketStart}, {"host", docHost}, {"conn_direction", docDirection},
+	{name: "connections_by_name", view: true, comment: "Connections per bucket by every DNS name of the remote end (view conn_names), and those without any name (remote_name NULL). A connection with k names is k rows: sum per name, not across names.", cols: []colDoc{
+		{"bucket_start", docBucketStart}, {"bucket_start_s", docBucketStartS}, {"host", docHost}, {"conn_direction", docDirection},
 		{"remote_addr", docRemoteAddr}, {"remote_zone", docRemoteZone}, {"remote_name", "One DNS name of the remote end, NULL for connections that carried none."},
 		{"responder_port", docResponder}, {"connections", "Connections that carried this name."}}},
 	{name: "top_talkers_hourly", view: true, comment: "Connections per UTC hour, host, direction and remote end, with every name seen for it in that hour.", cols: []colDoc{
@@ -136,10 +143,10 @@ var schemaDocs = []objDoc{
 		{"first_name", "Earliest DNS name seen for it, NULL when none."}, {"first_name_seen", "Time of the event that carried first_name, NULL when none."},
 		{"remote_names", "Every DNS name seen for it (in the buckets still held): text[] in PostgreSQL, comma-separated text in SQLite; NULL when none."}}},
 	{name: "connections_per_host", view: true, comment: "Connections per bucket, host and direction.", cols: []colDoc{
-		{"bucket_start", docBucketStart}, {"host", docHost}, {"conn_direction", docDirection},
+		{"bucket_start", docBucketStart}, {"bucket_start_s", docBucketStartS}, {"host", docHost}, {"conn_direction", docDirection},
 		{"connections", "Connections (begin events)."}, {"remotes", "Distinct remote ends."}}},
 	{name: "bytes_per_peer", view: true, comment: "Ended connections per bucket of end time and remote end, bytes from the host's side (end_agg).", cols: []colDoc{
-		{"bucket_start", docBucketStart}, {"host", docHost}, {"conn_direction", docDirection},
+		{"bucket_start", docBucketStart}, {"bucket_start_s", docBucketStartS}, {"host", docHost}, {"conn_direction", docDirection},
 		{"remote_addr", docRemoteAddr}, {"remote_zone", docRemoteZone}, {"remote_name", docRemoteName}, {"responder_port", docResponder},
 		{"ends", "Connections that ended."}, {"bytes_sent", "Payload bytes this host sent."}, {"bytes_received", "Payload bytes this host received."},
 		{"initiator_bytes", "Payload bytes the initiator sent (the event's src_bytes)."}, {"responder_bytes", "Payload bytes the responder sent (dst_bytes)."},
@@ -149,7 +156,7 @@ var schemaDocs = []objDoc{
 		{"reason_fin", "Ends by FIN."}, {"reason_rst_sent", "Ends by a reset this host sent."}, {"reason_rst_received", "Ends by a reset received."},
 		{"reason_timeout", "Ends by timeout."}, {"reason_never_established", "Handshakes that never completed."}, {"reason_other", "Ends of unknown or later reasons."}}},
 	{name: "gaps_and_drops", view: true, comment: "Per bucket of stored time, host and direction: batches, events, events the agents reported lost, and the gaps (missing batches) recorded then.", cols: []colDoc{
-		{"bucket_start", docBucketStart}, {"host", docHost}, {"conn_direction", docDirection},
+		{"bucket_start", docBucketStart}, {"bucket_start_s", docBucketStartS}, {"host", docHost}, {"conn_direction", docDirection},
 		{"batches", "Begin batches."}, {"events", "Begin events."}, {"drops", "Begin events lost, all causes."},
 		{"drops_kernel", "Lost in the kernel."}, {"drops_reader", "Lost by the reader."}, {"drops_queue", "Lost in the queue."},
 		{"drops_spool", "Lost by the spool."}, {"drops_publish", "Lost publishing."},
@@ -174,7 +181,8 @@ func schemaMarkdown() string {
 	b.WriteString("Read the views: they name things as the events do (`conn_direction`, `remote_addr`, `responder_port`),\n")
 	b.WriteString("say NULL for unknown, and give times as `timestamptz` in PostgreSQL and as ISO-8601 UTC text in SQLite\n")
 	b.WriteString("(`2026-11-24T10:00:00Z`; `_seen` and `stored_at` columns with milliseconds), which compares and sorts as\n")
-	b.WriteString("the times do. Addresses are `inet` in PostgreSQL (`remote_addr << '10.0.0.0/8'`), text in SQLite. The\n")
+	b.WriteString("the times do; in SQLite filter on `bucket_start_s` (unix seconds), which the primary keys serve. Addresses\n")
+	b.WriteString("are `inet` in PostgreSQL (`remote_addr << '10.0.0.0/8'`), text in SQLite. The\n")
 	b.WriteString("tables are what flowstat writes: integer epochs with the unit in the name (`_ns`, `_s`; `bucket` is unix\n")
 	b.WriteString("seconds), text addresses, `''` and `0` for unknown.\n")
 	for _, section := range []struct {

@@ -153,9 +153,6 @@ func TestQueries(t *testing.T) {
 		d := store.NewDelta()
 		add := func(min int, host string, dir schema.Direction, peer netip.Addr, name string, port uint16, n uint64) {
 			d.Conns[store.ConnKey{Bucket: b(min), Host: host, Dir: dir, Peer: peer, Name: name, Port: port}] += n
-			if name != "" {
-				d.Names[store.NameKey{Bucket: b(min), Host: host, Dir: dir, Peer: peer, Port: port, Name: name}] += n
-			}
 			k := store.SeenKey{Host: host, Dir: dir, Peer: peer, Port: port}
 			sp, ok := d.Seen[k]
 			if !ok {
