@@ -115,22 +115,7 @@ func Sysctl(t testing.TB, ns, key, value string) {
 // "TcpExtSyncookiesSent", "TcpPassiveOpens", ...
 func Netstat(t testing.TB, ns string) map[string]uint64 {
 	t.Helper()
-	holdersMu.Lock()
-	pid, ok := holders[ns]
-	holdersMu.Unlock()
-	var out []byte
-	var err error
-	if ok {
-		// ip netns exec execs sleep in place: the pid is in the namespace.
-		var a, b []byte
-		a, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/netstat", pid))
-		if err == nil {
-			b, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/snmp", pid))
-		}
-		out = append(a, b...)
-	} else {
-		out, err = exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/netstat", "/proc/net/snmp").Output()
-	}
+	out, err := readNet(ns, "netstat", "snmp")
 	if err != nil {
 		t.Fatalf("reading the TCP counters of %s: %v", ns, err)
 	}
@@ -157,25 +142,36 @@ func Netstat(t testing.TB, ns string) map[string]uint64 {
 	return m
 }
 
+// readNet reads /proc/net/<name> as namespace ns sees it, for each name, concatenated: through the
+// namespace's holder process when it has one (ip netns exec execs sleep in place, so its pid is in the
+// namespace), else with ip netns exec cat.
+func readNet(ns string, names ...string) ([]byte, error) {
+	holdersMu.Lock()
+	pid, ok := holders[ns]
+	holdersMu.Unlock()
+	if !ok {
+		args := []string{"netns", "exec", ns, "cat"}
+		for _, n := range names {
+			args = append(args, "/proc/net/"+n)
+		}
+		return exec.Command("ip", args...).Output()
+	}
+	var out []byte
+	for _, n := range names {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, n))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b...)
+	}
+	return out, nil
+}
+
 // HalfOpen counts the handshakes of namespace ns that wait for their ACK:
 // the request sockets (state 03, SYN_RECV) of /proc/net/tcp and tcp6.
 func HalfOpen(t testing.TB, ns string) int {
 	t.Helper()
-	holdersMu.Lock()
-	pid, ok := holders[ns]
-	holdersMu.Unlock()
-	var out []byte
-	var err error
-	if ok {
-		var a, b []byte
-		a, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", pid))
-		if err == nil {
-			b, err = os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp6", pid))
-		}
-		out = append(a, b...)
-	} else {
-		out, err = exec.Command("ip", "netns", "exec", ns, "cat", "/proc/net/tcp", "/proc/net/tcp6").Output()
-	}
+	out, err := readNet(ns, "tcp", "tcp6")
 	if err != nil {
 		t.Fatalf("reading the TCP sockets of %s: %v", ns, err)
 	}
