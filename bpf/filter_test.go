@@ -8,11 +8,13 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/bpf/netnstest"
 	"github.com/flowbus/flowbus/schema"
 )
 
@@ -271,5 +273,89 @@ func TestFilters(t *testing.T) {
 			}
 			t.Logf("filter %s: %d connections, %d kept, dropped %v", tc.f.String(), len(conns), len(wantBegins), wantDrops)
 		})
+	}
+}
+
+// Begins taken at the end of the handshake (SYN cookies: the egress
+// program sees no SYN-ACK) are filtered there, and counted once: with
+// every SYN answered by a cookie, IPv6 peers skipped by prefix, the IPv4
+// connections have their begins and ends and the IPv6 ones none, and the
+// cidr counter is the count of IPv6 connections the kernel completed.
+func TestFilterAtEstablished(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	pair := netnstest.New(t)
+	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", "2")
+	watched := cgrouptest.NewChild(t)
+	other := cgrouptest.NewChild(t)
+	f := Filter{ExcludeCIDRs: []netip.Prefix{netip.PrefixFrom(pair.B6, 128)}}
+	c, err := Open(Options{CgroupPath: watched.Path, PollInterval: 5 * time.Millisecond, Filter: f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := &collector{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, col) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		c.Close()
+	}()
+
+	const n = 50 // per family
+	before := netnstest.Netstat(t, pair.A)
+	port, stop := netnstest.Server(t, watched, pair.A, 1024)
+	p := strconv.Itoa(port)
+	res := netnstest.Clients(t, other, pair.B, strconv.Itoa(n), net.JoinHostPort(pair.A4.String(), p), net.JoinHostPort(pair.A6.String(), p))
+	accepted := stop()
+	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), "TcpExtSyncookiesRecv", "TcpPassiveOpens")
+	if len(res.Conns) != 2*n || len(accepted) != 2*n || d["TcpExtSyncookiesRecv"] != 2*n || d["TcpPassiveOpens"] != 2*n {
+		t.Fatalf("%d echoed, %d accepted, kernel: %s; want %d each: the test did not make what it meant to",
+			len(res.Conns), len(accepted), netnstest.String(d, "TcpExtSyncookiesRecv", "TcpPassiveOpens"), 2*n)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		col.mu.Lock()
+		nb, ne := len(col.evs), len(col.ends)
+		col.mu.Unlock()
+		if nb >= n && ne >= n {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	k, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	col.mu.Lock()
+	defer col.mu.Unlock()
+	begins, ends := map[netip.AddrPort]int{}, map[netip.AddrPort]int{}
+	for _, ev := range col.evs {
+		if ev.Src != pair.B4 || ev.Direction != schema.Incoming {
+			t.Errorf("begin %s:%d -> %s:%d %v: want IPv4 incoming only", ev.Src, ev.SrcPort, ev.Dst, ev.DstPort, ev.Direction)
+		}
+		begins[netip.AddrPortFrom(ev.Src, ev.SrcPort)]++
+	}
+	for _, e := range col.ends {
+		if e.Src != pair.B4 {
+			t.Errorf("end %s:%d -> %s:%d: want IPv4 only", e.Src, e.SrcPort, e.Dst, e.DstPort)
+		}
+		ends[netip.AddrPortFrom(e.Src, e.SrcPort)]++
+	}
+	for _, cn := range res.Conns {
+		ap := netip.MustParseAddrPort(cn.Client)
+		want := 0
+		if ap.Addr() == pair.B4 {
+			want = 1
+		}
+		if begins[ap] != want || ends[ap] != want {
+			t.Errorf("%s: %d begins and %d ends, want %d each", ap, begins[ap], ends[ap], want)
+		}
+	}
+	if k.FilteredCIDR != n || k.BeginsAtEstablished != n || k.FilteredPort+k.FilteredComm+k.FilteredDirection+k.FilteredSelf != 0 {
+		t.Errorf("kernel counters %+v: want %d filtered by cidr, %d begins at established, no other drop", k, n, n)
 	}
 }
