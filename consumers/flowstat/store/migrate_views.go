@@ -81,10 +81,13 @@ type dialect struct {
 
 var dialects = map[Kind]dialect{
 	Postgres: {
-		ts:        func(e string) string { return "to_timestamp(" + e + ")" },
-		tsNS:      func(e string) string { return "to_timestamp(" + e + " / 1e9)" },
-		addr:      func(e string) string { return "CAST(NULLIF(split_part(" + e + ", '%', 1), '') AS inet)" },
-		zone:      func(e string) string { return "NULLIF(split_part(" + e + ", '%', 2), '')" },
+		ts:   func(e string) string { return "to_timestamp(" + e + ")" },
+		tsNS: func(e string) string { return "to_timestamp(" + e + " / 1e9)" },
+		addr: func(e string) string { return "CAST(NULLIF(split_part(" + e + ", '%', 1), '') AS inet)" },
+		// Everything after the first '%': a hostile zone may hold another.
+		zone: func(e string) string {
+			return fmt.Sprintf("CASE WHEN strpos(%[1]s, '%%') > 0 THEN substr(%[1]s, strpos(%[1]s, '%%') + 1) END", e)
+		},
 		names:     func(e string) string { return "array_agg(DISTINCT " + e + " ORDER BY " + e + ")" },
 		rawBucket: func(string) string { return "" },
 	},

@@ -233,3 +233,35 @@ func TestViewTimeRangeUsesIndex(t *testing.T) {
 		}
 	})
 }
+
+// The views split a peer into address and zone and flowstat's top joins them again: the keys are the
+// peers as stored, a zone holding '%' (only a hostile publisher's) and IPv4-mapped addresses included.
+func TestPeerTextRoundTrip(t *testing.T) {
+	forEachDB(t, func(t *testing.T, dsn string) {
+		st := open(t, dsn)
+		ctx := context.Background()
+		if err := st.EnsureBucket(ctx, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		base := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+		d := store.NewDelta()
+		peers := []string{"fe80::6%a%b", "fe80::5%eth0", "::ffff:10.0.0.1", "2001:db8::1:0:0:1", "10.0.0.2"}
+		for i, p := range peers {
+			d.Conns[store.ConnKey{Bucket: base.Unix(), Host: "h", Dir: schema.Outgoing, Peer: netip.MustParseAddr(p), Port: 443}] = uint64(10 - i)
+		}
+		if err := st.Commit(ctx, d, store.Checkpoint{Consumer: "c", Stream: "S", Seq: 1}, 0); err != nil {
+			t.Fatal(err)
+		}
+		rows, err := st.Top(ctx, "peer", store.Filter{Since: base}, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, r := range rows {
+			got = append(got, r.Key)
+		}
+		if !slices.Equal(got, peers) {
+			t.Errorf("top peers %q, want %q", got, peers)
+		}
+	})
+}
