@@ -223,6 +223,17 @@ func TestViewTimeRangeUsesIndex(t *testing.T) {
 				t.Fatal(err)
 			}
 			collect(conn.QueryContext(ctx, `EXPLAIN SELECT * FROM connections WHERE bucket_start > now() - interval '1 hour'`))
+			// The README's question: the name tables of connections_by_name's union by their time
+			// index (the unnamed side may go by another index on an empty table).
+			var byName []string
+			plan, byName = nil, plan
+			collect(conn.QueryContext(ctx, `EXPLAIN SELECT host, remote_addr, remote_name, sum(connections) FROM connections_by_name
+				WHERE remote_addr << '10.0.0.0/8' AND bucket_start > now() - interval '1 hour' GROUP BY 1, 2, 3`))
+			p := strings.Join(plan, "\n")
+			if !strings.Contains(p, "conn_more_names_time") || !strings.Contains(p, "conn_agg_time") {
+				t.Errorf("connections_by_name plan does not read conn_agg_time and conn_more_names_time:\n%s", p)
+			}
+			plan = byName
 		} else {
 			collect(db.QueryContext(ctx, `EXPLAIN QUERY PLAN SELECT * FROM connections WHERE bucket_start_s > 1795000000`))
 		}
