@@ -263,6 +263,10 @@ func Start(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	f := cfg.Filter()
 	f.ExcludeSelf = false
 	log.Info("filters: "+f.String(), "agent_connections", "dropped in the kernel (outgoing); incoming ones to the embedded server in user space")
+	if (len(f.Comms) > 0 || len(f.ExcludeComms) > 0) && len(a.capture.Attribution().Attached()) == 0 {
+		log.Warn("command-name filters see no process on this kernel: FLOWBUS_FILTER_COMMS drops every begin, FLOWBUS_FILTER_SKIP_COMMS none",
+			"attribution", a.capture.Attribution().Mechanism(), "fix", "filter by port or CIDR instead, or run a kernel with cgroup sock_create and connect hooks")
+	}
 	log.Info("flowagent attached", "cgroup", a.capture.CgroupPath, "host", cfg.Host, "run_id", a.runID,
 		"subjects", schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.Subject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),
 		"end_subjects", schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Outgoing)+", "+schema.EndSubject(cfg.SubjectPrefix, cfg.Host, schema.Incoming),

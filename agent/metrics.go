@@ -37,7 +37,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 	}
 	return &agentCollector{
 		a:               a,
-		events:          d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections), published (handed to batching), acked (stored by the stream).", "stage"),
+		events:          d("events_total", "Events by pipeline stage: captured (left the kernel), self_excluded (the agent's own connections the kernel let through: the server side of its connection to the embedded server), published (handed to batching), acked (stored by the stream).", "stage"),
 		drops:           d("dropped_events_total", "Events lost, by the stage that lost them.", "stage"),
 		filtered:        d("filtered_events_total", "Begins the kernel's filters dropped before the ring buffer (their connections get no end either), by the first test that failed: self (the agent's own outgoing connections), direction, port, cidr, comm (FLOWBUS_FILTER_*).", "reason"),
 		ends:            d("ends_total", "End events (net_flow_tcp_end) by pipeline stage: captured (left the kernel, or made for a handshake that never completed), self_excluded, published, acked; never_established (those of captured made for an incoming handshake that did not complete within the half-open timeout).", "stage"),

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
+	"github.com/flowbus/flowbus/bpf/cgroupv2"
 	"github.com/flowbus/flowbus/bpf/netnstest"
 	"github.com/flowbus/flowbus/schema"
 )
@@ -357,5 +359,119 @@ func TestFilterAtEstablished(t *testing.T) {
 	}
 	if k.FilteredCIDR != n || k.BeginsAtEstablished != n || k.FilteredPort+k.FilteredComm+k.FilteredDirection+k.FilteredSelf != 0 {
 		t.Errorf("kernel counters %+v: want %d filtered by cidr, %d begins at established, no other drop", k, n, n)
+	}
+}
+
+// moveSelf moves this whole process into the cgroup directory dir and
+// returns the function that moves it back where it was.
+func moveSelf(t *testing.T, dir string) (back func()) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rel string
+	for _, l := range strings.Split(string(b), "\n") {
+		if r, ok := strings.CutPrefix(l, "0::"); ok {
+			rel = r
+		}
+	}
+	root, err := cgroupv2.DetectRoot()
+	if err != nil || rel == "" {
+		t.Fatalf("this process's cgroup v2: %q, %v", rel, err)
+	}
+	orig := filepath.Join(root, rel)
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), pid, 0o644); err != nil {
+		t.Fatalf("moving the test into %s: %v", dir, err)
+	}
+	return func() {
+		if err := os.WriteFile(filepath.Join(orig, "cgroup.procs"), pid, 0o644); err != nil {
+			t.Fatalf("moving the test back into %s: %v", orig, err)
+		}
+	}
+}
+
+// The loading process's own outgoing connections are dropped in the kernel
+// (reason self) when ExcludeSelf is set: the test, moved into the watched
+// cgroup, connects 5 times and a helper there 3 times; only the helper's
+// begins and ends come out.
+func TestFilterSelf(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	exes := helperExes(t, "fbfilt-a")
+	ln, err := plainListen("127.0.0.1:0") // before the move: its side is not watched
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go serveConns(ln)
+	srv := ln.Addr().String()
+
+	cg := cgrouptest.NewChild(t)
+	c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond, Filter: Filter{ExcludeSelf: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := &collector{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, col) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		c.Close()
+	}()
+
+	const own, theirs = 5, 3
+	back := moveSelf(t, cg.Path)
+	for range own {
+		var d net.Dialer
+		d.SetMultipathTCP(false)
+		cn, err := d.Dial("tcp", srv)
+		if err != nil {
+			back()
+			t.Fatal(err)
+		}
+		_, _ = io.ReadFull(cn, make([]byte, 1))
+		cn.Close()
+	}
+	back()
+	h := startHelper(t, cg, exes["fbfilt-a"], -1, "filter-dial", slices.Repeat([]string{srv}, theirs)...)
+	want := map[string]bool{}
+	for _, l := range strings.Split(h.r.Local, ",") {
+		want[l] = true
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		col.mu.Lock()
+		nb, ne := len(col.evs), len(col.ends)
+		col.mu.Unlock()
+		k, _ := c.Counters()
+		if nb >= theirs && ne >= theirs && k.FilteredSelf >= own {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	k, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	col.mu.Lock()
+	defer col.mu.Unlock()
+	for _, ev := range col.evs {
+		if src := netip.AddrPortFrom(ev.Src, ev.SrcPort).String(); !want[src] || ev.Comm != "fbfilt-a" {
+			t.Errorf("begin from %s (%s[%d]): want only the helper's %v", src, ev.Comm, ev.PID, want)
+		}
+	}
+	for _, e := range col.ends {
+		if src := netip.AddrPortFrom(e.Src, e.SrcPort).String(); !want[src] {
+			t.Errorf("end from %s: want only the helper's", src)
+		}
+	}
+	if len(col.evs) != theirs || len(col.ends) != theirs || k.FilteredSelf != own {
+		t.Errorf("%d begins, %d ends, %d filtered as self: want %d, %d, %d", len(col.evs), len(col.ends), k.FilteredSelf, theirs, theirs, own)
 	}
 }
