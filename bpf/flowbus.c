@@ -20,6 +20,10 @@
 // looks at every passive connection when its handshake completes and emits
 // the incoming begin there when the egress program did not (see
 // flowbus_sockops).
+//
+// Filters (filtered) drop begins before they reach the ring buffer, where a
+// begin is made: at the SYN-ACK and at the end of a passive handshake. A
+// connection whose begin was dropped stores no end state, so it gets no end.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
