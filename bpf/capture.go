@@ -53,6 +53,11 @@ type Options struct {
 	// NoEnds turns end events off: begins only, at the kernel cost of
 	// begins only.
 	NoEnds bool
+	// NoAttribution leaves the attribution programs (sock_create,
+	// post_bind4/6, connect4/6) detached: pid, comm and uid stay unknown,
+	// at the kernel cost of the skb and sock_ops programs alone. For
+	// measuring what attribution costs.
+	NoAttribution bool
 	// Filter drops begins in the kernel (and their ends with them); the
 	// zero value keeps all, at no cost.
 	Filter Filter

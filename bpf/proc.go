@@ -174,6 +174,13 @@ func probeProcHooks(spec *ebpf.CollectionSpec) map[string]string {
 // one that cannot be attached is left out and reported by Attribution.
 // Called with linksMu held.
 func (c *Capture) attachProcHooks(fdPath string) []link.Link {
+	if c.opts.NoAttribution {
+		c.procUnattached = map[string]string{}
+		for _, h := range procHooks {
+			c.procUnattached[h.prog] = "turned off (NoAttribution)"
+		}
+		return nil
+	}
 	progs := map[string]*ebpf.Program{
 		flowbusProgFlowbusSockCreate: c.objs.FlowbusSockCreate,
 		flowbusProgFlowbusPostBind4:  c.objs.FlowbusPostBind4,

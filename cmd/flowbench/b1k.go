@@ -375,6 +375,8 @@ type b1kVariant struct {
 // are measured in a pair.
 var b1kVariants = []b1kVariant{
 	{Name: "begin", What: "begin events only (end events off)", Target: 2.0, set: func(o *bpf.Options) { o.NoEnds = true }},
+	// What process attribution costs: begins without its hooks.
+	{Name: "begin-noproc", What: "begin events only, without process attribution (its hooks detached)", set: func(o *bpf.Options) { o.NoEnds, o.NoAttribution = true, true }},
 	// Every feature the programs have today: begins and ends (DNS is
 	// always on).
 	{Name: "begin+end", What: "begin and end events (the agent's default)", Target: 3.0, set: func(*bpf.Options) {}},
