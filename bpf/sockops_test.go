@@ -159,9 +159,18 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, se
 			t.Errorf("event %s:%d -> %s:%d %v is none of the test's connections", ev.Src, ev.SrcPort, ev.Dst, ev.DstPort, ev.Direction)
 		}
 	}
+	// A cookie stays valid after its connection: a segment of the
+	// handshake (ack = cookie + 1) that arrives once the first child has
+	// left the table (reset, or closed from LAST_ACK) makes the listener a
+	// second child for the same 4-tuple, which the server accepts too.
+	// Each accepted socket has its begin.
+	acceptedN := map[flowTuple]int{}
+	for _, cn := range accepted {
+		acceptedN[key(cn)]++
+	}
 	for tu, c := range got {
-		if c != 1 {
-			t.Errorf("%d events for %v", c, tu)
+		if want := max(1, acceptedN[tu]); c != want {
+			t.Errorf("%d events for %v, want %d (the server accepted it %d times)", c, tu, want, acceptedN[tu])
 		}
 	}
 	missing := 0
@@ -172,8 +181,17 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, se
 			}
 		}
 	}
-	if len(evs) != completed {
-		t.Errorf("%d events, the kernel completed %d passive connections in A: want one each", len(evs), completed)
+	// TcpPassiveOpens counts every child the kernel made, also one that
+	// lost a race: two segments of one handshake taken on two CPUs at once
+	// both make a child, and the second, finding the request socket gone
+	// from the table, is destroyed before PASSIVE_ESTABLISHED
+	// (inet_ehash_nolisten), counted nowhere else. So the events may fall
+	// short of it; a begin lost for a connection the server accepted or
+	// the client saw echoed is caught above.
+	if len(evs) > completed {
+		t.Errorf("%d events, the kernel completed %d passive connections in A: want at most one each", len(evs), completed)
+	} else if len(evs) < completed {
+		t.Logf("%d events, the kernel made %d children in A: %d lost a race for their request socket, or their begin was lost", len(evs), completed, completed-len(evs))
 	}
 	if k.RingbufFull != 0 {
 		t.Errorf("%d events lost to a full ring buffer", k.RingbufFull)
