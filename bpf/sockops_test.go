@@ -159,11 +159,13 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, se
 			t.Errorf("event %s:%d -> %s:%d %v is none of the test's connections", ev.Src, ev.SrcPort, ev.Dst, ev.DstPort, ev.Direction)
 		}
 	}
-	// A cookie stays valid after its connection: a segment of the
-	// handshake (ack = cookie + 1) that arrives once the first child has
-	// left the table (reset, or closed from LAST_ACK) makes the listener a
-	// second child for the same 4-tuple, which the server accepts too.
-	// Each accepted socket has its begin.
+	// A cookie stays valid after its connection, and it checks the ACK's
+	// seq and ack against each other only: an ACK whose both have moved on
+	// alike (the client's TIME_WAIT answer to a server segment the link
+	// reordered) that reaches the listener once the first child has left
+	// the table (closed from LAST_ACK, or reset) makes a second child for
+	// the same 4-tuple, which the server accepts too. Each accepted socket
+	// has its begin.
 	acceptedN := map[flowTuple]int{}
 	for _, cn := range accepted {
 		acceptedN[key(cn)]++
