@@ -12,6 +12,7 @@ import (
 
 	"github.com/flowbus/flowbus/consumers/flowstat"
 	"github.com/flowbus/flowbus/consumers/flowstat/flowstattest"
+	"github.com/flowbus/flowbus/consumers/flowstat/pgtest"
 	"github.com/flowbus/flowbus/consumers/flowstat/store"
 	"github.com/flowbus/flowbus/consumers/tail/tailtest"
 	"github.com/flowbus/flowbus/schema"
@@ -41,6 +42,18 @@ func benchEvents(b *testing.B) int {
 // the whole stream; events/s is the figure bench/PROTOCOL.md targets (>= 500,000). Filling the stream is not
 // timed.
 func BenchmarkConsume(b *testing.B) {
+	benchConsume(b, func(b *testing.B) string { return filepath.Join(b.TempDir(), "flowstat.db") })
+}
+
+// BenchmarkConsumePostgres is B6 on PostgreSQL: the same stream into a fresh database of a PostgreSQL
+// server the test starts (pgtest), through the same code; skipped without PostgreSQL.
+func BenchmarkConsumePostgres(b *testing.B) {
+	pg := pgtest.Shared(b)
+	benchConsume(b, func(b *testing.B) string { return pg.NewDB(b) })
+}
+
+// benchConsume fills the stream and consumes it into a fresh database from newDB once per op.
+func benchConsume(b *testing.B, newDB func(*testing.B) string) {
 	n := benchEvents(b)
 	srv := tailtest.Start(b)
 	flowstattest.CreateStream(b, srv, "FLOWS", "flows.>")
@@ -51,7 +64,7 @@ func BenchmarkConsume(b *testing.B) {
 	var elapsed time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		st, err := store.Open(context.Background(), filepath.Join(b.TempDir(), "flowstat.db"))
+		st, err := store.Open(context.Background(), newDB(b))
 		if err != nil {
 			b.Fatal(err)
 		}
