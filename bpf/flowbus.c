@@ -302,27 +302,28 @@ struct {
 	__type(value, struct synack);
 } seen SEC(".maps");
 
-// conns holds the state of every connection that had its begin, on its
-// socket: what the close needs to emit the end.
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct conn_state);
-} conns SEC(".maps");
+// sock_state is all a TCP socket keeps, in one socket storage (one
+// allocation per socket, not one for the process and one for the end):
+// its process, and, once it had its begin, what its close needs to emit
+// the end (conn.direction 0: no begin).
+struct sock_state {
+	struct proc_info proc;
+	struct conn_state conn;
+};
 
-// procs holds each TCP socket's process, written where the kernel runs in
-// that process's context: at the socket's creation, its bind and its
-// connect, each overwriting the one before (the last process to act on a
-// socket before its handshake is the one that matters: after a fork, an
-// exec or a socket passed on, the connector). BPF_F_CLONE copies a
+// procs holds each TCP socket's state. The process is written where the
+// kernel runs in that process's context: at the socket's creation, its
+// bind and its connect, each overwriting the one before (the last process
+// to act on a socket before its handshake is the one that matters: after a
+// fork, an exec or a socket passed on, the connector). BPF_F_CLONE copies a
 // listener's entry into every socket it accepts, so an incoming connection
-// carries the listener's process.
+// carries the listener's process; a listener never has a begin, so the
+// copy's conn is empty. The end state is written at the begin.
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 	__type(key, int);
-	__type(value, struct proc_info);
+	__type(value, struct sock_state);
 } procs SEC(".maps");
 
 // dnsq holds the outstanding queries (value: when last asked). Answers are
@@ -438,14 +439,16 @@ static __always_inline void begin_stored(struct bpf_sock *sk, __u64 ts, __u8 dir
 {
 	if (!end_events)
 		return;
-	struct conn_state *st = bpf_sk_storage_get(&conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st) {
+	// Usually there already, made by the socket's attribution hooks or
+	// cloned from its listener: then nothing is allocated here.
+	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!ss) {
 		count(CNT_NO_STORAGE);
 		return;
 	}
-	st->begin_ns = ts;
-	st->direction = direction;
-	st->ended = 0;
+	ss->conn.begin_ns = ts;
+	ss->conn.direction = direction;
+	ss->conn.ended = 0;
 }
 
 // proc_put copies a socket's process entry (or zeros, unknown) into a record.
@@ -461,7 +464,8 @@ static __always_inline void proc_put(struct proc_info *dst, const struct proc_in
 // unknown) when the socket has none.
 static __always_inline void proc_copy(struct proc_info *dst, struct bpf_sock *sk)
 {
-	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct sock_state *pss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct proc_info *p = pss ? &pss->proc : 0;
 	proc_put(dst, p);
 }
 
@@ -576,7 +580,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	// Outgoing: the connecting socket. Incoming: the listener (egress
 	// runs for it, not for the request socket), or a Fast Open child,
 	// which has the listener's entry by BPF_F_CLONE.
-	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct sock_state *pss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct proc_info *p = pss ? &pss->proc : 0;
 	if (filter_on) {
 		// After first_synack, so that a retransmission is not counted
 		// again; before the reservation, so that a dropped begin costs
@@ -1111,7 +1116,8 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	}
 
 	// The child's process, cloned from the listener.
-	struct proc_info *p = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct sock_state *pss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct proc_info *p = pss ? &pss->proc : 0;
 	if (filter_on) {
 		// A begin the egress program filtered left its entry with no
 		// time (above); this one egress never saw.
@@ -1170,9 +1176,10 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return;
-	struct conn_state *st = bpf_sk_storage_get(&conns, sk, 0, 0);
-	if (!st || st->ended)
+	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, 0);
+	if (!ss || !ss->conn.direction || ss->conn.ended)
 		return;
+	struct conn_state *st = &ss->conn;
 	st->ended = 1;
 
 	struct end_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -1252,7 +1259,8 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	}
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		struct bpf_sock *sk = ctx->sk;
-		if (sk && bpf_sk_storage_get(&conns, sk, 0, 0))
+		struct sock_state *ss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+		if (ss && ss->conn.direction)
 			want_close(ctx);
 	}
 	return 1;
@@ -1263,9 +1271,10 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 // (socket, bind, connect), unlike the skb and sock_ops programs.
 static __always_inline void proc_fill(void *sk, __u8 source)
 {
-	struct proc_info *p = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!p)
+	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!ss)
 		return; // out of memory: the socket stays unknown
+	struct proc_info *p = &ss->proc;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	p->tgid = tgid;
 	p->uid = (__u32)bpf_get_current_uid_gid();

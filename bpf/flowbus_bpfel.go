@@ -20,14 +20,6 @@ type flowbusCidrKey struct {
 	Addr      [16]uint8
 }
 
-type flowbusConnState struct {
-	_         structs.HostLayout
-	BeginNs   uint64
-	Direction uint8
-	Ended     uint8
-	Pad       [6]uint8
-}
-
 type flowbusDnsEvent struct {
 	_ structs.HostLayout
 	H struct {
@@ -102,7 +94,15 @@ type flowbusEndEvent struct {
 	Ifindex       uint32
 	Pad2          uint32
 	NetnsCookie   uint64
-	Proc          flowbusProcInfo
+	Proc          struct {
+		_      structs.HostLayout
+		Tgid   uint32
+		Uid    uint32
+		Comm   [16]int8
+		Source uint8
+		Self   uint8
+		Pad    [6]uint8
+	}
 }
 
 type flowbusFlowEvent struct {
@@ -120,7 +120,15 @@ type flowbusFlowEvent struct {
 	Ifindex     uint32
 	Seq         uint32
 	NetnsCookie uint64
-	Proc        flowbusProcInfo
+	Proc        struct {
+		_      structs.HostLayout
+		Tgid   uint32
+		Uid    uint32
+		Comm   [16]int8
+		Source uint8
+		Self   uint8
+		Pad    [6]uint8
+	}
 }
 
 type flowbusFlowKey struct {
@@ -139,14 +147,24 @@ type flowbusPortSet struct {
 	Bits [1024]uint64
 }
 
-type flowbusProcInfo struct {
-	_      structs.HostLayout
-	Tgid   uint32
-	Uid    uint32
-	Comm   [16]int8
-	Source uint8
-	Self   uint8
-	Pad    [6]uint8
+type flowbusSockState struct {
+	_    structs.HostLayout
+	Proc struct {
+		_      structs.HostLayout
+		Tgid   uint32
+		Uid    uint32
+		Comm   [16]int8
+		Source uint8
+		Self   uint8
+		Pad    [6]uint8
+	}
+	Conn struct {
+		_         structs.HostLayout
+		BeginNs   uint64
+		Direction uint8
+		Ended     uint8
+		Pad       [6]uint8
+	}
 }
 
 type flowbusSynack struct {
@@ -163,7 +181,6 @@ const (
 	flowbusMapCidrExcl           = "cidr_excl"
 	flowbusMapCidrIncl           = "cidr_incl"
 	flowbusMapComms              = "comms"
-	flowbusMapConns              = "conns"
 	flowbusMapCounters           = "counters"
 	flowbusMapDnsq               = "dnsq"
 	flowbusMapEvents             = "events"
@@ -260,7 +277,6 @@ type flowbusMapSpecs struct {
 	CidrExcl *ebpf.MapSpec `ebpf:"cidr_excl"`
 	CidrIncl *ebpf.MapSpec `ebpf:"cidr_incl"`
 	Comms    *ebpf.MapSpec `ebpf:"comms"`
-	Conns    *ebpf.MapSpec `ebpf:"conns"`
 	Counters *ebpf.MapSpec `ebpf:"counters"`
 	Dnsq     *ebpf.MapSpec `ebpf:"dnsq"`
 	Events   *ebpf.MapSpec `ebpf:"events"`
@@ -319,7 +335,6 @@ type flowbusMaps struct {
 	CidrExcl *ebpf.Map `ebpf:"cidr_excl"`
 	CidrIncl *ebpf.Map `ebpf:"cidr_incl"`
 	Comms    *ebpf.Map `ebpf:"comms"`
-	Conns    *ebpf.Map `ebpf:"conns"`
 	Counters *ebpf.Map `ebpf:"counters"`
 	Dnsq     *ebpf.Map `ebpf:"dnsq"`
 	Events   *ebpf.Map `ebpf:"events"`
@@ -333,7 +348,6 @@ func (m *flowbusMaps) Close() error {
 		m.CidrExcl,
 		m.CidrIncl,
 		m.Comms,
-		m.Conns,
 		m.Counters,
 		m.Dnsq,
 		m.Events,

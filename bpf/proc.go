@@ -401,30 +401,31 @@ func inetProto(fd int) int {
 	return proto
 }
 
-// procValue is the entry for a process, as the hooks would have written it:
-// its tgid, real uid and comm.
-func procValue(pid int, self bool) (flowbusProcInfo, error) {
-	var v flowbusProcInfo
+// procValue is a socket's state for a process, as the hooks would have
+// written it: its tgid, real uid and comm, and no begin yet.
+func procValue(pid int, self bool) (flowbusSockState, error) {
+	var st flowbusSockState
+	v := &st.Proc
 	base := "/proc/" + strconv.Itoa(pid)
 	comm, err := os.ReadFile(base + "/comm")
 	if err != nil {
-		return v, err
+		return st, err
 	}
 	status, err := os.ReadFile(base + "/status")
 	if err != nil {
-		return v, err
+		return st, err
 	}
 	uid := -1
 	for _, line := range strings.Split(string(status), "\n") {
 		if f := strings.Fields(line); len(f) >= 2 && f[0] == "Uid:" {
 			uid, err = strconv.Atoi(f[1])
 			if err != nil {
-				return v, fmt.Errorf("%s/status: Uid %q", base, f[1])
+				return st, fmt.Errorf("%s/status: Uid %q", base, f[1])
 			}
 		}
 	}
 	if uid < 0 {
-		return v, fmt.Errorf("%s/status: no Uid", base)
+		return st, fmt.Errorf("%s/status: no Uid", base)
 	}
 	v.Tgid, v.Uid, v.Source = uint32(pid), uint32(uid), procWalk
 	for i, ch := range bytes.TrimSuffix(comm, []byte("\n")) {
@@ -436,7 +437,7 @@ func procValue(pid int, self bool) (flowbusProcInfo, error) {
 	if self {
 		v.Self = 1
 	}
-	return v, nil
+	return st, nil
 }
 
 // cgroupRel is the watched cgroup's path as /proc/<pid>/cgroup names it
