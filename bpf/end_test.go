@@ -1,7 +1,6 @@
 package bpf
 
 import (
-	"context"
 	"net"
 	"net/netip"
 	"strconv"
@@ -220,15 +219,7 @@ func TestHalfOpenNeverEstablished(t *testing.T) {
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
 	timeout := SynAckWindow(1) + HalfOpenSlack
-	c, err := Open(Options{CgroupPath: watched.Path, PollInterval: 5 * time.Millisecond, HalfOpenTimeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	col := &collector{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx, col) }()
-	t.Cleanup(func() { cancel(); <-done; c.Close() })
+	c, col := runCaptureWith(t, Options{CgroupPath: watched.Path, HalfOpenTimeout: timeout})
 
 	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
 	live, stopLive := netnstest.Server(t, watched, pair.A, 128)

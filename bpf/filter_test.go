@@ -158,21 +158,7 @@ func TestFilters(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cg := cgrouptest.NewChild(t)
-			c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond, Filter: tc.f})
-			if err != nil {
-				t.Fatal(err)
-			}
-			col := &collector{}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- c.Run(ctx, col) }()
-			defer func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("Run: %v", err)
-				}
-				c.Close()
-			}()
+			c, col := runCaptureWith(t, Options{CgroupPath: cg.Path, Filter: tc.f})
 
 			var conns []filterConn
 			for _, comm := range []string{"fbfilt-a", "fbfilt-b"} {
@@ -290,21 +276,7 @@ func TestFilterAtEstablished(t *testing.T) {
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
 	f := Filter{ExcludeCIDRs: []netip.Prefix{netip.PrefixFrom(pair.B6, 128)}}
-	c, err := Open(Options{CgroupPath: watched.Path, PollInterval: 5 * time.Millisecond, Filter: f})
-	if err != nil {
-		t.Fatal(err)
-	}
-	col := &collector{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx, col) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-		c.Close()
-	}()
+	c, col := runCaptureWith(t, Options{CgroupPath: watched.Path, Filter: f})
 
 	const n = 50 // per family
 	before := netnstest.Netstat(t, pair.A)
@@ -408,21 +380,7 @@ func TestFilterSelf(t *testing.T) {
 	srv := ln.Addr().String()
 
 	cg := cgrouptest.NewChild(t)
-	c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond, Filter: Filter{ExcludeSelf: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	col := &collector{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx, col) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-		c.Close()
-	}()
+	c, col := runCaptureWith(t, Options{CgroupPath: cg.Path, Filter: Filter{ExcludeSelf: true}})
 
 	const own, theirs = 5, 3
 	back := moveSelf(t, cg.Path)

@@ -70,7 +70,16 @@ func (c *collector) wait(n int, quiet time.Duration) []schema.Event {
 // runCapture opens a capture on cg and runs it until the test ends.
 func runCapture(t *testing.T, cg *cgrouptest.Cgroup) (*Capture, *collector) {
 	t.Helper()
-	c, err := Open(Options{CgroupPath: cg.Path, PollInterval: 5 * time.Millisecond})
+	return runCaptureWith(t, Options{CgroupPath: cg.Path})
+}
+
+// runCaptureWith is runCapture with options (a 5 ms poll unless o sets one).
+func runCaptureWith(t *testing.T, o Options) (*Capture, *collector) {
+	t.Helper()
+	if o.PollInterval == 0 {
+		o.PollInterval = 5 * time.Millisecond
+	}
+	c, err := Open(o)
 	if err != nil {
 		t.Fatal(err)
 	}

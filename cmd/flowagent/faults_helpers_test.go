@@ -1004,43 +1004,38 @@ func defaultStream(t *testing.T, nc *nats.Conn, replicas int) jetstream.JetStrea
 
 // endsOutOfOrder is outOfOrder for end batches.
 func endsOutOfOrder(bs []streamEndBatch, skip map[string]bool) int {
-	type key struct {
-		run string
-		dir schema.Direction
-	}
-	last := map[key]uint64{}
-	n := 0
-	for _, b := range bs {
-		if skip[b.MsgID] {
-			continue
-		}
-		k := key{b.B.RunID, b.B.Direction}
-		if b.B.Seq < last[k] {
-			n++
-		}
-		last[k] = max(last[k], b.B.Seq)
-	}
-	return n
+	return seqInversions(bs, skip, func(b *streamEndBatch) (string, string, schema.Direction, uint64) {
+		return b.MsgID, b.B.RunID, b.B.Direction, b.B.Seq
+	})
 }
 
 // outOfOrder counts, per run and direction, the batches stored after a
 // batch of the same run and direction with a higher sequence number.
 func outOfOrder(bs []streamBatch, skip map[string]bool) int {
+	return seqInversions(bs, skip, func(b *streamBatch) (string, string, schema.Direction, uint64) {
+		return b.MsgID, b.B.RunID, b.B.Direction, b.B.Seq
+	})
+}
+
+// seqInversions is outOfOrder for either kind of batch: ref gives a batch's
+// message id, run, direction and seq; batches whose id is in skip are left out.
+func seqInversions[B any](bs []B, skip map[string]bool, ref func(*B) (string, string, schema.Direction, uint64)) int {
 	type key struct {
 		run string
 		dir schema.Direction
 	}
 	last := map[key]uint64{}
 	n := 0
-	for _, b := range bs {
-		if skip[b.MsgID] {
+	for i := range bs {
+		id, run, dir, seq := ref(&bs[i])
+		if skip[id] {
 			continue
 		}
-		k := key{b.B.RunID, b.B.Direction}
-		if b.B.Seq < last[k] {
+		k := key{run, dir}
+		if seq < last[k] {
 			n++
 		}
-		last[k] = max(last[k], b.B.Seq)
+		last[k] = max(last[k], seq)
 	}
 	return n
 }
