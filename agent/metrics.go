@@ -22,7 +22,7 @@ import (
 type agentCollector struct {
 	a *Agent
 
-	events, drops, pending, pendingBytes, batches, bytes, dups, collisions, pubErrors, kernelDup, atEstablished, ready *prometheus.Desc
+	events, drops, pending, pendingBytes, batches, bytes, dups, collisions, pubErrors, kernelDup, seenEvicted, atEstablished, ready *prometheus.Desc
 	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                                                       *prometheus.Desc
 	dnsQueries, dnsPending, checkOK                                                                                    *prometheus.Desc
 	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                                             *prometheus.Desc
@@ -53,6 +53,7 @@ func newAgentCollector(a *Agent) *agentCollector {
 		collisions:      d("id_collisions_total", "Duplicate acks for a message another publisher stored under the batch's id (read back and compared); each such batch was republished under a fresh random id."),
 		pubErrors:       d("publish_errors_total", "Failed publish attempts (each retried or given up)."),
 		kernelDup:       d("synack_retransmits_suppressed_total", "Retransmitted SYN-ACKs the kernel did not report again."),
+		seenEvicted:     d("synack_table_evictions_total", "Incoming handshakes under way whose entry in the kernel's table of SYN-ACKs (65,536 handshakes) went to a newer one: a SYN flood past that many half-open handshakes. Each may get a second begin, from a retransmitted SYN-ACK or at its handshake's end."),
 		atEstablished:   d("begins_at_established_total", "Incoming begins emitted when the handshake completed, because the kernel sent no SYN-ACK the egress program could see: SYN cookies (a SYN flood or an overloaded listener), and handshakes under way when the programs attached."),
 		ready:           d("ready", "1 when every readiness check passes (flowbus_agent_check_ok); /readyz names the ones that fail."),
 		checkOK:         d("check_ok", "1 when the readiness check passes: nats (connected), stream (exists and takes the agent's subjects), acks (the stream answered within FLOWBUS_ACK_TIMEOUT), cgroup (the watched cgroup exists and the programs are attached to it).", "check"),
@@ -81,7 +82,7 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.dnsQueries
 	ch <- c.dnsPending
 	ch <- c.checkOK
-	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.atEstablished, c.ready,
+	for _, d := range []*prometheus.Desc{c.events, c.drops, c.pending, c.pendingBytes, c.batches, c.bytes, c.dups, c.collisions, c.pubErrors, c.kernelDup, c.seenEvicted, c.atEstablished, c.ready,
 		c.dnsEntries, c.dnsLookups, c.dnsAnswers, c.dnsEvictions, c.dnsExpired, c.dnsBytes, c.dnsNames, c.dnsDisplaced, c.dnsRecords, c.dnsDropped, c.dnsKernelCut, c.spoolBatches, c.spoolBytes, c.spoolEvents, c.spooled, c.spoolCorrupt,
 		c.ends, c.endDrops, c.halfOpenPending, c.halfOpenTimeout, c.confirmsLost, c.filtered} {
 		ch <- d
@@ -130,6 +131,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.collisions, p.IDCollisions)
 	counter(c.pubErrors, p.PublishErrors)
 	counter(c.kernelDup, s.Kernel.Duplicates)
+	counter(c.seenEvicted, s.Kernel.SeenEvicted)
 	counter(c.atEstablished, s.Kernel.BeginsAtEstablished)
 	gauge(c.dnsEntries, float64(s.DNS.Entries))
 	gauge(c.spoolBatches, float64(p.SpoolBatches))

@@ -32,7 +32,8 @@ type Options struct {
 	// below it the reader polls every PollInterval, which is what keeps the
 	// per-connection cost low.
 	WakeupBytes int
-	// SeenEntries bounds the map that suppresses retransmitted SYN-ACKs.
+	// SeenEntries bounds the table that suppresses retransmitted SYN-ACKs:
+	// a power of two, at least seenWays.
 	SeenEntries int
 	// PollInterval is how often the reader drains the ring without a wakeup.
 	PollInterval time.Duration
@@ -61,6 +62,9 @@ type Options struct {
 	// Filter drops begins in the kernel (and their ends with them); the
 	// zero value keeps all, at no cost.
 	Filter Filter
+
+	// seenHot shrinks the hot seen table to this many buckets (tests).
+	seenHot int
 }
 
 // Defaults for Options.
@@ -128,6 +132,10 @@ type Counters struct {
 	// Begins Options.Filter dropped (their connections get no end), by the
 	// first test that failed: see FilterReasons.
 	FilteredDirection, FilteredPort, FilteredCIDR, FilteredComm, FilteredSelf uint64
+	// SeenEvicted counts handshakes under way whose entry in the table that
+	// suppresses retransmitted SYN-ACKs went to a newer one: each may get
+	// a second begin (a SYN flood past the table's size).
+	SeenEvicted uint64
 }
 
 // Filtered returns the begins dropped by the filters for one of
@@ -321,7 +329,9 @@ func (c *Capture) load() error {
 		return err
 	}
 	spec.Maps[flowbusMapEvents].MaxEntries = uint32(c.opts.RingBytes)
-	spec.Maps[flowbusMapSeen].MaxEntries = uint32(c.opts.SeenEntries)
+	if err := setSeen(spec, c.opts.SeenEntries, c.opts.seenHot); err != nil {
+		return err
+	}
 	spec.Maps[flowbusMapDnsq].MaxEntries = uint32(c.opts.QueryEntries)
 	if err := spec.Variables[flowbusVarQueryTtlNs].Set(uint64(c.opts.QueryTimeout)); err != nil {
 		return fmt.Errorf("setting query_ttl_ns: %w", err)
@@ -405,7 +415,8 @@ func (c *Capture) Counters() (Counters, error) {
 	var out Counters
 	for idx, dst := range []*uint64{&out.RingbufFull, &out.Truncated, &out.Duplicates, &out.DNSFull, &out.DNSCut, &out.DNSUnsolicited, &out.DNSQueryFull, &out.BeginsAtEstablished,
 		&out.EndsLost, &out.ConfirmsLost, &out.NoStorage,
-		&out.FilteredDirection, &out.FilteredPort, &out.FilteredCIDR, &out.FilteredComm, &out.FilteredSelf} {
+		&out.FilteredDirection, &out.FilteredPort, &out.FilteredCIDR, &out.FilteredComm, &out.FilteredSelf,
+		&out.SeenEvicted} {
 		var per []uint64
 		if err := c.objs.Counters.Lookup(uint32(idx), &per); err != nil {
 			return out, fmt.Errorf("reading kernel counters: %w", err)

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/flowbus/flowbus/bpf/cgrouptest"
 	"github.com/flowbus/flowbus/bpf/netnstest"
 	"github.com/flowbus/flowbus/schema"
@@ -212,6 +214,76 @@ func TestEndTimeout(t *testing.T) {
 // never_established, and nothing else; the 5 get their fin ends and no
 // never_established.
 func TestHalfOpenNeverEstablished(t *testing.T) {
+	halfOpenNeverEstablished(t, Options{})
+}
+
+// TestHalfOpenBeyondTheHotTable is TestHalfOpenNeverEstablished with a hot
+// seen table of one bucket (4 entries) and a cold one of 512: the 20
+// handshakes that never complete overflow the hot table into the cold one,
+// where their retransmitted SYN-ACKs must still be found (one begin each),
+// and at the end the two tables hold exactly those 20, none evicted.
+func TestHalfOpenBeyondTheHotTable(t *testing.T) {
+	c := halfOpenNeverEstablished(t, Options{SeenEntries: 512, seenHot: 1})
+	hot, cold := seenUsed(t, c.objs.SeenHot), seenUsed(t, c.objs.SeenOcc)
+	var occ int
+	for _, n := range cold {
+		occ += n
+	}
+	var inCold int
+	iter := c.objs.Seen.Iterate()
+	var k uint32
+	var b flowbusSeenBucket
+	for iter.Next(&k, &b) {
+		for _, w := range b.Way {
+			inCold += int(w.Used)
+		}
+	}
+	if err := iter.Err(); err != nil {
+		t.Fatal(err)
+	}
+	cnt, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("seen tables after the test: %d entries hot, %d cold (occupancy bytes sum to %d), %d evicted, %d retransmissions suppressed", hot[0], inCold, occ, cnt.SeenEvicted, cnt.Duplicates)
+	if hot[0]+inCold != 20 || occ != inCold || inCold < 16 || cnt.SeenEvicted != 0 || cnt.Duplicates < 20 {
+		t.Errorf("want the 20 half-open handshakes in the tables (at most 4 hot), the occupancy bytes matching the cold table, none evicted and each retransmission suppressed")
+	}
+}
+
+// seenUsed counts the used entries of a seen table's buckets (SeenHot), or
+// sums the occupancy bytes of SeenOcc, by element.
+func seenUsed(t *testing.T, m *ebpf.Map) []int {
+	t.Helper()
+	var out []int
+	iter := m.Iterate()
+	var k uint32
+	if m.ValueSize() == 8 {
+		var v uint64
+		for iter.Next(&k, &v) {
+			n := 0
+			for i := 0; i < 8; i++ {
+				n += int(v >> (8 * i) & 0xff)
+			}
+			out = append(out, n)
+		}
+	} else {
+		var b flowbusSeenBucket
+		n := 0
+		for iter.Next(&k, &b) {
+			for _, w := range b.Way {
+				n += int(w.Used)
+			}
+		}
+		out = append(out, n)
+	}
+	if err := iter.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func halfOpenNeverEstablished(t *testing.T, o Options) *Capture {
 	cgrouptest.RequirePrivileged(t)
 	pair := netnstest.New(t)
 	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_synack_retries", "1")
@@ -219,7 +291,8 @@ func TestHalfOpenNeverEstablished(t *testing.T) {
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
 	timeout := SynAckWindow(1) + HalfOpenSlack
-	c, col := runCaptureWith(t, Options{CgroupPath: watched.Path, HalfOpenTimeout: timeout})
+	o.CgroupPath, o.HalfOpenTimeout = watched.Path, timeout
+	c, col := runCaptureWith(t, o)
 
 	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
 	live, stopLive := netnstest.Server(t, watched, pair.A, 128)
@@ -272,4 +345,5 @@ func TestHalfOpenNeverEstablished(t *testing.T) {
 	if byPort[uint16(dead)] != n || never != n || fin != m || ho.Pending != 0 || ho.NeverEstablished != n {
 		t.Errorf("want %d begins and %d never_established ends for the dead listener, %d fin ends for the live one, nothing pending", n, n, m)
 	}
+	return c
 }

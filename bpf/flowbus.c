@@ -95,7 +95,11 @@ enum counter {
 	CNT_FILTER_CIDR = 13,
 	CNT_FILTER_COMM = 14,
 	CNT_FILTER_SELF = 15, // the agent's own outgoing connections
-	CNT_MAX = 16,
+	// Handshakes under way whose seen entry a newer one took (a full
+	// bucket): a retransmission of its SYN-ACK, or its end, can then give
+	// the connection a second begin.
+	CNT_SEEN_EVICTED = 16,
+	CNT_MAX = 17,
 };
 
 // Where a socket's process came from (proc_info.source); 0: unknown.
@@ -181,14 +185,6 @@ struct conn_state {
 	__u8 _pad[6];
 };
 
-// synack is the seen map's value: the SYN-ACK's sequence number, and the
-// begin's time for the end record (0: the begin could not be handed over).
-struct synack {
-	__u32 seq;
-	__u32 _pad;
-	__u64 ts_ns;
-};
-
 // dns_hdr heads the DNS records: who asked whom, on which socket. The
 // client is the watched side, the server the peer on port 53.
 struct dns_hdr {
@@ -247,6 +243,11 @@ struct flow_key {
 };
 
 // Set by the loader before the programs are loaded.
+// The cold seen table's bucket count less one (a power of two less one),
+// and the seed of the seen tables' hash.
+volatile const __u32 seen_mask = 65536 / 4 - 1;
+volatile const __u32 seen_hot_mask = 256 - 1; // the hot table's, SEEN_HOT_BUCKETS - 1 but in tests
+volatile const __u64 seen_seed = 0;
 volatile const __u64 wakeup_bytes = 256 * 1024;
 // How long a query waits for its answer; later answers are unsolicited.
 volatile const __u64 query_ttl_ns = 30ULL * 1000000000ULL;
@@ -295,12 +296,62 @@ struct {
 // retransmission carries the same number, a new connection on a reused
 // 4-tuple a fresh one. Used on egress (see first_synack), where the entry
 // lives until the sock_ops program sees the handshake complete.
+//
+// Two set-associative tables of buckets of SEEN_WAYS entries, each bucket
+// under its own spin lock, the bucket picked by a seeded hash of the key:
+// seen_hot, small enough to stay in the CPU's caches, takes every new
+// entry; a full hot bucket hands its oldest entry (a handshake that has not
+// completed, usually one that never will) to seen, sized for a SYN flood.
+// seen_occ says which cold buckets hold anything, so that a lookup reads
+// the cold table only where it may find its key: on a host without half-open
+// handshakes piling up, never. What this replaces cost most in cache misses:
+// an LRU hash of 65,536 entries (or one table of that size) is read at a
+// random place per connection, about 0.4 us on this kind of machine, where
+// a table of 1,024 entries is not (see the README's B1k notes). A full cold
+// bucket gives its oldest entry to the new one (counted, CNT_SEEN_EVICTED):
+// that needs as many handshakes under way as the tables hold, spread by a
+// hash the peer cannot predict (seen_seed, random per load).
+#define SEEN_WAYS 4
+#define SEEN_HOT_BUCKETS 256 // 1,024 entries, 58 KiB
+#define SEEN_OCC_MAX (1 << 20) // cold buckets seen_occ can describe
+
+struct seen_way {
+	struct flow_key key;
+	__u32 seq;
+	__u8 used;
+	__u8 lost; // the begin was dropped (filtered, or no ring space): no confirmation, no end
+	__u8 _pad[2];
+	__u64 ts_ns; // the SYN-ACK's time: the begin's, and the age for eviction
+};
+
+struct seen_bucket {
+	struct bpf_spin_lock lock;
+	__u32 _pad;
+	struct seen_way way[SEEN_WAYS];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct flow_key);
-	__type(value, struct synack);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SEEN_HOT_BUCKETS);
+	__type(key, __u32);
+	__type(value, struct seen_bucket);
+} seen_hot SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536 / SEEN_WAYS);
+	__type(key, __u32);
+	__type(value, struct seen_bucket);
 } seen SEC(".maps");
+
+// seen_occ holds, one byte per cold bucket (eight to an element), how many
+// of its entries are used; written under the bucket's lock.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536 / SEEN_WAYS / 8);
+	__type(key, __u32);
+	__type(value, __u64);
+} seen_occ SEC(".maps");
 
 // sock_state is all a TCP socket keeps, in one socket storage (one
 // allocation per socket, not one for the process and one for the end):
@@ -403,12 +454,213 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
+// seen_hash is the tables' hash of a key. It is seeded per load, so that
+// a peer cannot aim its handshakes at one bucket.
+static __always_inline __u64 seen_hash(const struct flow_key *k)
+{
+	const __u64 *w = (const __u64 *)k;
+	__u64 h = seen_seed;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*k) / 8); i++) {
+		h ^= w[i];
+		h *= 0x9e3779b97f4a7c15ULL;
+		h ^= h >> 29;
+	}
+	h *= 0xbf58476d1ce4e5b9ULL;
+	return h ^ (h >> 32);
+}
+
+static __always_inline int key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+// The way_* helpers run under the bucket's lock.
+
+// way_find returns the way of b that holds k, or 0.
+static __always_inline struct seen_way *way_find(struct seen_bucket *b, const struct flow_key *k)
+{
+#pragma unroll
+	for (int i = 0; i < SEEN_WAYS; i++) {
+		if (b->way[i].used && key_eq(&b->way[i].key, k))
+			return &b->way[i];
+	}
+	return 0;
+}
+
+// way_free returns a free way of b or, when there is none, its oldest
+// (*full set).
+static __always_inline struct seen_way *way_free(struct seen_bucket *b, int *full)
+{
+	struct seen_way *oldest = &b->way[0];
+#pragma unroll
+	for (int i = 0; i < SEEN_WAYS; i++) {
+		if (!b->way[i].used)
+			return &b->way[i];
+		if (b->way[i].ts_ns < oldest->ts_ns)
+			oldest = &b->way[i];
+	}
+	*full = 1;
+	return oldest;
+}
+
+static __always_inline __u8 way_count(struct seen_bucket *b)
+{
+	__u8 n = 0;
+#pragma unroll
+	for (int i = 0; i < SEEN_WAYS; i++)
+		n += b->way[i].used;
+	return n;
+}
+
+// way_hit applies a SYN-ACK to the way that holds its key: 0 for a
+// retransmission, 1 for a new connection on a reused 4-tuple.
+static __always_inline int way_hit(struct seen_way *w, __u32 seq, __u64 now)
+{
+	if (w->seq == seq)
+		return 0;
+	w->seq = seq;
+	w->ts_ns = now;
+	w->lost = 0;
+	return 1;
+}
+
+// seen_loc is where a key may be: its hot bucket, and its cold bucket with
+// that bucket's occupancy byte, cold 0 when the cold bucket is empty.
+struct seen_loc {
+	struct seen_bucket *hot;
+	struct seen_bucket *cold;
+	__u8 *occ;
+};
+
+static __always_inline int seen_locate(const struct flow_key *k, struct seen_loc *l, int want_cold)
+{
+	__u64 h = seen_hash(k);
+	__u32 hi = (__u32)h & seen_hot_mask, ci = (__u32)(h >> 32) & seen_mask;
+	__u32 oi = ci >> 3;
+	l->hot = bpf_map_lookup_elem(&seen_hot, &hi);
+	l->cold = 0;
+	l->occ = 0;
+	__u64 *o = bpf_map_lookup_elem(&seen_occ, &oi);
+	if (!l->hot || !o)
+		return 0;
+	l->occ = (__u8 *)o + (ci & 7);
+	if (want_cold || *l->occ)
+		l->cold = bpf_map_lookup_elem(&seen, &ci);
+	return 1;
+}
+
+// seen_cold_put keeps an entry the hot table had no room for.
+static __always_inline void seen_cold_put(const struct seen_way *e, int *evicted)
+{
+	struct seen_loc l;
+	if (!seen_locate(&e->key, &l, 1) || !l.cold)
+		return;
+	struct seen_bucket *b = l.cold;
+	int full = 0;
+	bpf_spin_lock(&b->lock);
+	struct seen_way *w = way_free(b, &full);
+	*w = *e;
+	*l.occ = way_count(b);
+	bpf_spin_unlock(&b->lock);
+	if (full)
+		*evicted = 1;
+}
+
+// seen_put records a SYN-ACK leaving on egress: 1 if it is its connection's
+// first (a new entry, or a new sequence number on a reused 4-tuple), 0 for
+// a retransmission. *evicted is set when a handshake still under way lost
+// its entry to make room.
+static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 now, int *evicted)
+{
+	struct seen_loc l;
+	if (!seen_locate(k, &l, 0))
+		return 1;
+	struct seen_bucket *b = l.hot;
+	int ret = -1, full = 0;
+	struct seen_way e = {}, out;
+	e.key = *k;
+	e.seq = seq;
+	e.used = 1;
+	e.ts_ns = now;
+	bpf_spin_lock(&b->lock);
+	struct seen_way *w = way_find(b, k);
+	if (w) {
+		ret = way_hit(w, seq, now);
+	} else if (!l.cold) {
+		// New, and in neither table (the cold bucket is empty): the
+		// common case, in one pass.
+		w = way_free(b, &full);
+		if (full)
+			out = *w;
+		*w = e;
+		ret = 1;
+	}
+	bpf_spin_unlock(&b->lock);
+	if (ret < 0) {
+		struct seen_bucket *c = l.cold;
+		bpf_spin_lock(&c->lock);
+		w = way_find(c, k);
+		if (w)
+			ret = way_hit(w, seq, now);
+		bpf_spin_unlock(&c->lock);
+		if (ret >= 0)
+			return ret;
+		// New: into the hot table.
+		bpf_spin_lock(&b->lock);
+		w = way_free(b, &full);
+		if (full)
+			out = *w;
+		*w = e;
+		bpf_spin_unlock(&b->lock);
+		ret = 1;
+	}
+	// A full hot bucket's oldest entry moves to the cold table.
+	if (full)
+		seen_cold_put(&out, evicted);
+	return ret;
+}
+
+// seen_take removes the key's entry, if any, and tells what it held: 0 for
+// none, 1 for one with that sequence number (*ts the begin's time, 0 if the
+// begin was dropped), 2 for one with another (an older connection's).
+static __always_inline int seen_take(const struct flow_key *k, __u32 seq, __u64 *ts)
+{
+	struct seen_loc l;
+	if (!seen_locate(k, &l, 0))
+		return 0;
+	int ret = 0;
+	struct seen_bucket *b = l.hot;
+	bpf_spin_lock(&b->lock);
+	struct seen_way *w = way_find(b, k);
+	if (w) {
+		w->used = 0;
+		ret = w->seq == seq ? 1 : 2;
+		*ts = w->lost ? 0 : w->ts_ns;
+	}
+	bpf_spin_unlock(&b->lock);
+	if (ret || !l.cold)
+		return ret;
+	b = l.cold;
+	bpf_spin_lock(&b->lock);
+	w = way_find(b, k);
+	if (w) {
+		w->used = 0;
+		ret = w->seq == seq ? 1 : 2;
+		*ts = w->lost ? 0 : w->ts_ns;
+		*l.occ = way_count(b);
+	}
+	bpf_spin_unlock(&b->lock);
+	return ret;
+}
+
 // first_synack tells whether this SYN-ACK is the first of its connection.
 // On ingress the receiving socket answers it for free: the first SYN-ACK
 // finds it in SYN_SENT, a retransmission (our ACK was lost) finds it
-// established. That spares the map, which is most of the cost of an event.
-// On egress the sender is a request socket, which shows nothing of its
-// retransmissions, so the seen map remembers the sequence number.
+// established. That spares the table, which is most of the cost of an
+// event. On egress the sender is a request socket, which shows nothing of
+// its retransmissions, so the seen table remembers the sequence number.
 static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *k, __u32 seq, __u64 now)
 {
 	if (k->direction == DIR_OUTGOING) {
@@ -418,18 +670,11 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 		if (sk && sk->protocol == IPPROTO_TCP)
 			return sk->state == BPF_TCP_SYN_SENT;
 	}
-	struct synack *old = bpf_map_lookup_elem(&seen, k);
-	if (old) {
-		if (old->seq == seq)
-			return 0;
-		// A new connection on a reused 4-tuple: no new map entry.
-		old->seq = seq;
-		old->ts_ns = now;
-		return 1;
-	}
-	struct synack v = {.seq = seq, .ts_ns = now};
-	bpf_map_update_elem(&seen, k, &v, BPF_ANY);
-	return 1;
+	int evicted = 0;
+	int first = seen_put(k, seq, now, &evicted);
+	if (evicted)
+		count(CNT_SEEN_EVICTED);
+	return first;
 }
 
 // begin_stored keeps the begin's time on the socket, for its end: on an
@@ -458,15 +703,6 @@ static __always_inline void proc_put(struct proc_info *dst, const struct proc_in
 		__builtin_memcpy(dst, p, sizeof(*dst));
 	else
 		__builtin_memset(dst, 0, sizeof(*dst));
-}
-
-// proc_copy copies the socket's process into a record; all zero (source 0,
-// unknown) when the socket has none.
-static __always_inline void proc_copy(struct proc_info *dst, struct bpf_sock *sk)
-{
-	struct sock_state *pss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
-	struct proc_info *p = pss ? &pss->proc : 0;
-	proc_put(dst, p);
 }
 
 // filtered tells why the filters drop a begin: a CNT_FILTER_* index, or 0
@@ -558,9 +794,26 @@ static __always_inline void incoming_key(struct __sk_buff *skb, struct flow_key 
 // no confirmation and no end.
 static __always_inline void no_begin(struct flow_key *key)
 {
-	struct synack *v = bpf_map_lookup_elem(&seen, key);
-	if (v)
-		v->ts_ns = 0;
+	struct seen_loc l;
+	if (!seen_locate(key, &l, 0))
+		return;
+	struct seen_bucket *b = l.hot;
+	int found = 0;
+	bpf_spin_lock(&b->lock);
+	struct seen_way *w = way_find(b, key);
+	if (w) {
+		w->lost = 1;
+		found = 1;
+	}
+	bpf_spin_unlock(&b->lock);
+	if (found || !l.cold)
+		return;
+	b = l.cold;
+	bpf_spin_lock(&b->lock);
+	w = way_find(b, key);
+	if (w)
+		w->lost = 1;
+	bpf_spin_unlock(&b->lock);
 }
 
 static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u32 seq)
@@ -984,15 +1237,26 @@ enum sock_flags___flowbus {
 	SOCK_DONE___flowbus = 1,
 };
 
+// sk_kernel is a full socket as the kernel's struct sock, for direct reads:
+// the verifier guards them as it guards bpf_probe_read_kernel, for the cost
+// of a load instead of a helper call.
+static __always_inline struct sock___flowbus *sk_kernel(struct bpf_sock *sk)
+{
+	return sk ? (void *)bpf_skc_to_tcp_sock(sk) : 0;
+}
+
 // sk_cgroup_id is the cgroup v2 id of a full socket (what bpf_skb_cgroup_id
 // gives the skb programs, which sock_ops programs cannot call); 0 where the
 // kernel's layout has no such field.
-static __always_inline __u64 sk_cgroup_id(struct bpf_sock *bsk)
+static __always_inline __u64 sk_cgroup_id(struct sock___flowbus *ks)
 {
-	struct sock___flowbus *sk = (void *)bpf_skc_to_tcp_sock(bsk);
-	if (!sk || !bpf_core_field_exists(sk->sk_cgrp_data.cgroup))
+	if (!ks || !bpf_core_field_exists(ks->sk_cgrp_data.cgroup))
 		return 0;
-	return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	struct cgroup___flowbus *cg = ks->sk_cgrp_data.cgroup;
+	if (!cg)
+		return 0;
+	struct kernfs_node___flowbus *kn = cg->kn;
+	return kn ? kn->id : 0;
 }
 
 // sock_addrs reads the socket's remote and local address as the packets
@@ -1083,12 +1347,10 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	__builtin_memset(key.dst, 0, sizeof(key.dst)); // as incoming_key
 	__u32 iss = bpf_htonl(ctx->snd_una - 1); // as the egress program stored th->seq
 	struct bpf_sock *sk = ctx->sk;
-	struct synack *old = bpf_map_lookup_elem(&seen, &key);
-	if (old) {
-		int had = old->seq == iss;
-		__u64 begin = old->ts_ns;
-		bpf_map_delete_elem(&seen, &key);
-		if (had) {
+	__u64 begin = 0;
+	int had = seen_take(&key, iss, &begin);
+	{
+		if (had == 1) {
 			if (!begin || !end_events)
 				return; // its begin was lost (counted): no end either
 			// Without its confirmation user space ends this begin as
@@ -1135,7 +1397,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	count(CNT_AT_ESTABLISHED);
 	__u64 now = bpf_ktime_get_ns();
 	e->ts_ns = now;
-	e->cgroup_id = sk ? sk_cgroup_id(sk) : 0;
+	e->cgroup_id = sk_cgroup_id(sk_kernel(sk));
 	__builtin_memcpy(e->src, k.src, 16);
 	__builtin_memcpy(e->dst, k.dst, 16);
 	e->src_port = k.src_port;
@@ -1192,7 +1454,8 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	__u16 rport = bpf_ntohl(ctx->remote_port), lport = ctx->local_port;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->begin_ns = st->begin_ns;
-	e->cgroup_id = sk_cgroup_id(sk);
+	struct sock___flowbus *ks = sk_kernel(sk);
+	e->cgroup_id = sk_cgroup_id(ks);
 	e->bytes_received = ctx->bytes_received;
 	e->bytes_acked = ctx->bytes_acked;
 	if (st->direction == DIR_INCOMING) {
@@ -1216,10 +1479,9 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	e->srtt_us = ctx->srtt_us;
 	e->sk_err = 0;
 	e->fin_rcvd = 0;
-	struct sock___flowbus *ks = (void *)bpf_skc_to_tcp_sock(sk);
 	if (ks) {
-		e->sk_err = BPF_CORE_READ(ks, sk_err);
-		unsigned long flags = BPF_CORE_READ(ks, __sk_common.skc_flags);
+		e->sk_err = ks->sk_err;
+		unsigned long flags = ks->__sk_common.skc_flags;
 		int done = bpf_core_enum_value_exists(enum sock_flags___flowbus, SOCK_DONE___flowbus)
 				   ? bpf_core_enum_value(enum sock_flags___flowbus, SOCK_DONE___flowbus)
 				   : 1;
@@ -1234,7 +1496,7 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 		if (sockops_netns_cookie)
 			e->netns_cookie = bpf_get_netns_cookie(ctx);
 	}
-	proc_copy(&e->proc, sk);
+	proc_put(&e->proc, &ss->proc);
 	submit(e);
 }
 

@@ -147,6 +147,24 @@ type flowbusPortSet struct {
 	Bits [1024]uint64
 }
 
+type flowbusSeenBucket struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad uint32
+	Way [4]struct {
+		_    structs.HostLayout
+		Key  flowbusFlowKey
+		Seq  uint32
+		Used uint8
+		Lost uint8
+		Pad  [2]uint8
+		TsNs uint64
+	}
+}
+
 type flowbusSockState struct {
 	_    structs.HostLayout
 	Proc struct {
@@ -167,13 +185,6 @@ type flowbusSockState struct {
 	}
 }
 
-type flowbusSynack struct {
-	_    structs.HostLayout
-	Seq  uint32
-	Pad  uint32
-	TsNs uint64
-}
-
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -187,6 +198,8 @@ const (
 	flowbusMapPortDrop           = "port_drop"
 	flowbusMapProcs              = "procs"
 	flowbusMapSeen               = "seen"
+	flowbusMapSeenHot            = "seen_hot"
+	flowbusMapSeenOcc            = "seen_occ"
 	flowbusProgFlowbusConnect4   = "flowbus_connect4"
 	flowbusProgFlowbusConnect6   = "flowbus_connect6"
 	flowbusProgFlowbusEgress     = "flowbus_egress"
@@ -207,6 +220,9 @@ const (
 	flowbusVarFilterSelf         = "filter_self"
 	flowbusVarMatchSocket        = "match_socket"
 	flowbusVarQueryTtlNs         = "query_ttl_ns"
+	flowbusVarSeenHotMask        = "seen_hot_mask"
+	flowbusVarSeenMask           = "seen_mask"
+	flowbusVarSeenSeed           = "seen_seed"
 	flowbusVarSkbNetnsCookie     = "skb_netns_cookie"
 	flowbusVarSockopsNetnsCookie = "sockops_netns_cookie"
 	flowbusVarUnusedDnsEvent     = "unused_dns_event"
@@ -283,6 +299,8 @@ type flowbusMapSpecs struct {
 	PortDrop *ebpf.MapSpec `ebpf:"port_drop"`
 	Procs    *ebpf.MapSpec `ebpf:"procs"`
 	Seen     *ebpf.MapSpec `ebpf:"seen"`
+	SeenHot  *ebpf.MapSpec `ebpf:"seen_hot"`
+	SeenOcc  *ebpf.MapSpec `ebpf:"seen_occ"`
 }
 
 // flowbusVariableSpecs contains global variables before they are loaded into the kernel.
@@ -301,6 +319,9 @@ type flowbusVariableSpecs struct {
 	FilterSelf         *ebpf.VariableSpec `ebpf:"filter_self"`
 	MatchSocket        *ebpf.VariableSpec `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.VariableSpec `ebpf:"query_ttl_ns"`
+	SeenHotMask        *ebpf.VariableSpec `ebpf:"seen_hot_mask"`
+	SeenMask           *ebpf.VariableSpec `ebpf:"seen_mask"`
+	SeenSeed           *ebpf.VariableSpec `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
 	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
@@ -341,6 +362,8 @@ type flowbusMaps struct {
 	PortDrop *ebpf.Map `ebpf:"port_drop"`
 	Procs    *ebpf.Map `ebpf:"procs"`
 	Seen     *ebpf.Map `ebpf:"seen"`
+	SeenHot  *ebpf.Map `ebpf:"seen_hot"`
+	SeenOcc  *ebpf.Map `ebpf:"seen_occ"`
 }
 
 func (m *flowbusMaps) Close() error {
@@ -354,6 +377,8 @@ func (m *flowbusMaps) Close() error {
 		m.PortDrop,
 		m.Procs,
 		m.Seen,
+		m.SeenHot,
+		m.SeenOcc,
 	)
 }
 
@@ -373,6 +398,9 @@ type flowbusVariables struct {
 	FilterSelf         *ebpf.Variable `ebpf:"filter_self"`
 	MatchSocket        *ebpf.Variable `ebpf:"match_socket"`
 	QueryTtlNs         *ebpf.Variable `ebpf:"query_ttl_ns"`
+	SeenHotMask        *ebpf.Variable `ebpf:"seen_hot_mask"`
+	SeenMask           *ebpf.Variable `ebpf:"seen_mask"`
+	SeenSeed           *ebpf.Variable `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`
 	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`

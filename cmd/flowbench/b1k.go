@@ -374,22 +374,23 @@ type b1kVariant struct {
 // b1kVariants are the configurations flowbench knows, in the order they
 // are measured in a pair.
 var b1kVariants = []b1kVariant{
-	{Name: "begin", What: "begin events only (end events off)", Target: 2.0, set: func(o *bpf.Options) { o.NoEnds = true }},
-	// What process attribution costs: begins without its hooks.
-	{Name: "begin-noproc", What: "begin events only, without process attribution (its hooks detached)", set: func(o *bpf.Options) { o.NoEnds, o.NoAttribution = true, true }},
+	// Begin events only: no attribution, no ends (DNS is always on).
+	{Name: "begin-noproc", What: "begin events only, without process attribution (its hooks detached)", Target: 2.0, set: func(o *bpf.Options) { o.NoEnds, o.NoAttribution = true, true }},
+	// What process attribution costs: begins with its hooks.
+	{Name: "begin", What: "begin events with process attribution (end events off)", set: func(o *bpf.Options) { o.NoEnds = true }},
 	// Every feature the programs have today: begins and ends (DNS is
 	// always on).
 	{Name: "begin+end", What: "begin and end events (the agent's default)", Target: 3.0, set: func(*bpf.Options) {}},
 	// Every kind of kernel filter set, none dropping a connection of the
 	// storm: the cost of the tests themselves against begin+end.
-	{Name: "begin+end+filters", What: "begin and end events, a filter of each kind that keeps every connection", set: func(o *bpf.Options) {
+	{Name: "begin+end+filters", What: "begin and end events, a filter of each kind that keeps every connection", Target: 3.0, set: func(o *bpf.Options) {
 		o.Filter = bpf.Filter{ExcludeSelf: true, ExcludePorts: []bpf.PortRange{{First: 1, Last: 1}},
 			CIDRs:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
 			ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}, ExcludeComms: []string{"flowbus-none"}}
 	}},
 }
 
-var b1kVariantsFlag = flag.String("b1k-variants", "begin,begin+end", "B1k: comma-separated variants of the agent's programs, each against its own noop floor ("+b1kVariantNames()+")")
+var b1kVariantsFlag = flag.String("b1k-variants", "begin-noproc,begin,begin+end,begin+end+filters", "B1k: comma-separated variants of the agent's programs, each against its own noop floor ("+b1kVariantNames()+")")
 
 func b1kVariantNames() string {
 	names := make([]string, len(b1kVariants))
