@@ -23,12 +23,12 @@ type agentCollector struct {
 	a *Agent
 
 	events, drops, pending, pendingBytes, batches, bytes, dups, collisions, pubErrors, kernelDup, seenEvicted, atEstablished, ready *prometheus.Desc
-	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                                                       *prometheus.Desc
-	dnsQueries, dnsPending, checkOK                                                                                    *prometheus.Desc
-	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                                             *prometheus.Desc
-	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                                       *prometheus.Desc
-	ends, endDrops, halfOpenPending, halfOpenTimeout, confirmsLost                                                     *prometheus.Desc
-	filtered                                                                                                           *prometheus.Desc
+	dnsEntries, dnsLookups, dnsAnswers, dnsEvictions, dnsExpired                                                                    *prometheus.Desc
+	dnsQueries, dnsPending, checkOK                                                                                                 *prometheus.Desc
+	dnsBytes, dnsNames, dnsDisplaced, dnsRecords, dnsDropped, dnsKernelCut                                                          *prometheus.Desc
+	spoolBatches, spoolBytes, spoolEvents, spooled, spoolCorrupt                                                                    *prometheus.Desc
+	ends, endDrops, halfOpenPending, halfOpenTimeout, confirmsLost                                                                  *prometheus.Desc
+	filtered                                                                                                                        *prometheus.Desc
 }
 
 func newAgentCollector(a *Agent) *agentCollector {
