@@ -65,6 +65,8 @@ type Options struct {
 
 	// seenHot shrinks the hot seen table to this many buckets (tests).
 	seenHot int
+	// slots shrinks the array of socket slots (tests).
+	slots int
 }
 
 // Defaults for Options.
@@ -330,6 +332,9 @@ func (c *Capture) load() error {
 	}
 	spec.Maps[flowbusMapEvents].MaxEntries = uint32(c.opts.RingBytes)
 	if err := setSeen(spec, c.opts.SeenEntries, c.opts.seenHot); err != nil {
+		return err
+	}
+	if err := setSlots(spec, c.opts.slots); err != nil {
 		return err
 	}
 	spec.Maps[flowbusMapDnsq].MaxEntries = uint32(c.opts.QueryEntries)

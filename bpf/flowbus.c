@@ -248,6 +248,8 @@ struct flow_key {
 volatile const __u32 seen_mask = 65536 / 4 - 1;
 volatile const __u32 seen_hot_mask = 256 - 1; // the hot table's, SEEN_HOT_BUCKETS - 1 but in tests
 volatile const __u64 seen_seed = 0;
+// The slots map's size less one (a power of two less one).
+volatile const __u32 slot_mask = 65536 - 1;
 volatile const __u64 wakeup_bytes = 256 * 1024;
 // How long a query waits for its answer; later answers are unsolicited.
 volatile const __u64 query_ttl_ns = 30ULL * 1000000000ULL;
@@ -376,6 +378,32 @@ struct {
 	__type(key, int);
 	__type(value, struct sock_state);
 } procs SEC(".maps");
+
+// slots hold the state of the sockets the attribution hooks saw created:
+// a preallocated array indexed by the socket's cookie, so that a connecting
+// socket costs no allocation. A socket storage (procs) costs a kmalloc, a
+// memory cgroup charge and two locks per socket, about 0.85 us, most of
+// what attribution cost; a slot costs a lock on a line that sequential
+// cookies keep in cache. A slot is taken at sock_create and given back at
+// the socket's end record, or at its release when no end is to come
+// (flowbus_sock_release). A slot another live socket holds (a socket that
+// lives while 65,536 others are made) sends the new one to procs, as do
+// bind (a listener's state must be in procs, for BPF_F_CLONE to copy it
+// into every socket it accepts) and sockets older than the programs. The
+// state is looked up in procs first, then in the slot.
+struct sock_slot {
+	struct bpf_spin_lock lock; // held to take or give back the slot
+	__u32 _pad;
+	__u64 cookie; // the holder's socket cookie; 0: free
+	struct sock_state st;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct sock_slot);
+} slots SEC(".maps");
 
 // dnsq holds the outstanding queries (value: when last asked). Answers are
 // let through only when they find their query here, so forged ones never
@@ -677,16 +705,67 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 	return first;
 }
 
+// slot_find returns the slot the socket with this cookie holds, or 0.
+static __always_inline struct sock_slot *slot_find(__u64 cookie)
+{
+	__u32 i = (__u32)cookie & slot_mask;
+	struct sock_slot *sl = bpf_map_lookup_elem(&slots, &i);
+	return sl && cookie && sl->cookie == cookie ? sl : 0;
+}
+
+// slot_take gives the socket with this cookie its slot, emptied, unless
+// another socket holds it (0).
+static __always_inline struct sock_state *slot_take(__u64 cookie)
+{
+	__u32 i = (__u32)cookie & slot_mask;
+	struct sock_slot *sl = bpf_map_lookup_elem(&slots, &i);
+	if (!sl || !cookie)
+		return 0;
+	int ok = 0;
+	bpf_spin_lock(&sl->lock);
+	if (sl->cookie == 0 || sl->cookie == cookie) {
+		sl->cookie = cookie;
+		__builtin_memset(&sl->st, 0, sizeof(sl->st));
+		ok = 1;
+	}
+	bpf_spin_unlock(&sl->lock);
+	return ok ? &sl->st : 0;
+}
+
+// slot_give_back frees the slot the socket with this cookie holds.
+static __always_inline void slot_give_back(struct sock_slot *sl, __u64 cookie)
+{
+	bpf_spin_lock(&sl->lock);
+	if (sl->cookie == cookie)
+		sl->cookie = 0;
+	bpf_spin_unlock(&sl->lock);
+}
+
+// STATE_OF is the socket's state: its storage, else the slot it holds, 0
+// for none. ctx is the program's context, for the socket's cookie (sk's):
+// only asked for when there is no storage.
+#define STATE_OF(ctx, sk)                                                          \
+	({                                                                         \
+		struct sock_state *__ss = bpf_sk_storage_get(&procs, sk, 0, 0);    \
+		if (!__ss) {                                                       \
+			struct sock_slot *__sl = slot_find(bpf_get_socket_cookie(ctx)); \
+			__ss = __sl ? &__sl->st : 0;                               \
+		}                                                                  \
+		__ss;                                                              \
+	})
+
 // begin_stored keeps the begin's time on the socket, for its end: on an
 // outgoing socket at its SYN-ACK (the ingress program), on an incoming
-// child at the end of its handshake (sock_ops).
-static __always_inline void begin_stored(struct bpf_sock *sk, __u64 ts, __u8 direction)
+// child at the end of its handshake (sock_ops). ss is the socket's state if
+// the caller has it.
+static __always_inline void begin_stored(struct bpf_sock *sk, struct sock_state *ss, __u64 ts, __u8 direction)
 {
 	if (!end_events)
 		return;
 	// Usually there already, made by the socket's attribution hooks or
 	// cloned from its listener: then nothing is allocated here.
-	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!ss)
+		ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!ss) {
 		count(CNT_NO_STORAGE);
 		return;
@@ -833,7 +912,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	// Outgoing: the connecting socket. Incoming: the listener (egress
 	// runs for it, not for the request socket), or a Fast Open child,
 	// which has the listener's entry by BPF_F_CLONE.
-	struct sock_state *pss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+	struct sock_state *pss = sk ? STATE_OF(skb, sk) : 0;
 	struct proc_info *p = pss ? &pss->proc : 0;
 	if (filter_on) {
 		// After first_synack, so that a retransmission is not counted
@@ -876,7 +955,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	proc_put(&e->proc, p);
 	if (k->direction == DIR_OUTGOING) {
 		if (sk)
-			begin_stored(sk, now, DIR_OUTGOING);
+			begin_stored(sk, pss, now, DIR_OUTGOING);
 	} else if (sk && sk->state != BPF_TCP_LISTEN) {
 		// The program runs for the listener, but for Fast Open for the
 		// child, which exists since the SYN (it gets no end: see README).
@@ -1361,7 +1440,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 				return;
 			}
 			if (sk) {
-				begin_stored(sk, begin, DIR_INCOMING);
+				begin_stored(sk, 0, begin, DIR_INCOMING);
 				want_close(ctx);
 			}
 			__builtin_memset(c, 0, sizeof(*c));
@@ -1420,7 +1499,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	proc_put(&e->proc, p);
 	submit(e);
 	if (sk) {
-		begin_stored(sk, now, DIR_INCOMING);
+		begin_stored(sk, pss, now, DIR_INCOMING);
 		want_close(ctx);
 	}
 }
@@ -1439,6 +1518,13 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	if (!sk)
 		return;
 	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, 0);
+	struct sock_slot *sl = 0;
+	__u64 cookie = 0;
+	if (!ss) {
+		cookie = bpf_get_socket_cookie(ctx);
+		sl = slot_find(cookie);
+		ss = sl ? &sl->st : 0;
+	}
 	if (!ss || !ss->conn.direction || ss->conn.ended)
 		return;
 	struct conn_state *st = &ss->conn;
@@ -1447,6 +1533,8 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	struct end_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_END_FULL);
+		if (sl)
+			slot_give_back(sl, cookie);
 		return;
 	}
 	__u8 remote[16] = {}, local[16] = {};
@@ -1498,6 +1586,9 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 	}
 	proc_put(&e->proc, &ss->proc);
 	submit(e);
+	// The end is out: nothing reads the slot after this.
+	if (sl)
+		slot_give_back(sl, cookie);
 }
 
 // flowbus_sockops runs on the sock_ops callbacks of the watched cgroup's TCP
@@ -1521,21 +1612,18 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	}
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		struct bpf_sock *sk = ctx->sk;
-		struct sock_state *ss = sk ? bpf_sk_storage_get(&procs, sk, 0, 0) : 0;
+		struct sock_state *ss = sk ? STATE_OF(ctx, sk) : 0;
 		if (ss && ss->conn.direction)
 			want_close(ctx);
 	}
 	return 1;
 }
 
-// proc_fill writes the current process into a TCP socket's storage. These
+// proc_write writes the current process into a socket's state. These
 // hooks run in the context of the process that makes the system call
 // (socket, bind, connect), unlike the skb and sock_ops programs.
-static __always_inline void proc_fill(void *sk, __u8 source)
+static __always_inline void proc_write(struct sock_state *ss, __u8 source)
 {
-	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!ss)
-		return; // out of memory: the socket stays unknown
 	struct proc_info *p = &ss->proc;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	p->tgid = tgid;
@@ -1554,16 +1642,30 @@ static __always_inline void proc_fill(void *sk, __u8 source)
 SEC("cgroup/sock_create")
 int flowbus_sock_create(struct bpf_sock *ctx)
 {
-	if (ctx->protocol == IPPROTO_TCP)
-		proc_fill(ctx, PROC_CREATE);
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	struct sock_state *ss = slot_take(bpf_get_socket_cookie(ctx));
+	if (!ss)
+		ss = bpf_sk_storage_get(&procs, ctx, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (ss) // else out of memory: the socket stays unknown
+		proc_write(ss, PROC_CREATE);
 	return 1;
+}
+
+// A bound socket's state goes into its storage: for a listener, that is
+// what BPF_F_CLONE copies into every socket it accepts.
+static __always_inline void bound(struct bpf_sock *ctx)
+{
+	struct sock_state *ss = bpf_sk_storage_get(&procs, ctx, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (ss)
+		proc_write(ss, PROC_BIND);
 }
 
 SEC("cgroup/post_bind4")
 int flowbus_post_bind4(struct bpf_sock *ctx)
 {
 	if (ctx->protocol == IPPROTO_TCP)
-		proc_fill(ctx, PROC_BIND);
+		bound(ctx);
 	return 1;
 }
 
@@ -1571,8 +1673,19 @@ SEC("cgroup/post_bind6")
 int flowbus_post_bind6(struct bpf_sock *ctx)
 {
 	if (ctx->protocol == IPPROTO_TCP)
-		proc_fill(ctx, PROC_BIND);
+		bound(ctx);
 	return 1;
+}
+
+static __always_inline void connecting(struct bpf_sock_addr *ctx, struct bpf_sock *sk)
+{
+	struct sock_state *ss = STATE_OF(ctx, sk);
+	if (!ss)
+		ss = slot_take(bpf_get_socket_cookie(ctx));
+	if (!ss)
+		ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (ss)
+		proc_write(ss, PROC_CONNECT);
 }
 
 SEC("cgroup/connect4")
@@ -1580,7 +1693,7 @@ int flowbus_connect4(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && ctx->protocol == IPPROTO_TCP)
-		proc_fill(sk, PROC_CONNECT);
+		connecting(ctx, sk);
 	return 1;
 }
 
@@ -1589,6 +1702,27 @@ int flowbus_connect6(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	if (sk && ctx->protocol == IPPROTO_TCP)
-		proc_fill(sk, PROC_CONNECT);
+		connecting(ctx, sk);
+	return 1;
+}
+
+// flowbus_sock_release gives back the slot of a socket its process closes,
+// unless its end is still to come: a socket with a begin whose handshake
+// completed asked for its state changes, and its close into TCP_CLOSE
+// (which follows this, after the FIN exchange) emits the end and gives the
+// slot back.
+SEC("cgroup/sock_release")
+int flowbus_sock_release(struct bpf_sock *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sock_slot *sl = slot_find(cookie);
+	if (!sl)
+		return 1;
+	__u32 state = ctx->state;
+	if (sl->st.conn.direction && !sl->st.conn.ended && state != BPF_TCP_CLOSE && state != BPF_TCP_SYN_SENT)
+		return 1;
+	slot_give_back(sl, cookie);
 	return 1;
 }

@@ -165,6 +165,17 @@ type flowbusSeenBucket struct {
 	}
 }
 
+type flowbusSockSlot struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad    uint32
+	Cookie uint64
+	St     flowbusSockState
+}
+
 type flowbusSockState struct {
 	_    structs.HostLayout
 	Proc struct {
@@ -189,49 +200,52 @@ type flowbusSockState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	flowbusMapCidrExcl           = "cidr_excl"
-	flowbusMapCidrIncl           = "cidr_incl"
-	flowbusMapComms              = "comms"
-	flowbusMapCounters           = "counters"
-	flowbusMapDnsq               = "dnsq"
-	flowbusMapEvents             = "events"
-	flowbusMapPortDrop           = "port_drop"
-	flowbusMapProcs              = "procs"
-	flowbusMapSeen               = "seen"
-	flowbusMapSeenHot            = "seen_hot"
-	flowbusMapSeenOcc            = "seen_occ"
-	flowbusProgFlowbusConnect4   = "flowbus_connect4"
-	flowbusProgFlowbusConnect6   = "flowbus_connect6"
-	flowbusProgFlowbusEgress     = "flowbus_egress"
-	flowbusProgFlowbusIngress    = "flowbus_ingress"
-	flowbusProgFlowbusPostBind4  = "flowbus_post_bind4"
-	flowbusProgFlowbusPostBind6  = "flowbus_post_bind6"
-	flowbusProgFlowbusSockCreate = "flowbus_sock_create"
-	flowbusProgFlowbusSockops    = "flowbus_sockops"
-	flowbusVarAgentTgid          = "agent_tgid"
-	flowbusVarEndEvents          = "end_events"
-	flowbusVarFilterCidrExcl     = "filter_cidr_excl"
-	flowbusVarFilterCidrIncl     = "filter_cidr_incl"
-	flowbusVarFilterCommExcl     = "filter_comm_excl"
-	flowbusVarFilterCommIncl     = "filter_comm_incl"
-	flowbusVarFilterDirection    = "filter_direction"
-	flowbusVarFilterOn           = "filter_on"
-	flowbusVarFilterPorts        = "filter_ports"
-	flowbusVarFilterSelf         = "filter_self"
-	flowbusVarMatchSocket        = "match_socket"
-	flowbusVarQueryTtlNs         = "query_ttl_ns"
-	flowbusVarSeenHotMask        = "seen_hot_mask"
-	flowbusVarSeenMask           = "seen_mask"
-	flowbusVarSeenSeed           = "seen_seed"
-	flowbusVarSkbNetnsCookie     = "skb_netns_cookie"
-	flowbusVarSockopsNetnsCookie = "sockops_netns_cookie"
-	flowbusVarUnusedDnsEvent     = "unused_dns_event"
-	flowbusVarUnusedDnsKey       = "unused_dns_key"
-	flowbusVarUnusedDnsqEvent    = "unused_dnsq_event"
-	flowbusVarUnusedEndEvent     = "unused_end_event"
-	flowbusVarUnusedFlowEvent    = "unused_flow_event"
-	flowbusVarUnusedProcInfo     = "unused_proc_info"
-	flowbusVarWakeupBytes        = "wakeup_bytes"
+	flowbusMapCidrExcl            = "cidr_excl"
+	flowbusMapCidrIncl            = "cidr_incl"
+	flowbusMapComms               = "comms"
+	flowbusMapCounters            = "counters"
+	flowbusMapDnsq                = "dnsq"
+	flowbusMapEvents              = "events"
+	flowbusMapPortDrop            = "port_drop"
+	flowbusMapProcs               = "procs"
+	flowbusMapSeen                = "seen"
+	flowbusMapSeenHot             = "seen_hot"
+	flowbusMapSeenOcc             = "seen_occ"
+	flowbusMapSlots               = "slots"
+	flowbusProgFlowbusConnect4    = "flowbus_connect4"
+	flowbusProgFlowbusConnect6    = "flowbus_connect6"
+	flowbusProgFlowbusEgress      = "flowbus_egress"
+	flowbusProgFlowbusIngress     = "flowbus_ingress"
+	flowbusProgFlowbusPostBind4   = "flowbus_post_bind4"
+	flowbusProgFlowbusPostBind6   = "flowbus_post_bind6"
+	flowbusProgFlowbusSockCreate  = "flowbus_sock_create"
+	flowbusProgFlowbusSockRelease = "flowbus_sock_release"
+	flowbusProgFlowbusSockops     = "flowbus_sockops"
+	flowbusVarAgentTgid           = "agent_tgid"
+	flowbusVarEndEvents           = "end_events"
+	flowbusVarFilterCidrExcl      = "filter_cidr_excl"
+	flowbusVarFilterCidrIncl      = "filter_cidr_incl"
+	flowbusVarFilterCommExcl      = "filter_comm_excl"
+	flowbusVarFilterCommIncl      = "filter_comm_incl"
+	flowbusVarFilterDirection     = "filter_direction"
+	flowbusVarFilterOn            = "filter_on"
+	flowbusVarFilterPorts         = "filter_ports"
+	flowbusVarFilterSelf          = "filter_self"
+	flowbusVarMatchSocket         = "match_socket"
+	flowbusVarQueryTtlNs          = "query_ttl_ns"
+	flowbusVarSeenHotMask         = "seen_hot_mask"
+	flowbusVarSeenMask            = "seen_mask"
+	flowbusVarSeenSeed            = "seen_seed"
+	flowbusVarSkbNetnsCookie      = "skb_netns_cookie"
+	flowbusVarSlotMask            = "slot_mask"
+	flowbusVarSockopsNetnsCookie  = "sockops_netns_cookie"
+	flowbusVarUnusedDnsEvent      = "unused_dns_event"
+	flowbusVarUnusedDnsKey        = "unused_dns_key"
+	flowbusVarUnusedDnsqEvent     = "unused_dnsq_event"
+	flowbusVarUnusedEndEvent      = "unused_end_event"
+	flowbusVarUnusedFlowEvent     = "unused_flow_event"
+	flowbusVarUnusedProcInfo      = "unused_proc_info"
+	flowbusVarWakeupBytes         = "wakeup_bytes"
 )
 
 // loadFlowbus returns the embedded CollectionSpec for flowbus.
@@ -276,14 +290,15 @@ type flowbusSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusProgramSpecs struct {
-	FlowbusConnect4   *ebpf.ProgramSpec `ebpf:"flowbus_connect4"`
-	FlowbusConnect6   *ebpf.ProgramSpec `ebpf:"flowbus_connect6"`
-	FlowbusEgress     *ebpf.ProgramSpec `ebpf:"flowbus_egress"`
-	FlowbusIngress    *ebpf.ProgramSpec `ebpf:"flowbus_ingress"`
-	FlowbusPostBind4  *ebpf.ProgramSpec `ebpf:"flowbus_post_bind4"`
-	FlowbusPostBind6  *ebpf.ProgramSpec `ebpf:"flowbus_post_bind6"`
-	FlowbusSockCreate *ebpf.ProgramSpec `ebpf:"flowbus_sock_create"`
-	FlowbusSockops    *ebpf.ProgramSpec `ebpf:"flowbus_sockops"`
+	FlowbusConnect4    *ebpf.ProgramSpec `ebpf:"flowbus_connect4"`
+	FlowbusConnect6    *ebpf.ProgramSpec `ebpf:"flowbus_connect6"`
+	FlowbusEgress      *ebpf.ProgramSpec `ebpf:"flowbus_egress"`
+	FlowbusIngress     *ebpf.ProgramSpec `ebpf:"flowbus_ingress"`
+	FlowbusPostBind4   *ebpf.ProgramSpec `ebpf:"flowbus_post_bind4"`
+	FlowbusPostBind6   *ebpf.ProgramSpec `ebpf:"flowbus_post_bind6"`
+	FlowbusSockCreate  *ebpf.ProgramSpec `ebpf:"flowbus_sock_create"`
+	FlowbusSockRelease *ebpf.ProgramSpec `ebpf:"flowbus_sock_release"`
+	FlowbusSockops     *ebpf.ProgramSpec `ebpf:"flowbus_sockops"`
 }
 
 // flowbusMapSpecs contains maps before they are loaded into the kernel.
@@ -301,6 +316,7 @@ type flowbusMapSpecs struct {
 	Seen     *ebpf.MapSpec `ebpf:"seen"`
 	SeenHot  *ebpf.MapSpec `ebpf:"seen_hot"`
 	SeenOcc  *ebpf.MapSpec `ebpf:"seen_occ"`
+	Slots    *ebpf.MapSpec `ebpf:"slots"`
 }
 
 // flowbusVariableSpecs contains global variables before they are loaded into the kernel.
@@ -323,6 +339,7 @@ type flowbusVariableSpecs struct {
 	SeenMask           *ebpf.VariableSpec `ebpf:"seen_mask"`
 	SeenSeed           *ebpf.VariableSpec `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
+	SlotMask           *ebpf.VariableSpec `ebpf:"slot_mask"`
 	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
@@ -364,6 +381,7 @@ type flowbusMaps struct {
 	Seen     *ebpf.Map `ebpf:"seen"`
 	SeenHot  *ebpf.Map `ebpf:"seen_hot"`
 	SeenOcc  *ebpf.Map `ebpf:"seen_occ"`
+	Slots    *ebpf.Map `ebpf:"slots"`
 }
 
 func (m *flowbusMaps) Close() error {
@@ -379,6 +397,7 @@ func (m *flowbusMaps) Close() error {
 		m.Seen,
 		m.SeenHot,
 		m.SeenOcc,
+		m.Slots,
 	)
 }
 
@@ -402,6 +421,7 @@ type flowbusVariables struct {
 	SeenMask           *ebpf.Variable `ebpf:"seen_mask"`
 	SeenSeed           *ebpf.Variable `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`
+	SlotMask           *ebpf.Variable `ebpf:"slot_mask"`
 	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
@@ -416,14 +436,15 @@ type flowbusVariables struct {
 //
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusPrograms struct {
-	FlowbusConnect4   *ebpf.Program `ebpf:"flowbus_connect4"`
-	FlowbusConnect6   *ebpf.Program `ebpf:"flowbus_connect6"`
-	FlowbusEgress     *ebpf.Program `ebpf:"flowbus_egress"`
-	FlowbusIngress    *ebpf.Program `ebpf:"flowbus_ingress"`
-	FlowbusPostBind4  *ebpf.Program `ebpf:"flowbus_post_bind4"`
-	FlowbusPostBind6  *ebpf.Program `ebpf:"flowbus_post_bind6"`
-	FlowbusSockCreate *ebpf.Program `ebpf:"flowbus_sock_create"`
-	FlowbusSockops    *ebpf.Program `ebpf:"flowbus_sockops"`
+	FlowbusConnect4    *ebpf.Program `ebpf:"flowbus_connect4"`
+	FlowbusConnect6    *ebpf.Program `ebpf:"flowbus_connect6"`
+	FlowbusEgress      *ebpf.Program `ebpf:"flowbus_egress"`
+	FlowbusIngress     *ebpf.Program `ebpf:"flowbus_ingress"`
+	FlowbusPostBind4   *ebpf.Program `ebpf:"flowbus_post_bind4"`
+	FlowbusPostBind6   *ebpf.Program `ebpf:"flowbus_post_bind6"`
+	FlowbusSockCreate  *ebpf.Program `ebpf:"flowbus_sock_create"`
+	FlowbusSockRelease *ebpf.Program `ebpf:"flowbus_sock_release"`
+	FlowbusSockops     *ebpf.Program `ebpf:"flowbus_sockops"`
 }
 
 func (p *flowbusPrograms) Close() error {
@@ -435,6 +456,7 @@ func (p *flowbusPrograms) Close() error {
 		p.FlowbusPostBind4,
 		p.FlowbusPostBind6,
 		p.FlowbusSockCreate,
+		p.FlowbusSockRelease,
 		p.FlowbusSockops,
 	)
 }

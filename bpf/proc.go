@@ -55,11 +55,15 @@ var procHooks = []struct {
 	{flowbusProgFlowbusPostBind6, ebpf.AttachCGroupInet6PostBind, "post_bind6"},
 	{flowbusProgFlowbusConnect4, ebpf.AttachCGroupInet4Connect, "connect4"},
 	{flowbusProgFlowbusConnect6, ebpf.AttachCGroupInet6Connect, "connect6"},
+	// Not a process hook: it gives back the slot sock_create took for a
+	// socket that has no end to come (see flowbus_sock_release). Without
+	// it, slots stay taken and later sockets use socket storage instead.
+	{flowbusProgFlowbusSockRelease, ebpf.AttachCgroupInetSockRelease, "sock_release"},
 }
 
 // HookStatus is the state of one attribution hook on this kernel.
 type HookStatus struct {
-	Hook     string // sock_create, post_bind4, post_bind6, connect4, connect6
+	Hook     string // sock_create, post_bind4, post_bind6, connect4, connect6, sock_release
 	Attached bool
 	// Problem says why the hook is not attached (the kernel refused the
 	// program or the attachment); "" when attached.
@@ -93,7 +97,7 @@ func (a Attribution) Mechanism() string {
 	}
 	hooks := "cgroup/" + strings.Join(on, ", cgroup/")
 	s := "pid: bpf_get_current_pid_tgid, comm: bpf_get_current_comm, uid: bpf_get_current_uid_gid, each at " + hooks +
-		" into the socket's storage (cloned into accepted sockets), read by the skb and sock_ops programs; sockets open before the start: from /proc at start"
+		" into the socket's slot (a preallocated array) or, once bound, its storage (cloned into accepted sockets), read by the skb and sock_ops programs; sockets open before the start: from /proc at start"
 	var missing []string
 	for _, h := range a.Hooks {
 		if !h.Attached {
@@ -182,11 +186,12 @@ func (c *Capture) attachProcHooks(fdPath string) []link.Link {
 		return nil
 	}
 	progs := map[string]*ebpf.Program{
-		flowbusProgFlowbusSockCreate: c.objs.FlowbusSockCreate,
-		flowbusProgFlowbusPostBind4:  c.objs.FlowbusPostBind4,
-		flowbusProgFlowbusPostBind6:  c.objs.FlowbusPostBind6,
-		flowbusProgFlowbusConnect4:   c.objs.FlowbusConnect4,
-		flowbusProgFlowbusConnect6:   c.objs.FlowbusConnect6,
+		flowbusProgFlowbusSockCreate:  c.objs.FlowbusSockCreate,
+		flowbusProgFlowbusPostBind4:   c.objs.FlowbusPostBind4,
+		flowbusProgFlowbusPostBind6:   c.objs.FlowbusPostBind6,
+		flowbusProgFlowbusConnect4:    c.objs.FlowbusConnect4,
+		flowbusProgFlowbusConnect6:    c.objs.FlowbusConnect6,
+		flowbusProgFlowbusSockRelease: c.objs.FlowbusSockRelease,
 	}
 	c.procUnattached = map[string]string{}
 	var links []link.Link

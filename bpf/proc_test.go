@@ -384,11 +384,23 @@ func dialFrom(t *testing.T, addr string) net.Conn {
 // Connections from two programs, as two users, in two child cgroups of the
 // watched one: each outgoing begin and its end carry their own process.
 func TestProcTwoPrograms(t *testing.T) {
+	procTwoPrograms(t, Options{})
+}
+
+// TestProcTwoProgramsOneSlot is TestProcTwoPrograms with one socket slot:
+// at most one of the two connecting sockets holds it, the other's state
+// goes to socket storage, and both begins and ends carry their process.
+func TestProcTwoProgramsOneSlot(t *testing.T) {
+	procTwoPrograms(t, Options{slots: 1})
+}
+
+func procTwoPrograms(t *testing.T, o Options) {
 	cgrouptest.RequirePrivileged(t)
 	exes := helperExes(t, "fbclient-a", "fbclient-b")
 	watched := cgrouptest.NewChild(t)
 	a, b := watched.Child(t, "a"), watched.Child(t, "b")
-	c, col := runCapture(t, watched)
+	o.CgroupPath = watched.Path
+	c, col := runCaptureWith(t, o)
 	if at := c.Attribution(); len(at.Attached()) != len(procHooks) {
 		t.Fatalf("attribution hooks: %s", at.Mechanism())
 	}

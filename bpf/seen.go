@@ -50,3 +50,19 @@ func setSeen(spec *ebpf.CollectionSpec, entries, hot int) error {
 	}
 	return nil
 }
+
+// setSlots sizes the slots array for n sockets (a power of two; 0: the
+// default), for tests of the fallback to socket storage.
+func setSlots(spec *ebpf.CollectionSpec, n int) error {
+	if n == 0 {
+		return nil
+	}
+	if n&(n-1) != 0 {
+		return fmt.Errorf("slots: %d: must be a power of two", n)
+	}
+	spec.Maps[flowbusMapSlots].MaxEntries = uint32(n)
+	if err := spec.Variables[flowbusVarSlotMask].Set(uint32(n - 1)); err != nil {
+		return fmt.Errorf("setting slot_mask: %w", err)
+	}
+	return nil
+}
