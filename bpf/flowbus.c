@@ -1657,8 +1657,15 @@ int flowbus_sock_create(struct bpf_sock *ctx)
 static __always_inline void bound(struct bpf_sock *ctx)
 {
 	struct sock_state *ss = bpf_sk_storage_get(&procs, ctx, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (ss)
-		proc_write(ss, PROC_BIND);
+	if (!ss)
+		return; // out of memory: the slot, if any, keeps the state
+	proc_write(ss, PROC_BIND);
+	// From here on the state is the storage: a socket with storage holds
+	// no slot, which lets sock_release skip the cookie for it.
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sock_slot *sl = slot_find(cookie);
+	if (sl)
+		slot_give_back(sl, cookie);
 }
 
 SEC("cgroup/post_bind4")
@@ -1715,6 +1722,10 @@ SEC("cgroup/sock_release")
 int flowbus_sock_release(struct bpf_sock *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	// A socket with storage (bound, accepted, or turned away from a held
+	// slot) holds no slot (see bound).
+	if (bpf_sk_storage_get(&procs, ctx, 0, 0))
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct sock_slot *sl = slot_find(cookie);
