@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -498,16 +499,26 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 		c.ends.Add(1)
 		h.End(e)
 	}
+	waiter := newRingWaiter(c.objs.Events.FD())
+	if waiter != nil {
+		defer waiter.close()
+	}
 	for {
 		draining := ctx.Err() != nil
-		if draining {
+		switch {
+		case draining:
 			// No new events from here on; read what the ring holds, then stop.
 			c.linksMu.Lock()
 			c.draining = true
 			c.linksMu.Unlock()
 			_ = c.Detach()
 			c.reader.SetDeadline(time.Now())
-		} else {
+		case waiter != nil:
+			// Parked on the runtime's poller until a forced wakeup or the
+			// poll interval, then drained without blocking.
+			waiter.wait(c.opts.PollInterval)
+			c.reader.SetDeadline(time.Now())
+		default:
 			c.reader.SetDeadline(time.Now().Add(c.opts.PollInterval))
 		}
 		clock.refresh()
@@ -576,6 +587,57 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 		}
 	}
 }
+
+// ringWaiter waits for the ring buffer's wakeups on the Go runtime's network
+// poller, through a duplicate of the map's descriptor. Waiting inside the
+// ring buffer reader's own epoll_wait instead holds a thread in a blocking
+// system call for most of every poll interval: the runtime then takes its P
+// away after 10 ms, and each time that happens its monitor thread goes back
+// to waking every 20 µs (measured: a fifth of the agent's CPU at 50,000
+// connections/s).
+type ringWaiter struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+// newRingWaiter returns nil when the descriptor cannot be polled so; Run
+// then waits in the reader.
+func newRingWaiter(mapFD int) *ringWaiter {
+	fd, err := unix.FcntlInt(uintptr(mapFD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil
+	}
+	f := os.NewFile(uintptr(fd), "ringbuf")
+	rc, err := f.SyscallConn()
+	// A descriptor the poller did not take has no deadlines.
+	if err != nil || f.SetReadDeadline(time.Time{}) != nil {
+		f.Close()
+		return nil
+	}
+	return &ringWaiter{f: f, rc: rc}
+}
+
+// wait returns after the kernel wakes the ring's readers (it holds more
+// than Options.WakeupBytes) or after d. A wakeup that came while nobody
+// waited is not kept: the kernel forces one with every record it submits
+// past the threshold.
+func (w *ringWaiter) wait(d time.Duration) {
+	if w.f.SetReadDeadline(time.Now().Add(d)) != nil {
+		return
+	}
+	woken := false
+	_ = w.rc.Read(func(uintptr) bool {
+		done := woken
+		woken = true
+		return done
+	})
+}
+
+func (w *ringWaiter) close() { w.f.Close() }
 
 // recAddr reads an address of family 4 or 6 from the start of b.
 func recAddr(family byte, b []byte) (netip.Addr, bool) {
