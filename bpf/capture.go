@@ -522,6 +522,9 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			c.reader.SetDeadline(time.Now().Add(c.opts.PollInterval))
 		}
 		clock.refresh()
+		// When this drain saw its records, for the half-open table: one
+		// reading per poll instead of one per begin.
+		seen := time.Now()
 		for {
 			err := c.reader.ReadInto(&rec)
 			if err != nil {
@@ -573,7 +576,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			c.events.Add(1)
 			h.Flow(&ev)
 			if ev.Direction == schema.Incoming && rec.RawSample[offOrigin] == originSynAck && !c.opts.NoEnds {
-				pending.add(&ev, binary.NativeEndian.Uint32(rec.RawSample[offSeq:]), time.Now())
+				pending.add(&ev, binary.NativeEndian.Uint32(rec.RawSample[offSeq:]), seen)
 			}
 		}
 		// Handshakes still waiting when the capture stops get no end:

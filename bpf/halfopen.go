@@ -19,12 +19,22 @@ type halfOpen struct {
 	timeout time.Duration
 	max     int
 	m       map[halfOpenKey]halfOpenEntry
-	q       []halfOpenKey // in arrival order; may hold keys already confirmed
+	// q[head:] is in arrival order; it may hold keys already confirmed.
+	// The head moves instead of q being resliced, so that the array is
+	// reused rather than grown again every poll.
+	q    []halfOpenKey
+	head int
+	base time.Time       // what halfOpenEntry.at counts from
+	end  schema.EndEvent // what expire hands over, reused
 
 	overflow  uint64 // begins not tracked: the table was full
 	expired   uint64 // never_established ends made
 	confirmed uint64
 }
+
+// halfOpenKeep is the queue capacity kept while it is empty (32 bytes a
+// key): a busy host's polls reuse it, a flood's does not stay.
+const halfOpenKeep = 4096
 
 // halfOpenKey names a handshake as both the begin and the confirmation can:
 // the peer's address and port and the SYN-ACK's sequence number (random per
@@ -35,36 +45,46 @@ type halfOpenKey struct {
 	seq  uint32
 }
 
+// halfOpenEntry is what the never_established end needs of the begin. It
+// stays under the map's 128 bytes for a value stored in place: a whole
+// schema.Event would make every add a heap allocation.
 type halfOpenEntry struct {
-	ev schema.Event
-	at time.Time // when the reader saw the begin
+	src, dst netip.Addr
+	srcPort  uint16
+	dstPort  uint16
+	dir      schema.Direction
+	begin    int64 // the begin's timestamp
+	cgroup   uint64
+	at       time.Duration // when the reader saw the begin, since halfOpen.base
 }
 
 func newHalfOpen(timeout time.Duration, max int) *halfOpen {
-	return &halfOpen{timeout: timeout, max: max, m: map[halfOpenKey]halfOpenEntry{}}
+	return &halfOpen{timeout: timeout, max: max, m: map[halfOpenKey]halfOpenEntry{}, base: time.Now()}
 }
 
-// add tracks an incoming begin taken at its SYN-ACK.
+// add tracks an incoming begin taken at its SYN-ACK, seen by the reader at
+// now.
 func (h *halfOpen) add(ev *schema.Event, seq uint32, now time.Time) {
 	k := halfOpenKey{netip.AddrPortFrom(ev.Src.WithZone(""), ev.SrcPort), seq}
 	if _, ok := h.m[k]; !ok && len(h.m) >= h.max {
 		h.overflow++
 		return
 	}
-	e := halfOpenEntry{ev: *ev, at: now}
-	e.ev.SrcDNS, e.ev.DstDNS = nil, nil
-	h.m[k] = e
-	if len(h.q) >= 2*h.max {
+	h.m[k] = halfOpenEntry{
+		src: ev.Src, dst: ev.Dst, srcPort: ev.SrcPort, dstPort: ev.DstPort, dir: ev.Direction,
+		begin: ev.Timestamp, cgroup: ev.CgroupID, at: now.Sub(h.base),
+	}
+	if len(h.q)-h.head >= 2*h.max {
 		// Confirmed keys wait in the queue behind older unconfirmed ones:
 		// drop them, so that the queue stays within twice the table.
 		q := h.q[:0]
-		for _, qk := range h.q {
+		for _, qk := range h.q[h.head:] {
 			if _, ok := h.m[qk]; ok {
 				q = append(q, qk)
 			}
 		}
 		clear(h.q[len(q):])
-		h.q = q
+		h.q, h.head = q, 0
 	}
 	h.q = append(h.q, k)
 }
@@ -81,35 +101,44 @@ func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) {
 // expire hands every entry older than the timeout to f as a
 // never_established end, and drops confirmed keys from the queue's head.
 func (h *halfOpen) expire(now time.Time, f func(*schema.EndEvent)) {
-	var end schema.EndEvent
-	for len(h.q) > 0 {
-		k := h.q[0]
+	end := &h.end
+	age := now.Sub(h.base)
+	for h.head < len(h.q) {
+		k := h.q[h.head]
 		e, ok := h.m[k]
-		if ok && now.Sub(e.at) < h.timeout {
+		if ok && age-e.at < h.timeout {
 			break
 		}
-		h.q[0] = halfOpenKey{}
-		h.q = h.q[1:]
+		h.q[h.head] = halfOpenKey{}
+		h.head++
 		if !ok {
 			continue
 		}
 		delete(h.m, k)
 		h.expired++
-		end = schema.EndEvent{
-			Direction: e.ev.Direction,
-			Src:       e.ev.Src, Dst: e.ev.Dst,
-			SrcPort: e.ev.SrcPort, DstPort: e.ev.DstPort,
-			BeginNs:  e.ev.Timestamp,
+		*end = schema.EndEvent{
+			Direction: e.dir,
+			Src:       e.src, Dst: e.dst,
+			SrcPort: e.srcPort, DstPort: e.dstPort,
+			BeginNs:  e.begin,
 			EndNs:    now.UnixNano(),
 			Reason:   schema.EndNeverEstablished,
-			CgroupID: e.ev.CgroupID,
+			CgroupID: e.cgroup,
 		}
-		f(&end)
+		f(end)
 	}
-	// Let the backing array go once the queue is empty (it only grows
-	// otherwise).
-	if len(h.q) == 0 && cap(h.q) > 1024 {
-		h.q = nil
+	switch {
+	case h.head == len(h.q) && cap(h.q) > halfOpenKeep:
+		// Let a flood's array go (it only grows otherwise).
+		h.q, h.head = nil, 0
+	case h.head == len(h.q):
+		h.q, h.head = h.q[:0], 0
+	case h.head > 0 && h.head >= len(h.q)/2:
+		// Move the waiting keys to the front: the dead head is never
+		// more than the live tail, and append does not copy it.
+		n := copy(h.q, h.q[h.head:])
+		clear(h.q[n:])
+		h.q, h.head = h.q[:n], 0
 	}
 }
 
