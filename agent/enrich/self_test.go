@@ -48,3 +48,28 @@ func TestSelfFilterMatchesOwnConnections(t *testing.T) {
 		}
 	}
 }
+
+// A connection of another process on one of the agent's local ports (the
+// port bit set, the remote another) is not the agent's; the first and last
+// ports of a word of the port bits are told apart from their neighbours.
+func TestSelfFilterSharedPort(t *testing.T) {
+	f := enrich.NewSelfFilter()
+	nats := netip.MustParseAddrPort("127.0.0.1:4222")
+	for _, p := range []uint16{0, 63, 64, 40000, 65535} {
+		f.Add(p, nats)
+	}
+	for _, tc := range []struct {
+		port   uint16
+		remote netip.AddrPort
+		want   bool
+	}{
+		{0, nats, true}, {63, nats, true}, {64, nats, true}, {65535, nats, true}, {40000, nats, true},
+		{1, nats, false}, {62, nats, false}, {65, nats, false}, {65534, nats, false}, {40001, nats, false},
+		{40000, netip.MustParseAddrPort("127.0.0.1:4223"), false},
+		{40000, netip.MustParseAddrPort("127.0.0.2:4222"), false},
+	} {
+		if got := f.MatchAddrs(tc.port, tc.remote.Addr(), tc.remote.Port()); got != tc.want {
+			t.Errorf("port %d to %v: matched %v, want %v", tc.port, tc.remote, got, tc.want)
+		}
+	}
+}
