@@ -32,16 +32,19 @@ type halfOpen struct {
 	confirmed uint64
 }
 
-// halfOpenKeep is the queue capacity kept while it is empty (32 bytes a
+// halfOpenKeep is the queue capacity kept while it is empty (24 bytes a
 // key): a busy host's polls reuse it, a flood's does not stay.
 const halfOpenKeep = 4096
 
 // halfOpenKey names a handshake as both the begin and the confirmation can:
 // the peer's address and port and the SYN-ACK's sequence number (random per
 // connection). The local address is not in it: the sock_ops program's view
-// of it differs from the wire's under a redirect.
+// of it differs from the wire's under a redirect. The address is its 16
+// bytes, without the zone (the sock_ops program's has none), so that the
+// key holds no pointer and the map hashes it in one pass.
 type halfOpenKey struct {
-	peer netip.AddrPort
+	addr [16]byte // IPv4 as IPv4-mapped: both sides unmap, so no clash
+	port uint16
 	seq  uint32
 }
 
@@ -65,7 +68,7 @@ func newHalfOpen(timeout time.Duration, max int) *halfOpen {
 // add tracks an incoming begin taken at its SYN-ACK, seen by the reader at
 // now.
 func (h *halfOpen) add(ev *schema.Event, seq uint32, now time.Time) {
-	k := halfOpenKey{netip.AddrPortFrom(ev.Src.WithZone(""), ev.SrcPort), seq}
+	k := halfOpenKey{ev.Src.As16(), ev.SrcPort, seq}
 	if _, ok := h.m[k]; !ok && len(h.m) >= h.max {
 		h.overflow++
 		return
@@ -91,7 +94,7 @@ func (h *halfOpen) add(ev *schema.Event, seq uint32, now time.Time) {
 
 // confirm forgets a handshake that completed.
 func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) {
-	k := halfOpenKey{netip.AddrPortFrom(peer.Addr().WithZone(""), peer.Port()), seq}
+	k := halfOpenKey{peer.Addr().As16(), peer.Port(), seq}
 	if _, ok := h.m[k]; ok {
 		delete(h.m, k)
 		h.confirmed++

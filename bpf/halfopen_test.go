@@ -92,3 +92,21 @@ func TestHalfOpenSteadyState(t *testing.T) {
 		t.Errorf("%d waiting, queue len %d, behind one waiting handshake", h.len(), len(h.q))
 	}
 }
+
+// BenchmarkHalfOpenHandshake: one incoming begin and its confirmation, as
+// the reader handles a handshake that completes within a poll.
+func BenchmarkHalfOpenHandshake(b *testing.B) {
+	h := newHalfOpen(time.Minute, 1<<16)
+	now := time.Now()
+	ev := halfOpenBegin(0)
+	peer := netip.AddrPortFrom(ev.Src.WithZone(""), ev.SrcPort)
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		seq := uint32(i) * 2654435761
+		h.add(&ev, seq, now)
+		h.confirm(peer, seq)
+		if i%500 == 499 {
+			h.expire(now, func(*schema.EndEvent) {})
+		}
+	}
+}
