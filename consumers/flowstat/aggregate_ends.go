@@ -46,9 +46,11 @@ func (a *aggregator) addEnd(data []byte, subject string, streamSeq uint64, store
 }
 
 // foldEnds counts the batch's end events per bucket of end time and the dimensions of begins: the
-// peer is the other end, the port the responder's, the name the first DNS name of the peer.
+// peer is the other end, the port the responder's, the name the first DNS name of the peer; as fold
+// does for begins, end_more_names sums it under each other name (each distinct one once).
 func (a *aggregator) foldEnds(b *schema.EndBatch) {
 	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
+	nk := store.NameKey{Host: b.Host, Dir: b.Direction}
 	for i := range b.Events {
 		ev := &b.Events[i]
 		bucket := a.bucketOf(ev.EndNs)
@@ -74,6 +76,20 @@ func (a *aggregator) foldEnds(b *schema.EndBatch) {
 			a.d.Ends[ck] = e
 		}
 		addEnd(e, ev)
+		nk.Bucket, nk.Peer, nk.Port = bucket, peer, ev.DstPort
+		for j := 1; j < len(names); j++ {
+			if n := cleanText(names[j]); n != "" && !repeatsName(names[:j], n) {
+				nk.Name = n
+				en := a.d.EndNames[nk]
+				if en == nil {
+					en = &store.EndNameAgg{}
+					a.d.EndNames[nk] = en
+				}
+				en.Ends = store.SatAdd(en.Ends, 1)
+				en.SrcBytes = store.SatAdd(en.SrcBytes, min(ev.SrcBytes, maxEndCounter))
+				en.DstBytes = store.SatAdd(en.DstBytes, min(ev.DstBytes, maxEndCounter))
+			}
+		}
 	}
 }
 

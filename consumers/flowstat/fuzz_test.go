@@ -54,7 +54,7 @@ func FuzzFold(f *testing.F) {
 			t.Fatalf("aggregator error %v, decoder error %v, host %q", err, derr, b.Host)
 		}
 		if err != nil {
-			if a.d.Messages != 0 || a.d.Events != 0 || len(a.d.Conns)+len(a.d.Seen)+len(a.d.Batches)+len(a.d.Runs)+len(a.d.Gaps) != 0 {
+			if a.d.Messages != 0 || a.d.Events != 0 || len(a.d.Conns)+len(a.d.Seen)+len(a.d.Batches)+len(a.d.Runs)+len(a.d.Gaps)+len(a.d.EndNames) != 0 {
 				t.Fatalf("a rejected message was counted: %+v", a.d)
 			}
 			switch r := deadReason(err); r {

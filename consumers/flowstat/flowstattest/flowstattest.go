@@ -221,18 +221,19 @@ func CreateStream(t testing.TB, s *tailtest.Server, name string, subjects ...str
 // Snapshot is the content of the aggregate tables in a canonical, comparable form: each map holds one
 // entry per row, keyed by the row's primary key, with the other columns as text.
 type Snapshot struct {
-	Conns   map[string]string
-	Seen    map[string]string
-	Batches map[string]string
-	Gaps    map[string]string
-	Ends    map[string]string // end_agg
-	Procs   map[string]string // proc_agg
-	Names   map[string]string // conn_names
+	Conns    map[string]string
+	Seen     map[string]string
+	Batches  map[string]string
+	Gaps     map[string]string
+	Ends     map[string]string // end_agg
+	Procs    map[string]string // proc_agg
+	Names    map[string]string // conn_names
+	EndNames map[string]string // end_names
 }
 
 func newSnapshot() *Snapshot {
 	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{},
-		Ends: map[string]string{}, Procs: map[string]string{}, Names: map[string]string{}}
+		Ends: map[string]string{}, Procs: map[string]string{}, Names: map[string]string{}, EndNames: map[string]string{}}
 }
 
 func bucketOf(ns int64, width time.Duration) int64 {
@@ -273,6 +274,7 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	nameConns := map[string]int64{}
 	procs := map[string]int64{}
 	ends := map[string]*endRef{}
+	endNames := map[string][3]int64{} // ends, src and dst bytes per (bucket, host, dir, peer, port, name)
 	seens := map[string]*seen{}
 	type bagg struct{ n, ev, k, r, q, s, p, en, eev, ed uint64 }
 	baggs := map[string]*bagg{}
@@ -320,6 +322,18 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 				ends[k] = ea
 			}
 			ea.add(e)
+			distinct := map[string]bool{}
+			for _, n := range names {
+				if n != "" && !distinct[n] {
+					distinct[n] = true
+					nk := fmt.Sprintf("%d|%s|%s|%s|%d|%s", bucketOf(e.EndNs, width), b.Host, dir, addrText(peer), e.DstPort, n)
+					r := endNames[nk]
+					r[0]++
+					r[1] += int64(e.SrcBytes)
+					r[2] += int64(e.DstBytes)
+					endNames[nk] = r
+				}
+			}
 		}
 		for _, e := range b.Events {
 			peer, names := e.Dst, e.DstDNS
@@ -362,6 +376,9 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	}
 	for k, e := range ends {
 		snap.Ends[k] = e.String()
+	}
+	for k, r := range endNames {
+		snap.EndNames[k] = fmt.Sprintf("ends=%d bytes=%d/%d", r[0], r[1], r[2])
 	}
 	for k, s := range seens {
 		snap.Seen[k] = fmt.Sprintf("first=%d last=%d name=%q name_ns=%d", s.first, s.last, s.name, s.nameNS)
@@ -408,6 +425,19 @@ func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
 			return err
 		}
 		snap.Names[fmt.Sprintf("%d|%s|%s|%s|%d|%s", b, h, d, p, port, name)] = fmt.Sprint(n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, peer, port, name, CAST(SUM(ends) AS BIGINT), CAST(SUM(src_bytes) AS BIGINT), CAST(SUM(dst_bytes) AS BIGINT)
+		FROM end_names GROUP BY bucket, host, direction, peer, port, name`, func(scan func(...any) error) error {
+		var b, port, n, sb, db int64
+		var h, d, p, name string
+		if err := scan(&b, &h, &d, &p, &port, &name, &n, &sb, &db); err != nil {
+			return err
+		}
+		snap.EndNames[fmt.Sprintf("%d|%s|%s|%s|%d|%s", b, h, d, p, port, name)] = fmt.Sprintf("ends=%d bytes=%d/%d", n, sb, db)
 		return nil
 	})
 	if err != nil {
@@ -511,6 +541,7 @@ func Diff(want, got *Snapshot, max int) []string {
 	cmp("end_agg", want.Ends, got.Ends)
 	cmp("proc_agg", want.Procs, got.Procs)
 	cmp("conn_names", want.Names, got.Names)
+	cmp("end_names", want.EndNames, got.EndNames)
 	return out
 }
 

@@ -169,6 +169,8 @@ type Delta struct {
 	// Names counts the connections per DNS name after the first (conn_more_names): an event with k
 	// distinct names adds to k-1 rows.
 	Names map[NameKey]uint64
+	// EndNames sums the end events per DNS name after the first (end_more_names), as Names.
+	EndNames map[NameKey]*EndNameAgg
 	// Events (begins), EndEvents and Messages (valid batches of both kinds) count what went into the
 	// delta (for stats).
 	Events, EndEvents, Messages uint64
@@ -177,7 +179,8 @@ type Delta struct {
 // NewDelta returns an empty Delta.
 func NewDelta() *Delta {
 	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]ChainState{}, Holes: map[RunKey][]Hole{},
-		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}, Names: map[NameKey]uint64{}}
+		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}, Names: map[NameKey]uint64{},
+		EndNames: map[NameKey]*EndNameAgg{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -191,6 +194,7 @@ func (d *Delta) Reset() {
 	clear(d.Ends)
 	clear(d.Procs)
 	clear(d.Names)
+	clear(d.EndNames)
 	d.Gaps, d.Dead, d.Dups, d.Restarts = d.Gaps[:0], d.Dead[:0], d.Dups[:0], d.Restarts[:0]
 	d.Events, d.EndEvents, d.Messages = 0, 0, 0
 }

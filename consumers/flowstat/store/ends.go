@@ -95,6 +95,12 @@ func satSum(table, col string) string {
 	return fmt.Sprintf("%[2]s = CASE WHEN %[1]s.%[2]s > 9223372036854775807 - excluded.%[2]s THEN 9223372036854775807 ELSE %[1]s.%[2]s + excluded.%[2]s END", table, col)
 }
 
+// EndNameAgg sums the end events of one NameKey (a row of end_more_names): what an analyst asks of a
+// name, the ends and their bytes each way; each field stays at most math.MaxInt64.
+type EndNameAgg struct {
+	Ends, SrcBytes, DstBytes uint64
+}
+
 // endColumns are end_agg's counter columns in EndAgg order (reasons last).
 var endColumns = []string{"ends", "src_bytes", "dst_bytes", "src_segs", "dst_segs", "retrans", "duration_sum_ns", "duration_max_ns",
 	"srtt_sum_us", "srtt_count", "reason_fin", "reason_rst_sent", "reason_rst_received", "reason_timeout", "reason_never_established", "reason_other"}
@@ -127,6 +133,21 @@ func (s *Store) applyEnds(ctx context.Context, tx *sql.Tx, d *Delta, at addrText
 		}
 		if err := u.flush(); err != nil {
 			return fmt.Errorf("end_agg: %w", err)
+		}
+	}
+	if len(d.EndNames) > 0 {
+		u := newUpserter(ctx, s, tx, `INSERT INTO end_more_names (bucket, host, direction, peer, port, name, ends, src_bytes, dst_bytes) VALUES `,
+			`ON CONFLICT (bucket, host, direction, peer, port, name) DO UPDATE SET `+satSum("end_more_names", "ends")+", "+
+				satSum("end_more_names", "src_bytes")+", "+satSum("end_more_names", "dst_bytes"), 9)
+		defer u.close()
+		for _, k := range order(mapKeys(d.EndNames), cmpNameKey) {
+			e := d.EndNames[k]
+			if err := u.add(k.Bucket, k.Host, dirText(k.Dir), at.get(k.Peer), int64(k.Port), k.Name, int64(e.Ends), int64(e.SrcBytes), int64(e.DstBytes)); err != nil {
+				return fmt.Errorf("end_more_names: %w", err)
+			}
+		}
+		if err := u.flush(); err != nil {
+			return fmt.Errorf("end_more_names: %w", err)
 		}
 	}
 	if len(d.Procs) > 0 {

@@ -127,6 +127,7 @@ var migrations = []struct {
 	}, nil},
 	{5, migration5, nil},
 	{6, nil, migration6},
+	{7, nil, migration7},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

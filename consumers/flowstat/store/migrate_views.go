@@ -59,7 +59,7 @@ func migration6(kind Kind) []string {
 		stmts = append(stmts, "CREATE VIEW "+v.name+" AS "+v.sql(d))
 	}
 	if kind == Postgres {
-		stmts = append(stmts, commentStatements()...)
+		stmts = append(stmts, commentStatements(schemaDocs6)...)
 	}
 	return stmts
 }
@@ -205,20 +205,20 @@ var views = []view{
 	}},
 }
 
-// ViewNames lists the analyst views migration 6 creates: what dashboards and ad-hoc SQL should read.
+// ViewNames lists the analyst views migrations 6 and 7 create: what dashboards and ad-hoc SQL should read.
 func ViewNames() []string {
 	var out []string
-	for _, v := range views {
+	for _, v := range append(append([]view{}, views...), views7...) {
 		out = append(out, v.name)
 	}
 	return out
 }
 
-// commentStatements are PostgreSQL's COMMENT ON statements of schemaDocs.
-func commentStatements() []string {
+// commentStatements are PostgreSQL's COMMENT ON statements of docs.
+func commentStatements(docs []objDoc) []string {
 	var out []string
 	q := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
-	for _, o := range schemaDocs {
+	for _, o := range docs {
 		kind := "TABLE"
 		if o.view {
 			kind = "VIEW"

@@ -1,6 +1,9 @@
 package store
 
-import "strings"
+import (
+	"strconv"
+	"strings"
+)
 
 // objDoc documents one table or view and each of its columns: PostgreSQL gets them as COMMENT ON
 // (migration 6), SQLite users read them in SCHEMA.md, generated from the same text.
@@ -38,9 +41,12 @@ const (
 	docStreamSeq    = "Stream sequence of the message."
 )
 
-// schemaDocs is every table and view of migration 6 with every column. A test checks PostgreSQL has a
-// comment on each, so a new column without one fails.
-var schemaDocs = []objDoc{
+// schemaDocs is every table and view with every column: migration 6's and those added after. A test
+// checks PostgreSQL has a comment on each, so a new column without one fails.
+var schemaDocs = append(append([]objDoc{}, schemaDocs6...), schemaDocs7...)
+
+// schemaDocs6 is every table and view of migration 6, whose comments it sets (frozen with it).
+var schemaDocs6 = []objDoc{
 	{name: "schema_migrations", comment: "Migrations applied: the schema version is the highest.", cols: []colDoc{
 		{"version", "Migration number."}, {"applied_ns", "When it was applied, unix ns."}}},
 	{name: "meta", comment: "Settings of the database: database_id (its identity), bucket_seconds (bucket width of every *_agg table).", cols: []colDoc{
@@ -177,7 +183,7 @@ func schemaMarkdown() string {
 	var b strings.Builder
 	b.WriteString("# flowstat database schema\n\n")
 	b.WriteString("Generated from consumers/flowstat/store/schema_docs.go (`go test ./consumers/flowstat/store -run TestSchemaDoc -update`);\n")
-	b.WriteString("PostgreSQL holds the same text as comments (`\\d+ connections` in psql). Schema version 6.\n\n")
+	b.WriteString("PostgreSQL holds the same text as comments (`\\d+ connections` in psql). Schema version " + strconv.Itoa(Version()) + ".\n\n")
 	b.WriteString("Read the views: they name things as the events do (`conn_direction`, `remote_addr`, `responder_port`),\n")
 	b.WriteString("say NULL for unknown, and give times as `timestamptz` in PostgreSQL and as ISO-8601 UTC text in SQLite\n")
 	b.WriteString("(`2026-11-24T10:00:00Z`; `_seen` and `stored_at` columns with milliseconds), which compares and sorts as\n")

@@ -86,7 +86,7 @@ func TestEveryObjectCommented(t *testing.T) {
 	}
 }
 
-// A database a schema-5 flowstat wrote keeps every row through migration 6, its first DNS names are in
+// A database a schema-5 flowstat wrote keeps every row through migrations 6 and 7, its first DNS names are in
 // the view conn_names, and the views read them with the events' names, typed times, NULL for
 // unknown and (PostgreSQL) inet addresses.
 func TestMigration6FromSchema5(t *testing.T) {
@@ -119,8 +119,8 @@ func TestMigration6FromSchema5(t *testing.T) {
 		restore()
 
 		st := open(t, dsn)
-		if v, err := st.SchemaVersion(ctx); err != nil || v != 6 {
-			t.Fatalf("version %d (%v), want 6", v, err)
+		if v, err := st.SchemaVersion(ctx); err != nil || v != store.Version() {
+			t.Fatalf("version %d (%v), want %d", v, err, store.Version())
 		}
 		db := st.DB()
 		count := func(q string) int64 {
@@ -142,6 +142,9 @@ func TestMigration6FromSchema5(t *testing.T) {
 			`SELECT SUM(drops) FROM gaps_and_drops WHERE gaps = 1`:                                                      4,
 			`SELECT COUNT(*) FROM batch_gaps WHERE missing_from = 4 AND missing_to = 5`:                                 1,
 			`SELECT SUM(bytes_sent) FROM bytes_per_peer WHERE conn_direction = 'outgoing'`:                              100,
+			// Migration 7: the ends' first names are in end_names and bytes_per_name.
+			`SELECT COUNT(*) FROM end_names WHERE name = 'api.example.com' AND ends = 2`:           1,
+			`SELECT SUM(bytes_received) FROM bytes_per_name WHERE remote_name = 'api.example.com'`: 900,
 		} {
 			if got := count(q); got != want {
 				t.Errorf("%s = %d, want %d", q, got, want)
