@@ -655,8 +655,16 @@ func (s *Store) PerHost(ctx context.Context, f Filter, step time.Duration) ([]Ho
 	ws := max(int64(width/time.Second), 1)
 	st := max(int64(step/time.Second), ws)
 	st = (st + ws - 1) / ws * ws
-	// Flooring division on the bucket start, written so both databases agree for negative times.
-	q, args := f.where(`SELECT (bucket - ((bucket % ?) + ?) % ?) AS t, host, CAST(SUM(conns) AS BIGINT) FROM conn_agg`, []any{st, st, st}, width)
+	// From the view connections_per_host, as an analyst would ask; the bucket start in unix seconds
+	// (SQLite's bucket_start_s, which its primary key serves; PostgreSQL's from the timestamptz, whose
+	// index on the same expression serves the range), floored to the step so that both databases
+	// agree for negative times.
+	b := "bucket_start_s"
+	if s.kind == Postgres {
+		b = "CAST(EXTRACT(EPOCH FROM bucket_start) AS BIGINT)"
+	}
+	q, args := s.viewWhere(`SELECT (`+b+` - ((`+b+` % ?) + ?) % ?) AS t, host, CAST(SUM(connections) AS BIGINT) FROM connections_per_host`, f, width)
+	args = append([]any{st, st, st}, args...)
 	q += ` GROUP BY t, host ORDER BY t, host`
 	out := []HostPoint{}
 	err = s.each(ctx, q, args, func(sc scanner) error {
