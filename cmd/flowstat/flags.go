@@ -231,6 +231,22 @@ func (p *parser) run(cfg *config) {
 		}
 		o.MaxChunkEvents = n
 	}
+	if p.Set("max-chains") {
+		n, err := strconv.Atoi(p.Flag("max-chains"))
+		if err != nil || n < 1 {
+			p.bad("--max-chains", fmt.Errorf("%q is not a positive integer", p.Flag("max-chains")))
+		}
+		o.MaxChains = n
+	}
+	if p.Set("chain-retention") {
+		if v := p.Flag("chain-retention"); v == "off" {
+			o.ChainRetention = -1
+		} else if d, err := time.ParseDuration(v); err != nil || d < time.Hour {
+			p.bad("--chain-retention", fmt.Errorf("%q is not a duration of at least 1h (e.g. 720h), or off", v))
+		} else {
+			o.ChainRetention = d
+		}
+	}
 }
 
 // replay checks the range of `flowstat replay`.

@@ -65,6 +65,10 @@ $FLOWBUS_FLOWSTAT_START, else all); later runs resume at the checkpoint`},
 		{"stream-wait", "DURATION", "how long to wait for a missing stream to appear (default 1m)"},
 		{"commit-interval", "DURATION", "commit at least this often while reading a backlog (default 2s)"},
 		{"commit-events", "N", "commit at least every N events (default 1000000)"},
+		{"max-chains", "N", `batch chains (one per host, agent run and direction) kept in memory; the others
+are read from the database by key when a batch of theirs arrives (default 65536)`},
+		{"chain-retention", "DURATION", `delete the state of chains without a new batch for this long, at start and
+hourly; off keeps it forever (default 720h)`},
 	}},
 	{"top", "top peers and service ports (talkers) over a time range", []flagDoc{
 		dbFlag, sinceFlag("1h"), untilFlag, hostFlag, directionFlag,

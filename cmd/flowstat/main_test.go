@@ -111,6 +111,14 @@ func TestParseArgsDefaultsAndPrecedence(t *testing.T) {
 	if err != nil || cfg.filter.Direction != "outgoing" || !cfg.filter.Since.Equal(now.Add(-24*time.Hour)) {
 		t.Errorf("new defaults: %+v, %v", cfg, err)
 	}
+	cfg, err = parseArgs("run", []string{"--max-chains", "1000", "--chain-retention", "48h"}, e, now)
+	if err != nil || cfg.run.MaxChains != 1000 || cfg.run.ChainRetention != 48*time.Hour {
+		t.Errorf("run --max-chains 1000 --chain-retention 48h: %+v, %v", cfg.run, err)
+	}
+	cfg, err = parseArgs("run", []string{"--chain-retention", "off"}, e, now)
+	if err != nil || cfg.run.ChainRetention >= 0 || cfg.run.MaxChains != 0 {
+		t.Errorf("run --chain-retention off: %+v, %v", cfg.run, err)
+	}
 	cfg, err = parseArgs("replay", []string{"--from", "3h", "--to", "1h"}, e, now)
 	if err != nil || !cfg.replay.From.Equal(now.Add(-3*time.Hour)) || !cfg.replay.To.Equal(now.Add(-time.Hour)) || cfg.replay.Durable != "agg" {
 		t.Errorf("replay: %+v, %v", cfg, err)
@@ -120,12 +128,12 @@ func TestParseArgsDefaultsAndPrecedence(t *testing.T) {
 // Every problem is reported at once, each under the name of the flag or variable to fix.
 func TestParseArgsReportsEverything(t *testing.T) {
 	e := env(map[string]string{"FLOWBUS_NATS_URL": "http://nats:4222", envBucket: "90s500ms", envStart: "tomorrow", "FLOWBUS_DB": "mysql://x"})
-	_, err := parseArgs("run", []string{"--filter", "flows..x,flows.>.a", "--stream", "a.b", "--commit-events", "0", "--bogus", "stray"}, e, now)
+	_, err := parseArgs("run", []string{"--filter", "flows..x,flows.>.a", "--stream", "a.b", "--commit-events", "0", "--max-chains", "-3", "--chain-retention", "5m", "--bogus", "stray"}, e, now)
 	if err == nil {
 		t.Fatal("no error")
 	}
 	for _, want := range []string{"FLOWBUS_NATS_URL", "FLOWBUS_FLOWSTAT_BUCKET", "FLOWBUS_FLOWSTAT_START", "FLOWBUS_DB", "unsupported database URL scheme",
-		`"flows..x"`, `'>' must be the last token`, "--stream", "--commit-events", "unknown flag --bogus", `unexpected argument "stray"`} {
+		`"flows..x"`, `'>' must be the last token`, "--stream", "--commit-events", "--max-chains", "--chain-retention", "unknown flag --bogus", `unexpected argument "stray"`} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error does not mention %q:\n%v", want, err)
 		}
