@@ -61,7 +61,8 @@ var colNames = [numCols]string{"TIME", "HOST", "EVENT", "DIRECTION", "SRC", "DST
 var colWidths = [numCols]int{0, 10, 5, 8, 21, 21, 8, 13, 17, 20, 12, 0} // REASON: never_established; PROCESS: comm[pid]
 
 // tablePrinter writes aligned columns. A live tail cannot know the widest value in advance, so columns
-// start at typical widths and only ever grow; the header is printed once. The columns depend on the
+// start at typical widths and only ever grow; the header is printed first, and again above the row that
+// made a column grow, so that every row lines up with the header above it. The columns depend on the
 // events shown: begins only, the table of before end events; ends add DURATION, BYTES and REASON; both
 // add EVENT too, with "-" in the end columns of a begin.
 type tablePrinter struct {
@@ -102,6 +103,7 @@ func (p *tablePrinter) header() {
 	if !p.printed {
 		p.printed = true
 		p.cells = colNames
+		p.fit()
 		p.row()
 	}
 }
@@ -135,10 +137,30 @@ func (p *tablePrinter) end(m *tail.Meta, ev *schema.EndEvent) error {
 }
 
 func (p *tablePrinter) flush() error {
+	if p.fit() {
+		row := p.cells
+		p.cells = colNames
+		p.row()
+		p.cells = row
+	}
 	p.row()
 	_, err := p.w.Write(p.buf)
 	p.buf = p.buf[:0]
 	return err
+}
+
+// fit widens the columns the cells need (the last one never: it is not padded) and tells whether any
+// grew.
+func (p *tablePrinter) fit() bool {
+	grew := false
+	for _, col := range p.cols[:len(p.cols)-1] {
+		c := stream.Escape(p.cells[col], stream.MaxCell)
+		if len(c) > p.widths[col] && (col != colSrcDNS || len(c) <= maxNameWidth) {
+			p.widths[col] = len(c)
+			grew = true
+		}
+	}
+	return grew
 }
 
 // row writes the cells of the shown columns as one line; every cell is escaped and bounded, since it
@@ -149,9 +171,6 @@ func (p *tablePrinter) row() {
 		if i == len(p.cols)-1 {
 			p.buf = append(p.buf, c...)
 			break
-		}
-		if len(c) > p.widths[col] && (col != colSrcDNS || len(c) <= maxNameWidth) {
-			p.widths[col] = len(c)
 		}
 		p.buf = append(p.buf, c...)
 		for n := len(c); n < p.widths[col]; n++ {
