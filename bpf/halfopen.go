@@ -27,9 +27,28 @@ type halfOpen struct {
 	base time.Time       // what halfOpenEntry.at counts from
 	end  schema.EndEvent // what expire hands over, reused
 
+	// fresh holds the begins added since the last expire, direct-mapped
+	// by sequence number (random per connection): nearly all are
+	// confirmed before the reader's next poll, and then never touch the
+	// map or the queue. expire moves what is left into them first.
+	fresh     *[freshSlots]freshSlot
+	freshUsed []uint32 // slots filled since the last expire, in arrival order
+	freshLive int
+
 	overflow  uint64 // begins not tracked: the table was full
 	expired   uint64 // never_established ends made
 	confirmed uint64
+}
+
+// freshSlots is the size of halfOpen.fresh (224 KiB), four times the 500
+// begins of a 20 ms poll at 25,000 incoming connections/s: few of them meet
+// a slot in use, and those go to the map.
+const freshSlots = 1 << 11
+
+type freshSlot struct {
+	k    halfOpenKey
+	e    halfOpenEntry
+	live bool
 }
 
 // halfOpenKeep is the queue capacity kept while it is empty (24 bytes a
@@ -62,21 +81,40 @@ type halfOpenEntry struct {
 }
 
 func newHalfOpen(timeout time.Duration, max int) *halfOpen {
-	return &halfOpen{timeout: timeout, max: max, m: map[halfOpenKey]halfOpenEntry{}, base: time.Now()}
+	return &halfOpen{timeout: timeout, max: max, m: map[halfOpenKey]halfOpenEntry{}, base: time.Now(), fresh: new([freshSlots]freshSlot)}
 }
 
 // add tracks an incoming begin taken at its SYN-ACK, seen by the reader at
 // now.
 func (h *halfOpen) add(ev *schema.Event, seq uint32, now time.Time) {
 	k := halfOpenKey{ev.Src.As16(), ev.SrcPort, seq}
-	if _, ok := h.m[k]; !ok && len(h.m) >= h.max {
-		h.overflow++
-		return
-	}
-	h.m[k] = halfOpenEntry{
+	e := halfOpenEntry{
 		src: ev.Src, dst: ev.Dst, srcPort: ev.SrcPort, dstPort: ev.DstPort, dir: ev.Direction,
 		begin: ev.Timestamp, cgroup: ev.CgroupID, at: now.Sub(h.base),
 	}
+	i := seq % freshSlots
+	f := &h.fresh[i]
+	if f.live && f.k == k {
+		f.e = e // the same handshake again: as the map would
+		return
+	}
+	_, inMap := h.m[k]
+	if !inMap && h.len() >= h.max {
+		h.overflow++
+		return
+	}
+	if !f.live && !inMap {
+		*f = freshSlot{k: k, e: e, live: true}
+		h.freshUsed = append(h.freshUsed, i)
+		h.freshLive++
+		return
+	}
+	h.put(k, e)
+}
+
+// put adds an entry to the map and its key to the queue.
+func (h *halfOpen) put(k halfOpenKey, e halfOpenEntry) {
+	h.m[k] = e
 	if len(h.q)-h.head >= 2*h.max {
 		// Confirmed keys wait in the queue behind older unconfirmed ones:
 		// drop them, so that the queue stays within twice the table.
@@ -95,6 +133,12 @@ func (h *halfOpen) add(ev *schema.Event, seq uint32, now time.Time) {
 // confirm forgets a handshake that completed.
 func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) {
 	k := halfOpenKey{peer.Addr().As16(), peer.Port(), seq}
+	if f := &h.fresh[seq%freshSlots]; f.live && f.k == k {
+		f.live = false
+		h.freshLive--
+		h.confirmed++
+		return
+	}
 	if _, ok := h.m[k]; ok {
 		delete(h.m, k)
 		h.confirmed++
@@ -104,6 +148,13 @@ func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) {
 // expire hands every entry older than the timeout to f as a
 // never_established end, and drops confirmed keys from the queue's head.
 func (h *halfOpen) expire(now time.Time, f func(*schema.EndEvent)) {
+	for _, i := range h.freshUsed {
+		if s := &h.fresh[i]; s.live {
+			h.put(s.k, s.e)
+		}
+		h.fresh[i] = freshSlot{}
+	}
+	h.freshUsed, h.freshLive = h.freshUsed[:0], 0
 	end := &h.end
 	age := now.Sub(h.base)
 	for h.head < len(h.q) {
@@ -146,4 +197,4 @@ func (h *halfOpen) expire(now time.Time, f func(*schema.EndEvent)) {
 }
 
 // len is the number of handshakes waiting.
-func (h *halfOpen) len() int { return len(h.m) }
+func (h *halfOpen) len() int { return len(h.m) + h.freshLive }

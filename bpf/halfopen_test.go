@@ -93,6 +93,38 @@ func TestHalfOpenSteadyState(t *testing.T) {
 	}
 }
 
+// TestHalfOpenFreshCollision: a begin whose slot among the fresh ones is
+// taken goes to the map, and is confirmed or expired from there like one
+// that waited past its poll.
+func TestHalfOpenFreshCollision(t *testing.T) {
+	t0 := time.Now()
+	h := newHalfOpen(time.Second, 10)
+	a, b, c := halfOpenBegin(1), halfOpenBegin(2), halfOpenBegin(3)
+	h.add(&a, 7, t0)
+	h.add(&b, 7+freshSlots, t0) // a's slot
+	h.add(&c, 7+2*freshSlots, t0)
+	if h.len() != 3 || len(h.m) != 2 {
+		t.Fatalf("len %d, %d in the map: want 3 and 2", h.len(), len(h.m))
+	}
+	h.confirm(netip.AddrPortFrom(b.Src, b.SrcPort), 7+freshSlots)
+	h.confirm(netip.AddrPortFrom(a.Src, a.SrcPort), 7)
+	if h.len() != 1 || h.confirmed != 2 {
+		t.Fatalf("len %d confirmed %d after two confirmations: want 1 and 2", h.len(), h.confirmed)
+	}
+	d := halfOpenBegin(4)
+	h.add(&d, 7, t0.Add(time.Millisecond)) // a's slot, free again
+	var ends []schema.EndEvent
+	collect := func(e *schema.EndEvent) { ends = append(ends, *e) }
+	h.expire(t0.Add(time.Second/2), collect)
+	if h.len() != 2 || len(h.m) != 2 || len(ends) != 0 {
+		t.Fatalf("len %d, %d in the map, %d ends after a poll: want 2, 2, 0", h.len(), len(h.m), len(ends))
+	}
+	h.expire(t0.Add(2*time.Second), collect)
+	if len(ends) != 2 || ends[0].SrcPort != c.SrcPort || ends[1].SrcPort != d.SrcPort || h.len() != 0 {
+		t.Fatalf("ends %+v, len %d: want c's then d's, none left", ends, h.len())
+	}
+}
+
 // BenchmarkHalfOpenHandshake: one incoming begin and its confirmation, as
 // the reader handles a handshake that completes within a poll.
 func BenchmarkHalfOpenHandshake(b *testing.B) {
