@@ -184,6 +184,13 @@ type Capture struct {
 	// ELF name, with why): their fields stay unknown.
 	procRefused, procUnattached map[string]string
 
+	// closed is set by Close: Run returns at its next wake.
+	closed atomic.Bool
+	// ring is the ring buffer's own mapping (reader, the generic reader,
+	// where it could not be made); ringMu is held while Run drains it.
+	ringMu sync.Mutex
+	ring   *ringMap
+
 	// Records that could not be decoded (never expected; counted, not fatal).
 	badRecords atomic.Uint64
 	events     atomic.Uint64
@@ -378,6 +385,12 @@ func (c *Capture) load() error {
 		c.objs.Close()
 		return err
 	}
+	// The ring is read through its own mapping; the generic reader, which
+	// maps it once more (every page resident: 2 x RingBytes of RSS), only
+	// where that mapping fails.
+	if c.ring, err = newRingMap(c.objs.Events.FD(), c.opts.RingBytes); err == nil {
+		return nil
+	}
 	c.reader, err = ringbuf.NewReader(c.objs.Events)
 	if err != nil {
 		c.objs.Close()
@@ -399,9 +412,17 @@ func (c *Capture) Close() error {
 	errs := []error{closeLinks(c.links)}
 	c.links, c.attachedID, c.draining = nil, 0, true
 	c.linksMu.Unlock()
+	c.closed.Store(true)
 	if c.reader != nil {
 		errs = append(errs, c.reader.Close())
 	}
+	// Not while Run drains it: the samples it hands out alias the mapping.
+	c.ringMu.Lock()
+	if c.ring != nil {
+		c.ring.close()
+		c.ring = nil
+	}
+	c.ringMu.Unlock()
 	errs = append(errs, c.objs.Close())
 	return errors.Join(errs...)
 }
@@ -490,7 +511,6 @@ type Handler interface {
 // to h. When ctx ends, Run detaches the programs and
 // drains what is already in the ring before it returns.
 func (c *Capture) Run(ctx context.Context, h Handler) error {
-	var rec ringbuf.Record
 	var ev schema.Event
 	var end schema.EndEvent
 	clock := newWallClock()
@@ -499,10 +519,58 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 		c.ends.Add(1)
 		h.End(e)
 	}
+	// When this drain saw its records, for the half-open table: one
+	// reading per poll instead of one per begin.
+	var seen time.Time
+	handle := func(b []byte) {
+		if len(b) == endRecSize {
+			if !decodeEnd(b, &end, clock) {
+				c.badRecords.Add(1)
+				return
+			}
+			c.zones.applyEnd(&end, b)
+			c.procs.applyEnd(&end, b)
+			emitEnd(&end)
+			return
+		}
+		if len(b) != recSize {
+			var d dnsRec
+			if !decodeDNS(b, &d) {
+				c.badRecords.Add(1)
+				return
+			}
+			ts := clock.wall(binary.NativeEndian.Uint64(b[offTs:]))
+			if d.query {
+				h.DNSQuery(ts, d.proto, d.cookie, d.client, d.server, d.data)
+				return
+			}
+			c.dnsRecords.Add(1)
+			h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
+			return
+		}
+		if b[offKind] == recKindConfirm {
+			if a, ok := recAddr(b[offFamily], b[offSrc:]); ok {
+				pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offSrcPort:])), binary.NativeEndian.Uint32(b[offSeq:]))
+			}
+			return
+		}
+		if !decodeFlow(b, &ev, clock) {
+			c.badRecords.Add(1)
+			return
+		}
+		c.zones.apply(&ev, b)
+		c.procs.apply(&ev, b)
+		c.events.Add(1)
+		h.Flow(&ev)
+		if ev.Direction == schema.Incoming && b[offOrigin] == originSynAck && !c.opts.NoEnds {
+			pending.add(&ev, binary.NativeEndian.Uint32(b[offSeq:]), seen)
+		}
+	}
 	waiter := newRingWaiter(c.objs.Events.FD())
 	if waiter != nil {
 		defer waiter.close()
 	}
+	var rec ringbuf.Record
 	for {
 		draining := ctx.Err() != nil
 		switch {
@@ -512,71 +580,44 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			c.draining = true
 			c.linksMu.Unlock()
 			_ = c.Detach()
-			c.reader.SetDeadline(time.Now())
 		case waiter != nil:
 			// Parked on the runtime's poller until a forced wakeup or the
 			// poll interval, then drained without blocking.
 			waiter.wait(c.opts.PollInterval)
-			c.reader.SetDeadline(time.Now())
-		default:
-			c.reader.SetDeadline(time.Now().Add(c.opts.PollInterval))
+		case c.reader == nil:
+			time.Sleep(c.opts.PollInterval)
+		}
+		if c.closed.Load() {
+			return nil
 		}
 		clock.refresh()
-		// When this drain saw its records, for the half-open table: one
-		// reading per poll instead of one per begin.
-		seen := time.Now()
-		for {
-			err := c.reader.ReadInto(&rec)
-			if err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					break
-				}
-				if errors.Is(err, ringbuf.ErrClosed) {
-					return nil
-				}
-				return fmt.Errorf("reading the ring buffer: %w", err)
+		seen = time.Now()
+		if c.reader == nil {
+			c.ringMu.Lock()
+			if c.ring == nil {
+				c.ringMu.Unlock()
+				return nil // closed
 			}
-			if b := rec.RawSample; len(b) == endRecSize {
-				if !decodeEnd(b, &end, clock) {
-					c.badRecords.Add(1)
-					continue
-				}
-				c.zones.applyEnd(&end, b)
-				c.procs.applyEnd(&end, b)
-				emitEnd(&end)
-				continue
+			c.ring.drain(handle)
+			c.ringMu.Unlock()
+		} else {
+			if draining || waiter != nil {
+				c.reader.SetDeadline(time.Now())
+			} else {
+				c.reader.SetDeadline(time.Now().Add(c.opts.PollInterval))
 			}
-			if b := rec.RawSample; len(b) != recSize {
-				var d dnsRec
-				if !decodeDNS(b, &d) {
-					c.badRecords.Add(1)
-					continue
+			for {
+				err := c.reader.ReadInto(&rec)
+				if err != nil {
+					if errors.Is(err, os.ErrDeadlineExceeded) {
+						break
+					}
+					if errors.Is(err, ringbuf.ErrClosed) {
+						return nil
+					}
+					return fmt.Errorf("reading the ring buffer: %w", err)
 				}
-				ts := clock.wall(binary.NativeEndian.Uint64(b[offTs:]))
-				if d.query {
-					h.DNSQuery(ts, d.proto, d.cookie, d.client, d.server, d.data)
-					continue
-				}
-				c.dnsRecords.Add(1)
-				h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
-				continue
-			}
-			if b := rec.RawSample; b[offKind] == recKindConfirm {
-				if a, ok := recAddr(b[offFamily], b[offSrc:]); ok {
-					pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offSrcPort:])), binary.NativeEndian.Uint32(b[offSeq:]))
-				}
-				continue
-			}
-			if !decodeFlow(rec.RawSample, &ev, clock) {
-				c.badRecords.Add(1)
-				continue
-			}
-			c.zones.apply(&ev, rec.RawSample)
-			c.procs.apply(&ev, rec.RawSample)
-			c.events.Add(1)
-			h.Flow(&ev)
-			if ev.Direction == schema.Incoming && rec.RawSample[offOrigin] == originSynAck && !c.opts.NoEnds {
-				pending.add(&ev, binary.NativeEndian.Uint32(rec.RawSample[offSeq:]), seen)
+				handle(rec.RawSample)
 			}
 		}
 		// Handshakes still waiting when the capture stops get no end:

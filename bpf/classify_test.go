@@ -77,8 +77,14 @@ func ipv6(src, dst string, ext [][2][]byte, final byte, payload []byte) []byte {
 
 func loadForTest(t *testing.T) *Capture {
 	t.Helper()
+	return loadForTestWith(t, Options{PollInterval: time.Millisecond})
+}
+
+// loadForTestWith loads the programs with o, unattached.
+func loadForTestWith(t *testing.T, o Options) *Capture {
+	t.Helper()
 	cgrouptest.RequirePrivileged(t)
-	c := &Capture{opts: Options{PollInterval: time.Millisecond}}
+	c := &Capture{opts: o}
 	c.opts.fill()
 	if err := c.load(); err != nil {
 		t.Fatal(err)
@@ -98,8 +104,26 @@ func runPacket(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []schem
 		t.Fatalf("program returned %d: it must never drop a packet", ret)
 	}
 	var out []schema.Event
-	var rec ringbuf.Record
 	clock := newWallClock()
+	for _, b := range readRecords(t, c) {
+		var ev schema.Event
+		if !decodeFlow(b, &ev, clock) {
+			t.Fatalf("undecodable record %x", b)
+		}
+		out = append(out, ev)
+	}
+	return out
+}
+
+// readRecords returns (copies of) the records waiting in the ring.
+func readRecords(t *testing.T, c *Capture) [][]byte {
+	t.Helper()
+	var out [][]byte
+	if c.ring != nil {
+		c.ring.drain(func(b []byte) { out = append(out, append([]byte(nil), b...)) })
+		return out
+	}
+	var rec ringbuf.Record
 	c.reader.SetDeadline(time.Now())
 	for {
 		err := c.reader.ReadInto(&rec)
@@ -109,11 +133,7 @@ func runPacket(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []schem
 		if err != nil {
 			t.Fatal(err)
 		}
-		var ev schema.Event
-		if !decodeFlow(rec.RawSample, &ev, clock) {
-			t.Fatalf("undecodable record %x", rec.RawSample)
-		}
-		out = append(out, ev)
+		out = append(out, append([]byte(nil), rec.RawSample...))
 	}
 }
 
@@ -200,23 +220,14 @@ func runPacketDNS(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []dn
 		t.Fatal(err)
 	}
 	var out []dnsRec
-	var rec ringbuf.Record
-	c.reader.SetDeadline(time.Now())
-	for {
-		err := c.reader.ReadInto(&rec)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, b := range readRecords(t, c) {
 		var d dnsRec
-		if !decodeDNS(rec.RawSample, &d) {
-			t.Fatalf("unexpected record of %d bytes", len(rec.RawSample))
+		if !decodeDNS(b, &d) {
+			t.Fatalf("unexpected record of %d bytes", len(b))
 		}
-		d.data = append([]byte(nil), d.data...)
 		out = append(out, d)
 	}
+	return out
 }
 
 // dnsMsg is a DNS header with the given id and flags, then text.
