@@ -352,6 +352,10 @@ func (c *Capture) load() error {
 	if err := spec.Variables[flowbusVarWakeupBytes].Set(uint64(c.opts.WakeupBytes)); err != nil {
 		return fmt.Errorf("setting wakeup_bytes: %w", err)
 	}
+	// DNS records may fill half the ring; connections always have the rest.
+	if err := spec.Variables[flowbusVarDnsRingBytes].Set(uint64(c.opts.RingBytes / 2)); err != nil {
+		return fmt.Errorf("setting dns_ring_bytes: %w", err)
+	}
 	if err := setNetnsCookieFlags(spec); err != nil {
 		return err
 	}

@@ -80,10 +80,10 @@ enum counter {
 	CNT_RINGBUF_FULL = 0, // events the ring buffer had no room for
 	CNT_TRUNCATED = 1,    // SYN-ACKs whose headers were not in the linear area
 	CNT_DUP = 2,          // retransmitted SYN-ACKs suppressed
-	CNT_DNS_FULL = 3,     // DNS answers the ring buffer had no room for
+	CNT_DNS_FULL = 3,     // DNS answers the ring buffer had no room for (or past dns_ring_bytes)
 	CNT_DNS_CUT = 4,      // DNS answers longer than DNS_CAP, copied in part
 	CNT_DNS_UNSOLICITED = 5, // packets from port 53 that answer no query we saw
-	CNT_DNSQ_FULL = 6,    // DNS queries the ring buffer had no room for
+	CNT_DNSQ_FULL = 6,    // DNS queries the ring buffer had no room for (or past dns_ring_bytes)
 	CNT_AT_ESTABLISHED = 7, // incoming begins emitted at the handshake's end (SYN cookies, older handshakes)
 	CNT_END_FULL = 8,     // end records the ring buffer had no room for
 	CNT_CONFIRM_FULL = 9, // handshake confirmations the ring buffer had no room for
@@ -251,6 +251,12 @@ volatile const __u64 seen_seed = 0;
 // The slots map's size less one (a power of two less one).
 volatile const __u32 slot_mask = 65536 - 1;
 volatile const __u64 wakeup_bytes = 256 * 1024;
+// How much of the ring DNS records may fill: an answer or query finding
+// more waiting than this is dropped (counted), so that the rest is left
+// for connection records. A peer that can answer the watched sockets'
+// queries (or a program that floods them) must not be able to crowd
+// connections out of the ring while the reader catches up.
+volatile const __u64 dns_ring_bytes = 2 * 1024 * 1024;
 // How long a query waits for its answer; later answers are unsolicited.
 volatile const __u64 query_ttl_ns = 30ULL * 1000000000ULL;
 // Whether bpf_get_netns_cookie may be called from the skb and the sock_ops
@@ -991,7 +997,9 @@ static __always_inline void emit_dns(struct __sk_buff *skb, __u32 off, struct dn
 		len = DNS_CAP;
 		count(CNT_DNS_CUT);
 	}
-	struct dns_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct dns_event *e = 0;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < dns_ring_bytes)
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_DNS_FULL);
 		return;
@@ -1022,7 +1030,9 @@ static __always_inline void emit_query(struct __sk_buff *skb, __u32 off, struct 
 	__u32 len = orig;
 	if (len > DNSQ_CAP)
 		len = DNSQ_CAP;
-	struct dnsq_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct dnsq_event *e = 0;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < dns_ring_bytes)
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_DNSQ_FULL);
 		return;

@@ -222,6 +222,7 @@ const (
 	flowbusProgFlowbusSockRelease = "flowbus_sock_release"
 	flowbusProgFlowbusSockops     = "flowbus_sockops"
 	flowbusVarAgentTgid           = "agent_tgid"
+	flowbusVarDnsRingBytes        = "dns_ring_bytes"
 	flowbusVarEndEvents           = "end_events"
 	flowbusVarFilterCidrExcl      = "filter_cidr_excl"
 	flowbusVarFilterCidrIncl      = "filter_cidr_incl"
@@ -324,6 +325,7 @@ type flowbusMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowbusVariableSpecs struct {
 	AgentTgid          *ebpf.VariableSpec `ebpf:"agent_tgid"`
+	DnsRingBytes       *ebpf.VariableSpec `ebpf:"dns_ring_bytes"`
 	EndEvents          *ebpf.VariableSpec `ebpf:"end_events"`
 	FilterCidrExcl     *ebpf.VariableSpec `ebpf:"filter_cidr_excl"`
 	FilterCidrIncl     *ebpf.VariableSpec `ebpf:"filter_cidr_incl"`
@@ -406,6 +408,7 @@ func (m *flowbusMaps) Close() error {
 // It can be passed to loadFlowbusObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowbusVariables struct {
 	AgentTgid          *ebpf.Variable `ebpf:"agent_tgid"`
+	DnsRingBytes       *ebpf.Variable `ebpf:"dns_ring_bytes"`
 	EndEvents          *ebpf.Variable `ebpf:"end_events"`
 	FilterCidrExcl     *ebpf.Variable `ebpf:"filter_cidr_excl"`
 	FilterCidrIncl     *ebpf.Variable `ebpf:"filter_cidr_incl"`

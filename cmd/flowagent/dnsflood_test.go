@@ -46,6 +46,8 @@ const (
 	mDNSLearned     = `flowbus_agent_dns_messages_total{outcome="learned"}`
 	mDNSRecords     = `flowbus_agent_dns_records_learned_total`
 	mDNSUnsolicited = `flowbus_agent_dns_messages_total{outcome="unsolicited"}`
+	mDNSLost        = `flowbus_agent_dns_messages_total{outcome="lost"}`
+	mDNSQueryLost   = `flowbus_agent_dns_queries_total{outcome="lost"}`
 )
 
 // floodQuestion is the name of query i.
@@ -173,7 +175,8 @@ func cmpErr(old, err error) error {
 // 250-character names (524,288 names, 131 MB of text), while the cgroup
 // makes connections. At the default DNS settings the agent's peak RSS stays
 // under 64 MiB, the cache within FLOWBUS_DNS_CACHE_BYTES (evicting by bytes),
-// every answer is learned and counted, and no connection event is lost.
+// every answer is learned or, where the reader fell behind, counted lost
+// (DNS records may fill only half the ring), and no connection event is lost.
 func TestDNSFloodMemoryBounded(t *testing.T) {
 	cgrouptest.RequirePrivileged(t)
 	const (
@@ -251,7 +254,7 @@ func TestDNSFloodMemoryBounded(t *testing.T) {
 	}
 
 	m := a.WaitMetrics(30*time.Second, "every answer learned", func(m map[string]float64) bool {
-		return m[mDNSLearned]+m[mDNSUnsolicited] >= floodQueries
+		return m[mDNSLearned]+m[mDNSUnsolicited]+m[mDNSLost] >= floodQueries
 	})
 	smp.Stop()
 	_, hwm, err := proctest.ProcMem(a.Pid())
@@ -270,9 +273,14 @@ func TestDNSFloodMemoryBounded(t *testing.T) {
 	if peak := max(hwm, smp.maxRSS.Load()); peak >= rssLimit {
 		t.Errorf("agent peak RSS %.1f MiB (VmHWM %.1f MiB), want below %d MiB", float64(peak)/(1<<20), float64(hwm)/(1<<20), rssLimit>>20)
 	}
-	if fr.Answered != floodQueries || m[mDNSLearned] != floodQueries || m[mDNSUnsolicited] != 0 || m[mDNSRecords] != floodQueries*floodRecords {
-		t.Errorf("%g queries answered; %g answers learned, %g unsolicited, %g records learned: want %d, %d, 0, %d",
-			fr.Answered, m[mDNSLearned], m[mDNSUnsolicited], m[mDNSRecords], floodQueries, floodQueries, floodQueries*floodRecords)
+	// An answer whose query record was dropped is unsolicited: it answers
+	// nothing the agent saw asked.
+	t.Logf("answers: %g learned, %g lost, %g unsolicited (%g queries lost): the reader behind, DNS records past half the ring",
+		m[mDNSLearned], m[mDNSLost], m[mDNSUnsolicited], m[mDNSQueryLost])
+	if fr.Answered != floodQueries || m[mDNSLearned]+m[mDNSLost]+m[mDNSUnsolicited] != floodQueries || m[mDNSLearned] == 0 ||
+		m[mDNSUnsolicited] > m[mDNSQueryLost] || m[mDNSRecords] != m[mDNSLearned]*floodRecords {
+		t.Errorf("%g queries answered; %g answers learned, %g lost, %g unsolicited (%g queries lost), %g records learned: want %d answered, learned + lost + unsolicited = %d, no more unsolicited than queries lost, %d records per answer learned",
+			fr.Answered, m[mDNSLearned], m[mDNSLost], m[mDNSUnsolicited], m[mDNSQueryLost], m[mDNSRecords], floodQueries, floodQueries, floodRecords)
 	}
 	if m[mCacheBytes] > cacheBudget || m[mEvictBytes] == 0 {
 		t.Errorf("DNS cache %g bytes (budget %d), %g addresses evicted by bytes: want within the budget, evicting", m[mCacheBytes], cacheBudget, m[mEvictBytes])
