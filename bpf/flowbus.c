@@ -1601,6 +1601,25 @@ static __always_inline void closed(struct bpf_sock_ops *ctx)
 		slot_give_back(sl, cookie);
 }
 
+// listening moves the state of a socket that listens without having been
+// bound (listen() picked its port, so post_bind never ran) from its slot to
+// its storage, where BPF_F_CLONE copies it into every socket it accepts.
+static __always_inline void listening(struct bpf_sock_ops *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || bpf_sk_storage_get(&procs, sk, 0, 0))
+		return;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sock_slot *sl = slot_find(cookie);
+	if (!sl)
+		return;
+	struct sock_state *ss = bpf_sk_storage_get(&procs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (ss) {
+		ss->proc = sl->st.proc;
+		slot_give_back(sl, cookie);
+	}
+}
+
 // flowbus_sockops runs on the sock_ops callbacks of the watched cgroup's TCP
 // sockets. It acts on three: the end of a passive handshake (the incoming
 // begin when egress missed its SYN-ACK, and what the end needs), the end of
@@ -1618,6 +1637,10 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 	}
 	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 		passive_established(ctx);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		listening(ctx);
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {

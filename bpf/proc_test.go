@@ -34,6 +34,31 @@ func init() {
 	cgrouptest.Register("proc-socket", procSocketHelper)
 	cgrouptest.Register("proc-connect-fd", procConnectFdHelper)
 	cgrouptest.Register("proc-send", procSendHelper)
+	cgrouptest.Register("proc-listen-autobind", procListenAutobindHelper)
+}
+
+// procListenAutobindHelper listens without binding first: listen() picks
+// the port, so no post_bind hook runs for the listener.
+func procListenAutobindHelper([]string) error {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Listen(fd, 16); err != nil {
+		return err
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		return err
+	}
+	ln, err := net.FileListener(os.NewFile(uintptr(fd), "listener"))
+	if err != nil {
+		return err
+	}
+	go serveConns(ln)
+	report(procReport{Pid: os.Getpid(), Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))})
+	waitStdin()
+	return nil
 }
 
 // procReport is the line a helper prints once it is ready.
@@ -433,6 +458,23 @@ func TestProcIncoming(t *testing.T) {
 	_, col := runCapture(t, watched)
 	h := startHelper(t, watched, exes["fbserver"], 4242, "proc-listen")
 	want := procWant{h.cmd.Process.Pid, "fbserver", 4242}
+	conn := dialFrom(t, h.r.Addr)
+	ev := findFlow(t, col, schema.Incoming, conn.LocalAddr().String())
+	checkProc(t, "incoming begin", ev.PID, ev.Comm, ev.UID, ev.UIDKnown, want)
+	conn.Close()
+	end := findEnd(t, col, conn.LocalAddr().String())
+	checkProc(t, "incoming end", end.PID, end.Comm, end.UID, end.UIDKnown, want)
+}
+
+// A listener that listens without a bind (its port picked by listen, so no
+// post_bind hook ran) hands its process to the sockets it accepts too.
+func TestProcIncomingAutobound(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	exes := helperExes(t, "fbautobind")
+	watched := cgrouptest.NewChild(t)
+	_, col := runCapture(t, watched)
+	h := startHelper(t, watched, exes["fbautobind"], 4242, "proc-listen-autobind")
+	want := procWant{h.cmd.Process.Pid, "fbautobind", 4242}
 	conn := dialFrom(t, h.r.Addr)
 	ev := findFlow(t, col, schema.Incoming, conn.LocalAddr().String())
 	checkProc(t, "incoming begin", ev.PID, ev.Comm, ev.UID, ev.UIDKnown, want)

@@ -59,10 +59,11 @@ Flags:
   -h, --help            show this help
 
 The table's header is printed as soon as the stream is open, and again above a
-row that widens a column (columns only grow); its times are RFC3339, in UTC ("Z") unless --local, so one can be given back to --since. End
-rows: TIME is when the connection ended, DURATION how long it lasted, BYTES
-what src sent / what dst sent, REASON fin, rst_sent, rst_received, timeout,
-never_established or unknown; with --event both, EVENT says begin or end.
+row that widens a column (columns only grow); its times are RFC3339, in UTC
+("Z") unless --local, so one can be given back to --since. End rows: TIME is
+when the connection ended, DURATION how long it lasted, BYTES what src sent /
+what dst sent, REASON fin, rst_sent, rst_received, timeout, never_established
+or unknown; with --event both, EVENT says begin or end.
 
 Messages that are not valid flowbus batches are skipped with a warning on
 stderr; agent drop counters, missing batches and agent restarts (how many
