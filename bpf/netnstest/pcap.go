@@ -160,7 +160,10 @@ type Flow struct {
 	// below the highest sequence number already sent).
 	ClientRetrans, ServerRetrans int
 	SYN, Last                    time.Time // the first SYN, the last FIN or RST
-	ClientRST, ServerRST         bool
+	// Established is the client's first packet after a SYN-ACK: the
+	// handshake's ACK (zero if none was seen).
+	Established          time.Time
+	ClientRST, ServerRST bool
 }
 
 // Summarize sums up the packets of the connection from client to server.
@@ -187,6 +190,9 @@ func Summarize(pk []Packet, client, server netip.AddrPort) Flow {
 			high[d] = p.Seq + 1
 			started[d] = true
 			continue
+		}
+		if d == 0 && started[1] && f.Established.IsZero() {
+			f.Established = p.Time
 		}
 		if p.Flags&(FlagFIN|FlagRST) != 0 {
 			f.Last = p.Time
