@@ -16,8 +16,8 @@ const (
 	ringBusyBit    = 1 << 31
 	ringDiscardBit = 1 << 30
 	// ringPublishEvery is how much a drain reads before it hands the space
-	// back to the kernel, so that a long drain does not starve the
-	// producers of room.
+	// back to the kernel (an eighth of a smaller ring), so that a long drain
+	// does not starve the producers of room.
 	ringPublishEvery = 64 << 10
 )
 
@@ -35,6 +35,7 @@ type ringMap struct {
 	prodPos *uintptr // the producer page's first word
 	data    []byte   // the data pages, mapped twice in a row: a record that wraps is contiguous
 	mask    uintptr
+	publish uintptr // bytes read between two writes of the consumer position
 }
 
 // newRingMap maps the ring buffer map of fd, whose data area is size bytes
@@ -56,18 +57,28 @@ func newRingMap(fd, size int) (*ringMap, error) {
 		prodPos: (*uintptr)(unsafe.Pointer(&prod[0])),
 		data:    prod[page:],
 		mask:    uintptr(size - 1),
+		publish: uintptr(min(ringPublishEvery, size/8)),
 	}, nil
 }
 
 // drain passes every committed record, in order, to f and returns how many
-// it passed. It stops at the producer position it read first, or at a
+// it passed. It stops where the producers are (read again each time it gets
+// there, so that a drain keeps up with records submitted meanwhile), or at a
 // record still being written (the next drain starts there). The sample f
 // gets aliases the ring: it is valid until f returns.
 func (r *ringMap) drain(f func(sample []byte)) (n int) {
 	cons := atomic.LoadUintptr(r.consPos)
 	prod := atomic.LoadUintptr(r.prodPos)
-	published := cons
-	for cons < prod {
+	published, first := cons, cons
+	for {
+		if cons >= prod {
+			// At most a ring's worth per drain: Run's own work between
+			// drains (the clock, the half-open expiry) must not wait on
+			// producers that never pause.
+			if prod = atomic.LoadUintptr(r.prodPos); cons >= prod || cons-first > r.mask {
+				break
+			}
+		}
 		start := cons & r.mask
 		// An atomic load of the length orders the reads of the record
 		// after the kernel's xchg that committed it.
@@ -86,7 +97,7 @@ func (r *ringMap) drain(f func(sample []byte)) (n int) {
 			n++
 		}
 		cons = next
-		if cons-published >= ringPublishEvery {
+		if cons-published >= r.publish {
 			atomic.StoreUintptr(r.consPos, cons)
 			published = cons
 		}
