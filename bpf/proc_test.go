@@ -452,29 +452,24 @@ func procTwoPrograms(t *testing.T, o Options) {
 
 // An incoming connection carries the listener's process, and so does its end.
 func TestProcIncoming(t *testing.T) {
-	cgrouptest.RequirePrivileged(t)
-	exes := helperExes(t, "fbserver")
-	watched := cgrouptest.NewChild(t)
-	_, col := runCapture(t, watched)
-	h := startHelper(t, watched, exes["fbserver"], 4242, "proc-listen")
-	want := procWant{h.cmd.Process.Pid, "fbserver", 4242}
-	conn := dialFrom(t, h.r.Addr)
-	ev := findFlow(t, col, schema.Incoming, conn.LocalAddr().String())
-	checkProc(t, "incoming begin", ev.PID, ev.Comm, ev.UID, ev.UIDKnown, want)
-	conn.Close()
-	end := findEnd(t, col, conn.LocalAddr().String())
-	checkProc(t, "incoming end", end.PID, end.Comm, end.UID, end.UIDKnown, want)
+	procIncoming(t, "fbserver", "proc-listen")
 }
 
 // A listener that listens without a bind (its port picked by listen, so no
 // post_bind hook ran) hands its process to the sockets it accepts too.
 func TestProcIncomingAutobound(t *testing.T) {
+	procIncoming(t, "fbautobind", "proc-listen-autobind")
+}
+
+// procIncoming connects to the listener that helper (run as exe, uid 4242)
+// opens and checks the incoming begin and end carry that process.
+func procIncoming(t *testing.T, exe, helper string) {
 	cgrouptest.RequirePrivileged(t)
-	exes := helperExes(t, "fbautobind")
+	exes := helperExes(t, exe)
 	watched := cgrouptest.NewChild(t)
 	_, col := runCapture(t, watched)
-	h := startHelper(t, watched, exes["fbautobind"], 4242, "proc-listen-autobind")
-	want := procWant{h.cmd.Process.Pid, "fbautobind", 4242}
+	h := startHelper(t, watched, exes[exe], 4242, helper)
+	want := procWant{h.cmd.Process.Pid, exe, 4242}
 	conn := dialFrom(t, h.r.Addr)
 	ev := findFlow(t, col, schema.Incoming, conn.LocalAddr().String())
 	checkProc(t, "incoming begin", ev.PID, ev.Comm, ev.UID, ev.UIDKnown, want)

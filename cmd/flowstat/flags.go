@@ -224,20 +224,8 @@ func (p *parser) run(cfg *config) {
 	o.IdleExit = p.duration("idle-exit", 0)
 	o.StreamWait = p.duration("stream-wait", time.Minute)
 	o.MaxChunkAge = p.duration("commit-interval", 0)
-	if p.Set("commit-events") {
-		n, err := strconv.Atoi(p.Flag("commit-events"))
-		if err != nil || n < 1 {
-			p.bad("--commit-events", fmt.Errorf("%q is not a positive integer", p.Flag("commit-events")))
-		}
-		o.MaxChunkEvents = n
-	}
-	if p.Set("max-chains") {
-		n, err := strconv.Atoi(p.Flag("max-chains"))
-		if err != nil || n < 1 {
-			p.bad("--max-chains", fmt.Errorf("%q is not a positive integer", p.Flag("max-chains")))
-		}
-		o.MaxChains = n
-	}
+	o.MaxChunkEvents = p.positive("commit-events")
+	o.MaxChains = p.positive("max-chains")
 	if p.Set("chain-retention") {
 		if v := p.Flag("chain-retention"); v == "off" {
 			o.ChainRetention = -1
@@ -334,6 +322,19 @@ func (p *parser) query(cfg *config) {
 }
 
 // duration parses a positive duration flag, def when it is not set.
+// positive is the value of an integer flag that must be at least 1, 0 when
+// it is not set (the option's default).
+func (p *parser) positive(name string) int {
+	if !p.Set(name) {
+		return 0
+	}
+	n, err := strconv.Atoi(p.Flag(name))
+	if err != nil || n < 1 {
+		p.bad("--"+name, fmt.Errorf("%q is not a positive integer", p.Flag(name)))
+	}
+	return n
+}
+
 func (p *parser) duration(name string, def time.Duration) time.Duration {
 	if !p.Set(name) {
 		return def

@@ -19,13 +19,7 @@ func migration7(kind Kind) []string {
 			`CREATE INDEX end_more_names_host ON end_more_names (host, bucket)`,
 			`CREATE INDEX end_more_names_time ON end_more_names (`+d.ts("bucket")+`)`)
 	}
-	for _, v := range views7 {
-		stmts = append(stmts, "CREATE VIEW "+v.name+" AS "+v.sql(d))
-	}
-	if kind == Postgres {
-		stmts = append(stmts, commentStatements(schemaDocs7)...)
-	}
-	return stmts
+	return append(stmts, viewStatements(kind, views7, schemaDocs7)...)
 }
 
 // views7 are migration 7's views.

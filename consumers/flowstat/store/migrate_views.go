@@ -55,13 +55,19 @@ func migration6(kind Kind) []string {
 			`CREATE INDEX peer_seen_last ON peer_seen (last_ns)`,
 			`CREATE INDEX peer_seen_last_time ON peer_seen (`+d.tsNS("last_ns")+`)`)
 	}
-	for _, v := range views {
-		stmts = append(stmts, "CREATE VIEW "+v.name+" AS "+v.sql(d))
+	return append(stmts, viewStatements(kind, views, schemaDocs6)...)
+}
+
+// viewStatements create a migration's views and, in PostgreSQL, its objects' comments.
+func viewStatements(kind Kind, vs []view, docs []objDoc) []string {
+	var out []string
+	for _, v := range vs {
+		out = append(out, "CREATE VIEW "+v.name+" AS "+v.sql(dialects[kind]))
 	}
 	if kind == Postgres {
-		stmts = append(stmts, commentStatements(schemaDocs6)...)
+		out = append(out, commentStatements(docs)...)
 	}
-	return stmts
+	return out
 }
 
 // dialect spells the expressions the views need in one database.
