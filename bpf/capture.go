@@ -33,8 +33,8 @@ type Options struct {
 	// below it the reader polls every PollInterval, which is what keeps the
 	// per-connection cost low.
 	WakeupBytes int
-	// SeenEntries bounds the table that suppresses retransmitted SYN-ACKs:
-	// a power of two, at least seenWays.
+	// SeenEntries bounds the cold table that suppresses retransmitted
+	// SYN-ACKs: a power of two from seenMin to seenWays<<20.
 	SeenEntries int
 	// PollInterval is how often the reader drains the ring without a wakeup.
 	PollInterval time.Duration

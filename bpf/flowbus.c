@@ -321,7 +321,6 @@ struct {
 // hash the peer cannot predict (seen_seed, random per load).
 #define SEEN_WAYS 4
 #define SEEN_HOT_BUCKETS 256 // 1,024 entries, 58 KiB
-#define SEEN_OCC_MAX (1 << 20) // cold buckets seen_occ can describe
 
 struct seen_way {
 	struct flow_key key;

@@ -21,10 +21,10 @@ const (
 	ringPublishEvery = 64 << 10
 )
 
-// ringMap reads the ring buffer map's memory directly, a drain at a time:
-// the producer position is read once per drain and the consumer position
-// written once per 64 KiB read, where the generic reader does both for
-// every record. Each of those is a cache line the kernel's producers read
+// ringMap reads the ring buffer map's memory directly: the producer
+// position is read again only when a drain reaches it, and the consumer
+// position written once per 64 KiB read (an eighth of a smaller ring),
+// where the generic reader does both for every record. Each of those is a cache line the kernel's producers read
 // or write for every record they reserve and submit, so touching it per
 // record costs the agent a share of its CPU and the programs misses on
 // both lines while a drain runs. Used from Run's goroutine only.
