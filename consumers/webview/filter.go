@@ -22,8 +22,7 @@ type Filter struct {
 	Name      string           // case-insensitive substring of any DNS name of either end
 	Addr      string           // substring of either end's address text (e.g. "10.1." or "::1")
 	// Process is a pid (all digits) or a case-insensitive substring of comm. Events that carry neither
-	// never match it: the agent does not attribute begins to processes yet (the SYN-ACK is handled in
-	// softirq context), so today it matches nothing.
+	// (sockets no process holds, kernel sockets: see the README's process attribution) never match it.
 	Process   string
 	Cgroup    uint64 // cgroup v2 id, exact; 0: any
 	Container string // prefix of the container id

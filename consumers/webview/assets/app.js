@@ -43,7 +43,8 @@
     return new Date(ms).toISOString().replace('T', ' ').replace('Z', '');
   }
 
-  // Live flows: rows queue up and are added at most every 100 ms, newest on top.
+  // Live flows: rows queue up and are added at most every 100 ms, newest on top; while the table
+  // is empty (the recent flows the stream sends first), at once.
   let shown = 0, pending = [], timer = 0, stats = null;
   const tbody = $('flows').tBodies[0];
   function flush() {
@@ -84,7 +85,7 @@
     pending.push(tr);
     if (pending.length > MAX_ROWS) pending.shift();
     shown++;
-    if (!timer) timer = setTimeout(flush, 100);
+    if (!timer) timer = setTimeout(flush, tbody.rows.length === 0 ? 0 : 100);
   }
   function setStatus(text, bad) {
     const s = $('status');
@@ -96,6 +97,7 @@
   for (const k of liveKeys) if (params.get(k)) liveQuery.set(k, params.get(k));
   const es = new EventSource('/api/live?' + liveQuery.toString());
   es.addEventListener('hello', (e) => {
+    mark('hello');
     const h = JSON.parse(e.data);
     setStatus('live' + (h.filter ? ' · filter ' + h.filter : ''), false);
     if (h.history === 0) mark('firstFlow'); // nothing recent to show: the table is as complete as it gets
@@ -108,6 +110,10 @@
     else setStatus('live · ' + stats.feed_events + ' events read', false);
   });
   es.onerror = () => setStatus('disconnected from flowstat serve; reconnecting…', true);
+  // A page left for another (or kept in the back/forward cache) gives its stream back: the browser's
+  // few connections per server, and the server's live view slots, are not held by pages nobody sees.
+  addEventListener('pagehide', () => es.close());
+  addEventListener('pageshow', (e) => { if (e.persisted) location.reload(); }); // back to a closed stream
 
   // Charts from the database.
   const palette = ['#2563eb', '#dc2626', '#059669', '#d97706', '#7c3aed', '#0891b2', '#db2777', '#4b5563'];
