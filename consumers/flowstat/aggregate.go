@@ -347,6 +347,7 @@ func fillHole(hs []store.Hole, seq uint64) ([]store.Hole, bool) {
 func (a *aggregator) fold(b *schema.Batch) {
 	ck := store.ConnKey{Host: b.Host, Dir: b.Direction}
 	nk := store.NameKey{Host: b.Host, Dir: b.Direction}
+	lk := store.LocalKey{Host: b.Host, Dir: b.Direction}
 	sk := store.SeenKey{Host: b.Host, Dir: b.Direction}
 	pk := store.ProcKey{Host: b.Host, Dir: b.Direction}
 	for i := range b.Events {
@@ -355,9 +356,9 @@ func (a *aggregator) fold(b *schema.Batch) {
 		if !a.inRange(bucket) {
 			continue
 		}
-		peer, names := ev.Dst, ev.DstDNS
+		peer, names, local := ev.Dst, ev.DstDNS, ev.Src
 		if b.Direction == schema.Incoming {
-			peer, names = ev.Src, ev.SrcDNS
+			peer, names, local = ev.Src, ev.SrcDNS, ev.Dst
 		}
 		name := ""
 		if len(names) > 0 {
@@ -365,6 +366,9 @@ func (a *aggregator) fold(b *schema.Batch) {
 		}
 		if z := peer.Zone(); z != "" && cleanText(z) != z {
 			peer = peer.WithZone(cleanText(z))
+		}
+		if z := local.Zone(); z != "" && cleanText(z) != z {
+			local = local.WithZone(cleanText(z))
 		}
 		a.d.Events++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
@@ -376,6 +380,8 @@ func (a *aggregator) fold(b *schema.Batch) {
 				a.d.Names[nk]++
 			}
 		}
+		lk.Bucket, lk.Local, lk.Peer, lk.Port = bucket, local, peer, ev.DstPort
+		a.d.Locals[lk]++
 		pk.Bucket, pk.Comm, pk.PID = bucket, cleanText(ev.Comm), ev.PID
 		a.d.Procs[pk]++
 		sk.Peer, sk.Port = peer, ev.DstPort

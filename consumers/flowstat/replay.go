@@ -42,7 +42,7 @@ var ErrStreamTooShort = errors.New("the stream no longer holds every message of 
 // Replay rebuilds the connection, end, process and batch aggregates of the buckets in [From, To) from
 // the stream.
 //
-// Semantics: in one transaction the range's conn_agg, conn_more_names, end_agg, end_more_names, proc_agg and batch_agg rows are deleted and the durable
+// Semantics: in one transaction the range's conn_agg, conn_more_names, conn_local, end_agg, end_more_names, proc_agg and batch_agg rows are deleted and the durable
 // consumer's checkpoint C is read. Then the stream is re-read with an ordered consumer under the same
 // filters, from the first message stored at or after From-Margin up to C, and only events (by event
 // time) and batches (by stored time) inside the range are added back, one transaction per chunk.

@@ -110,6 +110,51 @@ func TestAnalystQueryWhoTalkedTo10By(t *testing.T) {
 	}
 }
 
+// localQuery is the README's statement on connections_by_local, verbatim.
+const localQuery = `SELECT host, local_addr, remote_addr, responder_port, sum(connections) AS connections
+FROM connections_by_local
+WHERE remote_addr << '10.0.0.0/8' AND bucket_start > now() - interval '1 hour'
+GROUP BY host, local_addr, remote_addr, responder_port
+ORDER BY connections DESC, host, local_addr, remote_addr, responder_port;`
+
+// The local end of each connection, by the README's statement: the initiator's address of outgoing
+// connections, the responder's of incoming ones, typed inet, within the hour and 10/8 only.
+func TestAnalystQueryLocalAddress(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(readme), localQuery) {
+		t.Fatalf("README.md no longer holds the statement this test runs:\n%s", localQuery)
+	}
+	st := sqlScenario(t)
+	rows, err := st.DB().QueryContext(context.Background(), localQuery)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var got []string
+	for rows.Next() {
+		var host, local, remote string
+		var port, n int64
+		if err := rows.Scan(&host, &local, &remote, &port, &n); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, fmt.Sprintf("%s %s %s %d %d", host, local, remote, port, n))
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"db-01 192.0.2.9 10.3.0.1 5432 3",
+		"web-07 192.0.2.7 10.2.0.5 443 3",
+		"web-07 192.0.2.7 10.9.9.9 5432 2",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("README statement returned\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
 func nullText(s sql.NullString) string {
 	if !s.Valid {
 		return "NULL"

@@ -229,11 +229,13 @@ type Snapshot struct {
 	Procs    map[string]string // proc_agg
 	Names    map[string]string // conn_names
 	EndNames map[string]string // end_names
+	Locals   map[string]string // conn_local
 }
 
 func newSnapshot() *Snapshot {
 	return &Snapshot{Conns: map[string]string{}, Seen: map[string]string{}, Batches: map[string]string{}, Gaps: map[string]string{},
-		Ends: map[string]string{}, Procs: map[string]string{}, Names: map[string]string{}, EndNames: map[string]string{}}
+		Ends: map[string]string{}, Procs: map[string]string{}, Names: map[string]string{}, EndNames: map[string]string{},
+		Locals: map[string]string{}}
 }
 
 func bucketOf(ns int64, width time.Duration) int64 {
@@ -259,7 +261,7 @@ func addrText(a netip.Addr) string {
 // Reference computes, directly from the published batches (in stream order) and the bucket width,
 // what the aggregate tables must hold: connections per bucket of event time by host, direction, peer
 // (the responder of outgoing and the initiator of incoming connections), first DNS name and service
-// port; the same by each distinct DNS name of the peer (the view conn_names); first and last seen per (host,
+// port; the same by each distinct DNS name of the peer (the view conn_names) and by local address (conn_local); first and last seen per (host,
 // direction, peer, port) with the earliest name; batches, events
 // and drops per bucket of stored time; and a gap wherever a batch's prev_seq is not the last seq seen of
 // its chain.
@@ -272,6 +274,7 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	}
 	conns := map[string]int64{}
 	nameConns := map[string]int64{}
+	locals := map[string]int64{}
 	procs := map[string]int64{}
 	ends := map[string]*endRef{}
 	endNames := map[string][3]int64{} // ends, src and dst bytes per (bucket, host, dir, peer, port, name)
@@ -336,14 +339,15 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 			}
 		}
 		for _, e := range b.Events {
-			peer, names := e.Dst, e.DstDNS
+			peer, names, local := e.Dst, e.DstDNS, e.Src
 			if b.Dir == schema.Incoming {
-				peer, names = e.Src, e.SrcDNS
+				peer, names, local = e.Src, e.SrcDNS, e.Dst
 			}
 			name := ""
 			if len(names) > 0 {
 				name = names[0]
 			}
+			locals[fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, addrText(local), addrText(peer), e.DstPort)]++
 			conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", bucketOf(e.Timestamp, width), b.Host, dir, addrText(peer), name, e.DstPort)]++
 			distinct := map[string]bool{}
 			for _, n := range names {
@@ -373,6 +377,9 @@ func Reference(batches []Published, width time.Duration) *Snapshot {
 	}
 	for k, n := range nameConns {
 		snap.Names[k] = fmt.Sprint(n)
+	}
+	for k, n := range locals {
+		snap.Locals[k] = fmt.Sprint(n)
 	}
 	for k, e := range ends {
 		snap.Ends[k] = e.String()
@@ -413,6 +420,18 @@ func Load(ctx context.Context, st *store.Store) (*Snapshot, error) {
 			return err
 		}
 		snap.Conns[fmt.Sprintf("%d|%s|%s|%s|%s|%d", b, h, d, p, name, port)] = fmt.Sprint(n)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = q(`SELECT bucket, host, direction, local, peer, port, conns FROM conn_local`, func(scan func(...any) error) error {
+		var b, port, n int64
+		var h, d, l, p string
+		if err := scan(&b, &h, &d, &l, &p, &port, &n); err != nil {
+			return err
+		}
+		snap.Locals[fmt.Sprintf("%d|%s|%s|%s|%s|%d", b, h, d, l, p, port)] = fmt.Sprint(n)
 		return nil
 	})
 	if err != nil {
@@ -542,6 +561,7 @@ func Diff(want, got *Snapshot, max int) []string {
 	cmp("proc_agg", want.Procs, got.Procs)
 	cmp("conn_names", want.Names, got.Names)
 	cmp("end_names", want.EndNames, got.EndNames)
+	cmp("conn_local", want.Locals, got.Locals)
 	return out
 }
 

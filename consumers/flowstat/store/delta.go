@@ -38,6 +38,17 @@ type NameKey struct {
 	Name   string
 }
 
+// LocalKey is one row of conn_local: connections of a bucket by host, direction, local address, peer
+// and service port.
+type LocalKey struct {
+	Bucket int64
+	Host   string
+	Dir    schema.Direction
+	Local  netip.Addr
+	Peer   netip.Addr
+	Port   uint16
+}
+
 // SeenKey is one row of peer_seen.
 type SeenKey struct {
 	Host string
@@ -169,6 +180,8 @@ type Delta struct {
 	// Names counts the connections per DNS name after the first (conn_more_names): an event with k
 	// distinct names adds to k-1 rows.
 	Names map[NameKey]uint64
+	// Locals counts the connections per local address (conn_local).
+	Locals map[LocalKey]uint64
 	// EndNames sums the end events per DNS name after the first (end_more_names), as Names.
 	EndNames map[NameKey]*EndNameAgg
 	// Events (begins), EndEvents and Messages (valid batches of both kinds) count what went into the
@@ -180,7 +193,7 @@ type Delta struct {
 func NewDelta() *Delta {
 	return &Delta{Conns: map[ConnKey]uint64{}, Seen: map[SeenKey]Span{}, Batches: map[BatchKey]*BatchAgg{}, Runs: map[RunKey]ChainState{}, Holes: map[RunKey][]Hole{},
 		Recovered: map[RunKey]uint64{}, Ends: map[ConnKey]*EndAgg{}, Procs: map[ProcKey]uint64{}, Names: map[NameKey]uint64{},
-		EndNames: map[NameKey]*EndNameAgg{}}
+		Locals: map[LocalKey]uint64{}, EndNames: map[NameKey]*EndNameAgg{}}
 }
 
 // Reset empties d for reuse, keeping the maps' memory.
@@ -194,6 +207,7 @@ func (d *Delta) Reset() {
 	clear(d.Ends)
 	clear(d.Procs)
 	clear(d.Names)
+	clear(d.Locals)
 	clear(d.EndNames)
 	d.Gaps, d.Dead, d.Dups, d.Restarts = d.Gaps[:0], d.Dead[:0], d.Dups[:0], d.Restarts[:0]
 	d.Events, d.EndEvents, d.Messages = 0, 0, 0
@@ -377,6 +391,11 @@ func cmpNameKey(a, b NameKey) int {
 		a.Peer.Compare(b.Peer), cmp.Compare(a.Port, b.Port), strings.Compare(a.Name, b.Name))
 }
 
+func cmpLocalKey(a, b LocalKey) int {
+	return cmp.Or(cmp.Compare(a.Bucket, b.Bucket), strings.Compare(a.Host, b.Host), cmp.Compare(a.Dir, b.Dir),
+		a.Local.Compare(b.Local), a.Peer.Compare(b.Peer), cmp.Compare(a.Port, b.Port))
+}
+
 func cmpSeenKey(a, b SeenKey) int {
 	return cmp.Or(strings.Compare(a.Host, b.Host), cmp.Compare(a.Dir, b.Dir), a.Peer.Compare(b.Peer), cmp.Compare(a.Port, b.Port))
 }
@@ -431,6 +450,18 @@ func (s *Store) applyDelta(ctx context.Context, tx *sql.Tx, d *Delta) error {
 		if err := un.flush(); err != nil {
 			return fmt.Errorf("conn_more_names: %w", err)
 		}
+	}
+
+	ul := newUpserter(ctx, s, tx, `INSERT INTO conn_local (bucket, host, direction, local, peer, port, conns) VALUES `,
+		`ON CONFLICT (bucket, host, direction, local, peer, port) DO UPDATE SET conns = conn_local.conns + excluded.conns`, 7)
+	defer ul.close()
+	for _, k := range order(mapKeys(d.Locals), cmpLocalKey) {
+		if err := ul.add(k.Bucket, k.Host, dirText(k.Dir), at.get(k.Local), at.get(k.Peer), int64(k.Port), int64(d.Locals[k])); err != nil {
+			return fmt.Errorf("conn_local: %w", err)
+		}
+	}
+	if err := ul.flush(); err != nil {
+		return fmt.Errorf("conn_local: %w", err)
 	}
 
 	// MIN/MAX as CASE: SQLite's two-argument min() is PostgreSQL's LEAST(); CASE is the same in both.

@@ -128,6 +128,7 @@ var migrations = []struct {
 	{5, migration5, nil},
 	{6, nil, migration6},
 	{7, nil, migration7},
+	{8, nil, migration8},
 }
 
 // withoutRowID marks tables that SQLite should store as one b-tree ordered by their primary key, which

@@ -211,10 +211,10 @@ var views = []view{
 	}},
 }
 
-// ViewNames lists the analyst views migrations 6 and 7 create: what dashboards and ad-hoc SQL should read.
+// ViewNames lists the analyst views migrations 6 to 8 create: what dashboards and ad-hoc SQL should read.
 func ViewNames() []string {
 	var out []string
-	for _, v := range append(append([]view{}, views...), views7...) {
+	for _, v := range append(append(append([]view{}, views...), views7...), views8...) {
 		out = append(out, v.name)
 	}
 	return out

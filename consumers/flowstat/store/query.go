@@ -12,7 +12,7 @@ import (
 )
 
 // BeginReplay starts the rebuild of buckets [fromS, toS) (unix seconds, bucket aligned): in one
-// transaction it deletes their conn_agg, conn_more_names, batch_agg, end_agg, end_more_names and proc_agg rows, records the replay as unfinished, and reads
+// transaction it deletes their conn_agg, conn_more_names, conn_local, batch_agg, end_agg, end_more_names and proc_agg rows, records the replay as unfinished, and reads
 // the consumer's checkpoint. The caller then re-reads the stream up to that sequence (messages after it
 // are the live consumer's) and adds only what falls in the range with ApplyReplay, then calls
 // FinishReplay. Reading the checkpoint and deleting in one transaction is what keeps a concurrent
@@ -28,7 +28,7 @@ func (s *Store) BeginReplay(ctx context.Context, consumer, stream string, fromS,
 	if err := tx.QueryRowContext(ctx, s.rebind(`SELECT seq, filters FROM checkpoints WHERE consumer = ? AND stream = ?`+s.forUpdate()), consumer, stream).Scan(&seq, &f); err != nil {
 		return 0, 0, nil, fmt.Errorf("no checkpoint of consumer %q on stream %q in %s: run `flowstat run` first (%v)", consumer, stream, s.where, err)
 	}
-	for _, t := range []string{"conn_agg", "conn_more_names", "batch_agg", "end_agg", "end_more_names", "proc_agg"} {
+	for _, t := range []string{"conn_agg", "conn_more_names", "conn_local", "batch_agg", "end_agg", "end_more_names", "proc_agg"} {
 		if _, err := tx.ExecContext(ctx, s.rebind(`DELETE FROM `+t+` WHERE bucket >= ? AND bucket < ?`), fromS, toS); err != nil {
 			return 0, 0, nil, err
 		}

@@ -43,7 +43,7 @@ const (
 
 // schemaDocs is every table and view with every column: migration 6's and those added after. A test
 // checks PostgreSQL has a comment on each, so a new column without one fails.
-var schemaDocs = append(append([]objDoc{}, schemaDocs6...), schemaDocs7...)
+var schemaDocs = append(append(append([]objDoc{}, schemaDocs6...), schemaDocs7...), schemaDocs8...)
 
 // schemaDocs6 is every table and view of migration 6, whose comments it sets (frozen with it).
 var schemaDocs6 = []objDoc{
