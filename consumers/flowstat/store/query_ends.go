@@ -44,27 +44,29 @@ var TopBytesBy = []string{"peer", "port"}
 
 // TopBytes returns the limit peers or ports ("peer", "port") with the most bytes (both ways) in the
 // ends of f (buckets of end time), with their ends, bytes each way, retransmits, mean and max duration
-// and reasons.
+// and reasons, from the view bytes_per_peer.
 func (s *Store) TopBytes(ctx context.Context, by string, f Filter, limit int) ([]EndRow, error) {
-	col := map[string]string{"peer": "peer", "port": "port"}[by]
-	if col == "" {
+	key := map[string]string{"peer": s.peerText(), "port": "CAST(responder_port AS TEXT)"}[by]
+	if key == "" {
 		return nil, fmt.Errorf("top bytes by %q: want one of %v", by, TopBytesBy)
 	}
+	group := map[string]string{"peer": "remote_addr, remote_zone", "port": "responder_port"}[by]
+	tie := map[string]string{"peer": "k", "port": "responder_port"}[by] // the order of the tables' peer and port
 	width, err := s.BucketWidth(ctx)
 	if err != nil {
 		return nil, err
 	}
 	name := "''"
 	if by == "peer" {
-		name = "MAX(peer_name)"
+		name = "COALESCE(MAX(remote_name), '')"
 	}
-	sel := `SELECT CAST(` + col + ` AS TEXT), ` + name + `, ` + s.sum("ends") + `, ` + s.sum(sentExpr) + ` AS sent, ` + s.sum(receivedExpr) + ` AS received, ` +
-		s.sum("retrans") + `, ` + s.sum("duration_sum_ns") + `, MAX(duration_max_ns)`
+	sel := `SELECT ` + key + ` AS k, ` + name + `, ` + s.sum("ends") + `, ` + s.sum("bytes_sent") + `, ` + s.sum("bytes_received") + `, ` +
+		s.sum("retransmits") + `, ` + s.sum("duration_total_ns") + `, MAX(duration_max_ns)`
 	for _, r := range ReasonNames {
 		sel += `, ` + s.sum("reason_"+r)
 	}
-	q, args := f.where(sel+` FROM end_agg`, nil, width)
-	q += ` GROUP BY ` + col + ` ORDER BY SUM(src_bytes) + SUM(dst_bytes) DESC, ` + s.sum("ends") + ` DESC, ` + col + ` LIMIT ?`
+	q, args := s.viewWhere(sel+` FROM bytes_per_peer`, f, width)
+	q += ` GROUP BY ` + group + ` ORDER BY SUM(initiator_bytes) + SUM(responder_bytes) DESC, ` + s.sum("ends") + ` DESC, ` + tie + ` LIMIT ?`
 	args = append(args, limit)
 	out := []EndRow{}
 	err = s.each(ctx, q, args, func(sc scanner) error {
