@@ -584,7 +584,9 @@ static __always_inline int seen_locate(const struct flow_key *k, struct seen_loc
 	return 1;
 }
 
-// seen_cold_put keeps an entry the hot table had no room for.
+// seen_cold_put keeps an entry the hot table had no room for, over the
+// cold table's entry of the same key if it has one (a key is in a table
+// once).
 static __always_inline void seen_cold_put(const struct seen_way *e, int *evicted)
 {
 	struct seen_loc l;
@@ -593,12 +595,38 @@ static __always_inline void seen_cold_put(const struct seen_way *e, int *evicted
 	struct seen_bucket *b = l.cold;
 	int full = 0;
 	bpf_spin_lock(&b->lock);
-	struct seen_way *w = way_free(b, &full);
+	struct seen_way *w = way_find(b, &e->key);
+	if (!w)
+		w = way_free(b, &full);
 	*w = *e;
 	*l.occ = way_count(b);
 	bpf_spin_unlock(&b->lock);
 	if (full)
 		*evicted = 1;
+}
+
+// seen_move makes room in a full hot bucket for e: the bucket's oldest
+// entry (out, still in way w) goes into the cold table first, and then e
+// takes w, unless w changed meanwhile (its handshake completed, its begin
+// was marked lost, or another SYN-ACK took the way): then e goes to the
+// cold table as well. In this order a lookup between the two steps finds
+// the entry in one table or in both, never in neither (which would give
+// its handshake a second begin). A copy left in the cold table by a
+// completed handshake is harmless: a later connection on the same 4-tuple
+// finds it with another sequence number, which is how a new one looks.
+static __always_inline void seen_move(struct seen_bucket *b, struct seen_way *w, const struct seen_way *out,
+				      const struct seen_way *e, int *evicted)
+{
+	seen_cold_put(out, evicted);
+	int placed = 0;
+	bpf_spin_lock(&b->lock);
+	if (w->used && w->seq == out->seq && w->ts_ns == out->ts_ns && w->lost == out->lost && key_eq(&w->key, &out->key)) {
+		*w = *e;
+		placed = 1;
+	}
+	bpf_spin_unlock(&b->lock);
+	if (!placed)
+		seen_cold_put(e, evicted);
 }
 
 // seen_put records a SYN-ACK leaving on egress: 1 if it is its connection's
@@ -626,8 +654,9 @@ static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 n
 		// common case, in one pass.
 		w = way_free(b, &full);
 		if (full)
-			out = *w;
-		*w = e;
+			out = *w; // stays until it is in the cold table (seen_move)
+		else
+			*w = e;
 		ret = 1;
 	}
 	bpf_spin_unlock(&b->lock);
@@ -645,13 +674,14 @@ static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 n
 		w = way_free(b, &full);
 		if (full)
 			out = *w;
-		*w = e;
+		else
+			*w = e;
 		bpf_spin_unlock(&b->lock);
 		ret = 1;
 	}
 	// A full hot bucket's oldest entry moves to the cold table.
-	if (full)
-		seen_cold_put(&out, evicted);
+	if (full && w)
+		seen_move(b, w, &out, &e, evicted);
 	return ret;
 }
 
