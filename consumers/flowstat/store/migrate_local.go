@@ -30,7 +30,9 @@ var views8 = []view{
 		return `SELECT ` + d.ts("l.bucket") + ` AS bucket_start` + d.rawBucket("l.bucket") + `, l.host, l.direction AS conn_direction,
 			` + d.addr("l.local") + ` AS local_addr, ` + d.zone("l.local") + ` AS local_zone,
 			` + d.addr("l.peer") + ` AS remote_addr, ` + d.zone("l.peer") + ` AS remote_zone,
-			l.port AS responder_port, l.conns AS connections
+			l.port AS responder_port,
+			CASE WHEN l.direction = 'incoming' THEN l.port END AS local_port,
+			l.conns AS connections
 			FROM conn_local l`
 	}},
 }
@@ -46,5 +48,7 @@ var schemaDocs8 = []objDoc{
 		{"local_addr", "Local end's address (the initiator of outgoing, the responder of incoming connections): inet in PostgreSQL, text in SQLite; NULL when the event had none."},
 		{"local_zone", "IPv6 zone of local_addr (e.g. eth0 for a link-local address), NULL when none."},
 		{"remote_addr", docRemoteAddr}, {"remote_zone", docRemoteZone},
-		{"responder_port", docResponder}, {"connections", "Connections (begin events)."}}},
+		{"responder_port", docResponder},
+		{"local_port", "Local port: the responder's for incoming, NULL for outgoing (the initiator's port is not kept)."},
+		{"connections", "Connections (begin events)."}}},
 }
