@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -364,12 +365,7 @@ func (a *aggregator) fold(b *schema.Batch) {
 		if len(names) > 0 {
 			name = cleanText(names[0])
 		}
-		if z := peer.Zone(); z != "" && cleanText(z) != z {
-			peer = peer.WithZone(cleanText(z))
-		}
-		if z := local.Zone(); z != "" && cleanText(z) != z {
-			local = local.WithZone(cleanText(z))
-		}
+		peer, local = cleanZone(peer), cleanZone(local)
 		a.d.Events++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
 		a.d.Conns[ck]++
@@ -424,6 +420,14 @@ func cleanText(s string) string {
 		}
 	}
 	return s
+}
+
+// cleanZone is a with its zone (from the stream: any bytes) cleaned as cleanText cleans text.
+func cleanZone(a netip.Addr) netip.Addr {
+	if z := a.Zone(); z != "" && cleanText(z) != z {
+		return a.WithZone(cleanText(z))
+	}
+	return a
 }
 
 // maxDrops caps one batch's drop counter: no agent loses a trillion events between two batches, and a

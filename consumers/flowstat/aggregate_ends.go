@@ -65,9 +65,7 @@ func (a *aggregator) foldEnds(b *schema.EndBatch) {
 		if len(names) > 0 {
 			name = cleanText(names[0])
 		}
-		if z := peer.Zone(); z != "" && cleanText(z) != z {
-			peer = peer.WithZone(cleanText(z))
-		}
+		peer = cleanZone(peer)
 		a.d.EndEvents++
 		ck.Bucket, ck.Peer, ck.Name, ck.Port = bucket, peer, name, ev.DstPort
 		e := a.d.Ends[ck]

@@ -68,36 +68,48 @@ func sqlScenario(t *testing.T) *store.Store {
 	return st
 }
 
-// The README's statement, run as it is on what the real consumer path put into PostgreSQL: every DNS
-// name of a peer (not only the first), NULL for a connection without one, nothing outside 10/8 or
-// older than the hour, incoming connections by their initiator.
-func TestAnalystQueryWhoTalkedTo10By(t *testing.T) {
+// readmeStatement runs q, which the README must hold verbatim, on what sqlScenario put into PostgreSQL,
+// and returns each row as line formats it.
+func readmeStatement(t *testing.T, q string, line func(scan func(...any) error) (string, error)) []string {
+	t.Helper()
 	readme, err := os.ReadFile("../../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(readme), analystQuery) {
-		t.Fatalf("README.md no longer holds the statement this test runs:\n%s", analystQuery)
+	if !strings.Contains(string(readme), q) {
+		t.Fatalf("README.md no longer holds the statement this test runs:\n%s", q)
 	}
 	st := sqlScenario(t)
-	rows, err := st.DB().QueryContext(context.Background(), analystQuery)
+	rows, err := st.DB().QueryContext(context.Background(), q)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer rows.Close()
 	var got []string
 	for rows.Next() {
-		var host, addr string
-		var name sql.NullString
-		var n int64
-		if err := rows.Scan(&host, &addr, &name, &n); err != nil {
+		l, err := line(rows.Scan)
+		if err != nil {
 			t.Fatal(err)
 		}
-		got = append(got, fmt.Sprintf("%s %s %s %d", host, addr, nullText(name), n))
+		got = append(got, l)
 	}
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
+	return got
+}
+
+// The README's statement, run as it is on what the real consumer path put into PostgreSQL: every DNS
+// name of a peer (not only the first), NULL for a connection without one, nothing outside 10/8 or
+// older than the hour, incoming connections by their initiator.
+func TestAnalystQueryWhoTalkedTo10By(t *testing.T) {
+	got := readmeStatement(t, analystQuery, func(scan func(...any) error) (string, error) {
+		var host, addr string
+		var name sql.NullString
+		var n int64
+		err := scan(&host, &addr, &name, &n)
+		return fmt.Sprintf("%s %s %s %d", host, addr, nullText(name), n), err
+	})
 	want := []string{
 		// Two incoming batches arrived (a third was lost): three connections.
 		"db-01 10.3.0.1 app.internal 3",
@@ -120,31 +132,12 @@ ORDER BY connections DESC, host, local_addr, remote_addr, responder_port;`
 // The local end of each connection, by the README's statement: the initiator's address of outgoing
 // connections, the responder's of incoming ones, typed inet, within the hour and 10/8 only.
 func TestAnalystQueryLocalAddress(t *testing.T) {
-	readme, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(readme), localQuery) {
-		t.Fatalf("README.md no longer holds the statement this test runs:\n%s", localQuery)
-	}
-	st := sqlScenario(t)
-	rows, err := st.DB().QueryContext(context.Background(), localQuery)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	var got []string
-	for rows.Next() {
+	got := readmeStatement(t, localQuery, func(scan func(...any) error) (string, error) {
 		var host, local, remote string
 		var port, n int64
-		if err := rows.Scan(&host, &local, &remote, &port, &n); err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, fmt.Sprintf("%s %s %s %d %d", host, local, remote, port, n))
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
+		err := scan(&host, &local, &remote, &port, &n)
+		return fmt.Sprintf("%s %s %s %d %d", host, local, remote, port, n), err
+	})
 	want := []string{
 		"db-01 192.0.2.9 10.3.0.1 5432 3",
 		"web-07 192.0.2.7 10.2.0.5 443 3",

@@ -14,10 +14,7 @@ func migration7(kind Kind) []string {
 			PRIMARY KEY (bucket, host, direction, peer, port, name))` + withoutRowID,
 	}
 	if kind == Postgres {
-		// As migration 6's indexes: leading with host, and on the time the views compute.
-		stmts = append(stmts,
-			`CREATE INDEX end_more_names_host ON end_more_names (host, bucket)`,
-			`CREATE INDEX end_more_names_time ON end_more_names (`+d.ts("bucket")+`)`)
+		stmts = append(stmts, analystIndexes(d, "end_more_names")...)
 	}
 	return append(stmts, viewStatements(kind, views7, schemaDocs7)...)
 }

@@ -16,10 +16,7 @@ func migration8(kind Kind) []string {
 			PRIMARY KEY (bucket, host, direction, local, peer, port))` + withoutRowID,
 	}
 	if kind == Postgres {
-		// As migration 6's indexes: leading with host, and on the time the view computes.
-		stmts = append(stmts,
-			`CREATE INDEX conn_local_host ON conn_local (host, bucket)`,
-			`CREATE INDEX conn_local_time ON conn_local (`+d.ts("bucket")+`)`)
+		stmts = append(stmts, analystIndexes(d, "conn_local")...)
 	}
 	return append(stmts, viewStatements(kind, views8, schemaDocs8)...)
 }

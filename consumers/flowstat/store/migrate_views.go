@@ -58,6 +58,15 @@ func migration6(kind Kind) []string {
 	return append(stmts, viewStatements(kind, views, schemaDocs6)...)
 }
 
+// analystIndexes are migration 6's two indexes of a bucketed table, for a table added later: leading
+// with host, and on the time the views compute (PostgreSQL only, see migration6).
+func analystIndexes(d dialect, table string) []string {
+	return []string{
+		`CREATE INDEX ` + table + `_host ON ` + table + ` (host, bucket)`,
+		`CREATE INDEX ` + table + `_time ON ` + table + ` (` + d.ts("bucket") + `)`,
+	}
+}
+
 // viewStatements create a migration's views and, in PostgreSQL, its objects' comments.
 func viewStatements(kind Kind, vs []view, docs []objDoc) []string {
 	var out []string
