@@ -362,6 +362,11 @@ func (c *Capture) load() error {
 	if err := spec.Variables[flowbusVarAgentTgid].Set(uint32(os.Getpid())); err != nil {
 		return fmt.Errorf("setting agent_tgid: %w", err)
 	}
+	if c.opts.NoAttribution {
+		if err := spec.Variables[flowbusVarSlotsOn].Set(uint8(0)); err != nil {
+			return fmt.Errorf("setting slots_on: %w", err)
+		}
+	}
 	if c.opts.NoEnds {
 		if err := spec.Variables[flowbusVarEndEvents].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting end_events: %w", err)

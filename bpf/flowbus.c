@@ -250,6 +250,10 @@ volatile const __u32 seen_hot_mask = 256 - 1; // the hot table's, SEEN_HOT_BUCKE
 volatile const __u64 seen_seed = 0;
 // The slots map's size less one (a power of two less one).
 volatile const __u32 slot_mask = 65536 - 1;
+// Whether any socket can hold a slot: only the attribution hooks take one.
+// 0 (attribution off) spares every socket without storage a read at a
+// random place of the 4 MiB array, a cache miss per lookup.
+volatile const __u8 slots_on = 1;
 volatile const __u64 wakeup_bytes = 256 * 1024;
 // How much of the ring DNS records may fill: an answer or query finding
 // more waiting than this is dropped (counted), so that the rest is left
@@ -320,15 +324,23 @@ struct {
 // that needs as many handshakes under way as the tables hold, spread by a
 // hash the peer cannot predict (seen_seed, random per load).
 #define SEEN_WAYS 4
-#define SEEN_HOT_BUCKETS 256 // 1,024 entries, 58 KiB
+#define SEEN_HOT_BUCKETS 256 // 1,024 entries, 26 KiB
 
+// A way holds its key's seen_hash, not the key: 24 bytes where the key
+// took 40, so that a bucket spans two or three cache lines, not four or
+// five, and the hash names the key's buckets in both tables. The hash is
+// a bijection of each word of the key given the others (each step is one),
+// so keys that differ in one word never share it; other keys do with a
+// chance of 2^-64 under a seed the peer does not know, and even then only
+// a SYN-ACK with the other's sequence number would be taken for its
+// retransmission.
 struct seen_way {
-	struct flow_key key;
+	__u64 fp;    // seen_hash of the key
+	__u64 ts_ns; // the SYN-ACK's time: the begin's, and the age for eviction
 	__u32 seq;
 	__u8 used;
 	__u8 lost; // the begin was dropped (filtered, or no ring space): no confirmation, no end
 	__u8 _pad[2];
-	__u64 ts_ns; // the SYN-ACK's time: the begin's, and the age for eviction
 };
 
 struct seen_bucket {
@@ -503,20 +515,14 @@ static __always_inline __u64 seen_hash(const struct flow_key *k)
 	return h ^ (h >> 32);
 }
 
-static __always_inline int key_eq(const struct flow_key *a, const struct flow_key *b)
-{
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
-}
-
 // The way_* helpers run under the bucket's lock.
 
-// way_find returns the way of b that holds k, or 0.
-static __always_inline struct seen_way *way_find(struct seen_bucket *b, const struct flow_key *k)
+// way_find returns the way of b that holds the key of hash fp, or 0.
+static __always_inline struct seen_way *way_find(struct seen_bucket *b, __u64 fp)
 {
 #pragma unroll
 	for (int i = 0; i < SEEN_WAYS; i++) {
-		if (b->way[i].used && key_eq(&b->way[i].key, k))
+		if (b->way[i].used && b->way[i].fp == fp)
 			return &b->way[i];
 	}
 	return 0;
@@ -567,9 +573,8 @@ struct seen_loc {
 	__u8 *occ;
 };
 
-static __always_inline int seen_locate(const struct flow_key *k, struct seen_loc *l, int want_cold)
+static __always_inline int seen_locate(__u64 h, struct seen_loc *l, int want_cold)
 {
-	__u64 h = seen_hash(k);
 	__u32 hi = (__u32)h & seen_hot_mask, ci = (__u32)(h >> 32) & seen_mask;
 	__u32 oi = ci >> 3;
 	l->hot = bpf_map_lookup_elem(&seen_hot, &hi);
@@ -590,12 +595,12 @@ static __always_inline int seen_locate(const struct flow_key *k, struct seen_loc
 static __always_inline void seen_cold_put(const struct seen_way *e, int *evicted)
 {
 	struct seen_loc l;
-	if (!seen_locate(&e->key, &l, 1) || !l.cold)
+	if (!seen_locate(e->fp, &l, 1) || !l.cold)
 		return;
 	struct seen_bucket *b = l.cold;
 	int full = 0;
 	bpf_spin_lock(&b->lock);
-	struct seen_way *w = way_find(b, &e->key);
+	struct seen_way *w = way_find(b, e->fp);
 	if (!w)
 		w = way_free(b, &full);
 	*w = *e;
@@ -620,7 +625,7 @@ static __always_inline void seen_move(struct seen_bucket *b, struct seen_way *w,
 	seen_cold_put(out, evicted);
 	int placed = 0;
 	bpf_spin_lock(&b->lock);
-	if (w->used && w->seq == out->seq && w->ts_ns == out->ts_ns && w->lost == out->lost && key_eq(&w->key, &out->key)) {
+	if (w->used && w->seq == out->seq && w->ts_ns == out->ts_ns && w->lost == out->lost && w->fp == out->fp) {
 		*w = *e;
 		placed = 1;
 	}
@@ -636,17 +641,18 @@ static __always_inline void seen_move(struct seen_bucket *b, struct seen_way *w,
 static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 now, int *evicted)
 {
 	struct seen_loc l;
-	if (!seen_locate(k, &l, 0))
+	__u64 fp = seen_hash(k);
+	if (!seen_locate(fp, &l, 0))
 		return 1;
 	struct seen_bucket *b = l.hot;
 	int ret = -1, full = 0;
 	struct seen_way e = {}, out;
-	e.key = *k;
+	e.fp = fp;
 	e.seq = seq;
 	e.used = 1;
 	e.ts_ns = now;
 	bpf_spin_lock(&b->lock);
-	struct seen_way *w = way_find(b, k);
+	struct seen_way *w = way_find(b, fp);
 	if (w) {
 		ret = way_hit(w, seq, now);
 	} else if (!l.cold) {
@@ -663,7 +669,7 @@ static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 n
 	if (ret < 0) {
 		struct seen_bucket *c = l.cold;
 		bpf_spin_lock(&c->lock);
-		w = way_find(c, k);
+		w = way_find(c, fp);
 		if (w)
 			ret = way_hit(w, seq, now);
 		bpf_spin_unlock(&c->lock);
@@ -691,12 +697,13 @@ static __always_inline int seen_put(const struct flow_key *k, __u32 seq, __u64 n
 static __always_inline int seen_take(const struct flow_key *k, __u32 seq, __u64 *ts)
 {
 	struct seen_loc l;
-	if (!seen_locate(k, &l, 0))
+	__u64 fp = seen_hash(k);
+	if (!seen_locate(fp, &l, 0))
 		return 0;
 	int ret = 0;
 	struct seen_bucket *b = l.hot;
 	bpf_spin_lock(&b->lock);
-	struct seen_way *w = way_find(b, k);
+	struct seen_way *w = way_find(b, fp);
 	if (w) {
 		w->used = 0;
 		ret = w->seq == seq ? 1 : 2;
@@ -707,7 +714,7 @@ static __always_inline int seen_take(const struct flow_key *k, __u32 seq, __u64 
 		return ret;
 	b = l.cold;
 	bpf_spin_lock(&b->lock);
-	w = way_find(b, k);
+	w = way_find(b, fp);
 	if (w) {
 		w->used = 0;
 		ret = w->seq == seq ? 1 : 2;
@@ -743,6 +750,8 @@ static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *
 // slot_find returns the slot the socket with this cookie holds, or 0.
 static __always_inline struct sock_slot *slot_find(__u64 cookie)
 {
+	if (!slots_on)
+		return 0;
 	__u32 i = (__u32)cookie & slot_mask;
 	struct sock_slot *sl = bpf_map_lookup_elem(&slots, &i);
 	return sl && cookie && sl->cookie == cookie ? sl : 0;
@@ -909,12 +918,13 @@ static __always_inline void incoming_key(struct __sk_buff *skb, struct flow_key 
 static __always_inline void no_begin(struct flow_key *key)
 {
 	struct seen_loc l;
-	if (!seen_locate(key, &l, 0))
+	__u64 fp = seen_hash(key);
+	if (!seen_locate(fp, &l, 0))
 		return;
 	struct seen_bucket *b = l.hot;
 	int found = 0;
 	bpf_spin_lock(&b->lock);
-	struct seen_way *w = way_find(b, key);
+	struct seen_way *w = way_find(b, fp);
 	if (w) {
 		w->lost = 1;
 		found = 1;
@@ -924,7 +934,7 @@ static __always_inline void no_begin(struct flow_key *key)
 		return;
 	b = l.cold;
 	bpf_spin_lock(&b->lock);
-	w = way_find(b, key);
+	w = way_find(b, fp);
 	if (w)
 		w->lost = 1;
 	bpf_spin_unlock(&b->lock);
@@ -1672,7 +1682,7 @@ int flowbus_sockops(struct bpf_sock_ops *ctx)
 		listening(ctx);
 		return 1;
 	}
-	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && end_events) {
 		struct bpf_sock *sk = ctx->sk;
 		struct sock_state *ss = sk ? STATE_OF(ctx, sk) : 0;
 		if (ss && ss->conn.direction)

@@ -131,17 +131,6 @@ type flowbusFlowEvent struct {
 	}
 }
 
-type flowbusFlowKey struct {
-	_         structs.HostLayout
-	Src       [16]uint8
-	Dst       [16]uint8
-	SrcPort   uint16
-	DstPort   uint16
-	Family    uint8
-	Direction uint8
-	Pad       [2]uint8
-}
-
 type flowbusPortSet struct {
 	_    structs.HostLayout
 	Bits [1024]uint64
@@ -156,12 +145,12 @@ type flowbusSeenBucket struct {
 	Pad uint32
 	Way [4]struct {
 		_    structs.HostLayout
-		Key  flowbusFlowKey
+		Fp   uint64
+		TsNs uint64
 		Seq  uint32
 		Used uint8
 		Lost uint8
 		Pad  [2]uint8
-		TsNs uint64
 	}
 }
 
@@ -239,6 +228,7 @@ const (
 	flowbusVarSeenSeed            = "seen_seed"
 	flowbusVarSkbNetnsCookie      = "skb_netns_cookie"
 	flowbusVarSlotMask            = "slot_mask"
+	flowbusVarSlotsOn             = "slots_on"
 	flowbusVarSockopsNetnsCookie  = "sockops_netns_cookie"
 	flowbusVarUnusedDnsEvent      = "unused_dns_event"
 	flowbusVarUnusedDnsKey        = "unused_dns_key"
@@ -342,6 +332,7 @@ type flowbusVariableSpecs struct {
 	SeenSeed           *ebpf.VariableSpec `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.VariableSpec `ebpf:"skb_netns_cookie"`
 	SlotMask           *ebpf.VariableSpec `ebpf:"slot_mask"`
+	SlotsOn            *ebpf.VariableSpec `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
@@ -425,6 +416,7 @@ type flowbusVariables struct {
 	SeenSeed           *ebpf.Variable `ebpf:"seen_seed"`
 	SkbNetnsCookie     *ebpf.Variable `ebpf:"skb_netns_cookie"`
 	SlotMask           *ebpf.Variable `ebpf:"slot_mask"`
+	SlotsOn            *ebpf.Variable `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
