@@ -542,7 +542,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			emitEnd(&end)
 			return
 		}
-		if len(b) != recSize {
+		if len(b) != recSize && len(b) != rec4Size && len(b) != rec4ProcSize {
 			var d dnsRec
 			if !decodeDNS(b, &d) {
 				c.badRecords.Add(1)
@@ -557,22 +557,25 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
 			return
 		}
-		if b[offKind] == recKindConfirm {
+		if len(b) == recSize && b[offKind] == recKindConfirm {
 			if a, ok := recAddr(b[offFamily], b[offSrc:]); ok {
 				pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offSrcPort:])), binary.NativeEndian.Uint32(b[offSeq:]))
 			}
 			return
 		}
-		if !decodeFlow(b, &ev, clock) {
+		var r beginRec
+		if !decodeBegin(b, &ev, clock, &r) {
 			c.badRecords.Add(1)
 			return
 		}
-		c.zones.apply(&ev, b)
-		c.procs.apply(&ev, b)
+		if len(b) == recSize {
+			c.zones.apply(&ev, b)
+		}
+		c.procs.apply(&ev, r.proc)
 		c.events.Add(1)
 		h.Flow(&ev)
-		if ev.Direction == schema.Incoming && b[offOrigin] == originSynAck && !c.opts.NoEnds {
-			pending.add(&ev, binary.NativeEndian.Uint32(b[offSeq:]), seen)
+		if ev.Direction == schema.Incoming && r.origin == originSynAck && !c.opts.NoEnds {
+			pending.add(&ev, r.seq, seen)
 		}
 	}
 	waiter := newRingWaiter(c.objs.Events.FD())
@@ -721,6 +724,22 @@ const (
 	offNetns     = 64
 	recKindFlow  = 1
 
+	// struct flow4_event: an IPv4 begin, rec4Size bytes, rec4ProcSize with
+	// the process at off4Proc.
+	rec4Size      = 40
+	rec4ProcSize  = 72
+	off4Src       = 16
+	off4Dst       = 20
+	off4SrcPort   = 24
+	off4DstPort   = 26
+	off4Kind      = 28
+	off4Family    = 29
+	off4Direction = 30
+	off4Origin    = 31
+	off4Seq       = 32
+	off4Proc      = 40
+	recKindFlow4  = 6
+
 	// struct dns_event and struct dnsq_event: struct dns_hdr, then data
 	offDNSKind    = 8
 	offDNSProto   = 9
@@ -784,6 +803,56 @@ func decodeDNS(b []byte, d *dnsRec) bool {
 	d.server = netip.AddrPortFrom(server, dnsServerPort)
 	d.data = b[offDNSData : offDNSData+n]
 	d.origLen = int(ne.Uint32(b[offDNSOrig:]))
+	return true
+}
+
+// beginRec is what a begin record says besides its event: where the begin
+// was taken, the SYN-ACK's sequence number, and the process bytes (nil when
+// the record has none).
+type beginRec struct {
+	origin uint8
+	seq    uint32
+	proc   []byte
+}
+
+// decodeBegin fills ev and r from a begin record of either form (struct
+// flow_event, or struct flow4_event with or without its process) without
+// allocating.
+func decodeBegin(b []byte, ev *schema.Event, clock *wallClock, r *beginRec) bool {
+	ne := binary.NativeEndian
+	switch len(b) {
+	case recSize:
+		if !decodeFlow(b, ev, clock) {
+			return false
+		}
+		*r = beginRec{origin: b[offOrigin], seq: ne.Uint32(b[offSeq:]), proc: b[offProc : offProc+procSize]}
+		return true
+	case rec4Size, rec4ProcSize:
+	default:
+		return false
+	}
+	if b[off4Kind] != recKindFlow4 || b[off4Family] != 4 {
+		return false
+	}
+	*ev = schema.Event{}
+	switch b[off4Direction] {
+	case 1:
+		ev.Direction = schema.Outgoing
+	case 2:
+		ev.Direction = schema.Incoming
+	default:
+		return false
+	}
+	ev.Timestamp = clock.wall(ne.Uint64(b[offTs:]))
+	ev.CgroupID = ne.Uint64(b[offCgroup:])
+	ev.Src = netip.AddrFrom4([4]byte(b[off4Src : off4Src+4]))
+	ev.Dst = netip.AddrFrom4([4]byte(b[off4Dst : off4Dst+4]))
+	ev.SrcPort = ne.Uint16(b[off4SrcPort:])
+	ev.DstPort = ne.Uint16(b[off4DstPort:])
+	*r = beginRec{origin: b[off4Origin], seq: ne.Uint32(b[off4Seq:])}
+	if len(b) == rec4ProcSize {
+		r.proc = b[off4Proc:]
+	}
 	return true
 }
 

@@ -107,7 +107,8 @@ func runPacket(t *testing.T, c *Capture, prog *ebpf.Program, pkt []byte) []schem
 	clock := newWallClock()
 	for _, b := range readRecords(t, c) {
 		var ev schema.Event
-		if !decodeFlow(b, &ev, clock) {
+		var r beginRec
+		if !decodeBegin(b, &ev, clock, &r) {
 			t.Fatalf("undecodable record %x", b)
 		}
 		out = append(out, ev)

@@ -105,6 +105,31 @@ type flowbusEndEvent struct {
 	}
 }
 
+type flowbusFlow4Event struct {
+	_         structs.HostLayout
+	TsNs      uint64
+	CgroupId  uint64
+	Src       [4]uint8
+	Dst       [4]uint8
+	SrcPort   uint16
+	DstPort   uint16
+	Kind      uint8
+	Family    uint8
+	Direction uint8
+	Origin    uint8
+	Seq       uint32
+	Pad       uint32
+	Proc      struct {
+		_      structs.HostLayout
+		Tgid   uint32
+		Uid    uint32
+		Comm   [16]int8
+		Source uint8
+		Self   uint8
+		Pad    [6]uint8
+	}
+}
+
 type flowbusFlowEvent struct {
 	_           structs.HostLayout
 	TsNs        uint64
@@ -234,6 +259,7 @@ const (
 	flowbusVarUnusedDnsKey        = "unused_dns_key"
 	flowbusVarUnusedDnsqEvent     = "unused_dnsq_event"
 	flowbusVarUnusedEndEvent      = "unused_end_event"
+	flowbusVarUnusedFlow4Event    = "unused_flow4_event"
 	flowbusVarUnusedFlowEvent     = "unused_flow_event"
 	flowbusVarUnusedProcInfo      = "unused_proc_info"
 	flowbusVarWakeupBytes         = "wakeup_bytes"
@@ -338,6 +364,7 @@ type flowbusVariableSpecs struct {
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
 	UnusedEndEvent     *ebpf.VariableSpec `ebpf:"unused_end_event"`
+	UnusedFlow4Event   *ebpf.VariableSpec `ebpf:"unused_flow4_event"`
 	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	UnusedProcInfo     *ebpf.VariableSpec `ebpf:"unused_proc_info"`
 	WakeupBytes        *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
@@ -422,6 +449,7 @@ type flowbusVariables struct {
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.Variable `ebpf:"unused_dnsq_event"`
 	UnusedEndEvent     *ebpf.Variable `ebpf:"unused_end_event"`
+	UnusedFlow4Event   *ebpf.Variable `ebpf:"unused_flow4_event"`
 	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
 	UnusedProcInfo     *ebpf.Variable `ebpf:"unused_proc_info"`
 	WakeupBytes        *ebpf.Variable `ebpf:"wakeup_bytes"`

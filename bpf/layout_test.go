@@ -35,6 +35,26 @@ func TestRecordLayout(t *testing.T) {
 		{"proc source", unsafe.Offsetof(e.Proc.Source), offProcSource},
 		{"proc self", unsafe.Offsetof(e.Proc.Self), offProcSelf},
 	}
+	var f4 flowbusFlow4Event
+	checks = append(checks, []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"flow4 size", unsafe.Sizeof(f4), rec4ProcSize},
+		{"flow4 size without proc", unsafe.Offsetof(f4.Proc), rec4Size},
+		{"flow4 ts_ns", unsafe.Offsetof(f4.TsNs), offTs},
+		{"flow4 cgroup_id", unsafe.Offsetof(f4.CgroupId), offCgroup},
+		{"flow4 src", unsafe.Offsetof(f4.Src), off4Src},
+		{"flow4 dst", unsafe.Offsetof(f4.Dst), off4Dst},
+		{"flow4 src_port", unsafe.Offsetof(f4.SrcPort), off4SrcPort},
+		{"flow4 dst_port", unsafe.Offsetof(f4.DstPort), off4DstPort},
+		{"flow4 kind", unsafe.Offsetof(f4.Kind), off4Kind},
+		{"flow4 family", unsafe.Offsetof(f4.Family), off4Family},
+		{"flow4 direction", unsafe.Offsetof(f4.Direction), off4Direction},
+		{"flow4 origin", unsafe.Offsetof(f4.Origin), off4Origin},
+		{"flow4 seq", unsafe.Offsetof(f4.Seq), off4Seq},
+		{"flow4 proc", unsafe.Offsetof(f4.Proc), off4Proc},
+	}...)
 	var x flowbusEndEvent
 	checks = append(checks, []struct {
 		name      string

@@ -244,12 +244,9 @@ func (p *procNames) proc(b []byte) (pid uint32, comm string, uid uint32, ok bool
 	return ne.Uint32(b[offProcTgid:]), p.name(b[offProcComm : offProcComm+16]), ne.Uint32(b[offProcUID:]), true
 }
 
-// apply sets a begin's process from its record.
+// apply sets a begin's process from its record's proc_info (nil: none).
 func (p *procNames) apply(ev *schema.Event, b []byte) {
-	if len(b) < offProc+procSize {
-		return
-	}
-	if pid, comm, uid, ok := p.proc(b[offProc:]); ok {
+	if pid, comm, uid, ok := p.proc(b); ok {
 		ev.PID, ev.Comm, ev.UID, ev.UIDKnown = pid, comm, uid, true
 	}
 }
