@@ -542,6 +542,19 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			emitEnd(&end)
 			return
 		}
+		if len(b) == confirmRecSize {
+			if b[offConfirmKind] != recKindConfirm {
+				c.badRecords.Add(1)
+				return
+			}
+			a, ok := recAddr(b[offConfirmFamily], b[offConfirmSrc:])
+			if !ok {
+				c.badRecords.Add(1)
+				return
+			}
+			pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offConfirmSrcPort:])), binary.NativeEndian.Uint32(b[offConfirmSeq:]))
+			return
+		}
 		if len(b) != recSize && len(b) != rec4Size && len(b) != rec4ProcSize {
 			var d dnsRec
 			if !decodeDNS(b, &d) {
@@ -555,12 +568,6 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			}
 			c.dnsRecords.Add(1)
 			h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
-			return
-		}
-		if len(b) == recSize && b[offKind] == recKindConfirm {
-			if a, ok := recAddr(b[offFamily], b[offSrc:]); ok {
-				pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offSrcPort:])), binary.NativeEndian.Uint32(b[offSeq:]))
-			}
 			return
 		}
 		var r beginRec
@@ -739,6 +746,14 @@ const (
 	off4Seq       = 32
 	off4Proc      = 40
 	recKindFlow4  = 6
+
+	// struct confirm_event
+	confirmRecSize    = 24
+	offConfirmSrc     = 0
+	offConfirmSrcPort = 16
+	offConfirmKind    = 18
+	offConfirmFamily  = 19
+	offConfirmSeq     = 20
 
 	// struct dns_event and struct dnsq_event: struct dns_hdr, then data
 	offDNSKind    = 8

@@ -20,6 +20,15 @@ type flowbusCidrKey struct {
 	Addr      [16]uint8
 }
 
+type flowbusConfirmEvent struct {
+	_       structs.HostLayout
+	Src     [16]uint8
+	SrcPort uint16
+	Kind    uint8
+	Family  uint8
+	Seq     uint32
+}
+
 type flowbusDnsEvent struct {
 	_ structs.HostLayout
 	H struct {
@@ -255,6 +264,7 @@ const (
 	flowbusVarSlotMask            = "slot_mask"
 	flowbusVarSlotsOn             = "slots_on"
 	flowbusVarSockopsNetnsCookie  = "sockops_netns_cookie"
+	flowbusVarUnusedConfirmEvent  = "unused_confirm_event"
 	flowbusVarUnusedDnsEvent      = "unused_dns_event"
 	flowbusVarUnusedDnsKey        = "unused_dns_key"
 	flowbusVarUnusedDnsqEvent     = "unused_dnsq_event"
@@ -360,6 +370,7 @@ type flowbusVariableSpecs struct {
 	SlotMask           *ebpf.VariableSpec `ebpf:"slot_mask"`
 	SlotsOn            *ebpf.VariableSpec `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
+	UnusedConfirmEvent *ebpf.VariableSpec `ebpf:"unused_confirm_event"`
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.VariableSpec `ebpf:"unused_dnsq_event"`
@@ -445,6 +456,7 @@ type flowbusVariables struct {
 	SlotMask           *ebpf.Variable `ebpf:"slot_mask"`
 	SlotsOn            *ebpf.Variable `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
+	UnusedConfirmEvent *ebpf.Variable `ebpf:"unused_confirm_event"`
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`
 	UnusedDnsqEvent    *ebpf.Variable `ebpf:"unused_dnsq_event"`

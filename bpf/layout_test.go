@@ -55,6 +55,18 @@ func TestRecordLayout(t *testing.T) {
 		{"flow4 seq", unsafe.Offsetof(f4.Seq), off4Seq},
 		{"flow4 proc", unsafe.Offsetof(f4.Proc), off4Proc},
 	}...)
+	var ce flowbusConfirmEvent
+	checks = append(checks, []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"confirm size", unsafe.Sizeof(ce), confirmRecSize},
+		{"confirm src", unsafe.Offsetof(ce.Src), offConfirmSrc},
+		{"confirm src_port", unsafe.Offsetof(ce.SrcPort), offConfirmSrcPort},
+		{"confirm kind", unsafe.Offsetof(ce.Kind), offConfirmKind},
+		{"confirm family", unsafe.Offsetof(ce.Family), offConfirmFamily},
+		{"confirm seq", unsafe.Offsetof(ce.Seq), offConfirmSeq},
+	}...)
 	var x flowbusEndEvent
 	checks = append(checks, []struct {
 		name      string
