@@ -702,6 +702,17 @@ func (w *ringWaiter) wait(d time.Duration) {
 
 func (w *ringWaiter) close() { w.f.Close() }
 
+// recDirection maps a record's direction byte (DIR_OUTGOING, DIR_INCOMING).
+func recDirection(d byte) (schema.Direction, bool) {
+	switch d {
+	case 1:
+		return schema.Outgoing, true
+	case 2:
+		return schema.Incoming, true
+	}
+	return 0, false
+}
+
 // recAddr reads an address of family 4 or 6 from the start of b.
 func recAddr(family byte, b []byte) (netip.Addr, bool) {
 	switch family {
@@ -850,12 +861,8 @@ func decodeBegin(b []byte, ev *schema.Event, clock *wallClock, r *beginRec) bool
 		return false
 	}
 	*ev = schema.Event{}
-	switch b[off4Direction] {
-	case 1:
-		ev.Direction = schema.Outgoing
-	case 2:
-		ev.Direction = schema.Incoming
-	default:
+	var ok bool
+	if ev.Direction, ok = recDirection(b[off4Direction]); !ok {
 		return false
 	}
 	ev.Timestamp = clock.wall(ne.Uint64(b[offTs:]))
@@ -892,12 +899,8 @@ func decodeFlow(b []byte, ev *schema.Event, clock *wallClock) bool {
 	}
 	ev.SrcPort = ne.Uint16(b[offSrcPort:])
 	ev.DstPort = ne.Uint16(b[offDstPort:])
-	switch b[offDirection] {
-	case 1:
-		ev.Direction = schema.Outgoing
-	case 2:
-		ev.Direction = schema.Incoming
-	default:
+	var ok bool
+	if ev.Direction, ok = recDirection(b[offDirection]); !ok {
 		return false
 	}
 	return true

@@ -134,12 +134,8 @@ func decodeEnd(b []byte, ev *schema.EndEvent, clock *wallClock) bool {
 	default:
 		return false
 	}
-	switch b[offEndDirection] {
-	case 1:
-		ev.Direction = schema.Outgoing
-	case 2:
-		ev.Direction = schema.Incoming
-	default:
+	var ok bool
+	if ev.Direction, ok = recDirection(b[offEndDirection]); !ok {
 		return false
 	}
 	ev.SrcPort = ne.Uint16(b[offEndSrcPort:])
