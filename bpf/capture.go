@@ -532,7 +532,8 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 	// reading per poll instead of one per begin.
 	var seen time.Time
 	handle := func(b []byte) {
-		if len(b) == endRecSize {
+		switch len(b) {
+		case endRecSize:
 			if !decodeEnd(b, &end, clock) {
 				c.badRecords.Add(1)
 				return
@@ -540,22 +541,27 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			c.zones.applyEnd(&end, b)
 			c.procs.applyEnd(&end, b)
 			emitEnd(&end)
-			return
-		}
-		if len(b) == confirmRecSize {
-			if b[offConfirmKind] != recKindConfirm {
-				c.badRecords.Add(1)
-				return
-			}
+		case confirmRecSize:
 			a, ok := recAddr(b[offConfirmFamily], b[offConfirmSrc:])
-			if !ok {
+			if b[offConfirmKind] != recKindConfirm || !ok {
 				c.badRecords.Add(1)
 				return
 			}
 			pending.confirm(netip.AddrPortFrom(a, binary.NativeEndian.Uint16(b[offConfirmSrcPort:])), binary.NativeEndian.Uint32(b[offConfirmSeq:]))
-			return
-		}
-		if len(b) != recSize && len(b) != rec4Size && len(b) != rec4ProcSize {
+		case recSize, rec4Size, rec4ProcSize:
+			var r beginRec
+			if !decodeBegin(b, &ev, clock, &r) {
+				c.badRecords.Add(1)
+				return
+			}
+			c.zones.apply(&ev, b)
+			c.procs.apply(&ev, r.proc)
+			c.events.Add(1)
+			h.Flow(&ev)
+			if ev.Direction == schema.Incoming && r.origin == originSynAck && !c.opts.NoEnds {
+				pending.add(&ev, r.seq, seen)
+			}
+		default:
 			var d dnsRec
 			if !decodeDNS(b, &d) {
 				c.badRecords.Add(1)
@@ -568,21 +574,6 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 			}
 			c.dnsRecords.Add(1)
 			h.DNSAnswer(ts, d.proto, d.cookie, d.client, d.server, d.data, d.origLen)
-			return
-		}
-		var r beginRec
-		if !decodeBegin(b, &ev, clock, &r) {
-			c.badRecords.Add(1)
-			return
-		}
-		if len(b) == recSize {
-			c.zones.apply(&ev, b)
-		}
-		c.procs.apply(&ev, r.proc)
-		c.events.Add(1)
-		h.Flow(&ev)
-		if ev.Direction == schema.Incoming && r.origin == originSynAck && !c.opts.NoEnds {
-			pending.add(&ev, r.seq, seen)
 		}
 	}
 	waiter := newRingWaiter(c.objs.Events.FD())

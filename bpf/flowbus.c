@@ -1014,6 +1014,21 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	__u8 origin = ORIGIN_SYNACK;
 	if (k->direction == DIR_INCOMING && sk && sk->state != BPF_TCP_LISTEN)
 		origin = ORIGIN_FASTOPEN;
+	// The fields both record forms have, by the same names.
+#define BEGIN_FIELDS(e, kind_)                                 \
+	do {                                                   \
+		e->ts_ns = now;                                \
+		e->cgroup_id = bpf_skb_cgroup_id(skb);         \
+		__builtin_memcpy(e->src, k->src, sizeof(e->src)); \
+		__builtin_memcpy(e->dst, k->dst, sizeof(e->dst)); \
+		e->src_port = k->src_port;                     \
+		e->dst_port = k->dst_port;                     \
+		e->kind = kind_;                               \
+		e->family = k->family;                         \
+		e->direction = k->direction;                   \
+		e->origin = origin;                            \
+		e->seq = seq;                                  \
+	} while (0)
 	void *rec;
 	if (k->family == 4) {
 		struct flow4_event *e;
@@ -1026,34 +1041,14 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 		}
 		if (!e)
 			goto full;
-		e->ts_ns = now;
-		e->cgroup_id = bpf_skb_cgroup_id(skb);
-		__builtin_memcpy(e->src, k->src, 4);
-		__builtin_memcpy(e->dst, k->dst, 4);
-		e->src_port = k->src_port;
-		e->dst_port = k->dst_port;
-		e->kind = REC_FLOW4;
-		e->family = 4;
-		e->direction = k->direction;
-		e->origin = origin;
-		e->seq = seq;
+		BEGIN_FIELDS(e, REC_FLOW4);
 		e->_pad = 0;
 		rec = e;
 	} else {
 		struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 		if (!e)
 			goto full;
-		e->ts_ns = now;
-		e->cgroup_id = bpf_skb_cgroup_id(skb);
-		__builtin_memcpy(e->src, k->src, 16);
-		__builtin_memcpy(e->dst, k->dst, 16);
-		e->src_port = k->src_port;
-		e->dst_port = k->dst_port;
-		e->kind = REC_FLOW;
-		e->family = k->family;
-		e->direction = k->direction;
-		e->origin = origin;
-		e->seq = seq;
+		BEGIN_FIELDS(e, REC_FLOW);
 		e->ifindex = 0;
 		e->netns_cookie = 0;
 		if (scoped(k)) {
@@ -1068,6 +1063,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 		begin_stored(sk, pss, now, DIR_OUTGOING);
 	submit(rec);
 	return;
+#undef BEGIN_FIELDS
 full:
 	count(CNT_RINGBUF_FULL);
 	if (k->direction == DIR_INCOMING)
