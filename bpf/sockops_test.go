@@ -124,8 +124,9 @@ type cookieRun struct {
 // A, with the given syncookies setting and backlog; with pace, B's end of
 // the link sends at 1 Mbit/s, which spreads the burst out. It checks that
 // every connection the kernel completed in A (TcpPassiveOpens) has exactly
-// one incoming event with its 4-tuple, every accepted one included.
-func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, serverOpt ...string) cookieRun {
+// one incoming event with its 4-tuple, every accepted one included. o
+// holds the capture's options (its cgroup is set here).
+func synCookieRun(t *testing.T, o Options, syncookies string, backlog, n int, pace bool, serverOpt ...string) cookieRun {
 	cgrouptest.RequirePrivileged(t)
 	pair := netnstest.New(t)
 	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_syncookies", syncookies)
@@ -134,7 +135,8 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, se
 	}
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
-	c, col := runCapture(t, watched)
+	o.CgroupPath = watched.Path
+	c, col := runCaptureWith(t, o)
 
 	before := netnstest.Netstat(t, pair.A)
 	port, stop := netnstest.Server(t, watched, pair.A, backlog, serverOpt...)
@@ -220,7 +222,7 @@ func synCookieRun(t *testing.T, syncookies string, backlog, n int, pace bool, se
 // validated.
 func TestSynCookiesOnly(t *testing.T) {
 	const n = 100 // per family
-	r := synCookieRun(t, "2", 1024, n, false)
+	r := synCookieRun(t, Options{}, "2", 1024, n, false)
 	if len(r.clients.Conns) != 2*n || r.accepted != 2*n || r.events != 2*n {
 		t.Errorf("%d connections echoed, %d accepted, %d events: want %d each", len(r.clients.Conns), r.accepted, r.events, 2*n)
 	}
@@ -237,7 +239,7 @@ func TestSynCookiesOnly(t *testing.T) {
 // AF_INET child, where the dual-stack one gives IPv4-mapped addresses).
 func TestSynCookiesIPv4Socket(t *testing.T) {
 	const n = 100
-	r := synCookieRun(t, "2", 1024, n, false, "inet4")
+	r := synCookieRun(t, Options{}, "2", 1024, n, false, "inet4")
 	if r.accepted != 2*n || r.events != 2*n || r.capture.BeginsAtEstablished != r.kernel["TcpExtSyncookiesRecv"] || r.kernel["TcpExtSyncookiesRecv"] != 2*n {
 		t.Errorf("%d accepted, %d events, begins at established %d, cookies validated %d: want %d each", r.accepted, r.events, r.capture.BeginsAtEstablished, r.kernel["TcpExtSyncookiesRecv"], 2*n)
 	}
@@ -253,13 +255,23 @@ func TestSynCookiesIPv4Socket(t *testing.T) {
 // refuses a cookie ACK (TcpExtSyncookiesFailed) and that client gets EOF:
 // its events are still checked, and the attempt is made again for a run
 // in which every handshake completed (at most three).
-func TestSynCookiesMixed(t *testing.T) {
+func TestSynCookiesMixed(t *testing.T) { synCookiesMixed(t, Options{}) }
+
+// TestSynCookiesMixedBeginsOnly is TestSynCookiesMixed with end events off,
+// where the kernel keeps no seen table (synack_stateless): the egress
+// program asks each SYN-ACK's request socket whether it is the first, and
+// every completed handshake reaches user space, which keeps as begins only
+// those whose SYN-ACK's begin it is not waiting for: still exactly the
+// cookies.
+func TestSynCookiesMixedBeginsOnly(t *testing.T) { synCookiesMixed(t, Options{NoEnds: true}) }
+
+func synCookiesMixed(t *testing.T, o Options) {
 	const n = 100
 	var r cookieRun
 	for i := 1; i <= 3; i++ {
 		ok := false
 		t.Run(fmt.Sprintf("attempt%d", i), func(t *testing.T) {
-			r = synCookieRun(t, "1", 16, n, true)
+			r = synCookieRun(t, o, "1", 16, n, true)
 			ok = r.clients.Failed == 0 && r.kernel["TcpExtListenOverflows"] == 0
 		})
 		if t.Failed() {
@@ -287,9 +299,17 @@ func TestSynCookiesMixed(t *testing.T) {
 // once (each ACK or data segment retried against a full queue) and drops
 // some handshakes for good. Still exactly one event per connection it
 // completed; a cookie validated again is no second begin.
-func TestSynCookiesBurstOverflow(t *testing.T) {
+func TestSynCookiesBurstOverflow(t *testing.T) { synCookiesBurstOverflow(t, Options{}) }
+
+// TestSynCookiesBurstOverflowBeginsOnly is TestSynCookiesBurstOverflow
+// without the seen table (end events off).
+func TestSynCookiesBurstOverflowBeginsOnly(t *testing.T) {
+	synCookiesBurstOverflow(t, Options{NoEnds: true})
+}
+
+func synCookiesBurstOverflow(t *testing.T, o Options) {
 	const n = 100
-	r := synCookieRun(t, "1", 5, n, false)
+	r := synCookieRun(t, o, "1", 5, n, false)
 	sent, recv, over := r.kernel["TcpExtSyncookiesSent"], r.kernel["TcpExtSyncookiesRecv"], r.kernel["TcpExtListenOverflows"]
 	at := r.capture.BeginsAtEstablished
 	if at > sent || at > recv || recv-at > over {
@@ -365,6 +385,11 @@ func TestLinkLocalZone(t *testing.T) {
 // the child, so the egress program sees it). The sock_ops program must leave
 // that begin to the SYN-ACK: one event per connection, none at established.
 func TestFastOpenOneBegin(t *testing.T) {
+	t.Run("ends", func(t *testing.T) { fastOpenOneBegin(t, Options{}) })
+	t.Run("begins-only", func(t *testing.T) { fastOpenOneBegin(t, Options{NoEnds: true}) })
+}
+
+func fastOpenOneBegin(t *testing.T, o Options) {
 	cgrouptest.RequirePrivileged(t)
 	pair := netnstest.New(t)
 	// Server and client enabled (the listener takes data without a cookie);
@@ -373,7 +398,8 @@ func TestFastOpenOneBegin(t *testing.T) {
 	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_fastopen", strconv.Itoa(0x5))
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
-	c, col := runCapture(t, watched)
+	o.CgroupPath = watched.Path
+	c, col := runCaptureWith(t, o)
 	before := netnstest.Netstat(t, pair.A)
 	port, stop := netnstest.Server(t, watched, pair.A, 128, "fastopen")
 	p := strconv.Itoa(port)
@@ -561,5 +587,81 @@ func TestRedirectedListener(t *testing.T) {
 				t.Errorf("%d events, want %d", len(evs), 2*n)
 			}
 		})
+	}
+}
+
+// TestBeginsOnlyRetransmittedSynAcks: with end events off the kernel keeps
+// no seen table, and the egress program tells a first SYN-ACK from a
+// retransmission by its request socket alone. 20 handshakes to a listener
+// whose SYN-ACKs B drops (A retransmits each, also answering B's repeated
+// SYN) and 5 that complete: one begin per connection, and the SYN-ACKs
+// suppressed are exactly the kernel's own count of SYN-ACK retransmissions
+// in A (TcpExtTCPSynRetrans; A sends no SYN). The seen table stays empty.
+func TestBeginsOnlyRetransmittedSynAcks(t *testing.T) {
+	cgrouptest.RequirePrivileged(t)
+	pair := netnstest.New(t)
+	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_synack_retries", "1")
+	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_syn_retries", "1")
+	watched := cgrouptest.NewChild(t)
+	other := cgrouptest.NewChild(t)
+	c, col := runCaptureWith(t, Options{CgroupPath: watched.Path, NoEnds: true})
+
+	before := netnstest.Netstat(t, pair.A)
+	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
+	live, stopLive := netnstest.Server(t, watched, pair.A, 128)
+	netnstest.Nft(t, pair.B, "add", "table", "inet", "fb")
+	netnstest.Nft(t, pair.B, "add", "chain", "inet", "fb", "in", "{ type filter hook input priority 0; }")
+	netnstest.Nft(t, pair.B, "add", "rule", "inet", "fb", "in", "tcp", "sport", strconv.Itoa(dead), "drop")
+	const n, m = 20, 5
+	res := make(chan netnstest.ClientsResult, 1)
+	go func() {
+		res <- netnstest.Clients(t, other, pair.B, strconv.Itoa(n/2), net.JoinHostPort(pair.A4.String(), strconv.Itoa(dead)), net.JoinHostPort(pair.A6.String(), strconv.Itoa(dead)))
+	}()
+	lr := netnstest.Clients(t, other, pair.B, strconv.Itoa(m), net.JoinHostPort(pair.A4.String(), strconv.Itoa(live)))
+	live4 := stopLive()
+	if len(lr.Conns) != m || len(live4) != m {
+		t.Fatalf("%d of %d live connections (%s), %d accepted", len(lr.Conns), m, lr.Err, len(live4))
+	}
+	dr := <-res
+	stopDead()
+	if len(dr.Conns) != 0 {
+		t.Fatalf("%d connections to the dead listener completed", len(dr.Conns))
+	}
+	// The request sockets time out one second after their retransmission.
+	time.Sleep(1500 * time.Millisecond)
+	names := []string{"TcpExtTCPSynRetrans", "TcpPassiveOpens"}
+	d := netnstest.Delta(before, netnstest.Netstat(t, pair.A), names...)
+	evs := col.wait(n+m, 300*time.Millisecond)
+	k, err := c.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[flowTuple]int{}
+	byPort := map[uint16]int{}
+	for _, ev := range evs {
+		got[tupleOf(ev)]++
+		byPort[ev.DstPort]++
+	}
+	for tu, c := range got {
+		if c != 1 {
+			t.Errorf("%d begins for %v, want 1", c, tu)
+		}
+	}
+	for _, cn := range live4 {
+		if tu := (flowTuple{schema.Incoming, netip.MustParseAddrPort(cn.Client), netip.MustParseAddrPort(cn.Server)}); got[tu] != 1 {
+			t.Errorf("%d begins for %v, want 1", got[tu], tu)
+		}
+	}
+	hot := seenUsed(t, c.objs.SeenHot)
+	t.Logf("begins: %d to the dead listener, %d to the live one; kernel in A: %s; suppressed %d, at established %d, seen table %d entries",
+		byPort[uint16(dead)], byPort[uint16(live)], netnstest.String(d, names...), k.Duplicates, k.BeginsAtEstablished, hot[0])
+	if byPort[uint16(dead)] != n || byPort[uint16(live)] != m || len(evs) != n+m {
+		t.Errorf("%d events: want %d for the dead listener and %d for the live one", len(evs), n, m)
+	}
+	if d["TcpExtTCPSynRetrans"] < n || k.Duplicates != d["TcpExtTCPSynRetrans"] {
+		t.Errorf("%d SYN-ACKs suppressed, the kernel retransmitted %d: want equal, at least %d", k.Duplicates, d["TcpExtTCPSynRetrans"], n)
+	}
+	if k.BeginsAtEstablished != 0 || hot[0] != 0 || k.RingbufFull != 0 {
+		t.Errorf("begins at established %d, seen table %d entries, ring full %d: want none", k.BeginsAtEstablished, hot[0], k.RingbufFull)
 	}
 }
