@@ -198,14 +198,6 @@ type Capture struct {
 	ends       atomic.Uint64
 	// Copies of the half-open table's counters, for other goroutines.
 	hoPending, hoOverflow, hoExpired atomic.Uint64
-	// stateless is set when the kernel runs without the seen table
-	// (synack_stateless): the half-open table then also tells which
-	// passive handshakes had their begin at the SYN-ACK.
-	stateless bool
-	// passiveBegins counts the begins taken at the end of a passive
-	// handshake that the stateless kernel handed over: its share of
-	// BeginsAtEstablished.
-	passiveBegins atomic.Uint64
 }
 
 // ErrPrivileges is returned when the kernel refuses to load or attach for lack
@@ -386,12 +378,6 @@ func (c *Capture) load() error {
 	if err := setFilterVars(spec, &c.opts.Filter); err != nil {
 		return err
 	}
-	if c.opts.NoEnds && !c.opts.Filter.Active() {
-		if err := spec.Variables[flowbusVarSynackStateless].Set(uint8(1)); err != nil {
-			return fmt.Errorf("setting synack_stateless: %w", err)
-		}
-		c.stateless = true
-	}
 	if c.anySocket {
 		if err := spec.Variables[flowbusVarMatchSocket].Set(uint8(0)); err != nil {
 			return fmt.Errorf("setting match_socket: %w", err)
@@ -475,7 +461,6 @@ func (c *Capture) Counters() (Counters, error) {
 			*dst += v
 		}
 	}
-	out.BeginsAtEstablished += c.passiveBegins.Load()
 	return out, nil
 }
 
@@ -569,19 +554,11 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 				c.badRecords.Add(1)
 				return
 			}
-			if r.origin == originPassive {
-				// A completed passive handshake: its begin, unless the
-				// SYN-ACK's is waiting for it.
-				if pending.confirm(netip.AddrPortFrom(ev.Src, ev.SrcPort), r.seq) {
-					return
-				}
-				c.passiveBegins.Add(1)
-			}
 			c.zones.apply(&ev, b)
 			c.procs.apply(&ev, r.proc)
 			c.events.Add(1)
 			h.Flow(&ev)
-			if ev.Direction == schema.Incoming && r.origin == originSynAck && (!c.opts.NoEnds || c.stateless) {
+			if ev.Direction == schema.Incoming && r.origin == originSynAck && !c.opts.NoEnds {
 				pending.add(&ev, r.seq, seen)
 			}
 		default:
@@ -655,13 +632,7 @@ func (c *Capture) Run(ctx context.Context, h Handler) error {
 		}
 		// Handshakes still waiting when the capture stops get no end:
 		// there is no telling how they would have gone.
-		if c.opts.NoEnds {
-			// Begins only (stateless): a handshake still waiting now
-			// can no longer be matched by its completion.
-			pending.expire(time.Now(), nil)
-		} else {
-			pending.expire(time.Now(), emitEnd)
-		}
+		pending.expire(time.Now(), emitEnd)
 		c.hoPending.Store(uint64(pending.len()))
 		c.hoOverflow.Store(pending.overflow)
 		c.hoExpired.Store(pending.expired)

@@ -39,7 +39,6 @@ const (
 	recKindEnd       = 5
 	originSynAck     = 0
 	originFastOpen   = 2
-	originPassive    = 3
 )
 
 // TCP states (include/net/tcp_states.h), as the kernel passes them to the

@@ -49,8 +49,6 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define ORIGIN_SYNACK 0      // the SYN-ACK, on ingress or egress
 #define ORIGIN_ESTABLISHED 1 // the end of a passive handshake whose SYN-ACK egress did not see
 #define ORIGIN_FASTOPEN 2    // an egress SYN-ACK from a Fast Open child (a full socket already)
-#define ORIGIN_PASSIVE 3     // the end of any passive handshake (synack_stateless): user space keeps it
-			     // as the begin unless the SYN-ACK's begin is waiting for it
 
 #define FAMILY_INET 2   // AF_INET
 #define FAMILY_INET6 10 // AF_INET6
@@ -313,14 +311,6 @@ volatile const __u8 match_socket = 1;
 // Whether connections get end records: 0 spares the socket storage, the
 // state callbacks and the confirmations (begins only).
 volatile const __u8 end_events = 1;
-// Set with neither end events nor filters on: the egress program then tells
-// a handshake's first SYN-ACK from a retransmission by its request socket
-// (synack_first), without the seen table, and the sock_ops program hands
-// every completed passive handshake over (ORIGIN_PASSIVE) for user space to
-// match against the begins taken at the SYN-ACK. With end events the seen
-// table stays: it carries the begin's time to the child for the end, and
-// with filters, a filtered SYN-ACK's mark, so that it is counted once.
-volatile const __u8 synack_stateless = 0;
 // The agent's own tgid as the kernel counts it: its sockets are marked
 // (proc_info.self) so that they can be told apart early.
 volatile const __u32 agent_tgid = 0;
@@ -772,56 +762,13 @@ static __always_inline int seen_take(const struct flow_key *k, __u32 seq, __u64 
 	return ret;
 }
 
-// Only the field of the kernel's request socket read below (CO-RE).
-struct tcp_request_sock___flowbus {
-	__u64 snt_synack;
-} __attribute__((preserve_access_index));
-
-// synack_first tells an egress SYN-ACK from its request socket's
-// retransmissions: 1 first, 0 a retransmission, -1 no request socket (a Fast
-// Open child sends it, or the listener's address or port is not the
-// packet's). The kernel stamps every SYN-ACK it makes with the time
-// (skb->tstamp, ns) and keeps the first one's, in us, in the request socket
-// (snt_synack): equal for the first SYN-ACK, a second or more behind for a
-// retransmission. w is the packet's key, port the listener's.
-static __always_inline int synack_first(struct __sk_buff *skb, const struct flow_key *w, __u16 port)
-{
-	struct bpf_sock_tuple t = {};
-	__u32 size;
-	if (w->family == 4) {
-		__builtin_memcpy(&t.ipv4.saddr, w->src, 4);
-		__builtin_memcpy(&t.ipv4.daddr, w->dst, 4);
-		t.ipv4.sport = bpf_htons(w->src_port);
-		t.ipv4.dport = bpf_htons(port);
-		size = sizeof(t.ipv4);
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, w->src, 16);
-		__builtin_memcpy(t.ipv6.daddr, w->dst, 16);
-		t.ipv6.sport = bpf_htons(w->src_port);
-		t.ipv6.dport = bpf_htons(port);
-		size = sizeof(t.ipv6);
-	}
-	struct bpf_sock *s = bpf_skc_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
-	if (!s)
-		return -1;
-	int ret = -1;
-	struct tcp_request_sock___flowbus *rq = (void *)bpf_skc_to_tcp_request_sock(s);
-	if (rq)
-		ret = rq->snt_synack == skb->tstamp / 1000;
-	bpf_sk_release(s);
-	return ret;
-}
-
 // first_synack tells whether this SYN-ACK is the first of its connection.
 // On ingress the receiving socket answers it for free: the first SYN-ACK
 // finds it in SYN_SENT, a retransmission (our ACK was lost) finds it
 // established. That spares the table, which is most of the cost of an
 // event. On egress the sender is a request socket, which shows nothing of
-// its retransmissions, so the seen table remembers the sequence number;
-// or, with synack_stateless, the request socket is asked (synack_first). w
-// is the packet's key, k the table's.
-static __always_inline int first_synack(struct __sk_buff *skb, const struct flow_key *w, struct flow_key *k, __u32 seq,
-					__u64 now)
+// its retransmissions, so the seen table remembers the sequence number.
+static __always_inline int first_synack(struct __sk_buff *skb, struct flow_key *k, __u32 seq, __u64 now)
 {
 	if (k->direction == DIR_OUTGOING) {
 		struct bpf_sock *sk = skb->sk;
@@ -829,10 +776,6 @@ static __always_inline int first_synack(struct __sk_buff *skb, const struct flow
 			sk = bpf_sk_fullsock(sk);
 		if (sk && sk->protocol == IPPROTO_TCP)
 			return sk->state == BPF_TCP_SYN_SENT;
-	} else if (synack_stateless) {
-		int f = synack_first(skb, w, k->dst_port);
-		if (f >= 0)
-			return f;
 	}
 	int evicted = 0;
 	int first = seen_put(k, seq, now, &evicted);
@@ -1040,7 +983,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow_key *k, __u3
 	if (k->direction == DIR_INCOMING)
 		incoming_key(skb, &key);
 	__u64 now = bpf_ktime_get_ns();
-	if (!first_synack(skb, k, &key, seq, now)) {
+	if (!first_synack(skb, &key, seq, now)) {
 		count(CNT_DUP);
 		return;
 	}
@@ -1593,10 +1536,9 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	__u32 iss = bpf_htonl(ctx->snd_una - 1); // as the egress program stored th->seq
 	struct bpf_sock *sk = ctx->sk;
 	__u64 begin = 0;
-	// With synack_stateless there is no entry: the record below goes to
-	// user space whatever egress saw, with the sequence number to match.
-	if (!synack_stateless) {
-		if (seen_take(&key, iss, &begin) == 1) {
+	int had = seen_take(&key, iss, &begin);
+	{
+		if (had == 1) {
 			if (!begin || !end_events)
 				return; // its begin was lost (counted): no end either
 			// Without its confirmation user space ends this begin as
@@ -1637,8 +1579,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 		count(CNT_RINGBUF_FULL);
 		return;
 	}
-	if (!synack_stateless)
-		count(CNT_AT_ESTABLISHED); // else user space counts those it keeps
+	count(CNT_AT_ESTABLISHED);
 	__u64 now = bpf_ktime_get_ns();
 	e->ts_ns = now;
 	e->cgroup_id = sk_cgroup_id(sk_kernel(sk));
@@ -1649,8 +1590,8 @@ static __always_inline void passive_established(struct bpf_sock_ops *ctx)
 	e->kind = REC_FLOW;
 	e->family = k.family;
 	e->direction = DIR_INCOMING;
-	e->origin = synack_stateless ? ORIGIN_PASSIVE : ORIGIN_ESTABLISHED;
-	e->seq = synack_stateless ? iss : 0;
+	e->origin = ORIGIN_ESTABLISHED;
+	e->seq = 0;
 	e->ifindex = 0;
 	e->netns_cookie = 0;
 	// A child for a link-local peer is bound to the interface its ACK

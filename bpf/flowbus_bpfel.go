@@ -264,7 +264,6 @@ const (
 	flowbusVarSlotMask            = "slot_mask"
 	flowbusVarSlotsOn             = "slots_on"
 	flowbusVarSockopsNetnsCookie  = "sockops_netns_cookie"
-	flowbusVarSynackStateless     = "synack_stateless"
 	flowbusVarUnusedConfirmEvent  = "unused_confirm_event"
 	flowbusVarUnusedDnsEvent      = "unused_dns_event"
 	flowbusVarUnusedDnsKey        = "unused_dns_key"
@@ -371,7 +370,6 @@ type flowbusVariableSpecs struct {
 	SlotMask           *ebpf.VariableSpec `ebpf:"slot_mask"`
 	SlotsOn            *ebpf.VariableSpec `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_netns_cookie"`
-	SynackStateless    *ebpf.VariableSpec `ebpf:"synack_stateless"`
 	UnusedConfirmEvent *ebpf.VariableSpec `ebpf:"unused_confirm_event"`
 	UnusedDnsEvent     *ebpf.VariableSpec `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.VariableSpec `ebpf:"unused_dns_key"`
@@ -458,7 +456,6 @@ type flowbusVariables struct {
 	SlotMask           *ebpf.Variable `ebpf:"slot_mask"`
 	SlotsOn            *ebpf.Variable `ebpf:"slots_on"`
 	SockopsNetnsCookie *ebpf.Variable `ebpf:"sockops_netns_cookie"`
-	SynackStateless    *ebpf.Variable `ebpf:"synack_stateless"`
 	UnusedConfirmEvent *ebpf.Variable `ebpf:"unused_confirm_event"`
 	UnusedDnsEvent     *ebpf.Variable `ebpf:"unused_dns_event"`
 	UnusedDnsKey       *ebpf.Variable `ebpf:"unused_dns_key"`

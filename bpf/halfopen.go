@@ -130,27 +130,23 @@ func (h *halfOpen) put(k halfOpenKey, e halfOpenEntry) {
 	h.q = append(h.q, k)
 }
 
-// confirm forgets a handshake that completed, and tells whether it was
-// waiting.
-func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) bool {
+// confirm forgets a handshake that completed.
+func (h *halfOpen) confirm(peer netip.AddrPort, seq uint32) {
 	k := halfOpenKey{peer.Addr().As16(), peer.Port(), seq}
 	if f := &h.fresh[seq%freshSlots]; f.live && f.k == k {
 		f.live = false
 		h.freshLive--
 		h.confirmed++
-		return true
+		return
 	}
 	if _, ok := h.m[k]; ok {
 		delete(h.m, k)
 		h.confirmed++
-		return true
 	}
-	return false
 }
 
 // expire hands every entry older than the timeout to f as a
-// never_established end (f nil: forgets it), and drops confirmed keys from
-// the queue's head.
+// never_established end, and drops confirmed keys from the queue's head.
 func (h *halfOpen) expire(now time.Time, f func(*schema.EndEvent)) {
 	for _, i := range h.freshUsed {
 		if s := &h.fresh[i]; s.live {
@@ -173,9 +169,6 @@ func (h *halfOpen) expire(now time.Time, f func(*schema.EndEvent)) {
 			continue
 		}
 		delete(h.m, k)
-		if f == nil {
-			continue // begins only: its end is not wanted
-		}
 		h.expired++
 		*end = schema.EndEvent{
 			Direction: e.dir,

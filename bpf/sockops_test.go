@@ -257,12 +257,9 @@ func TestSynCookiesIPv4Socket(t *testing.T) {
 // in which every handshake completed (at most three).
 func TestSynCookiesMixed(t *testing.T) { synCookiesMixed(t, Options{}) }
 
-// TestSynCookiesMixedBeginsOnly is TestSynCookiesMixed with end events off,
-// where the kernel keeps no seen table (synack_stateless): the egress
-// program asks each SYN-ACK's request socket whether it is the first, and
-// every completed handshake reaches user space, which keeps as begins only
-// those whose SYN-ACK's begin it is not waiting for: still exactly the
-// cookies.
+// TestSynCookiesMixedBeginsOnly is TestSynCookiesMixed with end events off
+// (no begin times on the sockets, no confirmations): the begins taken at
+// the handshake's end are still exactly the cookies.
 func TestSynCookiesMixedBeginsOnly(t *testing.T) { synCookiesMixed(t, Options{NoEnds: true}) }
 
 func synCookiesMixed(t *testing.T, o Options) {
@@ -302,7 +299,7 @@ func synCookiesMixed(t *testing.T, o Options) {
 func TestSynCookiesBurstOverflow(t *testing.T) { synCookiesBurstOverflow(t, Options{}) }
 
 // TestSynCookiesBurstOverflowBeginsOnly is TestSynCookiesBurstOverflow
-// without the seen table (end events off).
+// with end events off.
 func TestSynCookiesBurstOverflowBeginsOnly(t *testing.T) {
 	synCookiesBurstOverflow(t, Options{NoEnds: true})
 }
@@ -590,21 +587,26 @@ func TestRedirectedListener(t *testing.T) {
 	}
 }
 
-// TestBeginsOnlyRetransmittedSynAcks: with end events off the kernel keeps
-// no seen table, and the egress program tells a first SYN-ACK from a
-// retransmission by its request socket alone. 20 handshakes to a listener
-// whose SYN-ACKs B drops (A retransmits each, also answering B's repeated
-// SYN) and 5 that complete: one begin per connection, and the SYN-ACKs
-// suppressed are exactly the kernel's own count of SYN-ACK retransmissions
-// in A (TcpExtTCPSynRetrans; A sends no SYN). The seen table stays empty.
-func TestBeginsOnlyRetransmittedSynAcks(t *testing.T) {
+// TestRetransmittedSynAcks: 20 handshakes to a listener whose SYN-ACKs B
+// drops (A retransmits each, also answering B's repeated SYN) and 5 that
+// complete, with end events on and off: one begin per connection, and the
+// SYN-ACKs suppressed are exactly the kernel's own count of SYN-ACK
+// retransmissions in A (TcpExtTCPSynRetrans; A sends no SYN).
+func TestRetransmittedSynAcks(t *testing.T) {
+	t.Run("ends", func(t *testing.T) { retransmittedSynAcks(t, Options{}) })
+	t.Run("begins-only", func(t *testing.T) { retransmittedSynAcks(t, Options{NoEnds: true}) })
+}
+
+func retransmittedSynAcks(t *testing.T, o Options) {
 	cgrouptest.RequirePrivileged(t)
 	pair := netnstest.New(t)
 	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_synack_retries", "1")
 	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_syn_retries", "1")
 	watched := cgrouptest.NewChild(t)
 	other := cgrouptest.NewChild(t)
-	c, col := runCaptureWith(t, Options{CgroupPath: watched.Path, NoEnds: true})
+	o.CgroupPath = watched.Path
+	o.HalfOpenTimeout = SynAckWindow(1) + HalfOpenSlack
+	c, col := runCaptureWith(t, o)
 
 	before := netnstest.Netstat(t, pair.A)
 	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
@@ -652,16 +654,15 @@ func TestBeginsOnlyRetransmittedSynAcks(t *testing.T) {
 			t.Errorf("%d begins for %v, want 1", got[tu], tu)
 		}
 	}
-	hot := seenUsed(t, c.objs.SeenHot)
-	t.Logf("begins: %d to the dead listener, %d to the live one; kernel in A: %s; suppressed %d, at established %d, seen table %d entries",
-		byPort[uint16(dead)], byPort[uint16(live)], netnstest.String(d, names...), k.Duplicates, k.BeginsAtEstablished, hot[0])
+	t.Logf("begins: %d to the dead listener, %d to the live one; kernel in A: %s; suppressed %d, at established %d",
+		byPort[uint16(dead)], byPort[uint16(live)], netnstest.String(d, names...), k.Duplicates, k.BeginsAtEstablished)
 	if byPort[uint16(dead)] != n || byPort[uint16(live)] != m || len(evs) != n+m {
 		t.Errorf("%d events: want %d for the dead listener and %d for the live one", len(evs), n, m)
 	}
 	if d["TcpExtTCPSynRetrans"] < n || k.Duplicates != d["TcpExtTCPSynRetrans"] {
 		t.Errorf("%d SYN-ACKs suppressed, the kernel retransmitted %d: want equal, at least %d", k.Duplicates, d["TcpExtTCPSynRetrans"], n)
 	}
-	if k.BeginsAtEstablished != 0 || hot[0] != 0 || k.RingbufFull != 0 {
-		t.Errorf("begins at established %d, seen table %d entries, ring full %d: want none", k.BeginsAtEstablished, hot[0], k.RingbufFull)
+	if k.BeginsAtEstablished != 0 || k.RingbufFull != 0 || k.SeenEvicted != 0 {
+		t.Errorf("begins at established %d, ring full %d, SYN-ACK table evictions %d: want none", k.BeginsAtEstablished, k.RingbufFull, k.SeenEvicted)
 	}
 }
