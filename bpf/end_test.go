@@ -290,22 +290,42 @@ func seenUsed(t *testing.T, m *ebpf.Map) []int {
 	return out
 }
 
-func halfOpenNeverEstablished(t *testing.T, o Options) *Capture {
-	cgrouptest.RequirePrivileged(t)
-	pair := netnstest.New(t)
-	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_synack_retries", "1")
-	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_syn_retries", "1")
-	watched := cgrouptest.NewChild(t)
-	other := cgrouptest.NewChild(t)
-	timeout := SynAckWindow(1) + HalfOpenSlack
-	o.CgroupPath, o.HalfOpenTimeout = watched.Path, timeout
-	c, col := runCaptureWith(t, o)
+// halfOpenSetup is the setting of the half-open tests: A gives a handshake
+// up after one SYN-ACK retransmission (3 s), B a SYN after one retry; two
+// listeners in A's watched cgroup, the dead one's SYN-ACKs dropped by B (its
+// handshakes never complete), the live one's not; the capture runs with o
+// (the half-open timeout set to A's window) on the watched cgroup.
+type halfOpenSetup struct {
+	pair               *netnstest.Pair
+	other              *cgrouptest.Cgroup
+	c                  *Capture
+	col                *collector
+	timeout            time.Duration
+	dead, live         int
+	stopDead, stopLive func() []cgrouptest.Conn
+}
 
-	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
-	live, stopLive := netnstest.Server(t, watched, pair.A, 128)
-	netnstest.Nft(t, pair.B, "add", "table", "inet", "fb")
-	netnstest.Nft(t, pair.B, "add", "chain", "inet", "fb", "in", "{ type filter hook input priority 0; }")
-	netnstest.Nft(t, pair.B, "add", "rule", "inet", "fb", "in", "tcp", "sport", strconv.Itoa(dead), "drop")
+func newHalfOpenSetup(t *testing.T, o Options) *halfOpenSetup {
+	cgrouptest.RequirePrivileged(t)
+	s := &halfOpenSetup{pair: netnstest.New(t), timeout: SynAckWindow(1) + HalfOpenSlack}
+	netnstest.Sysctl(t, s.pair.A, "net.ipv4.tcp_synack_retries", "1")
+	netnstest.Sysctl(t, s.pair.B, "net.ipv4.tcp_syn_retries", "1")
+	watched := cgrouptest.NewChild(t)
+	s.other = cgrouptest.NewChild(t)
+	o.CgroupPath, o.HalfOpenTimeout = watched.Path, s.timeout
+	s.c, s.col = runCaptureWith(t, o)
+	s.dead, s.stopDead = netnstest.Server(t, watched, s.pair.A, 128)
+	s.live, s.stopLive = netnstest.Server(t, watched, s.pair.A, 128)
+	netnstest.Nft(t, s.pair.B, "add", "table", "inet", "fb")
+	netnstest.Nft(t, s.pair.B, "add", "chain", "inet", "fb", "in", "{ type filter hook input priority 0; }")
+	netnstest.Nft(t, s.pair.B, "add", "rule", "inet", "fb", "in", "tcp", "sport", strconv.Itoa(s.dead), "drop")
+	return s
+}
+
+func halfOpenNeverEstablished(t *testing.T, o Options) *Capture {
+	s := newHalfOpenSetup(t, o)
+	pair, other, c, col, timeout := s.pair, s.other, s.c, s.col, s.timeout
+	dead, stopDead, live, stopLive := s.dead, s.stopDead, s.live, s.stopLive
 	const n, m = 20, 5
 	start := time.Now()
 	res := make(chan netnstest.ClientsResult, 1)

@@ -598,22 +598,10 @@ func TestRetransmittedSynAcks(t *testing.T) {
 }
 
 func retransmittedSynAcks(t *testing.T, o Options) {
-	cgrouptest.RequirePrivileged(t)
-	pair := netnstest.New(t)
-	netnstest.Sysctl(t, pair.A, "net.ipv4.tcp_synack_retries", "1")
-	netnstest.Sysctl(t, pair.B, "net.ipv4.tcp_syn_retries", "1")
-	watched := cgrouptest.NewChild(t)
-	other := cgrouptest.NewChild(t)
-	o.CgroupPath = watched.Path
-	o.HalfOpenTimeout = SynAckWindow(1) + HalfOpenSlack
-	c, col := runCaptureWith(t, o)
-
+	s := newHalfOpenSetup(t, o)
+	pair, other, c, col := s.pair, s.other, s.c, s.col
+	dead, stopDead, live, stopLive := s.dead, s.stopDead, s.live, s.stopLive
 	before := netnstest.Netstat(t, pair.A)
-	dead, stopDead := netnstest.Server(t, watched, pair.A, 128)
-	live, stopLive := netnstest.Server(t, watched, pair.A, 128)
-	netnstest.Nft(t, pair.B, "add", "table", "inet", "fb")
-	netnstest.Nft(t, pair.B, "add", "chain", "inet", "fb", "in", "{ type filter hook input priority 0; }")
-	netnstest.Nft(t, pair.B, "add", "rule", "inet", "fb", "in", "tcp", "sport", strconv.Itoa(dead), "drop")
 	const n, m = 20, 5
 	res := make(chan netnstest.ClientsResult, 1)
 	go func() {
